@@ -1,0 +1,167 @@
+"""The wire format (kernel/include/capbus/uapi.h) as a sans-IO codec.
+
+Encoders turn commands into frame bytes; :func:`decode` turns one received frame and its fds
+into a :class:`Reply` or an :class:`Incoming` message. No sockets here: the peer (peer.py)
+owns IO, so this module is testable on plain bytes and reusable over another transport.
+The numbers come from the C header through cffi, so they exist in one place only.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Final
+
+from ._kernel import ffi, lib
+
+FRAME: Final = struct.Struct("<IHHQ")
+REPLY: Final = struct.Struct("<iI")
+MESSAGE: Final = struct.Struct("<HHiQQIIIIII")
+SEND: Final = struct.Struct("<IIIIiI")
+DESTROY: Final = struct.Struct("<II")
+TRANSFER: Final = struct.Struct("<Q16s")
+QUERY: Final = struct.Struct("<16sIIIIIIII")
+HANDLE_STATE: Final = struct.Struct("<II")
+SEED: Final = struct.Struct("<II")
+SEND_RESULT: Final = struct.Struct("<II")
+MONITOR_RECORD: Final = struct.Struct("<HHIQIIIIQ")
+U64: Final = struct.Struct("<Q")
+
+for _fmt, _name in (
+    (FRAME, "struct capbus_frame"),
+    (REPLY, "struct capbus_reply"),
+    (MESSAGE, "struct capbus_message"),
+    (SEND, "struct capbus_cmd_send"),
+    (DESTROY, "struct capbus_cmd_destroy"),
+    (TRANSFER, "struct capbus_cmd_transfer"),
+    (QUERY, "struct capbus_reply_query"),
+    (HANDLE_STATE, "struct capbus_reply_handle"),
+    (SEED, "struct capbus_cmd_peer_create"),
+    (SEND_RESULT, "struct capbus_reply_send"),
+    (MONITOR_RECORD, "struct capbus_monitor_record"),
+):
+    if _fmt.size != ffi.sizeof(_name):  # pragma: no cover - a header change without this file
+        raise ImportError(f"capbus wire layout of {_name} differs from uapi.h")
+
+CMD_NODE_CREATE: Final[int] = lib.CAPBUS_CMD_NODE_CREATE
+CMD_HANDLE_RELEASE: Final[int] = lib.CAPBUS_CMD_HANDLE_RELEASE
+CMD_NODES_DESTROY: Final[int] = lib.CAPBUS_CMD_NODES_DESTROY
+CMD_HANDLE_TRANSFER: Final[int] = lib.CAPBUS_CMD_HANDLE_TRANSFER
+CMD_SEND: Final[int] = lib.CAPBUS_CMD_SEND
+CMD_PEER_QUERY: Final[int] = lib.CAPBUS_CMD_PEER_QUERY
+CMD_PEER_CREATE: Final[int] = lib.CAPBUS_CMD_PEER_CREATE
+CMD_SEED_TAKE: Final[int] = lib.CAPBUS_CMD_SEED_TAKE
+CMD_SEED_SET: Final[int] = lib.CAPBUS_CMD_SEED_SET
+CMD_DISCONNECT: Final[int] = lib.CAPBUS_CMD_DISCONNECT
+CMD_HANDLE_QUERY: Final[int] = lib.CAPBUS_CMD_HANDLE_QUERY
+FRAME_REPLY: Final[int] = lib.CAPBUS_FRAME_REPLY
+FRAME_MESSAGE: Final[int] = lib.CAPBUS_FRAME_MESSAGE
+
+MSG_DATA: Final[int] = lib.CAPBUS_MSG_DATA
+MSG_NODE_DESTROY: Final[int] = lib.CAPBUS_MSG_NODE_DESTROY
+MSG_NODE_RELEASE: Final[int] = lib.CAPBUS_MSG_NODE_RELEASE
+MSG_MONITOR: Final[int] = lib.CAPBUS_MSG_MONITOR
+MSG_FLAG_CONTINUE: Final[int] = lib.CAPBUS_MSG_FLAG_CONTINUE
+DESTROY_FLAG_RELEASE: Final[int] = lib.CAPBUS_DESTROY_FLAG_RELEASE
+HANDLE_STATE_OWNER: Final[int] = lib.CAPBUS_HANDLE_STATE_OWNER
+HANDLE_STATE_DESTROYED: Final[int] = lib.CAPBUS_HANDLE_STATE_DESTROYED
+
+HANDLE_FLAG_MANAGED: Final[int] = lib.CAPBUS_HANDLE_FLAG_MANAGED
+HANDLE_FLAG_REMOTE: Final[int] = lib.CAPBUS_HANDLE_FLAG_REMOTE
+HANDLE_INVALID: Final[int] = lib.CAPBUS_HANDLE_INVALID
+PAYLOAD_MAX: Final[int] = lib.CAPBUS_PAYLOAD_MAX
+HANDLES_MAX: Final[int] = lib.CAPBUS_HANDLES_MAX
+FDS_MAX: Final[int] = lib.CAPBUS_FDS_MAX
+DESTINATIONS_MAX: Final[int] = lib.CAPBUS_DESTINATIONS_MAX
+FRAME_MAX: Final[int] = lib.CAPBUS_FRAME_MAX
+
+NO_CREDENTIAL: Final = 0xFFFFFFFF
+
+
+def command(kind: int, cookie: int, body: bytes = b"") -> bytes:
+    """One command frame."""
+    return FRAME.pack(FRAME.size + len(body), kind, 0, cookie) + body
+
+
+def send_frame(
+    cookie: int,
+    destinations: list[int],
+    handles: list[int],
+    n_fds: int,
+    payload: bytes | bytearray | memoryview,
+    priority: int = 0,
+) -> list[bytes | bytearray | memoryview]:
+    """A CAPBUS_CMD_SEND frame as buffers for sendmsg (the payload is not copied)."""
+    n_dest = len(destinations)
+    n_handles = len(handles)
+    head_size = FRAME.size + SEND.size + 8 * (n_dest + n_handles)
+    size = head_size + len(payload)
+    head = bytearray(head_size)
+    FRAME.pack_into(head, 0, size, CMD_SEND, 0, cookie)
+    SEND.pack_into(head, FRAME.size, n_dest, n_handles, n_fds, len(payload), priority, 0)
+    struct.pack_into(f"<{n_dest + n_handles}Q", head, FRAME.size + SEND.size, *destinations, *handles)
+    return [head, payload] if len(payload) else [head]
+
+
+def seed_body(handles: list[int], payload: bytes) -> bytes:
+    return SEED.pack(len(handles), len(payload)) + struct.pack(f"<{len(handles)}Q", *handles) + payload
+
+
+@dataclass(slots=True)
+class Reply:
+    """The kernel's answer to one command."""
+
+    cookie: int
+    command: int
+    error: int
+    body: memoryview
+    fds: list[int]
+
+
+@dataclass(slots=True)
+class Incoming:
+    """A message or notification, with ids still raw (the peer wraps them in Handles)."""
+
+    kind: int
+    flags: int
+    priority: int
+    destination: int
+    seq: int
+    uid: int
+    gid: int
+    pid: int
+    handles: tuple[int, ...]
+    payload: memoryview
+    fds: list[int]
+
+
+class ProtocolError(Exception):
+    """The kernel sent something this codec cannot parse (a bug on one side)."""
+
+
+def decode_message(body: memoryview, fds: list[int]) -> Incoming:
+    kind, flags, priority, destination, seq, uid, gid, pid, n_handles, _n_fds, payload_size = (
+        MESSAGE.unpack_from(body, 0)
+    )
+    offset = MESSAGE.size
+    handles = struct.unpack_from(f"<{n_handles}Q", body, offset) if n_handles else ()
+    offset += 8 * n_handles
+    if offset + payload_size != len(body):
+        raise ProtocolError("message size does not match its header")
+    return Incoming(kind, flags, priority, destination, seq, uid, gid, pid, handles, body[offset:], fds)
+
+
+def decode(frame: bytes | memoryview, fds: list[int]) -> Reply | Incoming:
+    """One frame from the kernel."""
+    view = memoryview(frame)
+    if len(view) < FRAME.size:
+        raise ProtocolError(f"short frame of {len(view)} bytes")
+    size, kind, _flags, cookie = FRAME.unpack_from(view, 0)
+    if size != len(view):
+        raise ProtocolError(f"frame says {size} bytes, datagram has {len(view)}")
+    if kind == FRAME_REPLY:
+        error, cmd = REPLY.unpack_from(view, FRAME.size)
+        return Reply(cookie, cmd, error, view[FRAME.size + REPLY.size :], fds)
+    if kind == FRAME_MESSAGE:
+        return decode_message(view[FRAME.size :], fds)
+    raise ProtocolError(f"unknown frame type {kind:#x}")

@@ -1,0 +1,55 @@
+"""The ``capbus`` command: ``capbus kernel --listen PATH`` runs a kernel daemon."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+
+from .errors import CapbusError
+from .kernel import Kernel, Limits
+
+
+def _run_kernel(args: argparse.Namespace) -> int:
+    limits = Limits()
+    try:
+        kernel = Kernel(limits)
+        kernel.listen(args.listen, int(args.mode, 8))
+    except CapbusError as error:
+        print(f"capbus kernel: {error.strerror}", file=sys.stderr)
+        return 1
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: object) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    kernel.start()
+    print(f"capbus kernel listening on {args.listen}", flush=True)
+    # The loop runs on its own thread so this one can take signals.
+    while not stop.wait(0.5):
+        pass
+    import trio
+
+    trio.run(kernel.aclose)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="capbus", description="capability IPC for Python")
+    commands = parser.add_subparsers(dest="command", required=True)
+    kernel = commands.add_parser("kernel", help="run a kernel daemon")
+    kernel.add_argument("--listen", required=True, metavar="PATH", help="unix socket path to accept peers on")
+    kernel.add_argument(
+        "--mode", default="600", help="file mode of the socket, in octal: who may connect (default 600)"
+    )
+    args = parser.parse_args(argv)
+    if args.command == "kernel":
+        return _run_kernel(args)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,578 @@
+"""Peer: one connection to the capbus kernel, as a trio object.
+
+A :class:`Peer` owns nodes, holds handles, sends messages to handles and receives from its
+one queue. It knows nothing of Cap'n Proto. Every method that talks to the kernel is async,
+is a trio checkpoint, and raises a :mod:`capbus.errors` exception named for what the kernel
+reported.
+
+IO model: the kernel pushes messages and replies down one SEQPACKET socket. There is no
+reader task: whichever task is waiting (for a message in :meth:`Peer.recv`, or for the reply
+to its own command) reads the socket and files what it finds, so the common round trip
+costs no task switch. A peer that never calls ``recv`` is not read, which lets the kernel's
+quotas push back on whoever floods it.
+"""
+
+from __future__ import annotations
+
+import array
+import enum
+import os
+import socket
+import struct
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import overload
+
+import trio
+
+from . import _wire
+from .errors import CapbusError, Disconnected, InvalidArgument, error_from_errno
+
+_ANC_SPACE = socket.CMSG_SPACE(4 * _wire.FDS_MAX)
+
+
+class MessageKind(enum.Enum):
+    """What a received :class:`Message` is."""
+
+    DATA = _wire.MSG_DATA
+    """A message someone sent to one of our nodes."""
+    NODE_DESTROYED = _wire.MSG_NODE_DESTROY
+    """A node we hold a handle to (or own) was destroyed; ``destination`` is our handle."""
+    NODE_RELEASED = _wire.MSG_NODE_RELEASE
+    """The last handle any other peer held to our node ``destination`` is gone."""
+    MONITOR = _wire.MSG_MONITOR
+    """A copy of some traffic, for a peer granted the monitor capability."""
+
+
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    """Who sent a message, as the kernel saw it at send time (it cannot be forged)."""
+
+    uid: int
+    gid: int
+    pid: int
+
+
+@dataclass(frozen=True, slots=True)
+class HandleState:
+    """What the kernel counts for one of our handles."""
+
+    references: int
+    owner: bool
+    destroyed: bool
+
+
+@dataclass(frozen=True, slots=True)
+class PeerInfo:
+    uid: int
+    gid: int
+    pid: int
+    wire_version: int
+    payload_max: int
+    handles_max: int
+    fds_max: int
+    destinations_max: int
+
+
+class Handle:
+    """A peer-local reference to a node: an id that means something only in its peer.
+
+    Two handles are equal when they are the same id in the same peer; since the kernel gives
+    a peer one id per node, equal handles mean the same node. Handles are plain values:
+    dropping a Handle object does not release anything (use :meth:`Peer.release`).
+    """
+
+    __slots__ = ("peer", "id")
+
+    def __init__(self, peer: Peer, id: int) -> None:
+        self.peer = peer
+        self.id = id
+
+    @property
+    def is_owner(self) -> bool:
+        """True for the owner's handle to its own node."""
+        return self.is_valid and not self.id & _wire.HANDLE_FLAG_REMOTE
+
+    @property
+    def is_valid(self) -> bool:
+        """False for a handle whose node was already destroyed when it arrived."""
+        return self.id != _wire.HANDLE_INVALID
+
+    def __int__(self) -> int:
+        return self.id
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Handle) and other.peer is self.peer and other.id == self.id
+
+    def __hash__(self) -> int:
+        return hash((id(self.peer), self.id))
+
+    def __repr__(self) -> str:
+        if not self.is_valid:
+            return "<Handle invalid>"
+        return f"<Handle {self.id:#x}{' owner' if self.is_owner else ''}>"
+
+
+HandleLike = Handle | int
+"""A :class:`Handle` of this peer, or its raw integer id."""
+
+
+@dataclass(eq=False, slots=True)
+class Message:
+    """One entry of a peer's queue: data or a notification.
+
+    ``fds`` are file descriptors now owned by the receiver: keep them, or :meth:`close_fds`.
+    """
+
+    kind: MessageKind
+    destination: Handle
+    payload_view: memoryview
+    handles: tuple[Handle, ...] = ()
+    fds: list[int] = field(default_factory=list)
+    priority: int = 0
+    seq: int = 0
+    sender: Credentials | None = None
+    continues: bool = False
+    """True when the next message belongs to the same transaction (same multicast or destroy)."""
+
+    @property
+    def payload(self) -> bytes:
+        """The payload as bytes (``payload_view`` is the same without a copy)."""
+        return bytes(self.payload_view)
+
+    def close_fds(self) -> None:
+        """Closes every fd still in ``fds``."""
+        while self.fds:
+            os.close(self.fds.pop())
+
+
+def _parse_fds(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
+    fds: list[int] = []
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            usable = len(data) - len(data) % 4
+            fds.extend(array.array("i", data[:usable]))
+    return fds
+
+
+def _fd_number(fd: int | socket.socket | object) -> int:
+    if isinstance(fd, int):
+        return fd
+    fileno = getattr(fd, "fileno", None)
+    if fileno is None:
+        raise TypeError(f"not a file descriptor: {fd!r}")
+    number = fileno()
+    assert isinstance(number, int)
+    return number
+
+
+class Peer:
+    """One connection to the capbus kernel.
+
+    Make one with ``await kernel.connect()`` (embedded kernel), ``await capbus.connect(path)``
+    (daemon) or :meth:`Peer.from_socket` (a socket handed down by a parent). Use it as an
+    async context manager, or call :meth:`aclose`: closing disconnects, which destroys the
+    peer's nodes and releases its handles (DESIGN.md 2.1, rule 10).
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        if sock.type != socket.SOCK_SEQPACKET or sock.family != socket.AF_UNIX:
+            raise ValueError("a capbus peer needs an AF_UNIX SOCK_SEQPACKET socket")
+        sock.setblocking(False)
+        self._sock = sock
+        self._next_cookie = 1
+        self._replies: dict[int, _wire.Reply] = {}
+        self._abandoned: set[int] = set()
+        self._inbox: deque[Message] = deque()
+        self._reading = False
+        self._progress = trio.Event()
+        self._write_lock = trio.Lock()
+        self._closed = False
+        self._broken: CapbusError | None = None
+        self._key: bytes | None = None
+        self.unsolicited_errors: list[CapbusError] = []
+        """Errors the kernel sent for frames it could not attribute to a command."""
+
+    @classmethod
+    def from_socket(cls, sock: socket.socket | int) -> Peer:
+        """A peer over an existing kernel connection (a socket object or an fd number)."""
+        if isinstance(sock, int):
+            sock = socket.socket(fileno=sock)
+        return cls(sock)
+
+    async def __aenter__(self) -> Peer:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    # -- IO ----------------------------------------------------------------------------------
+
+    def _check_usable(self) -> None:
+        if self._closed:
+            raise trio.ClosedResourceError("this peer was closed")
+        if self._broken is not None:
+            raise Disconnected(str(self._broken))
+
+    def _read_frame(self) -> None:
+        """Reads one frame and files it; raises BlockingIOError when there is none."""
+        data, ancdata, flags, _ = self._sock.recvmsg(_wire.FRAME_MAX + 1, _ANC_SPACE, socket.MSG_CMSG_CLOEXEC)
+        fds = _parse_fds(ancdata)
+        if not data and not fds:
+            self._broken = Disconnected("the kernel closed the connection")
+            return
+        if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+            for fd in fds:
+                os.close(fd)
+            self._broken = Disconnected("the kernel sent a frame larger than the wire format allows")
+            return
+        event = _wire.decode(data, fds)
+        if isinstance(event, _wire.Reply):
+            if event.cookie in self._abandoned:
+                self._abandoned.discard(event.cookie)
+                for fd in event.fds:
+                    os.close(fd)
+            elif event.cookie == 0:
+                self.unsolicited_errors.append(error_from_errno(event.error, "unparseable frame"))
+            else:
+                self._replies[event.cookie] = event
+        else:
+            self._inbox.append(self._wrap(event))
+
+    def _wrap(self, event: _wire.Incoming) -> Message:
+        sender = None
+        if event.uid != _wire.NO_CREDENTIAL:
+            sender = Credentials(event.uid, event.gid, event.pid)
+        return Message(
+            kind=MessageKind(event.kind),
+            destination=Handle(self, event.destination),
+            payload_view=event.payload,
+            handles=tuple(Handle(self, i) for i in event.handles),
+            fds=event.fds,
+            priority=event.priority,
+            seq=event.seq,
+            sender=sender,
+            continues=bool(event.flags & _wire.MSG_FLAG_CONTINUE),
+        )
+
+    async def _pump_until(self, ready: Callable[[], bool]) -> None:
+        """Reads frames (or waits for the task reading them) until ``ready()``."""
+        waited = False
+        while not ready():
+            self._check_usable()
+            if self._reading:
+                waited = True
+                await self._progress.wait()
+                continue
+            self._reading = True
+            try:
+                while True:
+                    try:
+                        self._read_frame()
+                        break
+                    except BlockingIOError:
+                        waited = True
+                        await trio.lowlevel.wait_readable(self._sock)
+                    except OSError as error:
+                        self._broken = Disconnected(f"connection to the kernel failed: {error}")
+                        break
+            finally:
+                self._reading = False
+                progress, self._progress = self._progress, trio.Event()
+                progress.set()
+        if not waited:
+            await trio.lowlevel.checkpoint()
+
+    async def _write(
+        self, buffers: Sequence[bytes | bytearray | memoryview], fds: Sequence[int] = ()
+    ) -> None:
+        ancdata = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+        while True:
+            self._check_usable()
+            try:
+                self._sock.sendmsg(buffers, ancdata)
+                return
+            except BlockingIOError:
+                async with self._write_lock:
+                    await trio.lowlevel.wait_writable(self._sock)
+            except OSError as error:
+                self._broken = Disconnected(f"connection to the kernel failed: {error}")
+                raise self._broken from error
+
+    async def _call(
+        self,
+        kind: int,
+        body: bytes = b"",
+        *,
+        buffers: Callable[[int], Sequence[bytes | bytearray | memoryview]] | None = None,
+        fds: Sequence[int] = (),
+        what: str = "",
+    ) -> _wire.Reply:
+        self._check_usable()
+        cookie = self._next_cookie
+        self._next_cookie += 1
+        await self._write(buffers(cookie) if buffers else [_wire.command(kind, cookie, body)], fds)
+        try:
+            await self._pump_until(lambda: cookie in self._replies)
+        except BaseException:
+            if cookie in self._replies:
+                for fd in self._replies.pop(cookie).fds:
+                    os.close(fd)
+            else:
+                self._abandoned.add(cookie)
+            raise
+        reply = self._replies.pop(cookie)
+        if reply.error:
+            for fd in reply.fds:
+                os.close(fd)
+            raise error_from_errno(reply.error, what or _COMMAND_NAMES.get(kind, "command"))
+        return reply
+
+    def _id(self, handle: HandleLike) -> int:
+        if isinstance(handle, Handle):
+            if handle.peer is not self:
+                raise InvalidArgument("this handle belongs to another peer; transfer it first")
+            return handle.id
+        if isinstance(handle, bool) or not isinstance(handle, int):
+            raise TypeError(f"expected a Handle or an int id, got {type(handle).__name__}")
+        return handle & 0xFFFFFFFFFFFFFFFF if handle >= 0 else _wire.HANDLE_INVALID
+
+    # -- the object model --------------------------------------------------------------------
+
+    async def create_node(self) -> Handle:
+        """Creates a node owned by this peer and returns the owner's handle to it."""
+        reply = await self._call(_wire.CMD_NODE_CREATE)
+        return Handle(self, _wire.U64.unpack_from(reply.body)[0])
+
+    async def release(self, handle: HandleLike) -> None:
+        """Drops one reference to a handle. The owner's last reference to a live node is
+        pinned (:class:`~capbus.errors.HandleBusy`): destroy the node first."""
+        await self._call(_wire.CMD_HANDLE_RELEASE, _wire.U64.pack(self._id(handle)))
+
+    async def destroy(self, *handles: HandleLike, release: bool = False) -> None:
+        """Destroys nodes this peer owns, all in one transaction: every holder gets one
+        NODE_DESTROYED, ordered after everything sent to the nodes before. With ``release``
+        the owner's pinned references go too."""
+        ids = [self._id(h) for h in handles]
+        body = _wire.DESTROY.pack(len(ids), _wire.DESTROY_FLAG_RELEASE if release else 0)
+        body += struct.pack(f"<{len(ids)}Q", *ids)
+        await self._call(_wire.CMD_NODES_DESTROY, body)
+
+    async def handle_state(self, handle: HandleLike) -> HandleState:
+        """The kernel's count of this peer's references to a handle, and the node's state."""
+        reply = await self._call(_wire.CMD_HANDLE_QUERY, _wire.U64.pack(self._id(handle)))
+        references, flags = _wire.HANDLE_STATE.unpack_from(reply.body)
+        return HandleState(
+            references, bool(flags & _wire.HANDLE_STATE_OWNER), bool(flags & _wire.HANDLE_STATE_DESTROYED)
+        )
+
+    async def info(self) -> PeerInfo:
+        """What the kernel knows about this peer, and its limits."""
+        reply = await self._call(_wire.CMD_PEER_QUERY)
+        key, *fields = _wire.QUERY.unpack_from(reply.body)
+        self._key = key
+        return PeerInfo(*fields)
+
+    async def _peer_key(self) -> bytes:
+        if self._key is None:
+            await self.info()
+        assert self._key is not None
+        return self._key
+
+    async def transfer(self, handle: HandleLike, other: Peer) -> Handle:
+        """Gives ``other`` (a peer this process also holds) a handle to the same node, with no
+        message: how a process bootstraps peers it holds. Returns the handle in ``other``."""
+        key = await other._peer_key()
+        reply = await self._call(_wire.CMD_HANDLE_TRANSFER, _wire.TRANSFER.pack(self._id(handle), key))
+        return Handle(other, _wire.U64.unpack_from(reply.body)[0])
+
+    # -- messages ----------------------------------------------------------------------------
+
+    @overload
+    async def send(
+        self,
+        destinations: HandleLike,
+        payload: bytes | bytearray | memoryview = b"",
+        *,
+        handles: Iterable[HandleLike] = (),
+        fds: Iterable[int | socket.socket] = (),
+        priority: int = 0,
+    ) -> None: ...
+
+    @overload
+    async def send(
+        self,
+        destinations: Sequence[HandleLike],
+        payload: bytes | bytearray | memoryview = b"",
+        *,
+        handles: Iterable[HandleLike] = (),
+        fds: Iterable[int | socket.socket] = (),
+        priority: int = 0,
+    ) -> tuple[CapbusError | None, ...]: ...
+
+    async def send(
+        self,
+        destinations: HandleLike | Sequence[HandleLike],
+        payload: bytes | bytearray | memoryview = b"",
+        *,
+        handles: Iterable[HandleLike] = (),
+        fds: Iterable[int | socket.socket] = (),
+        priority: int = 0,
+    ) -> tuple[CapbusError | None, ...] | None:
+        """Sends ``payload`` with ``handles`` and ``fds`` attached to one or many nodes.
+
+        Each destination gets the whole message or nothing. Given one handle, failure raises;
+        given a sequence, the result has one entry per destination: ``None`` where the message
+        was queued, the exception where it was not (destroyed node, quota, ...). Errors about
+        the message itself (too large, an attached handle we do not hold) always raise. The
+        fds are duplicated into each receiver; the caller keeps its own.
+        """
+        unicast = isinstance(destinations, Handle | int)
+        if isinstance(destinations, Handle | int):
+            targets = [self._id(destinations)]
+        else:
+            targets = [self._id(d) for d in destinations]
+        attached = [self._id(h) for h in handles]
+        fd_numbers = [_fd_number(fd) for fd in fds]
+        reply = await self._call(
+            _wire.CMD_SEND,
+            buffers=lambda cookie: _wire.send_frame(
+                cookie, targets, attached, len(fd_numbers), payload, priority
+            ),
+            fds=fd_numbers,
+            what="send",
+        )
+        n_dest, _delivered = _wire.SEND_RESULT.unpack_from(reply.body)
+        codes = struct.unpack_from(f"<{n_dest}i", reply.body, _wire.SEND_RESULT.size)
+        results = tuple(error_from_errno(code, "send") if code else None for code in codes)
+        if unicast:
+            if results[0] is not None:
+                raise results[0]
+            return None
+        return results
+
+    async def recv(self, *, priority: bool = False) -> Message:
+        """The next message or notification, in the global order.
+
+        With ``priority``, the most urgent message already delivered to this peer is returned
+        first instead (ties keep their order); see docs/peer-api.md "Priority".
+        """
+        if priority:
+            await self._drain_available()
+        await self._pump_until(lambda: bool(self._inbox))
+        if priority:
+            best = max(range(len(self._inbox)), key=lambda i: (self._inbox[i].priority, -i))
+            message = self._inbox[best]
+            del self._inbox[best]
+            return message
+        return self._inbox.popleft()
+
+    def recv_nowait(self) -> Message:
+        """The next message if one has arrived, else raises :class:`trio.WouldBlock`."""
+        self._check_usable()
+        while not self._inbox:
+            try:
+                self._read_frame()
+            except BlockingIOError:
+                raise trio.WouldBlock from None
+            self._check_usable()
+        return self._inbox.popleft()
+
+    async def _drain_available(self) -> None:
+        if self._reading:
+            return
+        while True:
+            self._check_usable()
+            try:
+                self._read_frame()
+            except BlockingIOError:
+                return
+
+    # -- bootstrap ---------------------------------------------------------------------------
+
+    async def create_peer(self, payload: bytes = b"", *, handles: Iterable[HandleLike] = ()) -> socket.socket:
+        """Creates a new peer whose seed message carries ``payload`` and ``handles`` (given
+        from ours), and returns its connection, e.g. to hand to a child process, which reads
+        the seed with :meth:`take_seed`. The new peer belongs to this peer's user."""
+        ids = [self._id(h) for h in handles]
+        reply = await self._call(_wire.CMD_PEER_CREATE, _wire.seed_body(ids, payload))
+        if len(reply.fds) != 1:
+            for fd in reply.fds:
+                os.close(fd)
+            raise Disconnected("the kernel did not pass the new peer's socket")
+        return socket.socket(fileno=reply.fds[0])
+
+    async def set_seed(self, payload: bytes = b"", *, handles: Iterable[HandleLike] = ()) -> None:
+        """Replaces this peer's seed message; the seed holds one reference to each handle."""
+        ids = [self._id(h) for h in handles]
+        await self._call(_wire.CMD_SEED_SET, _wire.seed_body(ids, payload))
+
+    async def take_seed(self) -> Message:
+        """Takes this peer's seed (its handle references pass to the caller)."""
+        reply = await self._call(_wire.CMD_SEED_TAKE)
+        message = self._wrap(_wire.decode_message(reply.body, []))
+        return message
+
+    # -- lifetime ----------------------------------------------------------------------------
+
+    async def aclose(self) -> None:
+        """Disconnects: the kernel destroys our nodes and releases our handles. Idempotent."""
+        if not self._closed:
+            self._closed = True
+            trio.lowlevel.notify_closing(self._sock)
+            self._sock.close()
+            for message in self._inbox:
+                message.close_fds()
+            self._inbox.clear()
+            for reply in self._replies.values():
+                for fd in reply.fds:
+                    os.close(fd)
+            self._replies.clear()
+        await trio.lowlevel.checkpoint()
+
+    def detach(self) -> socket.socket:
+        """Gives up this Peer object without disconnecting: returns the socket (to hand to
+        a child, say). Nothing may be pending."""
+        if self._replies or self._inbox or self._reading:
+            raise trio.BusyResourceError("cannot detach a peer with pending traffic")
+        self._closed = True
+        return self._sock
+
+
+_COMMAND_NAMES = {
+    _wire.CMD_NODE_CREATE: "create_node",
+    _wire.CMD_HANDLE_RELEASE: "release",
+    _wire.CMD_NODES_DESTROY: "destroy",
+    _wire.CMD_HANDLE_TRANSFER: "transfer",
+    _wire.CMD_SEND: "send",
+    _wire.CMD_PEER_QUERY: "info",
+    _wire.CMD_PEER_CREATE: "create_peer",
+    _wire.CMD_SEED_TAKE: "take_seed",
+    _wire.CMD_SEED_SET: "set_seed",
+    _wire.CMD_HANDLE_QUERY: "handle_state",
+}
+
+
+async def connect(path: str | os.PathLike[str]) -> Peer:
+    """Connects to a kernel daemon (``capbus kernel --listen PATH``) as a new peer."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    sock.setblocking(False)
+    try:
+        trio_sock = trio.socket.from_stdlib_socket(sock)
+        await trio_sock.connect(os.fspath(path))
+        raw = socket.socket(fileno=trio_sock.detach())
+    except BaseException:
+        sock.close()
+        raise
+    return Peer(raw)

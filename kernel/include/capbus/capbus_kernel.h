@@ -1,0 +1,56 @@
+/*
+ * The kernel's public C API, for the process that embeds it (through cffi as
+ * capbus._kernel) or runs it as a daemon. Peers never use this: they speak uapi.h over
+ * their socket. Every function here is thread-safe; capbus_kernel_run blocks its thread.
+ * Errors are negative errno values.
+ */
+#ifndef CAPBUS_KERNEL_H
+#define CAPBUS_KERNEL_H
+
+#include <stdint.h>
+
+struct cb_kernel;
+
+struct capbus_limits {
+	uint64_t peer_bytes;      /* queued payload bytes per receiving peer */
+	uint64_t peer_messages;   /* queued messages per receiving peer */
+	uint64_t peer_handles;    /* handles in queued messages per receiving peer */
+	uint64_t peer_fds;        /* fds in queued messages per receiving peer */
+	uint64_t handles_held;    /* handles one peer may hold */
+	uint64_t nodes_owned;     /* nodes one peer may own */
+	uint64_t user_bytes;      /* queued payload bytes per sending uid, kernel-wide */
+	uint64_t peers_per_user;  /* connected peers per uid */
+};
+
+struct capbus_stats {
+	uint64_t peers;
+	uint64_t nodes;
+	uint64_t handles;
+	uint64_t queued_messages;
+	uint64_t queued_bytes;
+	uint64_t queued_fds;
+	uint64_t seq;             /* transactions committed so far */
+	uint64_t messages_sent;   /* data messages queued for delivery (per destination) */
+	uint64_t messages_written;/* data messages written to their receiver's socket */
+	uint64_t violations;      /* frames rejected as malformed */
+	uint64_t peers_doomed;    /* peers disconnected for misbehaving */
+	uint64_t memory_bytes;    /* kernel heap in use by peers, nodes, handles and queues */
+};
+
+void capbus_kernel_default_limits(struct capbus_limits *limits);
+int capbus_kernel_new(const struct capbus_limits *limits, struct cb_kernel **out);
+/* Listens on a unix socket path with the given file mode (the access control). */
+int capbus_kernel_listen(struct cb_kernel *kernel, const char *path, unsigned int mode);
+/* Makes a peer of one end of a SOCK_SEQPACKET socketpair; takes ownership of `fd`.
+ * `uid`, `gid`, `pid` say whom to charge; pass -1 to read them with SO_PEERCRED. */
+int capbus_kernel_adopt(struct cb_kernel *kernel, int fd, int64_t uid, int64_t gid, int64_t pid);
+/* Gives a peer (by the key it read with CAPBUS_CMD_PEER_QUERY) the monitor capability. */
+int capbus_kernel_grant_monitor(struct cb_kernel *kernel, const uint8_t *peer_key);
+/* Runs the loop until capbus_kernel_stop. */
+int capbus_kernel_run(struct cb_kernel *kernel);
+void capbus_kernel_stop(struct cb_kernel *kernel);
+void capbus_kernel_stats(struct cb_kernel *kernel, struct capbus_stats *out);
+/* Disconnects every peer and frees everything. The loop must not be running. */
+void capbus_kernel_free(struct cb_kernel *kernel);
+
+#endif

@@ -1,0 +1,186 @@
+/*
+ * capbus wire format: the whole contract between the capbus kernel and its peers.
+ *
+ * A peer is one AF_UNIX SOCK_SEQPACKET connection to the kernel. Every datagram is one
+ * frame: a struct capbus_frame header followed by a body whose layout depends on `type`.
+ * All integers are little-endian, every field is naturally aligned, and every frame's
+ * `size` must equal the datagram's length. File descriptors travel as SCM_RIGHTS on the
+ * datagram that names them; nothing else travels out of band.
+ *
+ * Peers send commands (CAPBUS_CMD_*) carrying a `cookie` of their choice; the kernel
+ * answers every command with exactly one CAPBUS_FRAME_REPLY carrying the same cookie, in
+ * the order the commands were sent. Independently the kernel pushes CAPBUS_FRAME_MESSAGE
+ * frames (data and notifications) in the global order. Replies and messages share the one
+ * socket, so a reply is ordered against messages too: everything the kernel committed to
+ * this peer before it processed a command is written before that command's reply.
+ *
+ * This header is plain C with no kernel or Python knowledge; the Python side reads its
+ * constants through cffi (capbus._kernel), so the numbers below exist in one place only.
+ */
+#ifndef CAPBUS_UAPI_H
+#define CAPBUS_UAPI_H
+
+#include <stdint.h>
+
+#define CAPBUS_WIRE_VERSION 1
+
+/* Handle ids: kernel-chosen, private to one peer, never reused by that peer. */
+#define CAPBUS_HANDLE_FLAG_MANAGED  (1ULL << 0) /* always set: the kernel chose this id */
+#define CAPBUS_HANDLE_FLAG_REMOTE   (1ULL << 1) /* set when the node is owned by someone else */
+#define CAPBUS_HANDLE_ID_SHIFT      3
+#define CAPBUS_HANDLE_INVALID       (~0ULL)     /* a handle whose node was gone when it arrived */
+
+/* Hard limits of one frame (every peer, every user). Quotas (below) come on top. */
+#define CAPBUS_PAYLOAD_MAX          (128u * 1024u) /* inline payload bytes per message */
+#define CAPBUS_DESTINATIONS_MAX     1024u          /* destinations of one send */
+#define CAPBUS_HANDLES_MAX          256u           /* handles attached to one message */
+#define CAPBUS_FDS_MAX              64u            /* fds attached to one message */
+#define CAPBUS_DESTROY_MAX          1024u          /* nodes in one destroy */
+#define CAPBUS_FRAME_MAX            (CAPBUS_PAYLOAD_MAX + 16u * 1024u)
+
+/* Default quotas (see docs/wire-format.md "Quotas"); a kernel may be opened with others. */
+#define CAPBUS_DEFAULT_PEER_BYTES     (8u * 1024u * 1024u) /* queued payload bytes per receiving peer */
+#define CAPBUS_DEFAULT_PEER_MESSAGES  8192u                /* queued messages per receiving peer */
+#define CAPBUS_DEFAULT_PEER_HANDLES   4096u                /* handles in queued messages per peer */
+#define CAPBUS_DEFAULT_PEER_FDS       256u                 /* fds in queued messages per peer */
+#define CAPBUS_DEFAULT_HANDLES_HELD   65536u               /* handles one peer may hold */
+#define CAPBUS_DEFAULT_NODES_OWNED    65536u               /* nodes one peer may own */
+#define CAPBUS_DEFAULT_USER_BYTES     (64u * 1024u * 1024u) /* queued bytes one sending user may have in the kernel */
+#define CAPBUS_DEFAULT_PEERS_PER_USER 16384u               /* peers one user may have connected */
+
+/* A peer that has more than this many reply bytes unread is not read from until it reads. */
+#define CAPBUS_REPLY_BACKLOG_MAX     (1024u * 1024u)
+/* Protocol violations (frames that cannot even be parsed) tolerated before disconnecting. */
+#define CAPBUS_VIOLATIONS_MAX        16u
+
+enum capbus_frame_type {
+	/* peer -> kernel */
+	CAPBUS_CMD_NODE_CREATE      = 0x01, /* body: none                     reply: u64 id */
+	CAPBUS_CMD_HANDLE_RELEASE   = 0x02, /* body: u64 id                   reply: none */
+	CAPBUS_CMD_NODES_DESTROY    = 0x03, /* body: capbus_cmd_destroy       reply: none */
+	CAPBUS_CMD_HANDLE_TRANSFER  = 0x04, /* body: capbus_cmd_transfer      reply: u64 id in the destination peer */
+	CAPBUS_CMD_SEND             = 0x05, /* body: capbus_cmd_send          reply: capbus_reply_send */
+	CAPBUS_CMD_PEER_QUERY       = 0x06, /* body: none                     reply: capbus_reply_query */
+	CAPBUS_CMD_PEER_CREATE      = 0x07, /* body: capbus_cmd_peer_create   reply: none, the new peer's socket as SCM_RIGHTS */
+	CAPBUS_CMD_SEED_TAKE        = 0x08, /* body: none                     reply: capbus_message (kind DATA) or ENOENT */
+	CAPBUS_CMD_SEED_SET         = 0x09, /* body: capbus_cmd_peer_create   reply: none */
+	CAPBUS_CMD_DISCONNECT       = 0x0a, /* body: none                     reply: none, then the kernel hangs up */
+	CAPBUS_CMD_HANDLE_QUERY     = 0x0c, /* body: u64 id                   reply: capbus_reply_handle */
+
+	/* kernel -> peer */
+	CAPBUS_FRAME_REPLY          = 0x80, /* body: capbus_reply, then the command's reply body */
+	CAPBUS_FRAME_MESSAGE        = 0x81, /* body: capbus_message */
+};
+
+/* Every frame starts with this. */
+struct capbus_frame {
+	uint32_t size;   /* bytes of the whole frame, header included */
+	uint16_t type;   /* enum capbus_frame_type */
+	uint16_t flags;  /* per type; unknown bits are rejected */
+	uint64_t cookie; /* commands: chosen by the peer, echoed in the reply; messages: 0 */
+};
+
+/* Kernel -> peer: the answer to one command. `error` is 0 or a positive errno. Errors the
+ * kernel could not attribute to a command (an unparseable frame) carry cookie 0. */
+struct capbus_reply {
+	int32_t error;
+	uint32_t command; /* the command's type, or 0 when it could not be parsed */
+};
+
+struct capbus_cmd_destroy {
+	uint32_t n_nodes;
+	uint32_t flags;   /* CAPBUS_DESTROY_FLAG_* */
+	/* uint64_t nodes[n_nodes]; */
+};
+#define CAPBUS_DESTROY_FLAG_RELEASE 0x1 /* also drop the owner's pinned reference */
+
+struct capbus_cmd_transfer {
+	uint64_t handle;        /* the handle to give, in the sender's ids */
+	uint8_t peer_key[16];   /* the receiving peer's key (CAPBUS_CMD_PEER_QUERY) */
+};
+
+struct capbus_cmd_send {
+	uint32_t n_destinations;
+	uint32_t n_handles;
+	uint32_t n_fds;        /* must equal the number of SCM_RIGHTS fds on this datagram */
+	uint32_t payload_size;
+	int32_t priority;      /* higher is more urgent; see docs/peer-api.md "Priority" */
+	uint32_t reserved;     /* must be 0 */
+	/* uint64_t destinations[n_destinations]; */
+	/* uint64_t handles[n_handles]; */
+	/* uint8_t payload[payload_size]; */
+};
+
+/* Per-destination results of a send: all-or-nothing for each destination. */
+struct capbus_reply_send {
+	uint32_t n_destinations;
+	uint32_t n_delivered;
+	/* int32_t errors[n_destinations]; 0 = queued for delivery */
+};
+
+struct capbus_reply_query {
+	uint8_t peer_key[16];      /* proves possession of this connection; used by HANDLE_TRANSFER */
+	uint32_t uid;              /* who the kernel charges this peer's receiving side to */
+	uint32_t gid;
+	uint32_t pid;
+	uint32_t wire_version;
+	uint32_t payload_max;
+	uint32_t handles_max;
+	uint32_t fds_max;
+	uint32_t destinations_max;
+};
+
+struct capbus_reply_handle {
+	uint32_t n_user;        /* references this peer holds on the handle */
+	uint32_t flags;         /* CAPBUS_HANDLE_STATE_* */
+};
+#define CAPBUS_HANDLE_STATE_OWNER     0x1
+#define CAPBUS_HANDLE_STATE_DESTROYED 0x2
+
+/* CAPBUS_CMD_PEER_CREATE and CAPBUS_CMD_SEED_SET: a seed message of payload and handles. */
+struct capbus_cmd_peer_create {
+	uint32_t n_handles;
+	uint32_t payload_size;
+	/* uint64_t handles[n_handles]; */
+	/* uint8_t payload[payload_size]; */
+};
+
+enum capbus_message_kind {
+	CAPBUS_MSG_DATA          = 1, /* a send */
+	CAPBUS_MSG_NODE_DESTROY  = 2, /* the node behind `destination` was destroyed */
+	CAPBUS_MSG_NODE_RELEASE  = 3, /* the last handle of another peer to our node is gone */
+	CAPBUS_MSG_MONITOR       = 4, /* a copy of some traffic, for a monitor */
+};
+
+#define CAPBUS_MSG_FLAG_CONTINUE  0x1 /* the next message belongs to the same transaction */
+
+struct capbus_message {
+	uint16_t kind;          /* enum capbus_message_kind */
+	uint16_t flags;         /* CAPBUS_MSG_FLAG_* */
+	int32_t priority;
+	uint64_t destination;   /* the receiver's own id of the node or handle concerned */
+	uint64_t seq;           /* position in the global order (transactions share one) */
+	uint32_t uid;           /* sender's credentials at send time (DATA only; else ~0) */
+	uint32_t gid;
+	uint32_t pid;           /* in the kernel's pid namespace; 0 when unknown */
+	uint32_t n_handles;
+	uint32_t n_fds;         /* fds on this datagram, as SCM_RIGHTS */
+	uint32_t payload_size;
+	/* uint64_t handles[n_handles];  ids in the receiver, CAPBUS_HANDLE_INVALID if gone */
+	/* uint8_t payload[payload_size]; */
+};
+
+/* CAPBUS_MSG_MONITOR payload: this record, then the copied payload. */
+struct capbus_monitor_record {
+	uint16_t event;         /* enum capbus_message_kind of what was observed */
+	uint16_t n_destinations;
+	uint32_t payload_size;  /* of the observed message (the copy may be cut short) */
+	uint64_t seq;
+	uint32_t uid;
+	uint32_t pid;
+	uint32_t n_handles;
+	uint32_t n_fds;
+	uint64_t dropped;       /* monitor records lost to this monitor's quota so far */
+};
+
+#endif /* CAPBUS_UAPI_H */

@@ -1,0 +1,396 @@
+/*
+ * Commands: parsing one frame from a peer and carrying it out. Every command gets exactly
+ * one reply; every way a frame can be wrong maps to one errno (docs/wire-format.md).
+ */
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include "capbus/uapi.h"
+#include "handle.h"
+#include "kernel.h"
+#include "message.h"
+#include "node.h"
+#include "peer.h"
+
+static void close_fds(int *fds, uint32_t n_fds)
+{
+	for (uint32_t i = 0; i < n_fds; i++)
+		close(fds[i]);
+}
+
+/* A frame that cannot be parsed: answered with cookie 0; too many and the peer is cut off. */
+static void violation(struct cb_peer *peer, uint64_t cookie, uint16_t command, int error)
+{
+	peer->kernel->stats.violations++;
+	cb_queue_reply(peer, cookie, command, error, NULL, 0);
+	if (++peer->violations >= CAPBUS_VIOLATIONS_MAX) {
+		peer->kernel->stats.peers_doomed++;
+		cb_peer_doom(peer);
+	}
+}
+
+static void cmd_node_create(struct cb_peer *peer, uint64_t cookie, size_t body_size)
+{
+	int error = 0;
+	uint64_t id = 0;
+	if (body_size != 0)
+		error = EINVAL;
+	else {
+		struct cb_handle *anchor = cb_node_create(peer, &error);
+		if (anchor)
+			id = anchor->id;
+	}
+	cb_queue_reply(peer, cookie, CAPBUS_CMD_NODE_CREATE, error, error ? NULL : &id, error ? 0 : sizeof(id));
+}
+
+static void cmd_handle_release(struct cb_peer *peer, uint64_t cookie, const uint8_t *body, size_t body_size)
+{
+	int error = 0;
+	uint64_t id;
+	if (body_size != sizeof(id)) {
+		error = EINVAL;
+	} else {
+		memcpy(&id, body, sizeof(id));
+		struct cb_handle *handle = cb_handle_lookup(peer, id);
+		error = handle ? -cb_handle_release(handle) : ENXIO;
+	}
+	cb_queue_reply(peer, cookie, CAPBUS_CMD_HANDLE_RELEASE, error, NULL, 0);
+}
+
+static void cmd_handle_query(struct cb_peer *peer, uint64_t cookie, const uint8_t *body, size_t body_size)
+{
+	struct capbus_reply_handle reply = { 0 };
+	int error = 0;
+	uint64_t id;
+	if (body_size != sizeof(id)) {
+		error = EINVAL;
+	} else {
+		memcpy(&id, body, sizeof(id));
+		struct cb_handle *handle = cb_handle_lookup(peer, id);
+		if (!handle) {
+			error = ENXIO;
+		} else {
+			reply.n_user = handle->n_user;
+			if (handle->node->anchor == handle)
+				reply.flags |= CAPBUS_HANDLE_STATE_OWNER;
+			if (handle->node->destroyed)
+				reply.flags |= CAPBUS_HANDLE_STATE_DESTROYED;
+		}
+	}
+	cb_queue_reply(peer, cookie, CAPBUS_CMD_HANDLE_QUERY, error, error ? NULL : &reply, error ? 0 : sizeof(reply));
+}
+
+static int compare_ptr(const void *a, const void *b)
+{
+	uintptr_t x = (uintptr_t) * (void *const *)a, y = (uintptr_t) * (void *const *)b;
+	return x < y ? -1 : x > y;
+}
+
+static void cmd_nodes_destroy(struct cb_peer *peer, uint64_t cookie, const uint8_t *body, size_t body_size)
+{
+	const struct capbus_cmd_destroy *cmd = (const void *)body;
+	struct cb_handle **anchors = NULL;
+	int error = 0;
+
+	if (body_size < sizeof(*cmd) || cmd->n_nodes > CAPBUS_DESTROY_MAX ||
+	    (cmd->flags & ~(uint32_t)CAPBUS_DESTROY_FLAG_RELEASE) ||
+	    body_size != sizeof(*cmd) + 8ull * cmd->n_nodes) {
+		error = EINVAL;
+		goto out;
+	}
+	anchors = malloc((cmd->n_nodes + 1) * sizeof(*anchors));
+	if (!anchors) {
+		error = ENOMEM;
+		goto out;
+	}
+	for (uint32_t i = 0; i < cmd->n_nodes; i++) {
+		uint64_t id;
+		memcpy(&id, body + sizeof(*cmd) + 8 * i, sizeof(id));
+		struct cb_handle *handle = cb_handle_lookup(peer, id);
+		if (!handle) {
+			error = ENXIO;
+			goto out;
+		}
+		if (handle->node->anchor != handle) {
+			error = EREMOTE;
+			goto out;
+		}
+		if (handle->node->destroyed) {
+			error = ESTALE;
+			goto out;
+		}
+		anchors[i] = handle;
+	}
+	if (cmd->n_nodes > 1) {
+		struct cb_handle **sorted = malloc(cmd->n_nodes * sizeof(*sorted));
+		if (!sorted) {
+			error = ENOMEM;
+			goto out;
+		}
+		memcpy(sorted, anchors, cmd->n_nodes * sizeof(*sorted));
+		qsort(sorted, cmd->n_nodes, sizeof(*sorted), compare_ptr);
+		for (uint32_t i = 1; i < cmd->n_nodes && !error; i++)
+			if (sorted[i] == sorted[i - 1])
+				error = ENOTUNIQ;
+		free(sorted);
+		if (error)
+			goto out;
+	}
+	cb_nodes_destroy(anchors, cmd->n_nodes, cmd->flags & CAPBUS_DESTROY_FLAG_RELEASE);
+out:
+	free(anchors);
+	cb_queue_reply(peer, cookie, CAPBUS_CMD_NODES_DESTROY, error, NULL, 0);
+}
+
+static void cmd_handle_transfer(struct cb_peer *peer, uint64_t cookie, const uint8_t *body, size_t body_size)
+{
+	const struct capbus_cmd_transfer *cmd = (const void *)body;
+	uint64_t id = 0;
+	int error = 0;
+
+	if (body_size != sizeof(*cmd)) {
+		error = EINVAL;
+		goto out;
+	}
+	struct cb_handle *handle = cb_handle_lookup(peer, cmd->handle);
+	struct cb_peer *target = cb_peer_by_key(peer->kernel, cmd->peer_key);
+	if (!handle) {
+		error = ENXIO;
+	} else if (!target) {
+		error = ESRCH;
+	} else if (handle->node->destroyed) {
+		error = EHOSTUNREACH;
+	} else if (cb_handle_is_new(target, handle->node) &&
+		   target->handles_by_id.count >= peer->kernel->limits.handles_held) {
+		error = EDQUOT;
+	} else if (cb_handle_reserve(target, 1) < 0) {
+		error = ENOMEM;
+	} else {
+		id = cb_handle_install(target, handle->node);
+	}
+out:
+	cb_queue_reply(peer, cookie, CAPBUS_CMD_HANDLE_TRANSFER, error, error ? NULL : &id, error ? 0 : sizeof(id));
+}
+
+static void cmd_peer_query(struct cb_peer *peer, uint64_t cookie, size_t body_size)
+{
+	struct capbus_reply_query reply = {
+		.uid = peer->uid,
+		.gid = peer->gid,
+		.pid = peer->pid,
+		.wire_version = CAPBUS_WIRE_VERSION,
+		.payload_max = CAPBUS_PAYLOAD_MAX,
+		.handles_max = CAPBUS_HANDLES_MAX,
+		.fds_max = CAPBUS_FDS_MAX,
+		.destinations_max = CAPBUS_DESTINATIONS_MAX,
+	};
+	if (body_size != 0) {
+		cb_queue_reply(peer, cookie, CAPBUS_CMD_PEER_QUERY, EINVAL, NULL, 0);
+		return;
+	}
+	memcpy(reply.peer_key, peer->key, sizeof(reply.peer_key));
+	cb_queue_reply(peer, cookie, CAPBUS_CMD_PEER_QUERY, 0, &reply, sizeof(reply));
+}
+
+/* Builds a seed for `target` out of `source`'s handles. Returns 0 or an errno. */
+static int seed_build(struct cb_peer *source, struct cb_peer *target, const uint8_t *body, size_t body_size,
+		      struct cb_seed **out)
+{
+	const struct capbus_cmd_peer_create *cmd = (const void *)body;
+	struct cb_node *nodes[CAPBUS_HANDLES_MAX];
+
+	if (body_size < sizeof(*cmd) || cmd->n_handles > CAPBUS_HANDLES_MAX || cmd->payload_size > CAPBUS_PAYLOAD_MAX ||
+	    body_size != sizeof(*cmd) + 8ull * cmd->n_handles + cmd->payload_size)
+		return EINVAL;
+	for (uint32_t i = 0; i < cmd->n_handles; i++) {
+		uint64_t id;
+		memcpy(&id, body + sizeof(*cmd) + 8 * i, sizeof(id));
+		struct cb_handle *handle = cb_handle_lookup(source, id);
+		if (!handle)
+			return ENXIO;
+		if (handle->node->destroyed)
+			return EHOSTUNREACH;
+		nodes[i] = handle->node;
+	}
+	if (target->handles_by_id.count + cmd->n_handles > source->kernel->limits.handles_held)
+		return EDQUOT;
+	struct cb_seed *seed = malloc(sizeof(*seed) + 8ull * cmd->n_handles + cmd->payload_size);
+	if (!seed || cb_handle_reserve(target, cmd->n_handles) < 0) {
+		free(seed);
+		return ENOMEM;
+	}
+	seed->n_handles = cmd->n_handles;
+	seed->payload_size = cmd->payload_size;
+	seed->handles = (uint64_t *)(seed + 1);
+	seed->payload = (uint8_t *)(seed->handles + cmd->n_handles);
+	memcpy(seed->payload, body + sizeof(*cmd) + 8ull * cmd->n_handles, cmd->payload_size);
+	for (uint32_t i = 0; i < cmd->n_handles; i++)
+		seed->handles[i] = cb_handle_install(target, nodes[i]);
+	*out = seed;
+	return 0;
+}
+
+static void cmd_peer_create(struct cb_peer *peer, uint64_t cookie, const uint8_t *body, size_t body_size)
+{
+	struct cb_kernel *kernel = peer->kernel;
+	int pair[2];
+	int error = 0;
+
+	if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, pair) < 0) {
+		cb_queue_reply(peer, cookie, CAPBUS_CMD_PEER_CREATE, errno, NULL, 0);
+		return;
+	}
+	/* The new peer belongs to its creator's user: it is charged to whoever made it. */
+	struct cb_peer *child = cb_peer_new(kernel, pair[0], peer->uid, peer->gid, peer->pid, &error);
+	if (!child) {
+		close(pair[1]);
+		cb_queue_reply(peer, cookie, CAPBUS_CMD_PEER_CREATE, error, NULL, 0);
+		return;
+	}
+	error = seed_build(peer, child, body, body_size, &child->seed);
+	if (error) {
+		cb_peer_disconnect(child);
+		close(pair[1]);
+		cb_queue_reply(peer, cookie, CAPBUS_CMD_PEER_CREATE, error, NULL, 0);
+		return;
+	}
+	uint32_t size = sizeof(struct capbus_frame) + sizeof(struct capbus_reply);
+	struct cb_qentry *entry = cb_qentry_new(size);
+	if (!entry) {
+		cb_peer_disconnect(child);
+		close(pair[1]);
+		cb_queue_reply(peer, cookie, CAPBUS_CMD_PEER_CREATE, ENOMEM, NULL, 0);
+		return;
+	}
+	struct capbus_frame *frame = (struct capbus_frame *)entry->header;
+	*frame = (struct capbus_frame){ .size = size, .type = CAPBUS_FRAME_REPLY, .cookie = cookie };
+	*(struct capbus_reply *)(frame + 1) = (struct capbus_reply){ .command = CAPBUS_CMD_PEER_CREATE };
+	entry->is_reply = true;
+	entry->passed_fd = pair[1];
+	cb_queue_push(peer, entry);
+}
+
+static void cmd_seed_set(struct cb_peer *peer, uint64_t cookie, const uint8_t *body, size_t body_size)
+{
+	struct cb_seed *seed = NULL;
+	int error = seed_build(peer, peer, body, body_size, &seed);
+	if (!error) {
+		cb_seed_free(peer, peer->seed);
+		peer->seed = seed;
+	}
+	cb_queue_reply(peer, cookie, CAPBUS_CMD_SEED_SET, error, NULL, 0);
+}
+
+static void cmd_seed_take(struct cb_peer *peer, uint64_t cookie, size_t body_size)
+{
+	struct cb_seed *seed = peer->seed;
+	if (body_size != 0 || !seed) {
+		cb_queue_reply(peer, cookie, CAPBUS_CMD_SEED_TAKE, body_size ? EINVAL : ENOENT, NULL, 0);
+		return;
+	}
+	size_t size = sizeof(struct capbus_message) + 8ull * seed->n_handles + seed->payload_size;
+	struct capbus_message *message = malloc(size);
+	if (!message) {
+		cb_queue_reply(peer, cookie, CAPBUS_CMD_SEED_TAKE, ENOMEM, NULL, 0);
+		return;
+	}
+	*message = (struct capbus_message){
+		.kind = CAPBUS_MSG_DATA,
+		.destination = CAPBUS_HANDLE_INVALID,
+		.uid = peer->uid,
+		.gid = peer->gid,
+		.pid = peer->pid,
+		.n_handles = seed->n_handles,
+		.payload_size = seed->payload_size,
+	};
+	memcpy(message + 1, seed->handles, 8ull * seed->n_handles);
+	memcpy((uint8_t *)(message + 1) + 8ull * seed->n_handles, seed->payload, seed->payload_size);
+	/* The seed's references pass to the peer that takes it. */
+	free(seed);
+	peer->seed = NULL;
+	cb_queue_reply(peer, cookie, CAPBUS_CMD_SEED_TAKE, 0, message, (uint32_t)size);
+	free(message);
+}
+
+void cb_command_dispatch(struct cb_peer *peer, const uint8_t *data, size_t size, int *fds, uint32_t n_fds,
+			 const void *creds_ptr, bool fds_truncated)
+{
+	const struct capbus_frame *frame = (const void *)data;
+	const struct cb_creds *creds = creds_ptr;
+
+	if (size < sizeof(*frame)) {
+		close_fds(fds, n_fds);
+		violation(peer, 0, 0, EBADMSG);
+		return;
+	}
+	if (size > CAPBUS_FRAME_MAX) {
+		close_fds(fds, n_fds);
+		violation(peer, frame->cookie, frame->type, EMSGSIZE);
+		return;
+	}
+	if (frame->size != size) {
+		close_fds(fds, n_fds);
+		violation(peer, frame->cookie, frame->type, EBADMSG);
+		return;
+	}
+	if (fds_truncated) {
+		close_fds(fds, n_fds);
+		cb_queue_reply(peer, frame->cookie, frame->type, EMSGSIZE, NULL, 0);
+		return;
+	}
+	if (n_fds && frame->type != CAPBUS_CMD_SEND) {
+		close_fds(fds, n_fds);
+		cb_queue_reply(peer, frame->cookie, frame->type, EINVAL, NULL, 0);
+		return;
+	}
+	if (frame->flags != 0) {
+		close_fds(fds, n_fds);
+		cb_queue_reply(peer, frame->cookie, frame->type, EINVAL, NULL, 0);
+		return;
+	}
+	const uint8_t *body = data + sizeof(*frame);
+	size_t body_size = size - sizeof(*frame);
+	switch (frame->type) {
+	case CAPBUS_CMD_NODE_CREATE:
+		cmd_node_create(peer, frame->cookie, body_size);
+		break;
+	case CAPBUS_CMD_HANDLE_RELEASE:
+		cmd_handle_release(peer, frame->cookie, body, body_size);
+		break;
+	case CAPBUS_CMD_NODES_DESTROY:
+		cmd_nodes_destroy(peer, frame->cookie, body, body_size);
+		break;
+	case CAPBUS_CMD_HANDLE_TRANSFER:
+		cmd_handle_transfer(peer, frame->cookie, body, body_size);
+		break;
+	case CAPBUS_CMD_SEND:
+		cb_send(peer, frame->cookie, body, body_size, fds, n_fds, creds);
+		break;
+	case CAPBUS_CMD_PEER_QUERY:
+		cmd_peer_query(peer, frame->cookie, body_size);
+		break;
+	case CAPBUS_CMD_PEER_CREATE:
+		cmd_peer_create(peer, frame->cookie, body, body_size);
+		break;
+	case CAPBUS_CMD_SEED_SET:
+		cmd_seed_set(peer, frame->cookie, body, body_size);
+		break;
+	case CAPBUS_CMD_SEED_TAKE:
+		cmd_seed_take(peer, frame->cookie, body_size);
+		break;
+	case CAPBUS_CMD_HANDLE_QUERY:
+		cmd_handle_query(peer, frame->cookie, body, body_size);
+		break;
+	case CAPBUS_CMD_DISCONNECT:
+		cb_queue_reply(peer, frame->cookie, CAPBUS_CMD_DISCONNECT, body_size ? EINVAL : 0, NULL, 0);
+		if (!body_size)
+			cb_peer_doom(peer);
+		break;
+	default:
+		cb_queue_reply(peer, frame->cookie, frame->type, ENOTTY, NULL, 0);
+		break;
+	}
+}

@@ -1,0 +1,168 @@
+#include "handle.h"
+
+#include <errno.h>
+#include <stdlib.h>
+
+#include "capbus/uapi.h"
+#include "kernel.h"
+#include "node.h"
+#include "peer.h"
+#include "queue.h"
+
+struct cb_handle *cb_handle_lookup(struct cb_peer *peer, uint64_t id)
+{
+	if (id == 0 || id == CAPBUS_HANDLE_INVALID)
+		return NULL;
+	return cb_map_get(&peer->handles_by_id, id);
+}
+
+int cb_handle_reserve(struct cb_peer *peer, uint32_t n)
+{
+	if (cb_map_reserve(&peer->handles_by_id, n) < 0 || cb_map_reserve(&peer->handles_by_node, n) < 0)
+		return -ENOMEM;
+	return 0;
+}
+
+/* Links a new handle into `peer` and `node`. The caller reserved map room. */
+static struct cb_handle *handle_new(struct cb_peer *peer, struct cb_node *node, int anchor)
+{
+	struct cb_handle *handle = calloc(1, sizeof(*handle));
+	if (!handle)
+		return NULL;
+	handle->id = (++peer->next_handle << CAPBUS_HANDLE_ID_SHIFT) | CAPBUS_HANDLE_FLAG_MANAGED;
+	if (!anchor)
+		handle->id |= CAPBUS_HANDLE_FLAG_REMOTE;
+	handle->peer = peer;
+	handle->node = node;
+	handle->n_user = 1;
+	cb_list_init(&handle->holder_link);
+	cb_map_put(&peer->handles_by_id, handle->id, handle);
+	cb_map_put(&peer->handles_by_node, node->serial, handle);
+	node->n_refs++;
+	if (!anchor) {
+		cb_list_add_tail(&node->holders, &handle->holder_link);
+		node->n_holders++;
+	}
+	peer->kernel->stats.handles++;
+	return handle;
+}
+
+struct cb_handle *cb_node_create(struct cb_peer *peer, int *error)
+{
+	struct cb_kernel *kernel = peer->kernel;
+
+	if (peer->n_owned >= kernel->limits.nodes_owned ||
+	    peer->handles_by_id.count >= kernel->limits.handles_held) {
+		*error = EDQUOT;
+		return NULL;
+	}
+	if (cb_handle_reserve(peer, 1) < 0) {
+		*error = ENOMEM;
+		return NULL;
+	}
+	struct cb_node *node = calloc(1, sizeof(*node));
+	if (!node) {
+		*error = ENOMEM;
+		return NULL;
+	}
+	node->serial = ++kernel->next_node_serial;
+	node->owner = peer;
+	cb_list_init(&node->holders);
+	struct cb_handle *anchor = handle_new(peer, node, 1);
+	if (!anchor) {
+		free(node);
+		*error = ENOMEM;
+		return NULL;
+	}
+	node->anchor = anchor;
+	peer->n_owned++;
+	kernel->stats.nodes++;
+	return anchor;
+}
+
+int cb_handle_is_new(struct cb_peer *peer, struct cb_node *node)
+{
+	return !node->destroyed && cb_map_get(&peer->handles_by_node, node->serial) == NULL;
+}
+
+uint64_t cb_handle_install(struct cb_peer *peer, struct cb_node *node)
+{
+	if (node->destroyed)
+		return CAPBUS_HANDLE_INVALID;
+	struct cb_handle *handle = cb_map_get(&peer->handles_by_node, node->serial);
+	if (handle) {
+		handle->n_user++;
+		return handle->id;
+	}
+	handle = handle_new(peer, node, 0);
+	if (!handle) {
+		/* Out of memory after commit: the receiver cannot be told correctly, so it is
+		 * disconnected (a clear, reported failure) instead of losing the handle. */
+		cb_peer_doom(peer);
+		return CAPBUS_HANDLE_INVALID;
+	}
+	return handle->id;
+}
+
+static void handle_free(struct cb_handle *handle)
+{
+	struct cb_peer *peer = handle->peer;
+	struct cb_node *node = handle->node;
+	struct cb_kernel *kernel = peer->kernel;
+
+	cb_map_remove(&peer->handles_by_id, handle->id);
+	cb_map_remove(&peer->handles_by_node, node->serial);
+	if (node->anchor == handle) {
+		node->anchor = NULL;
+	} else {
+		cb_list_del(&handle->holder_link);
+		if (--node->n_holders == 0 && !node->destroyed && node->anchor)
+			cb_queue_notify(node->owner, CAPBUS_MSG_NODE_RELEASE, node->anchor->id, cb_kernel_tick(kernel));
+	}
+	kernel->stats.handles--;
+	free(handle);
+	if (--node->n_refs == 0) {
+		kernel->stats.nodes--;
+		free(node);
+	}
+}
+
+int cb_handle_release(struct cb_handle *handle)
+{
+	if (handle == handle->node->anchor && handle->n_user == 1 && !handle->node->destroyed)
+		return -EBUSY;
+	if (--handle->n_user == 0)
+		handle_free(handle);
+	return 0;
+}
+
+void cb_handle_release_all(struct cb_handle *handle)
+{
+	handle->n_user = 0;
+	handle_free(handle);
+}
+
+void cb_nodes_destroy(struct cb_handle **anchors, uint32_t n, int release)
+{
+	if (n == 0)
+		return;
+	struct cb_kernel *kernel = anchors[0]->peer->kernel;
+	uint64_t seq = cb_kernel_tick(kernel);
+
+	for (uint32_t i = 0; i < n; i++) {
+		struct cb_node *node = anchors[i]->node;
+		node->destroyed = true;
+		node->owner->n_owned--;
+		cb_queue_notify(node->owner, CAPBUS_MSG_NODE_DESTROY, anchors[i]->id, seq);
+		struct cb_link *link;
+		for (link = node->holders.next; link != &node->holders; link = link->next) {
+			struct cb_handle *holder = cb_container_of(link, struct cb_handle, holder_link);
+			cb_queue_notify(holder->peer, CAPBUS_MSG_NODE_DESTROY, holder->id, seq);
+		}
+	}
+	cb_monitor_observe(kernel, CAPBUS_MSG_NODE_DESTROY, seq, anchors[0]->peer->uid, anchors[0]->peer->pid,
+			   n, 0, 0, NULL);
+	if (release)
+		for (uint32_t i = 0; i < n; i++)
+			cb_handle_release(anchors[i]);
+}

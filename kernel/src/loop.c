@@ -1,0 +1,356 @@
+/*
+ * The I/O loop and the kernel's public API (capbus_kernel.h).
+ *
+ * One thread, one epoll set, non-blocking sockets: read frames from readable peers (at
+ * most READ_BUDGET per peer per wakeup, so one busy peer cannot starve the rest), carry
+ * each out, then write what queued up. A peer whose socket is full simply keeps its queue
+ * in kernel memory (charged to quotas) until EPOLLOUT; the loop never waits on one peer.
+ * Called through cffi, capbus_kernel_run holds no GIL: no Python runs on this thread.
+ */
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include "capbus/uapi.h"
+#include "capbus_kernel.h"
+#include "handle.h"
+#include "kernel.h"
+#include "message.h"
+#include "node.h"
+#include "peer.h"
+
+#define READ_BUDGET 64
+#define EVENT_BATCH 64
+
+static char listen_marker;
+
+void capbus_kernel_default_limits(struct capbus_limits *limits)
+{
+	*limits = (struct capbus_limits){
+		.peer_bytes = CAPBUS_DEFAULT_PEER_BYTES,
+		.peer_messages = CAPBUS_DEFAULT_PEER_MESSAGES,
+		.peer_handles = CAPBUS_DEFAULT_PEER_HANDLES,
+		.peer_fds = CAPBUS_DEFAULT_PEER_FDS,
+		.handles_held = CAPBUS_DEFAULT_HANDLES_HELD,
+		.nodes_owned = CAPBUS_DEFAULT_NODES_OWNED,
+		.user_bytes = CAPBUS_DEFAULT_USER_BYTES,
+		.peers_per_user = CAPBUS_DEFAULT_PEERS_PER_USER,
+	};
+}
+
+int capbus_kernel_new(const struct capbus_limits *limits, struct cb_kernel **out)
+{
+	struct cb_kernel *kernel = calloc(1, sizeof(*kernel));
+	if (!kernel)
+		return -ENOMEM;
+	if (limits)
+		kernel->limits = *limits;
+	else
+		capbus_kernel_default_limits(&kernel->limits);
+	pthread_mutex_init(&kernel->lock, NULL);
+	kernel->listen_fd = -1;
+	kernel->wake_fd = -1;
+	cb_map_init(&kernel->peers_by_key);
+	cb_map_init(&kernel->users);
+	cb_list_init(&kernel->peers);
+	cb_list_init(&kernel->dirty);
+	cb_list_init(&kernel->doomed);
+	kernel->rx_buffer = malloc(CAPBUS_FRAME_MAX + 1);
+	kernel->epoll_fd = epoll_create1(EPOLL_CLOEXEC);
+	kernel->wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+	struct epoll_event event = { .events = EPOLLIN, .data.ptr = NULL };
+	if (!kernel->rx_buffer || kernel->epoll_fd < 0 || kernel->wake_fd < 0 ||
+	    epoll_ctl(kernel->epoll_fd, EPOLL_CTL_ADD, kernel->wake_fd, &event) < 0) {
+		int error = errno ? -errno : -ENOMEM;
+		capbus_kernel_free(kernel);
+		return error;
+	}
+	*out = kernel;
+	return 0;
+}
+
+int capbus_kernel_listen(struct cb_kernel *kernel, const char *path, unsigned int mode)
+{
+	struct sockaddr_un address = { .sun_family = AF_UNIX };
+	if (strlen(path) >= sizeof(address.sun_path))
+		return -ENAMETOOLONG;
+	strcpy(address.sun_path, path);
+	int fd = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+	if (fd < 0)
+		return -errno;
+	/* The socket's file mode is the access control, as /dev/bus1's is: create it with no
+	 * access at all, then open it up to exactly `mode`, so there is no window. */
+	mode_t old_umask = umask(0777);
+	int r = bind(fd, (struct sockaddr *)&address, sizeof(address));
+	umask(old_umask);
+	if (r < 0 || chmod(path, mode) < 0 || listen(fd, 128) < 0) {
+		r = -errno;
+		close(fd);
+		return r;
+	}
+	pthread_mutex_lock(&kernel->lock);
+	struct epoll_event event = { .events = EPOLLIN, .data.ptr = &listen_marker };
+	if (kernel->listen_fd >= 0 || epoll_ctl(kernel->epoll_fd, EPOLL_CTL_ADD, fd, &event) < 0) {
+		r = kernel->listen_fd >= 0 ? -EBUSY : -errno;
+		close(fd);
+	} else {
+		kernel->listen_fd = fd;
+	}
+	pthread_mutex_unlock(&kernel->lock);
+	return r;
+}
+
+static int read_creds(int fd, uint32_t *uid, uint32_t *gid, uint32_t *pid)
+{
+	struct ucred cred;
+	socklen_t len = sizeof(cred);
+	if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) < 0)
+		return -errno;
+	*uid = cred.uid;
+	*gid = cred.gid;
+	*pid = (uint32_t)cred.pid;
+	return 0;
+}
+
+int capbus_kernel_adopt(struct cb_kernel *kernel, int fd, int64_t uid, int64_t gid, int64_t pid)
+{
+	uint32_t peer_uid = (uint32_t)uid, peer_gid = (uint32_t)gid, peer_pid = (uint32_t)pid;
+	int type = 0, error = 0;
+	socklen_t len = sizeof(type);
+
+	if (getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &len) < 0 || type != SOCK_SEQPACKET) {
+		close(fd);
+		return -EPROTOTYPE;
+	}
+	if (uid < 0 || gid < 0 || pid < 0) {
+		int r = read_creds(fd, &peer_uid, &peer_gid, &peer_pid);
+		if (r < 0) {
+			close(fd);
+			return r;
+		}
+	}
+	pthread_mutex_lock(&kernel->lock);
+	struct cb_peer *peer = cb_peer_new(kernel, fd, peer_uid, peer_gid, peer_pid, &error);
+	pthread_mutex_unlock(&kernel->lock);
+	return peer ? 0 : -error;
+}
+
+int capbus_kernel_grant_monitor(struct cb_kernel *kernel, const uint8_t *peer_key)
+{
+	int r = 0;
+	pthread_mutex_lock(&kernel->lock);
+	struct cb_peer *peer = cb_peer_by_key(kernel, peer_key);
+	if (!peer)
+		r = -ESRCH;
+	else if (!peer->monitor) {
+		peer->monitor = true;
+		kernel->n_monitors++;
+	}
+	pthread_mutex_unlock(&kernel->lock);
+	return r;
+}
+
+void capbus_kernel_stats(struct cb_kernel *kernel, struct capbus_stats *out)
+{
+	pthread_mutex_lock(&kernel->lock);
+	*out = kernel->stats;
+	out->seq = kernel->seq;
+	uint64_t memory = kernel->stats.peers * sizeof(struct cb_peer) +
+			  kernel->stats.nodes * sizeof(struct cb_node) +
+			  kernel->stats.handles * sizeof(struct cb_handle) + kernel->stats.queued_bytes;
+	struct cb_link *link;
+	for (link = kernel->peers.next; link != &kernel->peers; link = link->next) {
+		struct cb_peer *peer = cb_container_of(link, struct cb_peer, kernel_link);
+		memory += cb_map_bytes(&peer->handles_by_id) + cb_map_bytes(&peer->handles_by_node);
+		memory += peer->queue.n_entries * sizeof(struct cb_qentry);
+	}
+	memory += cb_map_bytes(&kernel->peers_by_key) + cb_map_bytes(&kernel->users);
+	out->memory_bytes = memory;
+	pthread_mutex_unlock(&kernel->lock);
+}
+
+void cb_kernel_settle(struct cb_kernel *kernel)
+{
+	while (!cb_list_empty(&kernel->dirty) || !cb_list_empty(&kernel->doomed)) {
+		while (!cb_list_empty(&kernel->dirty)) {
+			struct cb_peer *peer = cb_list_first(&kernel->dirty, struct cb_peer, dirty_link);
+			cb_list_del(&peer->dirty_link);
+			if (cb_queue_flush(peer) < 0)
+				cb_peer_doom(peer);
+			cb_peer_update_events(peer);
+		}
+		if (!cb_list_empty(&kernel->doomed)) {
+			struct cb_peer *peer = cb_list_first(&kernel->doomed, struct cb_peer, doomed_link);
+			cb_peer_disconnect(peer);
+		}
+	}
+}
+
+static void read_peer(struct cb_peer *peer, uint32_t events)
+{
+	struct cb_kernel *kernel = peer->kernel;
+	union {
+		struct cmsghdr align;
+		char buffer[CMSG_SPACE(sizeof(int) * CAPBUS_FDS_MAX) + CMSG_SPACE(sizeof(struct ucred))];
+	} control;
+
+	/* A peer that hung up is read to the end at once: everything it sent before it went
+	 * away is carried out (no budget, no reply backlog: it reads nothing any more). */
+	bool hangup = (events & (EPOLLHUP | EPOLLRDHUP)) != 0;
+
+	for (int budget = 0; (hangup || budget < READ_BUDGET) && !peer->doomed; budget++) {
+		if (!hangup && peer->queue.reply_bytes > CAPBUS_REPLY_BACKLOG_MAX)
+			break; /* it does not read its replies: stop reading its commands */
+		struct iovec iov = { kernel->rx_buffer, CAPBUS_FRAME_MAX + 1 };
+		struct msghdr msg = {
+			.msg_iov = &iov,
+			.msg_iovlen = 1,
+			.msg_control = control.buffer,
+			.msg_controllen = sizeof(control.buffer),
+		};
+		ssize_t n = recvmsg(peer->fd, &msg, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
+		if (n < 0) {
+			if (errno == EINTR)
+				continue;
+			if (errno != EAGAIN && errno != EWOULDBLOCK)
+				cb_peer_doom(peer);
+			return;
+		}
+		int fds[CAPBUS_FDS_MAX];
+		uint32_t n_fds = 0;
+		struct cb_creds creds = { peer->uid, peer->gid, peer->pid };
+		for (struct cmsghdr *cmsg = CMSG_FIRSTHDR(&msg); cmsg; cmsg = CMSG_NXTHDR(&msg, cmsg)) {
+			if (cmsg->cmsg_level != SOL_SOCKET)
+				continue;
+			if (cmsg->cmsg_type == SCM_RIGHTS) {
+				size_t count = (cmsg->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+				for (size_t i = 0; i < count; i++) {
+					int fd;
+					memcpy(&fd, CMSG_DATA(cmsg) + i * sizeof(int), sizeof(int));
+					if (n_fds < CAPBUS_FDS_MAX)
+						fds[n_fds++] = fd;
+					else
+						close(fd);
+				}
+			} else if (cmsg->cmsg_type == SCM_CREDENTIALS) {
+				struct ucred cred;
+				memcpy(&cred, CMSG_DATA(cmsg), sizeof(cred));
+				creds = (struct cb_creds){ cred.uid, cred.gid, (uint32_t)cred.pid };
+			}
+		}
+		if (n == 0 && n_fds == 0 && hangup) {
+			/* End of file (an empty datagram cannot be told apart; a live peer that
+			 * sends one is answered as malformed below). */
+			cb_peer_doom(peer);
+			return;
+		}
+		size_t size = (msg.msg_flags & MSG_TRUNC) ? CAPBUS_FRAME_MAX + 1 : (size_t)n;
+		cb_command_dispatch(peer, kernel->rx_buffer, size, fds, n_fds, &creds,
+				    (msg.msg_flags & MSG_CTRUNC) != 0);
+	}
+}
+
+static void accept_peers(struct cb_kernel *kernel)
+{
+	for (;;) {
+		int fd = accept4(kernel->listen_fd, NULL, NULL, SOCK_CLOEXEC | SOCK_NONBLOCK);
+		if (fd < 0)
+			return;
+		uint32_t uid = 0, gid = 0, pid = 0;
+		int error;
+		if (read_creds(fd, &uid, &gid, &pid) < 0) {
+			close(fd);
+			continue;
+		}
+		cb_peer_new(kernel, fd, uid, gid, pid, &error);
+	}
+}
+
+int capbus_kernel_run(struct cb_kernel *kernel)
+{
+	struct epoll_event events[EVENT_BATCH];
+
+	pthread_mutex_lock(&kernel->lock);
+	if (kernel->running) {
+		pthread_mutex_unlock(&kernel->lock);
+		return -EBUSY;
+	}
+	kernel->running = true;
+	while (!kernel->stopping) {
+		pthread_mutex_unlock(&kernel->lock);
+		int n = epoll_wait(kernel->epoll_fd, events, EVENT_BATCH, -1);
+		pthread_mutex_lock(&kernel->lock);
+		if (n < 0) {
+			if (errno == EINTR)
+				continue;
+			break;
+		}
+		for (int i = 0; i < n; i++) {
+			void *ptr = events[i].data.ptr;
+			if (ptr == NULL) {
+				uint64_t value;
+				if (read(kernel->wake_fd, &value, sizeof(value)) < 0) {
+					/* nothing to do: the counter was already drained */
+				}
+			} else if (ptr == &listen_marker) {
+				accept_peers(kernel);
+			} else {
+				struct cb_peer *peer = ptr;
+				if (peer->fd < 0 || peer->doomed)
+					continue;
+				if (events[i].events & EPOLLOUT)
+					cb_peer_dirty(peer);
+				if (events[i].events & (EPOLLIN | EPOLLHUP | EPOLLRDHUP | EPOLLERR))
+					read_peer(peer, events[i].events);
+			}
+		}
+		cb_kernel_settle(kernel);
+	}
+	kernel->running = false;
+	pthread_mutex_unlock(&kernel->lock);
+	return 0;
+}
+
+void capbus_kernel_stop(struct cb_kernel *kernel)
+{
+	uint64_t one = 1;
+	pthread_mutex_lock(&kernel->lock);
+	kernel->stopping = true;
+	pthread_mutex_unlock(&kernel->lock);
+	if (write(kernel->wake_fd, &one, sizeof(one)) < 0) {
+		/* the eventfd is only full if a wakeup is already pending */
+	}
+}
+
+void capbus_kernel_free(struct cb_kernel *kernel)
+{
+	if (!kernel)
+		return;
+	pthread_mutex_lock(&kernel->lock);
+	while (!cb_list_empty(&kernel->peers)) {
+		struct cb_peer *peer = cb_list_first(&kernel->peers, struct cb_peer, kernel_link);
+		cb_peer_disconnect(peer);
+		/* Notifications to peers still connected are dropped with them below. */
+	}
+	pthread_mutex_unlock(&kernel->lock);
+	if (kernel->listen_fd >= 0)
+		close(kernel->listen_fd);
+	if (kernel->wake_fd >= 0)
+		close(kernel->wake_fd);
+	if (kernel->epoll_fd >= 0)
+		close(kernel->epoll_fd);
+	for (size_t i = 0; i < kernel->users.capacity; i++)
+		if (kernel->users.slots[i].key)
+			free(kernel->users.slots[i].value);
+	cb_map_free(&kernel->users);
+	cb_map_free(&kernel->peers_by_key);
+	pthread_mutex_destroy(&kernel->lock);
+	free(kernel->rx_buffer);
+	free(kernel);
+}

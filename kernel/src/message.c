@@ -1,0 +1,263 @@
+#include "message.h"
+
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "capbus/uapi.h"
+#include "handle.h"
+#include "kernel.h"
+#include "node.h"
+#include "peer.h"
+#include "queue.h"
+#include "quota.h"
+
+struct cb_message *cb_message_new(const void *payload, uint32_t payload_size, const int *fds, uint32_t n_fds)
+{
+	struct cb_message *message = malloc(sizeof(*message) + n_fds * sizeof(int) + payload_size);
+	if (!message)
+		return NULL;
+	message->n_refs = 1;
+	message->payload_size = payload_size;
+	message->n_fds = n_fds;
+	message->fds = (int *)(message + 1);
+	message->payload = (uint8_t *)(message->fds + n_fds);
+	if (n_fds)
+		memcpy(message->fds, fds, n_fds * sizeof(int));
+	if (payload_size)
+		memcpy(message->payload, payload, payload_size);
+	return message;
+}
+
+struct cb_message *cb_message_ref(struct cb_message *message)
+{
+	message->n_refs++;
+	return message;
+}
+
+void cb_message_unref(struct cb_message *message)
+{
+	if (--message->n_refs > 0)
+		return;
+	for (uint32_t i = 0; i < message->n_fds; i++)
+		close(message->fds[i]);
+	free(message);
+}
+
+/* Unix sockets may not travel: a peer could send its own connection into its own queue and
+ * keep itself alive forever (the reason bus1 refuses them too). */
+static int check_fd(int fd)
+{
+	struct stat st;
+	if (fstat(fd, &st) < 0)
+		return EBADF;
+	if (S_ISSOCK(st.st_mode)) {
+		int domain = 0;
+		socklen_t len = sizeof(domain);
+		if (getsockopt(fd, SOL_SOCKET, SO_DOMAIN, &domain, &len) == 0 && domain == AF_UNIX)
+			return EOPNOTSUPP;
+	}
+	return 0;
+}
+
+static int compare_u64(const void *a, const void *b)
+{
+	uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+	return x < y ? -1 : x > y;
+}
+
+/* Is any id in the list twice? */
+static int has_duplicates(const uint64_t *ids, uint32_t n)
+{
+	if (n < 2)
+		return 0;
+	if (n == 2)
+		return ids[0] == ids[1];
+	uint64_t *sorted = malloc(n * sizeof(*sorted));
+	if (!sorted)
+		return -ENOMEM;
+	memcpy(sorted, ids, n * sizeof(*sorted));
+	qsort(sorted, n, sizeof(*sorted), compare_u64);
+	int dup = 0;
+	for (uint32_t i = 1; i < n && !dup; i++)
+		dup = sorted[i] == sorted[i - 1];
+	free(sorted);
+	return dup;
+}
+
+static void close_fds(int *fds, uint32_t n_fds)
+{
+	for (uint32_t i = 0; i < n_fds; i++)
+		close(fds[i]);
+}
+
+/* Checks one destination and reserves everything its delivery needs. Returns 0 or an errno;
+ * on success *entry is a queue entry charged to the receiver. */
+static int prepare(struct cb_peer *sender, struct cb_user *user, uint64_t id, struct cb_node **attached,
+		   uint32_t n_handles, const struct cb_amount *amount, struct cb_qentry **entry)
+{
+	struct cb_kernel *kernel = sender->kernel;
+	struct cb_handle *handle = cb_handle_lookup(sender, id);
+	if (!handle)
+		return ENXIO;
+	struct cb_node *node = handle->node;
+	if (node->destroyed || !node->anchor)
+		return EHOSTUNREACH;
+	struct cb_peer *receiver = node->owner;
+	if (receiver->fd < 0 || receiver->doomed)
+		return EHOSTUNREACH;
+
+	uint32_t new_handles = 0;
+	for (uint32_t i = 0; i < n_handles; i++)
+		new_handles += cb_handle_is_new(receiver, attached[i]);
+	if (receiver->handles_by_id.count + new_handles > kernel->limits.handles_held)
+		return EDQUOT;
+	if (cb_handle_reserve(receiver, new_handles) < 0)
+		return ENOMEM;
+
+	*entry = cb_qentry_new(sizeof(struct capbus_frame) + sizeof(struct capbus_message) + n_handles * 8);
+	if (!*entry)
+		return ENOMEM;
+	int r = cb_quota_charge(kernel, &receiver->quota, user, amount);
+	if (r < 0) {
+		cb_qentry_free(*entry);
+		*entry = NULL;
+		return -r;
+	}
+	(*entry)->charged_to = user;
+	(*entry)->charge = *amount;
+	return 0;
+}
+
+void cb_send(struct cb_peer *sender, uint64_t cookie, const void *body, size_t body_size, int *fds,
+	     uint32_t n_fds, const struct cb_creds *creds)
+{
+	struct cb_kernel *kernel = sender->kernel;
+	const struct capbus_cmd_send *cmd = body;
+	struct cb_node *attached[CAPBUS_HANDLES_MAX];
+	int error = 0;
+
+	if (body_size < sizeof(*cmd)) {
+		error = EINVAL;
+		goto fail;
+	}
+	if (cmd->reserved != 0 || cmd->n_destinations == 0 || cmd->n_destinations > CAPBUS_DESTINATIONS_MAX) {
+		error = EINVAL;
+		goto fail;
+	}
+	if (cmd->n_handles > CAPBUS_HANDLES_MAX || cmd->n_fds > CAPBUS_FDS_MAX || cmd->payload_size > CAPBUS_PAYLOAD_MAX) {
+		error = EMSGSIZE;
+		goto fail;
+	}
+	if (sizeof(*cmd) + 8ull * cmd->n_destinations + 8ull * cmd->n_handles + cmd->payload_size != body_size ||
+	    cmd->n_fds != n_fds) {
+		error = EINVAL;
+		goto fail;
+	}
+	const uint64_t *destinations = (const uint64_t *)(cmd + 1);
+	const uint64_t *handle_ids = destinations + cmd->n_destinations;
+	const uint8_t *payload = (const uint8_t *)(handle_ids + cmd->n_handles);
+
+	for (uint32_t i = 0; i < n_fds && !error; i++)
+		error = check_fd(fds[i]);
+	if (error)
+		goto fail;
+	for (uint32_t i = 0; i < cmd->n_handles; i++) {
+		struct cb_handle *handle = cb_handle_lookup(sender, handle_ids[i]);
+		if (!handle) {
+			error = ENXIO;
+			goto fail;
+		}
+		attached[i] = handle->node;
+	}
+	int dup = has_duplicates(destinations, cmd->n_destinations);
+	if (dup) {
+		error = dup < 0 ? ENOMEM : ENOTUNIQ;
+		goto fail;
+	}
+
+	struct cb_user *user = cb_user_get(kernel, creds->uid);
+	struct cb_message *message = user ? cb_message_new(payload, cmd->payload_size, fds, n_fds) : NULL;
+	uint32_t n = cmd->n_destinations;
+	size_t reply_size = sizeof(struct capbus_reply_send) + ((n * sizeof(int32_t) + 7) & ~(size_t)7);
+	uint8_t *reply = calloc(1, reply_size);
+	struct cb_qentry **entries = calloc(n, sizeof(*entries));
+	if (!message || !reply || !entries) {
+		if (message) {
+			message->n_fds = 0; /* the fds are still ours, closed below */
+			cb_message_unref(message);
+		}
+		free(reply);
+		free(entries);
+		if (user)
+			cb_user_put_if_unused(kernel, user);
+		error = ENOMEM;
+		goto fail;
+	}
+	/* From here the message owns the fds. */
+	struct capbus_reply_send *result = (struct capbus_reply_send *)reply;
+	int32_t *errors = (int32_t *)(result + 1);
+	struct cb_amount amount = {
+		.bytes = cmd->payload_size, .messages = 1, .handles = cmd->n_handles, .fds = n_fds,
+	};
+
+	result->n_destinations = n;
+	for (uint32_t i = 0; i < n; i++) {
+		errors[i] = prepare(sender, user, destinations[i], attached, cmd->n_handles, &amount, &entries[i]);
+		if (!errors[i])
+			result->n_delivered++;
+	}
+
+	if (result->n_delivered) {
+		/* Commit: one sequence number for every destination, nothing can fail now. */
+		uint64_t seq = cb_kernel_tick(kernel);
+		for (uint32_t i = 0; i < n; i++) {
+			struct cb_qentry *entry = entries[i];
+			if (!entry)
+				continue;
+			struct cb_handle *destination = cb_handle_lookup(sender, destinations[i]);
+			struct cb_peer *receiver = destination->node->owner;
+			struct capbus_frame *frame = (struct capbus_frame *)entry->header;
+			struct capbus_message *header = (struct capbus_message *)(frame + 1);
+			uint64_t *ids = (uint64_t *)(header + 1);
+
+			for (uint32_t j = 0; j < cmd->n_handles; j++)
+				ids[j] = cb_handle_install(receiver, attached[j]);
+			*frame = (struct capbus_frame){
+				.size = entry->header_size + cmd->payload_size,
+				.type = CAPBUS_FRAME_MESSAGE,
+			};
+			*header = (struct capbus_message){
+				.kind = CAPBUS_MSG_DATA,
+				.priority = cmd->priority,
+				.destination = destination->node->anchor->id,
+				.seq = seq,
+				.uid = creds->uid,
+				.gid = creds->gid,
+				.pid = creds->pid,
+				.n_handles = cmd->n_handles,
+				.n_fds = n_fds,
+				.payload_size = cmd->payload_size,
+			};
+			entry->seq = seq;
+			entry->message = cb_message_ref(message);
+			cb_queue_push(receiver, entry);
+		}
+		kernel->stats.messages_sent += result->n_delivered;
+		cb_monitor_observe(kernel, CAPBUS_MSG_DATA, seq, creds->uid, creds->pid, result->n_delivered,
+				   cmd->n_handles, n_fds, message);
+	}
+	cb_message_unref(message);
+	cb_user_put_if_unused(kernel, user);
+	cb_queue_reply(sender, cookie, CAPBUS_CMD_SEND, 0, reply, (uint32_t)reply_size);
+	free(reply);
+	free(entries);
+	return;
+
+fail:
+	close_fds(fds, n_fds);
+	cb_queue_reply(sender, cookie, CAPBUS_CMD_SEND, error, NULL, 0);
+}

@@ -1,0 +1,40 @@
+/*
+ * Messages: a payload and fds shared by every destination of one send, reference counted
+ * by the queue entries that carry it (struct cb_qentry). The kernel owns the fds in a
+ * message until the last entry carrying it is written or dropped; then they are closed.
+ *
+ * Send transactions (cb_send) live here too: validate, charge each destination all or
+ * nothing, stamp one sequence number, install handles and queue.
+ */
+#ifndef CB_MESSAGE_H
+#define CB_MESSAGE_H
+
+#include <stdint.h>
+#include <sys/types.h>
+
+struct cb_peer;
+
+struct cb_message {
+	uint32_t n_refs;
+	uint32_t payload_size;
+	uint32_t n_fds;
+	int *fds;
+	uint8_t *payload;
+	/* payload bytes and fds follow in the same allocation */
+};
+
+struct cb_creds {
+	uint32_t uid;
+	uint32_t gid;
+	uint32_t pid;
+};
+
+struct cb_message *cb_message_new(const void *payload, uint32_t payload_size, const int *fds, uint32_t n_fds);
+struct cb_message *cb_message_ref(struct cb_message *message);
+void cb_message_unref(struct cb_message *message);
+
+/* Handles CAPBUS_CMD_SEND. `fds` are owned by the call (closed unless queued). */
+void cb_send(struct cb_peer *sender, uint64_t cookie, const void *body, size_t body_size,
+	     int *fds, uint32_t n_fds, const struct cb_creds *creds);
+
+#endif

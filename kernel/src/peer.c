@@ -1,0 +1,218 @@
+#include "peer.h"
+
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/random.h>
+#include <sys/socket.h>
+#include <fcntl.h>
+#include <unistd.h>
+
+#include "capbus/uapi.h"
+#include "handle.h"
+#include "kernel.h"
+#include "node.h"
+
+static uint64_t key_hash(const uint8_t key[16])
+{
+	uint64_t word;
+	memcpy(&word, key, sizeof(word));
+	return word ? word : 1; /* 0 is the map's empty marker */
+}
+
+struct cb_peer *cb_peer_by_key(struct cb_kernel *kernel, const uint8_t key[16])
+{
+	struct cb_peer *peer = cb_map_get(&kernel->peers_by_key, key_hash(key));
+	if (!peer || memcmp(peer->key, key, sizeof(peer->key)) != 0 || peer->fd < 0)
+		return NULL;
+	return peer;
+}
+
+struct cb_peer *cb_peer_new(struct cb_kernel *kernel, int fd, uint32_t uid, uint32_t gid, uint32_t pid, int *error)
+{
+	struct cb_peer *peer = NULL;
+	struct cb_user *user = cb_user_get(kernel, uid);
+	int one = 1;
+
+	if (!user) {
+		*error = ENOMEM;
+		goto fail;
+	}
+	if (user->n_peers >= kernel->limits.peers_per_user) {
+		*error = EDQUOT;
+		goto fail;
+	}
+	/* SO_PASSCRED: every frame then carries its sender's credentials at send time. */
+	if (fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK) < 0 ||
+	    setsockopt(fd, SOL_SOCKET, SO_PASSCRED, &one, sizeof(one)) < 0) {
+		*error = errno;
+		goto fail;
+	}
+	peer = calloc(1, sizeof(*peer));
+	if (!peer) {
+		*error = ENOMEM;
+		goto fail;
+	}
+	peer->kernel = kernel;
+	peer->fd = fd;
+	peer->serial = ++kernel->next_peer_serial;
+	peer->uid = uid;
+	peer->gid = gid;
+	peer->pid = pid;
+	peer->user = user;
+	cb_map_init(&peer->handles_by_id);
+	cb_map_init(&peer->handles_by_node);
+	cb_queue_init(&peer->queue);
+	cb_quota_init(&peer->quota);
+	cb_list_init(&peer->dirty_link);
+	cb_list_init(&peer->doomed_link);
+	do {
+		if (getrandom(peer->key, sizeof(peer->key), 0) != sizeof(peer->key)) {
+			*error = errno ? errno : EIO;
+			goto fail;
+		}
+	} while (cb_map_get(&kernel->peers_by_key, key_hash(peer->key)));
+	if (cb_map_put(&kernel->peers_by_key, key_hash(peer->key), peer) < 0) {
+		*error = ENOMEM;
+		goto fail;
+	}
+	struct epoll_event event = { .events = EPOLLIN | EPOLLRDHUP, .data.ptr = peer };
+	if (epoll_ctl(kernel->epoll_fd, EPOLL_CTL_ADD, fd, &event) < 0) {
+		*error = errno;
+		cb_map_remove(&kernel->peers_by_key, key_hash(peer->key));
+		goto fail;
+	}
+	peer->epoll_events = EPOLLIN | EPOLLRDHUP;
+	user->n_peers++;
+	cb_list_add_tail(&kernel->peers, &peer->kernel_link);
+	kernel->stats.peers++;
+	return peer;
+
+fail:
+	free(peer);
+	if (user)
+		cb_user_put_if_unused(kernel, user);
+	close(fd);
+	return NULL;
+}
+
+void cb_peer_dirty(struct cb_peer *peer)
+{
+	if (!cb_link_linked(&peer->dirty_link))
+		cb_list_add_tail(&peer->kernel->dirty, &peer->dirty_link);
+}
+
+void cb_peer_doom(struct cb_peer *peer)
+{
+	if (peer->doomed)
+		return;
+	peer->doomed = true;
+	cb_list_add_tail(&peer->kernel->doomed, &peer->doomed_link);
+	cb_peer_update_events(peer);
+}
+
+void cb_peer_update_events(struct cb_peer *peer)
+{
+	uint32_t events = 0;
+	if (peer->fd < 0)
+		return;
+	if (!peer->doomed && peer->queue.reply_bytes <= CAPBUS_REPLY_BACKLOG_MAX)
+		events |= EPOLLIN | EPOLLRDHUP;
+	if (!cb_list_empty(&peer->queue.entries) || !cb_list_empty(&peer->queue.replies))
+		events |= EPOLLOUT;
+	if (events == peer->epoll_events)
+		return;
+	struct epoll_event event = { .events = events, .data.ptr = peer };
+	if (epoll_ctl(peer->kernel->epoll_fd, EPOLL_CTL_MOD, peer->fd, &event) == 0)
+		peer->epoll_events = events;
+}
+
+void cb_seed_free(struct cb_peer *peer, struct cb_seed *seed)
+{
+	if (!seed)
+		return;
+	for (uint32_t i = 0; i < seed->n_handles; i++) {
+		struct cb_handle *handle = cb_handle_lookup(peer, seed->handles[i]);
+		if (handle)
+			cb_handle_release(handle);
+	}
+	free(seed);
+}
+
+/* Collects the handles of a map, so that they can be released while the map changes. */
+static struct cb_handle **collect_handles(struct cb_peer *peer, size_t *n)
+{
+	struct cb_map *map = &peer->handles_by_id;
+	struct cb_handle **handles = malloc((map->count + 1) * sizeof(*handles));
+	*n = 0;
+	if (!handles)
+		return NULL;
+	for (size_t i = 0; i < map->capacity; i++)
+		if (map->slots[i].key)
+			handles[(*n)++] = map->slots[i].value;
+	return handles;
+}
+
+void cb_peer_disconnect(struct cb_peer *peer)
+{
+	struct cb_kernel *kernel = peer->kernel;
+	size_t n = 0;
+
+	if (peer->fd < 0)
+		return;
+	epoll_ctl(kernel->epoll_fd, EPOLL_CTL_DEL, peer->fd, NULL);
+	close(peer->fd);
+	peer->fd = -1; /* from here nothing is queued to this peer */
+	cb_map_remove(&kernel->peers_by_key, key_hash(peer->key));
+	cb_list_del(&peer->dirty_link);
+	cb_list_del(&peer->doomed_link);
+	cb_queue_drop(peer);
+	cb_seed_free(peer, peer->seed);
+	peer->seed = NULL;
+	if (peer->monitor) {
+		peer->monitor = false;
+		kernel->n_monitors--;
+	}
+
+	struct cb_handle **handles = collect_handles(peer, &n);
+	if (handles) {
+		/* Every live node goes in one transaction, as one destroy command would. */
+		size_t n_live = 0;
+		struct cb_handle **live = malloc((n + 1) * sizeof(*live));
+		for (size_t i = 0; live && i < n; i++)
+			if (handles[i]->node->anchor == handles[i] && !handles[i]->node->destroyed)
+				live[n_live++] = handles[i];
+		if (live)
+			cb_nodes_destroy(live, (uint32_t)n_live, 0);
+		free(live);
+		for (size_t i = 0; i < n; i++)
+			if (!live && handles[i]->node->anchor == handles[i] && !handles[i]->node->destroyed)
+				cb_nodes_destroy(&handles[i], 1, 0);
+		for (size_t i = 0; i < n; i++)
+			cb_handle_release_all(handles[i]);
+		free(handles);
+	} else {
+		/* Out of memory for the list: release one at a time (slower, same result). */
+		while (peer->handles_by_id.count) {
+			struct cb_map *map = &peer->handles_by_id;
+			for (size_t i = 0; i < map->capacity; i++) {
+				struct cb_handle *handle = map->slots[i].value;
+				if (!map->slots[i].key)
+					continue;
+				if (handle->node->anchor == handle && !handle->node->destroyed)
+					cb_nodes_destroy(&handle, 1, 0);
+				cb_handle_release_all(handle);
+				break;
+			}
+		}
+	}
+	cb_map_free(&peer->handles_by_id);
+	cb_map_free(&peer->handles_by_node);
+	cb_quota_free(&peer->quota);
+	cb_list_del(&peer->kernel_link);
+	peer->user->n_peers--;
+	cb_user_put_if_unused(kernel, peer->user);
+	kernel->stats.peers--;
+	free(peer);
+}

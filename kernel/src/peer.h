@@ -1,0 +1,70 @@
+/*
+ * Peers: one connection to the kernel each. A peer owns nodes, holds handles, has one
+ * outbound queue and one receiving quota. It has no address: nothing in the wire format
+ * names a peer, except the secret key a connection can read about itself (used to prove
+ * that one process holds two peers, for CAPBUS_CMD_HANDLE_TRANSFER).
+ *
+ * Lifetime: created by the kernel when a connection appears (adopted socketpair end,
+ * accepted connection, or CAPBUS_CMD_PEER_CREATE), freed by cb_peer_disconnect when the
+ * connection ends (EOF, error, CAPBUS_CMD_DISCONNECT, a hostile peer, or kernel stop).
+ * Disconnecting destroys its live nodes in one transaction, releases its handles and drops
+ * its queue; what it sent before stays queued at the receivers.
+ */
+#ifndef CB_PEER_H
+#define CB_PEER_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "list.h"
+#include "map.h"
+#include "queue.h"
+#include "quota.h"
+
+struct cb_kernel;
+struct cb_handle;
+
+struct cb_seed {
+	uint32_t n_handles;
+	uint32_t payload_size;
+	uint64_t *handles; /* ids in this peer, each holding one user reference */
+	uint8_t *payload;
+};
+
+struct cb_peer {
+	struct cb_kernel *kernel;
+	int fd;
+	uint64_t serial;
+	uint8_t key[16];
+	uint32_t uid, gid, pid;     /* whom this peer belongs to (its creator) */
+	struct cb_user *user;
+	uint64_t next_handle;       /* id counter, never decreases */
+	struct cb_map handles_by_id;
+	struct cb_map handles_by_node;
+	uint32_t n_owned;           /* live nodes owned */
+	struct cb_queue queue;
+	struct cb_quota quota;
+	struct cb_seed *seed;
+	uint32_t violations;
+	uint32_t epoll_events;      /* what the kernel currently polls this peer's fd for */
+	bool monitor;               /* receives copies of all traffic (monitor.c) */
+	uint64_t monitor_dropped;   /* monitor records lost to a full queue */
+	bool doomed;                /* disconnect at the next safe point */
+	struct cb_link kernel_link; /* kernel->peers */
+	struct cb_link dirty_link;  /* kernel->dirty while frames wait to be flushed */
+	struct cb_link doomed_link; /* kernel->doomed */
+};
+
+/* Takes ownership of `fd` (closed on failure). Returns the peer or NULL with *error set. */
+struct cb_peer *cb_peer_new(struct cb_kernel *kernel, int fd, uint32_t uid, uint32_t gid, uint32_t pid, int *error);
+void cb_peer_disconnect(struct cb_peer *peer);
+/* Marks the peer to be disconnected once the current command is done. */
+void cb_peer_doom(struct cb_peer *peer);
+/* Marks that `peer` has frames to flush. */
+void cb_peer_dirty(struct cb_peer *peer);
+/* Re-arms epoll for what the peer currently needs. */
+void cb_peer_update_events(struct cb_peer *peer);
+struct cb_peer *cb_peer_by_key(struct cb_kernel *kernel, const uint8_t key[16]);
+void cb_seed_free(struct cb_peer *peer, struct cb_seed *seed);
+
+#endif

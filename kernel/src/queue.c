@@ -1,0 +1,199 @@
+#include "queue.h"
+
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include "capbus/uapi.h"
+#include "kernel.h"
+#include "message.h"
+#include "peer.h"
+
+void cb_queue_init(struct cb_queue *queue)
+{
+	cb_list_init(&queue->replies);
+	cb_list_init(&queue->entries);
+	queue->n_entries = 0;
+	queue->reply_bytes = 0;
+}
+
+struct cb_qentry *cb_qentry_new(uint32_t header_size)
+{
+	size_t words = (header_size + 7) / 8;
+	struct cb_qentry *entry = malloc(sizeof(*entry) + words * 8);
+	if (!entry)
+		return NULL;
+	cb_list_init(&entry->link);
+	entry->message = NULL;
+	entry->charged_to = NULL;
+	entry->charge = (struct cb_amount){ 0 };
+	entry->seq = 0;
+	entry->passed_fd = -1;
+	entry->is_reply = false;
+	entry->header_size = header_size;
+	return entry;
+}
+
+void cb_qentry_free(struct cb_qentry *entry)
+{
+	if (entry->message)
+		cb_message_unref(entry->message);
+	if (entry->passed_fd >= 0)
+		close(entry->passed_fd);
+	free(entry);
+}
+
+static void entry_release(struct cb_peer *peer, struct cb_qentry *entry)
+{
+	if (entry->charged_to)
+		cb_quota_uncharge(peer->kernel, &peer->quota, entry->charged_to, &entry->charge);
+	cb_qentry_free(entry);
+}
+
+static struct capbus_message *message_header(struct cb_qentry *entry)
+{
+	return (struct capbus_message *)((uint8_t *)entry->header + sizeof(struct capbus_frame));
+}
+
+void cb_queue_push(struct cb_peer *peer, struct cb_qentry *entry)
+{
+	if (peer->fd < 0) {
+		/* The receiver is going away: nothing can be delivered to it any more. */
+		entry_release(peer, entry);
+		return;
+	}
+	if (!entry->is_reply && entry->seq != 0) {
+		struct cb_qentry *tail = cb_list_last(&peer->queue.entries, struct cb_qentry, link);
+		if (tail && !tail->is_reply && tail->seq == entry->seq)
+			message_header(tail)->flags |= CAPBUS_MSG_FLAG_CONTINUE;
+	}
+	if (entry->is_reply) {
+		cb_list_add_tail(&peer->queue.replies, &entry->link);
+		peer->queue.reply_bytes += entry->header_size;
+	} else {
+		cb_list_add_tail(&peer->queue.entries, &entry->link);
+		peer->queue.n_entries++;
+	}
+	cb_peer_dirty(peer);
+}
+
+int cb_queue_flush(struct cb_peer *peer)
+{
+	struct cb_queue *queue = &peer->queue;
+	union {
+		struct cmsghdr align;
+		char buffer[CMSG_SPACE(sizeof(int) * CAPBUS_FDS_MAX)];
+	} control;
+
+	for (;;) {
+		struct cb_qentry *entry = cb_list_first(&queue->replies, struct cb_qentry, link);
+		if (!entry)
+			entry = cb_list_first(&queue->entries, struct cb_qentry, link);
+		if (!entry)
+			return 0;
+		struct iovec iov[2] = { { entry->header, entry->header_size } };
+		struct msghdr msg = { .msg_iov = iov, .msg_iovlen = 1 };
+		const int *fds = NULL;
+		uint32_t n_fds = 0;
+
+		if (entry->message && entry->message->payload_size) {
+			iov[1].iov_base = entry->message->payload;
+			iov[1].iov_len = entry->message->payload_size;
+			msg.msg_iovlen = 2;
+		}
+		if (entry->message && entry->message->n_fds) {
+			fds = entry->message->fds;
+			n_fds = entry->message->n_fds;
+		} else if (entry->passed_fd >= 0) {
+			fds = &entry->passed_fd;
+			n_fds = 1;
+		}
+		if (n_fds) {
+			msg.msg_control = control.buffer;
+			msg.msg_controllen = CMSG_SPACE(sizeof(int) * n_fds);
+			struct cmsghdr *cmsg = CMSG_FIRSTHDR(&msg);
+			cmsg->cmsg_level = SOL_SOCKET;
+			cmsg->cmsg_type = SCM_RIGHTS;
+			cmsg->cmsg_len = CMSG_LEN(sizeof(int) * n_fds);
+			memcpy(CMSG_DATA(cmsg), fds, sizeof(int) * n_fds);
+		}
+		ssize_t r = sendmsg(peer->fd, &msg, MSG_DONTWAIT | MSG_NOSIGNAL);
+		if (r < 0) {
+			if (errno == EINTR)
+				continue;
+			if (errno == EAGAIN || errno == EWOULDBLOCK)
+				return 0;
+			return -errno;
+		}
+		cb_list_del(&entry->link);
+		if (entry->is_reply) {
+			queue->reply_bytes -= entry->header_size;
+		} else {
+			queue->n_entries--;
+			if (entry->message)
+				peer->kernel->stats.messages_written++;
+		}
+		entry_release(peer, entry);
+	}
+}
+
+void cb_queue_drop(struct cb_peer *peer)
+{
+	struct cb_queue *queue = &peer->queue;
+	struct cb_link *lists[] = { &queue->replies, &queue->entries };
+	for (size_t i = 0; i < 2; i++) {
+		while (!cb_list_empty(lists[i])) {
+			struct cb_qentry *entry = cb_list_first(lists[i], struct cb_qentry, link);
+			cb_list_del(&entry->link);
+			entry_release(peer, entry);
+		}
+	}
+	queue->n_entries = 0;
+	queue->reply_bytes = 0;
+}
+
+int cb_queue_notify(struct cb_peer *peer, uint16_t kind, uint64_t destination, uint64_t seq)
+{
+	if (peer->fd < 0)
+		return 0;
+	uint32_t size = sizeof(struct capbus_frame) + sizeof(struct capbus_message);
+	struct cb_qentry *entry = cb_qentry_new(size);
+	if (!entry) {
+		/* A notification must not vanish: a peer that cannot be told is disconnected. */
+		cb_peer_doom(peer);
+		return -ENOMEM;
+	}
+	struct capbus_frame *frame = (struct capbus_frame *)entry->header;
+	*frame = (struct capbus_frame){ .size = size, .type = CAPBUS_FRAME_MESSAGE };
+	*message_header(entry) = (struct capbus_message){
+		.kind = kind,
+		.destination = destination,
+		.seq = seq,
+		.uid = UINT32_MAX,
+		.gid = UINT32_MAX,
+	};
+	entry->seq = seq;
+	cb_queue_push(peer, entry);
+	return 0;
+}
+
+void cb_queue_reply(struct cb_peer *peer, uint64_t cookie, uint16_t command, int error, const void *body,
+		    uint32_t body_size)
+{
+	uint32_t size = sizeof(struct capbus_frame) + sizeof(struct capbus_reply) + body_size;
+	struct cb_qentry *entry = cb_qentry_new(size);
+	if (!entry) {
+		cb_peer_doom(peer);
+		return;
+	}
+	struct capbus_frame *frame = (struct capbus_frame *)entry->header;
+	*frame = (struct capbus_frame){ .size = size, .type = CAPBUS_FRAME_REPLY, .cookie = cookie };
+	struct capbus_reply *reply = (struct capbus_reply *)(frame + 1);
+	*reply = (struct capbus_reply){ .error = error, .command = command };
+	if (body_size)
+		memcpy(reply + 1, body, body_size);
+	entry->is_reply = true;
+	cb_queue_push(peer, entry);
+}

@@ -1,0 +1,67 @@
+/*
+ * Queues: each peer's outbound frames, in the order the kernel committed them.
+ *
+ * Global order (DESIGN.md 2.1, rule 8): the kernel is one thread, so every transaction
+ * (a send to any number of destinations, a destroy of any number of nodes, a release) is
+ * committed at one instant and stamped with the next value of a kernel-wide sequence; its
+ * entries are appended to each receiver's FIFO queue before the next transaction starts.
+ * Every queue is thus sorted by sequence, which gives any two receivers the same relative
+ * order for messages they both get, and orders anything sent after a receive after it.
+ * Replies go first: a peer waiting for the answer to a command must not have to drain a
+ * flood of messages before it (replies are not messages; rule 8 orders messages and
+ * notifications, and their order is untouched). A reply still follows whatever already
+ * sits in the socket.
+ *
+ * Frames are written to the peer's non-blocking socket as soon as it takes them; what it
+ * does not take stays here (charged to quotas) and the kernel never waits for a reader.
+ */
+#ifndef CB_QUEUE_H
+#define CB_QUEUE_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "list.h"
+#include "quota.h"
+
+struct cb_message;
+struct cb_peer;
+struct cb_user;
+
+struct cb_qentry {
+	struct cb_link link;
+	struct cb_message *message;  /* payload and fds, or NULL */
+	struct cb_user *charged_to;  /* sending user charged on the receiver, or NULL */
+	struct cb_amount charge;
+	uint64_t seq;
+	int passed_fd;               /* an fd to pass and then close (PEER_CREATE), or -1 */
+	bool is_reply;
+	uint32_t header_size;
+	uint64_t header[];           /* capbus_frame + body, 8-byte aligned */
+};
+
+struct cb_queue {
+	struct cb_link replies;
+	struct cb_link entries;
+	size_t n_entries;
+	size_t reply_bytes;
+};
+
+void cb_queue_init(struct cb_queue *queue);
+/* Allocates an entry with `header_size` bytes of header. */
+struct cb_qentry *cb_qentry_new(uint32_t header_size);
+void cb_qentry_free(struct cb_qentry *entry);
+void cb_queue_push(struct cb_peer *peer, struct cb_qentry *entry);
+/* Writes what the socket takes. Returns 0, or -errno if the peer's socket is broken. */
+int cb_queue_flush(struct cb_peer *peer);
+/* Drops everything queued (disconnect), returning charges and closing fds. */
+void cb_queue_drop(struct cb_peer *peer);
+
+/* Queues a notification of `kind` about the receiver's id `destination`. */
+int cb_queue_notify(struct cb_peer *peer, uint16_t kind, uint64_t destination, uint64_t seq);
+/* Queues the reply to a command. */
+void cb_queue_reply(struct cb_peer *peer, uint64_t cookie, uint16_t command, int error,
+		    const void *body, uint32_t body_size);
+
+#endif
