@@ -148,6 +148,46 @@ class Message:
             os.close(self.fds.pop())
 
 
+@dataclass(frozen=True, slots=True)
+class MonitorRecord:
+    """What a monitor saw: one send or destroy (see kernel/src/monitor.c)."""
+
+    event: MessageKind
+    seq: int
+    uid: int
+    pid: int
+    n_destinations: int
+    n_handles: int
+    n_fds: int
+    payload_size: int
+    payload: bytes
+    """The observed payload, cut short to the kernel's monitor copy limit."""
+    dropped: int
+    """Records this monitor lost so far because it did not keep up."""
+
+
+def decode_monitor_record(message: Message) -> MonitorRecord:
+    """Parses a MONITOR message's payload."""
+    if message.kind is not MessageKind.MONITOR:
+        raise ValueError(f"not a monitor message: {message.kind}")
+    view = message.payload_view
+    event, n_dest, payload_size, seq, uid, pid, n_handles, n_fds, dropped = _wire.MONITOR_RECORD.unpack_from(
+        view
+    )
+    return MonitorRecord(
+        MessageKind(event),
+        seq,
+        uid,
+        pid,
+        n_dest,
+        n_handles,
+        n_fds,
+        payload_size,
+        bytes(view[_wire.MONITOR_RECORD.size :]),
+        dropped,
+    )
+
+
 def _parse_fds(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
     fds: list[int] = []
     for level, kind, data in ancdata:

@@ -1,0 +1,322 @@
+"""DESIGN.md 2.1 rules 7, 9-11 and 13-16: sends, queues, disconnects, quotas, bootstrap,
+metadata, priority and monitors, all with real peers over real sockets."""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+
+import pytest
+import trio
+
+import capbus
+from capbus.testing import PeerFactory, assert_queue_empty, recv_kind
+
+DATA = capbus.MessageKind.DATA
+DESTROYED = capbus.MessageKind.NODE_DESTROYED
+RELEASED = capbus.MessageKind.NODE_RELEASED
+
+
+async def test_rule7_multicast_reports_per_destination(new_peer: PeerFactory) -> None:
+    sender = await new_peer()
+    receivers = [await new_peer() for _ in range(3)]
+    nodes = [await r.create_node() for r in receivers]
+    targets = [await r.transfer(n, sender) for r, n in zip(receivers, nodes, strict=True)]
+    attached_owner = await new_peer()
+    attached = await attached_owner.create_node()
+    attached_in_sender = await attached_owner.transfer(attached, sender)
+    await receivers[1].destroy(nodes[1])
+
+    results = await sender.send(targets, b"to all", handles=[attached_in_sender])
+    assert results[0] is None and results[2] is None
+    assert isinstance(results[1], capbus.NodeDestroyed)
+    assert results[1].errno == errno.EHOSTUNREACH
+    got0 = await recv_kind(receivers[0], DATA)
+    assert (await receivers[1].recv()).kind is DESTROYED  # its own destroy, and nothing else
+    got2 = await recv_kind(receivers[2], DATA)
+    assert got0.payload == got2.payload == b"to all"
+    assert got0.seq == got2.seq
+    # Each receiver got its own handle to the attached node: usable in its own peer.
+    for receiver, got in ((receivers[0], got0), (receivers[2], got2)):
+        assert got.handles[0].peer is receiver
+        await receiver.send(got.handles[0], b"back")
+        assert (await recv_kind(attached_owner, DATA)).payload == b"back"
+    assert_queue_empty(receivers[1])
+
+
+async def test_rule7_bad_attachment_fails_whole_send(new_peer: PeerFactory) -> None:
+    sender = await new_peer()
+    receiver = await new_peer()
+    node = await receiver.create_node()
+    target = await receiver.transfer(node, sender)
+    with pytest.raises(capbus.NoSuchHandle):
+        await sender.send([target], b"x", handles=[0x7777_0009])
+    with pytest.raises(capbus.DuplicateId):
+        await sender.send([target, target], b"x")
+    results = await sender.send([target, 0x4242_000B], b"ok")
+    assert results[0] is None and isinstance(results[1], capbus.NoSuchHandle)
+    assert (await recv_kind(receiver, DATA)).payload == b"ok"
+    assert_queue_empty(receiver)
+
+
+async def test_rule7_fds_are_duplicated_to_each_receiver(new_peer: PeerFactory) -> None:
+    sender = await new_peer()
+    receivers = [await new_peer() for _ in range(2)]
+    targets = []
+    for r in receivers:
+        targets.append(await r.transfer(await r.create_node(), sender))
+    read_end, write_end = os.pipe()
+    try:
+        await sender.send(targets, b"pipe", fds=[read_end])
+        os.write(write_end, b"ab")
+        first = await recv_kind(receivers[0], DATA)
+        second = await recv_kind(receivers[1], DATA)
+        assert len(first.fds) == len(second.fds) == 1
+        assert first.fds[0] != read_end
+        assert os.read(first.fds[0], 1) == b"a"
+        assert os.read(second.fds[0], 1) == b"b"  # the same pipe, through another descriptor
+        first.close_fds()
+        second.close_fds()
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+
+
+async def test_rule9_one_queue_many_nodes_with_metadata(new_peer: PeerFactory) -> None:
+    owner = await new_peer()
+    sender = await new_peer()
+    nodes = [await owner.create_node() for _ in range(3)]
+    handles = [await owner.transfer(n, sender) for n in nodes]
+    for i in (2, 0, 1):
+        await sender.send(handles[i], f"to {i}".encode())
+    got = [await recv_kind(owner, DATA) for _ in range(3)]
+    assert [m.destination for m in got] == [nodes[2], nodes[0], nodes[1]]
+    assert [m.payload for m in got] == [b"to 2", b"to 0", b"to 1"]
+    for m in got:
+        assert m.sender == capbus.Credentials(os.getuid(), os.getgid(), os.getpid())
+
+
+async def test_rule10_disconnect_keeps_what_was_sent_and_notifies(
+    kernel: capbus.Kernel, new_peer: PeerFactory
+) -> None:
+    leaving = await kernel.connect()
+    staying = await new_peer()
+    inbox = await staying.create_node()
+    inbox_in_leaving = await staying.transfer(inbox, leaving)
+    leaving_node = await leaving.create_node()
+    leaving_node_held = await leaving.transfer(leaving_node, staying)
+    staying_node = await staying.create_node()
+    await staying.transfer(staying_node, leaving)
+
+    for i in range(5):
+        await leaving.send(inbox_in_leaving, b"%d" % i)
+    await leaving.aclose()
+    # Everything it sent arrives, then its node's destruction, then our nodes' release.
+    for i in range(5):
+        assert (await recv_kind(staying, DATA)).payload == b"%d" % i
+    assert (await recv_kind(staying, DESTROYED)).destination == leaving_node_held
+    released = {(await recv_kind(staying, RELEASED)).destination for _ in range(2)}
+    assert released == {inbox, staying_node}
+    with pytest.raises(capbus.NodeDestroyed):
+        await staying.send(leaving_node_held, b"gone")
+    with pytest.raises(trio.ClosedResourceError):
+        await leaving.create_node()
+
+
+async def test_rule10_kernel_stop_disconnects_peers() -> None:
+    async with capbus.open_kernel() as kernel:
+        peer = await kernel.connect()
+    with pytest.raises(capbus.Disconnected) as info:
+        with trio.fail_after(5):
+            await peer.recv()
+    assert info.value.errno == errno.ESHUTDOWN
+    await peer.aclose()
+
+
+async def test_rule11_quota_fails_send_and_keeps_queue() -> None:
+    limits = capbus.Limits(peer_messages=8)
+    async with capbus.open_kernel(limits=limits) as kernel:
+        async with await kernel.connect() as receiver, await kernel.connect() as sender:
+            node = await receiver.create_node()
+            target = await receiver.transfer(node, sender)
+            accepted = 0
+            with pytest.raises(capbus.QuotaExceeded) as info:
+                for i in range(1000):
+                    await sender.send(target, b"%d" % i)
+                    accepted += 1
+            assert info.value.errno == errno.EDQUOT
+            # Fair share: one user takes at most half of the free messages (plus what the
+            # socket buffer took off the kernel's queue).
+            assert accepted >= 4
+            for i in range(accepted):
+                assert (await recv_kind(receiver, DATA)).payload == b"%d" % i
+            assert_queue_empty(receiver)
+            # Reading freed the quota.
+            await sender.send(target, b"again")
+            assert (await receiver.recv()).payload == b"again"
+
+
+async def test_rule13_seeded_peer_starts_with_its_capabilities(new_peer: PeerFactory) -> None:
+    parent = await new_peer()
+    service = await parent.create_node()
+    sock = await parent.create_peer(b"config", handles=[service])
+    async with capbus.Peer.from_socket(sock) as child:
+        seed = await child.take_seed()
+        assert seed.payload == b"config"
+        (handle,) = seed.handles
+        assert not handle.is_owner
+        with pytest.raises(capbus.NoSeed):
+            await child.take_seed()
+        await child.send(handle, b"hello parent")
+        assert (await recv_kind(parent, DATA)).payload == b"hello parent"
+        # The seed's reference passed to the child: releasing it releases the node.
+        await child.release(handle)
+        assert (await recv_kind(parent, RELEASED)).destination == service
+
+
+async def test_rule13_seed_replace(new_peer: PeerFactory) -> None:
+    peer = await new_peer()
+    one = await peer.create_node()
+    two = await peer.create_node()
+    await peer.set_seed(b"first", handles=[one])
+    assert (await peer.handle_state(one)).references == 2
+    await peer.set_seed(b"second", handles=[two])
+    assert (await peer.handle_state(one)).references == 1  # the old seed let go
+    seed = await peer.take_seed()
+    assert seed.payload == b"second" and seed.handles == (two,)
+
+
+async def test_rule13_seed_into_child_process(new_peer: PeerFactory) -> None:
+    parent = await new_peer()
+    service = await parent.create_node()
+    sock = await parent.create_peer(b"ping", handles=[service])
+    code = (
+        "import sys, trio, capbus\n"
+        "async def main():\n"
+        "    async with capbus.Peer.from_socket(int(sys.argv[1])) as p:\n"
+        "        seed = await p.take_seed()\n"
+        "        await p.send(seed.handles[0], seed.payload + b' from child')\n"
+        "trio.run(main)\n"
+    )
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(
+            lambda: trio.run_process(
+                [os.sys.executable, "-c", code, str(sock.fileno())], pass_fds=[sock.fileno()]
+            )
+        )
+        with trio.fail_after(30):
+            message = await recv_kind(parent, DATA)
+    sock.close()
+    assert message.payload == b"ping from child"
+    assert message.sender is not None and message.sender.pid != os.getpid()
+
+
+async def test_rule14_metadata_is_the_real_sender(new_peer: PeerFactory) -> None:
+    receiver = await new_peer()
+    node = await receiver.create_node()
+    sock = await receiver.create_peer(b"", handles=[node])
+    code = (
+        "import os, sys, trio, capbus\n"
+        "async def main():\n"
+        "    async with capbus.Peer.from_socket(int(sys.argv[1])) as p:\n"
+        "        seed = await p.take_seed()\n"
+        "        await p.send(seed.handles[0], str(os.getpid()).encode())\n"
+        "trio.run(main)\n"
+    )
+    with trio.fail_after(30):
+        await trio.run_process([os.sys.executable, "-c", code, str(sock.fileno())], pass_fds=[sock.fileno()])
+        message = await recv_kind(receiver, DATA)
+    sock.close()
+    assert message.sender is not None
+    assert message.sender.pid == int(message.payload)
+    assert message.sender.uid == os.getuid()
+    # Notifications carry no sender.
+    await receiver.destroy(node)
+    assert (await recv_kind(receiver, DESTROYED)).sender is None
+
+
+async def test_rule15_priority_is_opt_in_and_keeps_order_among_equals(new_peer: PeerFactory) -> None:
+    receiver = await new_peer()
+    sender = await new_peer()
+    node = await receiver.create_node()
+    target = await receiver.transfer(node, sender)
+    for payload, priority in ((b"low1", 0), (b"low2", 0), (b"urgent", 5), (b"low3", 0), (b"mid", 1)):
+        await sender.send(target, payload, priority=priority)
+    # Make sure everything reached the receiver's socket before it chooses.
+    await sender.send(target, b"last", priority=-1)
+    ordered = [(await receiver.recv(priority=True)).payload for _ in range(6)]
+    assert ordered == [b"urgent", b"mid", b"low1", b"low2", b"low3", b"last"]
+    for payload, priority in ((b"a", 0), (b"b", 9)):
+        await sender.send(target, payload, priority=priority)
+    assert [(await receiver.recv()).payload for _ in range(2)] == [b"a", b"b"]
+
+
+async def test_rule16_monitor_sees_traffic_only_when_granted(
+    kernel: capbus.Kernel, new_peer: PeerFactory
+) -> None:
+    watcher = await new_peer()
+    bystander = await new_peer()
+    receiver = await new_peer()
+    sender = await new_peer()
+    node = await receiver.create_node()
+    target = await receiver.transfer(node, sender)
+    await kernel.grant_monitor(watcher)
+    await sender.send(target, b"observed payload")
+    await receiver.destroy(node)
+    seen = await recv_kind(watcher, capbus.MessageKind.MONITOR)
+    record = capbus.peer.decode_monitor_record(seen)
+    assert record.event is DATA and record.payload == b"observed payload"
+    assert record.uid == os.getuid() and record.pid == os.getpid()
+    destroyed = capbus.peer.decode_monitor_record(await recv_kind(watcher, capbus.MessageKind.MONITOR))
+    assert destroyed.event is DESTROYED
+    assert_queue_empty(bystander)
+    await recv_kind(receiver, DATA)
+
+
+async def test_daemon_socket_mode_is_the_access_control(tmp_path: os.PathLike[str]) -> None:
+    path = os.path.join(tmp_path, "bus")
+    async with trio.open_nursery() as nursery:
+        process = await nursery.start(
+            lambda task_status: trio.run_process(
+                [os.sys.executable, "-m", "capbus", "kernel", "--listen", path, "--mode", "600"],
+                stdout=subprocess_pipe(),
+                task_status=task_status,
+            )
+        )
+        with trio.fail_after(30):
+            line = await process.stdout.receive_some(200)
+        assert b"listening" in line
+        assert os.stat(path).st_mode & 0o777 == 0o600
+        async with await capbus.connect(path) as a, await capbus.connect(path) as b:
+            node = await a.create_node()
+            await b.send(await a.transfer(node, b), b"over the daemon")
+            with trio.fail_after(5):
+                assert (await a.recv()).payload == b"over the daemon"
+        # Someone without access to the file cannot even connect.
+        assert os.getuid() == 0, "this check needs root (CI runs as root) to drop to another uid"
+        probe = (
+            "import socket, sys\n"
+            "s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)\n"
+            "try:\n    s.connect(sys.argv[1])\nexcept PermissionError:\n    sys.exit(13)\n"
+        )
+        with trio.fail_after(30):
+            result = await trio.run_process(
+                [os.sys.executable, "-c", probe, path], user=65534, group=65534, check=False
+            )
+        assert result.returncode == 13
+        process.terminate()
+
+
+def subprocess_pipe() -> int:
+    import subprocess
+
+    return subprocess.PIPE
+
+
+async def test_socket_for_child_is_a_seqpacket_connection(kernel: capbus.Kernel) -> None:
+    sock = kernel.socket_for_child()
+    try:
+        assert sock.type == socket.SOCK_SEQPACKET and sock.family == socket.AF_UNIX
+    finally:
+        sock.close()
