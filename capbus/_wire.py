@@ -16,7 +16,7 @@ from ._kernel import ffi, lib
 
 FRAME: Final = struct.Struct("<IHHQ")
 REPLY: Final = struct.Struct("<iI")
-MESSAGE: Final = struct.Struct("<HHiQQIIIIII")
+MESSAGE: Final = struct.Struct("<HHiQQIIIIIIQ")
 SEND: Final = struct.Struct("<IIIIiI")
 DESTROY: Final = struct.Struct("<II")
 TRANSFER: Final = struct.Struct("<Q16s")
@@ -130,6 +130,7 @@ class Incoming:
     uid: int
     gid: int
     pid: int
+    process_id: int
     handles: tuple[int, ...]
     payload: memoryview
     fds: list[int]
@@ -140,7 +141,7 @@ class ProtocolError(Exception):
 
 
 def decode_message(body: memoryview, fds: list[int]) -> Incoming:
-    kind, flags, priority, destination, seq, uid, gid, pid, n_handles, _n_fds, payload_size = (
+    kind, flags, priority, destination, seq, uid, gid, pid, n_handles, _n_fds, payload_size, process_id = (
         MESSAGE.unpack_from(body, 0)
     )
     offset = MESSAGE.size
@@ -148,7 +149,9 @@ def decode_message(body: memoryview, fds: list[int]) -> Incoming:
     offset += 8 * n_handles
     if offset + payload_size != len(body):
         raise ProtocolError("message size does not match its header")
-    return Incoming(kind, flags, priority, destination, seq, uid, gid, pid, handles, body[offset:], fds)
+    return Incoming(
+        kind, flags, priority, destination, seq, uid, gid, pid, process_id, handles, body[offset:], fds
+    )
 
 
 def decode(frame: bytes | memoryview, fds: list[int]) -> Reply | Incoming:

@@ -46,6 +46,9 @@ class MessageKind(enum.Enum):
     """A copy of some traffic, for a peer granted the monitor capability."""
 
 
+_KINDS = {kind.value: kind for kind in MessageKind}
+
+
 @dataclass(frozen=True, slots=True)
 class Credentials:
     """Who sent a message, as the kernel saw it at send time (it cannot be forged)."""
@@ -53,6 +56,23 @@ class Credentials:
     uid: int
     gid: int
     pid: int
+    process_id: int = 0
+    """The sending process's pidfs inode: unique for the boot, never reused; 0 if unknown.
+    :meth:`open_pidfd` uses it to get a pidfd that surely refers to the sender."""
+
+    def open_pidfd(self) -> int:
+        """A pidfd for the process that sent the message, checked against ``process_id``.
+
+        Raises :class:`ProcessLookupError` if that process is gone (even if its pid now
+        belongs to another process), so the fd can be trusted for signals and checks.
+        """
+        if not self.pid or not self.process_id:
+            raise ProcessLookupError("the kernel could not identify the sending process")
+        pidfd = os.pidfd_open(self.pid)
+        if os.fstat(pidfd).st_ino != self.process_id:
+            os.close(pidfd)
+            raise ProcessLookupError(f"process {self.pid} is no longer the sender")
+        return pidfd
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,12 +242,15 @@ class Peer:
             raise ValueError("a capbus peer needs an AF_UNIX SOCK_SEQPACKET socket")
         sock.setblocking(False)
         self._sock = sock
+        # One receive buffer per peer: allocating FRAME_MAX bytes per frame would cost an
+        # mmap/munmap pair each time (it is above malloc's mmap threshold).
+        self._rx = bytearray(_wire.FRAME_MAX + 1)
         self._next_cookie = 1
         self._replies: dict[int, _wire.Reply] = {}
         self._abandoned: set[int] = set()
         self._inbox: deque[Message] = deque()
         self._reading = False
-        self._progress = trio.Event()
+        self._progress: trio.Event | None = None  # exists while a task waits for the reader
         self._write_lock = trio.Lock()
         self._closed = False
         self._broken: CapbusError | None = None
@@ -267,9 +290,9 @@ class Peer:
 
     def _read_frame(self) -> None:
         """Reads one frame and files it; raises BlockingIOError when there is none."""
-        data, ancdata, flags, _ = self._sock.recvmsg(_wire.FRAME_MAX + 1, _ANC_SPACE, socket.MSG_CMSG_CLOEXEC)
-        fds = _parse_fds(ancdata)
-        if not data and not fds:
+        size, ancdata, flags, _ = self._sock.recvmsg_into([self._rx], _ANC_SPACE, socket.MSG_CMSG_CLOEXEC)
+        fds = _parse_fds(ancdata) if ancdata else []
+        if not size and not fds:
             self._broken = Disconnected("the kernel closed the connection")
             return
         if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
@@ -277,7 +300,7 @@ class Peer:
                 os.close(fd)
             self._broken = Disconnected("the kernel sent a frame larger than the wire format allows")
             return
-        event = _wire.decode(data, fds)
+        event = _wire.decode(self._rx[:size], fds)
         if isinstance(event, _wire.Reply):
             if event.cookie in self._abandoned:
                 self._abandoned.discard(event.cookie)
@@ -293,9 +316,9 @@ class Peer:
     def _wrap(self, event: _wire.Incoming) -> Message:
         sender = None
         if event.uid != _wire.NO_CREDENTIAL:
-            sender = Credentials(event.uid, event.gid, event.pid)
+            sender = Credentials(event.uid, event.gid, event.pid, event.process_id)
         return Message(
-            kind=MessageKind(event.kind),
+            kind=_KINDS[event.kind],
             destination=Handle(self, event.destination),
             payload_view=event.payload,
             handles=tuple(Handle(self, i) for i in event.handles),
@@ -313,6 +336,8 @@ class Peer:
             self._check_usable()
             if self._reading:
                 waited = True
+                if self._progress is None:
+                    self._progress = trio.Event()
                 await self._progress.wait()
                 continue
             self._reading = True
@@ -329,8 +354,9 @@ class Peer:
                         break
             finally:
                 self._reading = False
-                progress, self._progress = self._progress, trio.Event()
-                progress.set()
+                if self._progress is not None:
+                    self._progress.set()
+                    self._progress = None
         if not waited:
             await trio.lowlevel.checkpoint()
 

@@ -46,7 +46,7 @@ struct capbus_reply_handle { uint32_t n_user; uint32_t flags; };
 struct capbus_cmd_peer_create { uint32_t n_handles; uint32_t payload_size; };
 struct capbus_message { uint16_t kind; uint16_t flags; int32_t priority; uint64_t destination;
     uint64_t seq; uint32_t uid; uint32_t gid; uint32_t pid; uint32_t n_handles; uint32_t n_fds;
-    uint32_t payload_size; };
+    uint32_t payload_size; uint64_t process_id; };
 struct capbus_monitor_record { uint16_t event; uint16_t n_destinations; uint32_t payload_size;
     uint64_t seq; uint32_t uid; uint32_t pid; uint32_t n_handles; uint32_t n_fds; uint64_t dropped; };
 

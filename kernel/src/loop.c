@@ -14,7 +14,9 @@
 #include <sys/eventfd.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/un.h>
+#include <sys/vfs.h>
 #include <unistd.h>
 
 #include "capbus/uapi.h"
@@ -26,6 +28,7 @@
 #include "peer.h"
 
 #define READ_BUDGET 64
+#define PIDFS_MAGIC 0x50494446 /* linux/magic.h PID_FS_MAGIC; pidfs exists since Linux 6.9 */
 #define EVENT_BATCH 64
 
 static char listen_marker;
@@ -192,6 +195,32 @@ void cb_kernel_settle(struct cb_kernel *kernel)
 	}
 }
 
+/*
+ * The sender's process identity: the inode of a pidfd for it, which pidfs makes unique for
+ * the boot. Looked up once per (peer, pid) change, not per frame. The pid comes from
+ * SCM_CREDENTIALS, checked by Linux at send time; the lookup follows within microseconds,
+ * and a pid number cannot be reused before pid_max more processes were created.
+ */
+static uint64_t process_identity(struct cb_peer *peer, uint32_t pid)
+{
+	if (pid == 0)
+		return 0;
+	if (pid == peer->sender_pid)
+		return peer->sender_process_id;
+	uint64_t identity = 0;
+	int pidfd = (int)syscall(SYS_pidfd_open, (pid_t)pid, 0);
+	if (pidfd >= 0) {
+		struct stat st;
+		struct statfs fs;
+		if (fstatfs(pidfd, &fs) == 0 && fs.f_type == PIDFS_MAGIC && fstat(pidfd, &st) == 0)
+			identity = st.st_ino;
+		close(pidfd);
+	}
+	peer->sender_pid = pid;
+	peer->sender_process_id = identity;
+	return identity;
+}
+
 static void read_peer(struct cb_peer *peer, uint32_t events)
 {
 	struct cb_kernel *kernel = peer->kernel;
@@ -224,7 +253,7 @@ static void read_peer(struct cb_peer *peer, uint32_t events)
 		}
 		int fds[CAPBUS_FDS_MAX];
 		uint32_t n_fds = 0;
-		struct cb_creds creds = { peer->uid, peer->gid, peer->pid };
+		struct cb_creds creds = { peer->uid, peer->gid, peer->pid, 0 };
 		for (struct cmsghdr *cmsg = CMSG_FIRSTHDR(&msg); cmsg; cmsg = CMSG_NXTHDR(&msg, cmsg)) {
 			if (cmsg->cmsg_level != SOL_SOCKET)
 				continue;
@@ -241,9 +270,10 @@ static void read_peer(struct cb_peer *peer, uint32_t events)
 			} else if (cmsg->cmsg_type == SCM_CREDENTIALS) {
 				struct ucred cred;
 				memcpy(&cred, CMSG_DATA(cmsg), sizeof(cred));
-				creds = (struct cb_creds){ cred.uid, cred.gid, (uint32_t)cred.pid };
+				creds = (struct cb_creds){ cred.uid, cred.gid, (uint32_t)cred.pid, 0 };
 			}
 		}
+		creds.process_id = process_identity(peer, creds.pid);
 		if (n == 0 && n_fds == 0 && hangup) {
 			/* End of file (an empty datagram cannot be told apart; a live peer that
 			 * sends one is answered as malformed below). */

@@ -238,6 +238,7 @@ void cb_send(struct cb_peer *sender, uint64_t cookie, const void *body, size_t b
 				.uid = creds->uid,
 				.gid = creds->gid,
 				.pid = creds->pid,
+				.process_id = creds->process_id,
 				.n_handles = cmd->n_handles,
 				.n_fds = n_fds,
 				.payload_size = cmd->payload_size,

@@ -37,6 +37,8 @@ struct cb_peer {
 	uint64_t serial;
 	uint8_t key[16];
 	uint32_t uid, gid, pid;     /* whom this peer belongs to (its creator) */
+	uint32_t sender_pid;        /* the last pid that wrote to this peer's socket ... */
+	uint64_t sender_process_id; /* ... and its pidfs identity (loop.c, process_identity) */
 	struct cb_user *user;
 	uint64_t next_handle;       /* id counter, never decreases */
 	struct cb_map handles_by_id;

@@ -93,8 +93,12 @@ async def test_rule9_one_queue_many_nodes_with_metadata(new_peer: PeerFactory) -
     got = [await recv_kind(owner, DATA) for _ in range(3)]
     assert [m.destination for m in got] == [nodes[2], nodes[0], nodes[1]]
     assert [m.payload for m in got] == [b"to 2", b"to 0", b"to 1"]
-    for m in got:
-        assert m.sender == capbus.Credentials(os.getuid(), os.getgid(), os.getpid())
+    me = os.pidfd_open(os.getpid())
+    try:
+        for m in got:
+            assert m.sender == capbus.Credentials(os.getuid(), os.getgid(), os.getpid(), os.fstat(me).st_ino)
+    finally:
+        os.close(me)
 
 
 async def test_rule10_disconnect_keeps_what_was_sent_and_notifies(
@@ -231,9 +235,23 @@ async def test_rule14_metadata_is_the_real_sender(new_peer: PeerFactory) -> None
     assert message.sender is not None
     assert message.sender.pid == int(message.payload)
     assert message.sender.uid == os.getuid()
+    assert message.sender.process_id != 0
+    # The child has exited: its identity no longer opens, even if its pid were reused.
+    with pytest.raises(ProcessLookupError):
+        os.close(message.sender.open_pidfd())
     # Notifications carry no sender.
     await receiver.destroy(node)
     assert (await recv_kind(receiver, DESTROYED)).sender is None
+    # A live sender's identity opens to a pidfd of that very process.
+    other = await receiver.create_node()
+    await receiver.send(other, b"me")
+    mine = (await recv_kind(receiver, DATA)).sender
+    assert mine is not None
+    pidfd = mine.open_pidfd()
+    try:
+        assert os.fstat(pidfd).st_ino == mine.process_id
+    finally:
+        os.close(pidfd)
 
 
 async def test_rule15_priority_is_opt_in_and_keeps_order_among_equals(new_peer: PeerFactory) -> None:

@@ -166,6 +166,9 @@ struct capbus_message {
 	uint32_t n_handles;
 	uint32_t n_fds;         /* fds on this datagram, as SCM_RIGHTS */
 	uint32_t payload_size;
+	uint64_t process_id;    /* the sending process's pidfs inode: unique for the boot, never
+				 * reused (0 when unknown). A receiver checks a pidfd it opened for
+				 * `pid` against it to know it has the very process that sent. */
 	/* uint64_t handles[n_handles];  ids in the receiver, CAPBUS_HANDLE_INVALID if gone */
 	/* uint8_t payload[payload_size]; */
 };
