@@ -154,7 +154,7 @@ def decode_message(body: memoryview, fds: list[int]) -> Incoming:
     )
 
 
-def decode(frame: bytes | memoryview, fds: list[int]) -> Reply | Incoming:
+def decode(frame: bytes | bytearray | memoryview, fds: list[int]) -> Reply | Incoming:
     """One frame from the kernel."""
     view = memoryview(frame)
     if len(view) < FRAME.size:
