@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import os
 import socket
+import sys
 
 import pytest
 import trio
@@ -191,27 +192,35 @@ async def test_rule13_seed_replace(new_peer: PeerFactory) -> None:
     assert seed.payload == b"second" and seed.handles == (two,)
 
 
+SEEDED_CHILD = """
+import os, sys, trio, capbus
+async def main(fd):
+    async with capbus.Peer.from_socket(fd) as peer:
+        seed = await peer.take_seed()
+        reply = seed.payload.replace(b"{pid}", str(os.getpid()).encode())
+        await peer.send(seed.handles[0], reply)
+trio.run(main, int(sys.argv[1]))
+"""
+
+
+async def run_seeded_child(parent: capbus.Peer, node: capbus.Handle, payload: bytes) -> capbus.Message:
+    """Runs a child process whose seed holds ``node``; it sends ``payload`` back to it, with
+    "{pid}" replaced by its pid, and exits."""
+    sock = await parent.create_peer(payload, handles=[node])
+    try:
+        with trio.fail_after(30):
+            await trio.run_process(
+                [sys.executable, "-c", SEEDED_CHILD, str(sock.fileno())], pass_fds=[sock.fileno()]
+            )
+            return await recv_kind(parent, DATA)
+    finally:
+        sock.close()
+
+
 async def test_rule13_seed_into_child_process(new_peer: PeerFactory) -> None:
     parent = await new_peer()
     service = await parent.create_node()
-    sock = await parent.create_peer(b"ping", handles=[service])
-    code = (
-        "import sys, trio, capbus\n"
-        "async def main():\n"
-        "    async with capbus.Peer.from_socket(int(sys.argv[1])) as p:\n"
-        "        seed = await p.take_seed()\n"
-        "        await p.send(seed.handles[0], seed.payload + b' from child')\n"
-        "trio.run(main)\n"
-    )
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(
-            lambda: trio.run_process(
-                [os.sys.executable, "-c", code, str(sock.fileno())], pass_fds=[sock.fileno()]
-            )
-        )
-        with trio.fail_after(30):
-            message = await recv_kind(parent, DATA)
-    sock.close()
+    message = await run_seeded_child(parent, service, b"ping from child")
     assert message.payload == b"ping from child"
     assert message.sender is not None and message.sender.pid != os.getpid()
 
@@ -219,19 +228,7 @@ async def test_rule13_seed_into_child_process(new_peer: PeerFactory) -> None:
 async def test_rule14_metadata_is_the_real_sender(new_peer: PeerFactory) -> None:
     receiver = await new_peer()
     node = await receiver.create_node()
-    sock = await receiver.create_peer(b"", handles=[node])
-    code = (
-        "import os, sys, trio, capbus\n"
-        "async def main():\n"
-        "    async with capbus.Peer.from_socket(int(sys.argv[1])) as p:\n"
-        "        seed = await p.take_seed()\n"
-        "        await p.send(seed.handles[0], str(os.getpid()).encode())\n"
-        "trio.run(main)\n"
-    )
-    with trio.fail_after(30):
-        await trio.run_process([os.sys.executable, "-c", code, str(sock.fileno())], pass_fds=[sock.fileno()])
-        message = await recv_kind(receiver, DATA)
-    sock.close()
+    message = await run_seeded_child(receiver, node, b"{pid}")
     assert message.sender is not None
     assert message.sender.pid == int(message.payload)
     assert message.sender.uid == os.getuid()
@@ -239,7 +236,8 @@ async def test_rule14_metadata_is_the_real_sender(new_peer: PeerFactory) -> None
     # The child has exited: its identity no longer opens, even if its pid were reused.
     with pytest.raises(ProcessLookupError):
         os.close(message.sender.open_pidfd())
-    # Notifications carry no sender.
+    # The child's peer is gone with it (its handle released); notifications carry no sender.
+    assert (await recv_kind(receiver, RELEASED)).sender is None
     await receiver.destroy(node)
     assert (await recv_kind(receiver, DESTROYED)).sender is None
     # A live sender's identity opens to a pidfd of that very process.
@@ -297,7 +295,7 @@ async def test_daemon_socket_mode_is_the_access_control(tmp_path: os.PathLike[st
     async with trio.open_nursery() as nursery:
         process = await nursery.start(
             lambda task_status: trio.run_process(
-                [os.sys.executable, "-m", "capbus", "kernel", "--listen", path, "--mode", "600"],
+                [sys.executable, "-m", "capbus", "kernel", "--listen", path, "--mode", "600"],
                 stdout=subprocess_pipe(),
                 task_status=task_status,
             )
@@ -320,7 +318,7 @@ async def test_daemon_socket_mode_is_the_access_control(tmp_path: os.PathLike[st
         )
         with trio.fail_after(30):
             result = await trio.run_process(
-                [os.sys.executable, "-c", probe, path], user=65534, group=65534, check=False
+                [sys.executable, "-c", probe, path], user=65534, group=65534, check=False
             )
         assert result.returncode == 13
         process.terminate()
