@@ -6,6 +6,7 @@ handles and fds, per-user quotas) enforced by a small C kernel, used from trio.
 
 from .errors import (
     AlreadyDestroyed as AlreadyDestroyed,
+    BadFileDescriptor as BadFileDescriptor,
 )
 from .errors import (
     CapbusError as CapbusError,
@@ -42,6 +43,7 @@ from .errors import (
 )
 from .errors import (
     NotOwner as NotOwner,
+    NotSealed as NotSealed,
 )
 from .errors import (
     NotSupported as NotSupported,
@@ -86,6 +88,7 @@ from .peer import (
 
 __all__ = [
     "AlreadyDestroyed",
+    "BadFileDescriptor",
     "CapbusError",
     "Credentials",
     "Disconnected",
@@ -107,6 +110,7 @@ __all__ = [
     "NoSuchPeer",
     "NodeDestroyed",
     "NotOwner",
+    "NotSealed",
     "NotSupported",
     "Peer",
     "PeerInfo",

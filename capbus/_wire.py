@@ -62,6 +62,9 @@ MSG_NODE_DESTROY: Final[int] = lib.CAPBUS_MSG_NODE_DESTROY
 MSG_NODE_RELEASE: Final[int] = lib.CAPBUS_MSG_NODE_RELEASE
 MSG_MONITOR: Final[int] = lib.CAPBUS_MSG_MONITOR
 MSG_FLAG_CONTINUE: Final[int] = lib.CAPBUS_MSG_FLAG_CONTINUE
+MSG_FLAG_MEMFD: Final[int] = lib.CAPBUS_MSG_FLAG_MEMFD
+SEND_FLAG_MEMFD: Final[int] = lib.CAPBUS_SEND_FLAG_MEMFD
+MEMFD_MAX: Final[int] = lib.CAPBUS_MEMFD_MAX
 DESTROY_FLAG_RELEASE: Final[int] = lib.CAPBUS_DESTROY_FLAG_RELEASE
 HANDLE_STATE_OWNER: Final[int] = lib.CAPBUS_HANDLE_STATE_OWNER
 HANDLE_STATE_DESTROYED: Final[int] = lib.CAPBUS_HANDLE_STATE_DESTROYED
@@ -90,6 +93,7 @@ def send_frame(
     n_fds: int,
     payload: bytes | bytearray | memoryview,
     priority: int = 0,
+    flags: int = 0,
 ) -> list[bytes | bytearray | memoryview]:
     """A CAPBUS_CMD_SEND frame as buffers for sendmsg (the payload is not copied)."""
     n_dest = len(destinations)
@@ -98,7 +102,7 @@ def send_frame(
     size = head_size + len(payload)
     head = bytearray(head_size)
     FRAME.pack_into(head, 0, size, CMD_SEND, 0, cookie)
-    SEND.pack_into(head, FRAME.size, n_dest, n_handles, n_fds, len(payload), priority, 0)
+    SEND.pack_into(head, FRAME.size, n_dest, n_handles, n_fds, len(payload), priority, flags)
     struct.pack_into(f"<{n_dest + n_handles}Q", head, FRAME.size + SEND.size, *destinations, *handles)
     return [head, payload] if len(payload) else [head]
 
@@ -134,6 +138,8 @@ class Incoming:
     handles: tuple[int, ...]
     payload: memoryview
     fds: list[int]
+    payload_size: int
+    """The payload's length; with MSG_FLAG_MEMFD it is in fds[0], not in ``payload``."""
 
 
 class ProtocolError(Exception):
@@ -147,10 +153,23 @@ def decode_message(body: memoryview, fds: list[int]) -> Incoming:
     offset = MESSAGE.size
     handles = struct.unpack_from(f"<{n_handles}Q", body, offset) if n_handles else ()
     offset += 8 * n_handles
-    if offset + payload_size != len(body):
+    inline = 0 if flags & MSG_FLAG_MEMFD else payload_size
+    if offset + inline != len(body) or (flags & MSG_FLAG_MEMFD and not fds):
         raise ProtocolError("message size does not match its header")
     return Incoming(
-        kind, flags, priority, destination, seq, uid, gid, pid, process_id, handles, body[offset:], fds
+        kind,
+        flags,
+        priority,
+        destination,
+        seq,
+        uid,
+        gid,
+        pid,
+        process_id,
+        handles,
+        body[offset:],
+        fds,
+        payload_size,
     )
 
 

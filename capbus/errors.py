@@ -111,6 +111,18 @@ class NoSeed(CapbusError):
     default_errno = _errno.ENOENT
 
 
+class BadFileDescriptor(CapbusError):
+    """An attached fd is not what the operation needs (a memfd payload that is no memfd). EBADF."""
+
+    default_errno = _errno.EBADF
+
+
+class NotSealed(CapbusError):
+    """A memfd payload is not sealed against writing, shrinking and growing. ETXTBSY, as in kdbus."""
+
+    default_errno = _errno.ETXTBSY
+
+
 _BY_ERRNO: dict[int, type[CapbusError]] = {
     cls.default_errno: cls
     for cls in (
@@ -129,6 +141,8 @@ _BY_ERRNO: dict[int, type[CapbusError]] = {
         UnknownCommand,
         NoSuchPeer,
         NoSeed,
+        BadFileDescriptor,
+        NotSealed,
     )
 }
 

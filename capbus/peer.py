@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import array
 import enum
+import fcntl
+import mmap
 import os
 import socket
 import struct
@@ -28,7 +30,7 @@ from typing import overload
 import trio
 
 from . import _wire
-from .errors import CapbusError, Disconnected, InvalidArgument, error_from_errno
+from .errors import CapbusError, Disconnected, InvalidArgument, MessageTooLarge, error_from_errno
 
 _ANC_SPACE = socket.CMSG_SPACE(4 * _wire.FDS_MAX)
 
@@ -217,6 +219,27 @@ def _parse_fds(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
     return fds
 
 
+def _sealed_memfd(payload: bytes | bytearray | memoryview) -> int:
+    """A memfd holding ``payload``, sealed so that no receiver can see it change."""
+    if len(payload) > _wire.MEMFD_MAX:
+        raise MessageTooLarge(f"payload of {len(payload)} bytes is over the {_wire.MEMFD_MAX} byte limit")
+    fd = os.memfd_create("capbus-payload", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        view = memoryview(payload).cast("B")
+        written = 0
+        while written < len(view):
+            written += os.write(fd, view[written:])
+        fcntl.fcntl(
+            fd,
+            fcntl.F_ADD_SEALS,
+            fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL,
+        )
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def _fd_number(fd: int | socket.socket | object) -> int:
     if isinstance(fd, int):
         return fd
@@ -314,13 +337,21 @@ class Peer:
             self._inbox.append(self._wrap(event))
 
     def _wrap(self, event: _wire.Incoming) -> Message:
+        payload = event.payload
+        if event.flags & _wire.MSG_FLAG_MEMFD:
+            # A large payload: map the sealed memfd instead of copying it.
+            memfd = event.fds.pop(0)
+            try:
+                payload = memoryview(mmap.mmap(memfd, event.payload_size, mmap.MAP_SHARED, mmap.PROT_READ))
+            finally:
+                os.close(memfd)
         sender = None
         if event.uid != _wire.NO_CREDENTIAL:
             sender = Credentials(event.uid, event.gid, event.pid, event.process_id)
         return Message(
             kind=_KINDS[event.kind],
             destination=Handle(self, event.destination),
-            payload_view=event.payload,
+            payload_view=payload,
             handles=tuple(Handle(self, i) for i in event.handles),
             fds=event.fds,
             priority=event.priority,
@@ -498,23 +529,47 @@ class Peer:
     ) -> tuple[CapbusError | None, ...] | None:
         """Sends ``payload`` with ``handles`` and ``fds`` attached to one or many nodes.
 
-        Each destination gets the whole message or nothing. Given one handle, failure raises;
+        Payloads over ``PAYLOAD_MAX`` (128 KiB) travel as a sealed memfd that receivers map
+        without a copy (up to 1 GiB). Each destination gets the whole message or nothing.
+        Given one handle, failure raises;
         given a sequence, the result has one entry per destination: ``None`` where the message
         was queued, the exception where it was not (destroyed node, quota, ...). Errors about
         the message itself (too large, an attached handle we do not hold) always raise. The
         fds are duplicated into each receiver; the caller keeps its own.
         """
+        fd_numbers = [_fd_number(fd) for fd in fds]
+        flags = 0
+        memfd = -1
+        if len(payload) > _wire.PAYLOAD_MAX:
+            memfd = _sealed_memfd(payload)
+            fd_numbers.insert(0, memfd)
+            payload = b""
+            flags = _wire.SEND_FLAG_MEMFD
+        try:
+            return await self._send(destinations, payload, handles, fd_numbers, priority, flags)
+        finally:
+            if memfd >= 0:
+                os.close(memfd)
+
+    async def _send(
+        self,
+        destinations: HandleLike | Sequence[HandleLike],
+        payload: bytes | bytearray | memoryview,
+        handles: Iterable[HandleLike],
+        fd_numbers: list[int],
+        priority: int,
+        flags: int,
+    ) -> tuple[CapbusError | None, ...] | None:
         unicast = isinstance(destinations, Handle | int)
         if isinstance(destinations, Handle | int):
             targets = [self._id(destinations)]
         else:
             targets = [self._id(d) for d in destinations]
         attached = [self._id(h) for h in handles]
-        fd_numbers = [_fd_number(fd) for fd in fds]
         reply = await self._call(
             _wire.CMD_SEND,
             buffers=lambda cookie: _wire.send_frame(
-                cookie, targets, attached, len(fd_numbers), payload, priority
+                cookie, targets, attached, len(fd_numbers), payload, priority, flags
             ),
             fds=fd_numbers,
             what="send",

@@ -37,7 +37,7 @@ struct capbus_reply { int32_t error; uint32_t command; };
 struct capbus_cmd_destroy { uint32_t n_nodes; uint32_t flags; };
 struct capbus_cmd_transfer { uint64_t handle; uint8_t peer_key[16]; };
 struct capbus_cmd_send { uint32_t n_destinations; uint32_t n_handles; uint32_t n_fds;
-    uint32_t payload_size; int32_t priority; uint32_t reserved; };
+    uint32_t payload_size; int32_t priority; uint32_t flags; };
 struct capbus_reply_send { uint32_t n_destinations; uint32_t n_delivered; };
 struct capbus_reply_query { uint8_t peer_key[16]; uint32_t uid; uint32_t gid; uint32_t pid;
     uint32_t wire_version; uint32_t payload_max; uint32_t handles_max; uint32_t fds_max;

@@ -1,6 +1,7 @@
 #include "message.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
@@ -60,6 +61,25 @@ static int check_fd(int fd)
 		if (getsockopt(fd, SOL_SOCKET, SO_DOMAIN, &domain, &len) == 0 && domain == AF_UNIX)
 			return EOPNOTSUPP;
 	}
+	return 0;
+}
+
+/* A memfd payload must be sealed so that no one can change it under a receiver. */
+#define MEMFD_SEALS (F_SEAL_WRITE | F_SEAL_SHRINK | F_SEAL_GROW)
+
+static int check_memfd(int fd, uint64_t *size)
+{
+	struct stat st;
+	int seals = fcntl(fd, F_GET_SEALS);
+	if (seals < 0)
+		return EBADF; /* not a memfd (no seals to speak of) */
+	if ((seals & MEMFD_SEALS) != MEMFD_SEALS)
+		return ETXTBSY; /* kdbus's errno for an unsealed memfd */
+	if (fstat(fd, &st) < 0)
+		return EBADF;
+	if ((uint64_t)st.st_size > CAPBUS_MEMFD_MAX)
+		return EMSGSIZE;
+	*size = (uint64_t)st.st_size;
 	return 0;
 }
 
@@ -144,7 +164,13 @@ void cb_send(struct cb_peer *sender, uint64_t cookie, const void *body, size_t b
 		error = EINVAL;
 		goto fail;
 	}
-	if (cmd->reserved != 0 || cmd->n_destinations == 0 || cmd->n_destinations > CAPBUS_DESTINATIONS_MAX) {
+	if ((cmd->flags & ~(uint32_t)CAPBUS_SEND_FLAG_MEMFD) || cmd->n_destinations == 0 ||
+	    cmd->n_destinations > CAPBUS_DESTINATIONS_MAX) {
+		error = EINVAL;
+		goto fail;
+	}
+	bool memfd = cmd->flags & CAPBUS_SEND_FLAG_MEMFD;
+	if (memfd && (cmd->payload_size != 0 || cmd->n_fds == 0)) {
 		error = EINVAL;
 		goto fail;
 	}
@@ -163,6 +189,9 @@ void cb_send(struct cb_peer *sender, uint64_t cookie, const void *body, size_t b
 
 	for (uint32_t i = 0; i < n_fds && !error; i++)
 		error = check_fd(fds[i]);
+	uint64_t memfd_size = 0;
+	if (!error && memfd)
+		error = check_memfd(fds[0], &memfd_size);
 	if (error)
 		goto fail;
 	for (uint32_t i = 0; i < cmd->n_handles; i++) {
@@ -232,6 +261,7 @@ void cb_send(struct cb_peer *sender, uint64_t cookie, const void *body, size_t b
 			};
 			*header = (struct capbus_message){
 				.kind = CAPBUS_MSG_DATA,
+				.flags = memfd ? CAPBUS_MSG_FLAG_MEMFD : 0,
 				.priority = cmd->priority,
 				.destination = destination->node->anchor->id,
 				.seq = seq,
@@ -241,7 +271,7 @@ void cb_send(struct cb_peer *sender, uint64_t cookie, const void *body, size_t b
 				.process_id = creds->process_id,
 				.n_handles = cmd->n_handles,
 				.n_fds = n_fds,
-				.payload_size = cmd->payload_size,
+				.payload_size = memfd ? (uint32_t)memfd_size : cmd->payload_size,
 			};
 			entry->seq = seq;
 			entry->message = cb_message_ref(message);

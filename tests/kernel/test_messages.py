@@ -336,3 +336,41 @@ async def test_socket_for_child_is_a_seqpacket_connection(kernel: capbus.Kernel)
         assert sock.type == socket.SOCK_SEQPACKET and sock.family == socket.AF_UNIX
     finally:
         sock.close()
+
+
+async def test_large_payload_travels_as_sealed_memfd(new_peer: PeerFactory) -> None:
+    sender = await new_peer()
+    receivers = [await new_peer() for _ in range(2)]
+    targets = [await r.transfer(await r.create_node(), sender) for r in receivers]
+    payload = os.urandom(3 * 1024 * 1024 + 7)
+    assert len(payload) > capbus._wire.PAYLOAD_MAX
+    results = await sender.send(targets, payload)
+    assert results == (None, None)
+    for receiver in receivers:
+        message = await recv_kind(receiver, DATA)
+        assert len(message.payload_view) == len(payload)
+        assert message.payload == payload
+        assert message.fds == []  # the memfd became the payload, nothing left to close
+        with pytest.raises(TypeError):
+            message.payload_view[0] = 0  # a read-only mapping
+
+
+async def test_unsealed_memfd_payload_is_refused(new_peer: PeerFactory) -> None:
+    sender = await new_peer()
+    receiver = await new_peer()
+    target = await receiver.transfer(await receiver.create_node(), sender)
+    memfd = os.memfd_create("unsealed", os.MFD_ALLOW_SEALING)
+    os.write(memfd, b"changeable")
+    try:
+        with pytest.raises(capbus.NotSealed) as info:
+            await sender._send(target, b"", (), [memfd], 0, capbus._wire.SEND_FLAG_MEMFD)
+        assert info.value.errno == errno.ETXTBSY
+        read_end, write_end = os.pipe()
+        with pytest.raises(capbus.BadFileDescriptor) as not_memfd:
+            await sender._send(target, b"", (), [read_end], 0, capbus._wire.SEND_FLAG_MEMFD)
+        assert not_memfd.value.errno == errno.EBADF
+        os.close(read_end)
+        os.close(write_end)
+    finally:
+        os.close(memfd)
+    assert_queue_empty(receiver)

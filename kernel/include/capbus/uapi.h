@@ -105,11 +105,17 @@ struct capbus_cmd_send {
 	uint32_t n_fds;        /* must equal the number of SCM_RIGHTS fds on this datagram */
 	uint32_t payload_size;
 	int32_t priority;      /* higher is more urgent; see docs/peer-api.md "Priority" */
-	uint32_t reserved;     /* must be 0 */
+	uint32_t flags;        /* CAPBUS_SEND_FLAG_* */
 	/* uint64_t destinations[n_destinations]; */
 	/* uint64_t handles[n_handles]; */
 	/* uint8_t payload[payload_size]; */
 };
+
+/* The payload is the first attached fd: a memfd sealed against writing, shrinking and
+ * growing (so every receiver can map it and trust it not to change); payload_size is 0.
+ * Large payloads travel this way without being copied through the kernel. */
+#define CAPBUS_SEND_FLAG_MEMFD  0x1
+#define CAPBUS_MEMFD_MAX        (1ull << 30) /* bytes of one memfd payload */
 
 /* Per-destination results of a send: all-or-nothing for each destination. */
 struct capbus_reply_send {
@@ -153,6 +159,7 @@ enum capbus_message_kind {
 };
 
 #define CAPBUS_MSG_FLAG_CONTINUE  0x1 /* the next message belongs to the same transaction */
+#define CAPBUS_MSG_FLAG_MEMFD     0x2 /* the payload (payload_size bytes) is the first fd, a sealed memfd */
 
 struct capbus_message {
 	uint16_t kind;          /* enum capbus_message_kind */
