@@ -5,85 +5,38 @@ handles and fds, per-user quotas) enforced by a small C kernel, used from trio.
 """
 
 from .errors import (
-    AlreadyDestroyed as AlreadyDestroyed,
-    BadFileDescriptor as BadFileDescriptor,
+    AlreadyDestroyed,
+    BadFileDescriptor,
+    CapbusError,
+    Disconnected,
+    DuplicateId,
+    HandleBusy,
+    InvalidArgument,
+    MalformedFrame,
+    MessageTooLarge,
+    NodeDestroyed,
+    NoSeed,
+    NoSuchHandle,
+    NoSuchPeer,
+    NotOwner,
+    NotSealed,
+    NotSupported,
+    QuotaExceeded,
+    UnknownCommand,
 )
-from .errors import (
-    CapbusError as CapbusError,
-)
-from .errors import (
-    Disconnected as Disconnected,
-)
-from .errors import (
-    DuplicateId as DuplicateId,
-)
-from .errors import (
-    HandleBusy as HandleBusy,
-)
-from .errors import (
-    InvalidArgument as InvalidArgument,
-)
-from .errors import (
-    MalformedFrame as MalformedFrame,
-)
-from .errors import (
-    MessageTooLarge as MessageTooLarge,
-)
-from .errors import (
-    NodeDestroyed as NodeDestroyed,
-)
-from .errors import (
-    NoSeed as NoSeed,
-)
-from .errors import (
-    NoSuchHandle as NoSuchHandle,
-)
-from .errors import (
-    NoSuchPeer as NoSuchPeer,
-)
-from .errors import (
-    NotOwner as NotOwner,
-    NotSealed as NotSealed,
-)
-from .errors import (
-    NotSupported as NotSupported,
-)
-from .errors import (
-    QuotaExceeded as QuotaExceeded,
-)
-from .errors import (
-    UnknownCommand as UnknownCommand,
-)
-from .kernel import Kernel as Kernel
-from .kernel import KernelStatistics as KernelStatistics
-from .kernel import Limits as Limits
-from .kernel import open_kernel as open_kernel
+from .kernel import Kernel, KernelStatistics, Limits, open_kernel
 from .peer import (
-    Credentials as Credentials,
-)
-from .peer import (
-    Handle as Handle,
-)
-from .peer import (
-    HandleLike as HandleLike,
-)
-from .peer import (
-    HandleState as HandleState,
-)
-from .peer import (
-    Message as Message,
-)
-from .peer import (
-    MessageKind as MessageKind,
-)
-from .peer import (
-    Peer as Peer,
-)
-from .peer import (
-    PeerInfo as PeerInfo,
-)
-from .peer import (
-    connect as connect,
+    Credentials,
+    Handle,
+    HandleLike,
+    HandleState,
+    Message,
+    MessageKind,
+    MonitorRecord,
+    Peer,
+    PeerInfo,
+    connect,
+    decode_monitor_record,
 )
 
 __all__ = [
@@ -105,6 +58,7 @@ __all__ = [
     "Message",
     "MessageKind",
     "MessageTooLarge",
+    "MonitorRecord",
     "NoSeed",
     "NoSuchHandle",
     "NoSuchPeer",
@@ -117,5 +71,6 @@ __all__ = [
     "QuotaExceeded",
     "UnknownCommand",
     "connect",
+    "decode_monitor_record",
     "open_kernel",
 ]

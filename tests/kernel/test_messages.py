@@ -281,10 +281,10 @@ async def test_rule16_monitor_sees_traffic_only_when_granted(
     await sender.send(target, b"observed payload")
     await receiver.destroy(node)
     seen = await recv_kind(watcher, capbus.MessageKind.MONITOR)
-    record = capbus.peer.decode_monitor_record(seen)
+    record = capbus.decode_monitor_record(seen)
     assert record.event is DATA and record.payload == b"observed payload"
     assert record.uid == os.getuid() and record.pid == os.getpid()
-    destroyed = capbus.peer.decode_monitor_record(await recv_kind(watcher, capbus.MessageKind.MONITOR))
+    destroyed = capbus.decode_monitor_record(await recv_kind(watcher, capbus.MessageKind.MONITOR))
     assert destroyed.event is DESTROYED
     assert_queue_empty(bystander)
     await recv_kind(receiver, DATA)
