@@ -247,6 +247,12 @@ static void read_peer(struct cb_peer *peer, uint32_t events)
 		if (n < 0) {
 			if (errno == EINTR)
 				continue;
+			if (errno == ECONNRESET) {
+				/* A peer that closed with our replies unread: Linux reports that once,
+				 * ahead of the frames it wrote before closing. Those still count. */
+				hangup = true;
+				continue;
+			}
 			if (errno != EAGAIN && errno != EWOULDBLOCK)
 				cb_peer_doom(peer);
 			return;
