@@ -11,13 +11,36 @@
 #include <pthread.h>
 #include <stdbool.h>
 #include <stdint.h>
+#include <sys/socket.h>
 
+#include "capbus/uapi.h"
 #include "capbus_kernel.h"
 #include "list.h"
 #include "map.h"
 
 struct cb_message;
 struct cb_peer;
+
+/* Frames moved per system call: recvmmsg from one peer, sendmmsg to one peer. */
+#define CB_RX_BATCH 16
+#define CB_TX_BATCH 32
+#define CB_CONTROL_SIZE (CMSG_SPACE(sizeof(int) * CAPBUS_FDS_MAX) + CMSG_SPACE(sizeof(struct ucred)))
+
+union cb_control {
+	struct cmsghdr align;
+	char buffer[CB_CONTROL_SIZE];
+};
+
+/* Scratch space for batched IO; used by the loop thread only, never across a dispatch. */
+struct cb_io {
+	uint8_t *rx_buffers[CB_RX_BATCH]; /* CAPBUS_FRAME_MAX + 1 bytes each */
+	struct mmsghdr rx[CB_RX_BATCH];
+	struct iovec rx_iov[CB_RX_BATCH];
+	union cb_control rx_control[CB_RX_BATCH];
+	struct mmsghdr tx[CB_TX_BATCH];
+	struct iovec tx_iov[CB_TX_BATCH][2];
+	union cb_control tx_control[CB_TX_BATCH];
+};
 
 struct cb_kernel {
 	pthread_mutex_t lock;
@@ -37,7 +60,7 @@ struct cb_kernel {
 	struct cb_link dirty;          /* peers with frames to flush */
 	struct cb_link doomed;         /* peers to disconnect at the next safe point */
 	uint32_t n_monitors;           /* peers with the monitor capability */
-	uint8_t *rx_buffer;            /* CAPBUS_FRAME_MAX + 1 bytes */
+	struct cb_io *io;
 };
 
 /* Stamps the next transaction. */

@@ -64,11 +64,19 @@ int capbus_kernel_new(const struct capbus_limits *limits, struct cb_kernel **out
 	cb_list_init(&kernel->peers);
 	cb_list_init(&kernel->dirty);
 	cb_list_init(&kernel->doomed);
-	kernel->rx_buffer = malloc(CAPBUS_FRAME_MAX + 1);
+	kernel->io = calloc(1, sizeof(*kernel->io));
+	for (int i = 0; kernel->io && i < CB_RX_BATCH; i++) {
+		/* Untouched pages cost nothing: a small frame commits one page of its buffer. */
+		kernel->io->rx_buffers[i] = malloc(CAPBUS_FRAME_MAX + 1);
+		if (!kernel->io->rx_buffers[i]) {
+			capbus_kernel_free(kernel);
+			return -ENOMEM;
+		}
+	}
 	kernel->epoll_fd = epoll_create1(EPOLL_CLOEXEC);
 	kernel->wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
 	struct epoll_event event = { .events = EPOLLIN, .data.ptr = NULL };
-	if (!kernel->rx_buffer || kernel->epoll_fd < 0 || kernel->wake_fd < 0 ||
+	if (!kernel->io || kernel->epoll_fd < 0 || kernel->wake_fd < 0 ||
 	    epoll_ctl(kernel->epoll_fd, EPOLL_CTL_ADD, kernel->wake_fd, &event) < 0) {
 		int error = errno ? -errno : -ENOMEM;
 		capbus_kernel_free(kernel);
@@ -221,29 +229,72 @@ static uint64_t process_identity(struct cb_peer *peer, uint32_t pid)
 	return identity;
 }
 
+/* Collects a received frame's fds and credentials. */
+static void parse_control(struct cb_peer *peer, struct msghdr *msg, int *fds, uint32_t *n_fds,
+			  struct cb_creds *creds)
+{
+	*n_fds = 0;
+	*creds = (struct cb_creds){ peer->uid, peer->gid, peer->pid, 0 };
+	for (struct cmsghdr *cmsg = CMSG_FIRSTHDR(msg); cmsg; cmsg = CMSG_NXTHDR(msg, cmsg)) {
+		if (cmsg->cmsg_level != SOL_SOCKET)
+			continue;
+		if (cmsg->cmsg_type == SCM_RIGHTS) {
+			size_t count = (cmsg->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+			for (size_t i = 0; i < count; i++) {
+				int fd;
+				memcpy(&fd, CMSG_DATA(cmsg) + i * sizeof(int), sizeof(int));
+				if (*n_fds < CAPBUS_FDS_MAX)
+					fds[(*n_fds)++] = fd;
+				else
+					close(fd);
+			}
+		} else if (cmsg->cmsg_type == SCM_CREDENTIALS) {
+			struct ucred cred;
+			memcpy(&cred, CMSG_DATA(cmsg), sizeof(cred));
+			*creds = (struct cb_creds){ cred.uid, cred.gid, (uint32_t)cred.pid, 0 };
+		}
+	}
+	creds->process_id = process_identity(peer, creds->pid);
+}
+
+static void close_unread_fds(struct cb_peer *peer, struct mmsghdr *msgs, int from, int to)
+{
+	int fds[CAPBUS_FDS_MAX];
+	uint32_t n_fds;
+	struct cb_creds creds;
+	for (int i = from; i < to; i++) {
+		parse_control(peer, &msgs[i].msg_hdr, fds, &n_fds, &creds);
+		for (uint32_t j = 0; j < n_fds; j++)
+			close(fds[j]);
+	}
+}
+
 static void read_peer(struct cb_peer *peer, uint32_t events)
 {
-	struct cb_kernel *kernel = peer->kernel;
-	union {
-		struct cmsghdr align;
-		char buffer[CMSG_SPACE(sizeof(int) * CAPBUS_FDS_MAX) + CMSG_SPACE(sizeof(struct ucred))];
-	} control;
+	struct cb_io *io = peer->kernel->io;
 
 	/* A peer that hung up is read to the end at once: everything it sent before it went
 	 * away is carried out (no budget, no reply backlog: it reads nothing any more). */
 	bool hangup = (events & (EPOLLHUP | EPOLLRDHUP)) != 0;
 
-	for (int budget = 0; (hangup || budget < READ_BUDGET) && !peer->doomed; budget++) {
+	for (int budget = 0; (hangup || budget < READ_BUDGET) && !peer->doomed;) {
 		if (!hangup && peer->queue.reply_bytes > CAPBUS_REPLY_BACKLOG_MAX)
 			break; /* it does not read its replies: stop reading its commands */
-		struct iovec iov = { kernel->rx_buffer, CAPBUS_FRAME_MAX + 1 };
-		struct msghdr msg = {
-			.msg_iov = &iov,
-			.msg_iovlen = 1,
-			.msg_control = control.buffer,
-			.msg_controllen = sizeof(control.buffer),
-		};
-		ssize_t n = recvmsg(peer->fd, &msg, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
+		for (int i = 0; i < CB_RX_BATCH; i++) {
+			io->rx_iov[i] = (struct iovec){ io->rx_buffers[i], CAPBUS_FRAME_MAX + 1 };
+			io->rx[i].msg_hdr = (struct msghdr){
+				.msg_iov = &io->rx_iov[i],
+				.msg_iovlen = 1,
+				.msg_control = io->rx_control[i].buffer,
+				.msg_controllen = sizeof(io->rx_control[i].buffer),
+			};
+		}
+		/* Near the reply backlog bound, one frame at a time, so that it is not overshot by
+		 * a batch's worth of replies. */
+		unsigned int batch = CB_RX_BATCH;
+		if (!hangup && peer->queue.reply_bytes + CB_RX_BATCH * 4096u > CAPBUS_REPLY_BACKLOG_MAX)
+			batch = 1;
+		int n = recvmmsg(peer->fd, io->rx, batch, MSG_DONTWAIT | MSG_CMSG_CLOEXEC, NULL);
 		if (n < 0) {
 			if (errno == EINTR)
 				continue;
@@ -257,38 +308,34 @@ static void read_peer(struct cb_peer *peer, uint32_t events)
 				cb_peer_doom(peer);
 			return;
 		}
-		int fds[CAPBUS_FDS_MAX];
-		uint32_t n_fds = 0;
-		struct cb_creds creds = { peer->uid, peer->gid, peer->pid, 0 };
-		for (struct cmsghdr *cmsg = CMSG_FIRSTHDR(&msg); cmsg; cmsg = CMSG_NXTHDR(&msg, cmsg)) {
-			if (cmsg->cmsg_level != SOL_SOCKET)
-				continue;
-			if (cmsg->cmsg_type == SCM_RIGHTS) {
-				size_t count = (cmsg->cmsg_len - CMSG_LEN(0)) / sizeof(int);
-				for (size_t i = 0; i < count; i++) {
-					int fd;
-					memcpy(&fd, CMSG_DATA(cmsg) + i * sizeof(int), sizeof(int));
-					if (n_fds < CAPBUS_FDS_MAX)
-						fds[n_fds++] = fd;
-					else
-						close(fd);
-				}
-			} else if (cmsg->cmsg_type == SCM_CREDENTIALS) {
-				struct ucred cred;
-				memcpy(&cred, CMSG_DATA(cmsg), sizeof(cred));
-				creds = (struct cb_creds){ cred.uid, cred.gid, (uint32_t)cred.pid, 0 };
+		for (int i = 0; i < n; i++) {
+			struct msghdr *msg = &io->rx[i].msg_hdr;
+			size_t length = io->rx[i].msg_len;
+			int fds[CAPBUS_FDS_MAX];
+			uint32_t n_fds;
+			struct cb_creds creds;
+
+			if (peer->doomed) {
+				close_unread_fds(peer, io->rx, i, n);
+				return;
 			}
+			parse_control(peer, msg, fds, &n_fds, &creds);
+			if (length == 0 && n_fds == 0 && hangup) {
+				/* End of file (an empty datagram cannot be told apart; a live peer
+				 * that sends one is answered as malformed below). */
+				close_unread_fds(peer, io->rx, i + 1, n);
+				cb_peer_doom(peer);
+				return;
+			}
+			size_t size = (msg->msg_flags & MSG_TRUNC) ? CAPBUS_FRAME_MAX + 1 : length;
+			cb_command_dispatch(peer, io->rx_buffers[i], size, fds, n_fds, &creds,
+					    (msg->msg_flags & MSG_CTRUNC) != 0);
 		}
-		creds.process_id = process_identity(peer, creds.pid);
-		if (n == 0 && n_fds == 0 && hangup) {
-			/* End of file (an empty datagram cannot be told apart; a live peer that
-			 * sends one is answered as malformed below). */
-			cb_peer_doom(peer);
+		budget += n;
+		if ((unsigned int)n < batch && !hangup)
+			return; /* drained */
+		if (n == 0)
 			return;
-		}
-		size_t size = (msg.msg_flags & MSG_TRUNC) ? CAPBUS_FRAME_MAX + 1 : (size_t)n;
-		cb_command_dispatch(peer, kernel->rx_buffer, size, fds, n_fds, &creds,
-				    (msg.msg_flags & MSG_CTRUNC) != 0);
 	}
 }
 
@@ -387,6 +434,9 @@ void capbus_kernel_free(struct cb_kernel *kernel)
 	cb_map_free(&kernel->users);
 	cb_map_free(&kernel->peers_by_key);
 	pthread_mutex_destroy(&kernel->lock);
-	free(kernel->rx_buffer);
+	if (kernel->io)
+		for (int i = 0; i < CB_RX_BATCH; i++)
+			free(kernel->io->rx_buffers[i]);
+	free(kernel->io);
 	free(kernel);
 }

@@ -83,6 +83,8 @@ static int check_memfd(int fd, uint64_t *size)
 	return 0;
 }
 
+#define SMALL_SEND 64 /* destinations handled without heap bookkeeping */
+
 static int compare_u64(const void *a, const void *b)
 {
 	uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
@@ -212,15 +214,21 @@ void cb_send(struct cb_peer *sender, uint64_t cookie, const void *body, size_t b
 	struct cb_message *message = user ? cb_message_new(payload, cmd->payload_size, fds, n_fds) : NULL;
 	uint32_t n = cmd->n_destinations;
 	size_t reply_size = sizeof(struct capbus_reply_send) + ((n * sizeof(int32_t) + 7) & ~(size_t)7);
-	uint8_t *reply = calloc(1, reply_size);
-	struct cb_qentry **entries = calloc(n, sizeof(*entries));
+	/* Most sends have few destinations: keep their bookkeeping off the heap. */
+	uint64_t reply_words[(sizeof(struct capbus_reply_send) + SMALL_SEND * sizeof(int32_t)) / 8 + 1] = { 0 };
+	struct cb_qentry *small_entries[SMALL_SEND] = { 0 };
+	bool small = n <= SMALL_SEND;
+	uint8_t *reply = small ? (uint8_t *)reply_words : calloc(1, reply_size);
+	struct cb_qentry **entries = small ? small_entries : calloc(n, sizeof(*entries));
 	if (!message || !reply || !entries) {
 		if (message) {
 			message->n_fds = 0; /* the fds are still ours, closed below */
 			cb_message_unref(message);
 		}
-		free(reply);
-		free(entries);
+		if (!small) {
+			free(reply);
+			free(entries);
+		}
 		if (user)
 			cb_user_put_if_unused(kernel, user);
 		error = ENOMEM;
@@ -284,8 +292,10 @@ void cb_send(struct cb_peer *sender, uint64_t cookie, const void *body, size_t b
 	cb_message_unref(message);
 	cb_user_put_if_unused(kernel, user);
 	cb_queue_reply(sender, cookie, CAPBUS_CMD_SEND, 0, reply, (uint32_t)reply_size);
-	free(reply);
-	free(entries);
+	if (!small) {
+		free(reply);
+		free(entries);
+	}
 	return;
 
 fail:

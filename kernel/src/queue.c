@@ -79,63 +79,80 @@ void cb_queue_push(struct cb_peer *peer, struct cb_qentry *entry)
 	cb_peer_dirty(peer);
 }
 
+/* The next entries to write, replies first, at most `max`. */
+static int collect(struct cb_queue *queue, struct cb_qentry **out, int max)
+{
+	int n = 0;
+	struct cb_link *lists[] = { &queue->replies, &queue->entries };
+	for (size_t l = 0; l < 2 && n < max; l++)
+		for (struct cb_link *link = lists[l]->next; link != lists[l] && n < max; link = link->next)
+			out[n++] = cb_container_of(link, struct cb_qentry, link);
+	return n;
+}
+
+static void prepare(struct cb_qentry *entry, struct msghdr *msg, struct iovec *iov, union cb_control *control)
+{
+	const int *fds = NULL;
+	uint32_t n_fds = 0;
+
+	iov[0] = (struct iovec){ entry->header, entry->header_size };
+	*msg = (struct msghdr){ .msg_iov = iov, .msg_iovlen = 1 };
+	if (entry->message && entry->message->payload_size) {
+		iov[1] = (struct iovec){ entry->message->payload, entry->message->payload_size };
+		msg->msg_iovlen = 2;
+	}
+	if (entry->message && entry->message->n_fds) {
+		fds = entry->message->fds;
+		n_fds = entry->message->n_fds;
+	} else if (entry->passed_fd >= 0) {
+		fds = &entry->passed_fd;
+		n_fds = 1;
+	}
+	if (n_fds) {
+		msg->msg_control = control->buffer;
+		msg->msg_controllen = CMSG_SPACE(sizeof(int) * n_fds);
+		struct cmsghdr *cmsg = CMSG_FIRSTHDR(msg);
+		cmsg->cmsg_level = SOL_SOCKET;
+		cmsg->cmsg_type = SCM_RIGHTS;
+		cmsg->cmsg_len = CMSG_LEN(sizeof(int) * n_fds);
+		memcpy(CMSG_DATA(cmsg), fds, sizeof(int) * n_fds);
+	}
+}
+
 int cb_queue_flush(struct cb_peer *peer)
 {
 	struct cb_queue *queue = &peer->queue;
-	union {
-		struct cmsghdr align;
-		char buffer[CMSG_SPACE(sizeof(int) * CAPBUS_FDS_MAX)];
-	} control;
+	struct cb_io *io = peer->kernel->io;
+	struct cb_qentry *batch[CB_TX_BATCH];
 
 	for (;;) {
-		struct cb_qentry *entry = cb_list_first(&queue->replies, struct cb_qentry, link);
-		if (!entry)
-			entry = cb_list_first(&queue->entries, struct cb_qentry, link);
-		if (!entry)
+		int n = collect(queue, batch, CB_TX_BATCH);
+		if (n == 0)
 			return 0;
-		struct iovec iov[2] = { { entry->header, entry->header_size } };
-		struct msghdr msg = { .msg_iov = iov, .msg_iovlen = 1 };
-		const int *fds = NULL;
-		uint32_t n_fds = 0;
-
-		if (entry->message && entry->message->payload_size) {
-			iov[1].iov_base = entry->message->payload;
-			iov[1].iov_len = entry->message->payload_size;
-			msg.msg_iovlen = 2;
-		}
-		if (entry->message && entry->message->n_fds) {
-			fds = entry->message->fds;
-			n_fds = entry->message->n_fds;
-		} else if (entry->passed_fd >= 0) {
-			fds = &entry->passed_fd;
-			n_fds = 1;
-		}
-		if (n_fds) {
-			msg.msg_control = control.buffer;
-			msg.msg_controllen = CMSG_SPACE(sizeof(int) * n_fds);
-			struct cmsghdr *cmsg = CMSG_FIRSTHDR(&msg);
-			cmsg->cmsg_level = SOL_SOCKET;
-			cmsg->cmsg_type = SCM_RIGHTS;
-			cmsg->cmsg_len = CMSG_LEN(sizeof(int) * n_fds);
-			memcpy(CMSG_DATA(cmsg), fds, sizeof(int) * n_fds);
-		}
-		ssize_t r = sendmsg(peer->fd, &msg, MSG_DONTWAIT | MSG_NOSIGNAL);
-		if (r < 0) {
+		for (int i = 0; i < n; i++)
+			prepare(batch[i], &io->tx[i].msg_hdr, io->tx_iov[i], &io->tx_control[i]);
+		int sent = sendmmsg(peer->fd, io->tx, (unsigned int)n, MSG_DONTWAIT | MSG_NOSIGNAL);
+		if (sent < 0) {
 			if (errno == EINTR)
 				continue;
 			if (errno == EAGAIN || errno == EWOULDBLOCK)
 				return 0;
 			return -errno;
 		}
-		cb_list_del(&entry->link);
-		if (entry->is_reply) {
-			queue->reply_bytes -= entry->header_size;
-		} else {
-			queue->n_entries--;
-			if (entry->message)
-				peer->kernel->stats.messages_written++;
+		for (int i = 0; i < sent; i++) {
+			struct cb_qentry *entry = batch[i];
+			cb_list_del(&entry->link);
+			if (entry->is_reply) {
+				queue->reply_bytes -= entry->header_size;
+			} else {
+				queue->n_entries--;
+				if (entry->message)
+					peer->kernel->stats.messages_written++;
+			}
+			entry_release(peer, entry);
 		}
-		entry_release(peer, entry);
+		if (sent < n)
+			return 0; /* the socket is full; EPOLLOUT brings us back */
 	}
 }
 
