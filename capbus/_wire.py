@@ -64,6 +64,9 @@ MSG_MONITOR: Final[int] = lib.CAPBUS_MSG_MONITOR
 MSG_FLAG_CONTINUE: Final[int] = lib.CAPBUS_MSG_FLAG_CONTINUE
 MSG_FLAG_MEMFD: Final[int] = lib.CAPBUS_MSG_FLAG_MEMFD
 SEND_FLAG_MEMFD: Final[int] = lib.CAPBUS_SEND_FLAG_MEMFD
+SEND_FLAG_QUIET: Final[int] = lib.CAPBUS_SEND_FLAG_QUIET
+ONEWAY_COOKIE: Final = 1 << 63
+"""Cookies of one-way sends carry this bit: a reply to one means the send failed."""
 MEMFD_MAX: Final[int] = lib.CAPBUS_MEMFD_MAX
 DESTROY_FLAG_RELEASE: Final[int] = lib.CAPBUS_DESTROY_FLAG_RELEASE
 HANDLE_STATE_OWNER: Final[int] = lib.CAPBUS_HANDLE_STATE_OWNER
@@ -105,6 +108,15 @@ def send_frame(
     SEND.pack_into(head, FRAME.size, n_dest, n_handles, n_fds, len(payload), priority, flags)
     struct.pack_into(f"<{n_dest + n_handles}Q", head, FRAME.size + SEND.size, *destinations, *handles)
     return [head, payload] if len(payload) else [head]
+
+
+def send_failures(body: memoryview) -> list[tuple[int, int]]:
+    """(destination id, errno) of each destination a one-way send could not reach."""
+    n_dest, _delivered = SEND_RESULT.unpack_from(body)
+    errors = struct.unpack_from(f"<{n_dest}i", body, SEND_RESULT.size)
+    ids_at = SEND_RESULT.size + (4 * n_dest + 7) // 8 * 8
+    ids = struct.unpack_from(f"<{n_dest}Q", body, ids_at)
+    return [(i, e) for i, e in zip(ids, errors, strict=True) if e]
 
 
 def seed_body(handles: list[int], payload: bytes) -> bytes:

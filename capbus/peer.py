@@ -22,7 +22,7 @@ import os
 import socket
 import struct
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import overload
@@ -46,6 +46,9 @@ class MessageKind(enum.Enum):
     """The last handle any other peer held to our node ``destination`` is gone."""
     MONITOR = _wire.MSG_MONITOR
     """A copy of some traffic, for a peer granted the monitor capability."""
+    SEND_FAILED = 0x100
+    """A :meth:`Peer.send_oneway` did not reach ``destination`` (``error`` says why). Not from
+    the kernel's queue: made by this peer from the kernel's answer, in the order it came."""
 
 
 _KINDS = {kind.value: kind for kind in MessageKind}
@@ -158,6 +161,8 @@ class Message:
     sender: Credentials | None = None
     continues: bool = False
     """True when the next message belongs to the same transaction (same multicast or destroy)."""
+    error: CapbusError | None = None
+    """For SEND_FAILED: why the one-way send did not reach ``destination``."""
 
     @property
     def payload(self) -> bytes:
@@ -313,7 +318,8 @@ class Peer:
 
     def _read_frame(self) -> None:
         """Reads one frame and files it; raises BlockingIOError when there is none."""
-        size, ancdata, flags, _ = self._sock.recvmsg_into([self._rx], _ANC_SPACE, socket.MSG_CMSG_CLOEXEC)
+        rx = self._rx
+        size, ancdata, flags, _ = self._sock.recvmsg_into([rx], _ANC_SPACE, socket.MSG_CMSG_CLOEXEC)
         fds = _parse_fds(ancdata) if ancdata else []
         if not size and not fds:
             self._broken = Disconnected("the kernel closed the connection")
@@ -323,18 +329,39 @@ class Peer:
                 os.close(fd)
             self._broken = Disconnected("the kernel sent a frame larger than the wire format allows")
             return
-        event = _wire.decode(self._rx[:size], fds)
-        if isinstance(event, _wire.Reply):
-            if event.cookie in self._abandoned:
-                self._abandoned.discard(event.cookie)
+        # The buffer is reused for the next frame, so what is kept is copied out once.
+        event = _wire.decode(bytes(rx[:size]), fds)
+        if type(event) is _wire.Reply:
+            cookie = event.cookie
+            if cookie & _wire.ONEWAY_COOKIE:
+                self._oneway_failed(event)
+            elif cookie in self._abandoned:
+                self._abandoned.discard(cookie)
                 for fd in event.fds:
                     os.close(fd)
-            elif event.cookie == 0:
+            elif cookie == 0:
                 self.unsolicited_errors.append(error_from_errno(event.error, "unparseable frame"))
             else:
-                self._replies[event.cookie] = event
+                self._replies[cookie] = event
         else:
+            assert isinstance(event, _wire.Incoming)
             self._inbox.append(self._wrap(event))
+
+    def _oneway_failed(self, reply: _wire.Reply) -> None:
+        """Files the failures of a one-way send as SEND_FAILED messages."""
+        if reply.error:  # refused as a whole: nothing was sent anywhere
+            failures = [(_wire.HANDLE_INVALID, reply.error)]
+        else:
+            failures = _wire.send_failures(reply.body)
+        for destination, code in failures:
+            self._inbox.append(
+                Message(
+                    kind=MessageKind.SEND_FAILED,
+                    destination=Handle(self, destination),
+                    payload_view=memoryview(b""),
+                    error=error_from_errno(code, "send_oneway"),
+                )
+            )
 
     def _wrap(self, event: _wire.Incoming) -> Message:
         payload = event.payload
@@ -360,81 +387,93 @@ class Peer:
             continues=bool(event.flags & _wire.MSG_FLAG_CONTINUE),
         )
 
-    async def _pump_until(self, ready: Callable[[], bool]) -> None:
-        """Reads frames (or waits for the task reading them) until ``ready()``."""
-        waited = False
-        while not ready():
-            self._check_usable()
-            if self._reading:
-                waited = True
-                if self._progress is None:
-                    self._progress = trio.Event()
-                await self._progress.wait()
-                continue
-            self._reading = True
-            try:
-                while True:
-                    try:
-                        self._read_frame()
-                        break
-                    except BlockingIOError:
-                        waited = True
-                        await trio.lowlevel.wait_readable(self._sock)
-                    except OSError as error:
-                        self._broken = Disconnected(f"connection to the kernel failed: {error}")
-                        break
-            finally:
-                self._reading = False
-                if self._progress is not None:
-                    self._progress.set()
-                    self._progress = None
-        if not waited:
-            await trio.lowlevel.checkpoint()
+    async def _advance(self) -> bool:
+        """Moves the connection forward by one step: files one frame if one has arrived, else
+        waits until one may have (or until the task that waits for the socket saw one).
+        Returns whether it waited. Reading never awaits, so it needs no lock; only the wait
+        for readability is one task's at a time (trio allows one waiter per fd)."""
+        self._check_usable()
+        if self._reading:
+            if self._progress is None:
+                self._progress = trio.Event()
+            await self._progress.wait()
+            return True
+        try:
+            self._read_frame()
+            return False
+        except BlockingIOError:
+            pass
+        except OSError as error:
+            self._broken = Disconnected(f"connection to the kernel failed: {error}")
+            return False
+        self._reading = True
+        try:
+            await trio.lowlevel.wait_readable(self._sock)
+        finally:
+            self._reading = False
+            if self._progress is not None:
+                self._progress.set()
+                self._progress = None
+        return True
 
-    async def _write(
-        self, buffers: Sequence[bytes | bytearray | memoryview], fds: Sequence[int] = ()
-    ) -> None:
+    def _write_nowait(self, buffers: Sequence[bytes | bytearray | memoryview], fds: Sequence[int]) -> bool:
+        """Writes one frame if the socket takes it now; False if it is full."""
         ancdata = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
-        while True:
-            self._check_usable()
-            try:
-                self._sock.sendmsg(buffers, ancdata)
-                return
-            except BlockingIOError:
-                async with self._write_lock:
-                    await trio.lowlevel.wait_writable(self._sock)
-            except OSError as error:
-                self._broken = Disconnected(f"connection to the kernel failed: {error}")
-                raise self._broken from error
+        try:
+            self._sock.sendmsg(buffers, ancdata)
+            return True
+        except BlockingIOError:
+            return False
+        except OSError as error:
+            self._broken = Disconnected(f"connection to the kernel failed: {error}")
+            raise self._broken from error
 
     async def _call(
         self,
         kind: int,
         body: bytes = b"",
         *,
-        buffers: Callable[[int], Sequence[bytes | bytearray | memoryview]] | None = None,
+        frame: Sequence[bytes | bytearray | memoryview] | None = None,
+        cookie: int = 0,
         fds: Sequence[int] = (),
         what: str = "",
     ) -> _wire.Reply:
+        """Sends one command and returns its successful reply (or raises its error).
+        ``frame`` is a prebuilt frame carrying ``cookie`` (from :meth:`_new_cookie`)."""
         self._check_usable()
-        cookie = self._next_cookie
-        self._next_cookie += 1
-        await self._write(buffers(cookie) if buffers else [_wire.command(kind, cookie, body)], fds)
+        if frame is None:
+            cookie = self._new_cookie()
+            frame = [_wire.command(kind, cookie, body)]
+        waited = False
+        while not self._write_nowait(frame, fds):
+            waited = True
+            async with self._write_lock:
+                self._check_usable()
+                await trio.lowlevel.wait_writable(self._sock)
+        replies = self._replies
         try:
-            await self._pump_until(lambda: cookie in self._replies)
+            while cookie not in replies:
+                waited = await self._advance() or waited
+            if not waited:
+                await trio.lowlevel.checkpoint()
         except BaseException:
-            if cookie in self._replies:
-                for fd in self._replies.pop(cookie).fds:
+            if cookie in replies:
+                for fd in replies.pop(cookie).fds:
                     os.close(fd)
             else:
                 self._abandoned.add(cookie)
             raise
-        reply = self._replies.pop(cookie)
+        reply = replies.pop(cookie)
         if reply.error:
             for fd in reply.fds:
                 os.close(fd)
             raise error_from_errno(reply.error, what or _COMMAND_NAMES.get(kind, "command"))
         return reply
+
+    def _new_cookie(self) -> int:
+        cookie = self._next_cookie
+        self._next_cookie = cookie + 1
+        return cookie
 
     def _id(self, handle: HandleLike) -> int:
         if isinstance(handle, Handle):
@@ -566,14 +605,9 @@ class Peer:
         else:
             targets = [self._id(d) for d in destinations]
         attached = [self._id(h) for h in handles]
-        reply = await self._call(
-            _wire.CMD_SEND,
-            buffers=lambda cookie: _wire.send_frame(
-                cookie, targets, attached, len(fd_numbers), payload, priority, flags
-            ),
-            fds=fd_numbers,
-            what="send",
-        )
+        cookie = self._new_cookie()
+        frame = _wire.send_frame(cookie, targets, attached, len(fd_numbers), payload, priority, flags)
+        reply = await self._call(_wire.CMD_SEND, frame=frame, cookie=cookie, fds=fd_numbers, what="send")
         n_dest, _delivered = _wire.SEND_RESULT.unpack_from(reply.body)
         codes = struct.unpack_from(f"<{n_dest}i", reply.body, _wire.SEND_RESULT.size)
         results = tuple(error_from_errno(code, "send") if code else None for code in codes)
@@ -583,6 +617,50 @@ class Peer:
             return None
         return results
 
+    async def send_oneway(
+        self,
+        destinations: HandleLike | Sequence[HandleLike],
+        payload: bytes | bytearray | memoryview = b"",
+        *,
+        handles: Iterable[HandleLike] = (),
+        fds: Iterable[int | socket.socket] = (),
+        priority: int = 0,
+    ) -> None:
+        """Sends without waiting for the kernel's answer (as a one-way call would).
+
+        The kernel answers only if the message did not reach some destination; each such
+        failure then arrives through :meth:`recv` as a ``SEND_FAILED`` message naming the
+        destination and the error. Half the frames of :meth:`send`, and no wait: for events
+        and one-way calls. Errors this peer can see itself (a handle of another peer, a
+        payload over 1 GiB) still raise at once.
+        """
+        self._check_usable()
+        targets = (
+            [self._id(destinations)]
+            if isinstance(destinations, Handle | int)
+            else [self._id(d) for d in destinations]
+        )
+        attached = [self._id(h) for h in handles]
+        fd_numbers = [_fd_number(fd) for fd in fds]
+        flags = _wire.SEND_FLAG_QUIET
+        memfd = -1
+        if len(payload) > _wire.PAYLOAD_MAX:
+            memfd = _sealed_memfd(payload)
+            fd_numbers.insert(0, memfd)
+            payload = b""
+            flags |= _wire.SEND_FLAG_MEMFD
+        try:
+            cookie = self._new_cookie() | _wire.ONEWAY_COOKIE
+            frame = _wire.send_frame(cookie, targets, attached, len(fd_numbers), payload, priority, flags)
+            while not self._write_nowait(frame, fd_numbers):
+                async with self._write_lock:
+                    self._check_usable()
+                    await trio.lowlevel.wait_writable(self._sock)
+        finally:
+            if memfd >= 0:
+                os.close(memfd)
+        await trio.lowlevel.checkpoint()
+
     async def recv(self, *, priority: bool = False) -> Message:
         """The next message or notification, in the global order.
 
@@ -591,13 +669,18 @@ class Peer:
         """
         if priority:
             await self._drain_available()
-        await self._pump_until(lambda: bool(self._inbox))
+        inbox = self._inbox
+        waited = False
+        while not inbox:
+            waited = await self._advance() or waited
+        if not waited:
+            await trio.lowlevel.checkpoint()
         if priority:
-            best = max(range(len(self._inbox)), key=lambda i: (self._inbox[i].priority, -i))
-            message = self._inbox[best]
-            del self._inbox[best]
+            best = max(range(len(inbox)), key=lambda i: (inbox[i].priority, -i))
+            message = inbox[best]
+            del inbox[best]
             return message
-        return self._inbox.popleft()
+        return inbox.popleft()
 
     def recv_nowait(self) -> Message:
         """The next message if one has arrived, else raises :class:`trio.WouldBlock`."""

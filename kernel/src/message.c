@@ -166,7 +166,7 @@ void cb_send(struct cb_peer *sender, uint64_t cookie, const void *body, size_t b
 		error = EINVAL;
 		goto fail;
 	}
-	if ((cmd->flags & ~(uint32_t)CAPBUS_SEND_FLAG_MEMFD) || cmd->n_destinations == 0 ||
+	if ((cmd->flags & ~(uint32_t)(CAPBUS_SEND_FLAG_MEMFD | CAPBUS_SEND_FLAG_QUIET)) || cmd->n_destinations == 0 ||
 	    cmd->n_destinations > CAPBUS_DESTINATIONS_MAX) {
 		error = EINVAL;
 		goto fail;
@@ -213,9 +213,11 @@ void cb_send(struct cb_peer *sender, uint64_t cookie, const void *body, size_t b
 	struct cb_user *user = cb_user_get(kernel, creds->uid);
 	struct cb_message *message = user ? cb_message_new(payload, cmd->payload_size, fds, n_fds) : NULL;
 	uint32_t n = cmd->n_destinations;
-	size_t reply_size = sizeof(struct capbus_reply_send) + ((n * sizeof(int32_t) + 7) & ~(size_t)7);
+	bool quiet = cmd->flags & CAPBUS_SEND_FLAG_QUIET;
+	size_t errors_size = (n * sizeof(int32_t) + 7) & ~(size_t)7;
+	size_t reply_size = sizeof(struct capbus_reply_send) + errors_size + (quiet ? 8ull * n : 0);
 	/* Most sends have few destinations: keep their bookkeeping off the heap. */
-	uint64_t reply_words[(sizeof(struct capbus_reply_send) + SMALL_SEND * sizeof(int32_t)) / 8 + 1] = { 0 };
+	uint64_t reply_words[(sizeof(struct capbus_reply_send) + SMALL_SEND * (sizeof(int32_t) + 8)) / 8 + 1] = { 0 };
 	struct cb_qentry *small_entries[SMALL_SEND] = { 0 };
 	bool small = n <= SMALL_SEND;
 	uint8_t *reply = small ? (uint8_t *)reply_words : calloc(1, reply_size);
@@ -291,7 +293,11 @@ void cb_send(struct cb_peer *sender, uint64_t cookie, const void *body, size_t b
 	}
 	cb_message_unref(message);
 	cb_user_put_if_unused(kernel, user);
-	cb_queue_reply(sender, cookie, CAPBUS_CMD_SEND, 0, reply, (uint32_t)reply_size);
+	if (!quiet || result->n_delivered < n) {
+		if (quiet)
+			memcpy(reply + sizeof(*result) + errors_size, destinations, 8ull * n);
+		cb_queue_reply(sender, cookie, CAPBUS_CMD_SEND, 0, reply, (uint32_t)reply_size);
+	}
 	if (!small) {
 		free(reply);
 		free(entries);

@@ -374,3 +374,34 @@ async def test_unsealed_memfd_payload_is_refused(new_peer: PeerFactory) -> None:
     finally:
         os.close(memfd)
     assert_queue_empty(receiver)
+
+
+async def test_oneway_send_needs_no_answer_and_reports_failures_in_order(
+    kernel: capbus.Kernel, new_peer: PeerFactory
+) -> None:
+    sender = await new_peer()
+    receiver = await new_peer()
+    live = await receiver.transfer(await receiver.create_node(), sender)
+    doomed_node = await receiver.create_node()
+    doomed = await receiver.transfer(doomed_node, sender)
+    sender_inbox = await sender.create_node()
+    await receiver.destroy(doomed_node)
+    assert (await recv_kind(sender, DESTROYED)).destination == doomed
+
+    for i in range(100):
+        await sender.send_oneway(live, b"%d" % i)
+    await sender.send_oneway([live, doomed], b"both")
+    await sender.send_oneway([live, live], b"duplicate")  # refused as a whole
+    await sender.send(sender_inbox, b"marker")  # an acknowledged send after them
+    # Only the failures came back, as messages, in the order they happened.
+    failed = await recv_kind(sender, capbus.MessageKind.SEND_FAILED)
+    assert failed.destination == doomed and isinstance(failed.error, capbus.NodeDestroyed)
+    refused = await recv_kind(sender, capbus.MessageKind.SEND_FAILED)
+    assert not refused.destination.is_valid and isinstance(refused.error, capbus.DuplicateId)
+    assert (await recv_kind(sender, DATA)).payload == b"marker"
+    assert_queue_empty(sender)
+    assert (await recv_kind(receiver, DESTROYED)).destination == doomed_node
+    for i in range(100):
+        assert (await recv_kind(receiver, DATA)).payload == b"%d" % i
+    assert (await recv_kind(receiver, DATA)).payload == b"both"
+    assert_queue_empty(receiver)

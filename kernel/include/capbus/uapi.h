@@ -115,13 +115,18 @@ struct capbus_cmd_send {
  * growing (so every receiver can map it and trust it not to change); payload_size is 0.
  * Large payloads travel this way without being copied through the kernel. */
 #define CAPBUS_SEND_FLAG_MEMFD  0x1
+/* One-way: no reply when every destination got the message. A send that fails anywhere
+ * (or is refused as a whole) is answered as usual, and the reply then also lists the
+ * destination ids after the errors, since the sender keeps no record of one-way sends. */
+#define CAPBUS_SEND_FLAG_QUIET  0x2
 #define CAPBUS_MEMFD_MAX        (1ull << 30) /* bytes of one memfd payload */
 
 /* Per-destination results of a send: all-or-nothing for each destination. */
 struct capbus_reply_send {
 	uint32_t n_destinations;
 	uint32_t n_delivered;
-	/* int32_t errors[n_destinations]; 0 = queued for delivery */
+	/* int32_t errors[n_destinations]; 0 = queued for delivery; padded to 8 bytes */
+	/* with CAPBUS_SEND_FLAG_QUIET: uint64_t destinations[n_destinations]; */
 };
 
 struct capbus_reply_query {
