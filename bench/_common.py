@@ -179,11 +179,21 @@ def heap_bytes() -> int | None:
 
 
 def send_frame(
-    destination: int, payload: bytes = PAYLOAD, *, handles: Sequence[int] = (), cookie: int = 1
+    destination: int,
+    payload: bytes = PAYLOAD,
+    *,
+    handles: Sequence[int] = (),
+    cookie: int = 1,
+    oneway: bool = False,
 ) -> bytes:
     """A complete CAPBUS_CMD_SEND frame, built once and written as often as wanted (the
-    kernel just echoes the cookie, so reusing one is fine for a driver that only counts)."""
-    return b"".join(bytes(b) for b in _wire.send_frame(cookie, [destination], list(handles), 0, payload))
+    kernel just echoes the cookie, so reusing one is fine for a driver that only counts).
+    ``oneway`` sets CAPBUS_SEND_FLAG_QUIET: the kernel answers only failures."""
+    flags = _wire.SEND_FLAG_QUIET if oneway else 0
+    if oneway:
+        cookie |= _wire.ONEWAY_COOKIE
+    frames = _wire.send_frame(cookie, [destination], list(handles), 0, payload, 0, flags)
+    return b"".join(bytes(b) for b in frames)
 
 
 def frame_type(frame: bytes | bytearray | memoryview) -> int:
@@ -215,14 +225,16 @@ MSG_DATA = _wire.MSG_DATA
 # -- the Peer API round trip --------------------------------------------------------------------
 
 
-async def peer_echo(b: capbus.Peer, back: capbus.HandleLike) -> None:
-    """B's side of a round trip: sends every data message back to ``back``; returns when
-    A's node goes away (A disconnected) or the kernel does."""
+async def peer_echo(b: capbus.Peer, back: capbus.HandleLike, *, oneway: bool = False) -> None:
+    """B's side of a round trip: sends every data message back to ``back`` (with
+    ``send_oneway`` if ``oneway``); returns when A's node goes away (A disconnected) or the
+    kernel does."""
+    send = b.send_oneway if oneway else b.send
     try:
         while True:
             message = await b.recv()
             if message.kind is capbus.MessageKind.DATA:
-                await b.send(back, message.payload_view)
+                await send(back, message.payload_view)
             elif message.kind is capbus.MessageKind.NODE_DESTROYED:
                 return
     except (capbus.Disconnected, capbus.NodeDestroyed, trio.ClosedResourceError):
@@ -230,15 +242,17 @@ async def peer_echo(b: capbus.Peer, back: capbus.HandleLike) -> None:
 
 
 async def peer_round_trips(
-    a: capbus.Peer, to_b: capbus.HandleLike, iterations: int, warmup: int
+    a: capbus.Peer, to_b: capbus.HandleLike, iterations: int, warmup: int, *, oneway: bool = False
 ) -> list[int]:
     """A's side: ``iterations`` timed round trips (after ``warmup`` untimed ones), in ns.
-    One round trip: A sends 32 bytes to B's node, B's echo sends them back to A's node."""
+    One round trip: A sends 32 bytes to B's node, B's echo sends them back to A's node.
+    ``oneway``: both sides use ``send_oneway`` (no answer from the kernel)."""
     samples: list[int] = []
     clock = time.perf_counter_ns
+    send = a.send_oneway if oneway else a.send
     for i in range(warmup + iterations):
         start = clock()
-        await a.send(to_b, PAYLOAD)
+        await send(to_b, PAYLOAD)
         message = await a.recv()
         end = clock()
         if message.kind is not capbus.MessageKind.DATA:

@@ -57,14 +57,16 @@ from _common import (
 
 import capbus
 
-Variant = Literal["raw", "relay", "frames", "peer"]
+Variant = Literal["raw", "relay", "frames", "frames-oneway", "peer", "peer-oneway"]
 Mode = Literal["in-process", "cross-process"]
-VARIANTS: tuple[Variant, ...] = ("raw", "relay", "frames", "peer")
+VARIANTS: tuple[Variant, ...] = ("raw", "relay", "frames", "frames-oneway", "peer", "peer-oneway")
 LABELS: dict[Variant, str] = {
     "raw": "raw socketpair (baseline)",
     "relay": "C epoll relay in between",
     "frames": "capbus, raw frames",
-    "peer": "capbus, Peer API",
+    "frames-oneway": "capbus, raw frames, one-way sends",
+    "peer": "capbus, Peer API (send)",
+    "peer-oneway": "capbus, Peer API (send_oneway)",
 }
 GOAL = 1.25
 WAIT = 20.0  # seconds: bound on any setup or teardown step
@@ -94,11 +96,11 @@ async def run_b(variant: Variant, sock: socket.socket) -> None:
                 await raw.send(memoryview(buffer)[:n])
         return
     b, to_a = await b_setup(sock)
-    if variant == "peer":
+    if variant in ("peer", "peer-oneway"):
         async with b:
-            await peer_echo(b, to_a)
+            await peer_echo(b, to_a, oneway=variant == "peer-oneway")
         return
-    frame = send_frame(to_a.id)
+    frame = send_frame(to_a.id, oneway=variant == "frames-oneway")
     with trio.socket.from_stdlib_socket(b.detach()) as raw:
         buffer = bytearray(RECV_SIZE)
         while n := await raw.recv_into(buffer):
@@ -198,10 +200,12 @@ async def measure(
                 with trio.fail_after(WAIT):
                     hello = await a.recv()
                 to_b = hello.handles[0]
-                if variant == "peer":
-                    return await peer_round_trips(a, to_b, iterations, warmup)
+                if variant in ("peer", "peer-oneway"):
+                    return await peer_round_trips(
+                        a, to_b, iterations, warmup, oneway=variant == "peer-oneway"
+                    )
                 with trio.socket.from_stdlib_socket(a.detach()) as a_sock:
-                    frame = send_frame(to_b.id)
+                    frame = send_frame(to_b.id, oneway=variant == "frames-oneway")
                     return await raw_round_trips(a_sock, frame, iterations, warmup, through_kernel=True)
             finally:
                 await a.aclose()
@@ -248,9 +252,10 @@ async def main(args: argparse.Namespace) -> None:
         print(f"\n## {mode} (B {'is a task next to A' if mode == 'in-process' else 'in a child process'})\n")
         headers = ["variant", "median us", "p99 us", "median / raw", "p99 / raw", "runs' medians"]
         print(table(headers, rows))
-        peer = Latency.combine(results[mode, "peer"]).median_us / raw.median_us
-        verdict = "meets" if peer <= GOAL else "misses"
-        print(f"\nPeer API round trip = {peer:.2f}x raw ({verdict} the goal of <= {GOAL:.2f}x)")
+        for variant in ("peer", "peer-oneway"):
+            ratio = Latency.combine(results[mode, variant]).median_us / raw.median_us
+            verdict = "meets" if ratio <= GOAL else "misses"
+            print(f"\n{LABELS[variant]} round trip = {ratio:.2f}x raw ({verdict} the goal of <= {GOAL:.2f}x)")
 
 
 async def child(variant: Variant, fd: int) -> None:

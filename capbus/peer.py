@@ -33,6 +33,9 @@ from . import _wire
 from .errors import CapbusError, Disconnected, InvalidArgument, MessageTooLarge, error_from_errno
 
 _ANC_SPACE = socket.CMSG_SPACE(4 * _wire.FDS_MAX)
+# Plain ints: arithmetic on the socket module's IntFlag members costs microseconds per frame.
+_TRUNCATED = int(socket.MSG_TRUNC) | int(socket.MSG_CTRUNC)
+_CMSG_CLOEXEC = int(socket.MSG_CMSG_CLOEXEC)
 
 
 class MessageKind(enum.Enum):
@@ -283,6 +286,8 @@ class Peer:
         self._closed = False
         self._broken: CapbusError | None = None
         self._key: bytes | None = None
+        # Messages mostly come from a few senders: share their Credentials objects.
+        self._senders: dict[tuple[int, int, int, int], Credentials] = {}
         self.unsolicited_errors: list[CapbusError] = []
         """Errors the kernel sent for frames it could not attribute to a command."""
 
@@ -319,33 +324,33 @@ class Peer:
     def _read_frame(self) -> None:
         """Reads one frame and files it; raises BlockingIOError when there is none."""
         rx = self._rx
-        size, ancdata, flags, _ = self._sock.recvmsg_into([rx], _ANC_SPACE, socket.MSG_CMSG_CLOEXEC)
+        size, ancdata, flags, _ = self._sock.recvmsg_into([rx], _ANC_SPACE, _CMSG_CLOEXEC)
         fds = _parse_fds(ancdata) if ancdata else []
         if not size and not fds:
             self._broken = Disconnected("the kernel closed the connection")
             return
-        if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+        if flags & _TRUNCATED:
             for fd in fds:
                 os.close(fd)
             self._broken = Disconnected("the kernel sent a frame larger than the wire format allows")
             return
         # The buffer is reused for the next frame, so what is kept is copied out once.
         event = _wire.decode(bytes(rx[:size]), fds)
-        if type(event) is _wire.Reply:
-            cookie = event.cookie
-            if cookie & _wire.ONEWAY_COOKIE:
-                self._oneway_failed(event)
-            elif cookie in self._abandoned:
-                self._abandoned.discard(cookie)
-                for fd in event.fds:
-                    os.close(fd)
-            elif cookie == 0:
-                self.unsolicited_errors.append(error_from_errno(event.error, "unparseable frame"))
-            else:
-                self._replies[cookie] = event
-        else:
-            assert isinstance(event, _wire.Incoming)
+        if type(event) is _wire.Incoming:
             self._inbox.append(self._wrap(event))
+            return
+        assert type(event) is _wire.Reply
+        cookie = event.cookie
+        if cookie & _wire.ONEWAY_COOKIE:
+            self._oneway_failed(event)
+        elif cookie in self._abandoned:
+            self._abandoned.discard(cookie)
+            for fd in event.fds:
+                os.close(fd)
+        elif cookie == 0:
+            self.unsolicited_errors.append(error_from_errno(event.error, "unparseable frame"))
+        else:
+            self._replies[cookie] = event
 
     def _oneway_failed(self, reply: _wire.Reply) -> None:
         """Files the failures of a one-way send as SEND_FAILED messages."""
@@ -374,17 +379,23 @@ class Peer:
                 os.close(memfd)
         sender = None
         if event.uid != _wire.NO_CREDENTIAL:
-            sender = Credentials(event.uid, event.gid, event.pid, event.process_id)
+            key = (event.uid, event.gid, event.pid, event.process_id)
+            sender = self._senders.get(key)
+            if sender is None:
+                if len(self._senders) > 64:
+                    self._senders.clear()
+                sender = self._senders[key] = Credentials(*key)
+        handles = tuple([Handle(self, i) for i in event.handles]) if event.handles else ()
         return Message(
-            kind=_KINDS[event.kind],
-            destination=Handle(self, event.destination),
-            payload_view=payload,
-            handles=tuple(Handle(self, i) for i in event.handles),
-            fds=event.fds,
-            priority=event.priority,
-            seq=event.seq,
-            sender=sender,
-            continues=bool(event.flags & _wire.MSG_FLAG_CONTINUE),
+            _KINDS[event.kind],
+            Handle(self, event.destination),
+            payload,
+            handles,
+            event.fds,
+            event.priority,
+            event.seq,
+            sender,
+            bool(event.flags & _wire.MSG_FLAG_CONTINUE),
         )
 
     async def _advance(self) -> bool:
