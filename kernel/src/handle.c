@@ -9,6 +9,16 @@
 #include "peer.h"
 #include "queue.h"
 
+uint64_t cb_handle_id_key(const void *handle)
+{
+	return ((const struct cb_handle *)handle)->id;
+}
+
+uint64_t cb_handle_node_key(const void *handle)
+{
+	return ((const struct cb_handle *)handle)->node->serial;
+}
+
 struct cb_handle *cb_handle_lookup(struct cb_peer *peer, uint64_t id)
 {
 	if (id == 0 || id == CAPBUS_HANDLE_INVALID)
@@ -36,10 +46,11 @@ static struct cb_handle *handle_new(struct cb_peer *peer, struct cb_node *node, 
 	handle->node = node;
 	handle->n_user = 1;
 	cb_list_init(&handle->holder_link);
-	cb_map_put(&peer->handles_by_id, handle->id, handle);
-	cb_map_put(&peer->handles_by_node, node->serial, handle);
+	cb_map_put(&peer->handles_by_id, handle);
 	node->n_refs++;
 	if (!anchor) {
+		/* The owner finds its own handle through node->anchor: no map entry needed. */
+		cb_map_put(&peer->handles_by_node, handle);
 		cb_list_add_tail(&node->holders, &handle->holder_link);
 		node->n_holders++;
 	}
@@ -82,14 +93,16 @@ struct cb_handle *cb_node_create(struct cb_peer *peer, int *error)
 
 int cb_handle_is_new(struct cb_peer *peer, struct cb_node *node)
 {
-	return !node->destroyed && cb_map_get(&peer->handles_by_node, node->serial) == NULL;
+	if (node->destroyed || (node->anchor && node->owner == peer))
+		return 0;
+	return cb_map_get(&peer->handles_by_node, node->serial) == NULL;
 }
 
 uint64_t cb_handle_install(struct cb_peer *peer, struct cb_node *node)
 {
 	if (node->destroyed)
 		return CAPBUS_HANDLE_INVALID;
-	struct cb_handle *handle = cb_map_get(&peer->handles_by_node, node->serial);
+	struct cb_handle *handle = node->owner == peer ? node->anchor : cb_map_get(&peer->handles_by_node, node->serial);
 	if (handle) {
 		handle->n_user++;
 		return handle->id;
@@ -111,10 +124,10 @@ static void handle_free(struct cb_handle *handle)
 	struct cb_kernel *kernel = peer->kernel;
 
 	cb_map_remove(&peer->handles_by_id, handle->id);
-	cb_map_remove(&peer->handles_by_node, node->serial);
 	if (node->anchor == handle) {
 		node->anchor = NULL;
 	} else {
+		cb_map_remove(&peer->handles_by_node, node->serial);
 		cb_list_del(&handle->holder_link);
 		if (--node->n_holders == 0 && !node->destroyed && node->anchor)
 			cb_queue_notify(node->owner, CAPBUS_MSG_NODE_RELEASE, node->anchor->id, cb_kernel_tick(kernel));

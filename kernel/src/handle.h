@@ -30,6 +30,9 @@ struct cb_handle {
 	uint32_t n_user;
 };
 
+/* Keys of the two per-peer maps (map.h). */
+uint64_t cb_handle_id_key(const void *handle);
+uint64_t cb_handle_node_key(const void *handle);
 struct cb_handle *cb_handle_lookup(struct cb_peer *peer, uint64_t id);
 /* Creates a node owned by `peer`; returns its anchor handle or NULL (errno-style *error). */
 struct cb_handle *cb_node_create(struct cb_peer *peer, int *error);

@@ -59,8 +59,8 @@ int capbus_kernel_new(const struct capbus_limits *limits, struct cb_kernel **out
 	pthread_mutex_init(&kernel->lock, NULL);
 	kernel->listen_fd = -1;
 	kernel->wake_fd = -1;
-	cb_map_init(&kernel->peers_by_key);
-	cb_map_init(&kernel->users);
+	cb_map_init(&kernel->peers_by_key, cb_peer_map_key);
+	cb_map_init(&kernel->users, cb_user_map_key);
 	cb_list_init(&kernel->peers);
 	cb_list_init(&kernel->dirty);
 	cb_list_init(&kernel->doomed);
@@ -429,8 +429,7 @@ void capbus_kernel_free(struct cb_kernel *kernel)
 	if (kernel->epoll_fd >= 0)
 		close(kernel->epoll_fd);
 	for (size_t i = 0; i < kernel->users.capacity; i++)
-		if (kernel->users.slots[i].key)
-			free(kernel->users.slots[i].value);
+		free(kernel->users.slots[i]);
 	cb_map_free(&kernel->users);
 	cb_map_free(&kernel->peers_by_key);
 	pthread_mutex_destroy(&kernel->lock);

@@ -21,6 +21,11 @@ static uint64_t key_hash(const uint8_t key[16])
 	return word ? word : 1; /* 0 is the map's empty marker */
 }
 
+uint64_t cb_peer_map_key(const void *peer)
+{
+	return key_hash(((const struct cb_peer *)peer)->key);
+}
+
 struct cb_peer *cb_peer_by_key(struct cb_kernel *kernel, const uint8_t key[16])
 {
 	struct cb_peer *peer = cb_map_get(&kernel->peers_by_key, key_hash(key));
@@ -61,8 +66,8 @@ struct cb_peer *cb_peer_new(struct cb_kernel *kernel, int fd, uint32_t uid, uint
 	peer->gid = gid;
 	peer->pid = pid;
 	peer->user = user;
-	cb_map_init(&peer->handles_by_id);
-	cb_map_init(&peer->handles_by_node);
+	cb_map_init(&peer->handles_by_id, cb_handle_id_key);
+	cb_map_init(&peer->handles_by_node, cb_handle_node_key);
 	cb_queue_init(&peer->queue);
 	cb_quota_init(&peer->quota);
 	cb_list_init(&peer->dirty_link);
@@ -73,7 +78,7 @@ struct cb_peer *cb_peer_new(struct cb_kernel *kernel, int fd, uint32_t uid, uint
 			goto fail;
 		}
 	} while (cb_map_get(&kernel->peers_by_key, key_hash(peer->key)));
-	if (cb_map_put(&kernel->peers_by_key, key_hash(peer->key), peer) < 0) {
+	if (cb_map_put(&kernel->peers_by_key, peer) < 0) {
 		*error = ENOMEM;
 		goto fail;
 	}
@@ -149,8 +154,8 @@ static struct cb_handle **collect_handles(struct cb_peer *peer, size_t *n)
 	if (!handles)
 		return NULL;
 	for (size_t i = 0; i < map->capacity; i++)
-		if (map->slots[i].key)
-			handles[(*n)++] = map->slots[i].value;
+		if (map->slots[i])
+			handles[(*n)++] = map->slots[i];
 	return handles;
 }
 
@@ -197,8 +202,8 @@ void cb_peer_disconnect(struct cb_peer *peer)
 		while (peer->handles_by_id.count) {
 			struct cb_map *map = &peer->handles_by_id;
 			for (size_t i = 0; i < map->capacity; i++) {
-				struct cb_handle *handle = map->slots[i].value;
-				if (!map->slots[i].key)
+				struct cb_handle *handle = map->slots[i];
+				if (!handle)
 					continue;
 				if (handle->node->anchor == handle && !handle->node->destroyed)
 					cb_nodes_destroy(&handle, 1, 0);

@@ -67,6 +67,7 @@ void cb_peer_dirty(struct cb_peer *peer);
 /* Re-arms epoll for what the peer currently needs. */
 void cb_peer_update_events(struct cb_peer *peer);
 struct cb_peer *cb_peer_by_key(struct cb_kernel *kernel, const uint8_t key[16]);
+uint64_t cb_peer_map_key(const void *peer); /* key of kernel->peers_by_key */
 void cb_seed_free(struct cb_peer *peer, struct cb_seed *seed);
 
 #endif

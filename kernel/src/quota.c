@@ -5,6 +5,11 @@
 
 #include "kernel.h"
 
+uint64_t cb_user_map_key(const void *user)
+{
+	return (uint64_t)((const struct cb_user *)user)->uid + 1;
+}
+
 struct cb_user *cb_user_get(struct cb_kernel *kernel, uint32_t uid)
 {
 	struct cb_user *user = cb_map_get(&kernel->users, (uint64_t)uid + 1);
@@ -14,7 +19,7 @@ struct cb_user *cb_user_get(struct cb_kernel *kernel, uint32_t uid)
 	if (!user)
 		return NULL;
 	user->uid = uid;
-	if (cb_map_put(&kernel->users, (uint64_t)uid + 1, user) < 0) {
+	if (cb_map_put(&kernel->users, user) < 0) {
 		free(user);
 		return NULL;
 	}

@@ -54,6 +54,7 @@ struct cb_quota {
 };
 
 struct cb_user *cb_user_get(struct cb_kernel *kernel, uint32_t uid); /* NULL on ENOMEM */
+uint64_t cb_user_map_key(const void *user); /* key of kernel->users */
 void cb_user_put_if_unused(struct cb_kernel *kernel, struct cb_user *user);
 
 void cb_quota_init(struct cb_quota *quota);
