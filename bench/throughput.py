@@ -15,8 +15,11 @@ Systems, each driven by a sender process and a receiver process:
                kernel refuses a send when the receiver's queue is full (EDQUOT; the relay
                instead stops reading, which blocks the sender): the sender either pauses
                --backoff-ms after a refusal, or ignores refusals and keeps flooding;
+  one-way      the same raw drivers with CAPBUS_SEND_FLAG_QUIET frames: the kernel answers
+               only refusals, as a one-way message needs;
   Peer API     the kernel driven by Peer.send / Peer.recv, with 1 send in flight (each send
-               waits for its reply) and with --window sends in flight (that many trio tasks).
+               waits for its reply) and with --window sends in flight (that many trio tasks),
+               and by Peer.send_oneway from one task.
 
 The receiver counts what arrives during --seconds after a --warmup from its first message.
 Meanwhile this process samples the CPU time of the sender, the broker (the relay process or
@@ -57,8 +60,16 @@ from _common import (
 
 import capbus
 
-System = Literal["relay", "frames", "flood", "peer", "pipelined"]
-SYSTEMS: tuple[System, ...] = ("relay", "frames", "flood", "peer", "pipelined")
+System = Literal["relay", "frames", "flood", "oneway-frames", "peer", "pipelined", "oneway-peer"]
+SYSTEMS: tuple[System, ...] = (
+    "relay",
+    "frames",
+    "flood",
+    "oneway-frames",
+    "peer",
+    "pipelined",
+    "oneway-peer",
+)
 GOAL = 0.8
 FIRST_MESSAGE_TIMEOUT = 20.0  # seconds a receiver waits for its first message
 BURST = 64  # frames a raw sender writes between two looks at its replies
@@ -193,6 +204,33 @@ async def send_peer(fd: int, destination: int, seconds: float, window: int, back
     return counts
 
 
+async def send_peer_oneway(fd: int, destination: int, seconds: float, backoff: float) -> dict[str, int]:
+    """One task sending with ``Peer.send_oneway``; every BURST sends it looks for refusals
+    (SEND_FAILED messages) and pauses ``backoff`` seconds after any."""
+    counts = {"sent": 0, "rejected": 0}
+    deadline = trio.current_time() + seconds
+    async with capbus.Peer.from_socket(fd) as peer:
+        while trio.current_time() < deadline:
+            for _ in range(BURST):
+                await peer.send_oneway(destination, PAYLOAD)
+            counts["sent"] += BURST
+            refused = 0
+            while True:
+                try:
+                    message = peer.recv_nowait()
+                except trio.WouldBlock:
+                    break
+                if message.kind is capbus.MessageKind.SEND_FAILED:
+                    if not isinstance(message.error, capbus.QuotaExceeded):
+                        return counts  # the receiver is gone
+                    refused += 1
+            counts["rejected"] += refused
+            counts["sent"] -= refused
+            if refused:
+                await trio.sleep(backoff)
+    return counts
+
+
 async def recv_peer(fd: int, warmup: float, seconds: float) -> dict[str, float]:
     window = Window(warmup, seconds)
     count = 0
@@ -216,6 +254,8 @@ def child(args: argparse.Namespace) -> None:
         result = trio.run(
             send_peer, args.fd, args.destination, args.seconds, args.window, args.backoff_ms / 1000
         )
+    elif args.child == "send-peer-oneway":
+        result = trio.run(send_peer_oneway, args.fd, args.destination, args.seconds, args.backoff_ms / 1000)
     else:
         result = trio.run(recv_peer, args.fd, args.warmup, args.seconds)
     print(json.dumps(result), flush=True)
@@ -351,9 +391,13 @@ async def run_system(kernel: capbus.Kernel, system: System, args: argparse.Names
     sender_end, receiver_end = sender.detach(), receiver.detach()
     broker_clock = thread_cpu_clock(kernel._thread) if kernel._thread else None
     backoff = ["--backoff-ms", str(0 if system == "flood" else args.backoff_ms)]
-    if system in ("frames", "flood"):
-        sender_role = ["send-raw", "--frame", send_frame(destination).hex(), *backoff]
+    if system in ("frames", "flood", "oneway-frames"):
+        frame = send_frame(destination, oneway=system == "oneway-frames").hex()
+        sender_role = ["send-raw", "--frame", frame, *backoff]
         return await drive(sender_role, sender_end, ["recv-raw"], receiver_end, broker_clock, args)
+    if system == "oneway-peer":
+        sender_role = ["send-peer-oneway", "--destination", str(destination), *backoff]
+        return await drive(sender_role, sender_end, ["recv-peer"], receiver_end, broker_clock, args)
     window = 1 if system == "peer" else args.window
     sender_role = ["send-peer", "--destination", str(destination), "--window", str(window), *backoff]
     return await drive(sender_role, sender_end, ["recv-peer"], receiver_end, broker_clock, args)
@@ -370,7 +414,9 @@ async def main(args: argparse.Namespace) -> None:
         "relay": "C epoll relay (floor)",
         "frames": f"capbus kernel, raw frames (sender backs off {args.backoff_ms:g} ms on EDQUOT)",
         "flood": "capbus kernel, raw frames (sender ignores EDQUOT)",
+        "oneway-frames": f"capbus kernel, raw one-way frames (backs off {args.backoff_ms:g} ms on EDQUOT)",
         "peer": "capbus kernel, Peer API, 1 in flight",
+        "oneway-peer": "capbus kernel, Peer API send_oneway",
         "pipelined": f"capbus kernel, Peer API, {args.window} in flight",
     }
     systems: list[System] = ["relay", *(s for s in SYSTEMS if s != "relay" and s in args.systems)]
@@ -411,7 +457,7 @@ async def main(args: argparse.Namespace) -> None:
     ]
     print(table(headers, rows))
     print("\n(us/msg: CPU time per received message, sampled over the window)")
-    for system in (s for s in ("frames", "pipelined") if s in systems):
+    for system in (s for s in ("frames", "oneway-frames", "pipelined", "oneway-peer") if s in systems):
         ratio = rates[system] / rates["relay"]
         verdict = "meets" if ratio >= GOAL else "misses"
         print(f"{labels[system]} / relay = {ratio:.2f} ({verdict} the goal of >= {GOAL})")
@@ -439,7 +485,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
         "--backoff-ms", type=float, default=1.0, help="pause of a sender after a refused send (default 1)"
     )
     parser.add_argument(
-        "--child", choices=["send-raw", "recv-raw", "send-peer", "recv-peer"], help=argparse.SUPPRESS
+        "--child",
+        choices=["send-raw", "recv-raw", "send-peer", "send-peer-oneway", "recv-peer"],
+        help=argparse.SUPPRESS,
     )
     parser.add_argument("--fd", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--frame", help=argparse.SUPPRESS)
