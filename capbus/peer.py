@@ -524,6 +524,13 @@ class Peer:
             references, bool(flags & _wire.HANDLE_STATE_OWNER), bool(flags & _wire.HANDLE_STATE_DESTROYED)
         )
 
+    async def want_metadata(self, enabled: bool = True) -> None:
+        """Asks the kernel to attach each sender's credentials (:attr:`Message.sender`) to the
+        data messages this peer receives from now on. Off by default: metadata is the
+        receiver's to ask for (DESIGN.md 2.1 rules 9 and 14)."""
+        flags = _wire.PEER_FLAG_WANT_METADATA if enabled else 0
+        await self._call(_wire.CMD_PEER_SET_FLAGS, _wire.U64.pack(flags))
+
     async def info(self) -> PeerInfo:
         """What the kernel knows about this peer, and its limits."""
         reply = await self._call(_wire.CMD_PEER_QUERY)
@@ -776,6 +783,7 @@ _COMMAND_NAMES = {
     _wire.CMD_SEED_TAKE: "take_seed",
     _wire.CMD_SEED_SET: "set_seed",
     _wire.CMD_HANDLE_QUERY: "handle_state",
+    _wire.CMD_PEER_SET_FLAGS: "want_metadata",
 }
 
 

@@ -24,6 +24,7 @@ async def main() -> None:
             await kernel.connect() as client,
         ):
             print_node = await printer.create_node()
+            await printer.want_metadata()  # senders' uid/gid/pid on what the printer receives
             print(f"printer: created node {print_node}")
 
             # Bootstrap: this process holds both peers, so it can hand the broker a handle.

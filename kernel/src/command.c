@@ -175,6 +175,22 @@ out:
 	cb_queue_reply(peer, cookie, CAPBUS_CMD_HANDLE_TRANSFER, error, error ? NULL : &id, error ? 0 : sizeof(id));
 }
 
+static void cmd_peer_set_flags(struct cb_peer *peer, uint64_t cookie, const uint8_t *body, size_t body_size)
+{
+	uint64_t flags;
+	int error = 0;
+	if (body_size != sizeof(flags)) {
+		error = EINVAL;
+	} else {
+		memcpy(&flags, body, sizeof(flags));
+		if (flags & ~(uint64_t)CAPBUS_PEER_FLAG_WANT_METADATA)
+			error = EINVAL;
+		else
+			peer->want_metadata = flags & CAPBUS_PEER_FLAG_WANT_METADATA;
+	}
+	cb_queue_reply(peer, cookie, CAPBUS_CMD_PEER_SET_FLAGS, error, NULL, 0);
+}
+
 static void cmd_peer_query(struct cb_peer *peer, uint64_t cookie, size_t body_size)
 {
 	struct capbus_reply_query reply = {
@@ -383,6 +399,9 @@ void cb_command_dispatch(struct cb_peer *peer, const uint8_t *data, size_t size,
 		break;
 	case CAPBUS_CMD_HANDLE_QUERY:
 		cmd_handle_query(peer, frame->cookie, body, body_size);
+		break;
+	case CAPBUS_CMD_PEER_SET_FLAGS:
+		cmd_peer_set_flags(peer, frame->cookie, body, body_size);
 		break;
 	case CAPBUS_CMD_DISCONNECT:
 		cb_queue_reply(peer, frame->cookie, CAPBUS_CMD_DISCONNECT, body_size ? EINVAL : 0, NULL, 0);

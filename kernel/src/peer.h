@@ -49,6 +49,7 @@ struct cb_peer {
 	struct cb_seed *seed;
 	uint32_t violations;
 	uint32_t epoll_events;      /* what the kernel currently polls this peer's fd for */
+	bool want_metadata;         /* CAPBUS_PEER_FLAG_WANT_METADATA */
 	bool monitor;               /* receives copies of all traffic (monitor.c) */
 	uint64_t monitor_dropped;   /* monitor records lost to a full queue */
 	bool doomed;                /* disconnect at the next safe point */

@@ -253,6 +253,7 @@ class Witness:
     @classmethod
     async def start(cls, new_peer: PeerFactory) -> Witness:
         receiver = await new_peer()
+        await receiver.want_metadata()
         sender = await new_peer()
         inbox = await receiver.create_node()
         witness = cls(sender, receiver, inbox, await receiver.transfer(inbox, sender))
@@ -656,7 +657,7 @@ async def test_unknown_commands_and_flags_are_refused_without_effect(
     with trio.fail_after(TIMEOUT):
         # Unknown commands are well-formed frames: ENOTTY every time, never a violation, so
         # many more than VIOLATIONS_MAX of them do not get the peer cut off.
-        unknown = [0x00, 0x0B, 0x0D, 0x7F, _wire.FRAME_REPLY, _wire.FRAME_MESSAGE, 0xFFFF]
+        unknown = [0x00, 0x0B, 0x0E, 0x7F, _wire.FRAME_REPLY, _wire.FRAME_MESSAGE, 0xFFFF]
         for round_ in range(2 * VIOLATIONS_MAX // len(unknown) + 1):
             for kind in unknown:
                 reply = await raw.call(kind, bytes(8 * round_))
@@ -1126,6 +1127,7 @@ async def test_flood_from_another_uid_is_held_to_half_and_others_still_get_throu
     async with kernel_with_peers(limits) as (kernel, new_peer):
         witness = await Witness.start(new_peer)
         victim = await new_peer()
+        await victim.want_metadata()
         inbox = await victim.create_node()
         # Set up the second uid's sender now: once the flood is queued, no call may be made on
         # the victim (a call reads its socket, which would make room in it).

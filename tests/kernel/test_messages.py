@@ -89,6 +89,10 @@ async def test_rule9_one_queue_many_nodes_with_metadata(new_peer: PeerFactory) -
     sender = await new_peer()
     nodes = [await owner.create_node() for _ in range(3)]
     handles = [await owner.transfer(n, sender) for n in nodes]
+    await sender.send(handles[0], b"before asking")
+    before = await recv_kind(owner, DATA)
+    assert before.sender is None  # metadata is the receiver's to ask for
+    await owner.want_metadata()
     for i in (2, 0, 1):
         await sender.send(handles[i], f"to {i}".encode())
     got = [await recv_kind(owner, DATA) for _ in range(3)]
@@ -219,6 +223,7 @@ async def run_seeded_child(parent: capbus.Peer, node: capbus.Handle, payload: by
 
 async def test_rule13_seed_into_child_process(new_peer: PeerFactory) -> None:
     parent = await new_peer()
+    await parent.want_metadata()
     service = await parent.create_node()
     message = await run_seeded_child(parent, service, b"ping from child")
     assert message.payload == b"ping from child"
@@ -227,6 +232,7 @@ async def test_rule13_seed_into_child_process(new_peer: PeerFactory) -> None:
 
 async def test_rule14_metadata_is_the_real_sender(new_peer: PeerFactory) -> None:
     receiver = await new_peer()
+    await receiver.want_metadata()
     node = await receiver.create_node()
     message = await run_seeded_child(receiver, node, b"{pid}")
     assert message.sender is not None

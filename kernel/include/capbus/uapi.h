@@ -66,6 +66,7 @@ enum capbus_frame_type {
 	CAPBUS_CMD_SEED_SET         = 0x09, /* body: capbus_cmd_peer_create   reply: none */
 	CAPBUS_CMD_DISCONNECT       = 0x0a, /* body: none                     reply: none, then the kernel hangs up */
 	CAPBUS_CMD_HANDLE_QUERY     = 0x0c, /* body: u64 id                   reply: capbus_reply_handle */
+	CAPBUS_CMD_PEER_SET_FLAGS   = 0x0d, /* body: u64 CAPBUS_PEER_FLAG_*   reply: none */
 
 	/* kernel -> peer */
 	CAPBUS_FRAME_REPLY          = 0x80, /* body: capbus_reply, then the command's reply body */
@@ -141,6 +142,10 @@ struct capbus_reply_query {
 	uint32_t destinations_max;
 };
 
+/* Data messages to this peer carry the sender's credentials (uid, gid, pid, process_id);
+ * without it they carry ~0, ~0, 0, 0. Sender metadata is the receiver's to ask for. */
+#define CAPBUS_PEER_FLAG_WANT_METADATA 0x1
+
 struct capbus_reply_handle {
 	uint32_t n_user;        /* references this peer holds on the handle */
 	uint32_t flags;         /* CAPBUS_HANDLE_STATE_* */
@@ -172,7 +177,8 @@ struct capbus_message {
 	int32_t priority;
 	uint64_t destination;   /* the receiver's own id of the node or handle concerned */
 	uint64_t seq;           /* position in the global order (transactions share one) */
-	uint32_t uid;           /* sender's credentials at send time (DATA only; else ~0) */
+	uint32_t uid;           /* sender's credentials at send time (DATA to a peer that asked
+				 * with CAPBUS_PEER_FLAG_WANT_METADATA; else ~0, ~0, 0, 0) */
 	uint32_t gid;
 	uint32_t pid;           /* in the kernel's pid namespace; 0 when unknown */
 	uint32_t n_handles;
