@@ -103,6 +103,21 @@ def send_frame(
     """A CAPBUS_CMD_SEND frame as buffers for sendmsg (the payload is not copied)."""
     n_dest = len(destinations)
     n_handles = len(handles)
+    if n_dest == 1 and not n_handles:  # the common case, in one pack
+        head = _UNICAST_HEAD.pack(
+            _UNICAST_HEAD.size + len(payload),
+            CMD_SEND,
+            0,
+            cookie,
+            1,
+            0,
+            n_fds,
+            len(payload),
+            priority,
+            flags,
+            destinations[0],
+        )
+        return [head, payload] if len(payload) else [head]
     head_size = FRAME.size + SEND.size + 8 * (n_dest + n_handles)
     size = head_size + len(payload)
     head = bytearray(head_size)
@@ -119,6 +134,9 @@ def send_failures(body: memoryview) -> list[tuple[int, int]]:
     ids_at = SEND_RESULT.size + (4 * n_dest + 7) // 8 * 8
     ids = struct.unpack_from(f"<{n_dest}Q", body, ids_at)
     return [(i, e) for i, e in zip(ids, errors, strict=True) if e]
+
+
+_UNICAST_HEAD: Final = struct.Struct("<IHHQIIIIiIQ")  # FRAME + SEND + one destination
 
 
 def seed_body(handles: list[int], payload: bytes) -> bytes:
