@@ -104,7 +104,7 @@ def send_frame(
     n_dest = len(destinations)
     n_handles = len(handles)
     if n_dest == 1 and not n_handles:  # the common case, in one pack
-        head = _UNICAST_HEAD.pack(
+        unicast = _UNICAST_HEAD.pack(
             _UNICAST_HEAD.size + len(payload),
             CMD_SEND,
             0,
@@ -117,7 +117,7 @@ def send_frame(
             flags,
             destinations[0],
         )
-        return [head, payload] if len(payload) else [head]
+        return [unicast, payload] if len(payload) else [unicast]
     head_size = FRAME.size + SEND.size + 8 * (n_dest + n_handles)
     size = head_size + len(payload)
     head = bytearray(head_size)

@@ -21,6 +21,7 @@ import mmap
 import os
 import socket
 import struct
+import threading
 from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -218,6 +219,20 @@ def decode_monitor_record(message: Message) -> MonitorRecord:
     )
 
 
+_thread_state = threading.local()
+
+
+def _receive_buffer() -> bytearray:
+    """This thread's frame buffer. Allocating FRAME_MAX bytes per frame would cost an
+    mmap/munmap pair each time (it is above malloc's mmap threshold), and one per Peer would
+    cost 144 KiB per idle peer; a frame is copied out of it before anything else can run on
+    the thread, so all peers of a thread share one."""
+    buffer: bytearray | None = getattr(_thread_state, "buffer", None)
+    if buffer is None:
+        buffer = _thread_state.buffer = bytearray(_wire.FRAME_MAX + 1)
+    return buffer
+
+
 def _parse_fds(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
     fds: list[int] = []
     for level, kind, data in ancdata:
@@ -273,9 +288,6 @@ class Peer:
             raise ValueError("a capbus peer needs an AF_UNIX SOCK_SEQPACKET socket")
         sock.setblocking(False)
         self._sock = sock
-        # One receive buffer per peer: allocating FRAME_MAX bytes per frame would cost an
-        # mmap/munmap pair each time (it is above malloc's mmap threshold).
-        self._rx = bytearray(_wire.FRAME_MAX + 1)
         self._next_cookie = 1
         self._replies: dict[int, _wire.Reply] = {}
         self._abandoned: set[int] = set()
@@ -323,7 +335,7 @@ class Peer:
 
     def _read_frame(self) -> None:
         """Reads one frame and files it; raises BlockingIOError when there is none."""
-        rx = self._rx
+        rx = _receive_buffer()
         size, ancdata, flags, _ = self._sock.recvmsg_into([rx], _ANC_SPACE, _CMSG_CLOEXEC)
         fds = _parse_fds(ancdata) if ancdata else []
         if not size and not fds:
