@@ -451,6 +451,16 @@ class Peer:
             self._broken = Disconnected(f"connection to the kernel failed: {error}")
             raise self._broken from error
 
+    async def _write(self, frame: Sequence[bytes | bytearray | memoryview], fds: Sequence[int]) -> bool:
+        """Writes one frame, waiting while the socket is full; returns whether it waited."""
+        waited = False
+        while not self._write_nowait(frame, fds):
+            waited = True
+            async with self._write_lock:
+                self._check_usable()
+                await trio.lowlevel.wait_writable(self._sock)
+        return waited
+
     async def _call(
         self,
         kind: int,
@@ -467,12 +477,7 @@ class Peer:
         if frame is None:
             cookie = self._new_cookie()
             frame = [_wire.command(kind, cookie, body)]
-        waited = False
-        while not self._write_nowait(frame, fds):
-            waited = True
-            async with self._write_lock:
-                self._check_usable()
-                await trio.lowlevel.wait_writable(self._sock)
+        waited = await self._write(frame, fds)
         replies = self._replies
         try:
             while cookie not in replies:
@@ -606,46 +611,7 @@ class Peer:
         the message itself (too large, an attached handle we do not hold) always raise. The
         fds are duplicated into each receiver; the caller keeps its own.
         """
-        fd_numbers = [_fd_number(fd) for fd in fds]
-        flags = 0
-        memfd = -1
-        if len(payload) > _wire.PAYLOAD_MAX:
-            memfd = _sealed_memfd(payload)
-            fd_numbers.insert(0, memfd)
-            payload = b""
-            flags = _wire.SEND_FLAG_MEMFD
-        try:
-            return await self._send(destinations, payload, handles, fd_numbers, priority, flags)
-        finally:
-            if memfd >= 0:
-                os.close(memfd)
-
-    async def _send(
-        self,
-        destinations: HandleLike | Sequence[HandleLike],
-        payload: bytes | bytearray | memoryview,
-        handles: Iterable[HandleLike],
-        fd_numbers: list[int],
-        priority: int,
-        flags: int,
-    ) -> tuple[CapbusError | None, ...] | None:
-        unicast = isinstance(destinations, Handle | int)
-        if isinstance(destinations, Handle | int):
-            targets = [self._id(destinations)]
-        else:
-            targets = [self._id(d) for d in destinations]
-        attached = [self._id(h) for h in handles]
-        cookie = self._new_cookie()
-        frame = _wire.send_frame(cookie, targets, attached, len(fd_numbers), payload, priority, flags)
-        reply = await self._call(_wire.CMD_SEND, frame=frame, cookie=cookie, fds=fd_numbers, what="send")
-        n_dest, _delivered = _wire.SEND_RESULT.unpack_from(reply.body)
-        codes = struct.unpack_from(f"<{n_dest}i", reply.body, _wire.SEND_RESULT.size)
-        results = tuple(error_from_errno(code, "send") if code else None for code in codes)
-        if unicast:
-            if results[0] is not None:
-                raise results[0]
-            return None
-        return results
+        return await self._send(destinations, payload, handles, fds, priority, 0)
 
     async def send_oneway(
         self,
@@ -664,15 +630,29 @@ class Peer:
         and one-way calls. Errors this peer can see itself (a handle of another peer, a
         payload over 1 GiB) still raise at once.
         """
+        await self._send(destinations, payload, handles, fds, priority, _wire.SEND_FLAG_QUIET)
+
+    async def _send(
+        self,
+        destinations: HandleLike | Sequence[HandleLike],
+        payload: bytes | bytearray | memoryview,
+        handles: Iterable[HandleLike],
+        fds: Iterable[int | socket.socket],
+        priority: int,
+        flags: int,
+    ) -> tuple[CapbusError | None, ...] | None:
+        """Writes one SEND frame with ``flags``; unless it is one-way (QUIET), waits for the
+        kernel's answer and returns (multicast) or raises (unicast) its results."""
         self._check_usable()
-        targets = (
-            [self._id(destinations)]
-            if isinstance(destinations, Handle | int)
-            else [self._id(d) for d in destinations]
-        )
+        unicast = isinstance(destinations, Handle | int)
+        if isinstance(destinations, Handle | int):
+            targets = [self._id(destinations)]
+        else:
+            targets = [self._id(d) for d in destinations]
         attached = [self._id(h) for h in handles]
         fd_numbers = [_fd_number(fd) for fd in fds]
-        flags = _wire.SEND_FLAG_QUIET
+        oneway = flags & _wire.SEND_FLAG_QUIET
+        cookie = self._new_cookie() | (_wire.ONEWAY_COOKIE if oneway else 0)
         memfd = -1
         if len(payload) > _wire.PAYLOAD_MAX:
             memfd = _sealed_memfd(payload)
@@ -680,16 +660,23 @@ class Peer:
             payload = b""
             flags |= _wire.SEND_FLAG_MEMFD
         try:
-            cookie = self._new_cookie() | _wire.ONEWAY_COOKIE
             frame = _wire.send_frame(cookie, targets, attached, len(fd_numbers), payload, priority, flags)
-            while not self._write_nowait(frame, fd_numbers):
-                async with self._write_lock:
-                    self._check_usable()
-                    await trio.lowlevel.wait_writable(self._sock)
+            if oneway:
+                await self._write(frame, fd_numbers)
+                await trio.lowlevel.checkpoint()
+                return None
+            reply = await self._call(_wire.CMD_SEND, frame=frame, cookie=cookie, fds=fd_numbers, what="send")
         finally:
             if memfd >= 0:
                 os.close(memfd)
-        await trio.lowlevel.checkpoint()
+        n_dest, _delivered = _wire.SEND_RESULT.unpack_from(reply.body)
+        codes = struct.unpack_from(f"<{n_dest}i", reply.body, _wire.SEND_RESULT.size)
+        results = tuple(error_from_errno(code, "send") if code else None for code in codes)
+        if unicast:
+            if results[0] is not None:
+                raise results[0]
+            return None
+        return results
 
     async def recv(self, *, priority: bool = False) -> Message:
         """The next message or notification, in the global order.
