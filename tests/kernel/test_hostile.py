@@ -26,6 +26,7 @@ import textwrap
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import ExitStack, asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import ParamSpec
 
@@ -291,6 +292,31 @@ def closing() -> Iterator[ExitStack]:
         yield stack
 
 
+@dataclass
+class Attack:
+    """What most attacks need: a witness pair, a victim peer (``sink``) with a node, and a raw
+    peer that holds a handle (``to_sink``, a raw id) to that node."""
+
+    witness: Witness
+    sink: capbus.Peer
+    inbox: capbus.Handle
+    raw: RawPeer
+    to_sink: int
+
+    def parts(self) -> tuple[Witness, capbus.Peer, capbus.Handle, RawPeer, int]:
+        return self.witness, self.sink, self.inbox, self.raw, self.to_sink
+
+
+@pytest.fixture
+async def attack(new_peer: PeerFactory, closing: ExitStack) -> Attack:
+    witness = await Witness.start(new_peer)
+    sink = await new_peer()
+    inbox = await sink.create_node()
+    raw, (to_sink,) = await RawPeer.seeded(sink, [inbox])
+    closing.enter_context(raw)
+    return Attack(witness, sink, inbox, raw, to_sink)
+
+
 @asynccontextmanager
 async def kernel_with_peers(limits: capbus.Limits) -> AsyncIterator[tuple[capbus.Kernel, PeerFactory]]:
     """Like the ``kernel`` and ``new_peer`` fixtures, with other limits."""
@@ -490,13 +516,9 @@ async def test_garbage_gets_ebadmsg_until_the_peer_is_cut_off(
 
 @bounded
 async def test_oversized_frames_and_payloads_get_emsgsize(
-    kernel: capbus.Kernel, new_peer: PeerFactory, closing: ExitStack
+    kernel: capbus.Kernel, new_peer: PeerFactory, attack: Attack
 ) -> None:
-    witness = await Witness.start(new_peer)
-    sink = await new_peer()
-    inbox = await sink.create_node()
-    raw, (to_sink,) = await RawPeer.seeded(sink, [inbox])
-    closing.enter_context(raw)
+    witness, sink, inbox, raw, to_sink = attack.parts()
     raw.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * MiB)
     before = kernel.statistics()
 
@@ -566,13 +588,9 @@ def sealed_memfd(data: bytes, *, size: int | None = None, seals: int | None = No
 
 @bounded
 async def test_hostile_memfd_payloads_are_refused_and_closed(
-    kernel: capbus.Kernel, new_peer: PeerFactory, closing: ExitStack
+    kernel: capbus.Kernel, new_peer: PeerFactory, attack: Attack
 ) -> None:
-    witness = await Witness.start(new_peer)
-    sink = await new_peer()
-    inbox = await sink.create_node()
-    raw, (to_sink,) = await RawPeer.seeded(sink, [inbox])
-    closing.enter_context(raw)
+    witness, sink, inbox, raw, to_sink = attack.parts()
     memfd_flag = _wire.SEND_FLAG_MEMFD
     future_write = 0x10  # F_SEAL_FUTURE_WRITE: existing writable mappings may still write
     cases: list[tuple[str, Callable[[], int], int, type[capbus.CapbusError]]] = [
@@ -645,13 +663,9 @@ async def test_hostile_memfd_payloads_are_refused_and_closed(
 
 @bounded
 async def test_unknown_commands_and_flags_are_refused_without_effect(
-    kernel: capbus.Kernel, new_peer: PeerFactory, closing: ExitStack
+    kernel: capbus.Kernel, new_peer: PeerFactory, attack: Attack
 ) -> None:
-    witness = await Witness.start(new_peer)
-    sink = await new_peer()
-    inbox = await sink.create_node()
-    raw, (to_sink,) = await RawPeer.seeded(sink, [inbox])
-    closing.enter_context(raw)
+    witness, sink, inbox, raw, to_sink = attack.parts()
     before = kernel.statistics()
 
     with trio.fail_after(TIMEOUT):
@@ -688,13 +702,9 @@ async def test_unknown_commands_and_flags_are_refused_without_effect(
 
 @bounded
 async def test_inconsistent_sends_are_einval_and_deliver_nothing(
-    kernel: capbus.Kernel, new_peer: PeerFactory, closing: ExitStack
+    kernel: capbus.Kernel, new_peer: PeerFactory, attack: Attack
 ) -> None:
-    witness = await Witness.start(new_peer)
-    sink = await new_peer()
-    inbox = await sink.create_node()
-    raw, (to_sink,) = await RawPeer.seeded(sink, [inbox])
-    closing.enter_context(raw)
+    witness, sink, inbox, raw, to_sink = attack.parts()
     payload = b"must never arrive"
     n = len(payload)
     memfd = _wire.SEND_FLAG_MEMFD
@@ -781,13 +791,9 @@ async def test_inconsistent_sends_are_einval_and_deliver_nothing(
 
 @bounded
 async def test_fds_on_commands_other_than_send_are_einval_and_closed(
-    kernel: capbus.Kernel, new_peer: PeerFactory, closing: ExitStack
+    kernel: capbus.Kernel, new_peer: PeerFactory, attack: Attack
 ) -> None:
-    witness = await Witness.start(new_peer)
-    sink = await new_peer()
-    inbox = await sink.create_node()
-    raw, (to_sink,) = await RawPeer.seeded(sink, [inbox])
-    closing.enter_context(raw)
+    witness, sink, inbox, raw, to_sink = attack.parts()
     before = kernel.statistics()
     commands = [
         (_wire.CMD_NODE_CREATE, b""),
@@ -965,13 +971,9 @@ async def test_stale_ids_stay_dead_and_ids_are_never_reused(
 
 @bounded
 async def test_too_many_fds_are_refused_and_none_leak(
-    kernel: capbus.Kernel, new_peer: PeerFactory, closing: ExitStack
+    kernel: capbus.Kernel, new_peer: PeerFactory, attack: Attack
 ) -> None:
-    witness = await Witness.start(new_peer)
-    sink = await new_peer()
-    inbox = await sink.create_node()
-    raw, (to_sink,) = await RawPeer.seeded(sink, [inbox])
-    closing.enter_context(raw)
+    witness, sink, inbox, raw, to_sink = attack.parts()
     sender = await new_peer()
     to_inbox = await sink.transfer(inbox, sender)
     before = kernel.statistics()
