@@ -184,14 +184,31 @@ def _walk(words: list[memoryview], path: Path) -> tuple[int, int] | tuple[int, i
     return slot if slot is not None else element
 
 
-def locate(segments: Sequence[Segment], path: Path) -> Location | None:
+def _slot(words: list[memoryview], path: Path) -> Location | None:
     """(segment, word) of the pointer slot at ``path``, or None (see :func:`_walk`)."""
-    found = _walk(_words(segments), path)
+    found = _walk(words, path)
     if found is None:
         return None
     if len(found) != 2:
         raise CapWireError(f"{path!r} ends on a struct, not a pointer slot")
     return found[0], found[1]
+
+
+def locate(segments: Sequence[Segment], path: Path) -> Location | None:
+    """(segment, word) of the pointer slot at ``path``, or None (see :func:`_walk`)."""
+    return _slot(_words(segments), path)
+
+
+def _list_at(words: list[memoryview], path: Path) -> tuple[int, int, int] | None:
+    """(segment, first word, count) of the List(Interface) at ``path``; None if null."""
+    found = _slot(words, path)
+    target = None if found is None else _deref(words, *found)
+    if target is None:
+        return None
+    segment, first, size, count, _, _ = _list(words, target)
+    if size != 6:
+        raise CapWireError("a List(Interface) must be a list of pointers")
+    return segment, first, count
 
 
 def _capability_index(word: int) -> int | None:
@@ -205,28 +222,17 @@ def _capability_index(word: int) -> int | None:
 def read_cap(segments: Sequence[Segment], path: Path) -> int | None:
     """The capability index at ``path`` (None for a null pointer or an absent slot)."""
     words = _words(segments)
-    found = _walk(words, path)
-    if found is None:
-        return None
-    if len(found) != 2:
-        raise CapWireError(f"{path!r} ends on a struct, not a pointer slot")
-    return _capability_index(words[found[0]][found[1]])
+    found = _slot(words, path)
+    return None if found is None else _capability_index(words[found[0]][found[1]])
 
 
 def read_cap_list(segments: Sequence[Segment], path: Path) -> list[int | None] | None:
     """The indices of a List(Interface) at ``path`` (None for a null list)."""
     words = _words(segments)
-    found = _walk(words, path)
+    found = _list_at(words, path)
     if found is None:
         return None
-    if len(found) != 2:
-        raise CapWireError(f"{path!r} ends on a struct, not a pointer slot")
-    target = _deref(words, found[0], found[1])
-    if target is None:
-        return None
-    segment, first, size, count, _, _ = _list(words, target)
-    if size != 6:
-        raise CapWireError("a List(Interface) must be a list of pointers")
+    segment, first, count = found
     return [_capability_index(words[segment][first + i]) for i in range(count)]
 
 
@@ -236,11 +242,9 @@ def patch_caps(segments: Sequence[Segment], patches: Iterable[tuple[Path, int]])
     out: list[Segment] = list(segments)
     words = _words(out)
     for path, index in patches:
-        found = _walk(words, path)
+        found = _slot(words, path)
         if found is None:
             raise CapWireError(f"no pointer slot at {path!r} (a null parent?)")
-        if len(found) != 2:
-            raise CapWireError(f"{path!r} ends on a struct, not a pointer slot")
         segment, word = found
         if not isinstance(out[segment], bytearray):
             out[segment] = bytearray(out[segment])
@@ -351,16 +355,10 @@ def lookup_cap_list(
     segments: Sequence[Segment], table: dict[Location, int], path: Path
 ) -> list[int | None] | None:
     """The capability indices of a stripped List(Interface) at ``path``, or None if null."""
-    words = _words(segments)
-    found = _walk(words, path)
-    if found is None or len(found) != 2:
+    found = _list_at(_words(segments), path)
+    if found is None:
         return None
-    target = _deref(words, found[0], found[1])
-    if target is None:
-        return None
-    segment, first, size, count, _, _ = _list(words, target)
-    if size != 6:
-        raise CapWireError("a List(Interface) must be a list of pointers")
+    segment, first, count = found
     return [table.get((segment, first + i)) for i in range(count)]
 
 
