@@ -21,7 +21,8 @@ SEND: Final = struct.Struct("<IIIIiI")
 DESTROY: Final = struct.Struct("<II")
 TRANSFER: Final = struct.Struct("<Q16s")
 QUERY: Final = struct.Struct("<16sIIIIIIII")
-HANDLE_STATE: Final = struct.Struct("<II")
+HANDLE_STATE: Final = struct.Struct("<IIII")
+RELEASE: Final = struct.Struct("<QII")
 SEED: Final = struct.Struct("<II")
 SEND_RESULT: Final = struct.Struct("<II")
 MONITOR_RECORD: Final = struct.Struct("<HHIQIIIIQ")
@@ -36,6 +37,7 @@ for _fmt, _name in (
     (TRANSFER, "struct capbus_cmd_transfer"),
     (QUERY, "struct capbus_reply_query"),
     (HANDLE_STATE, "struct capbus_reply_handle"),
+    (RELEASE, "struct capbus_cmd_release"),
     (SEED, "struct capbus_cmd_peer_create"),
     (SEND_RESULT, "struct capbus_reply_send"),
     (MONITOR_RECORD, "struct capbus_monitor_record"),

@@ -91,6 +91,8 @@ class HandleState:
     references: int
     owner: bool
     destroyed: bool
+    holders: int = 0
+    """For the owner's handle: how many other peers hold a handle to the node."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -519,10 +521,18 @@ class Peer:
         reply = await self._call(_wire.CMD_NODE_CREATE)
         return Handle(self, _wire.U64.unpack_from(reply.body)[0])
 
-    async def release(self, handle: HandleLike) -> None:
-        """Drops one reference to a handle. The owner's last reference to a live node is
-        pinned (:class:`~capbus.errors.HandleBusy`): destroy the node first."""
-        await self._call(_wire.CMD_HANDLE_RELEASE, _wire.U64.pack(self._id(handle)))
+    async def release(self, handle: HandleLike, count: int = 1) -> None:
+        """Drops ``count`` references to a handle (each receipt of a handle adds one), all or
+        none: more than this peer holds is :class:`~capbus.errors.InvalidArgument`. The
+        owner's last reference to a live node is pinned (:class:`~capbus.errors.HandleBusy`):
+        destroy the node first."""
+        if count == 1:
+            body = _wire.U64.pack(self._id(handle))
+        else:
+            if not 0 < count <= 0xFFFFFFFF:
+                raise InvalidArgument(f"cannot release {count} references")
+            body = _wire.RELEASE.pack(self._id(handle), count, 0)
+        await self._call(_wire.CMD_HANDLE_RELEASE, body)
 
     async def destroy(self, *handles: HandleLike, release: bool = False) -> None:
         """Destroys nodes this peer owns, all in one transaction: every holder gets one
@@ -536,9 +546,12 @@ class Peer:
     async def handle_state(self, handle: HandleLike) -> HandleState:
         """The kernel's count of this peer's references to a handle, and the node's state."""
         reply = await self._call(_wire.CMD_HANDLE_QUERY, _wire.U64.pack(self._id(handle)))
-        references, flags = _wire.HANDLE_STATE.unpack_from(reply.body)
+        references, flags, holders, _ = _wire.HANDLE_STATE.unpack_from(reply.body)
         return HandleState(
-            references, bool(flags & _wire.HANDLE_STATE_OWNER), bool(flags & _wire.HANDLE_STATE_DESTROYED)
+            references,
+            bool(flags & _wire.HANDLE_STATE_OWNER),
+            bool(flags & _wire.HANDLE_STATE_DESTROYED),
+            holders,
         )
 
     async def want_metadata(self, enabled: bool = True) -> None:

@@ -48,14 +48,20 @@ static void cmd_node_create(struct cb_peer *peer, uint64_t cookie, size_t body_s
 
 static void cmd_handle_release(struct cb_peer *peer, uint64_t cookie, const uint8_t *body, size_t body_size)
 {
+	struct capbus_cmd_release cmd = { .count = 1 };
 	int error = 0;
-	uint64_t id;
-	if (body_size != sizeof(id)) {
-		error = EINVAL;
+	if (body_size == sizeof(cmd.handle)) {
+		memcpy(&cmd.handle, body, sizeof(cmd.handle));
+	} else if (body_size == sizeof(cmd)) {
+		memcpy(&cmd, body, sizeof(cmd));
+		if (cmd.reserved)
+			error = EINVAL;
 	} else {
-		memcpy(&id, body, sizeof(id));
-		struct cb_handle *handle = cb_handle_lookup(peer, id);
-		error = handle ? -cb_handle_release(handle) : ENXIO;
+		error = EINVAL;
+	}
+	if (!error) {
+		struct cb_handle *handle = cb_handle_lookup(peer, cmd.handle);
+		error = handle ? -cb_handle_release_many(handle, cmd.count) : ENXIO;
 	}
 	cb_queue_reply(peer, cookie, CAPBUS_CMD_HANDLE_RELEASE, error, NULL, 0);
 }
@@ -74,8 +80,10 @@ static void cmd_handle_query(struct cb_peer *peer, uint64_t cookie, const uint8_
 			error = ENXIO;
 		} else {
 			reply.n_user = handle->n_user;
-			if (handle->node->anchor == handle)
+			if (handle->node->anchor == handle) {
 				reply.flags |= CAPBUS_HANDLE_STATE_OWNER;
+				reply.n_holders = handle->node->n_holders;
+			}
 			if (handle->node->destroyed)
 				reply.flags |= CAPBUS_HANDLE_STATE_DESTROYED;
 		}

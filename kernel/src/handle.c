@@ -149,6 +149,16 @@ int cb_handle_release(struct cb_handle *handle)
 	return 0;
 }
 
+int cb_handle_release_many(struct cb_handle *handle, uint32_t count)
+{
+	if (count == 0 || count > handle->n_user)
+		return -EINVAL;
+	if (handle == handle->node->anchor && count == handle->n_user && !handle->node->destroyed)
+		return -EBUSY;
+	handle->n_user -= count - 1;
+	return cb_handle_release(handle);
+}
+
 void cb_handle_release_all(struct cb_handle *handle)
 {
 	handle->n_user = 0;

@@ -45,6 +45,8 @@ uint64_t cb_handle_install(struct cb_peer *peer, struct cb_node *node);
 int cb_handle_is_new(struct cb_peer *peer, struct cb_node *node);
 /* Drops one user reference: 0, or -EBUSY for the pinned reference of a live node. */
 int cb_handle_release(struct cb_handle *handle);
+/* Drops `count` user references, all or nothing: 0, -EINVAL (more than held) or -EBUSY. */
+int cb_handle_release_many(struct cb_handle *handle, uint32_t count);
 /* Drops every reference `peer` holds (disconnect). */
 void cb_handle_release_all(struct cb_handle *handle);
 /* Destroys the nodes (anchors owned by one peer, all live, distinct) as one transaction. */

@@ -209,3 +209,31 @@ async def test_disconnect_releases_everything(kernel: capbus.Kernel, new_peer: P
     with trio.fail_after(5):
         stats = await wait_for_statistics(kernel, lambda s: s.peers == 0)
     assert (stats.nodes, stats.handles, stats.queued_messages) == (0, 0, 0)
+
+
+async def test_release_many_references_at_once(new_peer: PeerFactory) -> None:
+    owner = await new_peer()
+    holder = await new_peer()
+    node = await owner.create_node()
+    for _ in range(5):
+        held = await owner.transfer(node, holder)
+    assert (await holder.handle_state(held)).references == 5
+    assert (await owner.handle_state(node)).holders == 1
+    with pytest.raises(capbus.InvalidArgument):
+        await holder.release(held, 6)  # more than held: nothing happens
+    assert (await holder.handle_state(held)).references == 5
+    await holder.release(held, 4)
+    assert_queue_empty(owner)
+    await holder.release(held, 1)
+    assert (await recv_kind(owner, RELEASED)).destination == node
+    assert (await owner.handle_state(node)).holders == 0
+    # The owner's pin cannot go in a batch either, until the node is destroyed.
+    await owner.send(node, b"", handles=[node])
+    await recv_kind(owner, DATA)
+    with pytest.raises(capbus.HandleBusy):
+        await owner.release(node, 2)
+    await owner.release(node, 1)
+    await owner.destroy(node)
+    await owner.release(node, 1)
+    with pytest.raises(capbus.NoSuchHandle):
+        await owner.release(node, 1)

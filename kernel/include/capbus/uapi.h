@@ -56,7 +56,7 @@
 enum capbus_frame_type {
 	/* peer -> kernel */
 	CAPBUS_CMD_NODE_CREATE      = 0x01, /* body: none                     reply: u64 id */
-	CAPBUS_CMD_HANDLE_RELEASE   = 0x02, /* body: u64 id                   reply: none */
+	CAPBUS_CMD_HANDLE_RELEASE   = 0x02, /* body: u64 id, or capbus_cmd_release  reply: none */
 	CAPBUS_CMD_NODES_DESTROY    = 0x03, /* body: capbus_cmd_destroy       reply: none */
 	CAPBUS_CMD_HANDLE_TRANSFER  = 0x04, /* body: capbus_cmd_transfer      reply: u64 id in the destination peer */
 	CAPBUS_CMD_SEND             = 0x05, /* body: capbus_cmd_send          reply: capbus_reply_send */
@@ -86,6 +86,14 @@ struct capbus_frame {
 struct capbus_reply {
 	int32_t error;
 	uint32_t command; /* the command's type, or 0 when it could not be parsed */
+};
+
+/* Drops `count` references at once (a peer that received a handle many times). All or
+ * nothing: more than the peer holds is EINVAL, the owner's pin of a live node EBUSY. */
+struct capbus_cmd_release {
+	uint64_t handle;
+	uint32_t count;
+	uint32_t reserved;      /* must be 0 */
 };
 
 struct capbus_cmd_destroy {
@@ -149,6 +157,8 @@ struct capbus_reply_query {
 struct capbus_reply_handle {
 	uint32_t n_user;        /* references this peer holds on the handle */
 	uint32_t flags;         /* CAPBUS_HANDLE_STATE_* */
+	uint32_t n_holders;     /* the owner's handle: how many other peers hold one; else 0 */
+	uint32_t reserved;
 };
 #define CAPBUS_HANDLE_STATE_OWNER     0x1
 #define CAPBUS_HANDLE_STATE_DESTROYED 0x2
