@@ -87,7 +87,9 @@ def main(argv: list[str]) -> int:
     if "--sanitize" in rest:
         rest.remove("--sanitize")
         python = ensure_venv(".venv-sanitize", sanitize=True)
-        targets = rest or ["tests/kernel"]
+        # The kernel tests unless paths were given (options alone do not count).
+        paths = [a for a in rest if not a.startswith("-")]
+        targets = rest if paths else [*rest, "tests/kernel"]
         # The pytest script (not ``python -m``) keeps the source tree off sys.path, so the
         # tests import the installed, instrumented capbus.
         pytest = python.parent / "pytest"
