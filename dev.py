@@ -4,8 +4,8 @@
     python3 dev.py demo     # set up .venv, build the kernel, run the demo
     python3 dev.py test     # set up .venv, build the kernel, run the whole test suite
 
-``python3 dev.py test --sanitize`` runs the kernel tests against an ASan+UBSan build of the
-kernel (in .venv-sanitize). Standard library only: this runs before anything is installed.
+``python3 dev.py test --sanitize`` runs the test suite against an ASan+UBSan build of the
+kernel, installed for real (not editable) in .venv-sanitize. Standard library only: this runs before anything is installed.
 """
 
 from __future__ import annotations
@@ -87,9 +87,10 @@ def main(argv: list[str]) -> int:
     if "--sanitize" in rest:
         rest.remove("--sanitize")
         python = ensure_venv(".venv-sanitize", sanitize=True)
-        # The kernel tests unless paths were given (options alone do not count).
+        # The whole suite unless paths were given (options alone do not count): it runs
+        # against a real install, so it also catches what packaging leaves out.
         paths = [a for a in rest if not a.startswith("-")]
-        targets = rest if paths else [*rest, "tests/kernel"]
+        targets = rest if paths else [*rest, "tests"]
         # The pytest script (not ``python -m``) keeps the source tree off sys.path, so the
         # tests import the installed, instrumented capbus.
         pytest = python.parent / "pytest"
