@@ -5,7 +5,8 @@
     python3 dev.py test     # set up .venv, build the kernel, run the whole test suite
 
 ``python3 dev.py test --sanitize`` runs the test suite against an ASan+UBSan build of the
-kernel, installed for real (not editable) in .venv-sanitize. Standard library only: this runs before anything is installed.
+kernel, installed for real (not editable) in .venv-sanitize. Standard library only: this
+runs before anything is installed.
 """
 
 from __future__ import annotations

@@ -1,0 +1,122 @@
+"""Where capabilities sit in a struct type, read once from its pycapnp schema.
+
+A :class:`StructLayout` lists a struct's fields with what the capability codec needs: the
+pointer slot of each pointer field, whether it is an interface, a list of interfaces, a
+struct or list of structs (which may hold capabilities further down), a group, and the
+union discriminant that selects it. Layouts are cached by node id, so recursive types
+(a struct that contains a list of itself) are built once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+NOT_IN_UNION = 0xFFFF
+
+
+class FieldKind(Enum):
+    PLAIN = "plain"  # data, text, enums, lists of plain values: pycapnp handles them
+    CAPABILITY = "capability"  # an interface-typed pointer
+    CAPABILITY_LIST = "capability_list"  # List(Interface)
+    STRUCT = "struct"
+    STRUCT_LIST = "struct_list"
+    GROUP = "group"  # shares the enclosing struct's data and pointer sections
+    ANY_POINTER = "any_pointer"
+
+
+@dataclass(eq=False)
+class FieldLayout:
+    name: str
+    kind: FieldKind
+    slot: int = -1
+    """Pointer slot index (pointer fields only)."""
+    discriminant: int | None = None
+    """The union discriminant value that selects this field, if it is a union member."""
+    interface_id: int = 0
+    """For capabilities and lists of them: the interface's id."""
+    nested: StructLayout | None = None
+    """For structs, lists of structs and groups."""
+
+
+@dataclass(eq=False)
+class StructLayout:
+    node_id: int
+    name: str
+    discriminant_offset: int
+    """In 16-bit units within the data section (meaningful when ``has_union``)."""
+    has_union: bool
+    fields: dict[str, FieldLayout] = field(default_factory=dict)
+    may_hold_caps: bool = False
+
+
+_layouts: dict[int, StructLayout] = {}
+
+
+def layout_of(schema: Any) -> StructLayout:
+    """The layout of a pycapnp struct schema (``Foo.schema``, a method's ``param_type``...)."""
+    node = schema.node
+    cached = _layouts.get(node.id)
+    if cached is not None:
+        return cached
+    struct_node = node.struct
+    layout = StructLayout(
+        node.id,
+        node.displayName,
+        struct_node.discriminantOffset,
+        struct_node.discriminantCount > 0,
+    )
+    _layouts[node.id] = layout  # before the fields: recursive types refer back to it
+    for raw, parsed in zip(struct_node.fields, schema.fields_list, strict=True):
+        discriminant = None if raw.discriminantValue == NOT_IN_UNION else raw.discriminantValue
+        if raw.which() == "group":
+            nested = layout_of(parsed.schema)
+            layout.fields[raw.name] = FieldLayout(
+                raw.name, FieldKind.GROUP, discriminant=discriminant, nested=nested
+            )
+            continue
+        layout.fields[raw.name] = _slot_field(raw, parsed, discriminant)
+    _settle_caps()
+    return layout
+
+
+def _slot_field(raw: Any, parsed: Any, discriminant: int | None) -> FieldLayout:
+    kind = raw.slot.type.which()
+    slot = raw.slot.offset
+    if kind == "interface":
+        return FieldLayout(raw.name, FieldKind.CAPABILITY, slot, discriminant, raw.slot.type.interface.typeId)
+    if kind == "struct":
+        return FieldLayout(raw.name, FieldKind.STRUCT, slot, discriminant, nested=layout_of(parsed.schema))
+    if kind == "anyPointer":
+        return FieldLayout(raw.name, FieldKind.ANY_POINTER, slot, discriminant)
+    if kind == "list":
+        element = raw.slot.type.list.elementType
+        if element.which() == "interface":
+            return FieldLayout(
+                raw.name, FieldKind.CAPABILITY_LIST, slot, discriminant, element.interface.typeId
+            )
+        if element.which() == "struct":
+            nested = layout_of(parsed.schema.elementType)
+            return FieldLayout(raw.name, FieldKind.STRUCT_LIST, slot, discriminant, nested=nested)
+    return FieldLayout(raw.name, FieldKind.PLAIN, slot if kind in _POINTER_KINDS else -1, discriminant)
+
+
+_POINTER_KINDS = {"text", "data", "list"}
+
+
+def _settle_caps() -> None:
+    """Recomputes ``may_hold_caps`` for every layout until nothing changes (recursive types
+    need the fixed point)."""
+    changed = True
+    while changed:
+        changed = False
+        for layout in _layouts.values():
+            if layout.may_hold_caps:
+                continue
+            for f in layout.fields.values():
+                if f.kind in (FieldKind.CAPABILITY, FieldKind.CAPABILITY_LIST, FieldKind.ANY_POINTER) or (
+                    f.nested is not None and f.nested.may_hold_caps
+                ):
+                    layout.may_hold_caps = changed = True
+                    break

@@ -1,0 +1,271 @@
+"""Struct views that carry capabilities: pycapnp for everything else, capwire for these.
+
+:class:`StructBuilder` wraps a pycapnp builder. Setting an interface-typed field (or a
+List(Interface)) records the capability in a :class:`CapTableBuilder` and a patch for its
+pointer slot instead of touching pycapnp, which cannot hold capabilities outside its own RPC;
+:meth:`StructBuilder.finish` serializes and applies the patches. :class:`StructReader` wraps
+a pycapnp reader over a stripped message (:func:`capwire.strip_caps`) and resolves an
+interface field by its path to the capability the message's table holds at that index.
+
+Capability values are opaque here (the RPC layer passes its client objects); the same value
+set twice gets one index, which Cap'n Proto allows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from . import capwire
+from .capwire import CapWireError, Location, Path, Segment
+from .layout import FieldKind, FieldLayout, StructLayout, layout_of
+
+_DATA_KINDS = (FieldKind.PLAIN, FieldKind.ANY_POINTER)
+
+
+class CapTableBuilder:
+    """The capabilities of one outgoing message, by index in first-use order."""
+
+    def __init__(self) -> None:
+        self.values: list[object] = []
+        self._indices: dict[int, int] = {}
+
+    def index_of(self, value: object) -> int:
+        index = self._indices.get(id(value))
+        if index is None:
+            index = self._indices[id(value)] = len(self.values)
+            self.values.append(value)
+        return index
+
+
+class _Patches:
+    """What a builder tree recorded: capability patches and union discriminants to write."""
+
+    def __init__(self, table: CapTableBuilder) -> None:
+        self.table = table
+        self.caps: dict[Path, int] = {}  # the last value set for a slot wins, as in pycapnp
+        self.discriminants: list[tuple[Path, int, int]] = []
+
+
+class StructBuilder:
+    """A pycapnp struct builder whose capability fields are set with capability values."""
+
+    __slots__ = ("_builder", "_layout", "_patches", "_path")
+    _builder: Any
+    _layout: StructLayout
+    _patches: _Patches
+    _path: Path
+
+    def __init__(self, builder: Any, layout: StructLayout, patches: _Patches, path: Path) -> None:
+        object.__setattr__(self, "_builder", builder)
+        object.__setattr__(self, "_layout", layout)
+        object.__setattr__(self, "_patches", patches)
+        object.__setattr__(self, "_path", path)
+
+    @classmethod
+    def root(cls, builder: Any, layout: StructLayout, table: CapTableBuilder | None = None) -> StructBuilder:
+        """A view of a message's root struct (or of a struct inside an AnyPointer at ``path``)."""
+        return cls(builder, layout, _Patches(table or CapTableBuilder()), ())
+
+    @classmethod
+    def within(cls, builder: Any, layout: StructLayout, parent: StructBuilder, path: Path) -> StructBuilder:
+        """A view of a struct reached at ``path`` from the root of ``parent``'s message."""
+        return cls(builder, layout, parent._patches, path)
+
+    @property
+    def table(self) -> CapTableBuilder:
+        return self._patches.table
+
+    @property
+    def pycapnp(self) -> Any:
+        """The underlying pycapnp builder (set plain fields on it directly if you like)."""
+        return self._builder
+
+    def _field(self, name: str) -> FieldLayout | None:
+        return self._layout.fields.get(name)
+
+    def __getattr__(self, name: str) -> Any:
+        f = self._field(name)
+        if f is None or f.kind in _DATA_KINDS or f.kind is FieldKind.CAPABILITY:
+            return getattr(self._builder, name)
+        if f.kind is FieldKind.CAPABILITY_LIST:
+            return _CapListBuilder(self, f)
+        assert f.nested is not None
+        value = getattr(self._builder, name)
+        if f.kind is FieldKind.GROUP:
+            return StructBuilder(value, f.nested, self._patches, self._path)
+        if f.kind is FieldKind.STRUCT:
+            return StructBuilder(value, f.nested, self._patches, (*self._path, ("p", f.slot)))
+        return _StructListBuilder(value, f.nested, self._patches, (*self._path, ("p", f.slot)))
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        f = self._field(name)
+        if f is None or f.kind not in (FieldKind.CAPABILITY, FieldKind.CAPABILITY_LIST):
+            setattr(self._builder, name, value)
+            return
+        slot_path: Path = (*self._path, ("p", f.slot))
+        caps = self._patches.caps
+        if f.kind is FieldKind.CAPABILITY:
+            caps.pop(slot_path, None)
+            if value is not None:
+                caps[slot_path] = self._patches.table.index_of(value)
+        else:
+            values = list(value)
+            self._builder.init(name, len(values))
+            for stale in [p for p in caps if p[: len(slot_path)] == slot_path]:
+                del caps[stale]  # the list was replaced: its old elements are gone
+            for i, element in enumerate(values):
+                if element is not None:
+                    caps[(*slot_path, ("e", i))] = self._patches.table.index_of(element)
+        if f.discriminant is not None:
+            self._patches.discriminants.append((self._path, self._layout.discriminant_offset, f.discriminant))
+
+    def init(self, name: str, size: int | None = None) -> Any:
+        """pycapnp's ``init``, returning views for struct and struct-list fields."""
+        f = self._field(name)
+        value = self._builder.init(name) if size is None else self._builder.init(name, size)
+        if f is None or f.nested is None:
+            return value
+        if f.kind is FieldKind.STRUCT_LIST:
+            return _StructListBuilder(value, f.nested, self._patches, (*self._path, ("p", f.slot)))
+        path = self._path if f.kind is FieldKind.GROUP else (*self._path, ("p", f.slot))
+        return StructBuilder(value, f.nested, self._patches, path)
+
+    def any_struct(self, name: str, schema: Any) -> StructBuilder:
+        """The AnyPointer field ``name`` initialized as a struct of ``schema`` (a call's
+        params, a return's results), as a view in the same message."""
+        f = self._field(name)
+        if f is None or f.kind is not FieldKind.ANY_POINTER:
+            raise TypeError(f"{name} is not an AnyPointer field")
+        builder = getattr(self._builder, name).as_struct(schema)
+        return StructBuilder(builder, layout_of(schema), self._patches, (*self._path, ("p", f.slot)))
+
+    def finish(self, message: Any | None = None) -> tuple[list[Segment], list[object]]:
+        """Serializes the message this view belongs to (``message``: its root builder, when
+        this view is not the root) and returns its segments and its capabilities by index."""
+        segments: list[Segment] = list((message or self._builder).to_segments())
+        if self._patches.caps:
+            segments = capwire.patch_caps(segments, self._patches.caps.items())
+        for path, offset, value in self._patches.discriminants:
+            segments = capwire.set_discriminant(segments, path, offset, value)
+        return segments, self._patches.table.values
+
+
+class _CapListBuilder:
+    """An existing List(Interface) of a builder (``init`` it first): set elements to
+    capability values."""
+
+    __slots__ = ("_owner", "_field", "_list")
+
+    def __init__(self, owner: StructBuilder, field: FieldLayout) -> None:
+        self._owner, self._field = owner, field
+        self._list = getattr(owner._builder, field.name)
+
+    def __len__(self) -> int:
+        return len(self._list)
+
+    def __setitem__(self, index: int, value: object) -> None:
+        if not 0 <= index < len(self._list):
+            raise IndexError(index)
+        owner = self._owner
+        path: Path = (*owner._path, ("p", self._field.slot), ("e", index))
+        owner._patches.caps.pop(path, None)
+        if value is not None:
+            owner._patches.caps[path] = owner._patches.table.index_of(value)
+
+
+class _StructListBuilder:
+    __slots__ = ("_list", "_layout", "_patches", "_path")
+
+    def __init__(self, builder: Any, layout: StructLayout, patches: _Patches, path: Path) -> None:
+        self._list, self._layout, self._patches, self._path = builder, layout, patches, path
+
+    def __len__(self) -> int:
+        return len(self._list)
+
+    def __getitem__(self, index: int) -> StructBuilder:
+        if not 0 <= index < len(self._list):
+            raise IndexError(index)
+        return StructBuilder(self._list[index], self._layout, self._patches, (*self._path, ("e", index)))
+
+    def __iter__(self) -> Iterator[StructBuilder]:
+        return (self[i] for i in range(len(self)))
+
+
+class CapTableReader:
+    """The capabilities attached to one received message, and where its pointers were."""
+
+    def __init__(self, segments: Sequence[Segment], locations: dict[Location, int], values: Sequence[object]):
+        self.segments = segments
+        self.locations = locations
+        self.values = values
+        for index in locations.values():
+            if index >= len(values):
+                raise CapWireError(f"capability index {index} past the {len(values)} attached")
+
+    @classmethod
+    def strip(cls, segments: Sequence[Segment], values: Sequence[object]) -> CapTableReader:
+        """Strips a received message's capability pointers (:func:`capwire.strip_caps`)."""
+        clean, locations = capwire.strip_caps(segments)
+        return cls(clean, locations, values)
+
+    def capability(self, path: Path) -> object | None:
+        index = capwire.lookup_cap(self.segments, self.locations, path)
+        return None if index is None else self.values[index]
+
+    def capabilities(self, path: Path) -> list[object | None] | None:
+        indices = capwire.lookup_cap_list(self.segments, self.locations, path)
+        if indices is None:
+            return None
+        return [None if i is None else self.values[i] for i in indices]
+
+
+class StructReader:
+    """A pycapnp struct reader (over stripped segments) whose capability fields resolve."""
+
+    __slots__ = ("_reader", "_layout", "_table", "_path")
+    _reader: Any
+    _layout: StructLayout
+    _table: CapTableReader
+    _path: Path
+
+    def __init__(self, reader: Any, layout: StructLayout, table: CapTableReader, path: Path = ()) -> None:
+        self._reader, self._layout, self._table, self._path = reader, layout, table, path
+
+    @property
+    def pycapnp(self) -> Any:
+        return self._reader
+
+    def which(self) -> str:
+        return str(self._reader.which())
+
+    def any_struct(self, name: str, schema: Any) -> StructReader:
+        """The AnyPointer field ``name`` read as a struct of ``schema``."""
+        f = self._layout.fields.get(name)
+        if f is None or f.kind is not FieldKind.ANY_POINTER:
+            raise TypeError(f"{name} is not an AnyPointer field")
+        reader = getattr(self._reader, name).as_struct(schema)
+        return StructReader(reader, layout_of(schema), self._table, (*self._path, ("p", f.slot)))
+
+    def __getattr__(self, name: str) -> Any:
+        f = self._layout.fields.get(name)
+        if f is None:
+            return getattr(self._reader, name)
+        if f.discriminant is not None and self._reader.which() != name:
+            raise AttributeError(f"{name} is not the union member set (it is {self._reader.which()})")
+        if f.kind in _DATA_KINDS:
+            return getattr(self._reader, name)
+        if f.kind is FieldKind.CAPABILITY:
+            return self._table.capability((*self._path, ("p", f.slot)))
+        if f.kind is FieldKind.CAPABILITY_LIST:
+            return self._table.capabilities((*self._path, ("p", f.slot)))
+        assert f.nested is not None
+        value = getattr(self._reader, name)
+        if f.kind is FieldKind.GROUP:
+            return StructReader(value, f.nested, self._table, self._path)
+        if f.kind is FieldKind.STRUCT:
+            return StructReader(value, f.nested, self._table, (*self._path, ("p", f.slot)))
+        base: Path = (*self._path, ("p", f.slot))
+        return [
+            StructReader(element, f.nested, self._table, (*base, ("e", i))) for i, element in enumerate(value)
+        ]
