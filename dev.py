@@ -21,11 +21,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 
 
-def _inputs_digest(extra: str) -> str:
+def _inputs_digest(extra: str, trees: tuple[str, ...]) -> str:
     """A digest of everything that decides what the install contains."""
     digest = hashlib.sha256(extra.encode())
-    for path in sorted([ROOT / "pyproject.toml", ROOT / "setup.py", *(ROOT / "kernel").rglob("*")]):
-        if path.is_file():
+    paths = [ROOT / "pyproject.toml", ROOT / "setup.py"]
+    for tree in trees:
+        paths.extend((ROOT / tree).rglob("*"))
+    for path in sorted(paths):
+        if path.is_file() and "__pycache__" not in path.parts:
             digest.update(str(path.relative_to(ROOT)).encode())
             digest.update(path.read_bytes())
     return digest.hexdigest()
@@ -39,7 +42,9 @@ def ensure_venv(name: str, *, sanitize: bool = False) -> Path:
         print(f"== creating {name}", flush=True)
         venv.EnvBuilder(with_pip=True).create(where)
     stamp = where / ".capbus-installed"
-    digest = _inputs_digest(f"sanitize={sanitize}")
+    # An editable install sees Python edits live; a real one must be redone for them too.
+    trees = ("kernel", "capbus", "schemas") if sanitize else ("kernel", "schemas")
+    digest = _inputs_digest(f"sanitize={sanitize}", trees)
     if not stamp.exists() or stamp.read_text() != digest:
         print(f"== installing capbus into {name} (builds the C kernel)", flush=True)
         env = dict(os.environ)
