@@ -39,6 +39,17 @@ from .peer import (
     decode_monitor_record,
 )
 
+
+def __getattr__(name: str) -> object:
+    # capbus.load lives in the RPC layer; importing it lazily keeps `import capbus` (the peer
+    # API) free of Cap'n Proto.
+    if name == "load":
+        from .rpc.interface import load
+
+        return load
+    raise AttributeError(f"module 'capbus' has no attribute {name!r}")
+
+
 __all__ = [
     "AlreadyDestroyed",
     "BadFileDescriptor",
@@ -72,5 +83,6 @@ __all__ = [
     "UnknownCommand",
     "connect",
     "decode_monitor_record",
+    "load",
     "open_kernel",
 ]

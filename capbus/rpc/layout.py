@@ -36,6 +36,8 @@ class FieldLayout:
     """The union discriminant value that selects this field, if it is a union member."""
     interface_id: int = 0
     """For capabilities and lists of them: the interface's id."""
+    interface_schema: Any = None
+    """... and its pycapnp schema."""
     nested: StructLayout | None = None
     """For structs, lists of structs and groups."""
 
@@ -85,7 +87,9 @@ def _slot_field(raw: Any, parsed: Any, discriminant: int | None) -> FieldLayout:
     kind = raw.slot.type.which()
     slot = raw.slot.offset
     if kind == "interface":
-        return FieldLayout(raw.name, FieldKind.CAPABILITY, slot, discriminant, raw.slot.type.interface.typeId)
+        return FieldLayout(
+            raw.name, FieldKind.CAPABILITY, slot, discriminant, raw.slot.type.interface.typeId, parsed.schema
+        )
     if kind == "struct":
         return FieldLayout(raw.name, FieldKind.STRUCT, slot, discriminant, nested=layout_of(parsed.schema))
     if kind == "anyPointer":
@@ -94,7 +98,12 @@ def _slot_field(raw: Any, parsed: Any, discriminant: int | None) -> FieldLayout:
         element = raw.slot.type.list.elementType
         if element.which() == "interface":
             return FieldLayout(
-                raw.name, FieldKind.CAPABILITY_LIST, slot, discriminant, element.interface.typeId
+                raw.name,
+                FieldKind.CAPABILITY_LIST,
+                slot,
+                discriminant,
+                element.interface.typeId,
+                parsed.schema.elementType,
             )
         if element.which() == "struct":
             nested = layout_of(parsed.schema.elementType)

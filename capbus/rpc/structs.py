@@ -13,7 +13,7 @@ set twice gets one index, which Cap'n Proto allows.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from . import capwire
@@ -195,29 +195,48 @@ class _StructListBuilder:
 class CapTableReader:
     """The capabilities attached to one received message, and where its pointers were."""
 
-    def __init__(self, segments: Sequence[Segment], locations: dict[Location, int], values: Sequence[object]):
+    def __init__(
+        self,
+        segments: Sequence[Segment],
+        locations: dict[Location, int],
+        values: Sequence[object],
+        resolve: Callable[[object, FieldLayout], object] | None = None,
+    ):
         self.segments = segments
         self.locations = locations
         self.values = values
+        self.resolve = resolve
+        """Called with each capability value a field yields and that field's layout (the
+        RPC layer uses it to give a client the field's interface)."""
         for index in locations.values():
             if index >= len(values):
                 raise CapWireError(f"capability index {index} past the {len(values)} attached")
 
     @classmethod
-    def strip(cls, segments: Sequence[Segment], values: Sequence[object]) -> CapTableReader:
+    def strip(
+        cls,
+        segments: Sequence[Segment],
+        values: Sequence[object],
+        resolve: Callable[[object, FieldLayout], object] | None = None,
+    ) -> CapTableReader:
         """Strips a received message's capability pointers (:func:`capwire.strip_caps`)."""
         clean, locations = capwire.strip_caps(segments)
-        return cls(clean, locations, values)
+        return cls(clean, locations, values, resolve)
 
-    def capability(self, path: Path) -> object | None:
-        index = capwire.lookup_cap(self.segments, self.locations, path)
-        return None if index is None else self.values[index]
+    def _value(self, index: int | None, field: FieldLayout) -> object | None:
+        if index is None:
+            return None
+        value = self.values[index]
+        return value if self.resolve is None or value is None else self.resolve(value, field)
 
-    def capabilities(self, path: Path) -> list[object | None] | None:
+    def capability(self, path: Path, field: FieldLayout) -> object | None:
+        return self._value(capwire.lookup_cap(self.segments, self.locations, path), field)
+
+    def capabilities(self, path: Path, field: FieldLayout) -> list[object | None] | None:
         indices = capwire.lookup_cap_list(self.segments, self.locations, path)
         if indices is None:
             return None
-        return [None if i is None else self.values[i] for i in indices]
+        return [self._value(i, field) for i in indices]
 
 
 class StructReader:
@@ -256,9 +275,9 @@ class StructReader:
         if f.kind in _DATA_KINDS:
             return getattr(self._reader, name)
         if f.kind is FieldKind.CAPABILITY:
-            return self._table.capability((*self._path, ("p", f.slot)))
+            return self._table.capability((*self._path, ("p", f.slot)), f)
         if f.kind is FieldKind.CAPABILITY_LIST:
-            return self._table.capabilities((*self._path, ("p", f.slot)))
+            return self._table.capabilities((*self._path, ("p", f.slot)), f)
         assert f.nested is not None
         value = getattr(self._reader, name)
         if f.kind is FieldKind.GROUP:

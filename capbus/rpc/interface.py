@@ -1,0 +1,112 @@
+"""Interfaces and methods as the RPC layer sees them, read from pycapnp schemas.
+
+An :class:`Interface` knows its methods (its own and inherited, each keyed by the id of the
+interface that declares it and its ordinal there, which is what a call carries), their
+param and result structs and layouts. :func:`load` gives ``capbus.load("x.capnp")``: a
+module-like object whose interfaces have ``Client`` and ``Server`` classes, for use without
+generated stubs.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import capnp
+
+from .layout import StructLayout, layout_of
+
+STREAM_RESULT_ID = 0x995F9A3377C0B16E  # stream.capnp StreamResult: the results of `-> stream`
+
+
+@dataclass(frozen=True, eq=False)
+class Method:
+    name: str
+    interface_id: int
+    ordinal: int
+    params: Any  # pycapnp struct schema
+    results: Any
+    params_layout: StructLayout
+    results_layout: StructLayout
+    param_names: tuple[str, ...]
+    result_names: tuple[str, ...]
+    streaming: bool
+
+
+@dataclass(eq=False)
+class Interface:
+    id: int
+    name: str
+    schema: Any
+    methods: dict[str, Method] = field(default_factory=dict)
+    by_key: dict[tuple[int, int], Method] = field(default_factory=dict)
+    superclasses: tuple[Interface, ...] = ()
+
+    def implements(self, interface_id: int) -> bool:
+        return interface_id == self.id or any(s.implements(interface_id) for s in self.superclasses)
+
+
+_interfaces: dict[int, Interface] = {}
+
+
+def interface_of(schema: Any) -> Interface:
+    """The :class:`Interface` of a pycapnp interface schema (``Foo.schema``), cached by id."""
+    node = schema.node
+    cached = _interfaces.get(node.id)
+    if cached is not None:
+        return cached
+    supers = tuple(interface_of(s) for s in schema.superclasses)
+    interface = Interface(node.id, node.displayName.split(":")[-1], schema, superclasses=supers)
+    _interfaces[node.id] = interface
+    for parent in supers:  # inherited first, so that an override by name wins
+        interface.methods.update(parent.methods)
+        interface.by_key.update(parent.by_key)
+    for ordinal, raw in enumerate(node.interface.methods):  # listed by ordinal
+        parsed = schema.methods[raw.name]
+        params, results = parsed.param_type, parsed.result_type
+        method = Method(
+            raw.name,
+            node.id,
+            ordinal,
+            params,
+            results,
+            layout_of(params),
+            layout_of(results),
+            tuple(f.name for f in params.node.struct.fields),
+            tuple(f.name for f in results.node.struct.fields),
+            results.node.id == STREAM_RESULT_ID,
+        )
+        interface.methods[raw.name] = method
+        interface.by_key[(node.id, ordinal)] = method
+    return interface
+
+
+class SchemaModule:
+    """What :func:`load` returns: the schema's types, interfaces with Client and Server."""
+
+    def __init__(self, module: Any) -> None:
+        self.pycapnp = module
+        """The pycapnp module (its structs build and read plain messages)."""
+        from .client import client_class
+        from .server import server_class
+
+        for name in dir(module):
+            value = getattr(module, name)
+            schema = getattr(value, "schema", None)
+            if schema is None or not hasattr(schema, "node"):
+                continue
+            if schema.node.which() == "interface":
+                interface = interface_of(schema)
+                kind = type(name, (), {"Client": client_class(interface), "Server": server_class(interface)})
+                kind.interface = interface  # type: ignore[attr-defined]
+                setattr(self, name, kind)
+            else:
+                setattr(self, name, value)
+
+
+def load(path: str | os.PathLike[str], imports: list[str] | None = None) -> SchemaModule:
+    """Loads a ``.capnp`` file for use without generated stubs: ``mod.Foo.Client`` and
+    ``mod.Foo.Server`` for each interface, the other types as pycapnp gives them."""
+    capnp.remove_import_hook()
+    return SchemaModule(capnp.load(os.fspath(path), imports=imports or []))

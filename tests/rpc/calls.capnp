@@ -1,0 +1,17 @@
+@0xd5e6f708192a3b4c;
+
+interface Echo {
+  echo @0 (text :Text) -> (text :Text);
+  fail @1 (kind :Text) -> ();
+  slow @2 () -> ();
+}
+
+interface Counter {
+  increment @0 (by :UInt32) -> (value :UInt64);
+}
+
+interface Factory extends(Echo) {
+  newCounter @0 () -> (counter :Counter);
+  same @1 (cap :Counter) -> (cap :Counter);
+  sum @2 (counters :List(Counter)) -> (total :UInt64);
+}

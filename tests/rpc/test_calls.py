@@ -1,0 +1,181 @@
+"""Calls through the vat between two peers on a real kernel: returns, exceptions,
+capabilities in params and results, identity, inheritance, disconnection, cancellation,
+one-way calls and distributed GC of exports."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+import capbus
+from capbus.rpc import errors
+from capbus.rpc.vat import Vat, open_vat
+from capbus.testing import wait_for_statistics
+
+schema: Any = capbus.load(Path(__file__).with_name("calls.capnp"))
+
+
+class CounterServer(schema.Counter.Server):  # type: ignore[misc,name-defined]
+    def __init__(self) -> None:
+        self.value = 0
+
+    async def increment(self, by: int) -> int:
+        self.value += by
+        return self.value
+
+
+class FactoryServer(schema.Factory.Server):  # type: ignore[misc,name-defined]
+    def __init__(self) -> None:
+        self.slow_started = trio.Event()
+        self.slow_cancelled = trio.Event()
+        self.heard: list[str] = []
+        self.heard_event = trio.Event()
+
+    async def echo(self, text: str) -> str:
+        self.heard.append(text)
+        self.heard_event.set()
+        return text
+
+    async def fail(self, kind: str) -> None:
+        if kind == "overloaded":
+            raise errors.Overloaded("too busy to answer")
+        raise ValueError("a bug in the server")
+
+    async def slow(self) -> None:
+        self.slow_started.set()
+        try:
+            await trio.sleep_forever()
+        finally:
+            self.slow_cancelled.set()
+
+    async def newCounter(self) -> CounterServer:
+        return CounterServer()
+
+    async def same(self, cap: Any) -> Any:
+        return cap
+
+    async def sum(self, counters: list[Any]) -> int:
+        total = 0
+        for counter in counters:
+            total += (await counter.increment(by=0)).value
+        return total
+
+
+@dataclass
+class Pair:
+    kernel: capbus.Kernel
+    server: FactoryServer
+    server_vat: Vat
+    client_vat: Vat
+    factory: Any
+
+
+@pytest.fixture
+async def pair(kernel: capbus.Kernel) -> AsyncIterator[Pair]:
+    server_peer = await kernel.connect()
+    client_peer = await kernel.connect()
+    async with open_vat(server_peer) as server_vat, open_vat(client_peer) as client_vat:
+        server = FactoryServer()
+        node = await server_vat.export(server)
+        handle = await server_peer.transfer(node, client_peer)
+        yield Pair(kernel, server, server_vat, client_vat, client_vat.client(handle, schema.Factory))
+    await server_peer.aclose()
+    await client_peer.aclose()
+
+
+async def test_call_and_return(pair: Pair) -> None:
+    with trio.fail_after(10):
+        results = await pair.factory.echo("hello")
+        assert results.text == "hello"
+        assert (await pair.factory.echo(text="again")).text == "again"
+
+
+async def test_exceptions_keep_their_type_and_message(pair: Pair) -> None:
+    with trio.fail_after(10):
+        with pytest.raises(errors.Overloaded, match="too busy to answer"):
+            await pair.factory.fail("overloaded")
+        with pytest.raises(errors.Failed, match="ValueError: a bug in the server"):
+            await pair.factory.fail("other")
+        counter = (await pair.factory.newCounter()).counter
+        # A method the server's interface does not have: call Factory.same on a Counter.
+        with pytest.raises(errors.Unimplemented):
+            await pair.client_vat.call(counter, schema.Factory.interface.methods["same"], {})
+        assert (await pair.factory.echo("still serving")).text == "still serving"
+
+
+async def test_capabilities_in_results_and_params_keep_identity(pair: Pair) -> None:
+    with trio.fail_after(10):
+        counter = (await pair.factory.newCounter()).counter
+        assert (await counter.increment(by=2)).value == 2
+        assert (await counter.increment(by=3)).value == 5
+        back = (await pair.factory.same(cap=counter)).cap
+        assert back is counter  # the same object comes back as the same client
+        other = (await pair.factory.newCounter()).counter
+        assert other is not counter
+        await other.increment(by=10)
+        assert (await pair.factory.sum(counters=[counter, other, counter])).total == 20
+
+
+async def test_inherited_methods(pair: Pair) -> None:
+    assert pair.factory.interface.implements(schema.Echo.interface.id)
+    with trio.fail_after(10):
+        assert (await pair.factory.echo("via Echo")).text == "via Echo"
+
+
+async def test_cancelling_the_caller_cancels_the_handler(pair: Pair) -> None:
+    with trio.move_on_after(0.5) as scope:  # the caller's timeout, not a synchronisation
+        await pair.factory.slow()
+    assert scope.cancelled_caught
+    with trio.fail_after(10):
+        await pair.server.slow_started.wait()
+        await pair.server.slow_cancelled.wait()
+        assert (await pair.factory.echo("after")).text == "after"
+
+
+async def test_dead_server_disconnects_pending_and_later_calls(kernel: capbus.Kernel) -> None:
+    server_peer = await kernel.connect()
+    client_peer = await kernel.connect()
+    server = FactoryServer()
+    async with open_vat(client_peer) as client_vat:
+        async with open_vat(server_peer) as server_vat:
+            node = await server_vat.export(server)
+            factory = client_vat.client(await server_peer.transfer(node, client_peer), schema.Factory)
+
+        async def call_slow() -> None:
+            with pytest.raises(errors.Disconnected):
+                await factory.slow()
+
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(call_slow)
+                await server_peer.aclose()  # the server dies with the call in flight
+        with trio.fail_after(10), pytest.raises(errors.Disconnected):
+            await factory.echo("anyone?")
+    await client_peer.aclose()
+
+
+async def test_oneway_call_runs_without_a_return(pair: Pair) -> None:
+    with trio.fail_after(10):
+        await pair.factory.echo.oneway("fire and forget")
+        await pair.server.heard_event.wait()
+        assert pair.server.heard == ["fire and forget"]
+        assert pair.server_vat.statistics().answers == 0
+
+
+async def test_exports_are_collected_when_no_one_holds_them(pair: Pair) -> None:
+    with trio.fail_after(10):
+        before = pair.kernel.statistics().nodes
+        for _ in range(20):
+            counter = (await pair.factory.newCounter()).counter
+            await counter.increment(by=1)
+            await counter.aclose()
+            del counter
+        # Every counter's node is destroyed once its only client let go.
+        stats = await wait_for_statistics(pair.kernel, lambda s: s.nodes <= before)
+        assert stats.nodes == before
+        assert pair.server_vat.statistics().exports == 1  # only the factory
