@@ -211,6 +211,18 @@ def _list_at(words: list[memoryview], path: Path) -> tuple[int, int, int] | None
     return segment, first, count
 
 
+def read_struct_word(segments: Sequence[Segment], path: Path, word: int) -> int | None:
+    """Data word ``word`` of the struct that the pointer slot at ``path`` points to, without
+    looking at anything else of the message (None if the struct or the word is absent)."""
+    words = _words(segments)
+    found = _slot(words, path)
+    target = None if found is None else _deref(words, *found)
+    if target is None:
+        return None
+    segment, start, data_words, _ = _struct(words, target)
+    return int(words[segment][start + word]) if word < data_words else None
+
+
 def _capability_index(word: int) -> int | None:
     if word == 0:
         return None

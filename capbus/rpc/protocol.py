@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import capwire
-from .capwire import Segment
+from .capwire import CapWireError, Segment
 from .envelope import rpc
 from .errors import BY_KIND, Failed, RpcError
 from .interface import Method
@@ -134,6 +134,32 @@ def decode(
     every index: a pointer past them raises CapWireError); ``resolve`` as in CapTableReader."""
     table = CapTableReader.strip(capwire.unframe(payload), caps, resolve)
     return StructReader(rpc.Envelope.from_segments(table.segments), ENVELOPE, table)
+
+
+_CALL_SLOT = ENVELOPE.fields["call"].slot
+_CALL = layout_of(rpc.Call.schema)
+_CALL_REPLY_SLOT = _CALL.fields["replyTo"].slot
+_CALL_DISCRIMINANT = ENVELOPE.fields["call"].discriminant
+
+
+def call_identity(payload: Segment) -> tuple[int, int | None] | None:
+    """(question id, index of the reply capability or None) of a call whose envelope is
+    otherwise unreadable (its params malformed, say), read straight from the segments so
+    that the caller can still be told why; None if even that cannot be read."""
+    try:
+        segments = capwire.unframe(payload)
+        offset = ENVELOPE.discriminant_offset  # in 16-bit units
+        root = capwire.read_struct_word(segments, (), offset // 4)
+        discriminant = None if root is None else (root >> (16 * (offset % 4))) & 0xFFFF
+        if discriminant != _CALL_DISCRIMINANT:
+            return None
+        question_id = capwire.read_struct_word(segments, (("p", _CALL_SLOT),), 0)
+        if question_id is None:
+            return None
+        reply = capwire.read_cap(segments, (("p", _CALL_SLOT), ("p", _CALL_REPLY_SLOT)))
+        return question_id, reply
+    except CapWireError:
+        return None
 
 
 def exception_of(returned: StructReader) -> RpcError:

@@ -39,6 +39,7 @@ from .protocol import (
     REPLY,
     Encoded,
     as_kwargs,
+    call_identity,
     decode,
     encode_call,
     encode_exception,
@@ -81,11 +82,18 @@ def _rpc_error(error: bus.CapbusError) -> RpcError:
     return Failed(f"the kernel refused the call: {error.strerror}")
 
 
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
 class Vat:
     """See the module docstring. Make one with :func:`open_vat`."""
 
-    def __init__(self, peer: Peer, nursery: trio.Nursery) -> None:
+    def __init__(
+        self, peer: Peer, nursery: trio.Nursery, *, max_message_bytes: int = MAX_MESSAGE_BYTES
+    ) -> None:
         self.peer = peer
+        self.max_message_bytes = max_message_bytes
+        """Calls and returns larger than this are refused (with an exception to the caller)."""
         self._nursery = nursery
         self._reply = 0
         self._next_question = 1
@@ -332,11 +340,16 @@ class Vat:
     def _data(self, message: Message) -> None:
         destination = message.destination.id
         caps = self._incoming_caps(message)
+        payload = message.payload_view
         try:
-            envelope = decode(message.payload_view, caps, self._typed)
+            if len(payload) > self.max_message_bytes:
+                limit = self.max_message_bytes
+                raise CapWireError(f"a message of {len(payload)} bytes, over this vat's limit of {limit}")
+            envelope = decode(payload, caps, self._typed)
             which = envelope.which()
-        except (CapWireError, ValueError, Exception):  # noqa: BLE001 - hostile input
-            return  # an undecodable message gets no answer: there is no call to answer
+        except Exception as error:  # noqa: BLE001 - hostile or broken input, never fatal
+            self._refuse(destination, payload, caps, f"malformed message: {error}")
+            return
         if destination == self._reply and which == "return":
             self._returned(getattr(envelope, "return"))
         elif destination in self._exports and which == "call":
@@ -348,6 +361,35 @@ class Vat:
                 scope = self._answers.get((reply.handle, finish.questionId))
                 if scope is not None:
                     scope.cancel()
+        elif which == "call":
+            self._refuse(destination, payload, caps, "no object behind this node", Disconnected)
+
+    def _refuse(
+        self,
+        destination: int,
+        payload: memoryview,
+        caps: list[object],
+        reason: str,
+        kind: type[RpcError] = Failed,
+    ) -> None:
+        """Answers a call that cannot be served, if the caller can be made out at all."""
+        identity = call_identity(payload)
+        if identity is None:
+            return  # not even the call's header is readable: no one to tell
+        question_id, reply_index = identity
+        if reply_index is None or reply_index >= len(caps):
+            return
+        reply = caps[reply_index]
+        if isinstance(reply, Client) and reply.server is None:
+            encoded = encode_exception(question_id, kind(reason))
+            # The task holds the client: collected, it would release the handle first.
+            self._nursery.start_soon(self._send_quietly, reply, encoded)
+
+    async def _send_quietly(self, destination: Client, encoded: Encoded) -> None:
+        try:
+            await self._send(destination.handle, encoded, oneway=True)
+        except (RpcError, bus.CapbusError):
+            pass  # the caller is gone
 
     def _returned(self, returned: StructReader) -> None:
         question = self._questions.get(returned.questionId)
@@ -398,10 +440,8 @@ class Vat:
                     self._answers.pop(key, None)
         if scope.cancelled_caught or key is None or encoded is None:
             return  # one-way, or the caller sent Finish: no return
-        try:
-            await self._send(key[0], encoded, oneway=True)
-        except (RpcError, bus.CapbusError):
-            pass  # the caller is gone
+        assert isinstance(reply, Client)
+        await self._send_quietly(reply, encoded)
 
     def _node_destroyed(self, handle_id: int) -> None:
         self._broken.add(handle_id)
@@ -441,10 +481,10 @@ def _interface(interface: Any) -> Interface:
 
 
 @asynccontextmanager
-async def open_vat(peer: Peer) -> AsyncIterator[Vat]:
+async def open_vat(peer: Peer, *, max_message_bytes: int = MAX_MESSAGE_BYTES) -> AsyncIterator[Vat]:
     """Runs the RPC endpoint of ``peer`` for the duration of the block."""
     async with trio.open_nursery() as nursery:
-        vat = Vat(peer, nursery)
+        vat = Vat(peer, nursery, max_message_bytes=max_message_bytes)
         await vat._start()
         try:
             yield vat

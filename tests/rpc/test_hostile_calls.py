@@ -1,0 +1,129 @@
+"""Calls with malformed or hostile content get a precise exception, and the server keeps
+serving. The attacker is a bare peer that writes envelopes by hand."""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import trio
+
+import capbus
+from capbus.rpc import capwire, errors, protocol
+from capbus.rpc.vat import Vat, open_vat
+
+from .test_calls import FactoryServer, schema
+
+CALL = protocol.ENVELOPE.fields["call"].slot
+PARAMS = protocol.layout_of(protocol.rpc.Call.schema).fields["params"].slot
+SAME = schema.Factory.interface.methods["same"]
+ECHO = schema.Factory.interface.methods["echo"]
+
+
+@dataclass
+class Attack:
+    attacker: capbus.Peer
+    reply: capbus.Handle
+    target: capbus.Handle
+    server: Vat
+    factory: Any  # a well-behaved client of the same server
+
+
+@pytest.fixture
+async def attack(kernel: capbus.Kernel) -> AsyncIterator[Attack]:
+    server_peer = await kernel.connect()
+    attacker = await kernel.connect()
+    honest = await kernel.connect()
+    async with (
+        open_vat(server_peer, max_message_bytes=64 * 1024) as server_vat,
+        open_vat(honest) as honest_vat,
+    ):
+        node = await server_vat.export(FactoryServer())
+        reply = await attacker.create_node()
+        target = await server_peer.transfer(node, attacker)
+        factory = honest_vat.client(await server_peer.transfer(node, honest), schema.Factory)
+        yield Attack(attacker, reply, target, server_vat, factory)
+    for peer in (server_peer, attacker, honest):
+        await peer.aclose()
+
+
+async def answer_to(attack: Attack, payload: bytes, handles: list[capbus.Handle]) -> errors.RpcError:
+    """Sends a hand-made call and returns the exception the server answered with."""
+    await attack.attacker.send(attack.target, payload, handles=handles)
+    message = await attack.attacker.recv()
+    while message.kind is not capbus.MessageKind.DATA:  # e.g. the server let go of our reply node
+        message = await attack.attacker.recv()
+    assert message.destination == attack.reply
+    envelope = protocol.decode(message.payload_view, [None] * len(message.handles))
+    returned = getattr(envelope, "return")
+    assert returned.which() == "exception"
+    return protocol.exception_of(returned)
+
+
+def with_word(payload: bytes, path: capwire.Path, word: int) -> bytes:
+    segments = [bytearray(s) for s in capwire.unframe(payload)]
+    location = capwire.locate(segments, path)
+    assert location is not None
+    struct.pack_into("<Q", segments[location[0]], location[1] * 8, word)
+    return capwire.frame_header(segments) + b"".join(segments)
+
+
+async def test_malformed_params_get_failed(attack: Attack) -> None:
+    call = protocol.encode_call(11, ECHO, {"text": "hi"})
+    out_of_bounds = 0 | (1000 << 2) | (1 << 32)  # a struct pointer far past the segment
+    payload = with_word(call.payload, (("p", CALL), ("p", PARAMS)), out_of_bounds)
+    with trio.fail_after(10):
+        error = await answer_to(attack, payload, [attack.reply])
+        assert isinstance(error, errors.Failed) and "malformed" in error.reason
+        assert "out of bounds" in error.reason
+        assert (await attack.factory.echo("still serving")).text == "still serving"
+
+
+async def test_capability_index_past_the_attached_handles(attack: Attack) -> None:
+    call = protocol.encode_call(12, SAME, {})
+    cap_slot = SAME.params_layout.fields["cap"].slot
+    segments = capwire.patch_caps(
+        capwire.unframe(call.payload), [((("p", CALL), ("p", PARAMS), ("p", cap_slot)), 5)]
+    )
+    payload = capwire.frame_header(segments) + b"".join(bytes(s) for s in segments)
+    with trio.fail_after(10):
+        error = await answer_to(attack, payload, [attack.reply])
+        assert isinstance(error, errors.Failed) and "capability index 5 past the 1 attached" in error.reason
+        assert (await attack.factory.echo("still serving")).text == "still serving"
+
+
+async def test_unknown_interface_or_method_gets_unimplemented(attack: Attack) -> None:
+    with trio.fail_after(10):
+        for interface_id, method_id in ((0x1234_5678_9ABC_DEF0, 0), (ECHO.interface_id, 99)):
+            call = protocol.rpc.Envelope.new_message()
+            body = call.init("call")
+            body.questionId = 13
+            body.interfaceId = interface_id
+            body.methodId = method_id
+            segments = call.to_segments()
+            reply_slot = protocol.layout_of(protocol.rpc.Call.schema).fields["replyTo"].slot
+            segments = capwire.patch_caps(segments, [((("p", CALL), ("p", reply_slot)), 0)])
+            payload = capwire.frame_header(segments) + b"".join(bytes(s) for s in segments)
+            error = await answer_to(attack, payload, [attack.reply])
+            assert isinstance(error, errors.Unimplemented)
+        assert (await attack.factory.echo("still serving")).text == "still serving"
+
+
+async def test_oversized_call_gets_failed(attack: Attack) -> None:
+    call = protocol.encode_call(14, ECHO, {"text": "x" * 100_000})
+    with trio.fail_after(10):
+        error = await answer_to(attack, call.payload, [attack.reply])
+        assert isinstance(error, errors.Failed) and "over this vat's limit" in error.reason
+        assert (await attack.factory.echo("still serving")).text == "still serving"
+
+
+async def test_garbage_is_dropped_and_the_server_goes_on(attack: Attack) -> None:
+    with trio.fail_after(10):
+        for size in (0, 7, 8, 64, 4096):
+            await attack.attacker.send(attack.target, os.urandom(size), handles=[attack.reply])
+        assert (await attack.factory.echo("still serving")).text == "still serving"
+        assert attack.server.statistics().answers == 0
