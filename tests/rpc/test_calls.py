@@ -179,3 +179,26 @@ async def test_exports_are_collected_when_no_one_holds_them(pair: Pair) -> None:
         stats = await wait_for_statistics(pair.kernel, lambda s: s.nodes <= before)
         assert stats.nodes == before
         assert pair.server_vat.statistics().exports == 1  # only the factory
+
+
+async def test_capability_passing_leaves_nothing_behind(pair: Pair) -> None:
+    """Distributed GC, checked with the kernel's own counts: after many calls that pass
+    capabilities both ways (new servers exported by the caller, called back by the callee;
+    new servers returned by the callee and dropped), no node or handle is left over."""
+    with trio.fail_after(60):
+        await pair.factory.echo("warm up")
+        baseline = await wait_for_statistics(pair.kernel, lambda s: True)
+        for i in range(500):
+            # The caller exports a fresh counter; the server calls back into it.
+            assert (await pair.factory.sum(counters=[CounterServer()])).total == 0
+            # The server exports a fresh counter; the caller uses it and lets it go.
+            counter = (await pair.factory.newCounter()).counter
+            assert (await counter.increment(by=i)).value == i
+            del counter
+        stats = await wait_for_statistics(
+            pair.kernel, lambda s: s.nodes == baseline.nodes and s.handles == baseline.handles
+        )
+    assert (stats.nodes, stats.handles) == (baseline.nodes, baseline.handles)
+    assert pair.server_vat.statistics().exports == 1
+    assert pair.client_vat.statistics().exports == 0
+    assert pair.client_vat.statistics().imports == 1  # the factory
