@@ -1,0 +1,320 @@
+"""The RPC engine: one vat's bookkeeping, without IO (sans-IO, as h11 is for HTTP).
+
+The engine owns the tables of DESIGN.md section 3 and makes every decision about them; it
+never touches a socket, a task or a clock. It is fed what arrives (:meth:`Engine.receive`
+takes a peer's :class:`~capbus.peer.Message`) and returns :class:`Event` records: returns
+for questions, calls to serve, finishes, objects gone, exports that may be retired, and
+:class:`Send` records for the messages to write. The vat (vat.py) runs it over a bus1 peer
+with trio; another transport can run the same engine.
+
+Tables:
+- exports: node -> server (one node per object, reused while held), and id(server) -> node;
+- imports: handle -> client (one per handle, so identity holds) and the kernel references
+  its clients own, released (batched, :meth:`take_releases`) when they are collected;
+- questions: question id -> (target, method) while a caller waits;
+- answers: (reply handle, question id) of calls being served, for Finish to cancel.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ..peer import Message, MessageKind
+from .client import Client, client_class
+from .errors import Disconnected, Failed, RpcError
+from .interface import Interface, Method, interface_of
+from .layout import FieldLayout
+from .protocol import REPLY, Encoded, call_identity, decode, encode_exception, exception_of
+from .server import Server
+from .structs import StructReader
+
+
+@dataclass(slots=True)
+class Send:
+    """A message to write. ``destination`` is a client (kept alive until written: a
+    collected client releases its handle) or a handle id."""
+
+    destination: Client | int
+    encoded: Encoded
+    oneway: bool = True
+
+
+@dataclass(slots=True)
+class Returned:
+    """The answer to question ``question_id``: results or an error."""
+
+    question_id: int
+    results: StructReader | None = None
+    error: RpcError | None = None
+
+
+@dataclass(slots=True)
+class CallArrived:
+    """A call to serve. ``method`` is None when the server lacks it; ``reply`` is None for a
+    one-way call."""
+
+    server: Server
+    call: StructReader
+    method: Method | None
+    reply: Client | None
+    question_id: int
+
+
+@dataclass(slots=True)
+class FinishArrived:
+    """The caller of (reply handle, question id) gave up: cancel that call's handler."""
+
+    key: tuple[int, int]
+
+
+@dataclass(slots=True)
+class MayRetire:
+    """No one else holds ``node`` (as of the notification): check its holder count, then
+    call :meth:`Engine.retire` if it is still unused."""
+
+    node: int
+
+
+Event = Send | Returned | CallArrived | FinishArrived | MayRetire
+
+
+@dataclass(slots=True)
+class _Question:
+    target: int
+    method: Method
+
+
+class Engine:
+    """See the module docstring."""
+
+    def __init__(self, reply_node: int, *, max_message_bytes: int, on_release: Callable[[], None]) -> None:
+        self.reply_node = reply_node
+        self.max_message_bytes = max_message_bytes
+        self._on_release = on_release
+        self._next_question = 1
+        self.questions: dict[int, _Question] = {}
+        self.answers: set[tuple[int, int]] = set()
+        self.exports: dict[int, Server] = {}
+        self._export_nodes: dict[int, int] = {}  # id(server) -> node
+        self._export_busy: dict[int, int] = {}  # node -> sends in progress that carry it
+        self.imports: weakref.WeakValueDictionary[int, Client] = weakref.WeakValueDictionary()
+        self._import_refs: dict[int, int] = {}
+        self.broken: set[int] = set()
+        self._releases: dict[int, int] = {}
+        self._clients: dict[int, type[Client]] = {}
+        self._locals: weakref.WeakValueDictionary[int, Client] = weakref.WeakValueDictionary()
+        self._generic = client_class(Interface(0, "Capability", None))
+        self.vat: Any = None  # the object clients call through (set by the vat)
+
+    # -- exports ------------------------------------------------------------------------------
+
+    def export_node(self, server: Server) -> int | None:
+        """The node of an exported server, or None if it needs one (:meth:`exported`)."""
+        return self._export_nodes.get(id(server))
+
+    def exported(self, server: Server, node: int) -> None:
+        self.exports[node] = server
+        self._export_nodes[id(server)] = node
+
+    def sending(self, handles: list[int], started: bool) -> None:
+        """Marks the exports a send carries as busy (``started``) or not: a busy export is not
+        retired, since the send may give it out again."""
+        for node in handles:
+            if node in self.exports:
+                self._export_busy[node] = self._export_busy.get(node, 0) + (1 if started else -1)
+
+    def retire(self, node: int, holders: int) -> bool:
+        """After :class:`MayRetire` and a holder count: forgets the export (the caller then
+        destroys the node) if no one holds it and no send of ours carries it."""
+        if holders or self._export_busy.get(node) or node not in self.exports:
+            return False
+        server = self.exports.pop(node)
+        self._export_nodes.pop(id(server), None)
+        self._export_busy.pop(node, None)
+        return True
+
+    # -- imports and local clients ------------------------------------------------------------
+
+    def client_class(self, interface: Interface) -> type[Client]:
+        cls = self._clients.get(interface.id)
+        if cls is None:
+            cls = self._clients[interface.id] = client_class(interface)
+        return cls
+
+    def import_(self, handle: int, references: int, interface: Interface | None) -> Client:
+        client = self.imports.get(handle)
+        if client is None:
+            cls = self._generic if interface is None else self.client_class(interface)
+            client = cls(self.vat, handle)
+            self.imports[handle] = client
+            weakref.finalize(client, self._client_gone, handle)
+        elif interface is not None and client.interface.schema is None:
+            client.__class__ = self.client_class(interface)  # learnt from the field's type
+        self._import_refs[handle] = self._import_refs.get(handle, 0) + references
+        return client
+
+    def local(self, server: Server) -> Client:
+        client = self._locals.get(id(server))
+        if client is None:
+            client = self.client_class(server.interface)(self.vat, 0, server)
+            self._locals[id(server)] = client
+        return client
+
+    def drop(self, client: Client) -> None:
+        if self.imports.get(client.handle) is client:
+            del self.imports[client.handle]
+            self._client_gone(client.handle)
+
+    def _client_gone(self, handle: int) -> None:
+        references = self._import_refs.pop(handle, 0)
+        if references:
+            self.release_later(handle, references)
+
+    def release_later(self, handle: int, count: int) -> None:
+        self._releases[handle] = self._releases.get(handle, 0) + count
+        self._on_release()
+
+    def take_releases(self) -> dict[int, int]:
+        """Handle -> references to release now (batched: one command per handle)."""
+        pending, self._releases = self._releases, {}
+        return pending
+
+    def typed(self, value: object, field: FieldLayout) -> object:
+        """Gives a client read from a field that field's interface."""
+        if (
+            isinstance(value, Client)
+            and value.interface.schema is None
+            and field.interface_schema is not None
+        ):
+            value.__class__ = self.client_class(interface_of(field.interface_schema))
+        return value
+
+    def loopback(self, caps: list[object]) -> list[object]:
+        """A local message's capability values as a receiver would see them."""
+        return [None if v is REPLY else self.local(v) if isinstance(v, Server) else v for v in caps]
+
+    # -- questions ----------------------------------------------------------------------------
+
+    def ask(self, target: int, method: Method) -> int:
+        question_id = self._next_question
+        self._next_question += 1
+        self.questions[question_id] = _Question(target, method)
+        return question_id
+
+    def oneway_id(self) -> int:
+        question_id = self._next_question
+        self._next_question += 1
+        return question_id
+
+    def forget(self, question_id: int) -> bool:
+        """The caller stopped waiting; True if the question was still open (send Finish)."""
+        return self.questions.pop(question_id, None) is not None
+
+    # -- what arrives -------------------------------------------------------------------------
+
+    def receive(self, message: Message) -> list[Event]:
+        """Everything a message from the peer means."""
+        if message.kind is MessageKind.DATA:
+            return self._data(message)
+        if message.kind is MessageKind.NODE_DESTROYED:
+            return self._node_destroyed(message.destination.id)
+        if message.kind is MessageKind.NODE_RELEASED and message.destination.id in self.exports:
+            return [MayRetire(message.destination.id)]
+        return []
+
+    def _incoming_caps(self, message: Message) -> list[object]:
+        values: list[object] = []
+        for handle in message.handles:
+            if not handle.is_valid:
+                values.append(None)
+            elif handle.id in self.exports:
+                values.append(self.local(self.exports[handle.id]))
+                self.release_later(handle.id, 1)  # receiving our own node added a reference
+            elif handle.id == self.reply_node:
+                values.append(None)
+                self.release_later(handle.id, 1)
+            else:
+                values.append(self.import_(handle.id, 1, None))
+        return values
+
+    def _data(self, message: Message) -> list[Event]:
+        destination = message.destination.id
+        caps = self._incoming_caps(message)
+        payload = message.payload_view
+        try:
+            if len(payload) > self.max_message_bytes:
+                limit = self.max_message_bytes
+                raise ValueError(f"a message of {len(payload)} bytes, over this vat's limit of {limit}")
+            envelope = decode(payload, caps, self.typed)
+            which = envelope.which()
+        except Exception as error:  # noqa: BLE001 - hostile or broken input, never fatal
+            return self._refuse(payload, caps, f"malformed message: {error}", Failed)
+        if destination == self.reply_node and which == "return":
+            return self._returned(getattr(envelope, "return"))
+        if destination in self.exports and which == "call":
+            call = envelope.call
+            server = self.exports[destination]
+            reply = call.replyTo
+            method = server.interface.by_key.get((call.interfaceId, call.methodId))
+            reply_client = reply if isinstance(reply, Client) and reply.server is None else None
+            if reply_client is not None:
+                self.answers.add((reply_client.handle, call.questionId))
+            return [CallArrived(server, call, method, reply_client, call.questionId)]
+        if destination in self.exports and which == "finish":
+            finish = envelope.finish
+            reply = finish.replyTo
+            if isinstance(reply, Client) and (reply.handle, finish.questionId) in self.answers:
+                return [FinishArrived((reply.handle, finish.questionId))]
+            return []
+        if which == "call":
+            return self._refuse(payload, caps, "no object behind this node", Disconnected)
+        return []
+
+    def answered(self, key: tuple[int, int]) -> None:
+        self.answers.discard(key)
+
+    def _refuse(
+        self, payload: memoryview, caps: list[object], reason: str, kind: type[RpcError]
+    ) -> list[Event]:
+        """Answers a call that cannot be served, if the caller can be made out at all."""
+        identity = call_identity(payload)
+        if identity is None:
+            return []  # not even the call's header is readable: no one to tell
+        question_id, reply_index = identity
+        if reply_index is None or reply_index >= len(caps):
+            return []
+        reply = caps[reply_index]
+        if not isinstance(reply, Client) or reply.server is not None:
+            return []
+        return [Send(reply, encode_exception(question_id, kind(reason)))]
+
+    def _returned(self, returned: StructReader) -> list[Event]:
+        question = self.questions.pop(returned.questionId, None)
+        if question is None:
+            return []  # a caller that stopped waiting (it sent Finish)
+        which = returned.which()
+        if which == "results":
+            try:
+                results = returned.any_struct("results", question.method.results)
+            except Exception as error:  # noqa: BLE001 - the callee sent something malformed
+                return [Returned(returned.questionId, error=Failed(f"malformed results: {error}"))]
+            return [Returned(returned.questionId, results=results)]
+        if which == "exception":
+            return [Returned(returned.questionId, error=exception_of(returned))]
+        return [Returned(returned.questionId, error=Failed("the call was canceled"))]
+
+    def _node_destroyed(self, handle: int) -> list[Event]:
+        self.broken.add(handle)
+        events: list[Event] = []
+        for question_id, question in list(self.questions.items()):
+            if question.target == handle:
+                del self.questions[question_id]
+                gone = Disconnected("the object's node was destroyed (or its peer went away)")
+                events.append(Returned(question_id, error=gone))
+        if handle in self.exports:
+            server = self.exports.pop(handle)
+            self._export_nodes.pop(id(server), None)
+        return events

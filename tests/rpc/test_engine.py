@@ -1,0 +1,85 @@
+"""The engine without IO: fed hand-made peer messages, it answers with events."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from capbus.peer import Handle, Message, MessageKind
+from capbus.rpc import errors, protocol
+from capbus.rpc.engine import CallArrived, Engine, MayRetire, Returned, Send
+
+from .test_calls import FactoryServer, schema
+from .test_hostile_calls import CALL, PARAMS, with_word
+
+ECHO = schema.Factory.interface.methods["echo"]
+REPLY_NODE = 0x9
+FACTORY_NODE = 0x11
+CALLER_REPLY = 0x1B  # the caller's reply node, as a handle in this peer
+
+
+class Owner:
+    """Stands for the peer that Handles belong to."""
+
+
+def message(
+    kind: MessageKind, destination: int, payload: bytes = b"", handles: tuple[int, ...] = ()
+) -> Message:
+    owner: Any = Owner()
+    return Message(
+        kind, Handle(owner, destination), memoryview(payload), tuple(Handle(owner, h) for h in handles)
+    )
+
+
+def engine() -> tuple[Engine, list[int]]:
+    woken: list[int] = []
+    e = Engine(REPLY_NODE, max_message_bytes=1 << 20, on_release=lambda: woken.append(1))
+    e.exported(FactoryServer(), FACTORY_NODE)
+    return e, woken
+
+
+def test_a_call_arrives_and_its_reply_capability_is_counted() -> None:
+    e, woken = engine()
+    call = protocol.encode_call(5, ECHO, {"text": "hi"})
+    (event,) = e.receive(message(MessageKind.DATA, FACTORY_NODE, call.payload, (CALLER_REPLY,)))
+    assert isinstance(event, CallArrived)
+    assert event.method is ECHO and event.question_id == 5
+    assert event.reply is not None and event.reply.handle == CALLER_REPLY
+    assert e.answers == {(CALLER_REPLY, 5)}
+    # The reply client owns the kernel reference it arrived with; collected, it is released.
+    del event
+    assert e.take_releases() == {CALLER_REPLY: 1} and woken
+
+
+def test_a_return_answers_its_question_and_a_destroy_fails_the_rest() -> None:
+    e, _ = engine()
+    first = e.ask(0x23, ECHO)
+    second = e.ask(0x23, ECHO)
+    returned = protocol.encode_results(first, ECHO, {"text": "back"})
+    (event,) = e.receive(message(MessageKind.DATA, REPLY_NODE, returned.payload))
+    assert isinstance(event, Returned) and event.question_id == first
+    assert event.results is not None and event.results.text == "back"
+    (gone,) = e.receive(message(MessageKind.NODE_DESTROYED, 0x23))
+    assert isinstance(gone, Returned) and gone.question_id == second
+    assert isinstance(gone.error, errors.Disconnected)
+    assert e.questions == {}
+
+
+def test_garbage_from_a_known_caller_gets_an_exception_to_send() -> None:
+    e, _ = engine()
+    call = protocol.encode_call(6, ECHO, {"text": "hi"})
+    broken = with_word(call.payload, (("p", CALL), ("p", PARAMS)), 0 | (1000 << 2) | (1 << 32))
+    (event,) = e.receive(message(MessageKind.DATA, FACTORY_NODE, broken, (CALLER_REPLY,)))
+    # Params that point out of bounds: refused, and answered to the caller.
+    assert isinstance(event, Send)
+    reply = protocol.decode(event.encoded.payload, [])
+    assert getattr(reply, "return").which() == "exception"
+
+
+def test_release_of_an_export_asks_to_retire_it() -> None:
+    e, _ = engine()
+    assert e.receive(message(MessageKind.NODE_RELEASED, FACTORY_NODE)) == [MayRetire(FACTORY_NODE)]
+    e.sending([FACTORY_NODE], True)
+    assert not e.retire(FACTORY_NODE, holders=0)  # a send of ours carries it right now
+    e.sending([FACTORY_NODE], False)
+    assert not e.retire(FACTORY_NODE, holders=1)
+    assert e.retire(FACTORY_NODE, holders=0) and e.exports == {}
