@@ -7,9 +7,12 @@ through :meth:`Vat.call`; dropping or closing the client releases the handle.
 
 from __future__ import annotations
 
+import weakref
+from collections.abc import Generator
 from typing import TYPE_CHECKING, Any
 
-from .interface import Interface, Method
+from .interface import Interface, Method, interface_of
+from .layout import FieldKind, StructLayout
 
 if TYPE_CHECKING:
     from .server import Server
@@ -41,6 +44,10 @@ class BoundMethod:
     async def oneway(self, *args: Any, **kwargs: Any) -> None:
         await self.client.vat.call_oneway(self.client, self.method, self._params(args, kwargs))
 
+    async def send(self, *args: Any, **kwargs: Any) -> Promise:
+        """Sends the call and returns a :class:`Promise` without waiting for the results."""
+        return await self.client.vat.send_call(self.client, self.method, self._params(args, kwargs))
+
 
 class Client:
     """A reference to an object behind a node (see module docstring)."""
@@ -67,6 +74,89 @@ class Client:
     async def aclose(self) -> None:
         """Gives up this capability now (instead of when the client is collected)."""
         await self.vat.drop(self)
+
+
+class Promise:
+    """The results of a call that was sent (``await client.method.send(...)``).
+
+    ``await promise`` gives the results. Before they arrive, ``promise.field`` names a
+    capability in them (``promise.a.b`` through struct fields) and its methods can be
+    called already: the call goes to the callee, which runs it once the results exist, so
+    a chain of calls costs one round trip (promise pipelining). When the promise is
+    collected the callee is told it may drop the results it kept.
+    """
+
+    def __init__(
+        self, vat: Vat, client: Client, method: Method, question_id: int, done: tuple[Any, list[Any]] | None
+    ) -> None:
+        self.vat, self.client, self.method, self.question_id = vat, client, method, question_id
+        self._done = done
+        self._results: Any = None
+        if done is not None:
+            weakref.finalize(self, vat._promise_gone, client, question_id)
+
+    @classmethod
+    def resolved(cls, vat: Vat, client: Client, method: Method, results: Any) -> Promise:
+        """A promise of a local call, already answered."""
+        promise = cls(vat, client, method, 0, None)
+        promise._results = results
+        return promise
+
+    async def _wait(self) -> Any:
+        if self._done is not None and self._results is None:
+            event, box = self._done
+            await event.wait()
+            returned = box[0]
+            if returned.error is not None:
+                raise returned.error
+            self._results = returned.results
+        return self._results
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        return self._wait().__await__()
+
+    def __getattr__(self, name: str) -> Any:
+        return _pipeline_field(self, (), self.method.results_layout, name)
+
+
+def _pipeline_field(promise: Promise, transform: tuple[int, ...], layout: StructLayout, name: str) -> Any:
+    f = layout.fields.get(name)
+    if f is None:
+        raise AttributeError(f"{layout.name} has no field {name!r}")
+    if f.kind is FieldKind.STRUCT:
+        assert f.nested is not None
+        return _PipelinedStruct(promise, (*transform, f.slot), f.nested)
+    if f.kind is FieldKind.CAPABILITY:
+        if promise._done is None:  # a local call: the results are here already
+            return getattr(promise._results, name) if not transform else None
+        return PipelinedClient(promise, (*transform, f.slot), interface_of(f.interface_schema))
+    raise AttributeError(f"{name} is not a capability or struct: only those can be pipelined on")
+
+
+class _PipelinedStruct:
+    def __init__(self, promise: Promise, transform: tuple[int, ...], layout: StructLayout) -> None:
+        self._promise, self._transform, self._layout = promise, transform, layout
+
+    def __getattr__(self, name: str) -> Any:
+        return _pipeline_field(self._promise, self._transform, self._layout, name)
+
+
+class PipelinedClient:
+    """A capability in results that have not arrived: its methods are pipelined calls."""
+
+    def __init__(self, promise: Promise, transform: tuple[int, ...], interface: Interface) -> None:
+        self.promise, self.transform, self.interface = promise, transform, interface
+
+    def __getattr__(self, name: str) -> Any:
+        method = self.interface.methods.get(name)
+        if method is None:
+            raise AttributeError(f"{self.interface.name} has no method {name!r}")
+
+        async def call(*args: Any, **kwargs: Any) -> Any:
+            params = BoundMethod(self.promise.client, method)._params(args, kwargs)
+            return await self.promise.vat.call_pipelined(self.promise, self.transform, method, params)
+
+        return call
 
 
 def client_class(interface: Interface) -> type[Client]:

@@ -19,15 +19,24 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..peer import Message, MessageKind
+from .capwire import CapWireError
 from .client import Client, client_class
 from .errors import Disconnected, Failed, RpcError
 from .interface import Interface, Method, interface_of
 from .layout import FieldLayout
-from .protocol import REPLY, Encoded, call_identity, decode, encode_exception, exception_of
+from .protocol import (
+    REPLY,
+    Encoded,
+    call_identity,
+    decode,
+    encode_exception,
+    exception_of,
+    results_capability,
+)
 from .server import Server
 from .structs import StructReader
 
@@ -64,6 +73,17 @@ class CallArrived:
 
 
 @dataclass(slots=True)
+class Forward:
+    """A pipelined call whose capability lives elsewhere: make the call on ``target`` and
+    send its outcome back to ``reply`` as the answer to ``question_id``."""
+
+    target: Client
+    call: StructReader
+    reply: Client
+    question_id: int
+
+
+@dataclass(slots=True)
 class FinishArrived:
     """The caller of (reply handle, question id) gave up: cancel that call's handler."""
 
@@ -78,7 +98,17 @@ class MayRetire:
     node: int
 
 
-Event = Send | Returned | CallArrived | FinishArrived | MayRetire
+Event = Send | Returned | CallArrived | Forward | FinishArrived | MayRetire
+
+
+@dataclass(slots=True, eq=False)
+class _Answer:
+    """A call being served, or (if its caller may pipeline on it) its kept outcome."""
+
+    keep: bool
+    done: bool = False
+    returned: Encoded | None = None
+    waiting: list[tuple[StructReader, Client, int, list[int]]] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -96,7 +126,7 @@ class Engine:
         self._on_release = on_release
         self._next_question = 1
         self.questions: dict[int, _Question] = {}
-        self.answers: set[tuple[int, int]] = set()
+        self.answers: dict[tuple[int, int], _Answer] = {}
         self.exports: dict[int, Server] = {}
         self._export_nodes: dict[int, int] = {}  # id(server) -> node
         self._export_busy: dict[int, int] = {}  # node -> sends in progress that carry it
@@ -255,26 +285,95 @@ class Engine:
         if destination == self.reply_node and which == "return":
             return self._returned(getattr(envelope, "return"))
         if destination in self.exports and which == "call":
-            call = envelope.call
-            server = self.exports[destination]
-            reply = call.replyTo
-            method = server.interface.by_key.get((call.interfaceId, call.methodId))
-            reply_client = reply if isinstance(reply, Client) and reply.server is None else None
-            if reply_client is not None:
-                self.answers.add((reply_client.handle, call.questionId))
-            return [CallArrived(server, call, method, reply_client, call.questionId)]
+            return self._call(self.exports[destination], envelope.call)
         if destination in self.exports and which == "finish":
             finish = envelope.finish
             reply = finish.replyTo
-            if isinstance(reply, Client) and (reply.handle, finish.questionId) in self.answers:
-                return [FinishArrived((reply.handle, finish.questionId))]
-            return []
+            key = (reply.handle, finish.questionId) if isinstance(reply, Client) else None
+            answer = None if key is None else self.answers.get(key)
+            if key is None or answer is None:
+                return []
+            if answer.done:
+                del self.answers[key]  # kept results no one will pipeline on any more
+                return []
+            answer.keep = False
+            return [FinishArrived(key)]
         if which == "call":
             return self._refuse(payload, caps, "no object behind this node", Disconnected)
         return []
 
-    def answered(self, key: tuple[int, int]) -> None:
-        self.answers.discard(key)
+    def _call(self, server: Server, call: StructReader) -> list[Event]:
+        reply = call.replyTo
+        reply_client = reply if isinstance(reply, Client) and reply.server is None else None
+        question_id = call.questionId
+        if reply_client is not None:
+            self.answers[(reply_client.handle, question_id)] = _Answer(bool(call.keepResults))
+        if call.target.which() == "node":
+            method = server.interface.by_key.get((call.interfaceId, call.methodId))
+            return [CallArrived(server, call, method, reply_client, question_id)]
+        # Pipelined: on a capability in the results of an earlier call of this caller.
+        if reply_client is None:
+            return []  # a one-way pipelined call names no answer of ours
+        promised = call.target.pycapnp.promisedAnswer
+        answer = self.answers.get((reply_client.handle, promised.questionId))
+        transform = [int(step) for step in promised.transform]
+        if answer is None:
+            self.answers.pop((reply_client.handle, question_id), None)
+            error = Failed(f"no answer {promised.questionId} to pipeline on (finished, or never asked)")
+            return [Send(reply_client, encode_exception(question_id, error))]
+        if not answer.done:
+            answer.waiting.append((call, reply_client, question_id, transform))
+            return []
+        return self._pipelined(answer, call, reply_client, question_id, transform)
+
+    def _pipelined(
+        self, answer: _Answer, call: StructReader, reply: Client, question_id: int, transform: list[int]
+    ) -> list[Event]:
+        """A pipelined call, now that the answer it names is known."""
+        assert answer.returned is not None
+        failure = self._failure_of(answer.returned)  # the call it builds on failed: so does this
+        target: object = None
+        if failure is None:
+            try:
+                target = results_capability(answer.returned, transform)
+            except CapWireError as error:
+                failure = Failed(f"no capability at pointer fields {transform} of the results: {error}")
+        if failure is None and target is None:
+            failure = Failed(f"the pipelined capability (pointer fields {transform}) is null")
+        if failure is not None:
+            self.answers.pop((reply.handle, question_id), None)
+            return [Send(reply, encode_exception(question_id, failure))]
+        if isinstance(target, Server):
+            target = self.local(target)
+        assert isinstance(target, Client)
+        if target.server is not None:
+            method = target.server.interface.by_key.get((call.interfaceId, call.methodId))
+            return [CallArrived(target.server, call, method, reply, question_id)]
+        return [Forward(target, call, reply, question_id)]
+
+    @staticmethod
+    def _failure_of(returned: Encoded) -> RpcError | None:
+        envelope = decode(returned.payload, [None] * len(returned.caps))
+        answer = getattr(envelope, "return")
+        return exception_of(answer) if answer.which() == "exception" else None
+
+    def completed(self, key: tuple[int, int], returned: Encoded) -> list[Event]:
+        """A served call finished with ``returned`` (its Return envelope): keep it if the
+        caller may pipeline on it, and run the calls that were waiting for it."""
+        answer = self.answers.get(key)
+        if answer is None:
+            return []
+        answer.done, answer.returned = True, returned
+        if not answer.keep:
+            del self.answers[key]
+        events: list[Event] = []
+        for call, reply, question_id, transform in answer.waiting:
+            events.extend(self._pipelined(answer, call, reply, question_id, transform))
+        answer.waiting.clear()
+        return events
+
+    def cancelled(self, key: tuple[int, int]) -> None:
+        self.answers.pop(key, None)
 
     def _refuse(
         self, payload: memoryview, caps: list[object], reason: str, kind: type[RpcError]

@@ -77,6 +77,7 @@ def encode_call(
     *,
     oneway: bool = False,
     pipeline: tuple[int, Sequence[int]] | None = None,
+    keep_results: bool = False,
 ) -> Encoded:
     """A call of ``method`` with ``params``; the reply capability is :data:`REPLY` unless
     ``oneway``. ``pipeline`` = (question id, pointer-field steps) targets a capability in the
@@ -89,6 +90,7 @@ def encode_call(
     call.methodId = method.ordinal
     if not oneway:
         call.replyTo = REPLY
+    call.keepResults = keep_results
     if pipeline is not None:
         promised = call.pycapnp.target.init("promisedAnswer")
         promised.questionId = pipeline[0]
@@ -160,6 +162,18 @@ def call_identity(payload: Segment) -> tuple[int, int | None] | None:
         return question_id, reply
     except CapWireError:
         return None
+
+
+_RETURN = ENVELOPE.fields["return"].slot
+_RESULTS = layout_of(rpc.Return.schema).fields["results"].slot
+
+
+def results_capability(returned: Encoded, transform: Sequence[int]) -> object | None:
+    """The capability at ``transform`` (pointer-field steps from the results struct) in an
+    encoded return, for a call pipelined on it; None if that pointer is null."""
+    path: capwire.Path = (("p", _RETURN), ("p", _RESULTS), *(("p", step) for step in transform))
+    index = capwire.read_cap(capwire.unframe(returned.payload), path)
+    return None if index is None else returned.caps[index]
 
 
 def exception_of(returned: StructReader) -> RpcError:

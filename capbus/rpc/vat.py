@@ -25,8 +25,8 @@ import trio
 
 from .. import errors as bus
 from ..peer import Handle, Peer
-from .client import Client
-from .engine import CallArrived, Engine, Event, FinishArrived, MayRetire, Returned, Send
+from .client import Client, Promise
+from .engine import CallArrived, Engine, Event, FinishArrived, Forward, MayRetire, Returned, Send
 from .errors import Disconnected, Failed, Overloaded, RpcError, Unimplemented
 from .interface import Interface, Method
 from .protocol import (
@@ -160,6 +160,57 @@ class Vat:
         assert returned.results is not None
         return returned.results
 
+    async def send_call(self, client: Client, method: Method, params: Mapping[str, Any]) -> Promise:
+        """Sends a call and returns at once: ``await`` the promise for the results, or call
+        methods on capabilities in those results before they arrive (promise pipelining)."""
+        if client.server is not None:
+            results = await self._call_local(client.server, method, params)
+            return Promise.resolved(self, client, method, results)
+        question_id = self.engine.ask(client.handle, method)
+        done: tuple[trio.Event, list[Returned]] = (trio.Event(), [])
+        self._waiting[question_id] = done
+        encoded = encode_call(question_id, method, params, keep_results=True)
+        try:
+            await self._send(client.handle, encoded, oneway=False)
+        except BaseException:
+            self._waiting.pop(question_id, None)
+            self.engine.forget(question_id)
+            raise
+        return Promise(self, client, method, question_id, done)
+
+    async def call_pipelined(
+        self, promise: Promise, transform: tuple[int, ...], method: Method, params: Mapping[str, Any]
+    ) -> StructReader:
+        """Calls ``method`` on the capability at ``transform`` in ``promise``'s results."""
+        target = promise.client
+        question_id = self.engine.ask(target.handle, method)
+        done: tuple[trio.Event, list[Returned]] = (trio.Event(), [])
+        self._waiting[question_id] = done
+        encoded = encode_call(question_id, method, params, pipeline=(promise.question_id, transform))
+        try:
+            await self._send(target.handle, encoded, oneway=False)
+            await done[0].wait()
+        except BaseException:
+            if self.engine.forget(question_id):
+                self._nursery.start_soon(self._finish, target, question_id)
+            raise
+        finally:
+            self._waiting.pop(question_id, None)
+        returned = done[1][0]
+        if returned.error is not None:
+            raise returned.error
+        assert returned.results is not None
+        return returned.results
+
+    def _promise_gone(self, target: Client, question_id: int) -> None:
+        """A promise was collected: the callee may drop the results it kept for it."""
+        self._waiting.pop(question_id, None)
+        self.engine.forget(question_id)  # open or answered: the callee may let go either way
+        try:
+            self._nursery.start_soon(self._finish, target, question_id)
+        except RuntimeError:
+            pass  # the vat is closed
+
     async def call_oneway(self, client: Client, method: Method, params: Mapping[str, Any]) -> None:
         """Calls with no return; errors on the way are dropped (as for any one-way call)."""
         if client.server is not None:
@@ -241,6 +292,8 @@ class Vat:
                 scope.cancel()
         elif isinstance(event, MayRetire):
             self._nursery.start_soon(self._retire, event.node)
+        elif isinstance(event, Forward):
+            self._nursery.start_soon(self._forward, event)
         else:
             self._nursery.start_soon(self._send_quietly, event)
 
@@ -256,8 +309,6 @@ class Vat:
                     call = arrived.call
                     wanted = f"method {call.methodId} of interface {call.interfaceId:#x}"
                     raise Unimplemented(f"{arrived.server.interface.name} has no {wanted}")
-                if arrived.call.target.which() != "node":
-                    raise Unimplemented("promise pipelining is not implemented yet")
                 params = as_kwargs(arrived.call.any_struct("params", method.params), method.params_layout)
                 results = await arrived.server.dispatch(method, params)
                 encoded = encode_results(question_id, method, results)
@@ -268,10 +319,35 @@ class Vat:
             finally:
                 if key is not None:
                     self._serving.pop(key, None)
-                    self.engine.answered(key)
-        if scope.cancelled_caught or reply is None or encoded is None:
-            return  # one-way, or the caller sent Finish: no return
+        await self._answer(reply, key, encoded, scope.cancelled_caught)
+
+    async def _answer(
+        self, reply: Client | None, key: tuple[int, int] | None, encoded: Encoded | None, cancelled: bool
+    ) -> None:
+        """Sends a served call's return and runs the pipelined calls that waited for it."""
+        if key is None or reply is None:
+            return  # one-way: no return
+        if cancelled or encoded is None:
+            self.engine.cancelled(key)  # the caller sent Finish: no return
+            return
+        for event in self.engine.completed(key, encoded):
+            self._handle(event)
         await self._send_quietly(Send(reply, encoded))
+
+    async def _forward(self, forward: Forward) -> None:
+        """A pipelined call whose capability is another vat's: call it, pass on the outcome."""
+        call, question_id = forward.call, forward.question_id
+        key = (forward.reply.handle, question_id)
+        method = forward.target.interface.by_key.get((call.interfaceId, call.methodId))
+        try:
+            if method is None:
+                raise Unimplemented(f"{forward.target.interface.name} has no such method")
+            params = as_kwargs(call.any_struct("params", method.params), method.params_layout)
+            results = await self.call(forward.target, method, params)
+            encoded = encode_results(question_id, method, as_kwargs(results, method.results_layout))
+        except RpcError as error:
+            encoded = encode_exception(question_id, error)
+        await self._answer(forward.reply, key, encoded, False)
 
     async def _retire(self, node: int) -> None:
         try:

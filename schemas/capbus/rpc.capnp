@@ -40,6 +40,10 @@ struct Call {
 
   params @6 :AnyPointer;
   # The method's parameter struct.
+
+  keepResults @7 :Bool;
+  # The caller may pipeline on this call's results: the callee keeps them after returning
+  # them, until the caller's Finish.
 }
 
 struct PromisedAnswer {

@@ -16,7 +16,7 @@ import capbus
 from capbus.rpc import capwire, errors, protocol
 from capbus.rpc.vat import Vat, open_vat
 
-from .test_calls import FactoryServer, schema
+from .services import FactoryServer, schema
 
 CALL = protocol.ENVELOPE.fields["call"].slot
 PARAMS = protocol.layout_of(protocol.rpc.Call.schema).fields["params"].slot

@@ -1,0 +1,87 @@
+"""The services the RPC tests call: a factory of counters, an echo, a slow method."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import trio
+
+import capbus
+from capbus.rpc import errors
+from capbus.rpc.vat import Vat, open_vat
+
+schema: Any = capbus.load(Path(__file__).with_name("calls.capnp"))
+
+
+class CounterServer(schema.Counter.Server):  # type: ignore[misc,name-defined]
+    def __init__(self) -> None:
+        self.value = 0
+
+    async def increment(self, by: int) -> int:
+        self.value += by
+        return self.value
+
+
+class FactoryServer(schema.Factory.Server):  # type: ignore[misc,name-defined]
+    def __init__(self) -> None:
+        self.slow_started = trio.Event()
+        self.slow_cancelled = trio.Event()
+        self.heard: list[str] = []
+        self.heard_event = trio.Event()
+        self.gate = trio.Event()  # newCounter waits for it (tests close it to hold a call)
+        self.gate.set()
+
+    async def echo(self, text: str) -> str:
+        self.heard.append(text)
+        self.heard_event.set()
+        return text
+
+    async def fail(self, kind: str) -> None:
+        if kind == "overloaded":
+            raise errors.Overloaded("too busy to answer")
+        raise ValueError("a bug in the server")
+
+    async def slow(self) -> None:
+        self.slow_started.set()
+        try:
+            await trio.sleep_forever()
+        finally:
+            self.slow_cancelled.set()
+
+    async def newCounter(self) -> CounterServer:
+        await self.gate.wait()
+        return CounterServer()
+
+    async def same(self, cap: Any) -> Any:
+        return cap
+
+    async def sum(self, counters: list[Any]) -> int:
+        total = 0
+        for counter in counters:
+            total += (await counter.increment(by=0)).value
+        return total
+
+
+@dataclass
+class Pair:
+    kernel: capbus.Kernel
+    server: FactoryServer
+    server_vat: Vat
+    client_vat: Vat
+    factory: Any
+
+
+async def make_pair(kernel: capbus.Kernel) -> AsyncIterator[Pair]:
+    """Two peers with vats; the client holds the server's factory (for the ``pair`` fixture)."""
+    server_peer = await kernel.connect()
+    client_peer = await kernel.connect()
+    async with open_vat(server_peer) as server_vat, open_vat(client_peer) as client_vat:
+        server = FactoryServer()
+        node = await server_vat.export(server)
+        handle = await server_peer.transfer(node, client_peer)
+        yield Pair(kernel, server, server_vat, client_vat, client_vat.client(handle, schema.Factory))
+    await server_peer.aclose()
+    await client_peer.aclose()

@@ -1,0 +1,65 @@
+"""Promise pipelining: calls on capabilities in results that have not arrived yet."""
+
+from __future__ import annotations
+
+import gc
+
+import trio
+
+from capbus.rpc import errors
+from capbus.testing import wait_for_statistics
+
+from .services import CounterServer, Pair
+
+
+async def test_a_pipelined_chain_is_one_round_trip(pair: Pair) -> None:
+    with trio.fail_after(10):
+        await pair.factory.echo("warm up")
+        pair.server.gate = trio.Event()  # hold newCounter until both calls are at the server
+        before = pair.kernel.statistics().messages_sent
+        promise = await pair.factory.newCounter.send()
+        results: list[int] = []
+
+        async def pipelined() -> None:
+            results.append((await promise.counter.increment(by=5)).value)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pipelined)
+            # Both calls reached the server while the first had no results yet ...
+            await wait_for_statistics(pair.kernel, lambda s: s.messages_sent == before + 2)
+            pair.server.gate.set()
+        # ... and the chain took those two calls and their two returns: one round trip.
+        assert pair.kernel.statistics().messages_sent == before + 4
+        assert results == [5]
+        counter = (await promise).counter
+        assert (await counter.increment(by=1)).value == 6  # the same object
+
+
+async def test_pipelining_on_a_failed_call_fails_with_its_error(pair: Pair) -> None:
+    with trio.fail_after(10):
+        promise = await pair.factory.same.send()  # no capability given: the result is null
+        try:
+            await promise.cap.increment(by=1)
+        except errors.Failed as error:
+            assert "null" in error.reason
+        else:
+            raise AssertionError("a call on a null capability succeeded")
+
+
+async def test_pipelined_call_is_forwarded_to_an_object_elsewhere(pair: Pair) -> None:
+    with trio.fail_after(10):
+        mine = CounterServer()  # lives in the client's vat
+        promise = await pair.factory.same.send(cap=mine)
+        assert (await promise.cap.increment(by=7)).value == 7
+        assert mine.value == 7
+
+
+async def test_finish_frees_the_kept_results(pair: Pair) -> None:
+    with trio.fail_after(10):
+        promise = await pair.factory.newCounter.send()
+        await promise
+        assert pair.server_vat.statistics().answers == 1  # kept for pipelining
+        del promise
+        gc.collect()
+        while pair.server_vat.statistics().answers:
+            await trio.sleep(0.001)  # bounded by fail_after; the Finish is on its way
