@@ -16,7 +16,7 @@ section 3):
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -142,53 +142,25 @@ class Vat:
         """Calls ``method`` on the object behind ``client``; returns the results view."""
         if client.server is not None:
             return await self._call_local(client.server, method, params)
-        question_id = self.engine.ask(client.handle, method)
-        done: tuple[trio.Event, list[Returned]] = (trio.Event(), [])
-        self._waiting[question_id] = done
-        try:
-            await self._send(client.handle, encode_call(question_id, method, params), oneway=False)
-            await done[0].wait()
-        except BaseException:
-            if self.engine.forget(question_id):
-                self._nursery.start_soon(self._finish, client, question_id)
-            raise
-        finally:
-            self._waiting.pop(question_id, None)
-        returned = done[1][0]
-        if returned.error is not None:
-            raise returned.error
-        assert returned.results is not None
-        return returned.results
-
-    async def send_call(self, client: Client, method: Method, params: Mapping[str, Any]) -> Promise:
-        """Sends a call and returns at once: ``await`` the promise for the results, or call
-        methods on capabilities in those results before they arrive (promise pipelining)."""
-        if client.server is not None:
-            results = await self._call_local(client.server, method, params)
-            return Promise.resolved(self, client, method, results)
-        question_id = self.engine.ask(client.handle, method)
-        done: tuple[trio.Event, list[Returned]] = (trio.Event(), [])
-        self._waiting[question_id] = done
-        encoded = encode_call(question_id, method, params, keep_results=True)
-        try:
-            await self._send(client.handle, encoded, oneway=False)
-        except BaseException:
-            self._waiting.pop(question_id, None)
-            self.engine.forget(question_id)
-            raise
-        return Promise(self, client, method, question_id, done)
+        return await self._ask(client, method, lambda question_id: encode_call(question_id, method, params))
 
     async def call_pipelined(
         self, promise: Promise, transform: tuple[int, ...], method: Method, params: Mapping[str, Any]
     ) -> StructReader:
         """Calls ``method`` on the capability at ``transform`` in ``promise``'s results."""
-        target = promise.client
-        question_id = self.engine.ask(target.handle, method)
-        done: tuple[trio.Event, list[Returned]] = (trio.Event(), [])
-        self._waiting[question_id] = done
-        encoded = encode_call(question_id, method, params, pipeline=(promise.question_id, transform))
+        pipeline = (promise.question_id, transform)
+        return await self._ask(
+            promise.client,
+            method,
+            lambda question_id: encode_call(question_id, method, params, pipeline=pipeline),
+        )
+
+    async def _ask(self, target: Client, method: Method, encode: Callable[[int], Encoded]) -> StructReader:
+        """Sends the call ``encode`` makes for a new question and waits for its answer; a
+        caller that gives up (cancelled) sends Finish."""
+        question_id, done = self._question(target, method)
         try:
-            await self._send(target.handle, encoded, oneway=False)
+            await self._send(target.handle, encode(question_id), oneway=False)
             await done[0].wait()
         except BaseException:
             if self.engine.forget(question_id):
@@ -201,6 +173,29 @@ class Vat:
             raise returned.error
         assert returned.results is not None
         return returned.results
+
+    def _question(self, target: Client, method: Method) -> tuple[int, tuple[trio.Event, list[Returned]]]:
+        question_id = self.engine.ask(target.handle, method)
+        done: tuple[trio.Event, list[Returned]] = (trio.Event(), [])
+        self._waiting[question_id] = done
+        return question_id, done
+
+    async def send_call(self, client: Client, method: Method, params: Mapping[str, Any]) -> Promise:
+        """Sends a call and returns at once: ``await`` the promise for the results, or call
+        methods on capabilities in those results before they arrive (promise pipelining)."""
+        if client.server is not None:
+            results = await self._call_local(client.server, method, params)
+            return Promise.resolved(self, client, method, results)
+        question_id, done = self._question(client, method)
+        try:
+            await self._send(
+                client.handle, encode_call(question_id, method, params, keep_results=True), oneway=False
+            )
+        except BaseException:
+            self._waiting.pop(question_id, None)
+            self.engine.forget(question_id)
+            raise
+        return Promise(self, client, method, question_id, done)
 
     def _promise_gone(self, target: Client, question_id: int) -> None:
         """A promise was collected: the callee may drop the results it kept for it."""
