@@ -65,9 +65,13 @@ def _rpc_error(error: bus.CapbusError) -> RpcError:
 class Vat:
     """See the module docstring. Make one with :func:`open_vat`."""
 
-    def __init__(self, peer: Peer, nursery: trio.Nursery, engine: Engine) -> None:
+    def __init__(
+        self, peer: Peer, nursery: trio.Nursery, engine: Engine, *, max_concurrent_calls: int
+    ) -> None:
         self.peer = peer
         self.engine = engine
+        self._concurrency = trio.Semaphore(max_concurrent_calls)
+        """Handlers running at once, at most: further calls wait their turn (in order)."""
         engine.vat = self
         self._nursery = nursery
         self._waiting: dict[int, tuple[trio.Event, list[Returned]]] = {}
@@ -305,7 +309,8 @@ class Vat:
                     wanted = f"method {call.methodId} of interface {call.interfaceId:#x}"
                     raise Unimplemented(f"{arrived.server.interface.name} has no {wanted}")
                 params = as_kwargs(arrived.call.any_struct("params", method.params), method.params_layout)
-                results = await arrived.server.dispatch(method, params)
+                async with self._concurrency:
+                    results = await arrived.server.dispatch(method, params)
                 encoded = encode_results(question_id, method, results)
             except RpcError as error:
                 encoded = encode_exception(question_id, error)
@@ -372,9 +377,18 @@ def _interface(interface: Any) -> Interface:
     raise TypeError(f"not an interface: {interface!r}")
 
 
+MAX_CONCURRENT_CALLS = 1024
+
+
 @asynccontextmanager
-async def open_vat(peer: Peer, *, max_message_bytes: int = MAX_MESSAGE_BYTES) -> AsyncIterator[Vat]:
-    """Runs the RPC endpoint of ``peer`` for the duration of the block."""
+async def open_vat(
+    peer: Peer,
+    *,
+    max_message_bytes: int = MAX_MESSAGE_BYTES,
+    max_concurrent_calls: int = MAX_CONCURRENT_CALLS,
+) -> AsyncIterator[Vat]:
+    """Runs the RPC endpoint of ``peer`` for the duration of the block. At most
+    ``max_concurrent_calls`` handlers run at once (the rest wait, in arrival order)."""
     reply_node = (await peer.create_node()).id
     async with trio.open_nursery() as nursery:
         vat: Vat | None = None
@@ -384,7 +398,7 @@ async def open_vat(peer: Peer, *, max_message_bytes: int = MAX_MESSAGE_BYTES) ->
                 vat._wake_releaser()
 
         engine = Engine(reply_node, max_message_bytes=max_message_bytes, on_release=wake)
-        vat = Vat(peer, nursery, engine)
+        vat = Vat(peer, nursery, engine, max_concurrent_calls=max_concurrent_calls)
         await vat._start()
         try:
             yield vat

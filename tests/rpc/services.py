@@ -33,6 +33,8 @@ class FactoryServer(schema.Factory.Server):  # type: ignore[misc,name-defined]
         self.heard_event = trio.Event()
         self.gate = trio.Event()  # newCounter waits for it (tests close it to hold a call)
         self.gate.set()
+        self.running = self.most_running = 0
+        self.release_slow: trio.Event | None = None  # slow() returns once it is set
 
     async def echo(self, text: str) -> str:
         self.heard.append(text)
@@ -45,10 +47,15 @@ class FactoryServer(schema.Factory.Server):  # type: ignore[misc,name-defined]
         raise ValueError("a bug in the server")
 
     async def slow(self) -> None:
+        self.running += 1
+        self.most_running = max(self.most_running, self.running)
         self.slow_started.set()
         try:
-            await trio.sleep_forever()
+            if self.release_slow is None:
+                await trio.sleep_forever()
+            await self.release_slow.wait()
         finally:
+            self.running -= 1
             self.slow_cancelled.set()
 
     async def newCounter(self) -> CounterServer:

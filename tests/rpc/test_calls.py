@@ -9,7 +9,7 @@ import trio
 
 import capbus
 from capbus.rpc import errors
-from capbus.rpc.vat import open_vat
+from capbus.rpc.vat import Vat, open_vat
 from capbus.testing import wait_for_statistics
 
 from .services import CounterServer, FactoryServer, Pair, schema
@@ -129,3 +129,48 @@ async def test_capability_passing_leaves_nothing_behind(pair: Pair) -> None:
     assert pair.server_vat.statistics().exports == 1
     assert pair.client_vat.statistics().exports == 0
     assert pair.client_vat.statistics().imports == 1  # the factory
+
+
+async def test_many_concurrent_calls_on_one_client(pair: Pair) -> None:
+    answers: dict[int, str] = {}
+
+    async def ask(i: int) -> None:
+        answers[i] = (await pair.factory.echo(f"call {i}")).text
+
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            for i in range(200):
+                nursery.start_soon(ask, i)
+    assert answers == {i: f"call {i}" for i in range(200)}
+
+
+async def test_the_server_bounds_how_many_calls_run_at_once(kernel: capbus.Kernel) -> None:
+    server_peer = await kernel.connect()
+    client_peer = await kernel.connect()
+    server = FactoryServer()
+    server.release_slow = trio.Event()
+    async with (
+        open_vat(server_peer, max_concurrent_calls=3) as server_vat,
+        open_vat(client_peer) as client_vat,
+    ):
+        node = await server_vat.export(server)
+        factory = client_vat.client(await server_peer.transfer(node, client_peer), schema.Factory)
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                for _ in range(10):
+                    nursery.start_soon(factory.slow)
+                while server.running < 3:
+                    await trio.sleep(0.001)  # bounded by fail_after: waiting for the first three
+                # More calls are waiting at the server, but only three handlers run.
+                await pair_settles(server_vat)
+                assert server.running == 3
+                server.release_slow.set()
+        assert server.most_running == 3
+    await server_peer.aclose()
+    await client_peer.aclose()
+
+
+async def pair_settles(vat: Vat) -> None:
+    """Waits until all ten calls have arrived at the server (its answers table has them)."""
+    while vat.statistics().answers < 10:
+        await trio.sleep(0.001)
