@@ -16,7 +16,7 @@ section 3):
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -209,6 +209,35 @@ class Vat:
             self._nursery.start_soon(self._finish, target, question_id)
         except RuntimeError:
             pass  # the vat is closed
+
+    async def multicast(
+        self, clients: Sequence[Client], method: Method, params: Mapping[str, Any]
+    ) -> tuple[RpcError | None, ...]:
+        """One one-way call to every client's object, in one kernel send: every receiver gets
+        the same call, and all multicasts are in the same order everywhere (DESIGN.md 2.1
+        rule 8). Returns, per client, None or why the call could not be delivered (the node
+        is gone, the receiver's quota is full); local objects run in a task."""
+        encoded = encode_call(self.engine.oneway_id(), method, params, oneway=True)
+        remote = [c for c in clients if c.server is None]
+        for client in clients:
+            if client.server is not None:
+                self._nursery.start_soon(self._call_local, client.server, method, params)
+        outcome: dict[int, RpcError | None] = {}
+        if remote:
+            handles = await self._handles_for(encoded.caps)
+            self.engine.sending(handles, True)
+            try:
+                results = await self.peer.send([c.handle for c in remote], encoded.payload, handles=handles)
+            except bus.CapbusError as error:
+                raise _rpc_error(error) from error
+            finally:
+                self.engine.sending(handles, False)
+            for client, refused in zip(remote, results, strict=True):
+                outcome[id(client)] = None if refused is None else _rpc_error(refused)
+                if isinstance(refused, bus.NodeDestroyed):
+                    self.engine.broken.add(client.handle)
+        await trio.lowlevel.checkpoint()
+        return tuple(outcome.get(id(c)) for c in clients)
 
     async def call_oneway(self, client: Client, method: Method, params: Mapping[str, Any]) -> None:
         """Calls with no return; errors on the way are dropped (as for any one-way call)."""

@@ -15,3 +15,7 @@ interface Factory extends(Echo) {
   same @1 (cap :Counter) -> (cap :Counter);
   sum @2 (counters :List(Counter)) -> (total :UInt64);
 }
+
+interface Subscriber {
+  event @0 (seq :UInt32, text :Text) -> ();
+}
