@@ -26,6 +26,7 @@ from ..peer import Message, MessageKind
 from .capwire import CapWireError
 from .client import Client, client_class
 from .errors import Disconnected, Failed, RpcError
+from .fds import FileDescriptor
 from .interface import Interface, Method, interface_of
 from .layout import FieldLayout
 from .protocol import (
@@ -273,12 +274,16 @@ class Engine:
     def _data(self, message: Message) -> list[Event]:
         destination = message.destination.id
         caps = self._incoming_caps(message)
+        # The message's fds become objects that own them: unclaimed, they close when the
+        # message's views are gone.
+        fds = [FileDescriptor(fd) for fd in message.fds]
+        message.fds.clear()
         payload = message.payload_view
         try:
             if len(payload) > self.max_message_bytes:
                 limit = self.max_message_bytes
                 raise ValueError(f"a message of {len(payload)} bytes, over this vat's limit of {limit}")
-            envelope = decode(payload, caps, self.typed)
+            envelope = decode(payload, caps, self.typed, fds)
             which = envelope.which()
         except Exception as error:  # noqa: BLE001 - hostile or broken input, never fatal
             return self._refuse(payload, caps, f"malformed message: {error}", Failed)

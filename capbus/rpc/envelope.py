@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from importlib import resources
 from typing import Any
 
@@ -10,11 +11,18 @@ import capnp
 capnp.remove_import_hook()  # capbus never wants pycapnp to hijack `import x_capnp`
 
 
-def _load() -> Any:
-    source = resources.files("capbus.schemas").joinpath("capbus/rpc.capnp")
-    with resources.as_file(source) as path:
-        return capnp.load(str(path), imports=[])
+def schema_directory() -> str:
+    """capbus's schema directory, for import paths (``import "/capbus/fd.capnp"``)."""
+    root = resources.files("capbus.schemas")
+    return str(root)
 
 
-rpc: Any = _load()
+def _load(name: str) -> Any:
+    return capnp.load(os.path.join(schema_directory(), "capbus", name), imports=[schema_directory()])
+
+
+rpc: Any = _load("rpc.capnp")
 """The loaded schema module: ``rpc.Envelope``, ``rpc.Call``, ``rpc.Return``, ..."""
+
+fd: Any = _load("fd.capnp")
+FD_STRUCT_ID: int = fd.Fd.schema.node.id

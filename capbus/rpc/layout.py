@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
+from .envelope import FD_STRUCT_ID
+
 NOT_IN_UNION = 0xFFFF
 
 
@@ -24,6 +26,7 @@ class FieldKind(Enum):
     STRUCT_LIST = "struct_list"
     GROUP = "group"  # shares the enclosing struct's data and pointer sections
     ANY_POINTER = "any_pointer"
+    FD = "fd"  # a capbus/fd.capnp Fd: an index into the message's file descriptors
 
 
 @dataclass(eq=False)
@@ -91,6 +94,8 @@ def _slot_field(raw: Any, parsed: Any, discriminant: int | None) -> FieldLayout:
             raw.name, FieldKind.CAPABILITY, slot, discriminant, raw.slot.type.interface.typeId, parsed.schema
         )
     if kind == "struct":
+        if raw.slot.type.struct.typeId == FD_STRUCT_ID:
+            return FieldLayout(raw.name, FieldKind.FD, slot, discriminant)
         return FieldLayout(raw.name, FieldKind.STRUCT, slot, discriminant, nested=layout_of(parsed.schema))
     if kind == "anyPointer":
         return FieldLayout(raw.name, FieldKind.ANY_POINTER, slot, discriminant)

@@ -10,7 +10,7 @@ node.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from . import capwire
@@ -35,15 +35,17 @@ REPLY = _Reply()
 
 @dataclass(slots=True)
 class Encoded:
-    """A framed envelope and the capability values its pointers index."""
+    """A framed envelope, the capability values its pointers index, and the file
+    descriptors its Fd fields index (the caller's: they are duplicated on the way)."""
 
     payload: bytes
     caps: list[object]
+    fds: list[int] = field(default_factory=list)
 
 
 def _encoded(view: StructBuilder) -> Encoded:
     segments, caps = view.finish()
-    return Encoded(_framed(segments), caps)
+    return Encoded(_framed(segments), caps, view.table.fds)
 
 
 def _framed(segments: Sequence[Segment]) -> bytes:
@@ -130,11 +132,15 @@ def encode_finish(question_id: int) -> Encoded:
 
 
 def decode(
-    payload: Segment, caps: Sequence[object], resolve: Callable[[object, FieldLayout], object] | None = None
+    payload: Segment,
+    caps: Sequence[object],
+    resolve: Callable[[object, FieldLayout], object] | None = None,
+    fds: Sequence[object] = (),
 ) -> StructReader:
     """A received envelope, its capability pointers resolved to ``caps`` (which must cover
-    every index: a pointer past them raises CapWireError); ``resolve`` as in CapTableReader."""
-    table = CapTableReader.strip(capwire.unframe(payload), caps, resolve)
+    every index: a pointer past them raises CapWireError); ``resolve`` as in CapTableReader;
+    ``fds`` the message's file descriptors for its Fd fields."""
+    table = CapTableReader.strip(capwire.unframe(payload), caps, resolve, fds)
     return StructReader(rpc.Envelope.from_segments(table.segments), ENVELOPE, table)
 
 

@@ -24,11 +24,22 @@ _DATA_KINDS = (FieldKind.PLAIN, FieldKind.ANY_POINTER)
 
 
 class CapTableBuilder:
-    """The capabilities of one outgoing message, by index in first-use order."""
+    """The capabilities of one outgoing message, by index in first-use order, and the file
+    descriptors it carries (``fds``, by index too)."""
 
     def __init__(self) -> None:
         self.values: list[object] = []
         self._indices: dict[int, int] = {}
+        self.fds: list[int] = []
+
+    def fd_index(self, fd: Any) -> int:
+        number = fd if isinstance(fd, int) else fd.fileno()
+        if not isinstance(number, int) or number < 0:
+            raise TypeError(f"not a file descriptor: {fd!r}")
+        if number in self.fds:
+            return self.fds.index(number)
+        self.fds.append(number)
+        return len(self.fds) - 1
 
     def index_of(self, value: object) -> int:
         index = self._indices.get(id(value))
@@ -100,6 +111,10 @@ class StructBuilder:
 
     def __setattr__(self, name: str, value: Any) -> None:
         f = self._field(name)
+        if f is not None and f.kind is FieldKind.FD:
+            if value is not None:
+                self._builder.init(name).index = self._patches.table.fd_index(value)
+            return
         if f is None or f.kind not in (FieldKind.CAPABILITY, FieldKind.CAPABILITY_LIST):
             setattr(self._builder, name, value)
             return
@@ -201,11 +216,14 @@ class CapTableReader:
         locations: dict[Location, int],
         values: Sequence[object],
         resolve: Callable[[object, FieldLayout], object] | None = None,
+        fds: Sequence[object] = (),
     ):
         self.segments = segments
         self.locations = locations
         self.values = values
         self.resolve = resolve
+        self.fds = fds
+        """The message's file descriptors (FileDescriptor objects), by index."""
         """Called with each capability value a field yields and that field's layout (the
         RPC layer uses it to give a client the field's interface)."""
         for index in locations.values():
@@ -218,10 +236,16 @@ class CapTableReader:
         segments: Sequence[Segment],
         values: Sequence[object],
         resolve: Callable[[object, FieldLayout], object] | None = None,
+        fds: Sequence[object] = (),
     ) -> CapTableReader:
         """Strips a received message's capability pointers (:func:`capwire.strip_caps`)."""
         clean, locations = capwire.strip_caps(segments)
-        return cls(clean, locations, values, resolve)
+        return cls(clean, locations, values, resolve, fds)
+
+    def fd(self, index: int) -> object:
+        if index >= len(self.fds):
+            raise CapWireError(f"file descriptor index {index} past the {len(self.fds)} attached")
+        return self.fds[index]
 
     def _value(self, index: int | None, field: FieldLayout) -> object | None:
         if index is None:
@@ -274,6 +298,8 @@ class StructReader:
             raise AttributeError(f"{name} is not the union member set (it is {self._reader.which()})")
         if f.kind in _DATA_KINDS:
             return getattr(self._reader, name)
+        if f.kind is FieldKind.FD:
+            return self._table.fd(getattr(self._reader, name).index) if self._reader._has(name) else None
         if f.kind is FieldKind.CAPABILITY:
             return self._table.capability((*self._path, ("p", f.slot)), f)
         if f.kind is FieldKind.CAPABILITY_LIST:

@@ -28,6 +28,7 @@ from ..peer import Handle, Peer
 from .client import Client, Promise
 from .engine import CallArrived, Engine, Event, FinishArrived, Forward, MayRetire, Returned, Send
 from .errors import Disconnected, Failed, Overloaded, RpcError, Unimplemented
+from .fds import duplicates
 from .interface import Interface, Method
 from .protocol import (
     REPLY,
@@ -227,7 +228,8 @@ class Vat:
             handles = await self._handles_for(encoded.caps)
             self.engine.sending(handles, True)
             try:
-                results = await self.peer.send([c.handle for c in remote], encoded.payload, handles=handles)
+                targets = [c.handle for c in remote]
+                results = await self.peer.send(targets, encoded.payload, handles=handles, fds=encoded.fds)
             except bus.CapbusError as error:
                 raise _rpc_error(error) from error
             finally:
@@ -251,7 +253,9 @@ class Vat:
     async def _call_local(self, server: Server, method: Method, params: Mapping[str, Any]) -> StructReader:
         await trio.lowlevel.checkpoint()
         call = encode_call(0, method, params, oneway=True)
-        received = decode(call.payload, self.engine.loopback(call.caps), self.engine.typed).call
+        received = decode(
+            call.payload, self.engine.loopback(call.caps), self.engine.typed, duplicates(call.fds)
+        ).call
         kwargs = as_kwargs(received.any_struct("params", method.params), method.params_layout)
         try:
             results = await server.dispatch(method, kwargs)
@@ -260,7 +264,8 @@ class Vat:
         except Exception as error:
             raise Failed(f"{type(error).__name__}: {error}") from error
         encoded = encode_results(0, method, results)
-        envelope = decode(encoded.payload, self.engine.loopback(encoded.caps), self.engine.typed)
+        loopback = self.engine.loopback(encoded.caps)
+        envelope = decode(encoded.payload, loopback, self.engine.typed, duplicates(encoded.fds))
         view: StructReader = getattr(envelope, "return").any_struct("results", method.results)
         return view
 
@@ -275,9 +280,9 @@ class Vat:
         self.engine.sending(handles, True)
         try:
             if oneway:
-                await self.peer.send_oneway(destination, encoded.payload, handles=handles)
+                await self.peer.send_oneway(destination, encoded.payload, handles=handles, fds=encoded.fds)
             else:
-                await self.peer.send(destination, encoded.payload, handles=handles)
+                await self.peer.send(destination, encoded.payload, handles=handles, fds=encoded.fds)
         except bus.CapbusError as error:
             if isinstance(error, bus.NodeDestroyed):
                 self.engine.broken.add(destination)
@@ -302,7 +307,6 @@ class Vat:
     async def _receive_loop(self) -> None:
         while True:
             message = await self.peer.recv()
-            message.close_fds()
             for event in self.engine.receive(message):
                 self._handle(event)
 
