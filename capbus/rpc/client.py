@@ -39,7 +39,10 @@ class BoundMethod:
         return params
 
     async def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return await self.client.vat.call(self.client, self.method, self._params(args, kwargs))
+        params = self._params(args, kwargs)
+        if self.method.streaming:
+            return await self.client.vat.stream(self.client, self.method, params)
+        return await self.client.vat.call(self.client, self.method, params)
 
     async def oneway(self, *args: Any, **kwargs: Any) -> None:
         await self.client.vat.call_oneway(self.client, self.method, self._params(args, kwargs))

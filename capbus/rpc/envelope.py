@@ -17,6 +17,13 @@ def schema_directory() -> str:
     return str(root)
 
 
+def import_path() -> list[str]:
+    """Directories every capbus schema load searches: capbus's own schemas ("/capbus/...")
+    and Cap'n Proto's standard ones ("/capnp/stream.capnp", which ``-> stream`` needs),
+    which pycapnp ships inside its package."""
+    return [schema_directory(), os.path.dirname(os.path.dirname(capnp.__file__))]
+
+
 def _load(name: str) -> Any:
     return capnp.load(os.path.join(schema_directory(), "capbus", name), imports=[schema_directory()])
 

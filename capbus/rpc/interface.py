@@ -108,7 +108,7 @@ class SchemaModule:
 def load(path: str | os.PathLike[str], imports: list[str] | None = None) -> SchemaModule:
     """Loads a ``.capnp`` file for use without generated stubs: ``mod.Foo.Client`` and
     ``mod.Foo.Server`` for each interface, the other types as pycapnp gives them."""
-    from .envelope import schema_directory
+    from .envelope import import_path
 
     capnp.remove_import_hook()
-    return SchemaModule(capnp.load(os.fspath(path), imports=[*(imports or []), schema_directory()]))
+    return SchemaModule(capnp.load(os.fspath(path), imports=[*(imports or []), *import_path()]))

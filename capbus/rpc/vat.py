@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import trio
@@ -44,6 +44,24 @@ from .server import Server
 from .structs import StructReader
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+STREAM_WINDOW = 256 * 1024
+
+
+@dataclass(eq=False)
+class _Stream:
+    """Flow control of ``-> stream`` calls on one capability: bytes sent but not yet
+    acknowledged, and the first error (which fails the next call)."""
+
+    in_flight: int = 0
+    most_in_flight: int = 0
+    error: RpcError | None = None
+    changed: trio.Event = field(default_factory=trio.Event)
+
+    def notify(self) -> None:
+        self.changed.set()
+        self.changed = trio.Event()
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +91,10 @@ class Vat:
         self.engine = engine
         self._concurrency = trio.Semaphore(max_concurrent_calls)
         """Handlers running at once, at most: further calls wait their turn (in order)."""
+        self.stream_window = STREAM_WINDOW
+        """Bytes of ``-> stream`` calls one capability may have unacknowledged."""
+        self._streams: dict[int, _Stream] = {}  # client handle -> its stream
+        self._stream_queues: dict[tuple[int, int], list[CallArrived]] = {}  # (server, caller)
         engine.vat = self
         self._nursery = nursery
         self._waiting: dict[int, tuple[trio.Event, list[Returned]]] = {}
@@ -147,7 +169,56 @@ class Vat:
         """Calls ``method`` on the object behind ``client``; returns the results view."""
         if client.server is not None:
             return await self._call_local(client.server, method, params)
+        await self._drain_stream(client)
         return await self._ask(client, method, lambda question_id: encode_call(question_id, method, params))
+
+    async def stream(self, client: Client, method: Method, params: Mapping[str, Any]) -> None:
+        """A ``-> stream`` call: returns once it fits the window of unacknowledged bytes;
+        calls are delivered and run in order. An error fails the next call on ``client``."""
+        if client.server is not None:
+            await self._call_local(client.server, method, params)
+            return
+        state = self._streams.setdefault(client.handle, _Stream())
+        question_id, done = self._question(client, method)
+        encoded = encode_call(question_id, method, params)
+        size = len(encoded.payload)
+        try:
+            while state.error is None and state.in_flight and state.in_flight + size > self.stream_window:
+                await state.changed.wait()
+            if state.error is not None:
+                raise state.error
+            await self._send(client.handle, encoded, oneway=False)
+        except BaseException:
+            self._waiting.pop(question_id, None)
+            self.engine.forget(question_id)
+            raise
+        state.in_flight += size
+        state.most_in_flight = max(state.most_in_flight, state.in_flight)
+        self._nursery.start_soon(self._acknowledged, state, question_id, done, size)
+
+    async def _acknowledged(
+        self, state: _Stream, question_id: int, done: tuple[trio.Event, list[Returned]], size: int
+    ) -> None:
+        try:
+            await done[0].wait()
+        finally:
+            self._waiting.pop(question_id, None)
+        returned = done[1][0]
+        if returned.error is not None and state.error is None:
+            state.error = returned.error
+        state.in_flight -= size
+        state.notify()
+
+    async def _drain_stream(self, client: Client) -> None:
+        """Before a regular call: every stream call acknowledged. A stream that failed stays
+        failed (as in Cap'n Proto): its error fails every later call on the capability."""
+        state = self._streams.get(client.handle)
+        if state is None:
+            return
+        while state.in_flight and state.error is None:
+            await state.changed.wait()
+        if state.error is not None:
+            raise state.error
 
     async def call_pipelined(
         self, promise: Promise, transform: tuple[int, ...], method: Method, params: Mapping[str, Any]
@@ -317,7 +388,10 @@ class Vat:
                 waiting[1].append(event)
                 waiting[0].set()
         elif isinstance(event, CallArrived):
-            self._nursery.start_soon(self._serve, event)
+            if event.method is not None and event.method.streaming and event.reply is not None:
+                self._queue_stream_call(event)
+            else:
+                self._nursery.start_soon(self._serve, event)
         elif isinstance(event, FinishArrived):
             scope = self._serving.get(event.key)
             if scope is not None:
@@ -353,6 +427,26 @@ class Vat:
                 if key is not None:
                     self._serving.pop(key, None)
         await self._answer(reply, key, encoded, scope.cancelled_caught)
+
+    def _queue_stream_call(self, arrived: CallArrived) -> None:
+        """Stream calls of one caller to one object run one at a time, in arrival order."""
+        assert arrived.reply is not None
+        key = (id(arrived.server), arrived.reply.handle)
+        queue = self._stream_queues.get(key)
+        if queue is None:
+            self._stream_queues[key] = [arrived]
+            self._nursery.start_soon(self._run_stream, key)
+        else:
+            queue.append(arrived)
+
+    async def _run_stream(self, key: tuple[int, int]) -> None:
+        queue = self._stream_queues[key]
+        try:
+            while queue:
+                await self._serve(queue[0])
+                queue.pop(0)
+        finally:
+            del self._stream_queues[key]
 
     async def _answer(
         self, reply: Client | None, key: tuple[int, int] | None, encoded: Encoded | None, cancelled: bool
