@@ -45,9 +45,20 @@ def main(argv: list[str] | None = None) -> int:
     kernel.add_argument(
         "--mode", default="600", help="file mode of the socket, in octal: who may connect (default 600)"
     )
+    compile_ = commands.add_parser("compile", help="generate a typed Python module from a .capnp schema")
+    compile_.add_argument("schema", help="the .capnp file")
+    compile_.add_argument("-o", "--output", help="the module to write (default: <schema>_capnp.py beside it)")
+    compile_.add_argument(
+        "-I", "--import-path", action="append", default=[], help="a directory to import from"
+    )
     args = parser.parse_args(argv)
     if args.command == "kernel":
         return _run_kernel(args)
+    if args.command == "compile":
+        from .compiler import generate_file
+
+        print(generate_file(args.schema, args.output, args.import_path))
+        return 0
     return 2
 
 

@@ -170,9 +170,13 @@ class Engine:
     # -- imports and local clients ------------------------------------------------------------
 
     def client_class(self, interface: Interface) -> type[Client]:
+        """The class of clients for ``interface``: the generated one if a stub module
+        registered it, else a dynamic one."""
         cls = self._clients.get(interface.id)
         if cls is None:
-            cls = self._clients[interface.id] = client_class(interface)
+            from .stubs import registered
+
+            cls = self._clients[interface.id] = registered(interface.id) or client_class(interface)
         return cls
 
     def import_(self, handle: int, references: int, interface: Interface | None) -> Client:

@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
 
@@ -44,6 +44,7 @@ from .server import Server
 from .structs import StructReader
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+ClientT = TypeVar("ClientT", bound=Client)
 
 
 STREAM_WINDOW = 256 * 1024
@@ -132,6 +133,12 @@ class Vat:
         if handle_id in self.engine.exports:
             raise ValueError("that handle is one of this vat's own exports")
         return self.engine.import_(handle_id, 1, _interface(interface))
+
+    def typed_client(self, handle: Handle | int, cls: type[ClientT]) -> ClientT:
+        """:meth:`client` for a generated client class, typed as that class."""
+        client = self.client(handle, cls)
+        assert isinstance(client, cls)
+        return client
 
     def local(self, server: Server) -> Client:
         """A client for an object of this vat: calls run it with remote-call semantics, and

@@ -1,0 +1,382 @@
+"""Generates a typed Python module from a .capnp schema.
+
+For every interface: a client class (one ``async def`` per method, keyword parameters
+named and typed as in the schema, returning a typed results object) with a nested
+``Server`` base class to subclass; for every struct a wrapper with typed properties (and
+``which()`` for unions); enums as ``Literal`` aliases. The module embeds its schema as
+Cap'n Proto ``Node`` messages and loads them at import, so it needs no .capnp file at run
+time. Output is deterministic: the same schema gives the same bytes.
+"""
+
+from __future__ import annotations
+
+import keyword
+import os
+import textwrap
+from collections.abc import Iterable
+from typing import Any
+
+import capnp
+
+from ..rpc.envelope import FD_STRUCT_ID, import_path
+
+STREAM_RESULT_ID = 0x995F9A3377C0B16E
+_RESERVED = {"interface", "vat", "handle", "server", "bound", "aclose", "send"}
+_INTS = {"int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64"}
+
+
+def _py_name(name: str) -> str:
+    return name + "_" if keyword.iskeyword(name) or name in _RESERVED else name
+
+
+def _camel(name: str) -> str:
+    return name[:1].upper() + name[1:]
+
+
+class _Generator:
+    def __init__(self, module: Any, source_name: str) -> None:
+        self.module = module
+        self.source_name = source_name
+        self.file_id = module.schema.node.id
+        self.nodes: dict[int, bytes] = {}
+        self.names: dict[int, str] = {}  # node id -> generated Python name (this file's nodes)
+        self.structs: list[Any] = []  # struct schemas of this file, in declaration order
+        self.interfaces: list[Any] = []
+        self.enums: list[Any] = []
+        self.lines: list[str] = []
+
+    # -- collecting ---------------------------------------------------------------------------
+
+    def collect(self) -> None:
+        self._walk_file(self.module.schema, [])
+
+    def _walk_file(self, parsed: Any, path: list[str]) -> None:
+        for nested in parsed.node.nestedNodes:
+            child = parsed.get_nested(nested.name)
+            node = child.node
+            name = "_".join([*path, nested.name])
+            kind = node.which()
+            if kind == "struct":
+                schema = child.as_struct()
+                self.names[node.id] = name
+                self.structs.append(schema)
+                self._add_struct(schema)
+            elif kind == "interface":
+                schema = child.as_interface()
+                self.names[node.id] = name
+                self.interfaces.append(schema)
+                self._add_interface(schema)
+            elif kind == "enum":
+                self.names[node.id] = name
+                self.enums.append(child.as_enum())
+                self._add_node(node)
+            self._walk_file(child, [*path, nested.name])
+
+    def _add_node(self, node: Any) -> bool:
+        if node.id in self.nodes:
+            return False
+        self.nodes[node.id] = node.as_builder().to_bytes()
+        return True
+
+    def _add_struct(self, schema: Any) -> None:
+        if not self._add_node(schema.node):
+            return
+        for raw, parsed in zip(schema.node.struct.fields, schema.fields_list, strict=True):
+            if raw.which() == "group":
+                self._add_struct(parsed.schema)
+            else:
+                self._add_type(raw.slot.type, parsed)
+
+    def _add_type(self, t: Any, parsed: Any) -> None:
+        kind = t.which()
+        if kind == "struct":
+            self._add_struct(parsed.schema)
+        elif kind == "interface":
+            self._add_interface(parsed.schema)
+        elif kind == "enum":
+            self._add_node(parsed.schema.node)
+        elif kind == "list":
+            element = t.list.elementType
+            if element.which() in ("struct", "interface", "enum"):
+                inner = parsed.schema.elementType
+                if element.which() == "struct":
+                    self._add_struct(inner)
+                elif element.which() == "interface":
+                    self._add_interface(inner)
+                else:
+                    self._add_node(inner.node)
+
+    def _add_interface(self, schema: Any) -> None:
+        if not self._add_node(schema.node):
+            return
+        for parent in schema.superclasses:
+            self._add_interface(parent)
+        for method in schema.node.interface.methods:
+            parsed = schema.methods[method.name]
+            self._add_struct(parsed.param_type)
+            self._add_struct(parsed.result_type)
+
+    # -- types --------------------------------------------------------------------------------
+
+    def read_type(self, t: Any, parsed: Any) -> str:
+        """The Python type of a value read from a field of type ``t``."""
+        kind = t.which()
+        if kind == "void":
+            return "None"
+        if kind == "bool":
+            return "bool"
+        if kind in _INTS:
+            return "int"
+        if kind in ("float32", "float64"):
+            return "float"
+        if kind == "text":
+            return "str"
+        if kind == "data":
+            return "bytes"
+        if kind == "enum":
+            return self.names.get(t.enum.typeId, "str")
+        if kind == "struct":
+            if t.struct.typeId == FD_STRUCT_ID:
+                return "_fds.FileDescriptor"
+            return self.names.get(t.struct.typeId, "Any")
+        if kind == "interface":
+            return self.names.get(t.interface.typeId, "_client.Client")
+        if kind == "list":
+            element = t.list.elementType
+            inner = parsed.schema.elementType if element.which() in ("struct", "interface", "enum") else None
+            return f"Sequence[{self.read_type(element, _Elem(inner))}]"
+        return "Any"
+
+    def write_type(self, t: Any, parsed: Any) -> str:
+        """The Python type accepted when setting a field of type ``t``."""
+        kind = t.which()
+        if kind == "struct":
+            if t.struct.typeId == FD_STRUCT_ID:
+                return "int | _HasFileno"
+            return "Mapping[str, Any]"
+        if kind == "interface":
+            return f"{self.read_type(t, parsed)} | _server.Server"
+        if kind == "list":
+            element = t.list.elementType
+            inner = parsed.schema.elementType if element.which() in ("struct", "interface", "enum") else None
+            return f"Sequence[{self.write_type(element, _Elem(inner))}]"
+        return self.read_type(t, parsed)
+
+    # -- emitting -----------------------------------------------------------------------------
+
+    def emit(self, text: str = "", indent: int = 0) -> None:
+        for line in textwrap.dedent(text).splitlines() or [""]:
+            self.lines.append(("    " * indent + line) if line else "")
+
+    def render(self) -> str:
+        self.emit(f'''\
+            """Typed capbus stubs for {self.source_name}.
+
+            Generated by `capbus compile` from {self.source_name}; do not edit (changes are lost when
+            it is generated again).
+            """
+
+            from __future__ import annotations
+
+            from collections.abc import Mapping, Sequence
+            from typing import Any, Literal, Protocol, cast
+
+            from capbus.rpc import client as _client
+            from capbus.rpc import errors as _errors
+            from capbus.rpc import fds as _fds
+            from capbus.rpc import server as _server
+            from capbus.rpc import stubs as _stubs
+
+
+            class _HasFileno(Protocol):
+                def fileno(self) -> int: ...
+
+            ''')
+        self.emit("_schema = _stubs.Schema(")
+        self.emit("(", 1)
+        for node_id in sorted(self.nodes):
+            blob = self.nodes[node_id]
+            chunks = [blob[i : i + 40] for i in range(0, len(blob), 40)]
+            for chunk in chunks[:-1]:
+                self.emit(repr(chunk), 2)
+            self.emit(repr(chunks[-1]) + ",", 2)
+        self.emit(")", 1)
+        self.emit(")")
+        for enum in self.enums:
+            names = ", ".join(repr(e.name) for e in enum.node.enum.enumerants)
+            self.emit("")
+            self.emit(f"{self.names[enum.node.id]} = Literal[{names}]")
+        for struct in self.structs:
+            self.emit("")
+            self.emit("")
+            self._struct_class(self.names[struct.node.id], struct)
+        for interface in self.interfaces:
+            self.emit("")
+            self.emit("")
+            self._interface_class(interface)
+        self.emit("")
+        self.emit("")
+        self._wrappers()
+        return "\n".join(self.lines).rstrip() + "\n"
+
+    def _struct_class(self, name: str, struct: Any, indent: int = 0, base: str = "_stubs.Struct") -> None:
+        node = struct.node
+        self.emit(f"class {name}({base}):", indent)
+        self.emit(f'"""``{node.displayName}``."""', indent + 1)
+        union = [f.name for f in node.struct.fields if f.discriminantValue != 0xFFFF]
+        if union:
+            literal = ", ".join(repr(n) for n in union)
+            self.emit("", indent)
+            self.emit(f"def which(self) -> Literal[{literal}]:", indent + 1)
+            self.emit(f'return cast("Literal[{literal}]", self._view.which())', indent + 2)
+        for raw, parsed in zip(node.struct.fields, struct.fields_list, strict=True):
+            attr = _py_name(raw.name)
+            self.emit("", indent)
+            self.emit("@property", indent + 1)
+            if raw.which() == "group":
+                group_name = f"{name}_{_camel(raw.name)}"
+                self.names.setdefault(parsed.schema.node.id, group_name)
+                self.emit(f"def {attr}(self) -> {group_name}:", indent + 1)
+                self.emit(f"return {group_name}(getattr(self._view, {raw.name!r}))", indent + 2)
+                continue
+            t = raw.slot.type
+            annotation = self.read_type(t, parsed)
+            self.emit(f"def {attr}(self) -> {annotation}:", indent + 1)
+            self.emit(f"return {self._read_expression(t, parsed, raw.name)}", indent + 2)
+        for raw, parsed in zip(node.struct.fields, struct.fields_list, strict=True):
+            if raw.which() == "group":
+                self.emit("")
+                self.emit("")
+                self._struct_class(self.names[parsed.schema.node.id], parsed.schema, indent)
+
+    def _read_expression(self, t: Any, parsed: Any, field: str) -> str:
+        value = f"getattr(self._view, {field!r})"
+        kind = t.which()
+        if kind == "struct" and t.struct.typeId != FD_STRUCT_ID and t.struct.typeId in self.names:
+            return f"{self.names[t.struct.typeId]}({value})"
+        if kind == "list" and t.list.elementType.which() == "struct":
+            element = t.list.elementType.struct.typeId
+            if element in self.names:
+                return f"[{self.names[element]}(v) for v in {value}]"
+        if kind == "enum":
+            return f'cast("{self.read_type(t, parsed)}", str({value}))'
+        return f'cast("{self.read_type(t, parsed)}", {value})'
+
+    def _interface_class(self, interface: Any) -> None:
+        node = interface.node
+        name = self.names[node.id]
+        parents = [self.names.get(p.node.id) for p in interface.superclasses]
+        bases = ", ".join(p for p in parents if p) or "_stubs.TypedClient"
+        self.emit("@_stubs.register")
+        self.emit(f"class {name}({bases}):")
+        self.emit(f'"""Client of ``{node.displayName}``; subclass ``{name}.Server`` to implement it."""', 1)
+        self.emit("", 0)
+        self.emit(f"interface = _schema.interface({node.id:#x})", 1)
+        for method in node.interface.methods:
+            parsed = interface.methods[method.name]
+            self._client_method(name, method.name, parsed)
+        for method in node.interface.methods:
+            parsed = interface.methods[method.name]
+            if parsed.result_type.node.id != STREAM_RESULT_ID:
+                self.emit("")
+                self._struct_class(f"{_camel(method.name)}Results", parsed.result_type, 1)
+        server_bases = ", ".join(f"{p}.Server" for p in parents if p) or "_stubs.TypedServer"
+        self.emit("")
+        self.emit(f"class Server({server_bases}):", 1)
+        self.emit(f'"""Base class of ``{node.displayName}`` servers: override the methods."""', 2)
+        self.emit("", 1)
+        self.emit(f"interface = _schema.interface({node.id:#x})", 2)
+        for method in node.interface.methods:
+            self._server_method(name, method.name, interface.methods[method.name])
+
+    def _params(self, param_type: Any, *, write: bool) -> list[tuple[str, str, str]]:
+        out = []
+        for raw, parsed in zip(param_type.node.struct.fields, param_type.fields_list, strict=True):
+            if raw.which() == "group":
+                out.append((raw.name, _py_name(raw.name), "Mapping[str, Any]" if write else "Any"))
+                continue
+            t = raw.slot.type
+            typ = self.write_type(t, parsed) if write else self.read_type(t, parsed)
+            out.append((raw.name, _py_name(raw.name), typ))
+        return out
+
+    def _client_method(self, owner: str, name: str, parsed: Any) -> None:
+        params = self._params(parsed.param_type, write=True)
+        streaming = parsed.result_type.node.id == STREAM_RESULT_ID
+        results = "None" if streaming else f"{owner}.{_camel(name)}Results"
+        signature = "".join(f", {py}: {typ} | None = None" for _, py, typ in params)
+        star = ", *" if params else ""
+        self.emit("")
+        self.emit(f"async def {_py_name(name)}(self{star}{signature}) -> {results}:", 1)
+        mapping = ", ".join(f"{schema!r}: {py}" for schema, py, _ in params)
+        if streaming:
+            self.emit(f"await self._call({name!r}, {{{mapping}}})", 2)
+        else:
+            self.emit(f"return {owner}.{_camel(name)}Results(await self._call({name!r}, {{{mapping}}}))", 2)
+
+    def _server_method(self, owner: str, name: str, parsed: Any) -> None:
+        params = self._params(parsed.param_type, write=False)
+        results = parsed.result_type
+        if results.node.id == STREAM_RESULT_ID or not results.node.struct.fields:
+            returns = "None"
+        elif len(results.node.struct.fields) == 1:
+            raw, field_schema = results.node.struct.fields[0], results.fields_list[0]
+            single = "Any" if raw.which() == "group" else self.write_type(raw.slot.type, field_schema)
+            returns = f"Mapping[str, Any] | {single}"
+        else:
+            returns = "Mapping[str, Any]"
+        signature = "".join(f", {py}: {typ}" for _, py, typ in params)
+        star = ", *" if params else ""
+        self.emit("", 1)
+        self.emit(f"async def {_py_name(name)}(self{star}{signature}) -> {returns}:", 2)
+        self.emit(f'raise _errors.Unimplemented("{owner}.{name} is not implemented by this server")', 3)
+
+    def _wrappers(self) -> None:
+        """Struct params reach servers wrapped in their generated classes."""
+        for interface in self.interfaces:
+            name = self.names[interface.node.id]
+            table: dict[str, dict[str, str]] = {}
+            for method in interface.node.interface.methods:
+                parsed = interface.methods[method.name]
+                for raw in parsed.param_type.node.struct.fields:
+                    t = raw.slot.type if raw.which() == "slot" else None
+                    if t is not None and t.which() == "struct" and t.struct.typeId in self.names:
+                        table.setdefault(method.name, {})[raw.name] = self.names[t.struct.typeId]
+            entries = ", ".join(
+                f"{m!r}: {{{', '.join(f'{k!r}: {v}' for k, v in sorted(fields.items()))}}}"
+                for m, fields in sorted(table.items())
+            )
+            self.emit(f"{name}.Server._param_wrappers = {{{entries}}}")
+
+
+class _Elem:
+    """Stands for a parsed field when only a list's element schema is known."""
+
+    def __init__(self, schema: Any) -> None:
+        self.schema = schema
+
+
+def generate(schema_path: str | os.PathLike[str], imports: Iterable[str] = ()) -> str:
+    """The typed module's source for a .capnp file."""
+    capnp.remove_import_hook()
+    path = os.fspath(schema_path)
+    module = capnp.load(path, imports=[*imports, *import_path()])
+    generator = _Generator(module, os.path.basename(path))
+    generator.collect()
+    return generator.render()
+
+
+def generate_file(
+    schema_path: str | os.PathLike[str],
+    output: str | os.PathLike[str] | None = None,
+    imports: Iterable[str] = (),
+) -> str:
+    """Writes the module (default: ``<schema stem>_capnp.py`` next to the schema); returns
+    its path."""
+    source = generate(schema_path, imports)
+    if output is None:
+        stem = os.path.splitext(os.path.basename(os.fspath(schema_path)))[0].replace("-", "_")
+        output = os.path.join(os.path.dirname(os.fspath(schema_path)), f"{stem}_capnp.py")
+    with open(output, "w") as out:
+        out.write(source)
+    return os.fspath(output)
