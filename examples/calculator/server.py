@@ -1,0 +1,95 @@
+"""The calculator server: run by run.py in its own process, on a peer it is handed."""
+
+from __future__ import annotations
+
+import operator
+import sys
+from collections.abc import Callable, Sequence
+
+import calculator_capnp as calc
+import trio
+
+import capbus
+from capbus.rpc.vat import open_vat
+
+Calculator = calc.Calculator
+
+OPERATORS: dict[str, Callable[[float, float], float]] = {
+    "add": operator.add,
+    "subtract": operator.sub,
+    "multiply": operator.mul,
+    "divide": operator.truediv,
+}
+
+
+async def evaluate(expression: calc.Calculator_Expression, params: Sequence[float] = ()) -> float:
+    which = expression.which()
+    if which == "literal":
+        return expression.literal
+    if which == "previousResult":
+        return (await expression.previousResult.read()).value
+    if which == "parameter":
+        return params[expression.parameter]
+    call = expression.call
+    args = [await evaluate(p, params) for p in call.params]
+    return (await call.function.call(params=args)).value  # maybe a callback into the client
+
+
+class Value(calc.Calculator_Value.Server):
+    def __init__(self, value: float) -> None:
+        self.value = value
+
+    async def read(self) -> float:
+        return self.value
+
+
+class Function(calc.Calculator_Function.Server):
+    """A function the client defined: its body is evaluated here for each call."""
+
+    def __init__(self, param_count: int, body: calc.Calculator_Expression) -> None:
+        self.param_count = param_count
+        self.body = body
+
+    async def call(self, *, params: Sequence[float]) -> float:
+        if len(params) != self.param_count:
+            raise capbus.rpc.errors.Failed(f"expected {self.param_count} parameters, got {len(params)}")
+        return await evaluate(self.body, params)
+
+
+class Operator(calc.Calculator_Function.Server):
+    def __init__(self, op: str) -> None:
+        self.op = OPERATORS[op]
+
+    async def call(self, *, params: Sequence[float]) -> float:
+        if len(params) != 2:
+            raise capbus.rpc.errors.Failed("an operator takes two parameters")
+        return self.op(params[0], params[1])
+
+
+class CalculatorServer(Calculator.Server):
+    async def evaluate(self, *, expression: calc.Calculator_Expression) -> Value:
+        return Value(await evaluate(expression))
+
+    async def defFunction(self, *, paramCount: int, body: calc.Calculator_Expression) -> Function:
+        return Function(paramCount, body)
+
+    async def getOperator(self, *, op: calc.Calculator_Operator) -> Operator:
+        return Operator(op)
+
+
+async def main(fd: int) -> None:
+    async with capbus.Peer.from_socket(fd) as peer, open_vat(peer) as vat:
+        (launcher,) = (await peer.take_seed()).handles
+        node = await vat.export(CalculatorServer())
+        await peer.send(launcher, b"calculator", handles=[node])  # hand out the bootstrap capability
+        try:
+            await trio.sleep_forever()  # serve until the kernel goes away
+        except capbus.Disconnected:
+            pass
+
+
+if __name__ == "__main__":
+    try:
+        trio.run(main, int(sys.argv[1]))
+    except* capbus.Disconnected:
+        pass  # the launcher stopped the kernel: we are done
