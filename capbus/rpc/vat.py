@@ -95,6 +95,12 @@ class Vat:
         self.stream_window = STREAM_WINDOW
         """Bytes of ``-> stream`` calls one capability may have unacknowledged."""
         self._streams: dict[int, _Stream] = {}  # client handle -> its stream
+        # Handlers start in the order their calls arrived (E-order), although trio may run a
+        # batch of new tasks in any order: each call gets a ticket, and waits for its turn.
+        self._tickets = 0
+        self._turn = 0
+        self._turn_events: dict[int, trio.Event] = {}
+        self._skipped: set[int] = set()
         self._stream_queues: dict[tuple[int, int], list[CallArrived]] = {}  # (server, caller)
         engine.vat = self
         self._nursery = nursery
@@ -398,7 +404,8 @@ class Vat:
             if event.method is not None and event.method.streaming and event.reply is not None:
                 self._queue_stream_call(event)
             else:
-                self._nursery.start_soon(self._serve, event)
+                self._nursery.start_soon(self._serve, event, self._tickets)
+                self._tickets += 1
         elif isinstance(event, FinishArrived):
             scope = self._serving.get(event.key)
             if scope is not None:
@@ -410,7 +417,29 @@ class Vat:
         else:
             self._nursery.start_soon(self._send_quietly, event)
 
-    async def _serve(self, arrived: CallArrived) -> None:
+    async def _wait_turn(self, ticket: int) -> None:
+        if ticket != self._turn:
+            event = self._turn_events.setdefault(ticket, trio.Event())
+            await event.wait()
+        else:
+            await trio.lowlevel.checkpoint()
+
+    def _pass_turn(self, ticket: int | None) -> None:
+        """Lets the next call start (a ticket given up before its turn is skipped later)."""
+        if ticket is None:
+            return
+        if ticket != self._turn:
+            self._skipped.add(ticket)
+            return
+        self._turn += 1
+        while self._turn in self._skipped:
+            self._skipped.discard(self._turn)
+            self._turn += 1
+        event = self._turn_events.pop(self._turn, None)
+        if event is not None:
+            event.set()
+
+    async def _serve(self, arrived: CallArrived, ticket: int | None = None) -> None:
         reply, question_id, method = arrived.reply, arrived.question_id, arrived.method
         key = None if reply is None else (reply.handle, question_id)
         encoded: Encoded | None = None
@@ -418,12 +447,18 @@ class Vat:
             if key is not None:
                 self._serving[key] = scope
             try:
+                if ticket is not None:
+                    await self._wait_turn(ticket)
                 if method is None:
                     call = arrived.call
                     wanted = f"method {call.methodId} of interface {call.interfaceId:#x}"
                     raise Unimplemented(f"{arrived.server.interface.name} has no {wanted}")
                 params = as_kwargs(arrived.call.any_struct("params", method.params), method.params_layout)
                 async with self._concurrency:
+                    # The next call may start once this handler has begun: it runs until its
+                    # first checkpoint before any other task does.
+                    self._pass_turn(ticket)
+                    ticket = None
                     results = await arrived.server.dispatch(method, params)
                 encoded = encode_results(question_id, method, results)
             except RpcError as error:
@@ -431,6 +466,7 @@ class Vat:
             except Exception as error:  # noqa: BLE001 - the caller gets it as Failed
                 encoded = encode_exception(question_id, Failed(f"{type(error).__name__}: {error}"))
             finally:
+                self._pass_turn(ticket)  # not reached the handler: let the others go on
                 if key is not None:
                     self._serving.pop(key, None)
         await self._answer(reply, key, encoded, scope.cancelled_caught)
