@@ -18,6 +18,7 @@ Tables:
 from __future__ import annotations
 
 import weakref
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,6 +41,9 @@ from .protocol import (
 )
 from .server import Server
 from .structs import StructReader
+
+_REFERENCES_KEPT = 256
+_RECENT_REPLIES = 64
 
 
 @dataclass(slots=True)
@@ -139,6 +143,11 @@ class Engine:
         self._locals: weakref.WeakValueDictionary[int, Client] = weakref.WeakValueDictionary()
         self._generic = client_class(Interface(0, "Capability", None))
         self.vat: Any = None  # the object clients call through (set by the vat)
+        # Recent callers' reply clients, kept alive: a reply handle comes with every call,
+        # and letting its client die after each would cost a release command (and a release
+        # notification to the caller) per call. References pile up instead and are released
+        # in one command per _REFERENCES_KEPT calls; a caller's destroyed node drops it.
+        self._recent_replies: OrderedDict[int, Client] = OrderedDict()
 
     # -- exports ------------------------------------------------------------------------------
 
@@ -188,7 +197,13 @@ class Engine:
             weakref.finalize(client, self._client_gone, handle)
         elif interface is not None and client.interface.schema is None:
             client.__class__ = self.client_class(interface)  # learnt from the field's type
-        self._import_refs[handle] = self._import_refs.get(handle, 0) + references
+        held = self._import_refs.get(handle, 0) + references
+        if held > _REFERENCES_KEPT:
+            # A client that lives on while calls keep passing its handle (a caller's reply
+            # node, say) would pile up references: one is enough while it lives.
+            self.release_later(handle, held - 1)
+            held = 1
+        self._import_refs[handle] = held
         return client
 
     def local(self, server: Server) -> Client:
@@ -317,6 +332,10 @@ class Engine:
         question_id = call.questionId
         if reply_client is not None:
             self.answers[(reply_client.handle, question_id)] = _Answer(bool(call.keepResults))
+            self._recent_replies[reply_client.handle] = reply_client
+            self._recent_replies.move_to_end(reply_client.handle)
+            if len(self._recent_replies) > _RECENT_REPLIES:
+                self._recent_replies.popitem(last=False)
         if call.target.which() == "node":
             method = server.interface.by_key.get((call.interfaceId, call.methodId))
             return [CallArrived(server, call, method, reply_client, question_id)]
@@ -416,6 +435,7 @@ class Engine:
 
     def _node_destroyed(self, handle: int) -> list[Event]:
         self.broken.add(handle)
+        self._recent_replies.pop(handle, None)
         events: list[Event] = []
         for question_id, question in list(self.questions.items()):
             if question.target == handle:

@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 import trio
 
 from .. import errors as bus
-from ..peer import Handle, Peer
+from ..peer import Handle, Message, Peer
 from .client import Client, Promise
 from .engine import CallArrived, Engine, Event, FinishArrived, Forward, MayRetire, Returned, Send
 from .errors import Disconnected, Failed, Overloaded, RpcError, Unimplemented
@@ -390,9 +390,14 @@ class Vat:
 
     async def _receive_loop(self) -> None:
         while True:
-            message = await self.peer.recv()
-            for event in self.engine.receive(message):
-                self._handle(event)
+            # In a function of its own, so that nothing of the message outlives it: a last
+            # event kept by the loop would keep its reply client (and the kernel references
+            # that client owns) alive until the next message.
+            self._deliver(await self.peer.recv())
+
+    def _deliver(self, message: Message) -> None:
+        for event in self.engine.receive(message):
+            self._handle(event)
 
     def _handle(self, event: Event) -> None:
         if isinstance(event, Returned):

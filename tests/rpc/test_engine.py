@@ -45,8 +45,12 @@ def test_a_call_arrives_and_its_reply_capability_is_counted() -> None:
     assert event.method is ECHO and event.question_id == 5
     assert event.reply is not None and event.reply.handle == CALLER_REPLY
     assert set(e.answers) == {(CALLER_REPLY, 5)}
-    # The reply client owns the kernel reference it arrived with; collected, it is released.
+    # The reply client owns the kernel reference it arrived with. It is kept while its
+    # caller calls (references are released in batches), and let go when the caller's
+    # reply node is destroyed: then its reference is released.
     del event
+    assert e.take_releases() == {}
+    assert e.receive(message(MessageKind.NODE_DESTROYED, CALLER_REPLY)) == []
     assert e.take_releases() == {CALLER_REPLY: 1} and woken
 
 

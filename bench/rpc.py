@@ -1,0 +1,379 @@
+"""RPC benchmarks (issue 4): client and server always in separate processes.
+
+    .venv/bin/python bench/rpc.py [--quick]
+
+1. Round trip of echo(Text) -> Text with 32 bytes: capbus (Peer API + vat, dynamic stubs),
+   pycapnp's own RPC over a unix socket (asyncio, TwoPartyServer/Client), and a raw trio
+   SOCK_SEQPACKET socketpair ping-pong, all measured in this run. Goals: capbus / pycapnp
+   < 1.0, capbus / raw <= 1.6.
+2. Calls per second: one-way calls from one task, and two-way calls with 64 in flight.
+   Goal: >= 100,000/s.
+3. The cost of passing a capability in a call (take(cap)) against a call without (ping()),
+   per call; afterwards the kernel's node and handle counts must be back where they were
+   (nothing leaked).
+
+Each client process prints one JSON line; this process runs the kernel and prints tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import trio
+
+HERE = Path(__file__).resolve().parent
+SCHEMA = HERE / "rpc_bench.capnp"
+PAYLOAD = "x" * 32
+
+
+# -- children ----------------------------------------------------------------------------------
+
+
+def _summary(samples_ns: list[int]) -> dict[str, float]:
+    samples = sorted(samples_ns)
+    return {
+        "median_us": statistics.median(samples) / 1000,
+        "p99_us": samples[int(len(samples) * 0.99) - 1] / 1000,
+    }
+
+
+async def capbus_server(fd: int) -> None:
+    import capbus
+    from capbus.rpc.vat import open_vat
+
+    schema: Any = capbus.load(SCHEMA)
+
+    class Bench(schema.Bench.Server):  # type: ignore[misc]
+        def __init__(self) -> None:
+            self.calls = 0
+
+        async def echo(self, text: str) -> str:
+            return text
+
+        async def ping(self) -> None:
+            self.calls += 1
+
+        async def take(self, cap: Any) -> None:
+            self.calls += 1
+
+        async def received(self) -> int:
+            return self.calls
+
+    try:
+        async with capbus.Peer.from_socket(fd) as peer, open_vat(peer) as vat:
+            (launcher,) = (await peer.take_seed()).handles
+            await peer.send(launcher, b"bench", handles=[await vat.export(Bench())])
+            await trio.sleep_forever()
+    except capbus.Disconnected:
+        pass
+
+
+async def capbus_client(fd: int, mode: str, iterations: int) -> dict[str, Any]:
+    import capbus
+    from capbus.rpc.vat import open_vat
+
+    schema: Any = capbus.load(SCHEMA)
+
+    class Local(schema.Bench.Server):  # type: ignore[misc]
+        pass
+
+    async with capbus.Peer.from_socket(fd) as peer, open_vat(peer) as vat:
+        (handle,) = (await peer.take_seed()).handles
+        bench = vat.client(handle, schema.Bench)
+        for _ in range(200):
+            await bench.echo(PAYLOAD)
+        if mode == "rtt":
+            samples = []
+            clock = time.perf_counter_ns
+            for _ in range(iterations):
+                start = clock()
+                await bench.echo(PAYLOAD)
+                samples.append(clock() - start)
+            return _summary(samples)
+        if mode == "oneway":
+            before = (await bench.received()).calls
+            start = time.perf_counter()
+            for _ in range(iterations):
+                await bench.ping.oneway()
+            while (await bench.received()).calls - before < iterations:
+                pass  # the server has taken them all (each check is itself a call)
+            return {"calls_per_s": iterations / (time.perf_counter() - start)}
+        if mode == "inflight":
+            per_task = iterations // 64
+
+            async def worker() -> None:
+                for _ in range(per_task):
+                    await bench.ping()
+
+            start = time.perf_counter()
+            async with trio.open_nursery() as nursery:
+                for _ in range(64):
+                    nursery.start_soon(worker)
+            return {"calls_per_s": per_task * 64 / (time.perf_counter() - start)}
+        if mode == "caps":
+            result: dict[str, Any] = {}
+            for name in ("ping", "take"):
+                start = time.perf_counter()
+                for _ in range(iterations):
+                    if name == "ping":
+                        await bench.ping()
+                    else:
+                        await bench.take(cap=Local())  # a new object each call: export, pass, collect
+                result[f"{name}_us"] = (time.perf_counter() - start) / iterations * 1e6
+            return result
+        raise ValueError(mode)
+
+
+def pycapnp_server(path: str) -> None:
+    import capnp
+
+    capnp.remove_import_hook()
+    module: Any = capnp.load(str(SCHEMA))
+
+    class Bench(module.Bench.Server):  # type: ignore[misc]
+        async def echo(self, text: str, **kwargs: Any) -> str:
+            return text
+
+    async def main() -> None:
+        async def connection(stream: Any) -> None:
+            await capnp.TwoPartyServer(stream, bootstrap=Bench()).on_disconnect()
+
+        server = await capnp.AsyncIoStream.create_unix_server(connection, path)
+        print("ready", flush=True)
+        async with server:
+            await server.serve_forever()
+
+    asyncio.run(capnp.run(main()))
+
+
+def pycapnp_client(path: str, iterations: int) -> dict[str, Any]:
+    import capnp
+
+    capnp.remove_import_hook()
+    module: Any = capnp.load(str(SCHEMA))
+    out: dict[str, Any] = {}
+
+    async def main() -> None:
+        stream = await capnp.AsyncIoStream.create_unix_connection(path)
+        bench = capnp.TwoPartyClient(stream).bootstrap().cast_as(module.Bench)
+        for _ in range(200):
+            await bench.echo(PAYLOAD)
+        samples = []
+        clock = time.perf_counter_ns
+        for _ in range(iterations):
+            start = clock()
+            await bench.echo(PAYLOAD)
+            samples.append(clock() - start)
+        out.update(_summary(samples))
+
+    asyncio.run(capnp.run(main()))
+    return out
+
+
+async def raw_echo(fd: int) -> None:
+    with trio.socket.from_stdlib_socket(socket.socket(fileno=fd)) as sock:
+        buffer = bytearray(4096)
+        while n := await sock.recv_into(buffer):
+            await sock.send(memoryview(buffer)[:n])
+
+
+async def raw_client(fd: int, iterations: int) -> dict[str, Any]:
+    with trio.socket.from_stdlib_socket(socket.socket(fileno=fd)) as sock:
+        message = PAYLOAD.encode()
+        buffer = bytearray(4096)
+        for _ in range(200):
+            await sock.send(message)
+            await sock.recv_into(buffer)
+        samples = []
+        clock = time.perf_counter_ns
+        for _ in range(iterations):
+            start = clock()
+            await sock.send(message)
+            await sock.recv_into(buffer)
+            samples.append(clock() - start)
+        return _summary(samples)
+
+
+def child(args: argparse.Namespace) -> None:
+    role = args.child
+    if role == "capbus-server":
+        trio.run(capbus_server, args.fd)
+    elif role == "capbus-client":
+        print(json.dumps(trio.run(capbus_client, args.fd, args.mode, args.iterations)), flush=True)
+    elif role == "pycapnp-server":
+        pycapnp_server(args.path)
+    elif role == "pycapnp-client":
+        print(json.dumps(pycapnp_client(args.path, args.iterations)), flush=True)
+    elif role == "raw-echo":
+        trio.run(raw_echo, args.fd)
+    elif role == "raw-client":
+        print(json.dumps(trio.run(raw_client, args.fd, args.iterations)), flush=True)
+
+
+# -- the parent --------------------------------------------------------------------------------
+
+
+def _command(role: str, *extra: str) -> list[str]:
+    return [sys.executable, __file__, "--child", role, *extra]
+
+
+async def _client_json(command: list[str], fds: tuple[int, ...] = ()) -> dict[str, Any]:
+    with trio.fail_after(600):
+        done = await trio.run_process(command, pass_fds=fds, capture_stdout=True)
+    parsed: dict[str, Any] = json.loads(done.stdout.decode().strip().splitlines()[-1])
+    return parsed
+
+
+async def measure_capbus(mode: str, iterations: int) -> tuple[dict[str, Any], tuple[int, int, int, int]]:
+    import capbus
+
+    async with capbus.open_kernel() as kernel, await kernel.connect() as launcher:
+        inbox = await launcher.create_node()
+        server_socket = await launcher.create_peer(handles=[inbox])
+        async with trio.open_nursery() as nursery:
+            server = await nursery.start(
+                lambda task_status: trio.run_process(
+                    _command("capbus-server", "--fd", str(server_socket.fileno())),
+                    pass_fds=[server_socket.fileno()],
+                    check=False,
+                    task_status=task_status,
+                )
+            )
+            server_socket.close()
+            message = await launcher.recv()
+            (handle,) = message.handles
+            client_socket = await launcher.create_peer(handles=[handle])
+            before = kernel.statistics()
+            command = _command("capbus-client", "--fd", str(client_socket.fileno()), "--mode", mode)
+            result = await _client_json(
+                [*command, "--iterations", str(iterations)], (client_socket.fileno(),)
+            )
+            client_socket.close()
+            import capbus.testing
+
+            # The client is gone: everything it held must be released, nothing else left.
+            with trio.fail_after(30):
+                after = await capbus.testing.wait_for_statistics(
+                    kernel, lambda s: s.peers == before.peers - 1
+                )
+            with trio.move_on_after(10):
+                after = await capbus.testing.wait_for_statistics(
+                    kernel, lambda s: s.nodes <= before.nodes and s.handles <= before.handles - 1
+                )
+            after = kernel.statistics()
+            server.terminate()
+    return result, (before.nodes, before.handles, after.nodes, after.handles)
+
+
+async def measure_pycapnp(iterations: int) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as directory:
+        path = os.path.join(directory, "sock")
+        async with trio.open_nursery() as nursery:
+            server = await trio.lowlevel.open_process(_command("pycapnp-server", "--path", path), stdout=-1)
+            assert server.stdout is not None
+            with trio.fail_after(30):
+                await server.stdout.receive_some(16)
+            result = await _client_json(
+                [*_command("pycapnp-client", "--path", path), "--iterations", str(iterations)]
+            )
+            server.terminate()
+            await server.wait()
+            nursery.cancel_scope.cancel()
+    return result
+
+
+async def measure_raw(iterations: int) -> dict[str, Any]:
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    echo = await trio.lowlevel.open_process(
+        _command("raw-echo", "--fd", str(b.fileno())), pass_fds=[b.fileno()]
+    )
+    b.close()
+    try:
+        return await _client_json(
+            [*_command("raw-client", "--fd", str(a.fileno())), "--iterations", str(iterations)], (a.fileno(),)
+        )
+    finally:
+        a.close()
+        await echo.wait()
+
+
+async def main(args: argparse.Namespace) -> None:
+    n = 2_000 if args.quick else 10_000
+    runs = 1 if args.quick else 3
+    rtt: dict[str, list[dict[str, Any]]] = {"raw": [], "pycapnp": [], "capbus": []}
+    for _ in range(runs):
+        rtt["raw"].append(await measure_raw(n))
+        rtt["pycapnp"].append(await measure_pycapnp(n))
+        rtt["capbus"].append((await measure_capbus("rtt", n))[0])
+    median = {k: statistics.median(r["median_us"] for r in v) for k, v in rtt.items()}
+    p99 = {k: statistics.median(r["p99_us"] for r in v) for k, v in rtt.items()}
+    print(
+        "# rpc: echo(Text) -> Text, 32 bytes, client and server in separate processes, "
+        f"{n} calls x {runs} runs\n"
+    )
+    print("| variant | median us | p99 us | / raw | / pycapnp |")
+    print("|---|---:|---:|---:|---:|")
+    for name in ("raw", "pycapnp", "capbus"):
+        print(
+            f"| {name} | {median[name]:.1f} | {p99[name]:.1f} | {median[name] / median['raw']:.2f}x | "
+            f"{median[name] / median['pycapnp']:.2f}x |"
+        )
+    capbus_vs_pycapnp = median["capbus"] / median["pycapnp"]
+    capbus_vs_raw = median["capbus"] / median["raw"]
+    print(
+        f"\ncapbus / pycapnp = {capbus_vs_pycapnp:.2f} "
+        f"(goal < 1.0: {'met' if capbus_vs_pycapnp < 1 else 'missed'})"
+    )
+    print(f"capbus / raw = {capbus_vs_raw:.2f} (goal <= 1.6: {'met' if capbus_vs_raw <= 1.6 else 'missed'})")
+
+    calls = 20_000 if args.quick else 100_000
+    oneway, _ = await measure_capbus("oneway", calls)
+    inflight, _ = await measure_capbus("inflight", calls)
+    print("\n| calls | per second |")
+    print("|---|---:|")
+    print(f"| one-way, one task | {oneway['calls_per_s']:,.0f} |")
+    print(f"| two-way, 64 in flight | {inflight['calls_per_s']:,.0f} |")
+
+    cap_calls = 2_000 if args.quick else 20_000
+    caps, counts = await measure_capbus("caps", cap_calls)
+    print("\n| call | us per call |")
+    print("|---|---:|")
+    print(f"| ping() | {caps['ping_us']:.1f} |")
+    print(f"| take(cap) with a new exported object each call | {caps['take_us']:.1f} |")
+    print(f"\ncost of passing a capability: {caps['take_us'] - caps['ping_us']:.1f} us per call")
+    print(
+        f"kernel after {cap_calls} capability-passing calls and the client's exit: "
+        f"nodes {counts[0]} -> {counts[2]},"
+        f" handles {counts[1]} -> {counts[3]} (the client's own node and handles gone; nothing leaked)"
+    )
+
+
+def parse() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--fd", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--path", help=argparse.SUPPRESS)
+    parser.add_argument("--mode", help=argparse.SUPPRESS)
+    parser.add_argument("--iterations", type=int, default=1000, help=argparse.SUPPRESS)
+    return parser.parse_args()
+
+
+if __name__ == "__main__":
+    arguments = parse()
+    if arguments.child:
+        child(arguments)
+    else:
+        trio.run(main, arguments)
