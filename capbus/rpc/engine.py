@@ -306,6 +306,14 @@ class Engine:
             which = envelope.which()
         except Exception as error:  # noqa: BLE001 - hostile or broken input, never fatal
             return self._refuse(payload, caps, f"malformed message: {error}", Failed)
+        try:
+            return self._dispatch(destination, envelope, which, payload, caps)
+        except Exception as error:  # noqa: BLE001 - a pointer the decode did not look at yet
+            return self._refuse(payload, caps, f"malformed message: {error}", Failed)
+
+    def _dispatch(
+        self, destination: int, envelope: StructReader, which: str, payload: memoryview, caps: list[object]
+    ) -> list[Event]:
         if destination == self.reply_node and which == "return":
             return self._returned(getattr(envelope, "return"))
         if destination in self.exports and which == "call":

@@ -13,6 +13,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import capnp
+
 from . import capwire
 from .capwire import CapWireError, Segment
 from .envelope import rpc
@@ -137,10 +139,10 @@ def decode(
     resolve: Callable[[object, FieldLayout], object] | None = None,
     fds: Sequence[object] = (),
 ) -> StructReader:
-    """A received envelope, its capability pointers resolved to ``caps`` (which must cover
-    every index: a pointer past them raises CapWireError); ``resolve`` as in CapTableReader;
-    ``fds`` the message's file descriptors for its Fd fields."""
-    table = CapTableReader.strip(capwire.unframe(payload), caps, resolve, fds)
+    """A received envelope, its capability pointers resolved to ``caps`` when read (a pointer
+    past them raises CapWireError then); ``resolve`` as in CapTableReader; ``fds`` the
+    message's file descriptors for its Fd fields."""
+    table = CapTableReader.direct(capwire.unframe(payload), caps, resolve, fds)
     return StructReader(rpc.Envelope.from_segments(table.segments), ENVELOPE, table)
 
 
@@ -186,6 +188,22 @@ def exception_of(returned: StructReader) -> RpcError:
     exception = returned.pycapnp.exception
     kind = BY_KIND.get(str(exception.type), Failed)
     return kind(str(exception.reason))
+
+
+def malformed(error: Exception) -> Failed:
+    """A clean Failed for what pycapnp or capwire found wrong in a received message (pycapnp's
+    messages carry a C++ stack dump after the first line)."""
+    reason = str(error).split("; stack:", 1)[0].split("\nstack:", 1)[0].strip()
+    return Failed(f"malformed message: {type(error).__name__}: {reason}")
+
+
+def params_of(call: StructReader, method: Method) -> dict[str, Any]:
+    """A call's params as keyword arguments, every field read now: a malformed pointer
+    becomes a Failed (for the caller) here, not a crash inside the handler."""
+    try:
+        return as_kwargs(call.any_struct("params", method.params), method.params_layout)
+    except (CapWireError, capnp.KjException, ValueError) as error:
+        raise malformed(error) from error
 
 
 def as_kwargs(view: StructReader, layout: StructLayout) -> dict[str, Any]:

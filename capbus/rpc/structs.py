@@ -217,9 +217,12 @@ class CapTableReader:
         values: Sequence[object],
         resolve: Callable[[object, FieldLayout], object] | None = None,
         fds: Sequence[object] = (),
+        *,
+        direct: bool = False,
     ):
         self.segments = segments
         self.locations = locations
+        self._direct = direct
         self.values = values
         self.resolve = resolve
         self.fds = fds
@@ -227,8 +230,7 @@ class CapTableReader:
         """Called with each capability value a field yields and that field's layout (the
         RPC layer uses it to give a client the field's interface)."""
         for index in locations.values():
-            if index >= len(values):
-                raise CapWireError(f"capability index {index} past the {len(values)} attached")
+            self._check(index)
 
     @classmethod
     def strip(
@@ -238,26 +240,53 @@ class CapTableReader:
         resolve: Callable[[object, FieldLayout], object] | None = None,
         fds: Sequence[object] = (),
     ) -> CapTableReader:
-        """Strips a received message's capability pointers (:func:`capwire.strip_caps`)."""
+        """Strips a received message's capability pointers (:func:`capwire.strip_caps`):
+        a full walk that validates every pointer and index up front, and leaves pycapnp a
+        message without capabilities (safe for ``str()`` and copies)."""
         clean, locations = capwire.strip_caps(segments)
         return cls(clean, locations, values, resolve, fds)
+
+    @classmethod
+    def direct(
+        cls,
+        segments: Sequence[Segment],
+        values: Sequence[object],
+        resolve: Callable[[object, FieldLayout], object] | None = None,
+        fds: Sequence[object] = (),
+    ) -> CapTableReader:
+        """Reads capability pointers straight from the segments, checking each index when a
+        field is read: no walk of the whole message. pycapnp only raises (never aborts) on
+        reading a capability pointer, and views read interface fields here, never through
+        pycapnp; what must not be done with such a message is a pycapnp copy (``as_builder``,
+        ``copy``, pickling), which the views never do."""
+        return cls(segments, {}, values, resolve, fds, direct=True)
 
     def fd(self, index: int) -> object:
         if index >= len(self.fds):
             raise CapWireError(f"file descriptor index {index} past the {len(self.fds)} attached")
         return self.fds[index]
 
+    def _check(self, index: int) -> None:
+        if index >= len(self.values):
+            raise CapWireError(f"capability index {index} past the {len(self.values)} attached")
+
     def _value(self, index: int | None, field: FieldLayout) -> object | None:
         if index is None:
             return None
+        self._check(index)
         value = self.values[index]
         return value if self.resolve is None or value is None else self.resolve(value, field)
 
     def capability(self, path: Path, field: FieldLayout) -> object | None:
+        if self._direct:
+            return self._value(capwire.read_cap(self.segments, path), field)
         return self._value(capwire.lookup_cap(self.segments, self.locations, path), field)
 
     def capabilities(self, path: Path, field: FieldLayout) -> list[object | None] | None:
-        indices = capwire.lookup_cap_list(self.segments, self.locations, path)
+        if self._direct:
+            indices = capwire.read_cap_list(self.segments, path)
+        else:
+            indices = capwire.lookup_cap_list(self.segments, self.locations, path)
         if indices is None:
             return None
         return [self._value(i, field) for i in indices]

@@ -39,6 +39,7 @@ from .protocol import (
     encode_exception,
     encode_finish,
     encode_results,
+    params_of,
 )
 from .server import Server
 from .structs import StructReader
@@ -458,7 +459,7 @@ class Vat:
                     call = arrived.call
                     wanted = f"method {call.methodId} of interface {call.interfaceId:#x}"
                     raise Unimplemented(f"{arrived.server.interface.name} has no {wanted}")
-                params = as_kwargs(arrived.call.any_struct("params", method.params), method.params_layout)
+                params = params_of(arrived.call, method)
                 async with self._concurrency:
                     # The next call may start once this handler has begun: it runs until its
                     # first checkpoint before any other task does.
@@ -517,7 +518,7 @@ class Vat:
         try:
             if method is None:
                 raise Unimplemented(f"{forward.target.interface.name} has no such method")
-            params = as_kwargs(call.any_struct("params", method.params), method.params_layout)
+            params = params_of(call, method)
             results = await self.call(forward.target, method, params)
             encoded = encode_results(question_id, method, as_kwargs(results, method.results_layout))
         except RpcError as error:

@@ -6,7 +6,7 @@ from typing import Any
 
 from capbus.peer import Handle, Message, MessageKind
 from capbus.rpc import errors, protocol
-from capbus.rpc.engine import CallArrived, Engine, MayRetire, Returned, Send
+from capbus.rpc.engine import CallArrived, Engine, MayRetire, Returned
 
 from .services import FactoryServer, schema
 from .test_hostile_calls import CALL, PARAMS, with_word
@@ -68,15 +68,28 @@ def test_a_return_answers_its_question_and_a_destroy_fails_the_rest() -> None:
     assert e.questions == {}
 
 
-def test_garbage_from_a_known_caller_gets_an_exception_to_send() -> None:
+def test_malformed_params_are_found_when_read() -> None:
     e, _ = engine()
     call = protocol.encode_call(6, ECHO, {"text": "hi"})
     broken = with_word(call.payload, (("p", CALL), ("p", PARAMS)), 0 | (1000 << 2) | (1 << 32))
     (event,) = e.receive(message(MessageKind.DATA, FACTORY_NODE, broken, (CALLER_REPLY,)))
-    # Params that point out of bounds: refused, and answered to the caller.
-    assert isinstance(event, Send)
-    reply = protocol.decode(event.encoded.payload, [])
-    assert getattr(reply, "return").which() == "exception"
+    # The engine reads only the envelope's header: the call and its caller are known ...
+    assert isinstance(event, CallArrived) and event.reply is not None and event.method is ECHO
+    # ... and reading its params gives the Failed the vat answers with.
+    try:
+        protocol.params_of(event.call, ECHO)
+    except errors.Failed as error:
+        assert error.reason.startswith("malformed message:") and "stack" not in error.reason
+    else:
+        raise AssertionError("malformed params read without an error")
+
+
+def test_an_unreadable_reply_capability_gets_an_exception_to_send() -> None:
+    e, _ = engine()
+    call = protocol.encode_call(7, ECHO, {"text": "hi"})
+    # The reply capability's index points past the one handle attached: refused, and
+    # answered (the header is readable) to... nobody: the reply capability is the bad one.
+    assert e.receive(message(MessageKind.DATA, FACTORY_NODE, call.payload, ())) == []
 
 
 def test_release_of_an_export_asks_to_retire_it() -> None:

@@ -4,6 +4,7 @@ serving. The attacker is a bare peer that writes envelopes by hand."""
 from __future__ import annotations
 
 import os
+import re
 import struct
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -79,7 +80,7 @@ async def test_malformed_params_get_failed(attack: Attack) -> None:
     with trio.fail_after(10):
         error = await answer_to(attack, payload, [attack.reply])
         assert isinstance(error, errors.Failed) and "malformed" in error.reason
-        assert "out of bounds" in error.reason
+        assert re.search("out.of.bounds", error.reason) and "stack:" not in error.reason
         assert (await attack.factory.echo("still serving")).text == "still serving"
 
 
