@@ -36,6 +36,9 @@ from .errors import CapbusError, Disconnected, InvalidArgument, MessageTooLarge,
 _ANC_SPACE = socket.CMSG_SPACE(4 * _wire.FDS_MAX)
 # Plain ints: arithmetic on the socket module's IntFlag members costs microseconds per frame.
 _TRUNCATED = int(socket.MSG_TRUNC) | int(socket.MSG_CTRUNC)
+# One-way cookies: bit 63 marks one-way; bit 62 marks a caller's tag in bits 0..60.
+_TAGGED = 1 << 62
+_TAG_MASK = (1 << 61) - 1
 _CMSG_CLOEXEC = int(socket.MSG_CMSG_CLOEXEC)
 
 
@@ -169,6 +172,8 @@ class Message:
     """True when the next message belongs to the same transaction (same multicast or destroy)."""
     error: CapbusError | None = None
     """For SEND_FAILED: why the one-way send did not reach ``destination``."""
+    tag: int | None = None
+    """For SEND_FAILED: the ``tag`` the one-way send was given, if any."""
 
     @property
     def payload(self) -> bytes:
@@ -372,6 +377,7 @@ class Peer:
             failures = [(_wire.HANDLE_INVALID, reply.error)]
         else:
             failures = _wire.send_failures(reply.body)
+        tag = reply.cookie & _TAG_MASK if reply.cookie & _TAGGED else None
         for destination, code in failures:
             self._inbox.append(
                 Message(
@@ -379,6 +385,7 @@ class Peer:
                     destination=Handle(self, destination),
                     payload_view=memoryview(b""),
                     error=error_from_errno(code, "send_oneway"),
+                    tag=tag,
                 )
             )
 
@@ -634,16 +641,18 @@ class Peer:
         handles: Iterable[HandleLike] = (),
         fds: Iterable[int | socket.socket] = (),
         priority: int = 0,
+        tag: int | None = None,
     ) -> None:
         """Sends without waiting for the kernel's answer (as a one-way call would).
 
         The kernel answers only if the message did not reach some destination; each such
         failure then arrives through :meth:`recv` as a ``SEND_FAILED`` message naming the
-        destination and the error. Half the frames of :meth:`send`, and no wait: for events
-        and one-way calls. Errors this peer can see itself (a handle of another peer, a
-        payload over 1 GiB) still raise at once.
+        destination, the error, and the ``tag`` given here (an int below 2**61: the caller's
+        own name for this send, e.g. an RPC question id). Half the frames of :meth:`send`,
+        and no wait: for events and calls. Errors this peer can see itself (a handle of
+        another peer, a payload over 1 GiB) still raise at once.
         """
-        await self._send(destinations, payload, handles, fds, priority, _wire.SEND_FLAG_QUIET)
+        await self._send(destinations, payload, handles, fds, priority, _wire.SEND_FLAG_QUIET, tag)
 
     async def _send(
         self,
@@ -653,9 +662,13 @@ class Peer:
         fds: Iterable[int | socket.socket],
         priority: int,
         flags: int,
+        tag: int | None = None,
+        checkpoint: bool = True,
     ) -> tuple[CapbusError | None, ...] | None:
         """Writes one SEND frame with ``flags``; unless it is one-way (QUIET), waits for the
-        kernel's answer and returns (multicast) or raises (unicast) its results."""
+        kernel's answer and returns (multicast) or raises (unicast) its results. A one-way
+        send whose frame the socket took at once skips the final checkpoint when
+        ``checkpoint`` is false (for callers that checkpoint anyway)."""
         self._check_usable()
         unicast = isinstance(destinations, Handle | int)
         if isinstance(destinations, Handle | int):
@@ -665,7 +678,12 @@ class Peer:
         attached = [self._id(h) for h in handles]
         fd_numbers = [_fd_number(fd) for fd in fds]
         oneway = flags & _wire.SEND_FLAG_QUIET
-        cookie = self._new_cookie() | (_wire.ONEWAY_COOKIE if oneway else 0)
+        if oneway and tag is not None:
+            if not 0 <= tag <= _TAG_MASK:
+                raise InvalidArgument(f"a tag must be an int from 0 to {_TAG_MASK}")
+            cookie = _wire.ONEWAY_COOKIE | _TAGGED | tag
+        else:
+            cookie = self._new_cookie() | (_wire.ONEWAY_COOKIE if oneway else 0)
         memfd = -1
         if len(payload) > _wire.PAYLOAD_MAX:
             memfd = _sealed_memfd(payload)
@@ -675,8 +693,9 @@ class Peer:
         try:
             frame = _wire.send_frame(cookie, targets, attached, len(fd_numbers), payload, priority, flags)
             if oneway:
-                await self._write(frame, fd_numbers)
-                await trio.lowlevel.checkpoint()
+                waited = await self._write(frame, fd_numbers)
+                if checkpoint and not waited:
+                    await trio.lowlevel.checkpoint()
                 return None
             reply = await self._call(_wire.CMD_SEND, frame=frame, cookie=cookie, fds=fd_numbers, what="send")
         finally:

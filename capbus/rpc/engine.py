@@ -23,10 +23,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from .. import errors as bus
 from ..peer import Message, MessageKind
 from .capwire import CapWireError
 from .client import Client, client_class
-from .errors import Disconnected, Failed, RpcError
+from .errors import Disconnected, Failed, RpcError, from_kernel
 from .fds import FileDescriptor
 from .interface import Interface, Method, interface_of
 from .layout import FieldLayout
@@ -273,7 +274,19 @@ class Engine:
             return self._node_destroyed(message.destination.id)
         if message.kind is MessageKind.NODE_RELEASED and message.destination.id in self.exports:
             return [MayRetire(message.destination.id)]
+        if message.kind is MessageKind.SEND_FAILED and message.tag is not None:
+            return self._call_refused(message)
         return []
+
+    def _call_refused(self, message: Message) -> list[Event]:
+        """The kernel refused the call of question ``message.tag`` (calls are one-way sends
+        tagged with their question)."""
+        question = self.questions.pop(message.tag or 0, None)
+        if question is None or message.error is None:
+            return []
+        if isinstance(message.error, bus.NodeDestroyed):
+            self.broken.add(question.target)
+        return [Returned(message.tag or 0, error=from_kernel(message.error))]
 
     def _incoming_caps(self, message: Message) -> list[object]:
         values: list[object] = []

@@ -45,3 +45,16 @@ class Unimplemented(RpcError):
 BY_KIND: dict[str, type[RpcError]] = {
     cls.kind: cls for cls in (Failed, Overloaded, Disconnected, Unimplemented)
 }
+
+
+def from_kernel(error: Exception) -> RpcError:
+    """What the kernel's refusal of a call (a :class:`capbus.CapbusError`) means to the
+    caller: quota is Overloaded, a gone node or handle Disconnected, the rest Failed."""
+    from .. import errors as bus
+
+    reason = getattr(error, "strerror", None) or str(error)
+    if isinstance(error, bus.QuotaExceeded):
+        return Overloaded(f"the kernel refused the call: {reason}")
+    if isinstance(error, bus.NodeDestroyed | bus.NoSuchHandle | bus.Disconnected):
+        return Disconnected(f"the object is gone: {reason}")
+    return Failed(f"the kernel refused the call: {reason}")

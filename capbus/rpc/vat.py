@@ -23,11 +23,12 @@ from typing import Any, TypeVar
 
 import trio
 
+from .. import _wire
 from .. import errors as bus
 from ..peer import Handle, Message, Peer
 from .client import Client, Promise
 from .engine import CallArrived, Engine, Event, FinishArrived, Forward, MayRetire, Returned, Send
-from .errors import Disconnected, Failed, Overloaded, RpcError, Unimplemented
+from .errors import Disconnected, Failed, RpcError, Unimplemented, from_kernel
 from .fds import duplicates
 from .interface import Interface, Method
 from .protocol import (
@@ -72,15 +73,6 @@ class VatStatistics:
     imports: int
     questions: int
     answers: int
-
-
-def _rpc_error(error: bus.CapbusError) -> RpcError:
-    """What a kernel refusal of a call means to the caller."""
-    if isinstance(error, bus.QuotaExceeded):
-        return Overloaded(f"the kernel refused the call: {error.strerror}")
-    if isinstance(error, bus.NodeDestroyed | bus.NoSuchHandle | bus.Disconnected):
-        return Disconnected(f"the object is gone: {error.strerror}")
-    return Failed(f"the kernel refused the call: {error.strerror}")
 
 
 class Vat:
@@ -250,7 +242,9 @@ class Vat:
         caller that gives up (cancelled) sends Finish."""
         question_id, done = self._question(target, method)
         try:
-            await self._send(target.handle, encode(question_id), oneway=False)
+            # One-way at the kernel: a refusal comes back as SEND_FAILED tagged with the
+            # question, which the engine turns into this question's answer.
+            await self._send(target.handle, encode(question_id), oneway=True, tag=question_id)
             await done[0].wait()
         except BaseException:
             if self.engine.forget(question_id):
@@ -316,11 +310,11 @@ class Vat:
                 targets = [c.handle for c in remote]
                 results = await self.peer.send(targets, encoded.payload, handles=handles, fds=encoded.fds)
             except bus.CapbusError as error:
-                raise _rpc_error(error) from error
+                raise from_kernel(error) from error
             finally:
                 self.engine.sending(handles, False)
             for client, refused in zip(remote, results, strict=True):
-                outcome[id(client)] = None if refused is None else _rpc_error(refused)
+                outcome[id(client)] = None if refused is None else from_kernel(refused)
                 if isinstance(refused, bus.NodeDestroyed):
                     self.engine.broken.add(client.handle)
         await trio.lowlevel.checkpoint()
@@ -360,25 +354,37 @@ class Vat:
         except (RpcError, bus.CapbusError):
             pass
 
-    async def _send(self, destination: int, encoded: Encoded, *, oneway: bool) -> None:
+    async def _send(
+        self,
+        destination: int,
+        encoded: Encoded,
+        *,
+        oneway: bool,
+        tag: int | None = None,
+        checkpoint: bool = True,
+    ) -> None:
         handles = await self._handles_for(encoded.caps)
         self.engine.sending(handles, True)
         try:
             if oneway:
-                await self.peer.send_oneway(destination, encoded.payload, handles=handles, fds=encoded.fds)
+                flags = _wire.SEND_FLAG_QUIET
+                await self.peer._send(
+                    destination, encoded.payload, handles, encoded.fds, 0, flags, tag, checkpoint
+                )
             else:
                 await self.peer.send(destination, encoded.payload, handles=handles, fds=encoded.fds)
         except bus.CapbusError as error:
             if isinstance(error, bus.NodeDestroyed):
                 self.engine.broken.add(destination)
-            raise _rpc_error(error) from error
+            raise from_kernel(error) from error
         finally:
             self.engine.sending(handles, False)
 
     async def _send_quietly(self, send: Send) -> None:
         destination = send.destination.handle if isinstance(send.destination, Client) else send.destination
         try:
-            await self._send(destination, send.encoded, oneway=send.oneway)
+            # Returns and refusals come at the end of a task that already checkpointed.
+            await self._send(destination, send.encoded, oneway=send.oneway, checkpoint=False)
         except (RpcError, bus.CapbusError):
             pass  # the receiver is gone
 
@@ -424,11 +430,9 @@ class Vat:
             self._nursery.start_soon(self._send_quietly, event)
 
     async def _wait_turn(self, ticket: int) -> None:
-        if ticket != self._turn:
+        if ticket != self._turn:  # (a task just started needs no checkpoint of its own)
             event = self._turn_events.setdefault(ticket, trio.Event())
             await event.wait()
-        else:
-            await trio.lowlevel.checkpoint()
 
     def _pass_turn(self, ticket: int | None) -> None:
         """Lets the next call start (a ticket given up before its turn is skipped later)."""

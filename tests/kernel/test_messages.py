@@ -411,3 +411,20 @@ async def test_oneway_send_needs_no_answer_and_reports_failures_in_order(
         assert (await recv_kind(receiver, DATA)).payload == b"%d" % i
     assert (await recv_kind(receiver, DATA)).payload == b"both"
     assert_queue_empty(receiver)
+
+
+async def test_oneway_failures_carry_the_senders_tag(new_peer: PeerFactory) -> None:
+    sender = await new_peer()
+    receiver = await new_peer()
+    node = await receiver.create_node()
+    target = await receiver.transfer(node, sender)
+    await receiver.destroy(node)
+    await sender.send_oneway(target, b"tagged", tag=12345)
+    await sender.send_oneway(target, b"untagged")
+    first = await recv_kind(sender, DESTROYED)
+    assert first.destination == target
+    tagged = await recv_kind(sender, capbus.MessageKind.SEND_FAILED)
+    untagged = await recv_kind(sender, capbus.MessageKind.SEND_FAILED)
+    assert tagged.tag == 12345 and untagged.tag is None
+    with pytest.raises(capbus.InvalidArgument):
+        await sender.send_oneway(target, b"", tag=-1)
