@@ -244,8 +244,9 @@ class Vat:
         try:
             # One-way at the kernel: a refusal comes back as SEND_FAILED tagged with the
             # question, which the engine turns into this question's answer.
-            await self._send(target.handle, encode(question_id), oneway=True, tag=question_id)
-            await done[0].wait()
+            call = encode(question_id)
+            await self._send(target.handle, call, oneway=True, tag=question_id, checkpoint=False)
+            await done[0].wait()  # the checkpoint
         except BaseException:
             if self.engine.forget(question_id):
                 self._nursery.start_soon(self._finish, target, question_id)
@@ -464,12 +465,18 @@ class Vat:
                     wanted = f"method {call.methodId} of interface {call.interfaceId:#x}"
                     raise Unimplemented(f"{arrived.server.interface.name} has no {wanted}")
                 params = params_of(arrived.call, method)
-                async with self._concurrency:
+                try:
+                    self._concurrency.acquire_nowait()  # uncontended: no scheduler round
+                except trio.WouldBlock:
+                    await self._concurrency.acquire()
+                try:
                     # The next call may start once this handler has begun: it runs until its
                     # first checkpoint before any other task does.
                     self._pass_turn(ticket)
                     ticket = None
                     results = await arrived.server.dispatch(method, params)
+                finally:
+                    self._concurrency.release()
                 encoded = encode_results(question_id, method, results)
             except RpcError as error:
                 encoded = encode_exception(question_id, error)
