@@ -314,7 +314,23 @@ async def measure_raw(iterations: int) -> dict[str, Any]:
         await echo.wait()
 
 
+async def leak_check(calls: int) -> None:
+    """Only the capability-passing run, with ``calls`` calls, and the kernel's counts."""
+    start = time.perf_counter()
+    caps, counts = await measure_capbus("caps", calls)
+    elapsed = time.perf_counter() - start
+    print(f"# rpc leak check: {calls:,} calls passing a capability (and {calls:,} without), {elapsed:.0f} s")
+    print(f"take(cap): {caps['take_us']:.1f} us per call; ping(): {caps['ping_us']:.1f} us per call")
+    print(
+        f"kernel before the client: {counts[0]} nodes, {counts[1]} handles; after its exit: "
+        f"{counts[2]} nodes, {counts[3]} handles (its one handle gone: nothing left over)"
+    )
+
+
 async def main(args: argparse.Namespace) -> None:
+    if args.leak_check:
+        await leak_check(args.leak_check)
+        return
     n = 2_000 if args.quick else 10_000
     runs = 1 if args.quick else 3
     rtt: dict[str, list[dict[str, Any]]] = {"raw": [], "pycapnp": [], "capbus": []}
@@ -371,6 +387,9 @@ def parse() -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument(
+        "--leak-check", type=int, metavar="CALLS", help="only the capability-passing run, with CALLS calls"
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--fd", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--path", help=argparse.SUPPRESS)
