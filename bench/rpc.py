@@ -137,6 +137,11 @@ async def capbus_client(fd: int, mode: str, iterations: int) -> dict[str, Any]:
                     else:
                         await bench.take(cap=Local())  # a new object each call: export, pass, collect
                 result[f"{name}_us"] = (time.perf_counter() - start) / iterations * 1e6
+            if mode == "leak":
+                # Still connected: the launcher now checks the kernel's counts, then closes
+                # our stdin (a disconnect would destroy our nodes and hide a leak).
+                print(json.dumps(result), flush=True)
+                await trio.to_thread.run_sync(sys.stdin.read)
             return result
         raise ValueError(mode)
 
@@ -317,15 +322,58 @@ async def measure_raw(iterations: int) -> dict[str, Any]:
 
 
 async def leak_check(calls: int) -> None:
-    """Only the capability-passing run, with ``calls`` calls, and the kernel's counts."""
-    start = time.perf_counter()
-    caps, counts = await measure_capbus("leak", calls)
-    elapsed = time.perf_counter() - start
+    """A capability-passing run of ``calls`` calls; the kernel's counts are taken while the
+    client is still connected (its exit would destroy its nodes and hide a leak)."""
+    import capbus
+    import capbus.testing
+
+    async with capbus.open_kernel() as kernel, await kernel.connect() as launcher:
+        inbox = await launcher.create_node()
+        server_socket = await launcher.create_peer(handles=[inbox])
+        async with trio.open_nursery() as nursery:
+            server = await nursery.start(
+                lambda task_status: trio.run_process(
+                    _command("capbus-server", "--fd", str(server_socket.fileno())),
+                    pass_fds=[server_socket.fileno()],
+                    check=False,
+                    task_status=task_status,
+                )
+            )
+            server_socket.close()
+            (handle,) = (await launcher.recv()).handles
+            client_socket = await launcher.create_peer(handles=[handle])
+            before = kernel.statistics()
+            command = _command("capbus-client", "--fd", str(client_socket.fileno()), "--mode", "leak")
+            client = await trio.lowlevel.open_process(
+                [*command, "--iterations", str(calls)],
+                pass_fds=(client_socket.fileno(),),
+                stdin=-1,
+                stdout=-1,
+            )
+            client_socket.close()
+            assert client.stdout is not None and client.stdin is not None
+            start = time.perf_counter()
+            with trio.fail_after(600 + calls * 0.002):
+                line = b""
+                while not line.endswith(b"\n"):
+                    line += await client.stdout.receive_some(4096)
+            elapsed = time.perf_counter() - start
+            result = json.loads(line)
+            # Settled, with the client connected: its reply node (node and anchor) and the
+            # server's one kept handle to it are all that was added; nothing else.
+            expected = (before.nodes + 1, before.handles + 2)
+            with trio.move_on_after(30):
+                await capbus.testing.wait_for_statistics(kernel, lambda s: (s.nodes, s.handles) == expected)
+            during = kernel.statistics()
+            await client.stdin.aclose()
+            await client.wait()
+            server.terminate()
     print(f"# rpc leak check: {calls:,} calls passing a capability, {elapsed:.0f} s")
-    print(f"take(cap) with a new exported object each call: {caps['take_us']:.1f} us per call")
+    print(f"take(cap) with a new exported object each call: {result['take_us']:.1f} us per call")
     print(
-        f"kernel before the client: {counts[0]} nodes, {counts[1]} handles; after its exit: "
-        f"{counts[2]} nodes, {counts[3]} handles (its one handle gone: nothing left over)"
+        f"kernel with the client still connected: {during.nodes} nodes, {during.handles} handles "
+        f"(before: {before.nodes} and {before.handles}; expected {expected[0]} and {expected[1]}: "
+        f"{'nothing left over' if (during.nodes, during.handles) == expected else 'LEFT OVER'})"
     )
 
 
