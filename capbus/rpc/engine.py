@@ -350,20 +350,21 @@ class Engine:
     def _call(self, server: Server, call: StructReader) -> list[Event]:
         reply = call.replyTo
         reply_client = reply if isinstance(reply, Client) and reply.server is None else None
-        question_id = call.questionId
+        header = call.pycapnp  # plain fields straight from pycapnp: this runs for every call
+        question_id = header.questionId
         if reply_client is not None:
-            self.answers[(reply_client.handle, question_id)] = _Answer(bool(call.keepResults))
+            self.answers[(reply_client.handle, question_id)] = _Answer(header.keepResults)
             self._recent_replies[reply_client.handle] = reply_client
             self._recent_replies.move_to_end(reply_client.handle)
             if len(self._recent_replies) > _RECENT_REPLIES:
                 self._recent_replies.popitem(last=False)
-        if call.target.which() == "node":
-            method = server.interface.by_key.get((call.interfaceId, call.methodId))
+        if header.target.which() == "node":
+            method = server.interface.by_key.get((header.interfaceId, header.methodId))
             return [CallArrived(server, call, method, reply_client, question_id)]
         # Pipelined: on a capability in the results of an earlier call of this caller.
         if reply_client is None:
             return []  # a one-way pipelined call names no answer of ours
-        promised = call.target.pycapnp.promisedAnswer
+        promised = header.target.promisedAnswer
         answer = self.answers.get((reply_client.handle, promised.questionId))
         transform = [int(step) for step in promised.transform]
         if answer is None:
