@@ -26,6 +26,8 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -246,7 +248,10 @@ async def _client_json(command: list[str], fds: tuple[int, ...] = (), bound: flo
     return parsed
 
 
-async def measure_capbus(mode: str, iterations: int) -> tuple[dict[str, Any], tuple[int, int, int, int]]:
+@asynccontextmanager
+async def bench_server() -> AsyncIterator[tuple[Any, socket.socket]]:
+    """An embedded kernel and a bench server in a child process; yields the kernel and a
+    new peer's socket whose seed holds the server's capability (for the client process)."""
     import capbus
 
     async with capbus.open_kernel() as kernel, await kernel.connect() as launcher:
@@ -262,30 +267,35 @@ async def measure_capbus(mode: str, iterations: int) -> tuple[dict[str, Any], tu
                 )
             )
             server_socket.close()
-            message = await launcher.recv()
-            (handle,) = message.handles
+            (handle,) = (await launcher.recv()).handles
             client_socket = await launcher.create_peer(handles=[handle])
-            before = kernel.statistics()
-            command = _command("capbus-client", "--fd", str(client_socket.fileno()), "--mode", mode)
-            result = await _client_json(
-                [*command, "--iterations", str(iterations)],
-                (client_socket.fileno(),),
-                bound=600 + iterations * 0.002,  # a leak check runs for many minutes
-            )
-            client_socket.close()
-            import capbus.testing
+            try:
+                yield kernel, client_socket
+            finally:
+                client_socket.close()
+                server.terminate()
 
-            # The client is gone: everything it held must be released, nothing else left.
-            with trio.fail_after(30):
-                after = await capbus.testing.wait_for_statistics(
-                    kernel, lambda s: s.peers == before.peers - 1
-                )
-            with trio.move_on_after(10):
-                after = await capbus.testing.wait_for_statistics(
-                    kernel, lambda s: s.nodes <= before.nodes and s.handles <= before.handles - 1
-                )
-            after = kernel.statistics()
-            server.terminate()
+
+async def measure_capbus(mode: str, iterations: int) -> tuple[dict[str, Any], tuple[int, int, int, int]]:
+    import capbus.testing
+
+    async with bench_server() as (kernel, client_socket):
+        before = kernel.statistics()
+        command = _command("capbus-client", "--fd", str(client_socket.fileno()), "--mode", mode)
+        result = await _client_json(
+            [*command, "--iterations", str(iterations)],
+            (client_socket.fileno(),),
+            bound=600 + iterations * 0.002,  # a leak check runs for many minutes
+        )
+        client_socket.close()
+        # The client is gone: everything it held must be released, nothing else left.
+        with trio.fail_after(30):
+            await capbus.testing.wait_for_statistics(kernel, lambda s: s.peers == before.peers - 1)
+        with trio.move_on_after(10):
+            await capbus.testing.wait_for_statistics(
+                kernel, lambda s: s.nodes <= before.nodes and s.handles <= before.handles - 1
+            )
+        after = kernel.statistics()
     return result, (before.nodes, before.handles, after.nodes, after.handles)
 
 
@@ -324,50 +334,34 @@ async def measure_raw(iterations: int) -> dict[str, Any]:
 async def leak_check(calls: int) -> None:
     """A capability-passing run of ``calls`` calls; the kernel's counts are taken while the
     client is still connected (its exit would destroy its nodes and hide a leak)."""
-    import capbus
     import capbus.testing
 
-    async with capbus.open_kernel() as kernel, await kernel.connect() as launcher:
-        inbox = await launcher.create_node()
-        server_socket = await launcher.create_peer(handles=[inbox])
-        async with trio.open_nursery() as nursery:
-            server = await nursery.start(
-                lambda task_status: trio.run_process(
-                    _command("capbus-server", "--fd", str(server_socket.fileno())),
-                    pass_fds=[server_socket.fileno()],
-                    check=False,
-                    task_status=task_status,
-                )
-            )
-            server_socket.close()
-            (handle,) = (await launcher.recv()).handles
-            client_socket = await launcher.create_peer(handles=[handle])
-            before = kernel.statistics()
-            command = _command("capbus-client", "--fd", str(client_socket.fileno()), "--mode", "leak")
-            client = await trio.lowlevel.open_process(
-                [*command, "--iterations", str(calls)],
-                pass_fds=(client_socket.fileno(),),
-                stdin=-1,
-                stdout=-1,
-            )
-            client_socket.close()
-            assert client.stdout is not None and client.stdin is not None
-            start = time.perf_counter()
-            with trio.fail_after(600 + calls * 0.002):
-                line = b""
-                while not line.endswith(b"\n"):
-                    line += await client.stdout.receive_some(4096)
-            elapsed = time.perf_counter() - start
-            result = json.loads(line)
-            # Settled, with the client connected: its reply node (node and anchor) and the
-            # server's one kept handle to it are all that was added; nothing else.
-            expected = (before.nodes + 1, before.handles + 2)
-            with trio.move_on_after(30):
-                await capbus.testing.wait_for_statistics(kernel, lambda s: (s.nodes, s.handles) == expected)
-            during = kernel.statistics()
-            await client.stdin.aclose()
-            await client.wait()
-            server.terminate()
+    async with bench_server() as (kernel, client_socket):
+        before = kernel.statistics()
+        command = _command("capbus-client", "--fd", str(client_socket.fileno()), "--mode", "leak")
+        client = await trio.lowlevel.open_process(
+            [*command, "--iterations", str(calls)],
+            pass_fds=(client_socket.fileno(),),
+            stdin=-1,
+            stdout=-1,
+        )
+        client_socket.close()
+        assert client.stdout is not None and client.stdin is not None
+        start = time.perf_counter()
+        with trio.fail_after(600 + calls * 0.002):
+            line = b""
+            while not line.endswith(b"\n"):
+                line += await client.stdout.receive_some(4096)
+        elapsed = time.perf_counter() - start
+        result = json.loads(line)
+        # Settled, with the client connected: its reply node (node and anchor) and the
+        # server's one kept handle to it are all that was added; nothing else.
+        expected = (before.nodes + 1, before.handles + 2)
+        with trio.move_on_after(30):
+            await capbus.testing.wait_for_statistics(kernel, lambda s: (s.nodes, s.handles) == expected)
+        during = kernel.statistics()
+        await client.stdin.aclose()
+        await client.wait()
     print(f"# rpc leak check: {calls:,} calls passing a capability, {elapsed:.0f} s")
     print(f"take(cap) with a new exported object each call: {result['take_us']:.1f} us per call")
     print(
