@@ -654,7 +654,32 @@ class Peer:
         """
         await self._send(destinations, payload, handles, fds, priority, _wire.SEND_FLAG_QUIET, tag)
 
-    async def _send(
+    def send_oneway_nowait(
+        self,
+        destinations: HandleLike | Sequence[HandleLike],
+        payload: bytes | bytearray | memoryview = b"",
+        *,
+        handles: Iterable[HandleLike] = (),
+        fds: Iterable[int | socket.socket] = (),
+        priority: int = 0,
+        tag: int | None = None,
+    ) -> None:
+        """:meth:`send_oneway` if the socket takes the frame now, without a checkpoint; raises
+        :class:`trio.WouldBlock` (and sends nothing) if it is full or another task is
+        waiting to write. For code that must not yield, e.g. answering a call inline."""
+        if self._write_lock.locked():
+            raise trio.WouldBlock
+        cookie, frame, fd_numbers, memfd = self._send_frame(
+            destinations, payload, handles, fds, priority, _wire.SEND_FLAG_QUIET, tag
+        )
+        try:
+            if not self._write_nowait(frame, fd_numbers):
+                raise trio.WouldBlock
+        finally:
+            if memfd >= 0:
+                os.close(memfd)
+
+    def _send_frame(
         self,
         destinations: HandleLike | Sequence[HandleLike],
         payload: bytes | bytearray | memoryview,
@@ -662,15 +687,11 @@ class Peer:
         fds: Iterable[int | socket.socket],
         priority: int,
         flags: int,
-        tag: int | None = None,
-        checkpoint: bool = True,
-    ) -> tuple[CapbusError | None, ...] | None:
-        """Writes one SEND frame with ``flags``; unless it is one-way (QUIET), waits for the
-        kernel's answer and returns (multicast) or raises (unicast) its results. A one-way
-        send whose frame the socket took at once skips the final checkpoint when
-        ``checkpoint`` is false (for callers that checkpoint anyway)."""
+        tag: int | None,
+    ) -> tuple[int, list[bytes | bytearray | memoryview], list[int], int]:
+        """A SEND frame: (its cookie, its buffers, the fds to attach, and the sealed memfd
+        carrying a large payload, or -1: the caller closes it once the frame is written)."""
         self._check_usable()
-        unicast = isinstance(destinations, Handle | int)
         if isinstance(destinations, Handle | int):
             targets = [self._id(destinations)]
         else:
@@ -692,7 +713,32 @@ class Peer:
             flags |= _wire.SEND_FLAG_MEMFD
         try:
             frame = _wire.send_frame(cookie, targets, attached, len(fd_numbers), payload, priority, flags)
-            if oneway:
+        except BaseException:
+            if memfd >= 0:
+                os.close(memfd)
+            raise
+        return cookie, frame, fd_numbers, memfd
+
+    async def _send(
+        self,
+        destinations: HandleLike | Sequence[HandleLike],
+        payload: bytes | bytearray | memoryview,
+        handles: Iterable[HandleLike],
+        fds: Iterable[int | socket.socket],
+        priority: int,
+        flags: int,
+        tag: int | None = None,
+        checkpoint: bool = True,
+    ) -> tuple[CapbusError | None, ...] | None:
+        """Writes one SEND frame with ``flags``; unless it is one-way (QUIET), waits for the
+        kernel's answer and returns (multicast) or raises (unicast) its results. A one-way
+        send whose frame the socket took at once skips the final checkpoint when
+        ``checkpoint`` is false (for callers that checkpoint anyway)."""
+        cookie, frame, fd_numbers, memfd = self._send_frame(
+            destinations, payload, handles, fds, priority, flags, tag
+        )
+        try:
+            if flags & _wire.SEND_FLAG_QUIET:
                 waited = await self._write(frame, fd_numbers)
                 if checkpoint and not waited:
                     await trio.lowlevel.checkpoint()
@@ -704,7 +750,7 @@ class Peer:
         n_dest, _delivered = _wire.SEND_RESULT.unpack_from(reply.body)
         codes = struct.unpack_from(f"<{n_dest}i", reply.body, _wire.SEND_RESULT.size)
         results = tuple(error_from_errno(code, "send") if code else None for code in codes)
-        if unicast:
+        if isinstance(destinations, Handle | int):
             if results[0] is not None:
                 raise results[0]
             return None

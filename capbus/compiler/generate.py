@@ -178,7 +178,7 @@ class _Generator:
 
             from __future__ import annotations
 
-            from collections.abc import Mapping, Sequence
+            from collections.abc import Awaitable, Mapping, Sequence
             from typing import Any, Literal, Protocol, cast
 
             from capbus.rpc import client as _client
@@ -327,8 +327,10 @@ class _Generator:
             returns = "Mapping[str, Any]"
         signature = "".join(f", {py}: {typ}" for _, py, typ in params)
         star = ", *" if params else ""
+        # Override it with ``async def`` (a task per call) or plain ``def`` (run inline):
+        # both fit this signature.
         self.emit("", 1)
-        self.emit(f"async def {_py_name(name)}(self{star}{signature}) -> {returns}:", 2)
+        self.emit(f"def {_py_name(name)}(self{star}{signature}) -> Awaitable[{returns}] | {returns}:", 2)
         self.emit(f'raise _errors.Unimplemented("{owner}.{name} is not implemented by this server")', 3)
 
     def _wrappers(self) -> None:

@@ -34,10 +34,12 @@ from .layout import FieldLayout
 from .protocol import (
     REPLY,
     Encoded,
+    ReceivedCall,
+    ReceivedFinish,
+    ReceivedReturn,
     call_identity,
     decode,
     encode_exception,
-    exception_of,
     results_capability,
 )
 from .server import Server
@@ -72,7 +74,7 @@ class CallArrived:
     one-way call."""
 
     server: Server
-    call: StructReader
+    call: ReceivedCall
     method: Method | None
     reply: Client | None
     question_id: int
@@ -84,7 +86,7 @@ class Forward:
     send its outcome back to ``reply`` as the answer to ``question_id``."""
 
     target: Client
-    call: StructReader
+    call: ReceivedCall
     reply: Client
     question_id: int
 
@@ -114,7 +116,7 @@ class _Answer:
     keep: bool
     done: bool = False
     returned: Encoded | None = None
-    waiting: list[tuple[StructReader, Client, int, list[int]]] = field(default_factory=list)
+    waiting: list[tuple[ReceivedCall, Client, int, list[int]]] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -315,26 +317,31 @@ class Engine:
             if len(payload) > self.max_message_bytes:
                 limit = self.max_message_bytes
                 raise ValueError(f"a message of {len(payload)} bytes, over this vat's limit of {limit}")
-            envelope = decode(payload, caps, self.typed, fds)
-            which = envelope.which()
+            received = decode(payload, caps, self.typed, fds)
         except Exception as error:  # noqa: BLE001 - hostile or broken input, never fatal
             return self._refuse(payload, caps, f"malformed message: {error}", Failed)
         try:
-            return self._dispatch(destination, envelope, which, payload, caps)
+            return self._dispatch(destination, received, payload, caps)
         except Exception as error:  # noqa: BLE001 - a pointer the decode did not look at yet
             return self._refuse(payload, caps, f"malformed message: {error}", Failed)
 
     def _dispatch(
-        self, destination: int, envelope: StructReader, which: str, payload: memoryview, caps: list[object]
+        self,
+        destination: int,
+        received: ReceivedCall | ReceivedReturn | ReceivedFinish | None,
+        payload: memoryview,
+        caps: list[object],
     ) -> list[Event]:
-        if destination == self.reply_node and which == "return":
-            return self._returned(getattr(envelope, "return"))
-        if destination in self.exports and which == "call":
-            return self._call(self.exports[destination], envelope.call)
-        if destination in self.exports and which == "finish":
-            finish = envelope.finish
-            reply = finish.replyTo
-            key = (reply.handle, finish.questionId) if isinstance(reply, Client) else None
+        if isinstance(received, ReceivedReturn):
+            return self._returned(received) if destination == self.reply_node else []
+        if isinstance(received, ReceivedCall):
+            server = self.exports.get(destination)
+            if server is None:
+                return self._refuse(payload, caps, "no object behind this node", Disconnected)
+            return self._call(server, received)
+        if isinstance(received, ReceivedFinish) and destination in self.exports:
+            reply = received.reply
+            key = (reply.handle, received.question_id) if isinstance(reply, Client) else None
             answer = None if key is None else self.answers.get(key)
             if key is None or answer is None:
                 return []
@@ -343,33 +350,29 @@ class Engine:
                 return []
             answer.keep = False
             return [FinishArrived(key)]
-        if which == "call":
-            return self._refuse(payload, caps, "no object behind this node", Disconnected)
         return []
 
-    def _call(self, server: Server, call: StructReader) -> list[Event]:
-        reply = call.replyTo
+    def _call(self, server: Server, call: ReceivedCall) -> list[Event]:
+        reply = call.reply
         reply_client = reply if isinstance(reply, Client) and reply.server is None else None
-        header = call.pycapnp  # plain fields straight from pycapnp: this runs for every call
-        question_id = header.questionId
+        question_id = call.question_id
         if reply_client is not None:
-            self.answers[(reply_client.handle, question_id)] = _Answer(header.keepResults)
+            self.answers[(reply_client.handle, question_id)] = _Answer(call.keep_results)
             self._recent_replies[reply_client.handle] = reply_client
             self._recent_replies.move_to_end(reply_client.handle)
             if len(self._recent_replies) > _RECENT_REPLIES:
                 self._recent_replies.popitem(last=False)
-        if header.target.which() == "node":
-            method = server.interface.by_key.get((header.interfaceId, header.methodId))
+        if call.promised is None:
+            method = server.interface.by_key.get((call.interface_id, call.method_id))
             return [CallArrived(server, call, method, reply_client, question_id)]
         # Pipelined: on a capability in the results of an earlier call of this caller.
         if reply_client is None:
             return []  # a one-way pipelined call names no answer of ours
-        promised = header.target.promisedAnswer
-        answer = self.answers.get((reply_client.handle, promised.questionId))
-        transform = [int(step) for step in promised.transform]
+        promised_question, transform = call.promised
+        answer = self.answers.get((reply_client.handle, promised_question))
         if answer is None:
             self.answers.pop((reply_client.handle, question_id), None)
-            error = Failed(f"no answer {promised.questionId} to pipeline on (finished, or never asked)")
+            error = Failed(f"no answer {promised_question} to pipeline on (finished, or never asked)")
             return [Send(reply_client, encode_exception(question_id, error))]
         if not answer.done:
             answer.waiting.append((call, reply_client, question_id, transform))
@@ -377,7 +380,7 @@ class Engine:
         return self._pipelined(answer, call, reply_client, question_id, transform)
 
     def _pipelined(
-        self, answer: _Answer, call: StructReader, reply: Client, question_id: int, transform: list[int]
+        self, answer: _Answer, call: ReceivedCall, reply: Client, question_id: int, transform: list[int]
     ) -> list[Event]:
         """A pipelined call, now that the answer it names is known."""
         assert answer.returned is not None
@@ -397,15 +400,14 @@ class Engine:
             target = self.local(target)
         assert isinstance(target, Client)
         if target.server is not None:
-            method = target.server.interface.by_key.get((call.interfaceId, call.methodId))
+            method = target.server.interface.by_key.get((call.interface_id, call.method_id))
             return [CallArrived(target.server, call, method, reply, question_id)]
         return [Forward(target, call, reply, question_id)]
 
     @staticmethod
     def _failure_of(returned: Encoded) -> RpcError | None:
-        envelope = decode(returned.payload, [None] * len(returned.caps))
-        answer = getattr(envelope, "return")
-        return exception_of(answer) if answer.which() == "exception" else None
+        answer = decode(returned.payload, [None] * len(returned.caps))
+        return answer.error if isinstance(answer, ReceivedReturn) else None
 
     def completed(self, key: tuple[int, int], returned: Encoded) -> list[Event]:
         """A served call finished with ``returned`` (its Return envelope): keep it if the
@@ -440,20 +442,18 @@ class Engine:
             return []
         return [Send(reply, encode_exception(question_id, kind(reason)))]
 
-    def _returned(self, returned: StructReader) -> list[Event]:
-        question = self.questions.pop(returned.questionId, None)
+    def _returned(self, returned: ReceivedReturn) -> list[Event]:
+        question_id = returned.question_id
+        question = self.questions.pop(question_id, None)
         if question is None:
             return []  # a caller that stopped waiting (it sent Finish)
-        which = returned.which()
-        if which == "results":
-            try:
-                results = returned.any_struct("results", question.method.results)
-            except Exception as error:  # noqa: BLE001 - the callee sent something malformed
-                return [Returned(returned.questionId, error=Failed(f"malformed results: {error}"))]
-            return [Returned(returned.questionId, results=results)]
-        if which == "exception":
-            return [Returned(returned.questionId, error=exception_of(returned))]
-        return [Returned(returned.questionId, error=Failed("the call was canceled"))]
+        if returned.body is None:
+            return [Returned(question_id, error=returned.error)]
+        try:
+            results = returned.body.struct(question.method.results)
+        except Exception as error:  # noqa: BLE001 - the callee sent something malformed
+            return [Returned(question_id, error=Failed(f"malformed results: {error}"))]
+        return [Returned(question_id, results=results)]
 
     def _node_destroyed(self, handle: int) -> list[Event]:
         self.broken.add(handle)

@@ -15,15 +15,26 @@ from typing import Any
 
 import capnp
 
-from . import capwire
+from . import capwire, header
 from .capwire import CapWireError, Segment
 from .envelope import rpc
 from .errors import BY_KIND, Failed, RpcError
 from .interface import Method
 from .layout import FieldKind, FieldLayout, StructLayout, layout_of
-from .structs import CapTableReader, StructBuilder, StructReader
+from .structs import CapTableBuilder, CapTableReader, StructBuilder, StructReader
 
 ENVELOPE = layout_of(rpc.Envelope.schema)
+_REPLY_FIELD = layout_of(rpc.Call.schema).fields["replyTo"]
+_modules: dict[int, Any] = {}
+
+
+def _module(schema: Any) -> Any:
+    """pycapnp's message factory for a struct schema (a method's params or results struct
+    has no module of its own)."""
+    module = _modules.get(schema.node.id)
+    if module is None:
+        module = _modules[schema.node.id] = capnp.lib.capnp._StructModule(schema, schema.node.displayName)
+    return module
 
 
 class _Reply:
@@ -52,6 +63,23 @@ def _encoded(view: StructBuilder) -> Encoded:
 
 def _framed(segments: Sequence[Segment]) -> bytes:
     return capwire.frame_header(segments) + b"".join(bytes(s) for s in segments)
+
+
+def _split(
+    head: bytes, schema: Any, layout: StructLayout, values: Mapping[str, Any], table: CapTableBuilder
+) -> Encoded | None:
+    """The header segment ``head`` (header.py) followed by a body struct of ``schema`` filled
+    with ``values``; None if the body took more than one segment (encode it the general
+    way then)."""
+    body = StructBuilder.root(_module(schema).new_message(), layout, table)
+    fill(body, layout, values)
+    segments, caps = body.finish()
+    if len(segments) != 1:
+        return None
+    (segment,) = segments
+    size = len(memoryview(segment).cast("B")) // 8
+    table_bytes = header.TWO_SEGMENTS.pack(1, len(head) // 8, size)
+    return Encoded(b"".join((table_bytes, head, segment)), caps, table.fds)
 
 
 def fill(view: StructBuilder, layout: StructLayout, values: Mapping[str, Any]) -> None:
@@ -86,6 +114,13 @@ def encode_call(
     """A call of ``method`` with ``params``; the reply capability is :data:`REPLY` unless
     ``oneway``. ``pipeline`` = (question id, pointer-field steps) targets a capability in the
     results of an earlier call instead of the destination node."""
+    if pipeline is None:
+        table = CapTableBuilder()
+        reply_index = None if oneway else table.index_of(REPLY)
+        head = header.call(question_id, method.interface_id, method.ordinal, reply_index, keep_results)
+        encoded = _split(head, method.params, method.params_layout, params, table)
+        if encoded is not None:
+            return encoded
     message = rpc.Envelope.new_message()
     envelope = StructBuilder.root(message, ENVELOPE)
     call = envelope.init("call")
@@ -106,6 +141,11 @@ def encode_call(
 
 
 def encode_results(question_id: int, method: Method, results: Mapping[str, Any]) -> Encoded:
+    encoded = _split(
+        header.return_(question_id), method.results, method.results_layout, results, CapTableBuilder()
+    )
+    if encoded is not None:
+        return encoded
     message = rpc.Envelope.new_message()
     envelope = StructBuilder.root(message, ENVELOPE)
     returned = envelope.init("return")
@@ -133,17 +173,121 @@ def encode_finish(question_id: int) -> Encoded:
     return _encoded(envelope)
 
 
+class Body:
+    """Where a call's params or a return's results lie; :meth:`struct` reads them."""
+
+    __slots__ = ("_segments", "_table", "_parent", "_field")
+
+    def __init__(
+        self,
+        segments: Sequence[Segment] = (),
+        table: CapTableReader | None = None,
+        parent: StructReader | None = None,
+        field: str = "",
+    ) -> None:
+        self._segments, self._table, self._parent, self._field = segments, table, parent, field
+
+    def struct(self, schema: Any) -> StructReader:
+        """The body read as a struct of ``schema`` (a pycapnp struct schema)."""
+        if self._parent is not None:
+            return self._parent.any_struct(self._field, schema)
+        assert self._table is not None
+        reader = _module(schema).from_segments(self._segments)
+        return StructReader(reader, layout_of(schema), self._table)
+
+
+@dataclass(slots=True, eq=False)
+class ReceivedCall:
+    question_id: int
+    interface_id: int
+    method_id: int
+    keep_results: bool
+    reply: object | None
+    """The caller's reply capability (as resolved by decode); None for a one-way call."""
+    promised: tuple[int, list[int]] | None
+    """Pipelined: (question id, pointer-field steps) of the capability in an earlier answer."""
+    body: Body
+
+    def params(self, schema: Any) -> StructReader:
+        return self.body.struct(schema)
+
+
+@dataclass(slots=True, eq=False)
+class ReceivedReturn:
+    question_id: int
+    body: Body | None
+    """The results; None when the call failed (``error``) or was canceled."""
+    error: RpcError | None = None
+
+
+@dataclass(slots=True, eq=False)
+class ReceivedFinish:
+    question_id: int
+    reply: object | None
+
+
+Received = ReceivedCall | ReceivedReturn | ReceivedFinish
+
+
 def decode(
     payload: Segment,
     caps: Sequence[object],
     resolve: Callable[[object, FieldLayout], object] | None = None,
     fds: Sequence[object] = (),
-) -> StructReader:
-    """A received envelope, its capability pointers resolved to ``caps`` when read (a pointer
-    past them raises CapWireError then); ``resolve`` as in CapTableReader; ``fds`` the
-    message's file descriptors for its Fd fields."""
-    table = CapTableReader.direct(capwire.unframe(payload), caps, resolve, fds)
-    return StructReader(rpc.Envelope.from_segments(table.segments), ENVELOPE, table)
+) -> Received | None:
+    """A received envelope; None for a kind this version does not know. Its capability
+    pointers resolve to ``caps`` when read (a pointer past them raises CapWireError then);
+    ``resolve`` as in CapTableReader; ``fds`` the message's file descriptors for its Fd
+    fields. The shape header.py writes is read by hand; anything else through pycapnp."""
+    segments = capwire.unframe(payload)
+    if len(segments) == 2:  # a single-segment body: its pointers need no renumbering
+        fast = header.read(segments)
+        if fast is not None:
+            body_segments = segments[1:]
+            table = CapTableReader.direct(body_segments, caps, resolve, fds)
+            if isinstance(fast, int):
+                return ReceivedReturn(fast, Body(body_segments, table))
+            reply = None if fast.reply_index is None else table.value(fast.reply_index, _REPLY_FIELD)
+            return ReceivedCall(
+                fast.question_id,
+                fast.interface_id,
+                fast.method_id,
+                fast.keep_results,
+                reply,
+                None,
+                Body(body_segments, table),
+            )
+    table = CapTableReader.direct(segments, caps, resolve, fds)
+    envelope = StructReader(rpc.Envelope.from_segments(table.segments), ENVELOPE, table)
+    which = envelope.which()
+    if which == "call":
+        call = envelope.call
+        raw = call.pycapnp
+        promised = None
+        if raw.target.which() == "promisedAnswer":
+            answer = raw.target.promisedAnswer
+            promised = (answer.questionId, [int(step) for step in answer.transform])
+        return ReceivedCall(
+            raw.questionId,
+            raw.interfaceId,
+            raw.methodId,
+            raw.keepResults,
+            call.replyTo,
+            promised,
+            Body(parent=call, field="params"),
+        )
+    if which == "return":
+        returned = getattr(envelope, "return")
+        kind = returned.which()
+        if kind == "results":
+            return ReceivedReturn(returned.questionId, Body(parent=returned, field="results"))
+        if kind == "exception":
+            return ReceivedReturn(returned.questionId, None, exception_of(returned))
+        return ReceivedReturn(returned.questionId, None, Failed("the call was canceled"))
+    if which == "finish":
+        finish = envelope.finish
+        return ReceivedFinish(finish.questionId, finish.replyTo)
+    return None
 
 
 _CALL_SLOT = ENVELOPE.fields["call"].slot
@@ -197,11 +341,11 @@ def malformed(error: Exception) -> Failed:
     return Failed(f"malformed message: {type(error).__name__}: {reason}")
 
 
-def params_of(call: StructReader, method: Method) -> dict[str, Any]:
+def params_of(call: ReceivedCall, method: Method) -> dict[str, Any]:
     """A call's params as keyword arguments, every field read now: a malformed pointer
     becomes a Failed (for the caller) here, not a crash inside the handler."""
     try:
-        return as_kwargs(call.any_struct("params", method.params), method.params_layout)
+        return as_kwargs(call.params(method.params), method.params_layout)
     except (CapWireError, capnp.KjException, ValueError) as error:
         raise malformed(error) from error
 

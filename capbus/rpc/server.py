@@ -1,14 +1,20 @@
-"""Server base classes: subclass ``Foo.Server`` and define its methods as ``async def``.
+"""Server base classes: subclass ``Foo.Server`` and define its methods.
 
 A handler gets the call's params as keyword arguments (capabilities as clients, structs as
 views) and returns the results: a mapping of result fields, a single value when the method
 has one result field, or None. Exceptions from :mod:`capbus.rpc.errors` reach the caller as
 they are; anything else as :class:`~capbus.rpc.errors.Failed` with its message.
+
+A handler is usually ``async def``: it runs in a task of its own, may await, and is
+cancelled when its caller gives up. A handler defined with plain ``def`` runs inline in the
+vat's receive loop, with no task: the quickest way to answer, for short work that never
+blocks (nothing else of the vat runs meanwhile, and there is nothing to cancel).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import inspect
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from .errors import Unimplemented
@@ -20,11 +26,25 @@ class Server:
 
     interface: Interface
 
-    async def dispatch(self, method: Method, params: dict[str, Any]) -> Mapping[str, Any]:
+    def _handler(self, method: Method) -> Callable[..., Any]:
+        """The bound method that implements ``method``; raises Unimplemented if none does."""
         handler = getattr(self, method.name, None)
         if handler is None:
             raise Unimplemented(f"{type(self).__name__} does not implement {method.name}")
-        result = await handler(**params)
+        return handler  # type: ignore[no-any-return]
+
+    def _runs_inline(self, method: Method) -> bool:
+        """Whether ``method``'s handler is a plain function (see the module docstring)."""
+        handler = getattr(self, method.name, None)
+        return handler is not None and not inspect.iscoroutinefunction(handler)
+
+    def _arguments(self, method: Method, params: dict[str, Any]) -> dict[str, Any]:
+        """The keyword arguments a handler gets for a call's params (generated servers wrap
+        struct params here)."""
+        return params
+
+    def _results(self, method: Method, result: Any) -> Mapping[str, Any]:
+        """A handler's return value as the mapping of result fields."""
         if result is None:
             return {}
         if isinstance(result, Mapping):
@@ -32,6 +52,13 @@ class Server:
         if len(method.result_names) == 1:
             return {method.result_names[0]: result}
         raise TypeError(f"{method.name} must return a mapping of {', '.join(method.result_names)}")
+
+    async def _dispatch(self, method: Method, params: dict[str, Any]) -> Mapping[str, Any]:
+        """Runs the handler of ``method`` (awaiting it if it is async) and returns its results."""
+        result = self._handler(method)(**self._arguments(method, params))
+        if inspect.isawaitable(result):
+            result = await result
+        return self._results(method, result)
 
 
 def server_class(interface: Interface) -> type[Server]:

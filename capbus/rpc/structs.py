@@ -270,7 +270,8 @@ class CapTableReader:
         if index >= len(self.values):
             raise CapWireError(f"capability index {index} past the {len(self.values)} attached")
 
-    def _value(self, index: int | None, field: FieldLayout) -> object | None:
+    def value(self, index: int | None, field: FieldLayout) -> object | None:
+        """The capability value at ``index`` (checked), resolved for ``field``."""
         if index is None:
             return None
         self._check(index)
@@ -279,8 +280,8 @@ class CapTableReader:
 
     def capability(self, path: Path, field: FieldLayout) -> object | None:
         if self._direct:
-            return self._value(capwire.read_cap(self.segments, path), field)
-        return self._value(capwire.lookup_cap(self.segments, self.locations, path), field)
+            return self.value(capwire.read_cap(self.segments, path), field)
+        return self.value(capwire.lookup_cap(self.segments, self.locations, path), field)
 
     def capabilities(self, path: Path, field: FieldLayout) -> list[object | None] | None:
         if self._direct:
@@ -289,7 +290,7 @@ class CapTableReader:
             indices = capwire.lookup_cap_list(self.segments, self.locations, path)
         if indices is None:
             return None
-        return [self._value(i, field) for i in indices]
+        return [self.value(i, field) for i in indices]
 
 
 class StructReader:

@@ -99,10 +99,8 @@ class TypedServer(_Server):
 
     _param_wrappers: dict[str, dict[str, type[Struct]]] = {}
 
-    async def dispatch(self, method: Any, params: dict[str, Any]) -> Mapping[str, Any]:
+    def _arguments(self, method: Any, params: dict[str, Any]) -> dict[str, Any]:
         wrappers = self._param_wrappers.get(method.name)
-        if wrappers:
-            params = {
-                k: (wrappers[k](v) if k in wrappers and v is not None else v) for k, v in params.items()
-            }
-        return await super().dispatch(method, params)
+        if not wrappers:
+            return params
+        return {k: (wrappers[k](v) if k in wrappers and v is not None else v) for k, v in params.items()}

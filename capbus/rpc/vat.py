@@ -16,7 +16,8 @@ section 3):
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+import inspect
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -34,6 +35,8 @@ from .interface import Interface, Method
 from .protocol import (
     REPLY,
     Encoded,
+    ReceivedCall,
+    ReceivedReturn,
     as_kwargs,
     decode,
     encode_call,
@@ -150,23 +153,39 @@ class Vat:
         await trio.lowlevel.checkpoint()
 
     async def _handles_for(self, caps: list[object]) -> list[int]:
+        handles = self._handles_now(caps)
+        if handles is None:
+            for value in caps:  # make the missing nodes, then look again
+                server = value.server if isinstance(value, Client) else value
+                if isinstance(server, Server):
+                    await self._export(server)
+            handles = self._handles_now(caps)
+            assert handles is not None
+        return handles
+
+    def _handles_now(self, caps: list[object]) -> list[int] | None:
+        """The handles to attach for a message's capabilities; None if an object in them has
+        no node yet (making one takes a kernel round trip)."""
         handles = []
         for value in caps:
             if value is REPLY:
                 handles.append(self.engine.reply_node)
-            elif isinstance(value, Client):
+                continue
+            if isinstance(value, Client):
                 if value.vat is not self:
                     raise ValueError(f"{value!r} belongs to another vat")
-                if value.server is not None:
-                    handles.append(await self._export(value.server))
-                elif value.handle in self.engine.broken:
-                    raise Disconnected(f"{value!r} is gone")
-                else:
+                if value.server is None:
+                    if value.handle in self.engine.broken:
+                        raise Disconnected(f"{value!r} is gone")
                     handles.append(value.handle)
-            elif isinstance(value, Server):
-                handles.append(await self._export(value))
-            else:
+                    continue
+                value = value.server
+            if not isinstance(value, Server):
                 raise TypeError(f"not a capability: {value!r}")
+            node = self.engine.export_node(value)
+            if node is None:
+                return None
+            handles.append(node)
         return handles
 
     # -- calls out ----------------------------------------------------------------------------
@@ -335,19 +354,20 @@ class Vat:
         call = encode_call(0, method, params, oneway=True)
         received = decode(
             call.payload, self.engine.loopback(call.caps), self.engine.typed, duplicates(call.fds)
-        ).call
-        kwargs = as_kwargs(received.any_struct("params", method.params), method.params_layout)
+        )
+        assert isinstance(received, ReceivedCall)
+        kwargs = as_kwargs(received.params(method.params), method.params_layout)
         try:
-            results = await server.dispatch(method, kwargs)
+            results = await server._dispatch(method, kwargs)
         except RpcError:
             raise
         except Exception as error:
             raise Failed(f"{type(error).__name__}: {error}") from error
         encoded = encode_results(0, method, results)
         loopback = self.engine.loopback(encoded.caps)
-        envelope = decode(encoded.payload, loopback, self.engine.typed, duplicates(encoded.fds))
-        view: StructReader = getattr(envelope, "return").any_struct("results", method.results)
-        return view
+        returned = decode(encoded.payload, loopback, self.engine.typed, duplicates(encoded.fds))
+        assert isinstance(returned, ReceivedReturn) and returned.body is not None
+        return returned.body.struct(method.results)
 
     async def _finish(self, target: Client, question_id: int) -> None:
         try:
@@ -416,7 +436,7 @@ class Vat:
         elif isinstance(event, CallArrived):
             if event.method is not None and event.method.streaming and event.reply is not None:
                 self._queue_stream_call(event)
-            else:
+            elif not self._serve_inline(event):
                 self._nursery.start_soon(self._serve, event, self._tickets)
                 self._tickets += 1
         elif isinstance(event, FinishArrived):
@@ -450,7 +470,79 @@ class Vat:
         if event is not None:
             event.set()
 
-    async def _serve(self, arrived: CallArrived, ticket: int | None = None) -> None:
+    def _serve_inline(self, arrived: CallArrived) -> bool:
+        """Runs a plain-function handler (server.py) right here, in the receive loop, and
+        sends its return without a task when the socket takes it: no scheduler round on the
+        way. Only when no earlier call still waits to start (E-order) and a concurrency slot
+        is free; returns whether the call was taken care of."""
+        method, server, question_id = arrived.method, arrived.server, arrived.question_id
+        if method is None or self._turn != self._tickets or not server._runs_inline(method):
+            return False
+        try:
+            self._concurrency.acquire_nowait()
+        except trio.WouldBlock:
+            return False
+        try:
+            params = params_of(arrived.call, method)
+            result = server._handler(method)(**server._arguments(method, params))
+            if inspect.isawaitable(result):  # a plain function that hands back an awaitable
+                self._nursery.start_soon(self._serve, arrived, self._tickets, result)
+                self._tickets += 1
+                return True
+            encoded = encode_results(question_id, method, server._results(method, result))
+        except RpcError as error:
+            encoded = encode_exception(question_id, error)
+        except Exception as error:  # noqa: BLE001 - the caller gets it as Failed
+            encoded = encode_exception(question_id, Failed(f"{type(error).__name__}: {error}"))
+        finally:
+            self._concurrency.release()
+        reply = arrived.reply
+        if reply is None:
+            return True  # one-way: no return
+        key = (reply.handle, question_id)
+        for event in self.engine.completed(key, encoded):
+            self._handle(event)
+        if not self._send_now(reply.handle, encoded):
+            self._nursery.start_soon(self._send_return, reply, question_id, encoded)
+        return True
+
+    def _send_now(self, destination: int, encoded: Encoded) -> bool:
+        """Sends a one-way message if that needs no wait (its objects all have nodes, the
+        socket has room); False if it was not sent. A gone receiver counts as sent."""
+        try:
+            handles = self._handles_now(encoded.caps)
+        except RpcError:
+            return False  # let the task that sends it report that
+        if handles is None:
+            return False
+        self.engine.sending(handles, True)
+        try:
+            self.peer.send_oneway_nowait(destination, encoded.payload, handles=handles, fds=encoded.fds)
+        except trio.WouldBlock:
+            return False
+        except bus.CapbusError:
+            pass  # the receiver is gone
+        finally:
+            self.engine.sending(handles, False)
+        return True
+
+    async def _send_return(self, reply: Client, question_id: int, encoded: Encoded) -> None:
+        """Sends a return; results that cannot be sent (a capability in them is gone) reach
+        the caller as that error instead: a caller always gets an answer."""
+        try:
+            await self._send(reply.handle, encoded, oneway=True, checkpoint=False)
+        except RpcError as error:
+            if isinstance(error, Disconnected) and reply.handle in self.engine.broken:
+                return  # the caller is gone
+            await self._send_quietly(Send(reply, encode_exception(question_id, error)))
+        except bus.CapbusError:
+            pass  # the caller is gone
+
+    async def _serve(
+        self, arrived: CallArrived, ticket: int | None = None, started: Awaitable[Any] | None = None
+    ) -> None:
+        """Runs a call's handler in this task (``started``: what a plain-function handler
+        already returned, to await) and sends its return."""
         reply, question_id, method = arrived.reply, arrived.question_id, arrived.method
         key = None if reply is None else (reply.handle, question_id)
         encoded: Encoded | None = None
@@ -462,9 +554,9 @@ class Vat:
                     await self._wait_turn(ticket)
                 if method is None:
                     call = arrived.call
-                    wanted = f"method {call.methodId} of interface {call.interfaceId:#x}"
+                    wanted = f"method {call.method_id} of interface {call.interface_id:#x}"
                     raise Unimplemented(f"{arrived.server.interface.name} has no {wanted}")
-                params = params_of(arrived.call, method)
+                params = params_of(arrived.call, method) if started is None else {}
                 try:
                     self._concurrency.acquire_nowait()  # uncontended: no scheduler round
                 except trio.WouldBlock:
@@ -474,7 +566,10 @@ class Vat:
                     # first checkpoint before any other task does.
                     self._pass_turn(ticket)
                     ticket = None
-                    results = await arrived.server.dispatch(method, params)
+                    if started is None:
+                        results = await arrived.server._dispatch(method, params)
+                    else:
+                        results = arrived.server._results(method, await started)
                 finally:
                     self._concurrency.release()
                 encoded = encode_results(question_id, method, results)
@@ -486,6 +581,8 @@ class Vat:
                 self._pass_turn(ticket)  # not reached the handler: let the others go on
                 if key is not None:
                     self._serving.pop(key, None)
+                if inspect.iscoroutine(started):
+                    started.close()  # never awaited (cancelled first): no warning; else a no-op
         await self._answer(reply, key, encoded, scope.cancelled_caught)
 
     def _queue_stream_call(self, arrived: CallArrived) -> None:
@@ -519,13 +616,13 @@ class Vat:
             return
         for event in self.engine.completed(key, encoded):
             self._handle(event)
-        await self._send_quietly(Send(reply, encoded))
+        await self._send_return(reply, key[1], encoded)
 
     async def _forward(self, forward: Forward) -> None:
         """A pipelined call whose capability is another vat's: call it, pass on the outcome."""
         call, question_id = forward.call, forward.question_id
         key = (forward.reply.handle, question_id)
-        method = forward.target.interface.by_key.get((call.interfaceId, call.methodId))
+        method = forward.target.interface.by_key.get((call.interface_id, call.method_id))
         try:
             if method is None:
                 raise Unimplemented(f"{forward.target.interface.name} has no such method")

@@ -428,3 +428,45 @@ async def test_oneway_failures_carry_the_senders_tag(new_peer: PeerFactory) -> N
     assert tagged.tag == 12345 and untagged.tag is None
     with pytest.raises(capbus.InvalidArgument):
         await sender.send_oneway(target, b"", tag=-1)
+
+
+async def test_oneway_nowait_sends_without_yielding_and_says_when_it_cannot(
+    new_peer: PeerFactory,
+) -> None:
+    sender = await new_peer()
+    receiver = await new_peer()
+    node = await receiver.create_node()
+    target = await receiver.transfer(node, sender)
+    for i in range(10):  # no checkpoint in between: nothing else runs
+        sender.send_oneway_nowait(target, b"%d" % i, tag=i)
+    for i in range(10):
+        assert (await recv_kind(receiver, DATA)).payload == b"%d" % i
+    await receiver.destroy(node)
+    assert (await recv_kind(sender, DESTROYED)).destination == target
+    sender.send_oneway_nowait(target, b"late", tag=77)
+    failed = await recv_kind(sender, capbus.MessageKind.SEND_FAILED)
+    assert failed.tag == 77 and isinstance(failed.error, capbus.NodeDestroyed)
+
+
+async def test_oneway_nowait_on_a_full_socket_raises_would_block_and_sends_nothing() -> None:
+    # A socket whose other end never reads stands in for a kernel that is behind.
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    ours.setblocking(False)
+    peer = capbus.Peer.from_socket(ours)
+    sent = 0
+    with pytest.raises(trio.WouldBlock):
+        for _ in range(100_000):
+            peer.send_oneway_nowait(1, b"x" * 4096)
+            sent += 1
+    assert sent > 0
+    theirs.setblocking(False)
+    received = 0
+    while True:
+        try:
+            theirs.recv(65536)
+        except BlockingIOError:
+            break
+        received += 1
+    assert received == sent  # the refused frame was not half-written
+    theirs.close()
+    await peer.aclose()

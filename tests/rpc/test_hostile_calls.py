@@ -14,7 +14,7 @@ import pytest
 import trio
 
 import capbus
-from capbus.rpc import capwire, errors, protocol
+from capbus.rpc import capwire, errors, header, protocol
 from capbus.rpc.vat import Vat, open_vat
 
 from .services import FactoryServer, schema
@@ -59,10 +59,9 @@ async def answer_to(attack: Attack, payload: bytes, handles: list[capbus.Handle]
     while message.kind is not capbus.MessageKind.DATA:  # e.g. the server let go of our reply node
         message = await attack.attacker.recv()
     assert message.destination == attack.reply
-    envelope = protocol.decode(message.payload_view, [None] * len(message.handles))
-    returned = getattr(envelope, "return")
-    assert returned.which() == "exception"
-    return protocol.exception_of(returned)
+    returned = protocol.decode(message.payload_view, [None] * len(message.handles))
+    assert isinstance(returned, protocol.ReceivedReturn) and returned.error is not None
+    return returned.error
 
 
 def with_word(payload: bytes, path: capwire.Path, word: int) -> bytes:
@@ -77,6 +76,20 @@ async def test_malformed_params_get_failed(attack: Attack) -> None:
     call = protocol.encode_call(11, ECHO, {"text": "hi"})
     out_of_bounds = 0 | (1000 << 2) | (1 << 32)  # a struct pointer far past the segment
     payload = with_word(call.payload, (("p", CALL), ("p", PARAMS)), out_of_bounds)
+    with trio.fail_after(10):
+        error = await answer_to(attack, payload, [attack.reply])
+        assert isinstance(error, errors.Failed) and "malformed" in error.reason
+        assert re.search("out.of.bounds", error.reason) and "stack:" not in error.reason
+        assert (await attack.factory.echo("still serving")).text == "still serving"
+
+
+async def test_malformed_body_behind_a_well_formed_header_gets_failed(attack: Attack) -> None:
+    """The hand-read header (header.py) is intact; the params struct it points to is not."""
+    call = protocol.encode_call(15, ECHO, {"text": "hi"})
+    segments = [bytearray(s) for s in capwire.unframe(call.payload)]
+    struct.pack_into("<Q", segments[1], 0, 0 | (1000 << 2) | (1 << 32))  # body root: out of bounds
+    assert header.read(segments) is not None  # the fast path is the one under attack
+    payload = capwire.frame_header(segments) + b"".join(segments)
     with trio.fail_after(10):
         error = await answer_to(attack, payload, [attack.reply])
         assert isinstance(error, errors.Failed) and "malformed" in error.reason
