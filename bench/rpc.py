@@ -50,13 +50,15 @@ def _summary(samples_ns: list[int]) -> dict[str, float]:
     }
 
 
-async def capbus_server(fd: int) -> None:
+async def capbus_server(fd: int, handlers: str) -> None:
     import capbus
     from capbus.rpc.vat import open_vat
 
     schema: Any = capbus.load(SCHEMA)
 
     class Bench(schema.Bench.Server):  # type: ignore[misc]
+        """Handlers as async def: a task per call."""
+
         def __init__(self) -> None:
             self.calls = 0
 
@@ -72,10 +74,29 @@ async def capbus_server(fd: int) -> None:
         async def received(self) -> int:
             return self.calls
 
+    class InlineBench(schema.Bench.Server):  # type: ignore[misc]
+        """The same handlers as plain def: run inline in the receive loop."""
+
+        def __init__(self) -> None:
+            self.calls = 0
+
+        def echo(self, text: str) -> str:
+            return text
+
+        def ping(self) -> None:
+            self.calls += 1
+
+        def take(self, cap: Any) -> None:
+            self.calls += 1
+
+        def received(self) -> int:
+            return self.calls
+
     try:
         async with capbus.Peer.from_socket(fd) as peer, open_vat(peer) as vat:
             (launcher,) = (await peer.take_seed()).handles
-            await peer.send(launcher, b"bench", handles=[await vat.export(Bench())])
+            server = Bench() if handlers == "async" else InlineBench()
+            await peer.send(launcher, b"bench", handles=[await vat.export(server)])
             await trio.sleep_forever()
     except capbus.Disconnected:
         pass
@@ -221,7 +242,7 @@ async def raw_client(fd: int, iterations: int) -> dict[str, Any]:
 def child(args: argparse.Namespace) -> None:
     role = args.child
     if role == "capbus-server":
-        trio.run(capbus_server, args.fd)
+        trio.run(capbus_server, args.fd, args.handlers)
     elif role == "capbus-client":
         print(json.dumps(trio.run(capbus_client, args.fd, args.mode, args.iterations)), flush=True)
     elif role == "pycapnp-server":
@@ -249,9 +270,10 @@ async def _client_json(command: list[str], fds: tuple[int, ...] = (), bound: flo
 
 
 @asynccontextmanager
-async def bench_server() -> AsyncIterator[tuple[Any, socket.socket]]:
-    """An embedded kernel and a bench server in a child process; yields the kernel and a
-    new peer's socket whose seed holds the server's capability (for the client process)."""
+async def bench_server(handlers: str = "async") -> AsyncIterator[tuple[Any, socket.socket]]:
+    """An embedded kernel and a bench server in a child process (its handlers ``async`` def
+    or plain ``def``); yields the kernel and a new peer's socket whose seed holds the
+    server's capability (for the client process)."""
     import capbus
 
     async with capbus.open_kernel() as kernel, await kernel.connect() as launcher:
@@ -260,7 +282,7 @@ async def bench_server() -> AsyncIterator[tuple[Any, socket.socket]]:
         async with trio.open_nursery() as nursery:
             server = await nursery.start(
                 lambda task_status: trio.run_process(
-                    _command("capbus-server", "--fd", str(server_socket.fileno())),
+                    _command("capbus-server", "--fd", str(server_socket.fileno()), "--handlers", handlers),
                     pass_fds=[server_socket.fileno()],
                     check=False,
                     task_status=task_status,
@@ -276,10 +298,12 @@ async def bench_server() -> AsyncIterator[tuple[Any, socket.socket]]:
                 server.terminate()
 
 
-async def measure_capbus(mode: str, iterations: int) -> tuple[dict[str, Any], tuple[int, int, int, int]]:
+async def measure_capbus(
+    mode: str, iterations: int, handlers: str = "async"
+) -> tuple[dict[str, Any], tuple[int, int, int, int]]:
     import capbus.testing
 
-    async with bench_server() as (kernel, client_socket):
+    async with bench_server(handlers) as (kernel, client_socket):
         before = kernel.statistics()
         command = _command("capbus-client", "--fd", str(client_socket.fileno()), "--mode", mode)
         result = await _client_json(
@@ -377,11 +401,12 @@ async def main(args: argparse.Namespace) -> None:
         return
     n = 2_000 if args.quick else 10_000
     runs = 1 if args.quick else 3
-    rtt: dict[str, list[dict[str, Any]]] = {"raw": [], "pycapnp": [], "capbus": []}
+    rtt: dict[str, list[dict[str, Any]]] = {"raw": [], "pycapnp": [], "capbus": [], "capbus def": []}
     for _ in range(runs):
         rtt["raw"].append(await measure_raw(n))
         rtt["pycapnp"].append(await measure_pycapnp(n))
         rtt["capbus"].append((await measure_capbus("rtt", n))[0])
+        rtt["capbus def"].append((await measure_capbus("rtt", n, "def"))[0])
     median = {k: statistics.median(r["median_us"] for r in v) for k, v in rtt.items()}
     p99 = {k: statistics.median(r["p99_us"] for r in v) for k, v in rtt.items()}
     print(
@@ -390,27 +415,39 @@ async def main(args: argparse.Namespace) -> None:
     )
     print("| variant | median us | p99 us | / raw | / pycapnp |")
     print("|---|---:|---:|---:|---:|")
-    for name in ("raw", "pycapnp", "capbus"):
+    labels = {
+        "raw": "raw trio socketpair",
+        "pycapnp": "pycapnp RPC (asyncio, unix socket)",
+        "capbus": "capbus, `async def` handler",
+        "capbus def": "capbus, `def` handler (inline)",
+    }
+    for name, label in labels.items():
         print(
-            f"| {name} | {median[name]:.1f} | {p99[name]:.1f} | {median[name] / median['raw']:.2f}x | "
+            f"| {label} | {median[name]:.1f} | {p99[name]:.1f} | {median[name] / median['raw']:.2f}x | "
             f"{median[name] / median['pycapnp']:.2f}x |"
         )
-    capbus_vs_pycapnp = median["capbus"] / median["pycapnp"]
-    capbus_vs_raw = median["capbus"] / median["raw"]
-    print(
-        f"\ncapbus / pycapnp = {capbus_vs_pycapnp:.2f} "
-        f"(goal < 1.0: {'met' if capbus_vs_pycapnp < 1 else 'missed'})"
-    )
-    print(f"capbus / raw = {capbus_vs_raw:.2f} (goal <= 1.6: {'met' if capbus_vs_raw <= 1.6 else 'missed'})")
+    print()
+    for name in ("capbus", "capbus def"):
+        vs_pycapnp = median[name] / median["pycapnp"]
+        vs_raw = median[name] / median["raw"]
+        verdict = ("met" if vs_pycapnp < 1 else "missed", "met" if vs_raw <= 1.6 else "missed")
+        print(
+            f"{labels[name]}: / pycapnp = {vs_pycapnp:.2f} (goal < 1.0: {verdict[0]}),"
+            f" / raw = {vs_raw:.2f} (goal <= 1.6: {verdict[1]})"
+        )
 
     calls = 20_000 if args.quick else 100_000
-    oneway, _ = await measure_capbus("oneway", calls)
-    inflight, _ = await measure_capbus("inflight", calls)
-    print("\n| calls | per second |")
-    print("|---|---:|")
-    print(f"| one-way, one task, a two-way barrier every {ONEWAY_BATCH} | {oneway['calls_per_s']:,.0f} |")
-    print(f"| two-way, 64 in flight | {inflight['calls_per_s']:,.0f} |")
-    print(f"\none-way calls lost: {oneway['lost']}")
+    print("\n| calls per second (goal >= 100,000) | `async def` handlers | `def` handlers |")
+    print("|---|---:|---:|")
+    lost = 0
+    oneway = [await measure_capbus("oneway", calls, h) for h in ("async", "def")]
+    inflight = [await measure_capbus("inflight", calls, h) for h in ("async", "def")]
+    row = " | ".join(f"{r['calls_per_s']:,.0f}" for r, _ in oneway)
+    print(f"| one-way, one task, a two-way barrier every {ONEWAY_BATCH} | {row} |")
+    row = " | ".join(f"{r['calls_per_s']:,.0f}" for r, _ in inflight)
+    print(f"| two-way, 64 in flight | {row} |")
+    lost = sum(r["lost"] for r, _ in oneway)
+    print(f"\none-way calls lost: {lost}")
 
     cap_calls = 2_000 if args.quick else 20_000
     caps, counts = await measure_capbus("caps", cap_calls)
@@ -438,6 +475,7 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--fd", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--path", help=argparse.SUPPRESS)
     parser.add_argument("--mode", help=argparse.SUPPRESS)
+    parser.add_argument("--handlers", default="async", help=argparse.SUPPRESS)
     parser.add_argument("--iterations", type=int, default=1000, help=argparse.SUPPRESS)
     return parser.parse_args()
 
