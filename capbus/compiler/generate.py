@@ -1,8 +1,9 @@
 """Generates a typed Python module from a .capnp schema.
 
-For every interface: a client class (one ``async def`` per method, keyword parameters
-named and typed as in the schema, returning a typed results object) with a nested
-``Server`` base class to subclass; for every struct a wrapper with typed properties (and
+For every interface: a client class (per method, ``await client.m(...)`` with keyword
+parameters named and typed as in the schema, returning a typed results object, and
+``client.m.send(...)`` for a typed promise to pipeline on, ``client.m.oneway(...)``) with a
+nested ``Server`` base class to subclass; for every struct a wrapper with typed properties (and
 ``which()`` for unions); enums as ``Literal`` aliases. The module embeds its schema as
 Cap'n Proto ``Node`` messages and loads them at import, so it needs no .capnp file at run
 time. Output is deterministic: the same schema gives the same bytes.
@@ -21,7 +22,7 @@ import capnp
 from ..rpc.envelope import FD_STRUCT_ID, import_path
 
 STREAM_RESULT_ID = 0x995F9A3377C0B16E
-_RESERVED = {"interface", "vat", "handle", "server", "bound", "aclose", "send"}
+_RESERVED = {"interface", "vat", "handle", "server", "pipeline", "bound", "aclose", "send"}
 _INTS = {"int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64"}
 
 
@@ -277,6 +278,7 @@ class _Generator:
             self._client_method(name, method.name, parsed)
         for method in node.interface.methods:
             parsed = interface.methods[method.name]
+            self._method_classes(name, method.name, parsed)
             if parsed.result_type.node.id != STREAM_RESULT_ID:
                 self.emit("")
                 self._struct_class(f"{_camel(method.name)}Results", parsed.result_type, 1)
@@ -301,18 +303,55 @@ class _Generator:
         return out
 
     def _client_method(self, owner: str, name: str, parsed: Any) -> None:
+        """``client.m``: a property whose value is called (``await client.m(...)``), sent
+        (``await client.m.send(...)``: a typed promise to pipeline on) or sent one-way."""
+        method_class = f"{owner}.{_camel(name)}Method"
+        self.emit("")
+        self.emit("@property", 1)
+        self.emit(f"def {_py_name(name)}(self) -> {method_class}:", 1)
+        self.emit(f"return {method_class}(self, {name!r})", 2)
+
+    def _method_classes(self, owner: str, name: str, parsed: Any) -> None:
         params = self._params(parsed.param_type, write=True)
         streaming = parsed.result_type.node.id == STREAM_RESULT_ID
-        results = "None" if streaming else f"{owner}.{_camel(name)}Results"
+        camel = _camel(name)
+        results = "None" if streaming else f"{owner}.{camel}Results"
         signature = "".join(f", {py}: {typ} | None = None" for _, py, typ in params)
         star = ", *" if params else ""
+        mapping = "{" + ", ".join(f"{schema!r}: {py}" for schema, py, _ in params) + "}"
         self.emit("")
-        self.emit(f"async def {_py_name(name)}(self{star}{signature}) -> {results}:", 1)
-        mapping = ", ".join(f"{schema!r}: {py}" for schema, py, _ in params)
+        self.emit(f"class {camel}Method(_stubs.TypedMethod):", 1)
+        self.emit(f'"""``{name}``: call it, ``send`` it (pipelining) or send it ``oneway``."""', 2)
+        self.emit("", 1)
+        self.emit(f"async def __call__(self{star}{signature}) -> {results}:", 2)
         if streaming:
-            self.emit(f"await self._call({name!r}, {{{mapping}}})", 2)
+            self.emit(f"await self._call({mapping})", 3)
         else:
-            self.emit(f"return {owner}.{_camel(name)}Results(await self._call({name!r}, {{{mapping}}}))", 2)
+            self.emit(f"return {results}(await self._call({mapping}))", 3)
+            self.emit("", 1)
+            self.emit(f"async def send(self{star}{signature}) -> {owner}.{camel}Promise:", 2)
+            self.emit(f"return {owner}.{camel}Promise(await self._send({mapping}), {results})", 3)
+        self.emit("", 1)
+        self.emit(f"async def oneway(self{star}{signature}) -> None:", 2)
+        self.emit(f"await self._oneway({mapping})", 3)
+        if streaming:
+            return
+        self.emit("")
+        self.emit(f'class {camel}Promise(_stubs.TypedPromise["{results}"]):', 1)
+        self.emit(
+            f'"""The results of a sent ``{name}``: ``await`` it; its capabilities can be called '
+            'before they arrive."""',
+            2,
+        )
+        result_type = parsed.result_type
+        for raw, field in zip(result_type.node.struct.fields, result_type.fields_list, strict=True):
+            if raw.which() != "slot" or raw.slot.type.which() != "interface":
+                continue
+            typ = self.read_type(raw.slot.type, field)
+            self.emit("", 1)
+            self.emit("@property", 2)
+            self.emit(f"def {_py_name(raw.name)}(self) -> {typ}:", 2)
+            self.emit(f'return cast("{typ}", self._pipelined({raw.name!r}))', 3)
 
     def _server_method(self, owner: str, name: str, parsed: Any) -> None:
         params = self._params(parsed.param_type, write=False)

@@ -57,12 +57,22 @@ class Client:
 
     interface: Interface
 
-    def __init__(self, vat: Vat, handle: int, server: Server | None = None) -> None:
+    def __init__(
+        self,
+        vat: Vat,
+        handle: int,
+        server: Server | None = None,
+        pipeline: tuple[Promise, tuple[int, ...]] | None = None,
+    ) -> None:
         self.vat = vat
         self.handle = handle
         self.server = server
         """The object itself when it lives in this vat (calls then run it directly, with the
         same semantics as a remote call); None for a remote object."""
+        self.pipeline = pipeline
+        """For a capability in results that have not arrived (promise pipelining): the
+        promise and the pointer fields that lead to it; calls then go to the promise's
+        callee, which runs them once the results exist. None for any other client."""
 
     def __getattr__(self, name: str) -> BoundMethod:
         method = self.interface.methods.get(name)
@@ -71,7 +81,10 @@ class Client:
         return BoundMethod(self, method)
 
     def __repr__(self) -> str:
-        where = "local" if self.server is not None else f"{self.handle:#x}"
+        if self.pipeline is not None:
+            where = f"promised by question {self.pipeline[0].question_id}"
+        else:
+            where = "local" if self.server is not None else f"{self.handle:#x}"
         return f"<{self.interface.name} client {where}>"
 
     async def aclose(self) -> None:
@@ -132,7 +145,8 @@ def _pipeline_field(promise: Promise, transform: tuple[int, ...], layout: Struct
     if f.kind is FieldKind.CAPABILITY:
         if promise._done is None:  # a local call: the results are here already
             return getattr(promise._results, name) if not transform else None
-        return PipelinedClient(promise, (*transform, f.slot), interface_of(f.interface_schema))
+        cls = promise.vat.engine.client_class(interface_of(f.interface_schema))
+        return cls(promise.vat, promise.client.handle, pipeline=(promise, (*transform, f.slot)))
     raise AttributeError(f"{name} is not a capability or struct: only those can be pipelined on")
 
 
@@ -142,24 +156,6 @@ class _PipelinedStruct:
 
     def __getattr__(self, name: str) -> Any:
         return _pipeline_field(self._promise, self._transform, self._layout, name)
-
-
-class PipelinedClient:
-    """A capability in results that have not arrived: its methods are pipelined calls."""
-
-    def __init__(self, promise: Promise, transform: tuple[int, ...], interface: Interface) -> None:
-        self.promise, self.transform, self.interface = promise, transform, interface
-
-    def __getattr__(self, name: str) -> Any:
-        method = self.interface.methods.get(name)
-        if method is None:
-            raise AttributeError(f"{self.interface.name} has no method {name!r}")
-
-        async def call(*args: Any, **kwargs: Any) -> Any:
-            params = BoundMethod(self.promise.client, method)._params(args, kwargs)
-            return await self.promise.vat.call_pipelined(self.promise, self.transform, method, params)
-
-        return call
 
 
 def client_class(interface: Interface) -> type[Client]:

@@ -10,12 +10,12 @@ classes with typed properties.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
-from typing import Any, TypeVar
+from collections.abc import Callable, Generator, Mapping, Sequence
+from typing import Any, Generic, TypeVar
 
 import capnp
 
-from .client import BoundMethod, Client
+from .client import BoundMethod, Client, Promise
 from .envelope import import_path
 from .interface import Interface, interface_of
 from .server import Server as _Server
@@ -78,16 +78,59 @@ class Struct:
 class TypedClient(Client):
     """Base of generated clients."""
 
-    async def _call(self, name: str, params: Mapping[str, Any]) -> Any:
-        method = self.interface.methods[name]
-        given = {k: v for k, v in params.items() if v is not None}
-        if method.streaming:
-            return await self.vat.stream(self, method, given)
-        return await self.vat.call(self, method, given)
-
     def bound(self, name: str) -> BoundMethod:
-        """``client.bound("m").send(...)`` (pipelining) and ``.oneway(...)``."""
+        """The untyped method object of ``name`` (what ``client.name`` is on a dynamic client)."""
         return BoundMethod(self, self.interface.methods[name])
+
+
+class TypedMethod:
+    """Base of generated method objects (``client.m``): the generated subclass gives
+    ``__call__``, ``send`` and ``oneway`` their typed signatures."""
+
+    __slots__ = ("_client", "_method")
+
+    def __init__(self, client: Client, name: str) -> None:
+        self._client = client
+        self._method = client.interface.methods[name]
+
+    def _given(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in params.items() if v is not None}
+
+    async def _call(self, params: Mapping[str, Any]) -> Any:
+        client, method = self._client, self._method
+        if method.streaming:
+            return await client.vat.stream(client, method, self._given(params))
+        return await client.vat.call(client, method, self._given(params))
+
+    async def _send(self, params: Mapping[str, Any]) -> Promise:
+        return await self._client.vat.send_call(self._client, self._method, self._given(params))
+
+    async def _oneway(self, params: Mapping[str, Any]) -> None:
+        await self._client.vat.call_oneway(self._client, self._method, self._given(params))
+
+
+ResultsT = TypeVar("ResultsT")
+
+
+class TypedPromise(Generic[ResultsT]):
+    """Base of generated promises: ``await`` gives the typed results; the generated
+    subclass has a typed property per capability in them, to call before they arrive."""
+
+    __slots__ = ("promise", "_wrap")
+
+    def __init__(self, promise: Promise, wrap: Callable[[Any], ResultsT]) -> None:
+        self.promise = promise
+        """The untyped :class:`~capbus.rpc.client.Promise` (pipelining through struct fields)."""
+        self._wrap = wrap
+
+    async def _results(self) -> ResultsT:
+        return self._wrap(await self.promise)
+
+    def __await__(self) -> Generator[Any, None, ResultsT]:
+        return self._results().__await__()
+
+    def _pipelined(self, name: str) -> Any:
+        return getattr(self.promise, name)
 
 
 def _wrap(wrapper: type[Struct] | None, value: Any) -> Any:

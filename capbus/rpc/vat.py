@@ -174,6 +174,8 @@ class Vat:
             if isinstance(value, Client):
                 if value.vat is not self:
                     raise ValueError(f"{value!r} belongs to another vat")
+                if value.pipeline is not None:
+                    raise ValueError(f"{value!r} cannot be passed before its results arrive: await them")
                 if value.server is None:
                     if value.handle in self.engine.broken:
                         raise Disconnected(f"{value!r} is gone")
@@ -194,14 +196,16 @@ class Vat:
         """Calls ``method`` on the object behind ``client``; returns the results view."""
         if client.server is not None:
             return await self._call_local(client.server, method, params)
+        if client.pipeline is not None:
+            return await self.call_pipelined(*client.pipeline, method, params)
         await self._drain_stream(client)
         return await self._ask(client, method, lambda question_id: encode_call(question_id, method, params))
 
     async def stream(self, client: Client, method: Method, params: Mapping[str, Any]) -> None:
         """A ``-> stream`` call: returns once it fits the window of unacknowledged bytes;
         calls are delivered and run in order. An error fails the next call on ``client``."""
-        if client.server is not None:
-            await self._call_local(client.server, method, params)
+        if client.server is not None or client.pipeline is not None:
+            await self.call(client, method, params)  # no window to keep before the results
             return
         state = self._streams.setdefault(client.handle, _Stream())
         question_id, done = self._question(client, method)
@@ -290,11 +294,14 @@ class Vat:
         if client.server is not None:
             results = await self._call_local(client.server, method, params)
             return Promise.resolved(self, client, method, results)
+        pipeline = None
+        if client.pipeline is not None:
+            promise, transform = client.pipeline
+            pipeline, client = (promise.question_id, transform), promise.client
         question_id, done = self._question(client, method)
         try:
-            await self._send(
-                client.handle, encode_call(question_id, method, params, keep_results=True), oneway=False
-            )
+            call = encode_call(question_id, method, params, keep_results=True, pipeline=pipeline)
+            await self._send(client.handle, call, oneway=False)
         except BaseException:
             self._waiting.pop(question_id, None)
             self.engine.forget(question_id)
@@ -317,6 +324,8 @@ class Vat:
         the same call, and all multicasts are in the same order everywhere (DESIGN.md 2.1
         rule 8). Returns, per client, None or why the call could not be delivered (the node
         is gone, the receiver's quota is full); local objects run in a task."""
+        if any(c.pipeline is not None for c in clients):
+            raise ValueError("a promised capability cannot take a multicast: await its promise first")
         encoded = encode_call(self.engine.oneway_id(), method, params, oneway=True)
         remote = [c for c in clients if c.server is None]
         for client in clients:
@@ -346,8 +355,21 @@ class Vat:
             self._nursery.start_soon(self._call_local, client.server, method, params)
             await trio.lowlevel.checkpoint()
             return
+        if client.pipeline is not None:
+            # A pipelined call names its answer through the caller's reply node, which a
+            # one-way call lacks: send it two-way, and keep the promise until it is answered
+            # (dropping it sooner would send Finish, which may cancel the call).
+            self._nursery.start_soon(self._settle, await self.send_call(client, method, params))
+            return
         encoded = encode_call(self.engine.oneway_id(), method, params, oneway=True)
         await self._send(client.handle, encoded, oneway=True)
+
+    @staticmethod
+    async def _settle(promise: Promise) -> None:
+        try:
+            await promise
+        except RpcError:
+            pass  # as for any one-way call
 
     async def _call_local(self, server: Server, method: Method, params: Mapping[str, Any]) -> StructReader:
         await trio.lowlevel.checkpoint()

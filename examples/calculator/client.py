@@ -31,7 +31,7 @@ async def main(fd: int) -> None:
         print("123 =", (await value.read()).value)
 
         # 2. Pipelining: read() goes out before evaluate() has returned: one round trip.
-        promise = await calculator.bound("evaluate").send(expression={"literal": 45})
+        promise = await calculator.evaluate.send(expression={"literal": 45})
         print("45 (pipelined) =", (await promise.value.read()).value)
 
         # 3. Operators are functions; an earlier result is passed back as a capability.

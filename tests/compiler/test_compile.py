@@ -41,11 +41,19 @@ def test_generated_code_passes_mypy_strict(tmp_path: Path) -> None:
         "    async def increment(self, *, by: int) -> int:\n"
         "        self.value += by\n"
         "        return self.value\n\n"
+        "    def spawn(self) -> Counter:  # a plain def handler fits the base's signature too\n"
+        "        return Counter()\n\n"
         "async def use(factory: calls_capnp.Factory) -> int:\n"
         "    counter = (await factory.newCounter()).counter\n"
         "    value: int = (await counter.increment(by=2)).value\n"
         "    text: str = (await factory.echo(text='hi')).text\n"
-        "    return value + len(text)\n"
+        "    promise: calls_capnp.Factory.NewCounterPromise = await factory.newCounter.send()\n"
+        "    promised: calls_capnp.Counter = promise.counter\n"
+        "    chained = await promised.spawn.send()\n"
+        "    later: int = (await chained.counter.increment(by=1)).value\n"
+        "    arrived: calls_capnp.Counter = (await promise).counter\n"
+        "    await factory.echo.oneway(text='no answer')\n"
+        "    return value + len(text) + later + len(repr(arrived))\n"
     )
     config = tmp_path / "mypy.ini"
     config.write_text(
@@ -86,7 +94,11 @@ class Counter(stubs.Counter.Server):
 
 
 class Factory(stubs.Factory.Server):
+    def __init__(self):
+        self.heard = []
+
     async def echo(self, *, text):
+        self.heard.append(text)
         return text.upper()
 
     async def newCounter(self):
@@ -101,7 +113,8 @@ async def main():
         server_peer, client_peer = await kernel.connect(), await kernel.connect()
         with trio.fail_after(10):
             async with open_vat(server_peer) as server_vat, open_vat(client_peer) as client_vat:
-                node = await server_vat.export(Factory())
+                server = Factory()
+                node = await server_vat.export(server)
                 handle = await server_peer.transfer(node, client_peer)
                 factory = client_vat.typed_client(handle, stubs.Factory)
                 assert isinstance(factory, stubs.Factory)
@@ -110,6 +123,15 @@ async def main():
                 assert isinstance(counter, stubs.Counter)  # received capabilities get the typed class
                 assert (await counter.increment(by=4)).value == 4
                 assert (await factory.same(cap=counter)).cap is counter
+                promise = await factory.newCounter.send()  # typed promise pipelining
+                assert isinstance(promise.counter, stubs.Counter)
+                assert (await promise.counter.increment(by=5)).value == 5
+                arrived = (await promise).counter
+                assert isinstance(arrived, stubs.Counter) and arrived.pipeline is None
+                assert (await arrived.increment(by=1)).value == 6
+                await factory.echo.oneway(text="one-way")
+                assert (await factory.echo(text="after")).text == "AFTER"
+                assert server.heard[-2:] == ["one-way", "after"]
                 try:
                     await factory.slow()
                 except errors.Unimplemented as error:

@@ -8,6 +8,8 @@ interface Echo {
 
 interface Counter {
   increment @0 (by :UInt32) -> (value :UInt64);
+  spawn @1 () -> (counter :Counter);
+  # A new counter, starting where this one is.
 }
 
 interface Factory extends(Echo) {

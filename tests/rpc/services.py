@@ -24,6 +24,11 @@ class CounterServer(schema.Counter.Server):  # type: ignore[misc,name-defined]
         self.value += by
         return self.value
 
+    async def spawn(self) -> CounterServer:
+        spawned = CounterServer()
+        spawned.value = self.value
+        return spawned
+
 
 class FactoryServer(schema.Factory.Server):  # type: ignore[misc,name-defined]
     def __init__(self) -> None:

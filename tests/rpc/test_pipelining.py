@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 
+import pytest
 import trio
 
 from capbus.rpc import errors
@@ -33,6 +34,51 @@ async def test_a_pipelined_chain_is_one_round_trip(pair: Pair) -> None:
         assert results == [5]
         counter = (await promise).counter
         assert (await counter.increment(by=1)).value == 6  # the same object
+
+
+async def test_calls_sent_on_promised_capabilities_chain_in_one_round_trip(pair: Pair) -> None:
+    """send() on a promised capability gives a promise too: a chain of any length is one
+    round trip."""
+    with trio.fail_after(10):
+        await pair.factory.echo("warm up")
+        pair.server.gate = trio.Event()
+        before = pair.kernel.statistics().messages_sent
+        first = await pair.factory.newCounter.send()
+        second = await first.counter.spawn.send()  # first's results have not arrived
+        results: list[int] = []
+
+        async def pipelined() -> None:
+            results.append((await second.counter.increment(by=2)).value)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pipelined)
+            await wait_for_statistics(pair.kernel, lambda s: s.messages_sent == before + 3)
+            pair.server.gate.set()
+        assert pair.kernel.statistics().messages_sent == before + 6  # three calls, three returns
+        assert results == [2]
+        spawned = (await second).counter
+        assert (await spawned.increment(by=1)).value == 3
+        assert (await (await first).counter.increment(by=0)).value == 0  # a separate counter
+
+
+async def test_a_oneway_call_on_a_promised_capability_runs(pair: Pair) -> None:
+    with trio.fail_after(10):
+        promise = await pair.factory.newCounter.send()
+        await promise.counter.increment.oneway(by=3)
+        counter = (await promise).counter
+        assert (await counter.increment(by=0)).value == 3  # it ran first (E-order)
+
+
+async def test_a_promised_capability_cannot_be_passed_before_it_exists(pair: Pair) -> None:
+    with trio.fail_after(10):
+        promise = await pair.factory.newCounter.send()
+        with pytest.raises(ValueError, match="before its results arrive"):
+            await pair.factory.same(cap=promise.counter)
+        increment = promise.counter.interface.methods["increment"]
+        with pytest.raises(ValueError, match="multicast"):
+            await pair.client_vat.multicast([promise.counter], increment, {"by": 1})
+        counter = (await promise).counter
+        assert (await pair.factory.same(cap=counter)).cap is counter  # once it exists, it can
 
 
 async def test_pipelining_on_a_failed_call_fails_with_its_error(pair: Pair) -> None:
