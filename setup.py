@@ -6,4 +6,7 @@ from setuptools import setup
 # A sanitizer build must never reuse (or leave behind) objects of the normal build.
 _BUILD = "build/sanitize" if os.environ.get("CAPBUS_SANITIZE") == "1" else "build/normal"
 
-setup(cffi_modules=["kernel/build.py:ffibuilder"], options={"build": {"build_base": _BUILD}})
+setup(
+    cffi_modules=["kernel/build.py:ffibuilder", "kernel/build.py:uapi_builder"],
+    options={"build": {"build_base": _BUILD}},
+)

@@ -4,6 +4,8 @@ The bus1 object model (peers, nodes, handles, globally ordered messages with att
 handles and fds, per-user quotas) enforced by a small C kernel, used from trio.
 """
 
+from typing import TYPE_CHECKING
+
 from .errors import (
     AlreadyDestroyed,
     BadFileDescriptor,
@@ -24,7 +26,6 @@ from .errors import (
     QuotaExceeded,
     UnknownCommand,
 )
-from .kernel import Kernel, KernelStatistics, Limits, open_kernel
 from .peer import (
     Credentials,
     Handle,
@@ -39,21 +40,48 @@ from .peer import (
     decode_monitor_record,
 )
 
+if TYPE_CHECKING:
+    from .bootstrapping import Bootstrap, bootstrap
+    from .kernel import Kernel, KernelStatistics, Limits, open_kernel
+    from .rpc.interface import load
+    from .sandbox import Sandbox, SandboxError
+    from .spawning import Child, ChildError, spawn
+
+_LAZY = {
+    "Kernel": "kernel",
+    "KernelStatistics": "kernel",
+    "Limits": "kernel",
+    "open_kernel": "kernel",
+    "load": "rpc.interface",
+    "spawn": "spawning",
+    "Child": "spawning",
+    "ChildError": "spawning",
+    "bootstrap": "bootstrapping",
+    "Bootstrap": "bootstrapping",
+    "Sandbox": "sandbox",
+    "SandboxError": "sandbox",
+}
+
 
 def __getattr__(name: str) -> object:
-    # capbus.load lives in the RPC layer; importing it lazily keeps `import capbus` (the peer
-    # API) free of Cap'n Proto.
-    if name == "load":
-        from .rpc.interface import load
+    # Imported on first use: `import capbus` (the peer API) then loads neither Cap'n Proto
+    # (the RPC layer and what builds on it) nor the kernel's C code (a peer in a child
+    # process never needs it).
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'capbus' has no attribute {name!r}")
+    import importlib
 
-        return load
-    raise AttributeError(f"module 'capbus' has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{module}", __name__), name)
 
 
 __all__ = [
     "AlreadyDestroyed",
     "BadFileDescriptor",
+    "Bootstrap",
     "CapbusError",
+    "Child",
+    "ChildError",
     "Credentials",
     "Disconnected",
     "DuplicateId",
@@ -80,9 +108,13 @@ __all__ = [
     "Peer",
     "PeerInfo",
     "QuotaExceeded",
+    "Sandbox",
+    "SandboxError",
     "UnknownCommand",
+    "bootstrap",
     "connect",
     "decode_monitor_record",
     "load",
     "open_kernel",
+    "spawn",
 ]

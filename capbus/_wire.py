@@ -12,7 +12,7 @@ import struct
 from dataclasses import dataclass
 from typing import Final
 
-from ._kernel import ffi, lib
+from ._uapi import ffi, lib
 
 FRAME: Final = struct.Struct("<IHHQ")
 REPLY: Final = struct.Struct("<iI")

@@ -1,9 +1,12 @@
-"""cffi build of the capbus kernel into ``capbus._kernel``.
+"""cffi builds: the capbus kernel into ``capbus._kernel``, and the wire contract alone
+(uapi.h: constants and struct sizes, no kernel code) into ``capbus._uapi``.
 
-Run by setuptools during ``pip install`` (see setup.py's ``cffi_modules``): no manual build
-step. ``CAPBUS_SANITIZE=1`` builds with AddressSanitizer and UBSan (see docs/development.md);
-such a build needs the sanitizer runtime preloaded into Python (``dev.py test --sanitize``
-does that).
+A peer needs only the second, so a process that connects to a kernel (a spawned child, say)
+never loads the kernel's code, nor the sanitizer runtime of a sanitizer build. Run by
+setuptools during ``pip install`` (see setup.py's ``cffi_modules``): no manual build step.
+``CAPBUS_SANITIZE=1`` builds the kernel with AddressSanitizer and UBSan (see
+docs/development.md); such a build needs the sanitizer runtime preloaded into Python
+(``dev.py test --sanitize`` does that).
 """
 
 from __future__ import annotations
@@ -55,5 +58,15 @@ ffibuilder.set_source(
     extra_link_args=LINK,
 )
 
+uapi_builder = cffi.FFI()
+uapi_builder.cdef(_declarations(INCLUDE / "capbus" / "uapi.h"))
+uapi_builder.set_source(
+    "capbus._uapi",
+    '#include "capbus/uapi.h"\n',
+    include_dirs=[str(INCLUDE.relative_to(HERE.parent))],
+    extra_compile_args=["-std=c11", "-Wall", "-Wextra", "-O2"],
+)
+
 if __name__ == "__main__":
     ffibuilder.compile(verbose=True)
+    uapi_builder.compile(verbose=True)

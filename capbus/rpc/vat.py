@@ -108,6 +108,11 @@ class Vat:
         e = self.engine
         return VatStatistics(len(e.exports), len(e.imports), len(e.questions), len(e.answers))
 
+    def start_soon(self, function: Callable[..., Awaitable[Any]], *args: Any) -> None:
+        """Runs ``function(*args)`` in a task that lives as long as the vat at most (for work
+        tied to the vat's capabilities, such as watching a spawned child)."""
+        self._nursery.start_soon(function, *args)
+
     def _wake_releaser(self) -> None:
         try:
             self._release_wanted.set()

@@ -1,0 +1,75 @@
+"""The first code a spawned child runs (``python -P -s -m capbus._child CONFIG``).
+
+It is trusted: it arms the death signal, imports what the child needs while the whole file
+system is still there, puts the sandbox up (capbus.sandbox), and only then runs the code
+it was started for, which is not trusted: a Python target (``module:function``, called
+with its :class:`~capbus.bootstrapping.Bootstrap`) or an argv, exec'd with its kernel
+connection and the sandbox report in its environment.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any
+
+from . import sandbox
+
+FD_VARIABLE = "CAPBUS_FD"
+"""The environment variable that names the kernel connection of a child started from an argv."""
+REPORT_VARIABLE = "CAPBUS_SANDBOX_REPORT"
+"""... and the one that carries its sandbox report (JSON)."""
+
+
+def main(argv: list[str]) -> None:
+    config: dict[str, Any] = json.loads(argv[1])
+    fd: int = config["fd"]
+    sandbox.die_with_parent(config["parent"])
+    policy = sandbox.Sandbox.from_json(config["sandbox"])
+    fds = sandbox.close_other_fds(policy, [0, 1, 2, fd])
+    target: dict[str, Any] = config["target"]
+    code: list[str] = config["code"]
+    if target["kind"] == "python":
+        # Trusted imports first: after the sandbox only the view is left to import from.
+        import trio
+
+        from . import bootstrapping as bootstrap
+        from .rpc import stubs  # noqa: F401 - the generated-stub registry, for typed entries
+    packages = [os.path.dirname(os.path.abspath(__file__)), _schema_directory()]
+    program = [] if target["kind"] == "python" else [os.path.dirname(os.path.abspath(target["argv"][0]))]
+    paths = sandbox.view(policy, [*packages, *code, *program])
+    seccomp = bytes.fromhex(config["seccomp"]) if config.get("seccomp") else None
+    report = sandbox.enter(policy, [0, 1, 2, fd], paths, seccomp, fds)
+    # Inside the sandbox from here on.
+    if target["kind"] == "argv":
+        environment = dict(os.environ)
+        environment[FD_VARIABLE] = str(fd)
+        environment[REPORT_VARIABLE] = json.dumps(report)
+        os.set_inheritable(fd, True)
+        os.execve(target["argv"][0], target["argv"], environment)
+    sys.path[:0] = code
+    trio.run(_run, fd, report, target, bootstrap)
+
+
+def _schema_directory() -> str:
+    from .rpc.envelope import schema_directory
+
+    return schema_directory()
+
+
+async def _run(fd: int, report: dict[str, str], target: dict[str, Any], bootstrap: Any) -> None:
+    import importlib
+
+    async with bootstrap.connect(fd, report) as boot:
+        # The untrusted code is imported only now, inside the sandbox and after the parent
+        # accepted the sandbox report.
+        module = importlib.import_module(target["module"])
+        function: Any = module
+        for part in target["function"].split("."):
+            function = getattr(function, part)
+        await function(boot)
+
+
+if __name__ == "__main__":
+    main(sys.argv)

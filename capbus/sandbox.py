@@ -1,0 +1,547 @@
+"""Sandbox layers for spawned children (capbus.spawn): the policy, and the code that applies it.
+
+A :class:`Sandbox` says which layers a child gets; the child applies them to itself
+(:func:`enter`) right after it starts, before it imports any code it was asked to run, in
+the order that lets each layer be set up by the one before it:
+
+1. ``fds``: every file descriptor but stdio and the kernel connection closed;
+2. ``rlimits``: memory (address space), open files, processes, CPU time, no core dumps;
+3. ``user_namespace``, then ``ipc_namespace``, ``network_namespace`` (only ``lo``, down)
+   and ``pid_namespace`` (the child becomes pid 1 of its own; a small waiter process
+   stays outside, so the parent still has a pid to wait for and kill);
+4. ``mount_namespace``: a read-only view of only what the interpreter and the child's
+   code need, on an empty tmpfs root (pivot_root): host files, daemon sockets and /proc
+   are simply not there;
+5. ``capabilities``: the capabilities the user namespace granted are dropped;
+6. ``no_new_privs``;
+7. ``landlock``: read and execute only in that view, no TCP, no abstract unix sockets or
+   signals outside the sandbox (ABI 4 and 6 features where the kernel has them);
+8. ``seccomp``: no sockets but AF_UNIX, no namespaces, mounts, ptrace, bpf, io_uring,
+   keyrings, kernel modules or process_vm access.
+
+A layer the running kernel lacks is reported ("unavailable: why"), never silently skipped;
+with the ``strict`` policy the parent then refuses to go on. ``report`` maps every layer
+to "active ...", "off" (relaxed by the policy) or "unavailable: ...".
+
+This module must not import trio or the RPC layer: it runs in the child before anything
+else, and the namespace calls need a single-threaded process.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import dataclasses
+import errno
+import os
+import resource
+import signal
+import socket
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+LAYERS = (
+    "fds",
+    "rlimits",
+    "user_namespace",
+    "ipc_namespace",
+    "network_namespace",
+    "pid_namespace",
+    "mount_namespace",
+    "capabilities",
+    "no_new_privs",
+    "landlock",
+    "seccomp",
+)
+"""Every layer, in the order they are applied (and reported)."""
+
+Policy = Literal["strict", "best-effort"]
+
+
+class SandboxError(Exception):
+    """A sandbox could not be set up as its policy demands."""
+
+
+@dataclass(frozen=True)
+class Sandbox:
+    """Which layers a spawned child gets. The default is the strict sandbox: every layer,
+    and a child that cannot have one of them does not start. Relax it with the named
+    methods (each returns a new Sandbox)."""
+
+    policy: Policy = "strict"
+    """``strict``: refuse to start a child that lacks a layer; ``best-effort``: start it and
+    say in the report which layers are missing."""
+    off: frozenset[str] = frozenset()
+    """Layers turned off (by :meth:`without` or a relaxation)."""
+    read_only: tuple[str, ...] = ()
+    """Host paths the child may read besides the interpreter and its own code."""
+    writable_tmp: bool = False
+    """A private, empty, writable /tmp (a tmpfs of ``tmp_bytes``)."""
+    tmp_bytes: int = 16 * 1024 * 1024
+    memory_bytes: int | None = 2 * 1024 * 1024 * 1024
+    """RLIMIT_AS: the child's address space (Python reserves a good deal of it early)."""
+    open_files: int | None = 256
+    processes: int | None = 64
+    """RLIMIT_NPROC, per user: Linux does not apply it to root (uid 0), even in a user
+    namespace; it binds for children of an unprivileged parent."""
+    cpu_seconds: int | None = None
+    network: bool = False
+    """Whether the child may use the host's network (:meth:`allow_network`)."""
+
+    @classmethod
+    def strict(cls) -> Sandbox:
+        """The default: every layer, refuse to start without one."""
+        return cls()
+
+    @classmethod
+    def none(cls) -> Sandbox:
+        """No layer at all (a child as trusted as its parent; still a clean environment and
+        only its kernel connection)."""
+        return cls(policy="best-effort", off=frozenset(set(LAYERS) - {"fds"}))
+
+    def best_effort(self) -> Sandbox:
+        """Start even where the kernel lacks a layer (the report says which)."""
+        return dataclasses.replace(self, policy="best-effort")
+
+    def without(self, *layers: str) -> Sandbox:
+        """These layers off (names from :data:`LAYERS`)."""
+        unknown = set(layers) - set(LAYERS)
+        if unknown:
+            raise ValueError(f"no such sandbox layers: {', '.join(sorted(unknown))}")
+        return dataclasses.replace(self, off=self.off | frozenset(layers))
+
+    def allow_network(self) -> Sandbox:
+        """The host's network: no network namespace, and neither seccomp nor Landlock keep
+        the child from making TCP/UDP sockets."""
+        return dataclasses.replace(self, off=self.off | {"network_namespace"}, network=True)
+
+    def allow_read(self, *paths: str | os.PathLike[str]) -> Sandbox:
+        """These host paths readable (and executable) in the child's view too."""
+        extra = tuple(os.path.abspath(os.fspath(p)) for p in paths)
+        return dataclasses.replace(self, read_only=self.read_only + extra)
+
+    def allow_tmp(self, size_bytes: int | None = None) -> Sandbox:
+        """A private writable /tmp."""
+        return dataclasses.replace(self, writable_tmp=True, tmp_bytes=size_bytes or self.tmp_bytes)
+
+    def limits(
+        self,
+        *,
+        memory_bytes: int | None | Literal[False] = False,
+        open_files: int | None | Literal[False] = False,
+        processes: int | None | Literal[False] = False,
+        cpu_seconds: int | None | Literal[False] = False,
+    ) -> Sandbox:
+        """Other resource limits (None: unlimited; an argument not given keeps its value)."""
+        changes: dict[str, Any] = {}
+        for name, value in (
+            ("memory_bytes", memory_bytes),
+            ("open_files", open_files),
+            ("processes", processes),
+            ("cpu_seconds", cpu_seconds),
+        ):
+            if value is not False:
+                changes[name] = value
+        return dataclasses.replace(self, **changes)
+
+    def wants(self, layer: str) -> bool:
+        return layer not in self.off
+
+    def to_json(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["off"] = sorted(self.off)
+        out["read_only"] = list(self.read_only)
+        return out
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Sandbox:
+        values = dict(data)
+        values["off"] = frozenset(values.get("off", ()))
+        values["read_only"] = tuple(values.get("read_only", ()))
+        return cls(**values)
+
+
+def missing(report: Mapping[str, str]) -> list[str]:
+    """The layers a report says the kernel could not give."""
+    return [layer for layer, state in report.items() if state.startswith("unavailable")]
+
+
+# -- applying it (in the child) ----------------------------------------------------------------
+
+_CLONE_NEWNS = 0x00020000
+_CLONE_NEWUTS = 0x04000000
+_CLONE_NEWIPC = 0x08000000
+_CLONE_NEWUSER = 0x10000000
+_CLONE_NEWPID = 0x20000000
+_CLONE_NEWNET = 0x40000000
+_CLONE_NEWCGROUP = 0x02000000
+_CLONE_NEWTIME = 0x00000080
+_NAMESPACE_FLAGS = (
+    _CLONE_NEWNS, _CLONE_NEWUTS, _CLONE_NEWIPC, _CLONE_NEWUSER,
+    _CLONE_NEWPID, _CLONE_NEWNET, _CLONE_NEWCGROUP, _CLONE_NEWTIME,
+)  # fmt: skip
+
+_MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_NOEXEC = 1, 2, 4, 8
+_MS_REMOUNT, _MS_BIND, _MS_REC, _MS_PRIVATE = 32, 4096, 16384, 1 << 18
+_MNT_DETACH = 2
+_SYS_PIVOT_ROOT, _SYS_CAPSET = 155, 126  # x86_64
+_PR_SET_PDEATHSIG, _PR_SET_SECCOMP, _PR_CAPBSET_DROP, _PR_SET_NO_NEW_PRIVS = 1, 22, 24, 38
+_SECCOMP_MODE_FILTER = 2
+_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL = 47, 4
+
+# Flags of a mount (statvfs) that a read-only bind remount must keep: the kernel refuses to
+# clear one that a more privileged mount namespace set (the mount is "locked").
+_KEPT_FLAGS = (
+    (os.ST_NOEXEC, _MS_NOEXEC),
+    (os.ST_NOATIME, 1024),
+    (os.ST_NODIRATIME, 2048),
+    (os.ST_RELATIME, 1 << 21),
+)
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+
+
+def _check(result: int, what: str) -> None:
+    if result != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, f"{what}: {os.strerror(code)}")
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """SIGKILL this process when its parent dies (and right now, if it already has)."""
+    _check(_libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "PR_SET_PDEATHSIG")
+    if os.getppid() != parent_pid:
+        os._exit(1)  # the parent died before the prctl: nothing left to serve
+
+
+def view(sandbox: Sandbox, code_paths: Iterable[str]) -> list[str]:
+    """The host paths the child can see: the interpreter's prefixes, every directory on
+    sys.path, system libraries (extension modules load them lazily), the dynamic loader's
+    cache, the child's own code and what the sandbox adds. Existing paths only, each once."""
+    candidates = [
+        sys.prefix,
+        sys.base_prefix,
+        sys.exec_prefix,
+        os.path.dirname(os.path.realpath(sys.executable)),
+        *sys.path,
+        "/usr/lib",
+        "/usr/lib64",
+        "/etc/ld.so.cache",
+        *code_paths,
+        *sandbox.read_only,
+    ]
+    seen: list[str] = []
+    for path in candidates:
+        if not path:
+            continue
+        real = os.path.realpath(path)
+        if real != "/" and os.path.exists(real) and real not in seen:  # never the whole host
+            seen.append(real)
+    # A path inside another one is covered by it.
+    return [p for p in seen if not any(p != q and p.startswith(q.rstrip("/") + "/") for q in seen)]
+
+
+def close_other_fds(sandbox: Sandbox, keep_fds: Sequence[int]) -> str:
+    """The ``fds`` layer, applied first of all, before any library opens descriptors of its
+    own (which closing them later would break); returns its report entry."""
+    if not sandbox.wants("fds"):
+        return "off"
+    _close_fds_except(keep_fds)
+    return f"active: kept {', '.join(str(fd) for fd in sorted(keep_fds))}"
+
+
+def enter(
+    sandbox: Sandbox, keep_fds: Sequence[int], paths: Sequence[str], seccomp: bytes | None, fds: str
+) -> dict[str, str]:
+    """Applies ``sandbox`` to this process (see the module docstring); returns the report.
+    ``seccomp``: the filter program (:func:`seccomp_program`, made by the parent), None if
+    the parent could not make one; ``fds``: what :func:`close_other_fds` reported. May fork
+    (for the pid namespace): then only the process inside returns; the one outside waits
+    for it and exits with its status."""
+    report = {layer: "off" for layer in LAYERS}
+    report["fds"] = fds
+
+    def attempt(layer: str, action: Any) -> bool:
+        if not sandbox.wants(layer):
+            return False
+        try:
+            report[layer] = "active" + (f": {detail}" if (detail := action()) else "")
+            return True
+        except (OSError, ImportError, ValueError) as error:
+            report[layer] = f"unavailable: {error}"
+            return False
+
+    attempt("rlimits", lambda: _set_limits(sandbox))
+    in_userns = attempt("user_namespace", _user_namespace)
+    if in_userns:
+        attempt("ipc_namespace", lambda: _unshare(_CLONE_NEWIPC | _CLONE_NEWUTS))
+        attempt("network_namespace", lambda: _unshare(_CLONE_NEWNET))
+        attempt("pid_namespace", lambda: _pid_namespace(keep_fds))
+        attempt("mount_namespace", lambda: _mount_view(sandbox, paths))
+        attempt("capabilities", _drop_capabilities)
+    else:
+        for layer in (
+            "ipc_namespace",
+            "network_namespace",
+            "pid_namespace",
+            "mount_namespace",
+            "capabilities",
+        ):
+            if sandbox.wants(layer):
+                report[layer] = "unavailable: needs the user namespace"
+    attempt("no_new_privs", lambda: _check(_libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "NO_NEW_PRIVS"))
+    attempt("landlock", lambda: _landlock(sandbox, paths))
+    attempt("seccomp", lambda: _load_seccomp(seccomp))
+    return report
+
+
+_INSIDE_THE_USER_NAMESPACE = (
+    "ipc_namespace",
+    "network_namespace",
+    "pid_namespace",
+    "mount_namespace",
+    "capabilities",
+)
+
+
+def _close_fds_except(keep: Sequence[int]) -> str:
+    low = 3
+    for fd in sorted(k for k in keep if k >= 3):
+        os.closerange(low, fd)
+        low = fd + 1
+    os.closerange(low, 1 << 20)
+    return ""
+
+
+def _set_limits(sandbox: Sandbox) -> str:
+    settings = [
+        ("AS", resource.RLIMIT_AS, sandbox.memory_bytes),
+        ("NOFILE", resource.RLIMIT_NOFILE, sandbox.open_files),
+        ("NPROC", resource.RLIMIT_NPROC, sandbox.processes),
+        ("CPU", resource.RLIMIT_CPU, sandbox.cpu_seconds),
+        ("CORE", resource.RLIMIT_CORE, 0),
+    ]
+    applied = []
+    for name, limit, value in settings:
+        if value is None:
+            continue
+        resource.setrlimit(limit, (value, value))
+        applied.append(f"{name}={value}")
+    if sandbox.processes is not None and os.getuid() == 0:
+        applied.append("(NPROC does not bind uid 0)")
+    return " ".join(applied)
+
+
+def _unshare(flags: int) -> str:
+    if hasattr(os, "unshare"):  # 3.12+
+        os.unshare(flags)
+    else:
+        _check(_libc.unshare(flags), "unshare")
+    return ""
+
+
+def _user_namespace() -> str:
+    uid, gid = os.getuid(), os.getgid()
+    _unshare(_CLONE_NEWUSER | _CLONE_NEWNS)
+    # The same ids inside as outside: files the child may read stay readable to it.
+    with open("/proc/self/uid_map", "w") as f:
+        f.write(f"{uid} {uid} 1\n")
+    with open("/proc/self/setgroups", "w") as f:
+        f.write("deny")
+    with open("/proc/self/gid_map", "w") as f:
+        f.write(f"{gid} {gid} 1\n")
+    return f"uid {uid} gid {gid}"
+
+
+def _pid_namespace(keep_fds: Sequence[int]) -> str:
+    _unshare(_CLONE_NEWPID)
+    alive_read, alive_write = os.pipe()
+    child = os.fork()
+    if child:
+        # The waiter outside keeps nothing of the child's: above all not its kernel
+        # connection, which must close the moment the child dies.
+        os.close(alive_read)
+        for fd in keep_fds:
+            if fd > 2:
+                os.close(fd)
+        _wait_and_mirror(child)  # never returns
+    os.close(alive_write)
+    # Inside, getppid() is 0 (the parent is outside the namespace): the pipe tells whether
+    # the waiter died before the death signal was armed (then its end is closed).
+    _check(_libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "PR_SET_PDEATHSIG")
+    import select
+
+    if select.select([alive_read], [], [], 0)[0]:
+        os._exit(1)
+    os.close(alive_read)
+    return f"pid {os.getpid()} inside"
+
+
+def _wait_and_mirror(child: int) -> None:
+    """In the waiter outside the pid namespace: exit as the child did (and take it along
+    when asked to stop)."""
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, lambda number, _frame: os.kill(child, signal.SIGKILL))
+    while True:
+        try:
+            _, status = os.waitpid(child, 0)
+            break
+        except InterruptedError:
+            continue
+    if os.WIFSIGNALED(status):
+        number = os.WTERMSIG(status)
+        signal.signal(number, signal.SIG_DFL)
+        os.kill(os.getpid(), number)
+    os._exit(os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 1)
+
+
+def _encode(text: str | None) -> bytes | None:
+    return None if text is None else text.encode()
+
+
+def _mount(source: str | None, target: str, fstype: str | None, flags: int, data: str | None = None) -> None:
+    _check(
+        _libc.mount(_encode(source), _encode(target), _encode(fstype), ctypes.c_ulong(flags), _encode(data)),
+        f"mount {target}",
+    )
+
+
+def _mount_view(sandbox: Sandbox, paths: Sequence[str]) -> str:
+    _mount(None, "/", None, _MS_REC | _MS_PRIVATE)
+    root = "/mnt" if os.path.isdir("/mnt") else "/tmp"
+    _mount("capbus-sandbox", root, "tmpfs", _MS_NOSUID | _MS_NODEV, "mode=0755,size=1m")
+    for path in paths:
+        target = root + path
+        if os.path.isdir(path):
+            os.makedirs(target, exist_ok=True)
+        else:
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            open(target, "a").close()
+        _mount(path, target, None, _MS_BIND | _MS_REC)
+        kept = os.statvfs(path).f_flag
+        flags = _MS_REMOUNT | _MS_BIND | _MS_RDONLY | _MS_NOSUID | _MS_NODEV
+        for statvfs_flag, mount_flag in _KEPT_FLAGS:
+            if kept & statvfs_flag:
+                flags |= mount_flag
+        _mount(None, target, None, flags)
+    # Top-level symlinks such as /lib -> usr/lib keep working.
+    for name in ("lib", "lib64", "bin", "sbin"):
+        host = "/" + name
+        if os.path.islink(host) and not os.path.exists(root + host):
+            os.symlink(os.readlink(host), root + host)
+    os.makedirs(root + "/dev", exist_ok=True)
+    open(root + "/dev/null", "a").close()
+    _mount("/dev/null", root + "/dev/null", None, _MS_BIND)
+    if sandbox.writable_tmp:
+        os.makedirs(root + "/tmp", exist_ok=True)
+        _mount(
+            "capbus-tmp",
+            root + "/tmp",
+            "tmpfs",
+            _MS_NOSUID | _MS_NODEV,
+            f"mode=1777,size={sandbox.tmp_bytes}",
+        )
+    os.chdir(root)
+    _check(_libc.syscall(_SYS_PIVOT_ROOT, b".", b"."), "pivot_root")
+    _check(_libc.umount2(b".", _MNT_DETACH), "umount the old root")
+    os.chdir("/")
+    _mount(None, "/", None, _MS_REMOUNT | _MS_BIND | _MS_RDONLY | _MS_NOSUID | _MS_NODEV)
+    return f"{len(paths)} read-only paths"
+
+
+def _drop_capabilities() -> str:
+    last = 0
+    while _libc.prctl(_PR_CAPBSET_DROP, last, 0, 0, 0) == 0:
+        last += 1
+    if ctypes.get_errno() != errno.EINVAL:
+        _check(-1, "PR_CAPBSET_DROP")
+    _libc.prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
+    header = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, this thread
+    data = (ctypes.c_uint32 * 6)()  # effective, permitted, inheritable: all empty
+    _check(_libc.syscall(_SYS_CAPSET, header, data), "capset")
+    return f"{last} dropped"
+
+
+def _landlock(sandbox: Sandbox, paths: Sequence[str]) -> str:
+    # landlockpy (not the older PyPI `landlock`, which has no network or scope rules).
+    import landlockpy
+
+    abi = landlockpy.abi_version()
+    if abi <= 0:
+        raise OSError(errno.ENOSYS, "the kernel has no Landlock")
+    read = landlockpy.AccessFS.READ_FILE | landlockpy.AccessFS.READ_DIR | landlockpy.AccessFS.EXECUTE
+    handled_net = landlockpy.AccessNet(0) if sandbox.network else None  # None: every TCP right
+    scoped = landlockpy.Scope.ABSTRACT_UNIX_SOCKET | landlockpy.Scope.SIGNAL
+    with landlockpy.Ruleset(handled_net=handled_net, scoped=scoped) as ruleset:
+        for path in paths:
+            ruleset.allow_path(path, read if os.path.isdir(path) else read & ~landlockpy.AccessFS.READ_DIR)
+        ruleset.allow_path("/dev/null", landlockpy.AccessFS.READ_FILE | landlockpy.AccessFS.WRITE_FILE)
+        if sandbox.writable_tmp and os.path.isdir("/tmp"):
+            ruleset.allow_path("/tmp", landlockpy.fs_for_abi(abi))
+        ruleset.restrict()
+        handled = f"fs, {'no ' if sandbox.network else ''}tcp rules, scopes {ruleset.scoped!r}"
+    return f"abi {abi}; {handled}"
+
+
+# System calls the child never needs and that reach past its capabilities or the sandbox.
+_DENIED_CALLS = (
+    "ptrace", "process_vm_readv", "process_vm_writev", "kcmp",
+    "mount", "umount2", "pivot_root", "chroot", "unshare", "setns",
+    "fsopen", "fsconfig", "fsmount", "fspick", "move_mount", "open_tree", "mount_setattr",
+    "open_by_handle_at", "name_to_handle_at",
+    "bpf", "perf_event_open", "userfaultfd", "keyctl", "add_key", "request_key",
+    "init_module", "finit_module", "delete_module", "kexec_load", "kexec_file_load",
+    "io_uring_setup", "io_uring_enter", "io_uring_register",
+    "reboot", "swapon", "swapoff", "acct", "quotactl", "syslog",
+)  # fmt: skip
+
+
+_programs: dict[bool, bytes] = {}
+
+
+def seccomp_program(sandbox: Sandbox) -> bytes:
+    """The seccomp filter for ``sandbox``, as BPF for PR_SET_SECCOMP, made with libseccomp
+    (through pyseccomp) in the parent and cached: the child only loads it, which keeps
+    libseccomp's start-up cost out of every spawn."""
+    program = _programs.get(sandbox.network)
+    if program is not None:
+        return program
+    import tempfile
+
+    # pyseccomp: libseccomp through ctypes (Debian's binding serves only Debian's python).
+    import pyseccomp as seccomp
+
+    rules = seccomp.SyscallFilter(defaction=seccomp.ALLOW)
+    if not sandbox.network:
+        # io_uring is denied below: its socket operations would bypass this rule.
+        rules.add_rule(
+            seccomp.ERRNO(errno.EAFNOSUPPORT), "socket", seccomp.Arg(0, seccomp.NE, socket.AF_UNIX)
+        )
+    for call in _DENIED_CALLS:
+        rules.add_rule(seccomp.ERRNO(errno.EPERM), call)
+    # clone with any namespace flag: EPERM; clone3 (whose flags sit behind a pointer, out of
+    # a filter's reach): ENOSYS, so that libc falls back to clone.
+    for flag in _NAMESPACE_FLAGS:
+        rules.add_rule(seccomp.ERRNO(errno.EPERM), "clone", seccomp.Arg(0, seccomp.MASKED_EQ, flag, flag))
+    rules.add_rule(seccomp.ERRNO(errno.ENOSYS), "clone3")
+    with tempfile.TemporaryFile() as out:
+        rules.export_bpf(out)
+        out.seek(0)
+        program = _programs[sandbox.network] = out.read()
+    return program
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+
+def _load_seccomp(program: bytes | None) -> str:
+    if not program:
+        raise OSError(errno.ENOPKG, "no filter: the parent could not make one (libseccomp missing?)")
+    buffer = ctypes.create_string_buffer(program, len(program))
+    fprog = _SockFprog(len(program) // 8, ctypes.addressof(buffer))
+    _check(_libc.prctl(_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, ctypes.byref(fprog), 0, 0), "PR_SET_SECCOMP")
+    return f"{len(program) // 8} BPF instructions"

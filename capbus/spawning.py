@@ -1,0 +1,336 @@
+"""capbus.spawn: a child process that holds only the capabilities it was given.
+
+::
+
+    async with capbus.spawn(vat, "converter:main", capabilities={"input": fd, "out": sink}) as child:
+        converter = await child.capability("converter", Converter)
+        ...
+
+The child gets one kernel connection and nothing else: every other fd closed (stdin and
+stdout are /dev/null, stderr a pipe the parent keeps the tail of, for error messages), an
+empty environment (plus what ``env`` adds), the working directory ``/``, and the sandbox
+of :mod:`capbus.sandbox`. Its seed holds one handle: a Launcher object of the parent
+(schemas/capbus/spawn.capnp) from which the child, once its sandbox is up and before it
+runs any of its own code, fetches the capabilities passed here by name, sending its
+sandbox report; the parent refuses a strict sandbox that lacks a layer. The child hands
+capabilities back with ``boot.offer(...)``.
+
+The child dies with its parent (PR_SET_PDEATHSIG; and its kernel connection ends when an
+embedded kernel does); when it dies, the kernel destroys its nodes, so its capabilities
+fail with Disconnected at once; leaving the ``async with`` block kills it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar, overload
+
+import trio
+
+from . import sandbox as _sandbox
+from .bootstrapping import SPAWN, Bootstrap, _as, entries, named
+from .rpc.client import Client
+from .rpc.errors import Failed
+from .rpc.fds import FileDescriptor
+from .rpc.vat import Vat
+from .sandbox import Sandbox, SandboxError
+
+ClientT = TypeVar("ClientT", bound=Client)
+STDERR_KEPT = 64 * 1024
+
+
+class ChildError(Exception):
+    """The child could not start, or exited before it could do what was asked."""
+
+
+class _Launcher(SPAWN.Launcher.Server):  # type: ignore[misc]
+    """The parent's object in the child's seed (schemas/capbus/spawn.capnp)."""
+
+    def __init__(self, capabilities: list[dict[str, Any]], policy: Sandbox) -> None:
+        self._capabilities: list[dict[str, Any]] | None = capabilities
+        self._policy = policy
+        self.report: dict[str, str] | None = None
+        self.refused: str | None = None
+        self.started = trio.Event()
+        self.offered: dict[str, Client | FileDescriptor] = {}
+        self.offers = trio.Event()
+
+    def start(self, report: str) -> dict[str, Any]:
+        if self._capabilities is None:
+            raise Failed("already started")
+        try:
+            parsed = json.loads(report)
+            if not isinstance(parsed, dict) or not all(isinstance(v, str) for v in parsed.values()):
+                raise ValueError("not a mapping of layer to state")
+        except ValueError as error:
+            self.refused = f"the child sent a malformed sandbox report: {error}"
+            self.started.set()
+            raise Failed(self.refused) from error
+        self.report = parsed
+        lacking = _sandbox.missing(parsed)
+        if lacking and self._policy.policy == "strict":
+            reasons = "; ".join(f"{layer}: {parsed[layer]}" for layer in lacking)
+            self.refused = f"strict sandbox, but this kernel lacks {', '.join(lacking)} ({reasons})"
+            self.started.set()
+            raise Failed(self.refused)
+        capabilities, self._capabilities = self._capabilities, None  # handed out once
+        self.started.set()
+        return {"capabilities": capabilities}
+
+    def offer(self, capabilities: Any) -> None:
+        self.offered.update(named(capabilities))
+        self.offers.set()
+        self.offers = trio.Event()
+
+
+class Child:
+    """A spawned child process (see the module docstring)."""
+
+    def __init__(self, process: subprocess.Popen[bytes], launcher: _Launcher, vat: Vat) -> None:
+        self._process = process
+        self._launcher = launcher
+        self._vat = vat
+        self._exited = trio.Event()
+        self._stderr = bytearray()
+        self.returncode: int | None = None
+        """The exit status once the child is gone (negative: killed by that signal)."""
+
+    @property
+    def pid(self) -> int:
+        return self._process.pid
+
+    @property
+    def sandbox_report(self) -> dict[str, str]:
+        """Layer -> "active ...", "off" or "unavailable: ..." for each capbus.sandbox layer."""
+        return dict(self._launcher.report or {})
+
+    @property
+    def stderr(self) -> bytes:
+        """The last 64 KiB the child wrote to its stderr."""
+        return bytes(self._stderr)
+
+    def describe_exit(self) -> str:
+        """How the child ended, with the last line it wrote to stderr."""
+        code = self.returncode
+        if code is None:
+            return "still running"
+        if code < 0:
+            try:
+                what = f"killed by {signal.Signals(-code).name}"
+            except ValueError:
+                what = f"killed by signal {-code}"
+        else:
+            what = f"exited with status {code}"
+        for line in reversed(self._stderr.decode(errors="replace").splitlines()):
+            text = line.strip().lstrip("|").strip()  # inside a printed exception group
+            if text and not set(text) <= set("+-"):
+                return f"{what}: {text}"
+        return what
+
+    @overload
+    async def capability(self, name: str) -> Client | FileDescriptor: ...
+
+    @overload
+    async def capability(self, name: str, interface: type[ClientT]) -> ClientT: ...
+
+    @overload
+    async def capability(self, name: str, interface: Any) -> Any: ...
+
+    async def capability(self, name: str, interface: Any = None) -> Any:
+        """What the child offered as ``name`` (waiting for its offer); with ``interface``, as
+        a client of that interface. Raises ChildError if the child is gone first."""
+        while name not in self._launcher.offered:
+            if self._exited.is_set():
+                raise ChildError(f"the child {self.describe_exit()} without offering {name!r}")
+            async with trio.open_nursery() as nursery:
+
+                async def exited() -> None:
+                    await self._exited.wait()
+                    nursery.cancel_scope.cancel()
+
+                async def offered() -> None:
+                    await self._launcher.offers.wait()
+                    nursery.cancel_scope.cancel()
+
+                nursery.start_soon(exited)
+                nursery.start_soon(offered)
+        value = self._launcher.offered[name]
+        if interface is None:
+            return value
+        if not isinstance(value, Client):
+            raise TypeError(f"{name!r} is a file descriptor, not a capability")
+        return _as(value, interface)
+
+    async def wait(self) -> int:
+        """Waits for the child to exit; returns its status (negative: killed by that signal)."""
+        await self._exited.wait()
+        assert self.returncode is not None
+        return self.returncode
+
+    def kill(self) -> None:
+        """SIGKILL (the child's own processes go with it)."""
+        if self.returncode is None:
+            try:
+                self._process.kill()
+            except ProcessLookupError:
+                pass
+
+    async def _watch(self) -> None:
+        """Reaps the child when it exits (through a pidfd: no thread, no SIGCHLD)."""
+        pidfd = os.pidfd_open(self._process.pid)
+        try:
+            await trio.lowlevel.wait_readable(pidfd)
+        finally:
+            os.close(pidfd)
+        self.returncode = self._process.wait()
+        self._exited.set()
+        self._launcher.started.set()  # wakes a spawn still waiting for the start
+
+    async def _collect_stderr(self, stream: trio.lowlevel.FdStream) -> None:
+        async with stream:
+            while chunk := await stream.receive_some(65536):
+                self._stderr += chunk
+                del self._stderr[:-STDERR_KEPT]
+
+
+Target = str | Callable[..., Any] | Sequence[str]
+
+
+def _target(target: Target, code: Sequence[str]) -> tuple[dict[str, Any], list[str]]:
+    """The child's target as _child.py takes it, and the directories its code needs."""
+    paths = [os.path.abspath(p) for p in code]
+    if isinstance(target, str):
+        module, _, function = target.partition(":")
+        if not module or not function:
+            raise ValueError(f"a target is 'module:function', not {target!r}")
+        spec = importlib.util.find_spec(module) if not paths else None
+        if spec is not None and spec.origin:
+            paths.append(_import_root(spec.origin, module))
+        return {"kind": "python", "module": module, "function": function}, paths
+    if callable(target):
+        name = target.__module__
+        source = inspect.getsourcefile(target)
+        if source is None:
+            raise ValueError(f"{target!r} has no source file to run in the child")
+        source = os.path.abspath(source)
+        if name == "__main__":  # a script: imported in the child under its file's name
+            name = os.path.splitext(os.path.basename(source))[0]
+            paths.append(os.path.dirname(source))
+        else:
+            paths.append(_import_root(source, name))
+        return {"kind": "python", "module": name, "function": target.__qualname__}, paths
+    argv = [os.fspath(a) for a in target]
+    if not argv or not os.path.isabs(argv[0]):
+        raise ValueError("an argv target needs an absolute path to the program first")
+    return {"kind": "argv", "argv": argv}, paths
+
+
+def _import_root(source: str, module: str) -> str:
+    """The directory to put on sys.path so that ``module`` imports from ``source``."""
+    root = os.path.dirname(os.path.abspath(source))
+    depth = module.count(".") + (1 if os.path.basename(source) == "__init__.py" else 0)
+    for _ in range(depth):
+        root = os.path.dirname(root)
+    return root
+
+
+@asynccontextmanager
+async def spawn(
+    vat: Vat,
+    target: Target,
+    *,
+    capabilities: Mapping[str, object] | None = None,
+    sandbox: Sandbox | None = None,
+    code: Sequence[str | os.PathLike[str]] = (),
+    env: Mapping[str, str] | None = None,
+    python: str | None = None,
+    user: int | str | None = None,
+    group: int | str | None = None,
+) -> AsyncIterator[Child]:
+    """Starts a child (see the module docstring) and yields it once it runs inside its
+    sandbox with its capabilities; leaving the block kills it.
+
+    ``target``: ``"module:function"`` or a module-level async function, called in the child
+    with its :class:`~capbus.bootstrapping.Bootstrap`; or an argv (absolute program path
+    first), exec'd inside the sandbox, which gets its capabilities with
+    ``capbus.bootstrap()``. ``capabilities``: name -> client, server object (exported) or
+    file descriptor (an int or anything with ``fileno()``; duplicated into the child).
+    ``sandbox``: default :meth:`Sandbox.strict`. ``code``: directories the child imports
+    its code from (default: where ``target`` comes from). ``python``: the interpreter
+    (default this one). ``user``/``group``: run the child as them (needs root).
+
+    Raises :class:`SandboxError` when a strict sandbox cannot be had, :class:`ChildError`
+    when the child fails before it starts.
+    """
+    policy = sandbox or Sandbox.strict()
+    spec, code_paths = _target(target, [os.fspath(c) for c in code])
+    program = None
+    if policy.wants("seccomp"):
+        try:
+            program = _sandbox.seccomp_program(policy)
+        except (ImportError, OSError) as error:
+            program = None  # the child reports the layer unavailable
+            del error
+    launcher = _Launcher(entries(capabilities or {}), policy)
+    launcher_node = await vat.export(launcher)
+    connection = await vat.peer.create_peer(b"capbus.spawn", handles=[launcher_node])
+    environment = dict(env or {})
+    config = {
+        "fd": connection.fileno(),
+        "parent": os.getpid(),
+        "sandbox": policy.to_json(),
+        "seccomp": program.hex() if program else None,
+        "target": spec,
+        "code": code_paths,
+    }
+    stderr_read, stderr_write = os.pipe()
+    try:
+        # Popen right here, in this thread: PR_SET_PDEATHSIG fires when the *thread* that
+        # forked the child ends, so a worker thread (trio.run_process's way) would kill the
+        # child when the thread cache retires it.
+        process = subprocess.Popen(
+            [python or sys.executable, "-P", "-s", "-m", "capbus._child", json.dumps(config)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr_write,
+            pass_fds=[connection.fileno()],
+            env=environment,
+            cwd="/",
+            user=user,
+            group=group,
+            extra_groups=[] if group is not None else None,
+        )
+    except BaseException:
+        os.close(stderr_read)
+        raise
+    finally:
+        os.close(stderr_write)
+        connection.close()
+    child = Child(process, launcher, vat)
+    # The watchers run in the vat's nursery, not in one of ours around the block: an
+    # exception from the block (or from here) then reaches the caller as it is, not
+    # wrapped in an exception group.
+    vat.start_soon(child._watch)
+    vat.start_soon(child._collect_stderr, trio.lowlevel.FdStream(stderr_read))
+    try:
+        await launcher.started.wait()
+        if launcher.refused is not None:
+            raise SandboxError(launcher.refused)
+        if launcher.report is None:
+            raise ChildError(f"the child {child.describe_exit()} before it started")
+        yield child
+    finally:
+        child.kill()
+        with trio.CancelScope(shield=True):
+            await child._exited.wait()
+
+
+__all__ = ["Bootstrap", "Child", "ChildError", "Sandbox", "SandboxError", "spawn"]

@@ -1,0 +1,25 @@
+# What the spawn tests' children (children.py) serve and use.
+@0xfae8734538cf2a21;
+
+using Fd = import "/capbus/fd.capnp".Fd;
+
+interface Prober {
+  probe @0 (what :Text, arg :Text) -> (outcome :Text);
+  # Tries something from inside the sandbox: "ALLOWED: ..." or "denied: ERRNO".
+  forge @1 (first :UInt64, last :UInt64) -> (reached :List(UInt64));
+  # Sends to every handle id in [first, last] the child does not hold; the ids that took it.
+  allocate @2 (megabytes :UInt32) -> ();
+  flood @3 (target :Sink, calls :UInt32) -> (refused :UInt32);
+  # One-way calls as fast as it can; how many the kernel refused.
+  crash @4 () -> ();
+  hang @5 () -> ();
+}
+
+interface Sink {
+  put @0 (data :Data) -> ();
+  done @1 () -> ();
+}
+
+interface Source {
+  file @0 () -> (fd :Fd);
+}

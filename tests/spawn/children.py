@@ -1,0 +1,149 @@
+"""Targets the spawn tests start in children (capbus.spawn imports this file in the child,
+inside its sandbox)."""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+import trio
+
+import capbus
+
+schema: Any = capbus.load(Path(__file__).with_name("children.capnp"))
+
+
+def _denied(error: OSError) -> str:
+    return f"denied: {errno.errorcode.get(error.errno or 0, str(error.errno))}"
+
+
+class Prober(schema.Prober.Server):  # type: ignore[misc,name-defined]
+    def __init__(self, boot: capbus.Bootstrap) -> None:
+        self.boot = boot
+
+    def probe(self, what: str, arg: str) -> str:
+        try:
+            return "ALLOWED: " + self._probe(what, arg)
+        except OSError as error:
+            return _denied(error)
+
+    def _probe(self, what: str, arg: str) -> str:
+        if what == "read":
+            with open(arg, "rb") as f:
+                return f"{len(f.read())} bytes"
+        if what == "write":
+            with open(arg, "w") as f:
+                f.write("written from the sandbox")
+            return arg
+        if what == "listdir":
+            return ",".join(sorted(os.listdir(arg)))
+        if what == "tcp":
+            with socket.create_connection(("127.0.0.1", int(arg)), timeout=5):
+                return "connected"
+        if what == "inet":
+            socket.socket(socket.AF_INET, socket.SOCK_STREAM).close()
+            return "made an AF_INET socket"
+        if what == "udp":
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM).close()
+            return "made a UDP socket"
+        if what == "unix":
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                s.connect(arg)
+                return "connected"
+        if what == "abstract":
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                s.connect("\0" + arg)
+                return "connected"
+        if what == "signal":
+            os.kill(int(arg), 0)
+            return "may signal"
+        if what == "unshare":
+            libc = ctypes.CDLL(None, use_errno=True)
+            if libc.unshare(0x10000000) != 0:  # CLONE_NEWUSER
+                raise OSError(ctypes.get_errno(), "unshare")
+            return "unshared"
+        if what == "ptrace":
+            libc = ctypes.CDLL(None, use_errno=True)
+            if libc.ptrace(16, int(arg), 0, 0) != 0:  # PTRACE_ATTACH
+                raise OSError(ctypes.get_errno(), "ptrace")
+            return "attached"
+        if what == "environ":
+            return ",".join(sorted(os.environ))
+        if what == "fds":  # fd:device:inode of every open fd below 256
+            return ",".join(_describe(fd) for fd in range(256) if _describe(fd))
+        if what == "fd":
+            fd = self.boot.fd(arg)
+            return os.pread(fd.fileno(), 1 << 16, 0).decode()
+        raise ValueError(f"unknown probe {what}")
+
+    async def forge(self, first: int, last: int) -> list[int]:
+        peer = self.boot.peer
+        reached = []
+        for handle in range(first, last + 1):
+            try:
+                await peer.send(handle, b"forged")
+                reached.append(handle)
+            except capbus.CapbusError:
+                pass
+        return reached
+
+    def allocate(self, megabytes: int) -> None:
+        hoard = [bytearray(1 << 20) for _ in range(megabytes)]
+        del hoard
+
+    async def flood(self, target: Any, calls: int) -> int:
+        refused = 0
+        put = target.put
+        for _ in range(calls):
+            try:
+                await put.oneway(data=b"x" * 1024)
+            except capbus.rpc.errors.RpcError:
+                refused += 1
+        return refused
+
+    def crash(self) -> None:
+        ctypes.string_at(0)  # a real fault: even a pid 1 cannot ignore it
+
+    async def hang(self) -> None:
+        await trio.sleep_forever()
+
+
+def _describe(fd: int) -> str:
+    try:
+        status = os.fstat(fd)
+    except OSError:
+        return ""
+    return f"{fd}:{status.st_dev}:{status.st_ino}"
+
+
+async def prober(boot: capbus.Bootstrap) -> None:
+    """Offers a Prober and serves it."""
+    await boot.offer(prober=Prober(boot))
+    await trio.sleep_forever()
+
+
+async def copier(boot: capbus.Bootstrap) -> None:
+    """The job done through capabilities only: reads the ``input`` fd, writes it upper-cased
+    to the ``output`` Sink, then offers nothing and exits."""
+    source = boot.fd("input")
+    sink = boot.get("output", schema.Sink)
+    while chunk := os.read(source.fileno(), 4096):
+        await sink.put(data=chunk.upper())
+    await sink.done()
+
+
+async def runaway(boot: capbus.Bootstrap) -> None:
+    """Allocates until its memory limit stops it (and does not catch the MemoryError)."""
+    hoard = []
+    while True:
+        hoard.append(bytearray(16 << 20))
+
+
+async def give_back(boot: capbus.Bootstrap) -> None:
+    """Offers back what it was given (identity checks), then serves a prober."""
+    await boot.offer(same=boot.get("sink", schema.Sink), prober=Prober(boot))
+    await trio.sleep_forever()
