@@ -150,18 +150,17 @@ class Child:
         while name not in self._launcher.offered:
             if self._exited.is_set():
                 raise ChildError(f"the child {self.describe_exit()} without offering {name!r}")
+            # Taken now, with the check above: an offer that arrives before the waiting task
+            # runs sets this event (the launcher then makes a new one for later offers).
+            next_offer = self._launcher.offers
             async with trio.open_nursery() as nursery:
 
-                async def exited() -> None:
-                    await self._exited.wait()
+                async def wake_on(event: trio.Event) -> None:
+                    await event.wait()
                     nursery.cancel_scope.cancel()
 
-                async def offered() -> None:
-                    await self._launcher.offers.wait()
-                    nursery.cancel_scope.cancel()
-
-                nursery.start_soon(exited)
-                nursery.start_soon(offered)
+                nursery.start_soon(wake_on, self._exited)
+                nursery.start_soon(wake_on, next_offer)
         value = self._launcher.offered[name]
         if interface is None:
             return value

@@ -29,7 +29,7 @@ from .. import errors as bus
 from ..peer import Handle, Message, Peer
 from .client import Client, Promise
 from .engine import CallArrived, Engine, Event, FinishArrived, Forward, MayRetire, Returned, Send
-from .errors import Disconnected, Failed, RpcError, Unimplemented, from_kernel
+from .errors import Disconnected, Failed, Overloaded, RpcError, Unimplemented, from_kernel
 from .fds import duplicates
 from .interface import Interface, Method
 from .protocol import (
@@ -82,12 +82,24 @@ class Vat:
     """See the module docstring. Make one with :func:`open_vat`."""
 
     def __init__(
-        self, peer: Peer, nursery: trio.Nursery, engine: Engine, *, max_concurrent_calls: int
+        self,
+        peer: Peer,
+        nursery: trio.Nursery,
+        engine: Engine,
+        *,
+        max_concurrent_calls: int,
+        max_queued_calls: int = 4096,
     ) -> None:
         self.peer = peer
         self.engine = engine
         self._concurrency = trio.Semaphore(max_concurrent_calls)
         """Handlers running at once, at most: further calls wait their turn (in order)."""
+        self._max_queued = max_queued_calls
+        self._queued = 0
+        """Calls received whose handler has not started: past the bound, new calls are
+        answered Overloaded at once. The vat reads every message as it comes (a return it
+        waits for may be behind them), so without this a peer that floods it with calls
+        would make it hold them all."""
         self.stream_window = STREAM_WINDOW
         """Bytes of ``-> stream`` calls one capability may have unacknowledged."""
         self._streams: dict[int, _Stream] = {}  # client handle -> its stream
@@ -319,8 +331,10 @@ class Vat:
         self.engine.forget(question_id)  # open or answered: the callee may let go either way
         try:
             self._nursery.start_soon(self._finish, target, question_id)
-        except RuntimeError:
-            pass  # the vat is closed
+        except (RuntimeError, AttributeError):
+            # The vat is closed, or its trio run is over (collected at interpreter exit:
+            # trio then fails with AttributeError).
+            pass
 
     async def multicast(
         self, clients: Sequence[Client], method: Method, params: Mapping[str, Any]
@@ -461,9 +475,16 @@ class Vat:
                 waiting[1].append(event)
                 waiting[0].set()
         elif isinstance(event, CallArrived):
-            if event.method is not None and event.method.streaming and event.reply is not None:
+            streaming = event.method is not None and event.method.streaming and event.reply is not None
+            if not streaming and self._serve_inline(event):
+                return
+            if self._queued >= self._max_queued:
+                self._refuse_overloaded(event)
+            elif streaming:
+                self._queued += 1
                 self._queue_stream_call(event)
-            elif not self._serve_inline(event):
+            else:
+                self._queued += 1
                 self._nursery.start_soon(self._serve, event, self._tickets)
                 self._tickets += 1
         elif isinstance(event, FinishArrived):
@@ -513,6 +534,7 @@ class Vat:
             params = params_of(arrived.call, method)
             result = server._handler(method)(**server._arguments(method, params))
             if inspect.isawaitable(result):  # a plain function that hands back an awaitable
+                self._queued += 1
                 self._nursery.start_soon(self._serve, arrived, self._tickets, result)
                 self._tickets += 1
                 return True
@@ -532,6 +554,19 @@ class Vat:
         if not self._send_now(reply.handle, encoded):
             self._nursery.start_soon(self._send_return, reply, question_id, encoded)
         return True
+
+    def _refuse_overloaded(self, arrived: CallArrived) -> None:
+        """Answers a call that would queue past the bound with Overloaded (a one-way call
+        is dropped, as it would be by a full kernel queue)."""
+        reply = arrived.reply
+        if reply is None:
+            return
+        question_id = arrived.question_id
+        error = Overloaded(f"{self._queued} calls are already waiting here; try again later")
+        encoded = encode_exception(question_id, error)
+        for event in self.engine.completed((reply.handle, question_id), encoded):
+            self._handle(event)  # calls pipelined on this one fail with it
+        self._nursery.start_soon(self._send_return, reply, question_id, encoded)
 
     def _send_now(self, destination: int, encoded: Encoded) -> bool:
         """Sends a one-way message if that needs no wait (its objects all have nodes, the
@@ -573,6 +608,7 @@ class Vat:
         reply, question_id, method = arrived.reply, arrived.question_id, arrived.method
         key = None if reply is None else (reply.handle, question_id)
         encoded: Encoded | None = None
+        queued = True  # counted in self._queued until the handler starts
         with trio.CancelScope() as scope:
             if key is not None:
                 self._serving[key] = scope
@@ -588,6 +624,8 @@ class Vat:
                     self._concurrency.acquire_nowait()  # uncontended: no scheduler round
                 except trio.WouldBlock:
                     await self._concurrency.acquire()
+                self._queued -= 1
+                queued = False
                 try:
                     # The next call may start once this handler has begun: it runs until its
                     # first checkpoint before any other task does.
@@ -605,6 +643,8 @@ class Vat:
             except Exception as error:  # noqa: BLE001 - the caller gets it as Failed
                 encoded = encode_exception(question_id, Failed(f"{type(error).__name__}: {error}"))
             finally:
+                if queued:
+                    self._queued -= 1
                 self._pass_turn(ticket)  # not reached the handler: let the others go on
                 if key is not None:
                     self._serving.pop(key, None)
@@ -689,6 +729,7 @@ def _interface(interface: Any) -> Interface:
 
 
 MAX_CONCURRENT_CALLS = 1024
+MAX_QUEUED_CALLS = 4096
 
 
 @asynccontextmanager
@@ -697,9 +738,11 @@ async def open_vat(
     *,
     max_message_bytes: int = MAX_MESSAGE_BYTES,
     max_concurrent_calls: int = MAX_CONCURRENT_CALLS,
+    max_queued_calls: int = MAX_QUEUED_CALLS,
 ) -> AsyncIterator[Vat]:
     """Runs the RPC endpoint of ``peer`` for the duration of the block. At most
-    ``max_concurrent_calls`` handlers run at once (the rest wait, in arrival order)."""
+    ``max_concurrent_calls`` handlers run at once; up to ``max_queued_calls`` more calls
+    wait, in arrival order; calls past that are answered Overloaded at once."""
     reply_node = (await peer.create_node()).id
     async with trio.open_nursery() as nursery:
         vat: Vat | None = None
@@ -709,7 +752,8 @@ async def open_vat(
                 vat._wake_releaser()
 
         engine = Engine(reply_node, max_message_bytes=max_message_bytes, on_release=wake)
-        vat = Vat(peer, nursery, engine, max_concurrent_calls=max_concurrent_calls)
+        limits = {"max_concurrent_calls": max_concurrent_calls, "max_queued_calls": max_queued_calls}
+        vat = Vat(peer, nursery, engine, **limits)
         await vat._start()
         try:
             yield vat

@@ -174,6 +174,44 @@ async def test_the_server_bounds_how_many_calls_run_at_once(kernel: capbus.Kerne
     await client_peer.aclose()
 
 
+async def test_calls_past_the_queue_bound_are_refused_overloaded(kernel: capbus.Kernel) -> None:
+    """One handler runs, two calls may wait; the rest of a burst is answered Overloaded at
+    once, and every call gets exactly one answer."""
+    server_peer = await kernel.connect()
+    client_peer = await kernel.connect()
+    server = FactoryServer()
+    server.release_slow = trio.Event()
+    async with (
+        open_vat(server_peer, max_concurrent_calls=1, max_queued_calls=2) as server_vat,
+        open_vat(client_peer) as client_vat,
+    ):
+        node = await server_vat.export(server)
+        factory = client_vat.client(await server_peer.transfer(node, client_peer), schema.Factory)
+        outcomes: list[str] = []
+
+        async def call() -> None:
+            try:
+                await factory.slow()
+                outcomes.append("done")
+            except errors.Overloaded as error:
+                assert "calls are already waiting here" in error.reason
+                outcomes.append("overloaded")
+
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                for _ in range(10):
+                    nursery.start_soon(call)
+                while outcomes.count("overloaded") < 7:  # bounded by fail_after
+                    await trio.sleep(0.001)
+                server.release_slow.set()
+        # Two waiting, one running: three at most (two, if the burst came in before the
+        # first handler started, as it counts as waiting until then).
+        assert len(outcomes) == 10 and outcomes.count("done") in (2, 3)
+        assert server.most_running == 1
+    await server_peer.aclose()
+    await client_peer.aclose()
+
+
 async def pair_settles(vat: Vat) -> None:
     """Waits until all ten calls have arrived at the server (its answers table has them)."""
     while vat.statistics().answers < 10:

@@ -7,7 +7,7 @@ interface Prober {
   probe @0 (what :Text, arg :Text) -> (outcome :Text);
   # Tries something from inside the sandbox: "ALLOWED: ..." or "denied: ERRNO".
   forge @1 (first :UInt64, last :UInt64) -> (reached :List(UInt64));
-  # Sends to every handle id in [first, last] the child does not hold; the ids that took it.
+  # Sends to every handle id in [first, last] that the child does not hold; the ids that took it.
   allocate @2 (megabytes :UInt32) -> ();
   flood @3 (target :Sink, calls :UInt32) -> (refused :UInt32);
   # One-way calls as fast as it can; how many the kernel refused.

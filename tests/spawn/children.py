@@ -50,8 +50,8 @@ class Prober(schema.Prober.Server):  # type: ignore[misc,name-defined]
         if what == "udp":
             socket.socket(socket.AF_INET, socket.SOCK_DGRAM).close()
             return "made a UDP socket"
-        if what == "unix":
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        if what == "unix":  # a capbus kernel's socket: SOCK_SEQPACKET
+            with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as s:
                 s.connect(arg)
                 return "connected"
         if what == "abstract":
@@ -81,11 +81,17 @@ class Prober(schema.Prober.Server):  # type: ignore[misc,name-defined]
         raise ValueError(f"unknown probe {what}")
 
     async def forge(self, first: int, last: int) -> list[int]:
-        peer = self.boot.peer
+        boot = self.boot
+        engine = boot.vat.engine
+        # What it holds: its own nodes, and every handle it received (the launcher, its
+        # capabilities, the reply node of each caller).
+        held = {engine.reply_node, *engine.exports, *engine.imports.keys(), *engine._recent_replies}
         reached = []
         for handle in range(first, last + 1):
+            if handle in held:
+                continue
             try:
-                await peer.send(handle, b"forged")
+                await boot.peer.send(handle, b"forged")
                 reached.append(handle)
             except capbus.CapbusError:
                 pass
@@ -96,12 +102,18 @@ class Prober(schema.Prober.Server):  # type: ignore[misc,name-defined]
         del hoard
 
     async def flood(self, target: Any, calls: int) -> int:
+        """Sends every call before waiting for any answer; returns how many were refused."""
         refused = 0
-        put = target.put
+        promises = []
         for _ in range(calls):
             try:
-                await put.oneway(data=b"x" * 1024)
-            except capbus.rpc.errors.RpcError:
+                promises.append(await target.put.send(data=b"x" * 1024))
+            except capbus.rpc.errors.Overloaded:  # the kernel: the parent's queue is full
+                refused += 1
+        for promise in promises:
+            try:
+                await promise
+            except capbus.rpc.errors.Overloaded:  # the parent's vat: too many calls waiting
                 refused += 1
         return refused
 

@@ -1,0 +1,129 @@
+"""A child that crashes, hangs, floods its parent or runs out of memory is contained: another
+child goes on being served, the parent's own work goes on, and the parent sees a clear
+error (an exit status with the reason, Disconnected on the child's capabilities)."""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+import capbus
+from capbus.rpc import errors
+from capbus.rpc.vat import Vat, open_vat
+
+HERE = Path(__file__).resolve().parent
+schema: Any = capbus.load(HERE / "children.capnp")
+
+
+@pytest.fixture
+async def vat(kernel: capbus.Kernel) -> AsyncIterator[Vat]:
+    peer = await kernel.connect()
+    async with open_vat(peer) as made:
+        yield made
+    await peer.aclose()
+
+
+class Counter(schema.Sink.Server):  # type: ignore[misc,name-defined]
+    def __init__(self) -> None:
+        self.puts = 0
+
+    def put(self, data: bytes) -> None:
+        self.puts += 1
+
+
+async def healthy(stack: AsyncExitStack, vat: Vat) -> Any:
+    """A well-behaved child next to the bad one; returns its prober."""
+    child = await stack.enter_async_context(capbus.spawn(vat, "children:prober", code=[HERE]))
+    return await child.capability("prober", schema.Prober)
+
+
+async def still_served(prober: Any) -> None:
+    for _ in range(20):
+        assert (await prober.probe(what="environ", arg="")).outcome.startswith("ALLOWED")
+
+
+async def test_a_crash(vat: Vat) -> None:
+    with trio.fail_after(60):
+        async with AsyncExitStack() as stack:
+            other = await healthy(stack, vat)
+            bad = await stack.enter_async_context(capbus.spawn(vat, "children:prober", code=[HERE]))
+            prober = await bad.capability("prober", schema.Prober)
+            with pytest.raises(errors.Disconnected):
+                await prober.crash()
+            await still_served(other)
+            assert await bad.wait() == -signal.SIGSEGV
+
+
+async def test_a_hang(vat: Vat) -> None:
+    with trio.fail_after(60):
+        async with AsyncExitStack() as stack:
+            other = await healthy(stack, vat)
+            bad = await stack.enter_async_context(capbus.spawn(vat, "children:prober", code=[HERE]))
+            prober = await bad.capability("prober", schema.Prober)
+            outcome: list[BaseException] = []
+
+            async def wait_for_the_hung_call() -> None:
+                try:
+                    await prober.hang()
+                except errors.Disconnected as error:
+                    outcome.append(error)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(wait_for_the_hung_call)
+                await still_served(other)  # while a call to the hung child is pending
+                bad.kill()
+            assert len(outcome) == 1  # the pending call failed as soon as the child died
+            assert await bad.wait() == -signal.SIGKILL
+
+
+class SlowSink(schema.Sink.Server):  # type: ignore[misc,name-defined]
+    def __init__(self) -> None:
+        self.puts = 0
+        self.gate = trio.Event()
+
+    async def put(self, data: bytes) -> None:
+        await self.gate.wait()
+        self.puts += 1
+
+
+async def test_a_flood(kernel: capbus.Kernel, vat: Vat) -> None:
+    """A child sends its parent calls as fast as it can, without waiting for answers, to an
+    object that is stuck for a while: past the parent vat's bound on waiting calls, calls
+    are refused with Overloaded (so the parent holds at most that many); none is lost, and
+    the parent and another child go on."""
+    sink = SlowSink()
+    peer = await kernel.connect()
+    with trio.fail_after(120):
+        async with AsyncExitStack() as stack:
+            bounded = await stack.enter_async_context(
+                open_vat(peer, max_concurrent_calls=1, max_queued_calls=32)
+            )
+            other = await healthy(stack, vat)
+            bad = await stack.enter_async_context(capbus.spawn(bounded, "children:prober", code=[HERE]))
+            prober = await bad.capability("prober", schema.Prober)
+            flood = await prober.flood.send(target=sink, calls=3000)
+            await still_served(other)  # during the flood
+            while bounded._queued < 32:  # the bound is reached (polled, bounded by fail_after)
+                await trio.sleep(0.001)
+            sink.gate.set()
+            refused = (await flood).refused
+            assert refused > 0  # while the sink was stuck, the bound refused calls
+            assert sink.puts + refused == 3000  # every call answered or refused: none lost
+            await still_served(other)
+    await peer.aclose()
+
+
+async def test_running_out_of_memory(vat: Vat) -> None:
+    with trio.fail_after(60):
+        async with AsyncExitStack() as stack:
+            other = await healthy(stack, vat)
+            bad = await stack.enter_async_context(capbus.spawn(vat, "children:runaway", code=[HERE]))
+            assert await bad.wait() == 1
+            assert bad.describe_exit() == "exited with status 1: MemoryError"
+            await still_served(other)

@@ -1,0 +1,153 @@
+"""The walls of the strict sandbox, each tested from inside a child, and each shown to be the
+wall: with the layers that make it turned off, the same probe gets through. A child can
+still do its job through the capabilities it was given."""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+import capbus
+from capbus.rpc.vat import Vat, open_vat
+
+HERE = Path(__file__).resolve().parent
+schema: Any = capbus.load(HERE / "children.capnp")
+
+
+@pytest.fixture
+async def vat(kernel: capbus.Kernel) -> AsyncIterator[Vat]:
+    peer = await kernel.connect()
+    async with open_vat(peer) as made:
+        yield made
+    await peer.aclose()
+
+
+async def probe(vat: Vat, sandbox: capbus.Sandbox, what: str, arg: str = "") -> str:
+    """What a probe finds from inside a child with ``sandbox``."""
+    with trio.fail_after(30):
+        async with capbus.spawn(vat, "children:prober", code=[HERE], sandbox=sandbox) as child:
+            prober = await child.capability("prober", schema.Prober)
+            outcome: str = (await prober.probe(what=what, arg=arg)).outcome
+            return outcome
+
+
+STRICT = capbus.Sandbox.strict()
+
+
+async def test_host_files_are_out_of_reach(vat: Vat) -> None:
+    assert await probe(vat, STRICT, "read", "/etc/passwd") == "denied: ENOENT"  # not in the view
+    assert await probe(vat, STRICT, "write", "/tmp/capbus-sandbox-escape") == "denied: ENOENT"
+    # Each of the two file system walls holds on its own ...
+    assert await probe(vat, STRICT.without("mount_namespace"), "read", "/etc/passwd") == "denied: EACCES"
+    assert await probe(vat, STRICT.without("landlock"), "read", "/etc/passwd") == "denied: ENOENT"
+    # ... and without both, the probe gets through: the test can tell.
+    opened = await probe(vat, STRICT.without("mount_namespace", "landlock"), "read", "/etc/passwd")
+    assert opened.startswith("ALLOWED")
+
+
+async def test_no_network(vat: Vat) -> None:
+    listener = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_STREAM)
+    await listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    port = str(listener.getsockname()[1])
+    try:
+        assert await probe(vat, STRICT, "inet") == "denied: EAFNOSUPPORT"  # no TCP socket at all
+        assert await probe(vat, STRICT, "udp") == "denied: EAFNOSUPPORT"
+        assert await probe(vat, STRICT, "tcp", port) == "denied: EAFNOSUPPORT"
+        # Without seccomp the socket is made, but Landlock refuses the connect; without
+        # Landlock too, the network namespace has no route to 127.0.0.1.
+        assert await probe(vat, STRICT.without("seccomp"), "tcp", port) == "denied: EACCES"
+        only_netns = STRICT.without("seccomp", "landlock")
+        assert await probe(vat, only_netns, "tcp", port) == "denied: ENETUNREACH"
+        wide_open = STRICT.without("seccomp", "network_namespace", "landlock")
+        assert await probe(vat, wide_open, "tcp", port) == "ALLOWED: connected"
+        assert await probe(vat, STRICT.allow_network(), "tcp", port) == "ALLOWED: connected"
+    finally:
+        listener.close()
+
+
+async def test_host_processes_cannot_be_seen_or_signalled(vat: Vat) -> None:
+    me = str(os.getpid())
+    assert await probe(vat, STRICT, "signal", me) == "denied: ESRCH"  # another pid namespace
+    assert await probe(vat, STRICT, "listdir", "/proc") == "denied: ENOENT"  # no /proc at all
+    assert (
+        await probe(vat, STRICT.without("pid_namespace"), "signal", me) == "denied: EPERM"
+    )  # Landlock scope
+    no_walls = STRICT.without("pid_namespace", "landlock")
+    assert await probe(vat, no_walls, "signal", me) == "ALLOWED: may signal"
+    assert (await probe(vat, no_walls.without("mount_namespace"), "listdir", "/proc")).startswith("ALLOWED")
+
+
+async def test_sockets_it_was_not_given_are_out_of_reach(vat: Vat, tmp_path: Path) -> None:
+    """A daemon's socket (this test's kernel, listening on a path) and an abstract socket."""
+    path = str(tmp_path / "daemon.sock")
+    name = f"capbus-test-{uuid.uuid4().hex}"
+    async with capbus.open_kernel(listen=path, mode=0o666):
+        abstract = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        abstract.bind("\0" + name)
+        abstract.listen()
+        try:
+            assert await probe(vat, STRICT, "unix", path) == "denied: ENOENT"
+            assert await probe(vat, STRICT, "abstract", name) in ("denied: ECONNREFUSED", "denied: EPERM")
+            # The mount namespace is the wall for path sockets (Landlock does not cover connect).
+            assert await probe(vat, STRICT.without("mount_namespace"), "unix", path) == "ALLOWED: connected"
+            # Abstract sockets: the network namespace and Landlock's scope, each on its own.
+            only_landlock = STRICT.without("network_namespace")
+            assert await probe(vat, only_landlock, "abstract", name) == "denied: EPERM"
+            only_netns = STRICT.without("landlock")
+            assert await probe(vat, only_netns, "abstract", name) == "denied: ECONNREFUSED"
+            neither = STRICT.without("network_namespace", "landlock")
+            assert await probe(vat, neither, "abstract", name) == "ALLOWED: connected"
+        finally:
+            abstract.close()
+
+
+async def test_no_new_namespaces(vat: Vat) -> None:
+    assert await probe(vat, STRICT, "unshare") == "denied: EPERM"
+    assert await probe(vat, STRICT.without("seccomp"), "unshare") == "ALLOWED: unshared"
+
+
+async def test_memory_is_limited(vat: Vat) -> None:
+    """The address-space limit (2 GiB by default) stops a 3 GiB allocation; the child
+    lives on and answers."""
+    with trio.fail_after(60):
+        async with capbus.spawn(vat, "children:prober", code=[HERE]) as child:
+            prober = await child.capability("prober", schema.Prober)
+            with pytest.raises(capbus.rpc.errors.Failed, match="MemoryError"):
+                await prober.allocate(megabytes=3072)
+            assert (await prober.probe(what="environ", arg="")).outcome.startswith("ALLOWED")
+        async with capbus.spawn(
+            vat, "children:prober", code=[HERE], sandbox=STRICT.without("rlimits")
+        ) as child:
+            prober = await child.capability("prober", schema.Prober)
+            await prober.allocate(megabytes=3072)  # no limit: it gets the memory
+
+
+class Counter(schema.Sink.Server):  # type: ignore[misc,name-defined]
+    def __init__(self) -> None:
+        self.puts = 0
+
+    def put(self, data: bytes) -> None:
+        self.puts += 1
+
+
+async def test_handle_ids_cannot_be_forged(vat: Vat) -> None:
+    """The child sends to every handle id in a range but those it holds: none reaches
+    anything, and an object of ours it was not given hears nothing."""
+    hidden = Counter()
+    await vat.export(hidden)  # a node of ours, never given to the child
+    given = Counter()
+    with trio.fail_after(60):
+        async with capbus.spawn(
+            vat, "children:give_back", code=[HERE], capabilities={"sink": given}
+        ) as child:
+            prober = await child.capability("prober", schema.Prober)
+            assert list((await prober.forge(first=0, last=4096)).reached) == []
+            assert hidden.puts == 0 and given.puts == 0
