@@ -5,7 +5,6 @@ error (an exit status with the reason, Disconnected on the child's capabilities)
 from __future__ import annotations
 
 import signal
-from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
@@ -19,14 +18,6 @@ from capbus.rpc.vat import Vat, open_vat
 
 HERE = Path(__file__).resolve().parent
 schema: Any = capbus.load(HERE / "children.capnp")
-
-
-@pytest.fixture
-async def vat(kernel: capbus.Kernel) -> AsyncIterator[Vat]:
-    peer = await kernel.connect()
-    async with open_vat(peer) as made:
-        yield made
-    await peer.aclose()
 
 
 class Counter(schema.Sink.Server):  # type: ignore[misc,name-defined]

@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,7 @@ import trio
 
 import capbus
 from capbus.rpc import errors
-from capbus.rpc.vat import Vat, open_vat
+from capbus.rpc.vat import Vat
 
 HERE = Path(__file__).resolve().parent
 schema: Any = capbus.load(HERE / "children.capnp")
@@ -40,14 +39,6 @@ class Sink(schema.Sink.Server):  # type: ignore[misc,name-defined]
 
     def done(self) -> None:
         self.finished.set()
-
-
-@pytest.fixture
-async def vat(kernel: capbus.Kernel) -> AsyncIterator[Vat]:
-    peer = await kernel.connect()
-    async with open_vat(peer) as made:
-        yield made
-    await peer.aclose()
 
 
 async def test_capabilities_go_in_by_name_and_come_back_by_name(vat: Vat, tmp_path: Path) -> None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import socket
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -15,18 +14,10 @@ import pytest
 import trio
 
 import capbus
-from capbus.rpc.vat import Vat, open_vat
+from capbus.rpc.vat import Vat
 
 HERE = Path(__file__).resolve().parent
 schema: Any = capbus.load(HERE / "children.capnp")
-
-
-@pytest.fixture
-async def vat(kernel: capbus.Kernel) -> AsyncIterator[Vat]:
-    peer = await kernel.connect()
-    async with open_vat(peer) as made:
-        yield made
-    await peer.aclose()
 
 
 async def probe(vat: Vat, sandbox: capbus.Sandbox, what: str, arg: str = "") -> str:
