@@ -71,6 +71,8 @@ class Prober(schema.Prober.Server):  # type: ignore[misc,name-defined]
             if libc.ptrace(16, int(arg), 0, 0) != 0:  # PTRACE_ATTACH
                 raise OSError(ctypes.get_errno(), "ptrace")
             return "attached"
+        if what == "ids":
+            return f"uid {os.getuid()} gid {os.getgid()}"
         if what == "environ":
             return ",".join(sorted(os.environ))
         if what == "fds":  # fd:device:inode of every open fd below 256
