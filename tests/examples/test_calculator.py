@@ -2,23 +2,11 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[2]
+from collections.abc import Callable
 
 
-def test_calculator_example(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "calculator" / "run.py")],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=tmp_path,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.splitlines() == [
+def test_calculator_example(run_example: Callable[[str], list[str]]) -> None:
+    assert run_example("calculator") == [
         "123 = 123.0",
         "45 (pipelined) = 45.0",
         "123 + 45 = 168.0",

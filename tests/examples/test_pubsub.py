@@ -2,23 +2,11 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[2]
+from collections.abc import Callable
 
 
-def test_pubsub_example(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "pubsub" / "run.py")],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=tmp_path,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    lines = result.stdout.splitlines()
+def test_pubsub_example(run_example: Callable[[str], list[str]]) -> None:
+    lines = run_example("pubsub")
     assert lines[-1] == "all 3 subscribers saw the same order of 400 events"
     digests = {line.rsplit(" ", 1)[1] for line in lines[:-1]}
     assert len(lines) == 4 and len(digests) == 1

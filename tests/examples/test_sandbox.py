@@ -4,23 +4,11 @@ nothing else it tries gets through."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[2]
+from collections.abc import Callable
 
 
-def test_sandbox_example(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "sandbox" / "run.py")],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=tmp_path,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    lines = result.stdout.splitlines()
+def test_sandbox_example(run_example: Callable[[str], list[str]]) -> None:
+    lines = run_example("sandbox")
     assert lines[0].startswith("sandbox: 11 of 11 layers active: fds, rlimits, user_namespace")
     assert [json.loads(line)["name"] for line in lines[1:4]] == [
         "Ada Lovelace",
