@@ -40,7 +40,7 @@ import socket
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
 LAYERS = (
     "fds",
@@ -328,7 +328,10 @@ def _set_limits(sandbox: Sandbox) -> str:
     for name, limit, value in settings:
         if value is None:
             continue
-        resource.setrlimit(limit, (value, value))
+        # CPU: SIGXCPU at the limit, SIGKILL a second later for a process that does not
+        # stop for SIGXCPU (a pid namespace's init, which the child is, ignores it).
+        hard = value + 1 if limit == resource.RLIMIT_CPU else value
+        resource.setrlimit(limit, (value, hard))
         applied.append(f"{name}={value}")
     if sandbox.processes is not None and os.getuid() == 0:
         applied.append("(NPROC does not bind uid 0)")
@@ -380,22 +383,30 @@ def _pid_namespace(keep_fds: Sequence[int]) -> str:
     return f"pid {os.getpid()} inside"
 
 
-def _wait_and_mirror(child: int) -> None:
+def _wait_and_mirror(child: int) -> NoReturn:
     """In the waiter outside the pid namespace: exit as the child did (and take it along
-    when asked to stop)."""
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, lambda number, _frame: os.kill(child, signal.SIGKILL))
-    while True:
-        try:
-            _, status = os.waitpid(child, 0)
-            break
-        except InterruptedError:
-            continue
-    if os.WIFSIGNALED(status):
-        number = os.WTERMSIG(status)
-        signal.signal(number, signal.SIG_DFL)
-        os.kill(os.getpid(), number)
-    os._exit(os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 1)
+    when asked to stop). Never returns, whatever happens: a waiter that went on would run
+    the child's code outside its pid namespace."""
+    code = 1
+    try:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, lambda number, _frame: os.kill(child, signal.SIGKILL))
+        while True:
+            try:
+                _, status = os.waitpid(child, 0)
+                break
+            except InterruptedError:
+                continue
+        if os.WIFSIGNALED(status):
+            number = os.WTERMSIG(status)
+            if number not in (signal.SIGKILL, signal.SIGSTOP):  # those have no handler to reset
+                signal.signal(number, signal.SIG_DFL)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, [number])
+            os.kill(os.getpid(), number)
+        elif os.WIFEXITED(status):
+            code = os.WEXITSTATUS(status)
+    finally:
+        os._exit(code)
 
 
 def _encode(text: str | None) -> bytes | None:

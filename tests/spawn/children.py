@@ -71,6 +71,36 @@ class Prober(schema.Prober.Server):  # type: ignore[misc,name-defined]
             if libc.ptrace(16, int(arg), 0, 0) != 0:  # PTRACE_ATTACH
                 raise OSError(ctypes.get_errno(), "ptrace")
             return "attached"
+        if what == "open_files":  # duplicates stdin until refused: how far it got, and why not
+            opened = []
+            try:
+                for _ in range(100_000):
+                    opened.append(os.dup(0))
+            except OSError as error:
+                return f"{len(opened)} more fds, then {_denied(error)}"
+            finally:
+                for fd in opened:
+                    os.close(fd)
+            return f"{len(opened)} more fds"
+        if what == "processes":  # forks children that exit at once, reaping none until refused
+            forked = []
+            try:
+                for _ in range(int(arg)):
+                    pid = os.fork()
+                    if pid == 0:
+                        os._exit(0)
+                    forked.append(pid)
+            finally:
+                for pid in forked:
+                    os.waitpid(pid, 0)
+            return f"{len(forked)} processes"
+        if what == "spin":  # burns CPU time for up to ``arg`` seconds
+            import time
+
+            deadline = time.process_time() + float(arg)
+            while time.process_time() < deadline:
+                pass
+            return "spun"
         if what == "ids":
             return f"uid {os.getuid()} gid {os.getgid()}"
         if what == "environ":

@@ -87,6 +87,8 @@ async def test_the_strict_sandbox_as_an_unprivileged_user(vat: Vat, tmp_path: Pa
             assert (await prober.probe(what="inet", arg="")).outcome == "denied: EAFNOSUPPORT"
             assert (await prober.probe(what="signal", arg=str(os.getpid()))).outcome == "denied: ESRCH"
             assert (await prober.probe(what="unshare", arg="")).outcome == "denied: EPERM"
+            # RLIMIT_NPROC binds a user that is not root: 64 processes of uid 1000 at most.
+            assert (await prober.probe(what="processes", arg="200")).outcome == "denied: EAGAIN"
         data = tmp_path / "input.txt"
         data.write_bytes(b"as nobody in particular\n")
         os.chmod(tmp_path, 0o700)  # the child cannot open it by name: only through the fd

@@ -5,6 +5,7 @@ still do its job through the capabilities it was given."""
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import uuid
 from pathlib import Path
@@ -122,6 +123,33 @@ async def test_memory_is_limited(vat: Vat) -> None:
         ) as child:
             prober = await child.capability("prober", schema.Prober)
             await prober.allocate(megabytes=3072)  # no limit: it gets the memory
+
+
+async def test_open_files_are_limited(vat: Vat) -> None:
+    limited = await probe(vat, STRICT.limits(open_files=64), "open_files")
+    assert limited.startswith("ALLOWED: ") and limited.endswith("more fds, then denied: EMFILE")
+    assert int(limited.split()[1]) < 64
+    # Without the layer, only the limit the parent has (here far above 64) applies.
+    unlimited = await probe(vat, STRICT.without("rlimits"), "open_files")
+    assert int(unlimited.split()[1]) > 64
+
+
+async def test_cpu_time_is_limited(vat: Vat) -> None:
+    """Past its CPU seconds the kernel kills the child; the parent sees it go. (SIGXCPU
+    without a pid namespace; inside one the child is its init, which the kernel does not
+    stop with SIGXCPU, and the hard limit's SIGKILL does it.)"""
+    with trio.fail_after(60):
+        for sandbox, signal_number in (
+            (STRICT.limits(cpu_seconds=1), signal.SIGKILL),
+            (STRICT.limits(cpu_seconds=1).without("pid_namespace"), signal.SIGXCPU),
+        ):
+            async with capbus.spawn(vat, "children:prober", code=[HERE], sandbox=sandbox) as child:
+                prober = await child.capability("prober", schema.Prober)
+                with pytest.raises(capbus.rpc.errors.Disconnected):
+                    await prober.probe(what="spin", arg="30")
+                assert await child.wait() == -signal_number
+                assert child.describe_exit().startswith(f"killed by {signal_number.name}")
+    assert await probe(vat, STRICT.without("rlimits"), "spin", "1.5") == "ALLOWED: spun"
 
 
 class Counter(schema.Sink.Server):  # type: ignore[misc,name-defined]
