@@ -41,9 +41,11 @@ class _Generator:
         self.file_id = module.schema.node.id
         self.nodes: dict[int, bytes] = {}
         self.names: dict[int, str] = {}  # node id -> generated Python name (this file's nodes)
-        self.structs: list[Any] = []  # struct schemas of this file, in declaration order
+        self.structs: list[Any] = []  # struct schemas of this file, nested ones first
         self.interfaces: list[Any] = []
         self.enums: list[Any] = []
+        self.nested: dict[int, list[tuple[str, int]]] = {}  # node id -> (name, id) of its nested types
+        self.emitted: set[int] = set()
         self.lines: list[str] = []
 
     # -- collecting ---------------------------------------------------------------------------
@@ -57,11 +59,11 @@ class _Generator:
             node = child.node
             name = "_".join([*path, nested.name])
             kind = node.which()
+            struct = None
             if kind == "struct":
-                schema = child.as_struct()
+                struct = child.as_struct()
                 self.names[node.id] = name
-                self.structs.append(schema)
-                self._add_struct(schema)
+                self._add_struct(struct)
             elif kind == "interface":
                 schema = child.as_interface()
                 self.names[node.id] = name
@@ -71,7 +73,11 @@ class _Generator:
                 self.names[node.id] = name
                 self.enums.append(child.as_enum())
                 self._add_node(node)
+            if kind in ("struct", "interface", "enum"):
+                self.nested.setdefault(parsed.node.id, []).append((nested.name, node.id))
             self._walk_file(child, [*path, nested.name])
+            if struct is not None:
+                self.structs.append(struct)  # after its nested types: it can name them
 
     def _add_node(self, node: Any) -> bool:
         if node.id in self.nodes:
@@ -180,7 +186,7 @@ class _Generator:
             from __future__ import annotations
 
             from collections.abc import Awaitable, Mapping, Sequence
-            from typing import Any, Literal, Protocol, cast
+            from typing import Any, Literal, Protocol, TypeAlias, cast
 
             from capbus.rpc import client as _client
             from capbus.rpc import errors as _errors
@@ -207,18 +213,60 @@ class _Generator:
             names = ", ".join(repr(e.name) for e in enum.node.enum.enumerants)
             self.emit("")
             self.emit(f"{self.names[enum.node.id]} = Literal[{names}]")
+            self.emitted.add(enum.node.id)
         for struct in self.structs:
             self.emit("")
             self.emit("")
             self._struct_class(self.names[struct.node.id], struct)
-        for interface in self.interfaces:
+            self.emitted.add(struct.node.id)
+        for interface in self._interface_order():
             self.emit("")
             self.emit("")
             self._interface_class(interface)
+            self.emitted.add(interface.node.id)
         self.emit("")
         self.emit("")
         self._wrappers()
         return "\n".join(self.lines).rstrip() + "\n"
+
+    def _interface_order(self) -> list[Any]:
+        """Interfaces in an order Python can define them: every base before the interfaces
+        that extend it, and where possible nested interfaces before the one they are nested
+        in (which then names them)."""
+        by_id = {i.node.id: i for i in self.interfaces}
+        bases = {
+            i.node.id: [parent.node.id for parent in i.superclasses if parent.node.id in by_id]
+            for i in self.interfaces
+        }
+
+        def extends(node_id: int, ancestor: int) -> bool:
+            return any(b == ancestor or extends(b, ancestor) for b in bases[node_id])
+
+        order: list[Any] = []
+        done: set[int] = set()
+
+        def visit(node_id: int) -> None:
+            if node_id in done:
+                return
+            done.add(node_id)
+            for base in bases[node_id]:
+                visit(base)
+            for _, child in self.nested.get(node_id, []):
+                if child in by_id and not extends(child, node_id):
+                    visit(child)
+            order.append(by_id[node_id])
+
+        for interface in self.interfaces:
+            visit(interface.node.id)
+        return order
+
+    def _nested_aliases(self, node_id: int, indent: int, taken: set[str]) -> None:
+        """``Outer.Inner``: an alias in the outer class of each nested type already defined
+        (the flat name ``Outer_Inner`` stays the definition)."""
+        for short, child in self.nested.get(node_id, []):
+            if child in self.emitted and child in self.names and short not in taken:
+                self.emit("", indent - 1)
+                self.emit(f"{short}: TypeAlias = {self.names[child]}", indent)
 
     def _struct_class(self, name: str, struct: Any, indent: int = 0, base: str = "_stubs.Struct") -> None:
         node = struct.node
@@ -244,6 +292,8 @@ class _Generator:
             annotation = self.read_type(t, parsed)
             self.emit(f"def {attr}(self) -> {annotation}:", indent + 1)
             self.emit(f"return {self._read_expression(t, parsed, raw.name)}", indent + 2)
+        if indent == 0:
+            self._nested_aliases(node.id, indent + 1, {"which"})
         for raw, parsed in zip(node.struct.fields, struct.fields_list, strict=True):
             if raw.which() == "group":
                 self.emit("")
@@ -290,6 +340,10 @@ class _Generator:
         self.emit(f"interface = _schema.interface({node.id:#x})", 2)
         for method in node.interface.methods:
             self._server_method(name, method.name, interface.methods[method.name])
+        taken = {"Server", "interface"}
+        for method in node.interface.methods:
+            taken |= {f"{_camel(method.name)}{suffix}" for suffix in ("Method", "Promise", "Results")}
+        self._nested_aliases(node.id, 1, taken)
 
     def _params(self, param_type: Any, *, write: bool) -> list[tuple[str, str, str]]:
         out = []

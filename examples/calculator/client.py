@@ -14,7 +14,7 @@ from capbus.rpc.vat import open_vat
 Calculator = calc.Calculator
 
 
-class Power(calc.Calculator_Function.Server):
+class Power(calc.Calculator.Function.Server):
     """A function that lives in the client: the server calls back into it."""
 
     async def call(self, *, params: Sequence[float]) -> float:

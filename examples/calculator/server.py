@@ -22,7 +22,7 @@ OPERATORS: dict[str, Callable[[float, float], float]] = {
 }
 
 
-async def evaluate(expression: calc.Calculator_Expression, params: Sequence[float] = ()) -> float:
+async def evaluate(expression: calc.Calculator.Expression, params: Sequence[float] = ()) -> float:
     which = expression.which()
     if which == "literal":
         return expression.literal
@@ -35,7 +35,7 @@ async def evaluate(expression: calc.Calculator_Expression, params: Sequence[floa
     return (await call.function.call(params=args)).value  # maybe a callback into the client
 
 
-class Value(calc.Calculator_Value.Server):
+class Value(calc.Calculator.Value.Server):
     def __init__(self, value: float) -> None:
         self.value = value
 
@@ -43,10 +43,10 @@ class Value(calc.Calculator_Value.Server):
         return self.value
 
 
-class Function(calc.Calculator_Function.Server):
+class Function(calc.Calculator.Function.Server):
     """A function the client defined: its body is evaluated here for each call."""
 
-    def __init__(self, param_count: int, body: calc.Calculator_Expression) -> None:
+    def __init__(self, param_count: int, body: calc.Calculator.Expression) -> None:
         self.param_count = param_count
         self.body = body
 
@@ -56,7 +56,7 @@ class Function(calc.Calculator_Function.Server):
         return await evaluate(self.body, params)
 
 
-class Operator(calc.Calculator_Function.Server):
+class Operator(calc.Calculator.Function.Server):
     def __init__(self, op: str) -> None:
         self.op = OPERATORS[op]
 
@@ -67,13 +67,13 @@ class Operator(calc.Calculator_Function.Server):
 
 
 class CalculatorServer(Calculator.Server):
-    async def evaluate(self, *, expression: calc.Calculator_Expression) -> Value:
+    async def evaluate(self, *, expression: calc.Calculator.Expression) -> Value:
         return Value(await evaluate(expression))
 
-    async def defFunction(self, *, paramCount: int, body: calc.Calculator_Expression) -> Function:
+    async def defFunction(self, *, paramCount: int, body: calc.Calculator.Expression) -> Function:
         return Function(paramCount, body)
 
-    async def getOperator(self, *, op: calc.Calculator_Operator) -> Operator:
+    async def getOperator(self, *, op: calc.Calculator.Operator) -> Operator:
         return Operator(op)
 
 

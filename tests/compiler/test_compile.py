@@ -10,10 +10,13 @@ ROOT = Path(__file__).resolve().parents[2]
 SCHEMAS = ROOT / "tests" / "rpc"
 
 
-def compile_to(tmp_path: Path, name: str) -> Path:
+CALCULATOR = ROOT / "examples" / "calculator"
+
+
+def compile_to(tmp_path: Path, name: str, directory: Path = SCHEMAS) -> Path:
     output = tmp_path / f"{name}_capnp.py"
     result = subprocess.run(
-        [sys.executable, "-m", "capbus", "compile", str(SCHEMAS / f"{name}.capnp"), "-o", str(output)],
+        [sys.executable, "-m", "capbus", "compile", str(directory / f"{name}.capnp"), "-o", str(output)],
         capture_output=True,
         text=True,
         cwd=tmp_path,  # not the source tree: `-m` puts the working directory first on sys.path
@@ -32,6 +35,20 @@ def test_output_is_deterministic(tmp_path: Path) -> None:
 def test_generated_code_passes_mypy_strict(tmp_path: Path) -> None:
     for name in ("calls", "files", "stream", "capwire_demo"):
         compile_to(tmp_path, name)
+    compile_to(tmp_path, "calculator", CALCULATOR)  # nested types
+    (tmp_path / "nested.py").write_text(
+        "from __future__ import annotations\n"
+        "import calculator_capnp as calc\n\n"
+        "class Value(calc.Calculator.Value.Server):  # nested types by their nested names\n"
+        "    def read(self) -> float:\n"
+        "        return 1.0\n\n"
+        "async def use(calculator: calc.Calculator, op: calc.Calculator.Operator) -> float:\n"
+        "    value: calc.Calculator.Value = (await calculator.evaluate(expression={'literal': 1})).value\n"
+        "    flat: calc.Calculator_Value = value  # the flat name is the same class\n"
+        "    expression: calc.Calculator.Expression | None = None\n"
+        "    del expression, op\n"
+        "    return (await flat.read()).value\n"
+    )
     (tmp_path / "usage.py").write_text(
         "from __future__ import annotations\n"
         "import calls_capnp\n\n"

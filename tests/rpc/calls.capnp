@@ -21,3 +21,12 @@ interface Factory extends(Echo) {
 interface Subscriber {
   event @0 (seq :UInt32, text :Text) -> ();
 }
+
+interface Early extends(Later) {
+  # Declared before its base: the compiler defines Later first.
+  louder @0 () -> ();
+}
+
+interface Later {
+  quiet @0 () -> ();
+}
