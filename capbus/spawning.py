@@ -208,8 +208,9 @@ def _target(target: Target, code: Sequence[str]) -> tuple[dict[str, Any], list[s
     paths = [os.path.abspath(p) for p in code]
     if isinstance(target, str):
         module, _, function = target.partition(":")
-        if not module or not function:
-            raise ValueError(f"a target is 'module:function', not {target!r}")
+        function = function or "main"  # a module alone: its main()
+        if not module:
+            raise ValueError(f"a target is 'module' or 'module:function', not {target!r}")
         spec = importlib.util.find_spec(module) if not paths else None
         if spec is not None and spec.origin:
             paths.append(_import_root(spec.origin, module))
@@ -257,7 +258,8 @@ async def spawn(
     """Starts a child (see the module docstring) and yields it once it runs inside its
     sandbox with its capabilities; leaving the block kills it.
 
-    ``target``: ``"module:function"`` or a module-level async function, called in the child
+    ``target``: ``"module:function"`` (``"module"``: its ``main``) or a module-level async
+    function, called in the child
     with its :class:`~capbus.bootstrapping.Bootstrap`; or an argv (absolute program path
     first), exec'd inside the sandbox, which gets its capabilities with
     ``capbus.bootstrap()``. ``capabilities``: name -> client, server object (exported) or

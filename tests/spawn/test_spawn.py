@@ -4,6 +4,7 @@ the child dies, and a child that never outlives its parent."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -92,6 +93,20 @@ async def test_a_child_starts_clean(vat: Vat, tmp_path: Path) -> None:
     finally:
         os.close(leaked)
         del os.environ["CAPBUS_TEST_SECRET"]
+
+
+async def test_a_module_or_a_function_as_the_target(vat: Vat) -> None:
+    """ "module" runs module.main; a function object runs that function (found by its module)."""
+    spec = importlib.util.spec_from_file_location("children", HERE / "children.py")
+    assert spec is not None and spec.loader is not None
+    children = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(children)
+    with trio.fail_after(30):
+        async with capbus.spawn(vat, "copier_module", code=[HERE], capabilities={"sink": Sink()}) as child:
+            assert await child.capability("sink") is not None  # copier_module.main offered it back
+        async with capbus.spawn(vat, children.prober, code=[HERE]) as child:
+            prober = await child.capability("prober", schema.Prober)
+            assert (await prober.probe(what="ids", arg="")).outcome.startswith("ALLOWED: uid")
 
 
 async def test_an_argv_target_gets_its_capabilities_from_bootstrap(vat: Vat) -> None:
