@@ -20,6 +20,8 @@ FD_VARIABLE = "CAPBUS_FD"
 """The environment variable that names the kernel connection of a child started from an argv."""
 REPORT_VARIABLE = "CAPBUS_SANDBOX_REPORT"
 """... and the one that carries its sandbox report (JSON)."""
+STRICT_REFUSED = 3
+"""The child's exit status when a strict sandbox could not be had."""
 
 
 def main(argv: list[str]) -> None:
@@ -30,18 +32,31 @@ def main(argv: list[str]) -> None:
     fds = sandbox.close_other_fds(policy, [0, 1, 2, fd])
     target: dict[str, Any] = config["target"]
     code: list[str] = config["code"]
-    if target["kind"] == "python":
-        # Trusted imports first: after the sandbox only the view is left to import from.
-        import trio
-
-        from . import bootstrapping as bootstrap
-        from .rpc import stubs  # noqa: F401 - the generated-stub registry, for typed entries
     packages = [os.path.dirname(os.path.abspath(__file__)), _schema_directory()]
     program = [] if target["kind"] == "python" else [os.path.dirname(os.path.abspath(target["argv"][0]))]
     paths = sandbox.view(policy, [*packages, *code, *program])
     seccomp = bytes.fromhex(config["seccomp"]) if config.get("seccomp") else None
-    report = sandbox.enter(policy, [0, 1, 2, fd], paths, seccomp, fds)
-    # Inside the sandbox from here on.
+    trusted: dict[str, Any] = {}
+
+    def trusted_imports() -> None:
+        # Inside the view, before the last walls: what these imports open (pycapnp keeps
+        # directory handles) lies in the view, and nothing of the host's stays open.
+        if target["kind"] == "python":
+            import trio
+
+            from . import bootstrapping
+            from .rpc import stubs  # noqa: F401 - the generated-stub registry, for typed entries
+
+            trusted.update(trio=trio, bootstrapping=bootstrapping)
+
+    report = sandbox.enter(policy, [0, 1, 2, fd], paths, seccomp, fds, inside=trusted_imports)
+    # Inside the sandbox from here on. The code we were started for runs only if the sandbox
+    # is what the policy demands: an argv target reports for itself, so this check is ours.
+    lacking = sandbox.missing(report, policy)
+    if lacking and policy.policy == "strict":
+        reasons = "; ".join(f"{layer}: {report.get(layer)}" for layer in lacking)
+        sys.stderr.write(f"capbus: strict sandbox, but this kernel lacks {', '.join(lacking)} ({reasons})\n")
+        sys.exit(STRICT_REFUSED)
     if target["kind"] == "argv":
         environment = dict(os.environ)
         environment[FD_VARIABLE] = str(fd)
@@ -49,13 +64,18 @@ def main(argv: list[str]) -> None:
         os.set_inheritable(fd, True)
         os.execve(target["argv"][0], target["argv"], environment)
     sys.path[:0] = code
-    trio.run(_run, fd, report, target, bootstrap)
+    trusted["trio"].run(_run, fd, report, target, trusted["bootstrapping"])
 
 
 def _schema_directory() -> str:
-    from .rpc.envelope import schema_directory
+    """capbus's schema directory, found without importing the RPC layer (which would load
+    schemas, and keep handles open, before the sandbox is up)."""
+    import importlib.util
 
-    return schema_directory()
+    spec = importlib.util.find_spec("capbus.schemas")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("capbus.schemas is not installed")
+    return str(list(spec.submodule_search_locations)[0])
 
 
 async def _run(fd: int, report: dict[str, str], target: dict[str, Any], bootstrap: Any) -> None:

@@ -38,7 +38,7 @@ import resource
 import signal
 import socket
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, NoReturn
 
@@ -163,9 +163,11 @@ class Sandbox:
         return cls(**values)
 
 
-def missing(report: Mapping[str, str]) -> list[str]:
-    """The layers a report says the kernel could not give."""
-    return [layer for layer, state in report.items() if state.startswith("unavailable")]
+def missing(report: Mapping[str, str], sandbox: Sandbox | None = None) -> list[str]:
+    """The layers ``sandbox`` wants (all, if None) that a report does not say are active:
+    unavailable, partial, or absent from the report."""
+    wanted = [layer for layer in LAYERS if sandbox is None or sandbox.wants(layer)]
+    return [layer for layer in wanted if not str(report.get(layer, "")).startswith("active")]
 
 
 # -- applying it (in the child) ----------------------------------------------------------------
@@ -254,13 +256,21 @@ def close_other_fds(sandbox: Sandbox, keep_fds: Sequence[int]) -> str:
 
 
 def enter(
-    sandbox: Sandbox, keep_fds: Sequence[int], paths: Sequence[str], seccomp: bytes | None, fds: str
+    sandbox: Sandbox,
+    keep_fds: Sequence[int],
+    paths: Sequence[str],
+    seccomp: bytes | None,
+    fds: str,
+    inside: Callable[[], None] = lambda: None,
 ) -> dict[str, str]:
     """Applies ``sandbox`` to this process (see the module docstring); returns the report.
     ``seccomp``: the filter program (:func:`seccomp_program`, made by the parent), None if
-    the parent could not make one; ``fds``: what :func:`close_other_fds` reported. May fork
-    (for the pid namespace): then only the process inside returns; the one outside waits
-    for it and exits with its status."""
+    the parent could not make one; ``fds``: what :func:`close_other_fds` reported.
+    ``inside`` runs once the view is up, before the last walls (Landlock, seccomp): the
+    trusted imports, so that what they open (pycapnp keeps directory handles) lies in the
+    view; every fd opened before that, but ``keep_fds``, is closed first. May fork (for the
+    pid namespace): then only the process inside returns; the one outside waits for it and
+    exits with its status."""
     report = {layer: "off" for layer in LAYERS}
     report["fds"] = fds
 
@@ -269,6 +279,9 @@ def enter(
             return False
         try:
             report[layer] = "active" + (f": {detail}" if (detail := action()) else "")
+            return True
+        except _Partial as partial:
+            report[layer] = f"partial: {partial}"
             return True
         except (OSError, ImportError, ValueError) as error:
             report[layer] = f"unavailable: {error}"
@@ -280,20 +293,20 @@ def enter(
         attempt("ipc_namespace", lambda: _unshare(_CLONE_NEWIPC | _CLONE_NEWUTS))
         attempt("network_namespace", lambda: _unshare(_CLONE_NEWNET))
         attempt("pid_namespace", lambda: _pid_namespace(keep_fds))
-        attempt("mount_namespace", lambda: _mount_view(sandbox, paths))
+        mounted = attempt("mount_namespace", lambda: _mount_view(sandbox, paths))
         attempt("capabilities", _drop_capabilities)
     else:
-        for layer in (
-            "ipc_namespace",
-            "network_namespace",
-            "pid_namespace",
-            "mount_namespace",
-            "capabilities",
-        ):
+        mounted = False
+        for layer in _INSIDE_THE_USER_NAMESPACE:
             if sandbox.wants(layer):
                 report[layer] = "unavailable: needs the user namespace"
+    # Nothing opened before the view may stay open: a directory handle on the host's root
+    # would reach past it (chmod, utime, connect, through *at calls).
+    if sandbox.wants("fds"):
+        _close_fds_except(keep_fds)
+    inside()
     attempt("no_new_privs", lambda: _check(_libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "NO_NEW_PRIVS"))
-    attempt("landlock", lambda: _landlock(sandbox, paths))
+    attempt("landlock", lambda: _landlock(sandbox, paths, private_tmp=mounted and sandbox.writable_tmp))
     attempt("seccomp", lambda: _load_seccomp(seccomp))
     return report
 
@@ -438,6 +451,7 @@ def _mount_view(sandbox: Sandbox, paths: Sequence[str]) -> str:
             if kept & statvfs_flag:
                 flags |= mount_flag
         _mount(None, target, None, flags)
+        _read_only_below(target)
     # Top-level symlinks such as /lib -> usr/lib keep working.
     for name in ("lib", "lib64", "bin", "sbin"):
         host = "/" + name
@@ -463,6 +477,29 @@ def _mount_view(sandbox: Sandbox, paths: Sequence[str]) -> str:
     return f"{len(paths)} read-only paths"
 
 
+class _MountAttr(ctypes.Structure):
+    _fields_ = [
+        ("attr_set", ctypes.c_uint64),
+        ("attr_clr", ctypes.c_uint64),
+        ("propagation", ctypes.c_uint64),
+        ("userns_fd", ctypes.c_uint64),
+    ]
+
+
+_SYS_MOUNT_SETATTR, _AT_FDCWD, _AT_RECURSIVE = 442, -100, 0x8000
+_MOUNT_ATTR_RDONLY, _MOUNT_ATTR_NOSUID, _MOUNT_ATTR_NODEV = 1, 2, 4
+
+
+def _read_only_below(target: str) -> None:
+    """Read-only for the mounts under a bind too (a remount reaches only the top one)."""
+    attr = _MountAttr(_MOUNT_ATTR_RDONLY | _MOUNT_ATTR_NOSUID | _MOUNT_ATTR_NODEV, 0, 0, 0)
+    result = _libc.syscall(
+        _SYS_MOUNT_SETATTR, _AT_FDCWD, target.encode(), _AT_RECURSIVE, ctypes.byref(attr), ctypes.sizeof(attr)
+    )
+    if result != 0 and ctypes.get_errno() != errno.ENOSYS:  # before Linux 5.12: the top one only
+        _check(result, f"mount_setattr {target}")
+
+
 def _drop_capabilities() -> str:
     last = 0
     while _libc.prctl(_PR_CAPBSET_DROP, last, 0, 0, 0) == 0:
@@ -476,13 +513,18 @@ def _drop_capabilities() -> str:
     return f"{last} dropped"
 
 
-def _landlock(sandbox: Sandbox, paths: Sequence[str]) -> str:
+class _Partial(Exception):
+    """A layer applied without all of its rules (reported "partial: ...")."""
+
+
+def _landlock(sandbox: Sandbox, paths: Sequence[str], *, private_tmp: bool) -> str:
     # landlockpy (not the older PyPI `landlock`, which has no network or scope rules).
     import landlockpy
 
     abi = landlockpy.abi_version()
     if abi <= 0:
         raise OSError(errno.ENOSYS, "the kernel has no Landlock")
+    lacking = [what for what, since in (("TCP rules", 4), ("scopes", 6)) if abi < since]
     read = landlockpy.AccessFS.READ_FILE | landlockpy.AccessFS.READ_DIR | landlockpy.AccessFS.EXECUTE
     handled_net = landlockpy.AccessNet(0) if sandbox.network else None  # None: every TCP right
     scoped = landlockpy.Scope.ABSTRACT_UNIX_SOCKET | landlockpy.Scope.SIGNAL
@@ -490,10 +532,12 @@ def _landlock(sandbox: Sandbox, paths: Sequence[str]) -> str:
         for path in paths:
             ruleset.allow_path(path, read if os.path.isdir(path) else read & ~landlockpy.AccessFS.READ_DIR)
         ruleset.allow_path("/dev/null", landlockpy.AccessFS.READ_FILE | landlockpy.AccessFS.WRITE_FILE)
-        if sandbox.writable_tmp and os.path.isdir("/tmp"):
+        if private_tmp:  # only the sandbox's own tmpfs, never the host's /tmp
             ruleset.allow_path("/tmp", landlockpy.fs_for_abi(abi))
         ruleset.restrict()
         handled = f"fs, {'no ' if sandbox.network else ''}tcp rules, scopes {ruleset.scoped!r}"
+    if lacking:
+        raise _Partial(f"abi {abi}; {handled}; without {' and '.join(lacking)} (they need a newer kernel)")
     return f"abi {abi}; {handled}"
 
 
@@ -507,7 +551,14 @@ _DENIED_CALLS = (
     "init_module", "finit_module", "delete_module", "kexec_load", "kexec_file_load",
     "io_uring_setup", "io_uring_enter", "io_uring_register",
     "reboot", "swapon", "swapoff", "acct", "quotactl", "syslog",
+    # File metadata: Landlock does not guard it, and a root child could otherwise change
+    # it through any path or handle it can name.
+    "chmod", "fchmod", "fchmodat", "chown", "fchown", "lchown", "fchownat",
+    "setxattr", "lsetxattr", "fsetxattr", "removexattr", "lremovexattr", "fremovexattr",
+    "utime", "utimes", "utimensat", "futimesat",
 )  # fmt: skip
+# Newer than some libseccomp releases know by name: x86-64 numbers.
+_DENIED_NUMBERS = {"fchmodat2": 452, "open_tree_attr": 467, "listmount": 458, "statmount": 457}
 
 
 _programs: dict[bool, bytes] = {}
@@ -533,6 +584,13 @@ def seccomp_program(sandbox: Sandbox) -> bytes:
         )
     for call in _DENIED_CALLS:
         rules.add_rule(seccomp.ERRNO(errno.EPERM), call)
+    for name, number in _DENIED_NUMBERS.items():
+        try:
+            rules.add_rule(seccomp.ERRNO(errno.EPERM), name)
+        except (RuntimeError, ValueError, OSError):
+            rules.add_rule(seccomp.ERRNO(errno.EPERM), number)
+    # The death signal stays armed: a child that cleared it would outlive its parent.
+    rules.add_rule(seccomp.ERRNO(errno.EPERM), "prctl", seccomp.Arg(0, seccomp.EQ, _PR_SET_PDEATHSIG))
     # clone with any namespace flag: EPERM; clone3 (whose flags sit behind a pointer, out of
     # a filter's reach): ENOSYS, so that libc falls back to clone.
     for flag in _NAMESPACE_FLAGS:

@@ -36,15 +36,20 @@ from typing import Any, TypeVar, overload
 import trio
 
 from . import sandbox as _sandbox
+from ._child import STRICT_REFUSED
 from .bootstrapping import SPAWN, Bootstrap, _as, entries, named
 from .rpc.client import Client
-from .rpc.errors import Failed
+from .rpc.errors import Failed, Overloaded
 from .rpc.fds import FileDescriptor
 from .rpc.vat import Vat
 from .sandbox import Sandbox, SandboxError
 
 ClientT = TypeVar("ClientT", bound=Client)
 STDERR_KEPT = 64 * 1024
+MAX_OFFERED = 256
+"""Capabilities one child may offer its parent (names; an offer under a name it used
+replaces the old one)."""
+MAX_REPORT_BYTES = 64 * 1024
 
 
 class ChildError(Exception):
@@ -67,6 +72,8 @@ class _Launcher(SPAWN.Launcher.Server):  # type: ignore[misc]
         if self._capabilities is None:
             raise Failed("already started")
         try:
+            if len(report) > MAX_REPORT_BYTES:
+                raise ValueError(f"over {MAX_REPORT_BYTES} bytes")
             parsed = json.loads(report)
             if not isinstance(parsed, dict) or not all(isinstance(v, str) for v in parsed.values()):
                 raise ValueError("not a mapping of layer to state")
@@ -75,7 +82,7 @@ class _Launcher(SPAWN.Launcher.Server):  # type: ignore[misc]
             self.started.set()
             raise Failed(self.refused) from error
         self.report = parsed
-        lacking = _sandbox.missing(parsed)
+        lacking = _sandbox.missing(parsed, self._policy)
         if lacking and self._policy.policy == "strict":
             reasons = "; ".join(f"{layer}: {parsed[layer]}" for layer in lacking)
             self.refused = f"strict sandbox, but this kernel lacks {', '.join(lacking)} ({reasons})"
@@ -86,7 +93,17 @@ class _Launcher(SPAWN.Launcher.Server):  # type: ignore[misc]
         return {"capabilities": capabilities}
 
     def offer(self, capabilities: Any) -> None:
-        self.offered.update(named(capabilities))
+        offered = named(capabilities)
+        if len(set(self.offered) | set(offered)) > MAX_OFFERED:
+            for value in offered.values():
+                if isinstance(value, FileDescriptor):
+                    value.close()
+            raise Overloaded(f"a child may offer at most {MAX_OFFERED} capabilities")
+        for name, value in offered.items():
+            replaced = self.offered.get(name)
+            if isinstance(replaced, FileDescriptor) and replaced is not value:
+                replaced.close()  # offered again: the old fd goes
+            self.offered[name] = value
         self.offers.set()
         self.offers = trio.Event()
 
@@ -326,6 +343,8 @@ async def spawn(
         if launcher.refused is not None:
             raise SandboxError(launcher.refused)
         if launcher.report is None:
+            if child.returncode == STRICT_REFUSED:  # the child's own check, before any of its code
+                raise SandboxError(child.describe_exit().split(": ", 1)[-1].removeprefix("capbus: "))
             raise ChildError(f"the child {child.describe_exit()} before it started")
         yield child
     finally:

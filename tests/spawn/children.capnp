@@ -13,6 +13,9 @@ interface Prober {
   # One-way calls as fast as it can; how many the kernel refused.
   crash @4 () -> ();
   hang @5 () -> ();
+  offerMany @6 (count :UInt32, batch :UInt32, sameName :Bool) -> (accepted :UInt32, refusal :Text);
+  # Offers `count` fds to the parent, `batch` to an offer, under one name or distinct ones;
+  # how many offers went through, and why the next did not.
 }
 
 interface Sink {

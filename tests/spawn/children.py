@@ -101,6 +101,14 @@ class Prober(schema.Prober.Server):  # type: ignore[misc,name-defined]
             while time.process_time() < deadline:
                 pass
             return "spun"
+        if what == "chmod":
+            os.chmod(arg, 0o777)
+            return "changed the mode"
+        if what == "pdeathsig":  # tries to outlive its parent
+            libc = ctypes.CDLL(None, use_errno=True)
+            if libc.prctl(1, 0, 0, 0, 0) != 0:  # PR_SET_PDEATHSIG
+                raise OSError(ctypes.get_errno(), "prctl")
+            return "cleared the death signal"
         if what == "ids":
             return f"uid {os.getuid()} gid {os.getgid()}"
         if what == "environ":
@@ -148,6 +156,17 @@ class Prober(schema.Prober.Server):  # type: ignore[misc,name-defined]
             except capbus.rpc.errors.Overloaded:  # the parent's vat: too many calls waiting
                 refused += 1
         return refused
+
+    async def offerMany(self, count: int, batch: int, sameName: bool) -> dict[str, Any]:  # noqa: N802, N803
+        accepted = 0
+        for first in range(0, count, batch):
+            names = [f"fd{0 if sameName else i}" for i in range(first, min(count, first + batch))]
+            try:
+                await self.boot.offer(**{name: 0 for name in names})
+            except capbus.rpc.errors.RpcError as error:
+                return {"accepted": accepted, "refusal": f"{type(error).__name__}: {error}"}
+            accepted += len(names)
+        return {"accepted": accepted, "refusal": ""}
 
     def crash(self) -> None:
         ctypes.string_at(0)  # a real fault: even a pid 1 cannot ignore it

@@ -4,6 +4,7 @@ error (an exit status with the reason, Disconnected on the child's capabilities)
 
 from __future__ import annotations
 
+import os
 import signal
 from contextlib import AsyncExitStack
 from pathlib import Path
@@ -118,3 +119,24 @@ async def test_running_out_of_memory(vat: Vat) -> None:
             assert await bad.wait() == 1
             assert bad.describe_exit() == "exited with status 1: MemoryError"
             await still_served(other)
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+async def test_offers_are_bounded(vat: Vat) -> None:
+    """A child offering its parent fd after fd: at most 256 names, and an fd offered again
+    under a name replaces (and closes) the one before: the parent's fds stay bounded."""
+    with trio.fail_after(60):
+        async with capbus.spawn(vat, "children:prober", code=[HERE]) as child:
+            prober = await child.capability("prober", schema.Prober)
+            before = open_fds()
+            same = await prober.offerMany(count=300, batch=20, sameName=True)
+            assert (same.accepted, same.refusal) == (300, "")
+            assert open_fds() <= before + 2  # one fd kept under the one name
+            many = await prober.offerMany(count=300, batch=20, sameName=False)
+            assert many.accepted == 240 and many.refusal.startswith("Overloaded")
+            assert "at most 256" in many.refusal
+            assert open_fds() <= before + 260
+            await still_served(prober)

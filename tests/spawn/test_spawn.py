@@ -166,12 +166,21 @@ async def main():
                 out["strict"] = "started"
         except capbus.SandboxError as error:
             out["strict"] = f"refused: {error}"
-        relaxed = capbus.Sandbox.strict().best_effort()
+        # An argv target reports for itself: this one claims every layer is active.
+        liar = [sys.executable, "-P", "-s", sys.argv[1] + "/liar.py"]
+        try:
+            async with capbus.spawn(vat, liar, code=[sys.argv[1]]):
+                out["liar"] = "started"
+        except capbus.SandboxError as error:
+            out["liar"] = f"refused: {error}"
+        relaxed = capbus.Sandbox.strict().best_effort().allow_tmp()
         async with capbus.spawn(vat, "children:prober", code=[sys.argv[1]], sandbox=relaxed) as child:
             out["report"] = child.sandbox_report
             schema = capbus.load(sys.argv[1] + "/children.capnp")
             prober = await child.capability("prober", schema.Prober)
             out["passwd"] = (await prober.probe(what="read", arg="/etc/passwd")).outcome
+            # No view, so no private /tmp: the host's /tmp must stay out of reach.
+            out["tmp"] = (await prober.probe(what="write", arg=sys.argv[2] + "/from-child")).outcome
     print(json.dumps(out))
 
 trio.run(main)
@@ -183,7 +192,9 @@ async def test_a_strict_sandbox_refuses_to_start_without_a_layer(tmp_path: Path)
     the parent): strict refuses, best-effort starts and says what is missing."""
     with trio.fail_after(60):
         done = await trio.run_process(  # cwd: not the source tree, which -c would import from
-            [sys.executable, "-c", WITHOUT_USER_NAMESPACES, str(HERE)], capture_stdout=True, cwd=tmp_path
+            [sys.executable, "-c", WITHOUT_USER_NAMESPACES, str(HERE), str(tmp_path)],
+            capture_stdout=True,
+            cwd=tmp_path,
         )
     out = json.loads(done.stdout)
     assert out["strict"].startswith("refused: strict sandbox, but this kernel lacks user_namespace")
@@ -196,6 +207,10 @@ async def test_a_strict_sandbox_refuses_to_start_without_a_layer(tmp_path: Path)
     assert report["mount_namespace"] == "unavailable: needs the user namespace"
     assert report["seccomp"].startswith("active") and report["landlock"].startswith("active")
     assert out["passwd"] == "denied: EACCES"  # Landlock still holds the wall
+    assert out["tmp"] == "denied: EACCES" and not (tmp_path / "from-child").exists()
+    # The lying program never ran: the trusted start-up code refused before exec.
+    assert out["liar"].startswith("refused: strict sandbox, but this kernel lacks user_namespace")
+    assert not (tmp_path / "liar-ran").exists()
 
 
 PARENT = """

@@ -47,6 +47,36 @@ async def test_host_files_are_out_of_reach(vat: Vat, tmp_path: Path) -> None:
     assert opened.startswith("ALLOWED")
 
 
+async def test_no_handle_on_a_host_directory_is_left_open(vat: Vat) -> None:
+    """Every fd the child holds when its code runs: none is a host directory outside its
+    view (a handle on the host's root, opened before the view went up, would reach past it
+    through the *at calls)."""
+    host = {(s.st_dev, s.st_ino) for s in (os.stat(p) for p in ("/", "/etc", "/tmp", "/root", "/var"))}
+    fds = (await probe(vat, STRICT, "fds")).removeprefix("ALLOWED: ").split(",")
+    held = {tuple(int(x) for x in fd.split(":")[1:]) for fd in fds}
+    assert not held & host, fds
+
+
+async def test_file_metadata_cannot_be_changed(vat: Vat, tmp_path: Path) -> None:
+    """Landlock does not guard chmod, chown or utime, and a child of a root parent owns
+    root's files; seccomp does. Shown without the view, where the child can name the file."""
+    victim = tmp_path / "victim"
+    victim.write_text("mode 600")
+    victim.chmod(0o600)
+    assert await probe(vat, STRICT, "chmod", str(victim)) == "denied: EPERM"  # seccomp, before the path
+    no_view = STRICT.without("mount_namespace")
+    assert await probe(vat, no_view, "chmod", str(victim)) == "denied: EPERM"
+    assert victim.stat().st_mode & 0o777 == 0o600
+    assert await probe(vat, no_view.without("seccomp"), "chmod", str(victim)) == "ALLOWED: changed the mode"
+    assert victim.stat().st_mode & 0o777 == 0o777
+
+
+async def test_the_death_signal_cannot_be_cleared(vat: Vat) -> None:
+    """A child that cleared PR_SET_PDEATHSIG would outlive its parent."""
+    assert await probe(vat, STRICT, "pdeathsig") == "denied: EPERM"
+    assert await probe(vat, STRICT.without("seccomp"), "pdeathsig") == "ALLOWED: cleared the death signal"
+
+
 async def test_no_network(vat: Vat) -> None:
     listener = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_STREAM)
     await listener.bind(("127.0.0.1", 0))
