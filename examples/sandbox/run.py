@@ -47,8 +47,10 @@ async def main(csv_path: Path) -> int:
                 active = [layer for layer, state in report.items() if state.startswith("active")]
                 print(f"sandbox: {len(active)} of {len(report)} layers active: {', '.join(active)}")
                 with trio.fail_after(30):
-                    await output.closed.wait()
-                    status = await child.wait()
+                    status = await child.wait()  # it exits when done (or fails)
+        if not output.closed.is_set():
+            print(f"the converter {child.describe_exit()} before it finished", file=sys.stderr)
+            return 1
         print(f"converted {output.records} records; the converter {child.describe_exit()}")
     return status
 
