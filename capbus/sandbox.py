@@ -556,7 +556,13 @@ _DENIED_CALLS = (
     "chmod", "fchmod", "fchmodat", "chown", "fchown", "lchown", "fchownat",
     "setxattr", "lsetxattr", "fsetxattr", "removexattr", "lremovexattr", "fremovexattr",
     "utime", "utimes", "utimensat", "futimesat",
+    # Locks and watches on files of the view, which are the host's files: a lock or lease
+    # stalls host processes, a watch sees what they do.
+    "flock", "inotify_init", "inotify_init1", "inotify_add_watch", "fanotify_init", "fanotify_mark",
 )  # fmt: skip
+# fcntl commands that lock or lease a file (F_SETLK, F_SETLKW, F_OFD_SETLK, F_OFD_SETLKW,
+# F_SETLEASE).
+_DENIED_FCNTL = (6, 7, 37, 38, 1024)
 # Newer than some libseccomp releases know by name: x86-64 numbers.
 _DENIED_NUMBERS = {"fchmodat2": 452, "open_tree_attr": 467, "listmount": 458, "statmount": 457}
 
@@ -589,6 +595,8 @@ def seccomp_program(sandbox: Sandbox) -> bytes:
             rules.add_rule(seccomp.ERRNO(errno.EPERM), name)
         except (RuntimeError, ValueError, OSError):
             rules.add_rule(seccomp.ERRNO(errno.EPERM), number)
+    for command in _DENIED_FCNTL:
+        rules.add_rule(seccomp.ERRNO(errno.EPERM), "fcntl", seccomp.Arg(1, seccomp.EQ, command))
     # The death signal stays armed: a child that cleared it would outlive its parent.
     rules.add_rule(seccomp.ERRNO(errno.EPERM), "prctl", seccomp.Arg(0, seccomp.EQ, _PR_SET_PDEATHSIG))
     # clone with any namespace flag: EPERM; clone3 (whose flags sit behind a pointer, out of

@@ -50,6 +50,7 @@ MAX_OFFERED = 256
 """Capabilities one child may offer its parent (names; an offer under a name it used
 replaces the old one)."""
 MAX_REPORT_BYTES = 64 * 1024
+MAX_NAME = 256
 
 
 class ChildError(Exception):
@@ -93,6 +94,9 @@ class _Launcher(SPAWN.Launcher.Server):  # type: ignore[misc]
         return {"capabilities": capabilities}
 
     def offer(self, capabilities: Any) -> None:
+        # Checked before anything is kept: the names are the child's to choose.
+        if len(capabilities) > MAX_OFFERED or any(len(entry.name) > MAX_NAME for entry in capabilities):
+            raise Failed(f"an offer holds at most {MAX_OFFERED} names of at most {MAX_NAME} characters")
         offered = named(capabilities)
         if len(set(self.offered) | set(offered)) > MAX_OFFERED:
             for value in offered.values():

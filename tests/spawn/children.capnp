@@ -16,6 +16,8 @@ interface Prober {
   offerMany @6 (count :UInt32, batch :UInt32, sameName :Bool) -> (accepted :UInt32, refusal :Text);
   # Offers `count` fds to the parent, `batch` to an offer, under one name or distinct ones;
   # how many offers went through, and why the next did not.
+  offerNamed @7 (name :Text) -> (refusal :Text);
+  # Offers one fd under `name`; "" or why the parent refused.
 }
 
 interface Sink {

@@ -101,6 +101,22 @@ class Prober(schema.Prober.Server):  # type: ignore[misc,name-defined]
             while time.process_time() < deadline:
                 pass
             return "spun"
+        if what in ("flock", "lease"):  # on a file of the view (the host's file)
+            import fcntl
+
+            with open(arg, "rb") as f:
+                if what == "flock":
+                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                else:
+                    fcntl.fcntl(f, 1024, fcntl.F_RDLCK)  # F_SETLEASE
+            return f"took a {what}"
+        if what == "inotify":
+            libc = ctypes.CDLL(None, use_errno=True)
+            fd = libc.inotify_init1(0)
+            if fd < 0:
+                raise OSError(ctypes.get_errno(), "inotify_init1")
+            os.close(fd)
+            return "can watch files"
         if what == "chmod":
             os.chmod(arg, 0o777)
             return "changed the mode"
@@ -167,6 +183,13 @@ class Prober(schema.Prober.Server):  # type: ignore[misc,name-defined]
                 return {"accepted": accepted, "refusal": f"{type(error).__name__}: {error}"}
             accepted += len(names)
         return {"accepted": accepted, "refusal": ""}
+
+    async def offerNamed(self, name: str) -> str:  # noqa: N802
+        try:
+            await self.boot.offer(**{name: 0})
+        except capbus.rpc.errors.RpcError as error:
+            return f"{type(error).__name__}: {error}"
+        return ""
 
     def crash(self) -> None:
         ctypes.string_at(0)  # a real fault: even a pid 1 cannot ignore it

@@ -139,4 +139,7 @@ async def test_offers_are_bounded(vat: Vat) -> None:
             assert many.accepted == 240 and many.refusal.startswith("Overloaded")
             assert "at most 256" in many.refusal
             assert open_fds() <= before + 260
+            # Names are bounded too: the parent keeps them.
+            refusal = (await prober.offerNamed(name="n" * 1000)).refusal
+            assert refusal.startswith("Failed: an offer holds at most")
             await still_served(prober)

@@ -71,6 +71,19 @@ async def test_file_metadata_cannot_be_changed(vat: Vat, tmp_path: Path) -> None
     assert victim.stat().st_mode & 0o777 == 0o777
 
 
+async def test_files_of_the_view_cannot_be_locked_or_watched(vat: Vat, tmp_path: Path) -> None:
+    """The view's files are the host's: a lock or a lease would stall host processes that
+    use them, a watch would see what they do."""
+    shared = tmp_path / "shared.txt"
+    shared.write_text("a host file in the child's view")
+    sandbox = STRICT.allow_read(shared)
+    for what in ("flock", "lease"):
+        assert await probe(vat, sandbox, what, str(shared)) == "denied: EPERM"
+        assert await probe(vat, sandbox.without("seccomp"), what, str(shared)) == f"ALLOWED: took a {what}"
+    assert await probe(vat, STRICT, "inotify") == "denied: EPERM"
+    assert await probe(vat, STRICT.without("seccomp"), "inotify") == "ALLOWED: can watch files"
+
+
 async def test_the_death_signal_cannot_be_cleared(vat: Vat) -> None:
     """A child that cleared PR_SET_PDEATHSIG would outlive its parent."""
     assert await probe(vat, STRICT, "pdeathsig") == "denied: EPERM"
