@@ -29,6 +29,12 @@ def main(argv: list[str]) -> None:
     fd: int = config["fd"]
     sandbox.die_with_parent(config["parent"])
     policy = sandbox.Sandbox.from_json(config["sandbox"])
+    cgroup: str = config["cgroup"]["state"]
+    if cgroup.startswith("active"):
+        try:
+            sandbox.join_cgroup(config["cgroup"]["procs"])
+        except OSError as error:
+            cgroup = f"unavailable: joining it: {error}"
     fds = sandbox.close_other_fds(policy, [0, 1, 2, fd])
     target: dict[str, Any] = config["target"]
     code: list[str] = config["code"]
@@ -49,7 +55,7 @@ def main(argv: list[str]) -> None:
 
             trusted.update(trio=trio, bootstrapping=bootstrapping)
 
-    report = sandbox.enter(policy, [0, 1, 2, fd], paths, seccomp, fds, inside=trusted_imports)
+    report = sandbox.enter(policy, [0, 1, 2, fd], paths, seccomp, fds, inside=trusted_imports, cgroup=cgroup)
     # Inside the sandbox from here on. The code we were started for runs only if the sandbox
     # is what the policy demands: an argv target reports for itself, so this check is ours.
     lacking = sandbox.missing(report, policy)

@@ -5,7 +5,10 @@ A :class:`Sandbox` says which layers a child gets; the child applies them to its
 the order that lets each layer be set up by the one before it:
 
 1. ``fds``: every file descriptor but stdio and the kernel connection closed;
-2. ``rlimits``: memory (address space), open files, processes, CPU time, no core dumps;
+2. ``cgroup``: a cgroup of its own, made by the parent, that bounds all the memory the
+   child's processes use (memfds and other shared memory included, which the address-space
+   limit does not see) and how many processes and threads it has;
+   ``rlimits``: address space, open files, processes, CPU time, no core dumps;
 3. ``user_namespace``, then ``ipc_namespace``, ``network_namespace`` (only ``lo``, down)
    and ``pid_namespace`` (the child becomes pid 1 of its own; a small waiter process
    stays outside, so the parent still has a pid to wait for and kill);
@@ -44,6 +47,7 @@ from typing import Any, Literal, NoReturn
 
 LAYERS = (
     "fds",
+    "cgroup",
     "rlimits",
     "user_namespace",
     "ipc_namespace",
@@ -246,6 +250,149 @@ def view(sandbox: Sandbox, code_paths: Iterable[str]) -> list[str]:
     return [p for p in seen if not any(p != q and p.startswith(q.rstrip("/") + "/") for q in seen)]
 
 
+# -- cgroups (made by the parent, joined by the child) ---------------------------------------
+
+_cgroup_serial = 0
+
+
+@dataclass
+class Cgroup:
+    """The cgroups made for one child: it joins them (its ``cgroup.procs`` files) first
+    thing; the parent removes them once it is gone."""
+
+    directories: list[str]
+    detail: str
+
+    def procs(self) -> list[str]:
+        return [os.path.join(d, "cgroup.procs") for d in self.directories]
+
+    def members(self) -> list[int]:
+        """The pids in it (the child and every process it made)."""
+        try:
+            with open(self.procs()[0]) as f:
+                return [int(line) for line in f if line.strip()]
+        except (OSError, IndexError):
+            return []
+
+    def remove(self) -> bool:
+        """Removes what is empty; whether all of it is gone (a process of the child that
+        is not reaped yet keeps its cgroup busy for a moment)."""
+        for directory in list(reversed(self.directories)):
+            try:
+                os.rmdir(directory)
+            except FileNotFoundError:
+                pass
+            except OSError:
+                continue
+            self.directories.remove(directory)
+        return not self.directories
+
+
+def _own_cgroups() -> dict[str, str]:
+    """controller (or "" for the unified hierarchy) -> this process's cgroup path."""
+    out = {}
+    with open("/proc/self/cgroup") as f:
+        for line in f:
+            _, controllers, path = line.rstrip("\n").split(":", 2)
+            for controller in controllers.split(","):
+                out[controller] = path
+    return out
+
+
+def make_cgroup(sandbox: Sandbox, uid: int | None = None, gid: int | None = None) -> Cgroup:
+    """A cgroup (cgroup v2, or v1's memory and pids hierarchies) below this process's own,
+    limiting memory to a quarter above ``sandbox.memory_bytes`` and tasks to
+    ``sandbox.processes``; owned by ``uid``/``gid`` so that a child started as them can join
+    it. Raises OSError when the system will not let this process make one.
+
+    The address-space limit (rlimits) makes an ordinary allocation past ``memory_bytes``
+    fail cleanly (MemoryError); the cgroup, set higher so that it does not strike first, is
+    the hard bound on all the memory (memfds, shared memory, page cache), enforced by
+    killing the child."""
+    global _cgroup_serial
+    memory = None if sandbox.memory_bytes is None else sandbox.memory_bytes * 5 // 4
+    _cgroup_serial += 1
+    name = f"capbus-{os.getpid()}-{_cgroup_serial}"
+    own = _own_cgroups()
+    made: list[str] = []
+    limits: list[str] = []
+    try:
+        unified = "/sys/fs/cgroup"
+        if os.path.exists(os.path.join(unified, "cgroup.controllers")) and "" in own:
+            parent = unified + own[""]
+            with open(os.path.join(parent, "cgroup.subtree_control")) as f:
+                delegated = f.read().split()
+            if not {"memory", "pids"} <= set(delegated):
+                raise OSError(errno.EPERM, f"memory and pids are not delegated to {parent}")
+            _sweep(parent)
+            directory = os.path.join(parent, name)
+            os.mkdir(directory)
+            made.append(directory)
+            settings = {
+                "memory.max": memory,
+                "memory.swap.max": 0,
+                "pids.max": sandbox.processes,
+            }
+        else:
+            settings = {}
+            for controller, files in (
+                ("memory", {"memory.limit_in_bytes": memory}),
+                ("pids", {"pids.max": sandbox.processes}),
+            ):
+                root = os.path.join("/sys/fs/cgroup", controller)
+                if controller not in own or not os.path.isdir(root):
+                    raise OSError(errno.ENOENT, f"no {controller} cgroup hierarchy")
+                _sweep(root + own[controller])
+                directory = os.path.join(root + own[controller], name)
+                os.mkdir(directory)
+                made.append(directory)
+                settings.update({os.path.join(directory, k): v for k, v in files.items()})
+        for setting, value in settings.items():
+            if value is None:
+                continue
+            path = setting if os.path.isabs(setting) else os.path.join(made[0], setting)
+            if not os.path.exists(path):
+                continue  # e.g. memory.swap.max without swap accounting
+            with open(path, "w") as f:
+                f.write(str(value))
+            limits.append(f"{os.path.basename(path)}={value}")
+        if uid is not None or gid is not None:
+            for directory in made:
+                os.chown(os.path.join(directory, "cgroup.procs"), uid if uid is not None else -1, gid or -1)
+    except OSError:
+        Cgroup(made, "").remove()
+        raise
+    version = "v2" if len(made) == 1 else "v1"
+    return Cgroup(made, f"{' '.join(limits)} (cgroup {version})")
+
+
+def _sweep(parent: str) -> None:
+    """Removes the empty cgroups of parents that died without removing them (a parent
+    killed with SIGKILL runs no clean-up)."""
+    for entry in os.listdir(parent):
+        parts = entry.split("-")
+        if len(parts) != 3 or parts[0] != "capbus" or not parts[1].isdigit():
+            continue
+        try:
+            os.kill(int(parts[1]), 0)
+            continue  # its parent lives: its to remove
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        try:
+            os.rmdir(os.path.join(parent, entry))
+        except OSError:
+            pass  # not empty yet
+
+
+def join_cgroup(procs: Sequence[str]) -> None:
+    """In the child, first of all: moves this process into its cgroup(s)."""
+    for path in procs:
+        with open(path, "w") as f:
+            f.write(str(os.getpid()))
+
+
 def close_other_fds(sandbox: Sandbox, keep_fds: Sequence[int]) -> str:
     """The ``fds`` layer, applied first of all, before any library opens descriptors of its
     own (which closing them later would break); returns its report entry."""
@@ -262,6 +409,7 @@ def enter(
     seccomp: bytes | None,
     fds: str,
     inside: Callable[[], None] = lambda: None,
+    cgroup: str = "off",
 ) -> dict[str, str]:
     """Applies ``sandbox`` to this process (see the module docstring); returns the report.
     ``seccomp``: the filter program (:func:`seccomp_program`, made by the parent), None if
@@ -273,6 +421,7 @@ def enter(
     exits with its status."""
     report = {layer: "off" for layer in LAYERS}
     report["fds"] = fds
+    report["cgroup"] = cgroup
 
     def attempt(layer: str, action: Any) -> bool:
         if not sandbox.wants(layer):

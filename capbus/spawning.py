@@ -115,10 +115,17 @@ class _Launcher(SPAWN.Launcher.Server):  # type: ignore[misc]
 class Child:
     """A spawned child process (see the module docstring)."""
 
-    def __init__(self, process: subprocess.Popen[bytes], launcher: _Launcher, vat: Vat) -> None:
+    def __init__(
+        self,
+        process: subprocess.Popen[bytes],
+        launcher: _Launcher,
+        vat: Vat,
+        cgroup: _sandbox.Cgroup | None = None,
+    ) -> None:
         self._process = process
         self._launcher = launcher
         self._vat = vat
+        self._cgroup = cgroup
         self._exited = trio.Event()
         self._stderr = bytearray()
         self.returncode: int | None = None
@@ -196,10 +203,18 @@ class Child:
         return self.returncode
 
     def kill(self) -> None:
-        """SIGKILL (the child's own processes go with it)."""
-        if self.returncode is None:
+        """SIGKILL for the child and every process it made. With its cgroup, each of them
+        is killed by pid; inside a pid namespace, the waiter outside (``pid``) then reaps
+        the child and exits as it did, so that no zombie is left to the host's init (which
+        would keep the cgroup busy). Otherwise the process at ``pid`` is killed."""
+        if self.returncode is not None:
+            return
+        inside = self.sandbox_report.get("pid_namespace", "").startswith("active")
+        members = self._cgroup.members() if self._cgroup is not None else []
+        targets = [pid for pid in members if pid != self.pid or not inside]
+        for pid in targets or [self.pid]:
             try:
-                self._process.kill()
+                os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
 
@@ -222,6 +237,22 @@ class Child:
 
 
 Target = str | Callable[..., Any] | Sequence[str]
+
+
+def _uid(user: int | str | None) -> int | None:
+    if user is None or isinstance(user, int):
+        return user
+    import pwd
+
+    return pwd.getpwnam(user).pw_uid
+
+
+def _gid(group: int | str | None) -> int | None:
+    if group is None or isinstance(group, int):
+        return group
+    import grp
+
+    return grp.getgrnam(group).gr_gid
 
 
 def _target(target: Target, code: Sequence[str]) -> tuple[dict[str, Any], list[str]]:
@@ -305,6 +336,14 @@ async def spawn(
     launcher_node = await vat.export(launcher)
     connection = await vat.peer.create_peer(b"capbus.spawn", handles=[launcher_node])
     environment = dict(env or {})
+    cgroup: _sandbox.Cgroup | None = None
+    cgroup_config: dict[str, Any] = {"state": "off"}
+    if policy.wants("cgroup"):
+        try:
+            cgroup = _sandbox.make_cgroup(policy, _uid(user), _gid(group))
+            cgroup_config = {"state": f"active: {cgroup.detail}", "procs": cgroup.procs()}
+        except OSError as error:
+            cgroup_config = {"state": f"unavailable: {error}"}
     config = {
         "fd": connection.fileno(),
         "parent": os.getpid(),
@@ -312,6 +351,7 @@ async def spawn(
         "seccomp": program.hex() if program else None,
         "target": spec,
         "code": code_paths,
+        "cgroup": cgroup_config,
     }
     stderr_read, stderr_write = os.pipe()
     try:
@@ -336,7 +376,7 @@ async def spawn(
     finally:
         os.close(stderr_write)
         connection.close()
-    child = Child(process, launcher, vat)
+    child = Child(process, launcher, vat, cgroup)
     # The watchers run in the vat's nursery, not in one of ours around the block: an
     # exception from the block (or from here) then reaches the caller as it is, not
     # wrapped in an exception group.
@@ -354,7 +394,16 @@ async def spawn(
     finally:
         child.kill()
         with trio.CancelScope(shield=True):
-            await child._exited.wait()
+            with trio.move_on_after(5):
+                await child._exited.wait()
+            if not child._exited.is_set():  # a waiter that did not follow its child
+                process.kill()
+                await child._exited.wait()
+            if cgroup is not None:
+                for _ in range(200):  # the child's own processes may take a moment to be reaped
+                    if cgroup.remove():
+                        break
+                    await trio.sleep(0.005)
 
 
 __all__ = ["Bootstrap", "Child", "ChildError", "Sandbox", "SandboxError", "spawn"]

@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 def test_sandbox_example(run_example: Callable[[str], list[str]]) -> None:
     lines = run_example("sandbox")
-    assert lines[0].startswith("sandbox: 11 of 11 layers active: fds, rlimits, user_namespace")
+    assert lines[0].startswith("sandbox: 12 of 12 layers active: fds, cgroup, rlimits, user_namespace")
     assert [json.loads(line)["name"] for line in lines[1:4]] == [
         "Ada Lovelace",
         "Grace Hopper",

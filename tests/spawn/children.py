@@ -117,6 +117,11 @@ class Prober(schema.Prober.Server):  # type: ignore[misc,name-defined]
                 raise OSError(ctypes.get_errno(), "inotify_init1")
             os.close(fd)
             return "can watch files"
+        if what == "memfd":  # memory the address-space limit does not count
+            fd = os.memfd_create("hoard")
+            for _ in range(int(arg)):
+                os.write(fd, b"x" * (1 << 20))
+            return f"wrote {arg} MiB"
         if what == "chmod":
             os.chmod(arg, 0o777)
             return "changed the mode"

@@ -241,7 +241,7 @@ def _processes_mentioning(token: str) -> list[int]:
     return found
 
 
-async def test_a_child_never_outlives_its_parent(tmp_path: Path) -> None:
+async def test_a_child_never_outlives_its_parent(vat: Vat, tmp_path: Path) -> None:
     # The code directory's unique path is in the children's command lines: every process of
     # the child (the waiter outside its pid namespace and the child inside) can be found.
     code = tmp_path / "code"
@@ -263,3 +263,21 @@ async def test_a_child_never_outlives_its_parent(tmp_path: Path) -> None:
         await parent.wait()
         while _processes_mentioning(str(code)):
             await trio.sleep(0.01)  # polling /proc, bounded by fail_after
+        # The dead parent could not remove its child's cgroup: once the host's init has
+        # reaped the last of its processes (polled, bounded by fail_after), the next spawn
+        # sweeps it.
+        while any(_members(cgroup) for cgroup in _cgroups_of(parent.pid)):
+            await trio.sleep(0.01)
+        assert _cgroups_of(parent.pid)
+        async with capbus.spawn(vat, "children:prober", code=[HERE]) as child:
+            await child.capability("prober")
+        assert _cgroups_of(parent.pid) == []
+
+
+def _cgroups_of(parent_pid: int) -> list[str]:
+    return [root for root, _, _ in os.walk("/sys/fs/cgroup") if f"/capbus-{parent_pid}-" in root + "/"]
+
+
+def _members(cgroup: str) -> list[str]:
+    with open(os.path.join(cgroup, "cgroup.procs")) as f:
+        return f.read().split()

@@ -153,19 +153,41 @@ async def test_no_new_namespaces(vat: Vat) -> None:
 
 
 async def test_memory_is_limited(vat: Vat) -> None:
-    """The address-space limit (2 GiB by default) stops a 3 GiB allocation; the child
-    lives on and answers."""
+    """The address-space limit (2 GiB by default) stops a 3 GiB allocation with a
+    MemoryError (the cgroup, a quarter higher, does not strike first); the child lives on
+    and answers."""
     with trio.fail_after(60):
         async with capbus.spawn(vat, "children:prober", code=[HERE]) as child:
             prober = await child.capability("prober", schema.Prober)
             with pytest.raises(capbus.rpc.errors.Failed, match="MemoryError"):
                 await prober.allocate(megabytes=3072)
             assert (await prober.probe(what="environ", arg="")).outcome.startswith("ALLOWED")
-        async with capbus.spawn(
-            vat, "children:prober", code=[HERE], sandbox=STRICT.without("rlimits")
-        ) as child:
+        unlimited = STRICT.without("rlimits", "cgroup")
+        async with capbus.spawn(vat, "children:prober", code=[HERE], sandbox=unlimited) as child:
             prober = await child.capability("prober", schema.Prober)
             await prober.allocate(megabytes=3072)  # no limit: it gets the memory
+
+
+async def test_all_memory_is_limited(vat: Vat) -> None:
+    """Memory in a memfd is not address space: the cgroup bounds it. The child is killed
+    (the cgroup's OOM killer) and its cgroup removed; without the cgroup it gets it all."""
+    small = STRICT.limits(memory_bytes=768 << 20)
+    with trio.fail_after(60):
+        async with capbus.spawn(vat, "children:prober", code=[HERE], sandbox=small) as child:
+            assert child.sandbox_report["cgroup"].startswith("active")
+            prober = await child.capability("prober", schema.Prober)
+            with pytest.raises(capbus.rpc.errors.Disconnected):
+                await prober.probe(what="memfd", arg="1536")
+            assert await child.wait() == -signal.SIGKILL
+    assert not [d for d in _cgroup_directories() if d.startswith(f"capbus-{os.getpid()}-")]
+    assert await probe(vat, small.without("cgroup"), "memfd", "1536") == "ALLOWED: wrote 1536 MiB"
+
+
+def _cgroup_directories() -> list[str]:
+    found = []
+    for root, _, _ in os.walk("/sys/fs/cgroup"):
+        found.append(os.path.basename(root))
+    return found
 
 
 async def test_open_files_are_limited(vat: Vat) -> None:
