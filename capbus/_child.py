@@ -30,9 +30,9 @@ def main(argv: list[str]) -> None:
     sandbox.die_with_parent(config["parent"])
     policy = sandbox.Sandbox.from_json(config["sandbox"])
     cgroup: str = config["cgroup"]["state"]
-    if cgroup.startswith("active"):
+    if config["cgroup"].get("fds"):
         try:
-            sandbox.join_cgroup(config["cgroup"]["procs"])
+            sandbox.join_cgroup(config["cgroup"]["fds"])
         except OSError as error:
             cgroup = f"unavailable: joining it: {error}"
     fds = sandbox.close_other_fds(policy, [0, 1, 2, fd])

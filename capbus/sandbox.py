@@ -257,14 +257,20 @@ _cgroup_serial = 0
 
 @dataclass
 class Cgroup:
-    """The cgroups made for one child: it joins them (its ``cgroup.procs`` files) first
-    thing; the parent removes them once it is gone."""
+    """The cgroups made for one child: it joins them (through fds on their ``cgroup.procs``
+    files, opened by the parent) first thing; the parent removes them once it is gone."""
 
     directories: list[str]
     detail: str
+    partial: bool = False
+    """Made, but without all its limits (``detail`` says which is missing)."""
 
     def procs(self) -> list[str]:
         return [os.path.join(d, "cgroup.procs") for d in self.directories]
+
+    def open_procs(self) -> list[int]:
+        """Write-only fds on the ``cgroup.procs`` files, for the child to join through."""
+        return [os.open(path, os.O_WRONLY | os.O_CLOEXEC) for path in self.procs()]
 
     def members(self) -> list[int]:
         """The pids in it (the child and every process it made)."""
@@ -299,23 +305,22 @@ def _own_cgroups() -> dict[str, str]:
     return out
 
 
-def make_cgroup(sandbox: Sandbox, uid: int | None = None, gid: int | None = None) -> Cgroup:
+def make_cgroup(sandbox: Sandbox) -> Cgroup:
     """A cgroup (cgroup v2, or v1's memory and pids hierarchies) below this process's own,
-    limiting memory to a quarter above ``sandbox.memory_bytes`` and tasks to
-    ``sandbox.processes``; owned by ``uid``/``gid`` so that a child started as them can join
-    it. Raises OSError when the system will not let this process make one.
+    limiting memory, swap included, to a quarter above ``sandbox.memory_bytes`` and tasks
+    to ``sandbox.processes``. Raises OSError when the system will not let this process make
+    one. The child joins it through fds the parent opens (:meth:`Cgroup.open_procs`): the
+    kernel checks the opener's rights, so a child started as another user needs none.
 
     The address-space limit (rlimits) makes an ordinary allocation past ``memory_bytes``
     fail cleanly (MemoryError); the cgroup, set higher so that it does not strike first, is
-    the hard bound on all the memory (memfds, shared memory, page cache), enforced by
+    the hard bound on all the memory (memfds, shared memory, page cache, swap), enforced by
     killing the child."""
-    global _cgroup_serial
     memory = None if sandbox.memory_bytes is None else sandbox.memory_bytes * 5 // 4
-    _cgroup_serial += 1
-    name = f"capbus-{os.getpid()}-{_cgroup_serial}"
     own = _own_cgroups()
     made: list[str] = []
     limits: list[str] = []
+    unlimited_swap = False
     try:
         unified = "/sys/fs/cgroup"
         if os.path.exists(os.path.join(unified, "cgroup.controllers")) and "" in own:
@@ -324,46 +329,66 @@ def make_cgroup(sandbox: Sandbox, uid: int | None = None, gid: int | None = None
                 delegated = f.read().split()
             if not {"memory", "pids"} <= set(delegated):
                 raise OSError(errno.EPERM, f"memory and pids are not delegated to {parent}")
-            _sweep(parent)
-            directory = os.path.join(parent, name)
-            os.mkdir(directory)
-            made.append(directory)
-            settings = {
-                "memory.max": memory,
-                "memory.swap.max": 0,
-                "pids.max": sandbox.processes,
-            }
+            made.append(_new_cgroup(parent))
+            settings = [
+                (made[0], "memory.max", memory),
+                (made[0], "memory.swap.max", 0 if memory is not None else None),
+                (made[0], "pids.max", sandbox.processes),
+            ]
         else:
-            settings = {}
-            for controller, files in (
-                ("memory", {"memory.limit_in_bytes": memory}),
-                ("pids", {"pids.max": sandbox.processes}),
-            ):
+            settings = []
+            for controller in ("memory", "pids"):
                 root = os.path.join("/sys/fs/cgroup", controller)
                 if controller not in own or not os.path.isdir(root):
                     raise OSError(errno.ENOENT, f"no {controller} cgroup hierarchy")
-                _sweep(root + own[controller])
-                directory = os.path.join(root + own[controller], name)
-                os.mkdir(directory)
-                made.append(directory)
-                settings.update({os.path.join(directory, k): v for k, v in files.items()})
-        for setting, value in settings.items():
+                made.append(_new_cgroup(root + own[controller]))
+            # memsw (memory + swap) after the plain limit: it may not be below it.
+            settings = [
+                (made[0], "memory.limit_in_bytes", memory),
+                (made[0], "memory.memsw.limit_in_bytes", memory),
+                (made[1], "pids.max", sandbox.processes),
+            ]
+        for directory, name, value in settings:
             if value is None:
                 continue
-            path = setting if os.path.isabs(setting) else os.path.join(made[0], setting)
-            if not os.path.exists(path):
-                continue  # e.g. memory.swap.max without swap accounting
+            path = os.path.join(directory, name)
+            if not os.path.exists(path):  # no swap accounting in this kernel
+                unlimited_swap = unlimited_swap or ("swap" in name or "memsw" in name)
+                continue
             with open(path, "w") as f:
                 f.write(str(value))
-            limits.append(f"{os.path.basename(path)}={value}")
-        if uid is not None or gid is not None:
-            for directory in made:
-                os.chown(os.path.join(directory, "cgroup.procs"), uid if uid is not None else -1, gid or -1)
+            limits.append(f"{name}={value}")
     except OSError:
         Cgroup(made, "").remove()
         raise
     version = "v2" if len(made) == 1 else "v1"
-    return Cgroup(made, f"{' '.join(limits)} (cgroup {version})")
+    detail = f"{' '.join(limits)} (cgroup {version})"
+    if unlimited_swap and _swap_in_use():
+        detail += "; swap is not limited (no swap accounting): memory can spill into it"
+        return Cgroup(made, detail, partial=True)
+    return Cgroup(made, detail)
+
+
+def _new_cgroup(parent: str) -> str:
+    import secrets
+
+    _sweep(parent)
+    for _ in range(8):  # a unique name: a dead parent's pid may have been reused
+        directory = os.path.join(parent, f"capbus-{os.getpid()}-{secrets.token_hex(6)}")
+        try:
+            os.mkdir(directory)
+            return directory
+        except FileExistsError:
+            continue
+    raise OSError(errno.EEXIST, f"no free cgroup name in {parent}")
+
+
+def _swap_in_use() -> bool:
+    try:
+        with open("/proc/swaps") as f:
+            return len(f.read().strip().splitlines()) > 1
+    except OSError:
+        return True
 
 
 def _sweep(parent: str) -> None:
@@ -378,7 +403,7 @@ def _sweep(parent: str) -> None:
             continue  # its parent lives: its to remove
         except ProcessLookupError:
             pass
-        except PermissionError:
+        except (OSError, OverflowError):
             continue
         try:
             os.rmdir(os.path.join(parent, entry))
@@ -386,11 +411,15 @@ def _sweep(parent: str) -> None:
             pass  # not empty yet
 
 
-def join_cgroup(procs: Sequence[str]) -> None:
-    """In the child, first of all: moves this process into its cgroup(s)."""
-    for path in procs:
-        with open(path, "w") as f:
-            f.write(str(os.getpid()))
+def join_cgroup(fds: Sequence[int]) -> None:
+    """In the child, first of all: moves this process into its cgroup(s), through the fds
+    the parent opened on their ``cgroup.procs`` files, and closes them."""
+    try:
+        for fd in fds:
+            os.write(fd, str(os.getpid()).encode())
+    finally:
+        for fd in fds:
+            os.close(fd)
 
 
 def close_other_fds(sandbox: Sandbox, keep_fds: Sequence[int]) -> str:

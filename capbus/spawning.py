@@ -203,19 +203,20 @@ class Child:
         return self.returncode
 
     def kill(self) -> None:
-        """SIGKILL for the child and every process it made. With its cgroup, each of them
-        is killed by pid; inside a pid namespace, the waiter outside (``pid``) then reaps
-        the child and exits as it did, so that no zombie is left to the host's init (which
-        would keep the cgroup busy). Otherwise the process at ``pid`` is killed."""
-        if self.returncode is not None:
-            return
-        inside = self.sandbox_report.get("pid_namespace", "").startswith("active")
+        """SIGKILL for the child and every process it made (those still in its cgroup, even
+        after the child itself has exited). When the child lives in a pid namespace of its
+        own (seen from here, never taken from its report), the waiter outside (``pid``) is
+        spared: it reaps the child and exits as it did, leaving no zombie to the host's init
+        (which would keep the cgroup busy)."""
         members = self._cgroup.members() if self._cgroup is not None else []
-        targets = [pid for pid in members if pid != self.pid or not inside]
-        for pid in targets or [self.pid]:
+        nested = any(_in_nested_pid_namespace(pid) for pid in members if pid != self.pid)
+        targets = [pid for pid in members if pid != self.pid or not nested]
+        if self.returncode is None and not targets:
+            targets = [self.pid]
+        for pid in targets:
             try:
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
+            except (ProcessLookupError, PermissionError):
                 pass
 
     async def _watch(self) -> None:
@@ -239,20 +240,16 @@ class Child:
 Target = str | Callable[..., Any] | Sequence[str]
 
 
-def _uid(user: int | str | None) -> int | None:
-    if user is None or isinstance(user, int):
-        return user
-    import pwd
-
-    return pwd.getpwnam(user).pw_uid
-
-
-def _gid(group: int | str | None) -> int | None:
-    if group is None or isinstance(group, int):
-        return group
-    import grp
-
-    return grp.getgrnam(group).gr_gid
+def _in_nested_pid_namespace(pid: int) -> bool:
+    """Whether ``pid`` lives in a pid namespace below ours (its NSpid has more than one)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("NSpid:"):
+                    return len(line.split()) > 2
+    except OSError:
+        pass
+    return False
 
 
 def _target(target: Target, code: Sequence[str]) -> tuple[dict[str, Any], list[str]]:
@@ -338,11 +335,17 @@ async def spawn(
     environment = dict(env or {})
     cgroup: _sandbox.Cgroup | None = None
     cgroup_config: dict[str, Any] = {"state": "off"}
+    cgroup_fds: list[int] = []
     if policy.wants("cgroup"):
         try:
-            cgroup = _sandbox.make_cgroup(policy, _uid(user), _gid(group))
-            cgroup_config = {"state": f"active: {cgroup.detail}", "procs": cgroup.procs()}
+            cgroup = _sandbox.make_cgroup(policy)
+            cgroup_fds = cgroup.open_procs()
+            state = "partial" if cgroup.partial else "active"
+            cgroup_config = {"state": f"{state}: {cgroup.detail}", "fds": cgroup_fds}
         except OSError as error:
+            if cgroup is not None:
+                cgroup.remove()
+                cgroup = None
             cgroup_config = {"state": f"unavailable: {error}"}
     config = {
         "fd": connection.fileno(),
@@ -363,7 +366,7 @@ async def spawn(
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=stderr_write,
-            pass_fds=[connection.fileno()],
+            pass_fds=[connection.fileno(), *cgroup_fds],
             env=environment,
             cwd="/",
             user=user,
@@ -372,10 +375,14 @@ async def spawn(
         )
     except BaseException:
         os.close(stderr_read)
+        if cgroup is not None:
+            cgroup.remove()
         raise
     finally:
         os.close(stderr_write)
         connection.close()
+        for fd in cgroup_fds:
+            os.close(fd)
     child = Child(process, launcher, vat, cgroup)
     # The watchers run in the vat's nursery, not in one of ours around the block: an
     # exception from the block (or from here) then reaches the caller as it is, not
@@ -400,8 +407,9 @@ async def spawn(
                 process.kill()
                 await child._exited.wait()
             if cgroup is not None:
-                for _ in range(200):  # the child's own processes may take a moment to be reaped
-                    if cgroup.remove():
+                for _ in range(400):  # what the child left running; reaping takes a moment
+                    child.kill()
+                    if not cgroup.members() and cgroup.remove():
                         break
                     await trio.sleep(0.005)
 

@@ -238,3 +238,22 @@ async def give_back(boot: capbus.Bootstrap) -> None:
     """Offers back what it was given (identity checks), then serves a prober."""
     await boot.offer(same=boot.get("sink", schema.Sink), prober=Prober(boot))
     await trio.sleep_forever()
+
+
+async def orphan_then_exit(boot: capbus.Bootstrap) -> None:
+    """Leaves a process behind (a double fork: its parent is gone at once) and exits; says
+    the orphan's pid on stderr."""
+    import sys
+    import time
+
+    reader, writer = os.pipe()
+    if os.fork() == 0:
+        if os.fork() == 0:
+            os.close(reader)
+            os.write(writer, str(os.getpid()).encode())
+            os.close(writer)
+            while True:
+                time.sleep(60)
+        os._exit(0)
+    os.close(writer)
+    print("ORPHAN", os.read(reader, 32).decode(), file=sys.stderr, flush=True)

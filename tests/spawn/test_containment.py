@@ -143,3 +143,60 @@ async def test_offers_are_bounded(vat: Vat) -> None:
             refusal = (await prober.offerNamed(name="n" * 1000)).refusal
             assert refusal.startswith("Failed: an offer holds at most")
             await still_served(prober)
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] == "Z"  # a zombie is gone but for reaping
+    except FileNotFoundError:
+        return True
+
+
+def _cgroups_of_this_process() -> list[str]:
+    return [root for root, _, _ in os.walk("/sys/fs/cgroup") if f"/capbus-{os.getpid()}-" in root + "/"]
+
+
+async def test_what_a_child_leaves_behind_is_killed_too(vat: Vat) -> None:
+    """Without a pid namespace, an orphan the child left when it exited is still in its
+    cgroup: leaving the block kills it, and the cgroup goes."""
+    sandbox = capbus.Sandbox.strict().without("pid_namespace")
+    with trio.fail_after(60):
+        async with capbus.spawn(vat, "children:orphan_then_exit", code=[HERE], sandbox=sandbox) as child:
+            assert await child.wait() == 0
+            orphan = int(child.stderr.decode().split("ORPHAN", 1)[1].split()[0])
+            assert not _gone(orphan)  # it outlived the child
+        while not _gone(orphan):  # polled, bounded by fail_after: its reaping is init's
+            await trio.sleep(0.01)
+    assert _cgroups_of_this_process() == []
+
+
+async def test_a_child_that_fails_to_exec_leaves_no_cgroup(vat: Vat) -> None:
+    with trio.fail_after(30), pytest.raises(FileNotFoundError):
+        async with capbus.spawn(vat, "children:prober", code=[HERE], python="/nonexistent/python"):
+            pass
+    assert _cgroups_of_this_process() == []
+
+
+async def test_swap_counts_against_the_memory_limit(vat: Vat) -> None:
+    """The cgroup bounds memory and swap together (a child could otherwise spill into swap
+    past its limit)."""
+    with trio.fail_after(30):
+        async with capbus.spawn(vat, "children:prober", code=[HERE]) as child:
+            assert child._cgroup is not None
+            memory = child._cgroup.directories[0]
+            limits = {}
+            for name in (
+                "memory.limit_in_bytes",
+                "memory.memsw.limit_in_bytes",
+                "memory.max",
+                "memory.swap.max",
+            ):
+                path = os.path.join(memory, name)
+                if os.path.exists(path):
+                    with open(path) as f:
+                        limits[name] = f.read().strip()
+            expected = str((2 << 30) * 5 // 4)
+            assert limits.get("memory.memsw.limit_in_bytes", expected) == expected
+            assert limits.get("memory.swap.max", "0") == "0"
+            assert expected in limits.values()
