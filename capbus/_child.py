@@ -61,7 +61,9 @@ def main(argv: list[str]) -> None:
     lacking = sandbox.missing(report, policy)
     if lacking and policy.policy == "strict":
         reasons = "; ".join(f"{layer}: {report.get(layer)}" for layer in lacking)
-        sys.stderr.write(f"capbus: strict sandbox, but this kernel lacks {', '.join(lacking)} ({reasons})\n")
+        sys.stderr.write(
+            f"capbus: strict sandbox, but not to be had here: {', '.join(lacking)} ({reasons})\n"
+        )
         sys.exit(STRICT_REFUSED)
     if target["kind"] == "argv":
         environment = dict(os.environ)

@@ -86,7 +86,7 @@ class _Launcher(SPAWN.Launcher.Server):  # type: ignore[misc]
         lacking = _sandbox.missing(parsed, self._policy)
         if lacking and self._policy.policy == "strict":
             reasons = "; ".join(f"{layer}: {parsed[layer]}" for layer in lacking)
-            self.refused = f"strict sandbox, but this kernel lacks {', '.join(lacking)} ({reasons})"
+            self.refused = f"strict sandbox, but not to be had here: {', '.join(lacking)} ({reasons})"
             self.started.set()
             raise Failed(self.refused)
         capabilities, self._capabilities = self._capabilities, None  # handed out once

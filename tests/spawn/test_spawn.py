@@ -197,7 +197,7 @@ async def test_a_strict_sandbox_refuses_to_start_without_a_layer(tmp_path: Path)
             cwd=tmp_path,
         )
     out = json.loads(done.stdout)
-    assert out["strict"].startswith("refused: strict sandbox, but this kernel lacks user_namespace")
+    assert out["strict"].startswith("refused: strict sandbox, but not to be had here: user_namespace")
     report = out["report"]
     assert (
         report["user_namespace"].startswith("unavailable")
@@ -209,7 +209,7 @@ async def test_a_strict_sandbox_refuses_to_start_without_a_layer(tmp_path: Path)
     assert out["passwd"] == "denied: EACCES"  # Landlock still holds the wall
     assert out["tmp"] == "denied: EACCES" and not (tmp_path / "from-child").exists()
     # The lying program never ran: the trusted start-up code refused before exec.
-    assert out["liar"].startswith("refused: strict sandbox, but this kernel lacks user_namespace")
+    assert out["liar"].startswith("refused: strict sandbox, but not to be had here: user_namespace")
     assert not (tmp_path / "liar-ran").exists()
 
 

@@ -4,6 +4,7 @@ done through capabilities."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -99,3 +100,81 @@ async def test_the_strict_sandbox_as_an_unprivileged_user(vat: Vat, tmp_path: Pa
                 await sink.finished.wait()
                 assert bytes(sink.data) == b"AS NOBODY IN PARTICULAR\n"
                 assert await child.wait() == 0
+
+
+UNPRIVILEGED_PARENT = """
+import json, os, sys, trio, capbus
+from capbus.rpc.vat import open_vat
+
+code = sys.argv[1]
+schema = capbus.load(code + "/children.capnp")
+
+async def main():
+    out = {"uid": os.getuid()}
+    async with capbus.open_kernel() as kernel, await kernel.connect() as peer, open_vat(peer) as vat:
+        try:
+            async with capbus.spawn(vat, "children:prober", code=[code]):
+                out["strict"] = "started"
+        except capbus.SandboxError as error:
+            out["strict"] = f"refused: {error}"
+        without_cgroup = capbus.Sandbox.strict().without("cgroup")
+        async with capbus.spawn(vat, "children:prober", code=[code], sandbox=without_cgroup) as child:
+            out["report"] = child.sandbox_report
+            prober = await child.capability("prober", schema.Prober)
+            for what, arg in (("read", "/etc/passwd"), ("inet", ""), ("signal", str(os.getpid())),
+                              ("unshare", ""), ("processes", "200")):
+                out[what] = (await prober.probe(what=what, arg=arg)).outcome
+    print(json.dumps(out))
+
+trio.run(main)
+"""
+
+
+async def test_an_unprivileged_parent() -> None:
+    """The parent itself unprivileged (uid 1000), kernel and all: every layer but the cgroup,
+    which needs a cgroup hierarchy this user may write (root, or a delegated cgroup v2
+    subtree); a strict sandbox says so and refuses, one without the cgroup holds."""
+    if os.geteuid() != 0:
+        pytest.fail("this test starts a parent as another user: run it as root (as CI does)")
+    with trio.fail_after(120):
+        done = await trio.run_process(
+            [interpreter_for(UID), "-c", UNPRIVILEGED_PARENT, str(HERE)],
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+            env={"PYTHONPATH": import_path(), **sanitizer_runtime()},
+            user=UID,
+            group=GID,
+            cwd="/",  # not the source tree (which -c would import from), and one uid 1000 may enter
+        )
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    out = json.loads(done.stdout)
+    assert out["uid"] == UID
+    writable = _cgroups_writable_by(UID)
+    if writable:
+        assert out["strict"] == "started"
+    else:
+        assert out["strict"].startswith("refused: strict sandbox, but not to be had here: cgroup")
+    report = out["report"]
+    assert report["cgroup"] == "off"
+    assert all(state.startswith("active") for layer, state in report.items() if layer != "cgroup"), report
+    assert out["read"] == "denied: ENOENT"
+    assert out["inet"] == "denied: EAFNOSUPPORT"
+    assert out["signal"] == "denied: ESRCH"
+    assert out["unshare"] == "denied: EPERM"
+    assert out["processes"] == "denied: EAGAIN"  # RLIMIT_NPROC binds a user that is not root
+
+
+def sanitizer_runtime() -> dict[str, str]:
+    """What a process that embeds the kernel needs in the sanitizer run (dev.py test
+    --sanitize): its sanitizer runtime, preloaded. (Children never load the kernel.)"""
+    names = ("LD_PRELOAD", "ASAN_OPTIONS", "UBSAN_OPTIONS", "CAPBUS_SANITIZED")
+    return {name: os.environ[name] for name in names if name in os.environ}
+
+
+def _cgroups_writable_by(uid: int) -> bool:
+    """Whether ``uid`` could make a cgroup here (a delegated cgroup v2 subtree it owns)."""
+    try:
+        return os.stat("/sys/fs/cgroup").st_uid == uid
+    except OSError:
+        return False
