@@ -41,6 +41,7 @@ from .protocol import (
     decode,
     encode_exception,
     results_capability,
+    return_identity,
 )
 from .server import Server
 from .structs import StructReader
@@ -319,11 +320,21 @@ class Engine:
                 raise ValueError(f"a message of {len(payload)} bytes, over this vat's limit of {limit}")
             received = decode(payload, caps, self.typed, fds)
         except Exception as error:  # noqa: BLE001 - hostile or broken input, never fatal
+            if destination == self.reply_node:
+                return self._malformed_return(payload, error)
             return self._refuse(payload, caps, f"malformed message: {error}", Failed)
         try:
             return self._dispatch(destination, received, payload, caps)
         except Exception as error:  # noqa: BLE001 - a pointer the decode did not look at yet
             return self._refuse(payload, caps, f"malformed message: {error}", Failed)
+
+    def _malformed_return(self, payload: memoryview, error: Exception) -> list[Event]:
+        """A return we cannot read: its question (if that much can be read, and it is one
+        of ours) fails with why, rather than waiting for an answer that came."""
+        question_id = return_identity(payload)
+        if question_id is None or self.questions.pop(question_id, None) is None:
+            return []
+        return [Returned(question_id, error=Failed(f"malformed return: {error}"))]
 
     def _dispatch(
         self,

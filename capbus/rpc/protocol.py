@@ -318,6 +318,22 @@ def call_identity(payload: Segment) -> tuple[int, int | None] | None:
 
 _RETURN = ENVELOPE.fields["return"].slot
 _RESULTS = layout_of(rpc.Return.schema).fields["results"].slot
+_RETURN_DISCRIMINANT = ENVELOPE.fields["return"].discriminant
+
+
+def return_identity(payload: Segment) -> int | None:
+    """The question id of a return whose envelope is otherwise unreadable, read straight
+    from the segments so that its caller can be told; None if even that cannot be read."""
+    try:
+        segments = capwire.unframe(payload)
+        offset = ENVELOPE.discriminant_offset
+        root = capwire.read_struct_word(segments, (), offset // 4)
+        discriminant = None if root is None else (root >> (16 * (offset % 4))) & 0xFFFF
+        if discriminant != _RETURN_DISCRIMINANT:
+            return None
+        return capwire.read_struct_word(segments, (("p", _RETURN),), 0)
+    except CapWireError:
+        return None
 
 
 def results_capability(returned: Encoded, transform: Sequence[int]) -> object | None:

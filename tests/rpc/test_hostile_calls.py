@@ -21,6 +21,7 @@ from .services import FactoryServer, schema
 
 CALL = protocol.ENVELOPE.fields["call"].slot
 PARAMS = protocol.layout_of(protocol.rpc.Call.schema).fields["params"].slot
+RETURN = protocol.ENVELOPE.fields["return"].slot
 SAME = schema.Factory.interface.methods["same"]
 ECHO = schema.Factory.interface.methods["echo"]
 
@@ -141,3 +142,44 @@ async def test_garbage_is_dropped_and_the_server_goes_on(attack: Attack) -> None
             await attack.attacker.send(attack.target, os.urandom(size), handles=[attack.reply])
         assert (await attack.factory.echo("still serving")).text == "still serving"
         assert attack.server.statistics().answers == 0
+
+
+async def test_a_caller_is_told_of_a_malformed_return(kernel: capbus.Kernel) -> None:
+    """A hostile server answers with a return the caller cannot read (a union member no
+    schema has): the caller's call fails with Failed at once, not waiting forever, and the
+    caller's vat goes on."""
+    hostile = await kernel.connect()
+    caller = await kernel.connect()
+    async with open_vat(caller) as vat:
+        node = await hostile.create_node()
+        factory = vat.client(await hostile.transfer(node, caller), schema.Factory)
+        outcome: list[BaseException] = []
+
+        async def call() -> None:
+            try:
+                await factory.echo("anyone?")
+            except errors.RpcError as error:
+                outcome.append(error)
+
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(call)
+                message = await hostile.recv()
+                received = protocol.decode(message.payload_view, list(range(len(message.handles))))
+                assert isinstance(received, protocol.ReceivedCall) and isinstance(received.reply, int)
+                answer = protocol.encode_exception(received.question_id, errors.Failed("x"))
+                segments = [bytearray(s) for s in capwire.unframe(answer.payload)]
+                slot = capwire.locate(segments, (("p", RETURN),))
+                assert slot is not None
+                pointer = struct.unpack_from("<Q", segments[slot[0]], slot[1] * 8)[0]
+                data = (slot[1] + 1 + ((pointer >> 2) & 0x3FFFFFFF)) * 8  # the Return struct
+                offset = protocol.rpc.Return.schema.node.struct.discriminantOffset * 2
+                struct.pack_into("<H", segments[slot[0]], data + offset, 9)  # no such member
+                broken = capwire.frame_header(segments) + b"".join(segments)
+                await hostile.send(message.handles[received.reply], broken)
+            assert len(outcome) == 1 and isinstance(outcome[0], errors.Failed)
+            assert "malformed return" in outcome[0].reason
+            await hostile.aclose()
+            with pytest.raises(errors.Disconnected):
+                await factory.echo("the vat goes on: this one fails cleanly too")
+    await caller.aclose()
