@@ -106,6 +106,9 @@ class Promise:
         self, vat: Vat, client: Client, method: Method, question_id: int, done: tuple[Any, list[Any]] | None
     ) -> None:
         self.vat, self.client, self.method, self.question_id = vat, client, method, question_id
+        self.base: Promise | None = None
+        """For a call sent on a promised capability: the promise it is pipelined on, kept
+        alive (dropping it would tell the callee to let that call go)."""
         self._done = done
         self._results: Any = None
         if done is not None:

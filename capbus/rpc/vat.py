@@ -43,6 +43,7 @@ from .protocol import (
     encode_exception,
     encode_finish,
     encode_results,
+    malformed,
     params_of,
 )
 from .server import Server
@@ -312,9 +313,10 @@ class Vat:
             results = await self._call_local(client.server, method, params)
             return Promise.resolved(self, client, method, results)
         pipeline = None
+        base = None
         if client.pipeline is not None:
-            promise, transform = client.pipeline
-            pipeline, client = (promise.question_id, transform), promise.client
+            base, transform = client.pipeline
+            pipeline, client = (base.question_id, transform), base.client
         question_id, done = self._question(client, method)
         try:
             call = encode_call(question_id, method, params, keep_results=True, pipeline=pipeline)
@@ -323,7 +325,9 @@ class Vat:
             self._waiting.pop(question_id, None)
             self.engine.forget(question_id)
             raise
-        return Promise(self, client, method, question_id, done)
+        promise = Promise(self, client, method, question_id, done)
+        promise.base = base  # keeps the call it is pipelined on open while it is wanted
+        return promise
 
     def _promise_gone(self, target: Client, question_id: int) -> None:
         """A promise was collected: the callee may drop the results it kept for it."""
@@ -679,7 +683,12 @@ class Vat:
         if key is None or reply is None:
             return  # one-way: no return
         if cancelled or encoded is None:
-            self.engine.cancelled(key)  # the caller sent Finish: no return
+            # The caller sent Finish: it wants no return. Calls pipelined on this one (a
+            # promise derived from it may still be awaited) fail with the reason.
+            canceled = encode_exception(key[1], Failed("the call they were pipelined on was canceled"))
+            for event in self.engine.completed(key, canceled):
+                self._handle(event)
+            self.engine.cancelled(key)
             return
         for event in self.engine.completed(key, encoded):
             self._handle(event)
@@ -698,6 +707,8 @@ class Vat:
             encoded = encode_results(question_id, method, as_kwargs(results, method.results_layout))
         except RpcError as error:
             encoded = encode_exception(question_id, error)
+        except Exception as error:  # noqa: BLE001 - what the other vat answered is unreadable
+            encoded = encode_exception(question_id, malformed(error))
         await self._answer(forward.reply, key, encoded, False)
 
     async def _retire(self, node: int) -> None:

@@ -183,3 +183,41 @@ async def test_a_caller_is_told_of_a_malformed_return(kernel: capbus.Kernel) -> 
             with pytest.raises(errors.Disconnected):
                 await factory.echo("the vat goes on: this one fails cleanly too")
     await caller.aclose()
+
+
+async def test_a_hostile_answer_to_a_forwarded_call_does_not_take_the_server_down(
+    kernel: capbus.Kernel,
+) -> None:
+    """The attacker has the server pipeline a call onto the attacker's own object, then
+    answers it with results whose capability index points past the handles attached: the
+    forwarded call fails as malformed, and the server goes on serving."""
+    server_peer, attacker, honest = await kernel.connect(), await kernel.connect(), await kernel.connect()
+    async with open_vat(server_peer) as server_vat, open_vat(honest) as honest_vat:
+        node = await server_vat.export(FactoryServer())
+        target = await server_peer.transfer(node, attacker)
+        factory = honest_vat.client(await server_peer.transfer(node, honest), schema.Factory)
+        reply, own = await attacker.create_node(), await attacker.create_node()
+        spawn = schema.Counter.interface.methods["spawn"]
+        cap_slot = SAME.results_layout.fields["cap"].slot
+        with trio.fail_after(10):
+            first = protocol.encode_call(1, SAME, {"cap": "own"}, keep_results=True)
+            await attacker.send(target, first.payload, handles=[reply, own])
+            second = protocol.encode_call(2, spawn, {}, pipeline=(1, [cap_slot]))
+            await attacker.send(target, second.payload, handles=[reply])
+            answers: dict[int, protocol.ReceivedReturn] = {}
+            while 2 not in answers:
+                message = await attacker.recv()
+                if message.kind is not capbus.MessageKind.DATA:
+                    continue
+                received = protocol.decode(message.payload_view, list(range(len(message.handles))))
+                if isinstance(received, protocol.ReceivedCall):  # the forwarded spawn, at our node
+                    assert message.destination == own and isinstance(received.reply, int)
+                    lie = protocol.encode_results(received.question_id, spawn, {"counter": "x"})
+                    reply_handle = message.handles[received.reply]
+                    await attacker.send(reply_handle, lie.payload)  # no handle attached
+                elif isinstance(received, protocol.ReceivedReturn):
+                    answers[received.question_id] = received
+            assert isinstance(answers[2].error, errors.Failed) and "malformed" in answers[2].error.reason
+            assert (await factory.echo("still serving")).text == "still serving"
+    for peer in (server_peer, attacker, honest):
+        await peer.aclose()

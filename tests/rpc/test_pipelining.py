@@ -109,3 +109,30 @@ async def test_finish_frees_the_kept_results(pair: Pair) -> None:
         gc.collect()
         while pair.server_vat.statistics().answers:
             await trio.sleep(0.001)  # bounded by fail_after; the Finish is on its way
+
+
+async def test_a_call_sent_on_a_dropped_promise_is_still_answered(pair: Pair) -> None:
+    """The promise a pipelined send was made on is gone (a temporary): the derived promise
+    keeps it open at the callee, and the call is answered."""
+    with trio.fail_after(10):
+        pair.server.gate = trio.Event()
+        derived = await (await pair.factory.newCounter.send()).counter.increment.send(by=1)
+        gc.collect()  # no one holds the base promise but the derived one
+        assert len(pair.client_vat.engine.questions) == 2  # both still open: no Finish for the base
+        pair.server.gate.set()
+        assert (await derived).value == 1
+
+
+async def test_calls_pipelined_on_a_canceled_call_fail_rather_than_hang(pair: Pair) -> None:
+    """The caller gives up on a call (Finish) while a pipelined call waits on its answer:
+    that call fails with the reason, it does not wait for ever."""
+    with trio.fail_after(10):
+        pair.server.gate = trio.Event()
+        base = await pair.factory.newCounter.send()
+        pipelined = await base.counter.increment.send(by=1)
+        pipelined.base = None  # drop the link: the base's Finish goes out when it is collected
+        del base
+        gc.collect()
+        with pytest.raises(errors.Failed, match="canceled"):
+            await pipelined
+        pair.server.gate.set()
