@@ -442,6 +442,11 @@ class Vat:
         except bus.CapbusError as error:
             if isinstance(error, bus.NodeDestroyed):
                 self.engine.broken.add(destination)
+            # Objects this message would have handed out may now be held by no one (one made
+            # for it never got the release notification that retires it).
+            for node in handles:
+                if node in self.engine.exports:
+                    self._nursery.start_soon(self._retire, node)
             raise from_kernel(error) from error
         finally:
             self.engine.sending(handles, False)
@@ -579,8 +584,8 @@ class Vat:
             handles = self._handles_now(encoded.caps)
         except RpcError:
             return False  # let the task that sends it report that
-        if handles is None:
-            return False
+        if handles is None or any(node in self.engine.exports for node in handles):
+            return False  # objects of ours go out with an acknowledged send (_send_return)
         self.engine.sending(handles, True)
         try:
             self.peer.send_oneway_nowait(destination, encoded.payload, handles=handles, fds=encoded.fds)
@@ -594,9 +599,12 @@ class Vat:
 
     async def _send_return(self, reply: Client, question_id: int, encoded: Encoded) -> None:
         """Sends a return; results that cannot be sent (a capability in them is gone) reach
-        the caller as that error instead: a caller always gets an answer."""
+        the caller as that error instead: a caller always gets an answer. A return that
+        hands out objects of this vat waits for the kernel's answer, so that a refused one
+        (its caller gone) lets them be retired."""
+        hands_out = any(isinstance(v, Server) or (isinstance(v, Client) and v.server) for v in encoded.caps)
         try:
-            await self._send(reply.handle, encoded, oneway=True, checkpoint=False)
+            await self._send(reply.handle, encoded, oneway=not hands_out, checkpoint=False)
         except RpcError as error:
             if isinstance(error, Disconnected) and reply.handle in self.engine.broken:
                 return  # the caller is gone

@@ -16,6 +16,7 @@ import trio
 import capbus
 from capbus.rpc import capwire, errors, header, protocol
 from capbus.rpc.vat import Vat, open_vat
+from capbus.testing import wait_for_statistics
 
 from .services import FactoryServer, schema
 
@@ -220,4 +221,38 @@ async def test_a_hostile_answer_to_a_forwarded_call_does_not_take_the_server_dow
             assert isinstance(answers[2].error, errors.Failed) and "malformed" in answers[2].error.reason
             assert (await factory.echo("still serving")).text == "still serving"
     for peer in (server_peer, attacker, honest):
+        await peer.aclose()
+
+
+async def test_objects_made_for_a_caller_that_left_are_retired(kernel: capbus.Kernel) -> None:
+    """Calls that return new objects, whose caller destroys its reply node before the
+    returns go out: the returns are refused, and the nodes made for them are destroyed
+    rather than kept for ever (no one ever held them, so no release would retire them)."""
+    server_peer, attacker = await kernel.connect(), await kernel.connect()
+    async with open_vat(server_peer) as server_vat:
+        server = FactoryServer()
+        server.gate = trio.Event()  # newCounter waits for it
+        node = await server_vat.export(server)
+        target = await server_peer.transfer(node, attacker)
+        with trio.fail_after(20):
+            await wait_for_statistics(kernel, lambda s: s.nodes >= 2)
+            before = kernel.statistics().nodes
+            new_counter = schema.Factory.interface.methods["newCounter"]
+            replies = []
+            for i in range(20):
+                reply = await attacker.create_node()
+                replies.append(reply)
+                call = protocol.encode_call(i, new_counter, {})
+                await attacker.send(target, call.payload, handles=[reply])
+            await wait_for_statistics(kernel, lambda s: s.nodes == before + 20)  # all calls in
+            while server_vat.statistics().answers < 20:  # polled, bounded by fail_after
+                await trio.sleep(0.001)
+            await attacker.destroy(*replies, release=True)
+            server.gate.set()
+            while server_vat.statistics().answers:  # every call answered (polled, bounded)
+                await trio.sleep(0.001)
+            # Back to where it was: 20 counters made, refused, retired.
+            await wait_for_statistics(kernel, lambda s: s.nodes == before)
+            assert server_vat.statistics().exports == 1  # the factory only
+    for peer in (server_peer, attacker):
         await peer.aclose()
