@@ -27,7 +27,7 @@ from .. import errors as bus
 from ..peer import Message, MessageKind
 from .capwire import CapWireError
 from .client import Client, client_class
-from .errors import Disconnected, Failed, RpcError, from_kernel
+from .errors import Disconnected, Failed, Overloaded, RpcError, from_kernel
 from .fds import FileDescriptor
 from .interface import Interface, Method, interface_of
 from .layout import FieldLayout
@@ -129,9 +129,25 @@ class _Question:
 class Engine:
     """See the module docstring."""
 
-    def __init__(self, reply_node: int, *, max_message_bytes: int, on_release: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        reply_node: int,
+        *,
+        max_message_bytes: int,
+        on_release: Callable[[], None],
+        max_waiting: int = 4096,
+        max_kept_per_caller: int = 1024,
+    ) -> None:
         self.reply_node = reply_node
         self.max_message_bytes = max_message_bytes
+        self.max_waiting = max_waiting
+        """Pipelined calls that may wait for answers not yet given (and forwarded calls in
+        flight), in all: past it, such calls are answered Overloaded."""
+        self.max_kept_per_caller = max_kept_per_caller
+        """Answers one caller (reply node) may have kept for pipelining until its Finish:
+        past it, answers are not kept (pipelining on them then fails)."""
+        self.waiting_calls = 0
+        self._kept: dict[int, int] = {}  # reply handle -> answers kept for it
         self._on_release = on_release
         self._next_question = 1
         self.questions: dict[int, _Question] = {}
@@ -357,7 +373,7 @@ class Engine:
             if key is None or answer is None:
                 return []
             if answer.done:
-                del self.answers[key]  # kept results no one will pipeline on any more
+                self._forget_answer(key)  # kept results no one will pipeline on any more
                 return []
             answer.keep = False
             return [FinishArrived(key)]
@@ -368,7 +384,11 @@ class Engine:
         reply_client = reply if isinstance(reply, Client) and reply.server is None else None
         question_id = call.question_id
         if reply_client is not None:
-            self.answers[(reply_client.handle, question_id)] = _Answer(call.keep_results)
+            keep = call.keep_results and self._kept.get(reply_client.handle, 0) < self.max_kept_per_caller
+            if keep:
+                self._kept[reply_client.handle] = self._kept.get(reply_client.handle, 0) + 1
+            self._forget_answer((reply_client.handle, question_id))  # a reused id replaces
+            self.answers[(reply_client.handle, question_id)] = _Answer(keep)
             self._recent_replies[reply_client.handle] = reply_client
             self._recent_replies.move_to_end(reply_client.handle)
             if len(self._recent_replies) > _RECENT_REPLIES:
@@ -382,10 +402,15 @@ class Engine:
         promised_question, transform = call.promised
         answer = self.answers.get((reply_client.handle, promised_question))
         if answer is None:
-            self.answers.pop((reply_client.handle, question_id), None)
+            self._forget_answer((reply_client.handle, question_id))
             error = Failed(f"no answer {promised_question} to pipeline on (finished, or never asked)")
             return [Send(reply_client, encode_exception(question_id, error))]
         if not answer.done:
+            if self.waiting_calls >= self.max_waiting:
+                self._forget_answer((reply_client.handle, question_id))
+                busy = Overloaded(f"{self.waiting_calls} pipelined calls are already waiting here")
+                return [Send(reply_client, encode_exception(question_id, busy))]
+            self.waiting_calls += 1
             answer.waiting.append((call, reply_client, question_id, transform))
             return []
         return self._pipelined(answer, call, reply_client, question_id, transform)
@@ -405,7 +430,7 @@ class Engine:
         if failure is None and target is None:
             failure = Failed(f"the pipelined capability (pointer fields {transform}) is null")
         if failure is not None:
-            self.answers.pop((reply.handle, question_id), None)
+            self._forget_answer((reply.handle, question_id))
             return [Send(reply, encode_exception(question_id, failure))]
         if isinstance(target, Server):
             target = self.local(target)
@@ -427,16 +452,31 @@ class Engine:
         if answer is None:
             return []
         answer.done, answer.returned = True, returned
+        waiting, answer.waiting = answer.waiting, []
+        self.waiting_calls -= len(waiting)
         if not answer.keep:
-            del self.answers[key]
+            self._forget_answer(key)
         events: list[Event] = []
-        for call, reply, question_id, transform in answer.waiting:
+        for call, reply, question_id, transform in waiting:
             events.extend(self._pipelined(answer, call, reply, question_id, transform))
-        answer.waiting.clear()
         return events
 
     def cancelled(self, key: tuple[int, int]) -> None:
-        self.answers.pop(key, None)
+        self._forget_answer(key)
+
+    def _forget_answer(self, key: tuple[int, int]) -> None:
+        """Drops an answer, with the calls that waited on it and its count of kept answers."""
+        answer = self.answers.pop(key, None)
+        if answer is None:
+            return
+        self.waiting_calls -= len(answer.waiting)
+        answer.waiting.clear()
+        if answer.keep:
+            left = self._kept.get(key[0], 0) - 1
+            if left > 0:
+                self._kept[key[0]] = left
+            else:
+                self._kept.pop(key[0], None)
 
     def _refuse(
         self, payload: memoryview, caps: list[object], reason: str, kind: type[RpcError]
@@ -469,6 +509,8 @@ class Engine:
     def _node_destroyed(self, handle: int) -> list[Event]:
         self.broken.add(handle)
         self._recent_replies.pop(handle, None)
+        for key in [key for key in self.answers if key[0] == handle]:
+            self._forget_answer(key)  # its caller is gone: no one to answer or pipeline
         events: list[Event] = []
         for question_id, question in list(self.questions.items()):
             if question.target == handle:

@@ -503,7 +503,15 @@ class Vat:
         elif isinstance(event, MayRetire):
             self._nursery.start_soon(self._retire, event.node)
         elif isinstance(event, Forward):
-            self._nursery.start_soon(self._forward, event)
+            if self.engine.waiting_calls >= self.engine.max_waiting:
+                error = Overloaded(f"{self.engine.waiting_calls} pipelined calls are already waiting here")
+                encoded = encode_exception(event.question_id, error)
+                self._nursery.start_soon(
+                    self._answer, event.reply, (event.reply.handle, event.question_id), encoded, False
+                )
+            else:
+                self.engine.waiting_calls += 1  # until the other vat answers
+                self._nursery.start_soon(self._forward, event)
         else:
             self._nursery.start_soon(self._send_quietly, event)
 
@@ -717,6 +725,8 @@ class Vat:
             encoded = encode_exception(question_id, error)
         except Exception as error:  # noqa: BLE001 - what the other vat answered is unreadable
             encoded = encode_exception(question_id, malformed(error))
+        finally:
+            self.engine.waiting_calls -= 1
         await self._answer(forward.reply, key, encoded, False)
 
     async def _retire(self, node: int) -> None:
@@ -770,7 +780,9 @@ async def open_vat(
             if vat is not None:
                 vat._wake_releaser()
 
-        engine = Engine(reply_node, max_message_bytes=max_message_bytes, on_release=wake)
+        engine = Engine(
+            reply_node, max_message_bytes=max_message_bytes, on_release=wake, max_waiting=max_queued_calls
+        )
         limits = {"max_concurrent_calls": max_concurrent_calls, "max_queued_calls": max_queued_calls}
         vat = Vat(peer, nursery, engine, **limits)
         await vat._start()

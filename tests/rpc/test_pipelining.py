@@ -7,10 +7,12 @@ import gc
 import pytest
 import trio
 
+import capbus
 from capbus.rpc import errors
+from capbus.rpc.vat import open_vat
 from capbus.testing import wait_for_statistics
 
-from .services import CounterServer, Pair
+from .services import CounterServer, FactoryServer, Pair, schema
 
 
 async def test_a_pipelined_chain_is_one_round_trip(pair: Pair) -> None:
@@ -136,3 +138,55 @@ async def test_calls_pipelined_on_a_canceled_call_fail_rather_than_hang(pair: Pa
         with pytest.raises(errors.Failed, match="canceled"):
             await pipelined
         pair.server.gate.set()
+
+
+async def test_waiting_pipelined_calls_are_bounded(kernel: capbus.Kernel) -> None:
+    """Pipelined calls waiting for an answer not yet given count against the vat's bound:
+    past it they are answered Overloaded at once; the others run once the answer comes."""
+    server_peer, client_peer = await kernel.connect(), await kernel.connect()
+    server = FactoryServer()
+    server.gate = trio.Event()
+    async with open_vat(server_peer, max_queued_calls=5) as server_vat, open_vat(client_peer) as client_vat:
+        node = await server_vat.export(server)
+        factory = client_vat.client(await server_peer.transfer(node, client_peer), schema.Factory)
+        with trio.fail_after(10):
+            base = await factory.newCounter.send()
+            sent = [await base.counter.increment.send(by=1) for _ in range(10)]
+            outcomes: list[str] = []
+            for promise in sent[5:]:  # the last five came in past the bound
+                with pytest.raises(errors.Overloaded, match="pipelined calls are already waiting"):
+                    await promise
+                outcomes.append("overloaded")
+            server.gate.set()
+            values = sorted([(await promise).value for promise in sent[:5]])
+            assert values == [1, 2, 3, 4, 5] and outcomes == ["overloaded"] * 5
+            assert server_vat.engine.waiting_calls == 0
+    for peer in (server_peer, client_peer):
+        await peer.aclose()
+
+
+async def test_answers_kept_for_one_caller_are_bounded(pair: Pair) -> None:
+    """A caller that never sends Finish cannot make the callee keep its results without
+    end: past the bound, answers are not kept (pipelining on them fails), and the rest of
+    its calls are still served."""
+    pair.server_vat.engine.max_kept_per_caller = 3
+    with trio.fail_after(10):
+        promises = [await pair.factory.newCounter.send() for _ in range(5)]
+        for promise in promises:
+            await promise
+        assert pair.server_vat.statistics().answers == 3
+        assert (await promises[2].counter.increment(by=1)).value == 1  # kept: pipelining works
+        with pytest.raises(errors.Failed, match="no answer"):
+            await promises[4].counter.increment(by=1)  # not kept
+
+
+async def test_answers_go_with_their_caller(pair: Pair) -> None:
+    """A caller's reply node destroyed: the callee drops what it kept for that caller."""
+    with trio.fail_after(10):
+        promises = [await pair.factory.newCounter.send() for _ in range(3)]
+        for promise in promises:
+            await promise
+        assert pair.server_vat.statistics().answers == 3
+        await pair.client_vat.peer.destroy(pair.client_vat.engine.reply_node)
+        while pair.server_vat.statistics().answers:  # polled, bounded by fail_after
+            await trio.sleep(0.001)
