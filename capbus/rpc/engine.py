@@ -17,6 +17,7 @@ Tables:
 
 from __future__ import annotations
 
+import secrets
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable
@@ -269,8 +270,13 @@ class Engine:
     # -- questions ----------------------------------------------------------------------------
 
     def ask(self, target: int, method: Method) -> int:
-        question_id = self._next_question
-        self._next_question += 1
+        # Unguessable: every callee holds this vat's reply handle, and with it could forge a
+        # Return, a Finish or a pipelined call for a question this vat put to someone else,
+        # if it could name that question. 61 bits: a question id is also the kernel tag of
+        # the call's send.
+        question_id = secrets.randbits(61)
+        while question_id in self.questions or question_id == 0:
+            question_id = secrets.randbits(61)
         self.questions[question_id] = _Question(target, method)
         return question_id
 

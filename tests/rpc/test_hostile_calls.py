@@ -256,3 +256,32 @@ async def test_objects_made_for_a_caller_that_left_are_retired(kernel: capbus.Ke
             assert server_vat.statistics().exports == 1  # the factory only
     for peer in (server_peer, attacker):
         await peer.aclose()
+
+
+async def test_a_callee_cannot_answer_for_another(kernel: capbus.Kernel) -> None:
+    """X, called once by H, holds H's reply handle. It forges returns for the ids around the
+    question it saw, trying to answer H's pending call to Y with an object of its own: the
+    question ids are unguessable, so none lands, and H gets Y's real answer."""
+    x, y_peer, h_peer = await kernel.connect(), await kernel.connect(), await kernel.connect()
+    y = FactoryServer()
+    y.gate = trio.Event()
+    async with open_vat(y_peer) as y_vat, open_vat(h_peer) as h_vat:
+        factory_at_y = h_vat.client(await y_peer.transfer(await y_vat.export(y), h_peer), schema.Factory)
+        x_node = await x.create_node()
+        factory_at_x = h_vat.client(await x.transfer(x_node, h_peer), schema.Factory)
+        new_counter = schema.Factory.interface.methods["newCounter"]
+        with trio.fail_after(10):
+            pending = await factory_at_y.newCounter.send()  # waits at Y's gate
+            await factory_at_x.echo.send("hello X")  # X learns H's reply handle and one id
+            message = await x.recv()
+            seen = protocol.decode(message.payload_view, list(range(len(message.handles))))
+            assert isinstance(seen, protocol.ReceivedCall) and isinstance(seen.reply, int)
+            reply = message.handles[seen.reply]
+            for guess in range(max(1, seen.question_id - 500), seen.question_id + 500):
+                forged = protocol.encode_results(guess, new_counter, {"counter": "x's own"})
+                await x.send(reply, forged.payload, handles=[x_node])
+            y.gate.set()
+            counter = (await pending).counter
+            assert (await counter.increment(by=2)).value == 2  # Y's counter, not X's object
+    for peer in (x, y_peer, h_peer):
+        await peer.aclose()
