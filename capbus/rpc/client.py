@@ -77,7 +77,16 @@ class Client:
     def __getattr__(self, name: str) -> BoundMethod:
         method = self.interface.methods.get(name)
         if method is None:
-            raise AttributeError(f"{self.interface.name} has no method {name!r}")
+            hint = ""
+            if name.startswith("__"):
+                pass  # Python probing for protocols (copy, pickle...): keep the plain error
+            elif not self.interface.methods:  # a capability whose interface is unknown here
+                hint = (
+                    f" (this client's interface, {self.interface.name}, is unknown here: name it, e.g."
+                    " vat.client(handle, Interface), boot.get(name, Interface) or"
+                    " child.capability(name, Interface))"
+                )
+            raise AttributeError(f"{self.interface.name} has no method {name!r}{hint}")
         return BoundMethod(self, method)
 
     def __repr__(self) -> str:

@@ -281,3 +281,14 @@ def _cgroups_of(parent_pid: int) -> list[str]:
 def _members(cgroup: str) -> list[str]:
     with open(os.path.join(cgroup, "cgroup.procs")) as f:
         return f.read().split()
+
+
+async def test_an_untyped_capability_says_how_to_type_it(vat: Vat) -> None:
+    with trio.fail_after(30):
+        async with capbus.spawn(vat, "children:prober", code=[HERE]) as child:
+            untyped = await child.capability("prober")  # no interface given, none registered
+            with pytest.raises(AttributeError, match=r"unknown here: name it"):
+                untyped.probe  # noqa: B018
+            typed = await child.capability("prober", schema.Prober)
+            assert typed is untyped  # the same client, now of its interface
+            assert (await typed.probe(what="ids", arg="")).outcome.startswith("ALLOWED")
