@@ -378,9 +378,10 @@ async def leak_check(calls: int) -> None:
                 line += await client.stdout.receive_some(4096)
         elapsed = time.perf_counter() - start
         result = json.loads(line)
-        # Settled, with the client connected: its reply node (node and anchor) and the
-        # server's one kept handle to it are all that was added; nothing else.
-        expected = (before.nodes + 1, before.handles + 2)
+        # Settled, with the client connected: its first reply node and its reply node for
+        # the bench object (each with its owner's handle), and the server's one kept handle
+        # to the latter, are all that was added; nothing else.
+        expected = (before.nodes + 2, before.handles + 3)
         with trio.move_on_after(30):
             await capbus.testing.wait_for_statistics(kernel, lambda s: (s.nodes, s.handles) == expected)
         during = kernel.statistics()

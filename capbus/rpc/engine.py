@@ -48,6 +48,7 @@ from .server import Server
 from .structs import StructReader
 
 _REFERENCES_KEPT = 256
+_REPLY_NODES_KEPT = 256
 _RECENT_REPLIES = 64
 
 
@@ -125,6 +126,8 @@ class _Answer:
 class _Question:
     target: int
     method: Method
+    reply: int
+    """The reply node the call named: its return must arrive there."""
 
 
 class Engine:
@@ -140,6 +143,12 @@ class Engine:
         max_kept_per_caller: int = 1024,
     ) -> None:
         self.reply_node = reply_node
+        """The vat's first reply node (for a Finish whose callee's node was let go)."""
+        # One reply node per callee (target handle): a callee holds only its own, so it can
+        # neither answer for another callee nor pass itself off as this vat to one.
+        self._replies: OrderedDict[int, int] = OrderedDict()  # target handle -> reply node
+        self.reply_nodes: set[int] = {reply_node}
+        self._spare_replies: list[int] = []
         self.max_message_bytes = max_message_bytes
         self.max_waiting = max_waiting
         """Pipelined calls that may wait for answers not yet given (and forwarded calls in
@@ -243,6 +252,23 @@ class Engine:
         references = self._import_refs.pop(handle, 0)
         if references:
             self.release_later(handle, references)
+        self._let_reply_go(handle)
+
+    def _let_reply_go(self, target: int) -> None:
+        """The reply node for calls to ``target`` goes with it (unless a question to it is
+        still open: then it stays, among the least recently used that make way later)."""
+        node = self._replies.get(target)
+        if node is None or any(q.reply == node for q in self.questions.values()):
+            return
+        del self._replies[target]
+        self.reply_nodes.discard(node)
+        self._spare_replies.append(node)
+        self._on_release()
+
+    def take_spare_replies(self) -> list[int]:
+        """Reply nodes no longer needed: to destroy."""
+        spare, self._spare_replies = self._spare_replies, []
+        return spare
 
     def release_later(self, handle: int, count: int) -> None:
         self._releases[handle] = self._releases.get(handle, 0) + count
@@ -269,6 +295,28 @@ class Engine:
 
     # -- questions ----------------------------------------------------------------------------
 
+    def reply_for(self, target: int) -> int | None:
+        """The reply node calls to ``target`` name; None if it needs one (:meth:`add_reply`)."""
+        node = self._replies.get(target)
+        if node is not None:
+            self._replies.move_to_end(target)
+        return node
+
+    def add_reply(self, target: int, node: int) -> list[int]:
+        """Records the reply node made for ``target``; returns reply nodes to destroy (the
+        least recently used beyond ``_REPLY_NODES_KEPT``, with no question open)."""
+        self._replies[target] = node
+        self.reply_nodes.add(node)
+        spare: list[int] = []
+        if len(self._replies) > _REPLY_NODES_KEPT:
+            open_replies = {q.reply for q in self.questions.values()}
+            for old_target, old_node in list(self._replies.items())[: len(self._replies) - _REPLY_NODES_KEPT]:
+                if old_node not in open_replies:
+                    del self._replies[old_target]
+                    self.reply_nodes.discard(old_node)
+                    spare.append(old_node)
+        return spare
+
     def ask(self, target: int, method: Method) -> int:
         # Unguessable: every callee holds this vat's reply handle, and with it could forge a
         # Return, a Finish or a pipelined call for a question this vat put to someone else,
@@ -277,7 +325,8 @@ class Engine:
         question_id = secrets.randbits(61)
         while question_id in self.questions or question_id == 0:
             question_id = secrets.randbits(61)
-        self.questions[question_id] = _Question(target, method)
+        reply = self._replies.get(target, self.reply_node)
+        self.questions[question_id] = _Question(target, method, reply)
         return question_id
 
     def oneway_id(self) -> int:
@@ -321,7 +370,7 @@ class Engine:
             elif handle.id in self.exports:
                 values.append(self.local(self.exports[handle.id]))
                 self.release_later(handle.id, 1)  # receiving our own node added a reference
-            elif handle.id == self.reply_node:
+            elif handle.id in self.reply_nodes:
                 values.append(None)
                 self.release_later(handle.id, 1)
             else:
@@ -342,20 +391,23 @@ class Engine:
                 raise ValueError(f"a message of {len(payload)} bytes, over this vat's limit of {limit}")
             received = decode(payload, caps, self.typed, fds)
         except Exception as error:  # noqa: BLE001 - hostile or broken input, never fatal
-            if destination == self.reply_node:
-                return self._malformed_return(payload, error)
+            if destination in self.reply_nodes:
+                return self._malformed_return(destination, payload, error)
             return self._refuse(payload, caps, f"malformed message: {error}", Failed)
         try:
             return self._dispatch(destination, received, payload, caps)
         except Exception as error:  # noqa: BLE001 - a pointer the decode did not look at yet
             return self._refuse(payload, caps, f"malformed message: {error}", Failed)
 
-    def _malformed_return(self, payload: memoryview, error: Exception) -> list[Event]:
+    def _malformed_return(self, destination: int, payload: memoryview, error: Exception) -> list[Event]:
         """A return we cannot read: its question (if that much can be read, and it is one
-        of ours) fails with why, rather than waiting for an answer that came."""
+        of ours, asked with this reply node) fails with why, rather than waiting for an
+        answer that came."""
         question_id = return_identity(payload)
-        if question_id is None or self.questions.pop(question_id, None) is None:
+        question = None if question_id is None else self.questions.get(question_id)
+        if question_id is None or question is None or question.reply != destination:
             return []
+        del self.questions[question_id]
         return [Returned(question_id, error=Failed(f"malformed return: {error}"))]
 
     def _dispatch(
@@ -366,7 +418,7 @@ class Engine:
         caps: list[object],
     ) -> list[Event]:
         if isinstance(received, ReceivedReturn):
-            return self._returned(received) if destination == self.reply_node else []
+            return self._returned(received, destination) if destination in self.reply_nodes else []
         if isinstance(received, ReceivedCall):
             server = self.exports.get(destination)
             if server is None:
@@ -499,11 +551,14 @@ class Engine:
             return []
         return [Send(reply, encode_exception(question_id, kind(reason)))]
 
-    def _returned(self, returned: ReceivedReturn) -> list[Event]:
+    def _returned(self, returned: ReceivedReturn, destination: int) -> list[Event]:
         question_id = returned.question_id
-        question = self.questions.pop(question_id, None)
+        question = self.questions.get(question_id)
         if question is None:
             return []  # a caller that stopped waiting (it sent Finish)
+        if question.reply != destination:
+            return []  # not from the callee asked: it came to another callee's reply node
+        del self.questions[question_id]
         if returned.body is None:
             return [Returned(question_id, error=returned.error)]
         try:
@@ -514,6 +569,8 @@ class Engine:
 
     def _node_destroyed(self, handle: int) -> list[Event]:
         self.broken.add(handle)
+        if handle in self.reply_nodes:  # one of ours: destroyed by us, nothing to do
+            return []
         self._recent_replies.pop(handle, None)
         for key in [key for key in self.answers if key[0] == handle]:
             self._forget_answer(key)  # its caller is gone: no one to answer or pipeline
@@ -526,4 +583,5 @@ class Engine:
         if handle in self.exports:
             server = self.exports.pop(handle)
             self._export_nodes.pop(id(server), None)
+        self._let_reply_go(handle)  # (after the questions to it were failed above)
         return events

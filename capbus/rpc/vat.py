@@ -170,24 +170,24 @@ class Vat:
         self.engine.drop(client)
         await trio.lowlevel.checkpoint()
 
-    async def _handles_for(self, caps: list[object]) -> list[int]:
-        handles = self._handles_now(caps)
+    async def _handles_for(self, caps: list[object], destination: int = 0) -> list[int]:
+        handles = self._handles_now(caps, destination)
         if handles is None:
             for value in caps:  # make the missing nodes, then look again
                 server = value.server if isinstance(value, Client) else value
                 if isinstance(server, Server):
                     await self._export(server)
-            handles = self._handles_now(caps)
+            handles = self._handles_now(caps, destination)
             assert handles is not None
         return handles
 
-    def _handles_now(self, caps: list[object]) -> list[int] | None:
+    def _handles_now(self, caps: list[object], destination: int = 0) -> list[int] | None:
         """The handles to attach for a message's capabilities; None if an object in them has
         no node yet (making one takes a kernel round trip)."""
         handles = []
         for value in caps:
-            if value is REPLY:
-                handles.append(self.engine.reply_node)
+            if value is REPLY:  # the reply node of this callee (see Engine.reply_for)
+                handles.append(self.engine.reply_for(destination) or self.engine.reply_node)
                 continue
             if isinstance(value, Client):
                 if value.vat is not self:
@@ -226,6 +226,7 @@ class Vat:
             await self.call(client, method, params)  # no window to keep before the results
             return
         state = self._streams.setdefault(client.handle, _Stream())
+        await self._reply_node(client.handle)
         question_id, done = self._question(client, method)
         encoded = encode_call(question_id, method, params)
         size = len(encoded.payload)
@@ -281,6 +282,8 @@ class Vat:
     async def _ask(self, target: Client, method: Method, encode: Callable[[int], Encoded]) -> StructReader:
         """Sends the call ``encode`` makes for a new question and waits for its answer; a
         caller that gives up (cancelled) sends Finish."""
+        if self.engine.reply_for(target.handle) is None:
+            await self._reply_node(target.handle)
         question_id, done = self._question(target, method)
         try:
             # One-way at the kernel: a refusal comes back as SEND_FAILED tagged with the
@@ -300,6 +303,22 @@ class Vat:
         assert returned.results is not None
         return returned.results
 
+    async def _reply_node(self, target: int) -> None:
+        """Makes the reply node for calls to ``target`` if it has none yet."""
+        if self.engine.reply_for(target) is None:
+            node = (await self.peer.create_node()).id
+            if self.engine.reply_for(target) is None:  # (another task may have made one meanwhile)
+                for spare in self.engine.add_reply(target, node):
+                    self._nursery.start_soon(self._destroy_reply, spare)
+            else:
+                self._nursery.start_soon(self._destroy_reply, node)
+
+    async def _destroy_reply(self, node: int) -> None:
+        try:
+            await self.peer.destroy(node, release=True)
+        except bus.CapbusError:
+            pass
+
     def _question(self, target: Client, method: Method) -> tuple[int, tuple[trio.Event, list[Returned]]]:
         question_id = self.engine.ask(target.handle, method)
         done: tuple[trio.Event, list[Returned]] = (trio.Event(), [])
@@ -317,6 +336,7 @@ class Vat:
         if client.pipeline is not None:
             base, transform = client.pipeline
             pipeline, client = (base.question_id, transform), base.client
+        await self._reply_node(client.handle)
         question_id, done = self._question(client, method)
         try:
             call = encode_call(question_id, method, params, keep_results=True, pipeline=pipeline)
@@ -429,7 +449,7 @@ class Vat:
         tag: int | None = None,
         checkpoint: bool = True,
     ) -> None:
-        handles = await self._handles_for(encoded.caps)
+        handles = await self._handles_for(encoded.caps, destination)
         self.engine.sending(handles, True)
         try:
             if oneway:
@@ -589,7 +609,7 @@ class Vat:
         """Sends a one-way message if that needs no wait (its objects all have nodes, the
         socket has room); False if it was not sent. A gone receiver counts as sent."""
         try:
-            handles = self._handles_now(encoded.caps)
+            handles = self._handles_now(encoded.caps, destination)
         except RpcError:
             return False  # let the task that sends it report that
         if handles is None or any(node in self.engine.exports for node in handles):
@@ -746,6 +766,8 @@ class Vat:
                     await self.peer.release(handle, count)
                 except bus.CapbusError:
                     pass  # already gone with its peer
+            for node in self.engine.take_spare_replies():
+                await self._destroy_reply(node)
 
 
 def _interface(interface: Any) -> Interface:

@@ -187,6 +187,8 @@ async def test_answers_go_with_their_caller(pair: Pair) -> None:
         for promise in promises:
             await promise
         assert pair.server_vat.statistics().answers == 3
-        await pair.client_vat.peer.destroy(pair.client_vat.engine.reply_node)
+        reply = pair.client_vat.engine.reply_for(pair.factory.handle)
+        assert reply is not None
+        await pair.client_vat.peer.destroy(reply)
         while pair.server_vat.statistics().answers:  # polled, bounded by fail_after
             await trio.sleep(0.001)

@@ -146,7 +146,7 @@ class Prober(schema.Prober.Server):  # type: ignore[misc,name-defined]
         engine = boot.vat.engine
         # What it holds: its own nodes, and every handle it received (the launcher, its
         # capabilities, the reply node of each caller).
-        held = {engine.reply_node, *engine.exports, *engine.imports.keys(), *engine._recent_replies}
+        held = {*engine.reply_nodes, *engine.exports, *engine.imports.keys(), *engine._recent_replies}
         reached = []
         for handle in range(first, last + 1):
             if handle in held:
