@@ -26,7 +26,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -48,6 +48,17 @@ def _summary(samples_ns: list[int]) -> dict[str, float]:
         "median_us": statistics.median(samples) / 1000,
         "p99_us": samples[int(len(samples) * 0.99) - 1] / 1000,
     }
+
+
+async def _round_trips(call: Callable[[], Awaitable[Any]], iterations: int) -> dict[str, float]:
+    """Times ``iterations`` awaited calls (under trio or asyncio alike: it only awaits)."""
+    samples = []
+    clock = time.perf_counter_ns
+    for _ in range(iterations):
+        start = clock()
+        await call()
+        samples.append(clock() - start)
+    return _summary(samples)
 
 
 async def capbus_server(fd: int, handlers: str) -> None:
@@ -117,13 +128,7 @@ async def capbus_client(fd: int, mode: str, iterations: int) -> dict[str, Any]:
         for _ in range(200):
             await bench.echo(PAYLOAD)
         if mode == "rtt":
-            samples = []
-            clock = time.perf_counter_ns
-            for _ in range(iterations):
-                start = clock()
-                await bench.echo(PAYLOAD)
-                samples.append(clock() - start)
-            return _summary(samples)
+            return await _round_trips(lambda: bench.echo(PAYLOAD), iterations)
         if mode == "oneway":
             # One-way calls have no flow control of their own (that is what -> stream is
             # for): sent flat out they fill the server's quota and the kernel refuses the
@@ -203,13 +208,7 @@ def pycapnp_client(path: str, iterations: int) -> dict[str, Any]:
         bench = capnp.TwoPartyClient(stream).bootstrap().cast_as(module.Bench)
         for _ in range(200):
             await bench.echo(PAYLOAD)
-        samples = []
-        clock = time.perf_counter_ns
-        for _ in range(iterations):
-            start = clock()
-            await bench.echo(PAYLOAD)
-            samples.append(clock() - start)
-        out.update(_summary(samples))
+        out.update(await _round_trips(lambda: bench.echo(PAYLOAD), iterations))
 
     asyncio.run(capnp.run(main()))
     return out

@@ -35,8 +35,13 @@ class Server:
 
     def _runs_inline(self, method: Method) -> bool:
         """Whether ``method``'s handler is a plain function (see the module docstring)."""
+        return self._inline_handler(method) is not None
+
+    def _inline_handler(self, method: Method) -> Callable[..., Any] | None:
+        """``method``'s handler if it is a plain function, else None (one lookup, for the
+        receive loop's fast path)."""
         handler = getattr(self, method.name, None)
-        return handler is not None and not inspect.iscoroutinefunction(handler)
+        return None if handler is None or inspect.iscoroutinefunction(handler) else handler
 
     def _arguments(self, method: Method, params: dict[str, Any]) -> dict[str, Any]:
         """The keyword arguments a handler gets for a call's params (generated servers wrap

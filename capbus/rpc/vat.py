@@ -561,7 +561,10 @@ class Vat:
         way. Only when no earlier call still waits to start (E-order) and a concurrency slot
         is free; returns whether the call was taken care of."""
         method, server, question_id = arrived.method, arrived.server, arrived.question_id
-        if method is None or self._turn != self._tickets or not server._runs_inline(method):
+        if method is None or self._turn != self._tickets:
+            return False
+        handler = server._inline_handler(method)
+        if handler is None:
             return False
         try:
             self._concurrency.acquire_nowait()
@@ -569,7 +572,7 @@ class Vat:
             return False
         try:
             params = params_of(arrived.call, method)
-            result = server._handler(method)(**server._arguments(method, params))
+            result = handler(**server._arguments(method, params))
             if inspect.isawaitable(result):  # a plain function that hands back an awaitable
                 self._queued += 1
                 self._nursery.start_soon(self._serve, arrived, self._tickets, result)
