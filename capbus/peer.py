@@ -867,12 +867,12 @@ _COMMAND_NAMES = {
 async def connect(path: str | os.PathLike[str]) -> Peer:
     """Connects to a kernel daemon (``capbus kernel --listen PATH``) as a new peer."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-    sock.setblocking(False)
     try:
-        trio_sock = trio.socket.from_stdlib_socket(sock)
-        await trio_sock.connect(os.fspath(path))
-        raw = socket.socket(fileno=trio_sock.detach())
+        # A blocking connect on a thread: a non-blocking connect to a unix socket whose
+        # backlog is full fails with EAGAIN and leaves the socket unconnected but writable,
+        # which an event loop takes for success (the first write then fails ENOTCONN).
+        await trio.to_thread.run_sync(sock.connect, os.fspath(path))
     except BaseException:
         sock.close()
         raise
-    return Peer(raw)
+    return Peer(sock)
