@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import resource
 import signal
 import sys
 import threading
@@ -11,10 +12,20 @@ from .errors import CapbusError
 from .kernel import Kernel, Limits
 
 
+def _raise_fd_limit() -> None:
+    """A daemon's peers, and the fds they queue, are file descriptors of this process: take
+    all the hard limit allows (the kernel splits it between uids, docs/wire-format.md)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def _run_kernel(args: argparse.Namespace) -> int:
     limits = Limits()
+    _raise_fd_limit()
     try:
         kernel = Kernel(limits)
+        kernel.log_to(sys.stderr.fileno())
         kernel.listen(args.listen, int(args.mode, 8))
     except CapbusError as error:
         print(f"capbus kernel: {error.strerror}", file=sys.stderr)

@@ -34,6 +34,9 @@ class Limits:
     nodes_owned: int = lib.CAPBUS_DEFAULT_NODES_OWNED
     user_bytes: int = lib.CAPBUS_DEFAULT_USER_BYTES
     peers_per_user: int = lib.CAPBUS_DEFAULT_PEERS_PER_USER
+    kernel_fds: int = 0
+    """File descriptors the kernel may use in all; 0: the process's RLIMIT_NOFILE when the
+    kernel starts (docs/wire-format.md "File descriptors")."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +55,15 @@ class KernelStatistics:
     violations: int
     peers_doomed: int
     memory_bytes: int
+    fds_held: int
+    fds_held_max: int
+    fds_in_flight: int
+    fds_in_flight_max: int
+    peers_stalled: int
+    delivery_retries: int
+    connections_refused: int
+    peers_half_closed: int
+    wakeups: int
 
 
 def _check(result: int, what: str) -> None:
@@ -77,6 +89,12 @@ class Kernel:
         """Also accepts peers on a unix socket path; its file ``mode`` is the access control."""
         self.path = os.fspath(path)
         _check(lib.capbus_kernel_listen(self._kernel, self.path.encode(), mode), f"listening on {self.path}")
+
+    def log_to(self, fd: int) -> None:
+        """Where the kernel writes a line when something needs its operator's attention
+        (connections refused for lack of fds, ...); -1 for nowhere (the default). The caller
+        keeps ``fd`` open while the kernel runs."""
+        lib.capbus_kernel_set_log_fd(self._kernel, fd)
 
     def start(self) -> None:
         def run() -> None:

@@ -275,6 +275,9 @@ static void cmd_peer_create(struct cb_peer *peer, uint64_t cookie, const uint8_t
 		return;
 	}
 	error = seed_build(peer, child, body, body_size, &child->seed);
+	/* The creator's end is one more fd the kernel holds until it is written. */
+	if (!error && cb_fds_hold(kernel, peer->user, 1) < 0)
+		error = EDQUOT;
 	if (error) {
 		cb_peer_disconnect(child);
 		close(pair[1]);
@@ -284,6 +287,7 @@ static void cmd_peer_create(struct cb_peer *peer, uint64_t cookie, const uint8_t
 	uint32_t size = sizeof(struct capbus_frame) + sizeof(struct capbus_reply);
 	struct cb_qentry *entry = cb_qentry_new(size);
 	if (!entry) {
+		cb_fds_unhold(kernel, peer->user, 1);
 		cb_peer_disconnect(child);
 		close(pair[1]);
 		cb_queue_reply(peer, cookie, CAPBUS_CMD_PEER_CREATE, ENOMEM, NULL, 0);
@@ -294,6 +298,8 @@ static void cmd_peer_create(struct cb_peer *peer, uint64_t cookie, const uint8_t
 	*(struct capbus_reply *)(frame + 1) = (struct capbus_reply){ .command = CAPBUS_CMD_PEER_CREATE };
 	entry->is_reply = true;
 	entry->passed_fd = pair[1];
+	entry->passed_for = peer->user;
+	peer->user->n_charges++;
 	cb_queue_push(peer, entry);
 }
 

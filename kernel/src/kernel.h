@@ -61,10 +61,20 @@ struct cb_kernel {
 	struct cb_link doomed;         /* peers to disconnect at the next safe point */
 	uint32_t n_monitors;           /* peers with the monitor capability */
 	struct cb_io *io;
+	unsigned int rx_batch;         /* frames per recvmmsg, so that their fds fit the room left */
+	int spare_fd;                  /* given up to accept-and-close a newcomer at EMFILE, or -1 */
+	int log_fd;                    /* capbus_kernel_set_log_fd, or -1 */
+	bool listen_paused;            /* the listener is not polled until the next retry */
+	bool refusing;                 /* connections are being refused (logged once per episode) */
+	struct cb_link stalled;        /* peers whose next frame waits for fd room (queue.h) */
+	struct cb_link fd_holders;     /* peers with fds written to their socket, perhaps unread */
+	int retry_ms;                  /* how long the loop waits before retrying stalled peers */
 };
 
 /* Stamps the next transaction. */
 static inline uint64_t cb_kernel_tick(struct cb_kernel *kernel) { return ++kernel->seq; }
+/* Writes one line to the operator's log, if there is one. */
+void cb_kernel_log(struct cb_kernel *kernel, const char *format, ...) __attribute__((format(printf, 2, 3)));
 /* Flushes dirty peers and disconnects doomed ones. */
 void cb_kernel_settle(struct cb_kernel *kernel);
 /* Copies an event to every monitor (monitor.c). */

@@ -8,10 +8,16 @@
  * Called through cffi, capbus_kernel_run holds no GIL: no Python runs on this thread.
  */
 #include <errno.h>
+#include <fcntl.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <time.h>
+#include <sched.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
@@ -30,6 +36,8 @@
 #define READ_BUDGET 64
 #define PIDFS_MAGIC 0x50494446 /* linux/magic.h PID_FS_MAGIC; pidfs exists since Linux 6.9 */
 #define EVENT_BATCH 64
+#define RETRY_MS_MIN 1   /* first retry of a stalled peer or a paused listener */
+#define RETRY_MS_MAX 128 /* retries back off to this while nothing moves */
 
 static char listen_marker;
 
@@ -44,7 +52,60 @@ void capbus_kernel_default_limits(struct capbus_limits *limits)
 		.nodes_owned = CAPBUS_DEFAULT_NODES_OWNED,
 		.user_bytes = CAPBUS_DEFAULT_USER_BYTES,
 		.peers_per_user = CAPBUS_DEFAULT_PEERS_PER_USER,
+		.kernel_fds = 0,
 	};
+}
+
+/*
+ * Splits the kernel's file descriptors (quota.h): RLIMIT_NOFILE, or limits.kernel_fds, is
+ * the number the process may have open and, for a kernel not running with CAP_SYS_RESOURCE,
+ * also the number its uid may have in flight in unix sockets. Of the open ones, an eighth
+ * (and a few) stay for the embedding process and the kernel's own (epoll, eventfd, listener,
+ * spare, pidfds, a socketpair being made), and room for the fds of one receive batch;
+ * peers' sockets and queued fds get the rest. In flight, an eighth stays for the uid's
+ * other processes.
+ */
+static void fd_budgets(struct cb_kernel *kernel)
+{
+	uint64_t n = kernel->limits.kernel_fds;
+	if (n == 0) {
+		struct rlimit limit = { 0 };
+		getrlimit(RLIMIT_NOFILE, &limit);
+		n = limit.rlim_cur == RLIM_INFINITY || limit.rlim_cur > (1u << 24) ? (1u << 24) : limit.rlim_cur;
+	}
+	uint64_t reserved = n / 8 + 16;
+	uint64_t receiving = (uint64_t)CB_RX_BATCH * CAPBUS_FDS_MAX;
+	if (receiving > n / 4)
+		receiving = n / 4;
+	kernel->rx_batch = receiving / CAPBUS_FDS_MAX ? (unsigned int)(receiving / CAPBUS_FDS_MAX) : 1;
+	kernel->stats.fds_held_max = n > reserved + receiving ? n - reserved - receiving : 0;
+	kernel->stats.fds_in_flight_max = n - n / 8;
+}
+
+void cb_kernel_log(struct cb_kernel *kernel, const char *format, ...)
+{
+	char line[512];
+	va_list args;
+	if (kernel->log_fd < 0)
+		return;
+	va_start(args, format);
+	int length = vsnprintf(line, sizeof(line) - 1, format, args);
+	va_end(args);
+	if (length < 0)
+		return;
+	if ((size_t)length > sizeof(line) - 2)
+		length = sizeof(line) - 2;
+	line[length++] = '\n';
+	if (write(kernel->log_fd, line, (size_t)length) < 0) {
+		/* nowhere to say it: the statistics still count it */
+	}
+}
+
+void capbus_kernel_set_log_fd(struct cb_kernel *kernel, int fd)
+{
+	pthread_mutex_lock(&kernel->lock);
+	kernel->log_fd = fd;
+	pthread_mutex_unlock(&kernel->lock);
 }
 
 int capbus_kernel_new(const struct capbus_limits *limits, struct cb_kernel **out)
@@ -59,6 +120,14 @@ int capbus_kernel_new(const struct capbus_limits *limits, struct cb_kernel **out
 	pthread_mutex_init(&kernel->lock, NULL);
 	kernel->listen_fd = -1;
 	kernel->wake_fd = -1;
+	kernel->log_fd = -1;
+	kernel->retry_ms = RETRY_MS_MIN;
+	cb_list_init(&kernel->stalled);
+	cb_list_init(&kernel->fd_holders);
+	fd_budgets(kernel);
+	/* Kept to be given up at EMFILE, to accept a newcomer and close it at once (so that a
+	 * full fd table never leaves the listener readable for ever: the loop would spin). */
+	kernel->spare_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
 	cb_map_init(&kernel->peers_by_key, cb_peer_map_key);
 	cb_map_init(&kernel->users, cb_user_map_key);
 	cb_list_init(&kernel->peers);
@@ -86,22 +155,57 @@ int capbus_kernel_new(const struct capbus_limits *limits, struct cb_kernel **out
 	return 0;
 }
 
+struct bind_request {
+	int fd;
+	mode_t mode;
+	const struct sockaddr_un *address;
+	int result;
+};
+
+/* Binds on a thread of its own with a file-system context of its own (CLONE_FS), so that
+ * the umask that gives the socket exactly `mode` is not the embedding process's: changing
+ * the process umask would race with its other threads creating files. */
+static void *bind_with_mode(void *arg)
+{
+	struct bind_request *request = arg;
+	if (unshare(CLONE_FS) < 0) {
+		request->result = -errno;
+		return NULL;
+	}
+	umask(~request->mode & 0777);
+	if (bind(request->fd, (const struct sockaddr *)request->address, sizeof(*request->address)) < 0)
+		request->result = -errno;
+	return NULL;
+}
+
 int capbus_kernel_listen(struct cb_kernel *kernel, const char *path, unsigned int mode)
 {
 	struct sockaddr_un address = { .sun_family = AF_UNIX };
 	if (strlen(path) >= sizeof(address.sun_path))
 		return -ENAMETOOLONG;
+	if (mode & ~0777u)
+		return -EINVAL;
 	strcpy(address.sun_path, path);
 	int fd = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
 	if (fd < 0)
 		return -errno;
-	/* The socket's file mode is the access control, as /dev/bus1's is: create it with no
-	 * access at all, then open it up to exactly `mode`, so there is no window. */
-	mode_t old_umask = umask(0777);
-	int r = bind(fd, (struct sockaddr *)&address, sizeof(address));
-	umask(old_umask);
-	if (r < 0 || chmod(path, mode) < 0 || listen(fd, 128) < 0) {
+	/* The socket's file mode is the access control, as /dev/bus1's is. Linux creates the
+	 * socket file with the socket inode's mode (0777) less the umask, so the file has exactly
+	 * `mode` from the instant it exists. Never chmod by path after bind: in a directory
+	 * another user can write, the path may by then name their symlink, and a root daemon
+	 * would chmod its target. */
+	struct bind_request request = { .fd = fd, .mode = (mode_t)mode, .address = &address };
+	pthread_t thread;
+	int r = pthread_create(&thread, NULL, bind_with_mode, &request);
+	if (r != 0) {
+		close(fd);
+		return -r;
+	}
+	pthread_join(thread, NULL);
+	r = request.result;
+	if (r == 0 && listen(fd, SOMAXCONN) < 0)
 		r = -errno;
+	if (r < 0) {
 		close(fd);
 		return r;
 	}
@@ -186,14 +290,44 @@ void capbus_kernel_stats(struct cb_kernel *kernel, struct capbus_stats *out)
 	pthread_mutex_unlock(&kernel->lock);
 }
 
+static void set_stalled(struct cb_peer *peer, bool stalled)
+{
+	struct cb_kernel *kernel = peer->kernel;
+	if (peer->stalled == stalled)
+		return;
+	peer->stalled = stalled;
+	if (stalled) {
+		cb_list_add_tail(&kernel->stalled, &peer->stalled_link);
+		kernel->stats.peers_stalled++;
+	} else {
+		cb_list_del(&peer->stalled_link);
+		kernel->stats.peers_stalled--;
+	}
+}
+
+/* Counts landed fds where sockets emptied, and gives every stalled peer another try. */
+static void retry_stalled(struct cb_kernel *kernel)
+{
+	struct cb_link *link, *next;
+	for (link = kernel->fd_holders.next; link != &kernel->fd_holders; link = next) {
+		next = link->next; /* reclaiming unlinks it */
+		cb_queue_reclaim_fds(cb_container_of(link, struct cb_peer, holder_link));
+	}
+	for (link = kernel->stalled.next; link != &kernel->stalled; link = link->next)
+		cb_peer_dirty(cb_container_of(link, struct cb_peer, stalled_link));
+}
+
 void cb_kernel_settle(struct cb_kernel *kernel)
 {
 	while (!cb_list_empty(&kernel->dirty) || !cb_list_empty(&kernel->doomed)) {
 		while (!cb_list_empty(&kernel->dirty)) {
 			struct cb_peer *peer = cb_list_first(&kernel->dirty, struct cb_peer, dirty_link);
 			cb_list_del(&peer->dirty_link);
-			if (cb_queue_flush(peer) < 0)
+			int r = cb_queue_flush(peer);
+			if (r < 0)
 				cb_peer_doom(peer);
+			else
+				set_stalled(peer, r == CB_FLUSH_STALLED);
 			cb_peer_update_events(peer);
 		}
 		if (!cb_list_empty(&kernel->doomed)) {
@@ -276,6 +410,8 @@ static void read_peer(struct cb_peer *peer, uint32_t events)
 	/* A peer that hung up is read to the end at once: everything it sent before it went
 	 * away is carried out (no budget, no reply backlog: it reads nothing any more). */
 	bool hangup = (events & (EPOLLHUP | EPOLLRDHUP)) != 0;
+	/* Gone for good, rather than only done writing (shutdown(SHUT_WR), a half-close). */
+	bool closed = (events & EPOLLHUP) != 0;
 
 	for (int budget = 0; (hangup || budget < READ_BUDGET) && !peer->doomed;) {
 		if (!hangup && peer->queue.reply_bytes > CAPBUS_REPLY_BACKLOG_MAX)
@@ -291,7 +427,7 @@ static void read_peer(struct cb_peer *peer, uint32_t events)
 		}
 		/* Near the reply backlog bound, one frame at a time, so that it is not overshot by
 		 * a batch's worth of replies. */
-		unsigned int batch = CB_RX_BATCH;
+		unsigned int batch = peer->kernel->rx_batch;
 		if (!hangup && peer->queue.reply_bytes + CB_RX_BATCH * 4096u > CAPBUS_REPLY_BACKLOG_MAX)
 			batch = 1;
 		int n = recvmmsg(peer->fd, io->rx, batch, MSG_DONTWAIT | MSG_CMSG_CLOEXEC, NULL);
@@ -301,7 +437,7 @@ static void read_peer(struct cb_peer *peer, uint32_t events)
 			if (errno == ECONNRESET) {
 				/* A peer that closed with our replies unread: Linux reports that once,
 				 * ahead of the frames it wrote before closing. Those still count. */
-				hangup = true;
+				hangup = closed = true;
 				continue;
 			}
 			if (errno != EAGAIN && errno != EWOULDBLOCK)
@@ -324,7 +460,15 @@ static void read_peer(struct cb_peer *peer, uint32_t events)
 				/* End of file (an empty datagram cannot be told apart; a live peer
 				 * that sends one is answered as malformed below). */
 				close_unread_fds(peer, io->rx, i + 1, n);
-				cb_peer_doom(peer);
+				if (closed) {
+					cb_peer_doom(peer);
+				} else {
+					/* A half-close: it sends no more, but still reads what is queued
+					 * for it and what comes, until it closes (EPOLLHUP). */
+					peer->read_closed = true;
+					peer->kernel->stats.peers_half_closed++;
+					cb_peer_update_events(peer);
+				}
 				return;
 			}
 			size_t size = (msg->msg_flags & MSG_TRUNC) ? CAPBUS_FRAME_MAX + 1 : length;
@@ -339,25 +483,99 @@ static void read_peer(struct cb_peer *peer, uint32_t events)
 	}
 }
 
+static void refusing(struct cb_kernel *kernel, const char *why, uint32_t uid)
+{
+	kernel->stats.connections_refused++;
+	if (kernel->refusing)
+		return; /* said once per episode */
+	kernel->refusing = true;
+	cb_kernel_log(kernel, "capbus kernel: refusing new connections (uid %u): %s", uid, why);
+}
+
+static void pause_listener(struct cb_kernel *kernel, bool paused)
+{
+	struct epoll_event event = { .events = paused ? 0 : EPOLLIN, .data.ptr = &listen_marker };
+	if (kernel->listen_paused != paused &&
+	    epoll_ctl(kernel->epoll_fd, EPOLL_CTL_MOD, kernel->listen_fd, &event) == 0)
+		kernel->listen_paused = paused;
+}
+
+/* Out of fds (EMFILE, ENFILE): a newcomer waiting in the backlog keeps the listener readable,
+ * so leaving it there would make the loop spin. Accept it with the spare fd and close it at
+ * once (it sees its connection end); without a spare, stop polling the listener until the
+ * retry timer. Returns whether to go on accepting. */
+static bool refuse_at_fd_limit(struct cb_kernel *kernel, int error)
+{
+	refusing(kernel, error == EMFILE ? "the kernel process is out of file descriptors (EMFILE)"
+					 : "the system is out of file descriptors (ENFILE)", UINT32_MAX);
+	if (kernel->spare_fd >= 0) {
+		close(kernel->spare_fd);
+		int fd = accept4(kernel->listen_fd, NULL, NULL, SOCK_CLOEXEC);
+		if (fd >= 0)
+			close(fd);
+		kernel->spare_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
+		if (kernel->spare_fd >= 0)
+			return fd >= 0; /* no one else waiting: done until the listener wakes us */
+	}
+	pause_listener(kernel, true);
+	return false;
+}
+
 static void accept_peers(struct cb_kernel *kernel)
 {
-	for (;;) {
+	while (!kernel->listen_paused) {
 		int fd = accept4(kernel->listen_fd, NULL, NULL, SOCK_CLOEXEC | SOCK_NONBLOCK);
-		if (fd < 0)
+		if (fd < 0) {
+			if (errno == EINTR || errno == ECONNABORTED)
+				continue;
+			if ((errno == EMFILE || errno == ENFILE) && refuse_at_fd_limit(kernel, errno))
+				continue;
 			return;
+		}
 		uint32_t uid = 0, gid = 0, pid = 0;
 		int error;
 		if (read_creds(fd, &uid, &gid, &pid) < 0) {
 			close(fd);
 			continue;
 		}
-		cb_peer_new(kernel, fd, uid, gid, pid, &error);
+		if (!cb_peer_new(kernel, fd, uid, gid, pid, &error)) {
+			refusing(kernel, error == EDQUOT ? "its share of peers or of the kernel's fds is used up (EDQUOT)"
+							 : strerror(error), uid);
+		} else if (kernel->refusing) {
+			kernel->refusing = false;
+			cb_kernel_log(kernel, "capbus kernel: accepting new connections again");
+		}
 	}
+}
+
+static uint64_t now_ms(void)
+{
+	struct timespec now;
+	clock_gettime(CLOCK_MONOTONIC, &now);
+	return (uint64_t)now.tv_sec * 1000u + (uint64_t)now.tv_nsec / 1000000u;
+}
+
+/* A retry round: stalled peers get another try, a paused listener is polled again. The
+ * delay doubles while a round moves nothing, so that a stall that lasts costs little. */
+static void retry(struct cb_kernel *kernel)
+{
+	uint64_t written = kernel->stats.messages_written;
+	uint64_t stalled = kernel->stats.peers_stalled;
+	if (kernel->listen_paused)
+		pause_listener(kernel, false);
+	retry_stalled(kernel);
+	cb_kernel_settle(kernel);
+	bool moved = kernel->stats.messages_written != written || kernel->stats.peers_stalled < stalled;
+	if (moved)
+		kernel->retry_ms = RETRY_MS_MIN;
+	else if (kernel->retry_ms < RETRY_MS_MAX)
+		kernel->retry_ms *= 2;
 }
 
 int capbus_kernel_run(struct cb_kernel *kernel)
 {
 	struct epoll_event events[EVENT_BATCH];
+	uint64_t retry_at = 0;
 
 	pthread_mutex_lock(&kernel->lock);
 	if (kernel->running) {
@@ -366,13 +584,31 @@ int capbus_kernel_run(struct cb_kernel *kernel)
 	}
 	kernel->running = true;
 	while (!kernel->stopping) {
+		/* Stalled peers and a paused listener are retried on a timer, never polled: they
+		 * would be ready (writable, readable) all the time and the loop would spin. */
+		bool waiting = !cb_list_empty(&kernel->stalled) || kernel->listen_paused;
+		int timeout = -1;
+		if (waiting) {
+			if (retry_at == 0)
+				retry_at = now_ms() + (uint64_t)kernel->retry_ms;
+			uint64_t now = now_ms();
+			timeout = retry_at > now ? (int)(retry_at - now) : 0;
+		} else {
+			retry_at = 0;
+		}
 		pthread_mutex_unlock(&kernel->lock);
-		int n = epoll_wait(kernel->epoll_fd, events, EVENT_BATCH, -1);
+		int n = epoll_wait(kernel->epoll_fd, events, EVENT_BATCH, timeout);
 		pthread_mutex_lock(&kernel->lock);
+		kernel->stats.wakeups++;
 		if (n < 0) {
 			if (errno == EINTR)
 				continue;
 			break;
+		}
+		/* Due even while other peers keep the loop busy. */
+		if (waiting && now_ms() >= retry_at) {
+			retry_at = 0;
+			retry(kernel);
 		}
 		for (int i = 0; i < n; i++) {
 			void *ptr = events[i].data.ptr;
@@ -426,6 +662,8 @@ void capbus_kernel_free(struct cb_kernel *kernel)
 		close(kernel->listen_fd);
 	if (kernel->wake_fd >= 0)
 		close(kernel->wake_fd);
+	if (kernel->spare_fd >= 0)
+		close(kernel->spare_fd);
 	if (kernel->epoll_fd >= 0)
 		close(kernel->epoll_fd);
 	for (size_t i = 0; i < kernel->users.capacity; i++)

@@ -21,6 +21,8 @@ struct cb_message *cb_message_new(const void *payload, uint32_t payload_size, co
 	struct cb_message *message = malloc(sizeof(*message) + n_fds * sizeof(int) + payload_size);
 	if (!message)
 		return NULL;
+	message->kernel = NULL;
+	message->holder = NULL;
 	message->n_refs = 1;
 	message->payload_size = payload_size;
 	message->n_fds = n_fds;
@@ -45,6 +47,11 @@ void cb_message_unref(struct cb_message *message)
 		return;
 	for (uint32_t i = 0; i < message->n_fds; i++)
 		close(message->fds[i]);
+	if (message->holder) {
+		cb_fds_unhold(message->kernel, message->holder, message->n_fds);
+		message->holder->n_charges--;
+		cb_user_put_if_unused(message->kernel, message->holder);
+	}
 	free(message);
 }
 
@@ -211,7 +218,20 @@ void cb_send(struct cb_peer *sender, uint64_t cookie, const void *body, size_t b
 	}
 
 	struct cb_user *user = cb_user_get(kernel, creds->uid);
+	if (user && n_fds && cb_fds_hold(kernel, user, n_fds) < 0) {
+		/* Refused now, while nothing is accepted, never failed at delivery (quota.h). */
+		cb_user_put_if_unused(kernel, user);
+		error = EDQUOT;
+		goto fail;
+	}
 	struct cb_message *message = user ? cb_message_new(payload, cmd->payload_size, fds, n_fds) : NULL;
+	if (message && n_fds) {
+		message->kernel = kernel;
+		message->holder = user;
+		user->n_charges++;
+	} else if (user && n_fds) {
+		cb_fds_unhold(kernel, user, n_fds);
+	}
 	uint32_t n = cmd->n_destinations;
 	bool quiet = cmd->flags & CAPBUS_SEND_FLAG_QUIET;
 	size_t errors_size = (n * sizeof(int32_t) + 7) & ~(size_t)7;
@@ -224,6 +244,11 @@ void cb_send(struct cb_peer *sender, uint64_t cookie, const void *body, size_t b
 	struct cb_qentry **entries = small ? small_entries : calloc(n, sizeof(*entries));
 	if (!message || !reply || !entries) {
 		if (message) {
+			if (message->holder) {
+				cb_fds_unhold(kernel, user, message->n_fds);
+				user->n_charges--;
+				message->holder = NULL;
+			}
 			message->n_fds = 0; /* the fds are still ours, closed below */
 			cb_message_unref(message);
 		}

@@ -12,9 +12,13 @@
 #include <stdint.h>
 #include <sys/types.h>
 
+struct cb_kernel;
 struct cb_peer;
+struct cb_user;
 
 struct cb_message {
+	struct cb_kernel *kernel;
+	struct cb_user *holder;  /* the uid its fds are held for (quota.h), or NULL */
 	uint32_t n_refs;
 	uint32_t payload_size;
 	uint32_t n_fds;

@@ -38,16 +38,19 @@ struct cb_peer *cb_peer_new(struct cb_kernel *kernel, int fd, uint32_t uid, uint
 {
 	struct cb_peer *peer = NULL;
 	struct cb_user *user = cb_user_get(kernel, uid);
+	bool held = false;
 	int one = 1;
 
 	if (!user) {
 		*error = ENOMEM;
 		goto fail;
 	}
-	if (user->n_peers >= kernel->limits.peers_per_user) {
+	/* Its socket is one of the kernel's fds: a uid gets its fair share of them (quota.h). */
+	if (user->n_peers >= kernel->limits.peers_per_user || cb_fds_hold(kernel, user, 1) < 0) {
 		*error = EDQUOT;
 		goto fail;
 	}
+	held = true;
 	/* SO_PASSCRED: every frame then carries its sender's credentials at send time. */
 	if (fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK) < 0 ||
 	    setsockopt(fd, SOL_SOCKET, SO_PASSCRED, &one, sizeof(one)) < 0) {
@@ -72,6 +75,8 @@ struct cb_peer *cb_peer_new(struct cb_kernel *kernel, int fd, uint32_t uid, uint
 	cb_quota_init(&peer->quota);
 	cb_list_init(&peer->dirty_link);
 	cb_list_init(&peer->doomed_link);
+	cb_list_init(&peer->stalled_link);
+	cb_list_init(&peer->holder_link);
 	do {
 		if (getrandom(peer->key, sizeof(peer->key), 0) != sizeof(peer->key)) {
 			*error = errno ? errno : EIO;
@@ -96,6 +101,8 @@ struct cb_peer *cb_peer_new(struct cb_kernel *kernel, int fd, uint32_t uid, uint
 
 fail:
 	free(peer);
+	if (held)
+		cb_fds_unhold(kernel, user, 1);
 	if (user)
 		cb_user_put_if_unused(kernel, user);
 	close(fd);
@@ -122,9 +129,10 @@ void cb_peer_update_events(struct cb_peer *peer)
 	uint32_t events = 0;
 	if (peer->fd < 0)
 		return;
-	if (!peer->doomed && peer->queue.reply_bytes <= CAPBUS_REPLY_BACKLOG_MAX)
+	if (!peer->doomed && !peer->read_closed && peer->queue.reply_bytes <= CAPBUS_REPLY_BACKLOG_MAX)
 		events |= EPOLLIN | EPOLLRDHUP;
-	if (!cb_list_empty(&peer->queue.entries) || !cb_list_empty(&peer->queue.replies))
+	/* A stalled peer is writable but must not be written: the loop's retry brings it back. */
+	if (!peer->stalled && (!cb_list_empty(&peer->queue.entries) || !cb_list_empty(&peer->queue.replies)))
 		events |= EPOLLOUT;
 	if (events == peer->epoll_events)
 		return;
@@ -172,6 +180,18 @@ void cb_peer_disconnect(struct cb_peer *peer)
 	cb_map_remove(&kernel->peers_by_key, key_hash(peer->key));
 	cb_list_del(&peer->dirty_link);
 	cb_list_del(&peer->doomed_link);
+	cb_list_del(&peer->stalled_link);
+	cb_list_del(&peer->holder_link);
+	/* Closing the socket freed whatever fds were still unread in it. */
+	cb_fds_land(kernel, peer->user, peer->fds_in_socket);
+	peer->fds_in_socket = 0;
+	if (peer->stalled) {
+		peer->stalled = false;
+		kernel->stats.peers_stalled--;
+	}
+	cb_fds_unhold(kernel, peer->user, 1);
+	if (peer->read_closed)
+		kernel->stats.peers_half_closed--;
 	cb_queue_drop(peer);
 	cb_seed_free(peer, peer->seed);
 	peer->seed = NULL;

@@ -53,9 +53,14 @@ struct cb_peer {
 	bool monitor;               /* receives copies of all traffic (monitor.c) */
 	uint64_t monitor_dropped;   /* monitor records lost to a full queue */
 	bool doomed;                /* disconnect at the next safe point */
+	bool read_closed;           /* it shut down its writing side: it still reads (half-close) */
+	bool stalled;               /* its next frame waits for fd room (in kernel->stalled) */
+	uint32_t fds_in_socket;     /* fds written to its socket since it was last seen empty */
 	struct cb_link kernel_link; /* kernel->peers */
 	struct cb_link dirty_link;  /* kernel->dirty while frames wait to be flushed */
 	struct cb_link doomed_link; /* kernel->doomed */
+	struct cb_link stalled_link;/* kernel->stalled */
+	struct cb_link holder_link; /* kernel->fd_holders while fds_in_socket > 0 */
 };
 
 /* Takes ownership of `fd` (closed on failure). Returns the peer or NULL with *error set. */

@@ -3,7 +3,9 @@
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/socket.h>
+#include <linux/sockios.h>
 #include <unistd.h>
 
 #include "capbus/uapi.h"
@@ -31,6 +33,7 @@ struct cb_qentry *cb_qentry_new(uint32_t header_size)
 	entry->charge = (struct cb_amount){ 0 };
 	entry->seq = 0;
 	entry->passed_fd = -1;
+	entry->passed_for = NULL;
 	entry->is_reply = false;
 	entry->header_size = header_size;
 	return entry;
@@ -49,7 +52,40 @@ static void entry_release(struct cb_peer *peer, struct cb_qentry *entry)
 {
 	if (entry->charged_to)
 		cb_quota_uncharge(peer->kernel, &peer->quota, entry->charged_to, &entry->charge);
+	if (entry->passed_for) {
+		cb_fds_unhold(peer->kernel, entry->passed_for, 1);
+		entry->passed_for->n_charges--;
+		cb_user_put_if_unused(peer->kernel, entry->passed_for);
+	}
 	cb_qentry_free(entry);
+}
+
+static uint32_t entry_fds(const struct cb_qentry *entry)
+{
+	if (entry->message)
+		return entry->message->n_fds;
+	return entry->passed_fd >= 0;
+}
+
+void cb_queue_reclaim_fds(struct cb_peer *peer)
+{
+	int unread = 0;
+	if (peer->fds_in_socket == 0 || peer->fd < 0)
+		return;
+	/* SIOCOUTQ on a unix socket: what this end wrote that the other end has not read. */
+	if (ioctl(peer->fd, SIOCOUTQ, &unread) < 0 || unread != 0)
+		return;
+	cb_fds_land(peer->kernel, peer->user, peer->fds_in_socket);
+	peer->fds_in_socket = 0;
+	cb_list_del(&peer->holder_link);
+}
+
+/* May `n` more fds go into the peer's socket now? */
+static bool fds_fit(struct cb_peer *peer, uint32_t pending, uint32_t n)
+{
+	if (peer->fds_in_socket + pending + n > CB_SOCKET_FDS_MAX)
+		return false;
+	return cb_fds_may_fly(peer->kernel, peer->user, pending + n);
 }
 
 static struct capbus_message *message_header(struct cb_qentry *entry)
@@ -121,14 +157,29 @@ static void prepare(struct cb_qentry *entry, struct msghdr *msg, struct iovec *i
 
 int cb_queue_flush(struct cb_peer *peer)
 {
+	struct cb_kernel *kernel = peer->kernel;
 	struct cb_queue *queue = &peer->queue;
-	struct cb_io *io = peer->kernel->io;
+	struct cb_io *io = kernel->io;
 	struct cb_qentry *batch[CB_TX_BATCH];
 
+	cb_queue_reclaim_fds(peer);
 	for (;;) {
 		int n = collect(queue, batch, CB_TX_BATCH);
+		bool stalled = false;
+		uint32_t pending = 0;
+		for (int i = 0; i < n; i++) {
+			uint32_t fds = entry_fds(batch[i]);
+			if (fds && !fds_fit(peer, pending, fds)) {
+				n = i; /* this one and everything behind it wait, in order */
+				stalled = true;
+				break;
+			}
+			pending += fds;
+		}
+		if (n == 0 && stalled)
+			kernel->stats.delivery_retries++;
 		if (n == 0)
-			return 0;
+			return stalled ? CB_FLUSH_STALLED : 0;
 		for (int i = 0; i < n; i++)
 			prepare(batch[i], &io->tx[i].msg_hdr, io->tx_iov[i], &io->tx_control[i]);
 		int sent = sendmmsg(peer->fd, io->tx, (unsigned int)n, MSG_DONTWAIT | MSG_NOSIGNAL);
@@ -137,22 +188,39 @@ int cb_queue_flush(struct cb_peer *peer)
 				continue;
 			if (errno == EAGAIN || errno == EWOULDBLOCK)
 				return 0;
-			return -errno;
+			if (errno == EPIPE || errno == ECONNRESET || errno == ENOTCONN)
+				return -errno; /* the receiver is gone */
+			/* ETOOMANYREFS (the kernel's uid has too many fds in flight, perhaps through
+			 * other processes of that uid), ENOBUFS, ENOMEM: not the receiver's doing, and
+			 * not for ever. Retry later; never fail what was accepted. */
+			kernel->stats.delivery_retries++;
+			return CB_FLUSH_STALLED;
 		}
 		for (int i = 0; i < sent; i++) {
 			struct cb_qentry *entry = batch[i];
+			uint32_t fds = entry_fds(entry);
+			if (fds) {
+				if (peer->fds_in_socket == 0)
+					cb_list_add_tail(&kernel->fd_holders, &peer->holder_link);
+				peer->fds_in_socket += fds;
+				cb_fds_fly(kernel, peer->user, fds);
+			}
 			cb_list_del(&entry->link);
 			if (entry->is_reply) {
 				queue->reply_bytes -= entry->header_size;
 			} else {
 				queue->n_entries--;
 				if (entry->message)
-					peer->kernel->stats.messages_written++;
+					kernel->stats.messages_written++;
 			}
 			entry_release(peer, entry);
 		}
 		if (sent < n)
 			return 0; /* the socket is full; EPOLLOUT brings us back */
+		if (stalled) {
+			kernel->stats.delivery_retries++;
+			return CB_FLUSH_STALLED;
+		}
 	}
 }
 

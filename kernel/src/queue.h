@@ -14,6 +14,14 @@
  *
  * Frames are written to the peer's non-blocking socket as soon as it takes them; what it
  * does not take stays here (charged to quotas) and the kernel never waits for a reader.
+ *
+ * A frame with fds is written only when they fit the in-flight fd budget (quota.h) and the
+ * receiver's own bound on unread fds in its socket (CB_SOCKET_FDS_MAX). When they do not, or
+ * Linux itself refuses them for now (ETOOMANYREFS, ENOBUFS), the receiver is "stalled": its
+ * queue, in order, waits, and the loop retries it after a short, growing delay (loop.c).
+ * Nothing accepted is failed or dropped for it, and no receiver is cut off for it. Linux
+ * says nothing when a receiver reads, so fds written to a socket are counted as landed once
+ * the socket is seen empty (SIOCOUTQ 0): on the receiver's next flush, or at a retry.
  */
 #ifndef CB_QUEUE_H
 #define CB_QUEUE_H
@@ -22,12 +30,16 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "capbus/uapi.h"
 #include "list.h"
 #include "quota.h"
 
 struct cb_message;
 struct cb_peer;
 struct cb_user;
+
+/* Unread fds one receiver's socket may hold: at least one message's worth. */
+#define CB_SOCKET_FDS_MAX (4 * CAPBUS_FDS_MAX)
 
 struct cb_qentry {
 	struct cb_link link;
@@ -36,6 +48,7 @@ struct cb_qentry {
 	struct cb_amount charge;
 	uint64_t seq;
 	int passed_fd;               /* an fd to pass and then close (PEER_CREATE), or -1 */
+	struct cb_user *passed_for;  /* the uid passed_fd is held for (quota.h), or NULL */
 	bool is_reply;
 	uint32_t header_size;
 	uint64_t header[];           /* capbus_frame + body, 8-byte aligned */
@@ -53,8 +66,13 @@ void cb_queue_init(struct cb_queue *queue);
 struct cb_qentry *cb_qentry_new(uint32_t header_size);
 void cb_qentry_free(struct cb_qentry *entry);
 void cb_queue_push(struct cb_peer *peer, struct cb_qentry *entry);
-/* Writes what the socket takes. Returns 0, or -errno if the peer's socket is broken. */
+/* cb_queue_flush's result when the next frame waits for fd room. */
+#define CB_FLUSH_STALLED 1
+/* Writes what the socket takes: 0 (all, or the socket is full), CB_FLUSH_STALLED, or
+ * -errno if the peer's socket is broken (the peer is gone). */
 int cb_queue_flush(struct cb_peer *peer);
+/* Counts the fds in the peer's socket as landed if it is empty. */
+void cb_queue_reclaim_fds(struct cb_peer *peer);
 /* Drops everything queued (disconnect), returning charges and closing fds. */
 void cb_queue_drop(struct cb_peer *peer);
 

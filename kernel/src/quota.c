@@ -63,6 +63,40 @@ static bool fits(uint64_t limit, uint64_t used, uint64_t share, uint64_t charge)
 	return limit - used - charge >= share + charge;
 }
 
+int cb_fds_hold(struct cb_kernel *kernel, struct cb_user *user, uint32_t n)
+{
+	struct capbus_stats *stats = &kernel->stats;
+	if (!fits(stats->fds_held_max, stats->fds_held, user->fds_held, n))
+		return -EDQUOT;
+	user->fds_held += n;
+	stats->fds_held += n;
+	return 0;
+}
+
+void cb_fds_unhold(struct cb_kernel *kernel, struct cb_user *user, uint32_t n)
+{
+	user->fds_held -= n;
+	kernel->stats.fds_held -= n;
+}
+
+bool cb_fds_may_fly(struct cb_kernel *kernel, struct cb_user *user, uint32_t n)
+{
+	struct capbus_stats *stats = &kernel->stats;
+	return fits(stats->fds_in_flight_max, stats->fds_in_flight, user->fds_in_flight, n);
+}
+
+void cb_fds_fly(struct cb_kernel *kernel, struct cb_user *user, uint32_t n)
+{
+	user->fds_in_flight += n;
+	kernel->stats.fds_in_flight += n;
+}
+
+void cb_fds_land(struct cb_kernel *kernel, struct cb_user *user, uint32_t n)
+{
+	user->fds_in_flight -= n;
+	kernel->stats.fds_in_flight -= n;
+}
+
 int cb_quota_charge(struct cb_kernel *kernel, struct cb_quota *quota, struct cb_user *sender,
 		    const struct cb_amount *amount)
 {

@@ -16,10 +16,26 @@
  *    kernel memory one uid can pin by flooding many receivers.
  *
  * The socket buffer below the kernel adds at most one socket's worth (~200 KiB) per peer.
+ *
+ * File descriptors are a resource of the kernel process, not of one receiver: Linux bounds
+ * the fds a process has open (RLIMIT_NOFILE, EMFILE) and the fds its user has in flight in
+ * unix sockets, written but not yet received (the same limit, ETOOMANYREFS). So besides the
+ * per-receiver `fds` above, two kernel-wide budgets, each shared between uids by the same
+ * fair-share rule (one uid gets at most half of what the others leave free):
+ *
+ *  - held: fds open in the kernel for peers (each peer's socket, charged to the uid that
+ *    made the peer; each queued message's fds, once however many receivers it has, charged
+ *    to the sender's uid). A send whose fds do not fit is refused with EDQUOT before it is
+ *    accepted; a peer that does not fit is not created (EDQUOT) or not accepted;
+ *  - in flight: fds written to a receiver's socket and perhaps not read yet, charged to the
+ *    receiver's uid (its peers are the ones not reading). A message whose fds do not fit
+ *    waits in its queue and is retried (queue.h): never failed, never a cause to cut anyone
+ *    off. A receiver's in-flight count is known to have landed once its socket is empty.
  */
 #ifndef CB_QUOTA_H
 #define CB_QUOTA_H
 
+#include <stdbool.h>
 #include <stdint.h>
 #include <stddef.h>
 
@@ -30,6 +46,8 @@ struct cb_user {
 	uint32_t n_peers;        /* connected peers created by this uid */
 	uint32_t n_charges;      /* queued entries charged to this uid; with n_peers, its references */
 	uint64_t queued_bytes;   /* payload bytes this uid has queued anywhere in the kernel */
+	uint32_t fds_held;       /* kernel fds charged to this uid: its peers' sockets, its queued fds */
+	uint32_t fds_in_flight;  /* fds in the sockets of this uid's peers, perhaps unread */
 };
 
 /* An amount of the four queued resources. */
@@ -64,5 +82,13 @@ int cb_quota_charge(struct cb_kernel *kernel, struct cb_quota *quota, struct cb_
 		    const struct cb_amount *amount);
 void cb_quota_uncharge(struct cb_kernel *kernel, struct cb_quota *quota, struct cb_user *sender,
 		       const struct cb_amount *amount);
+
+/* The kernel-wide fd budgets (see above). Charges to `user` must be undone before its
+ * peers and charges are gone (cb_user_put_if_unused). */
+int cb_fds_hold(struct cb_kernel *kernel, struct cb_user *user, uint32_t n); /* 0 or -EDQUOT */
+void cb_fds_unhold(struct cb_kernel *kernel, struct cb_user *user, uint32_t n);
+bool cb_fds_may_fly(struct cb_kernel *kernel, struct cb_user *user, uint32_t n);
+void cb_fds_fly(struct cb_kernel *kernel, struct cb_user *user, uint32_t n);
+void cb_fds_land(struct cb_kernel *kernel, struct cb_user *user, uint32_t n);
 
 #endif

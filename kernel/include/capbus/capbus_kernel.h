@@ -20,6 +20,8 @@ struct capbus_limits {
 	uint64_t nodes_owned;     /* nodes one peer may own */
 	uint64_t user_bytes;      /* queued payload bytes per sending uid, kernel-wide */
 	uint64_t peers_per_user;  /* connected peers per uid */
+	uint64_t kernel_fds;      /* file descriptors the kernel may use in all; 0: its RLIMIT_NOFILE
+				   * at capbus_kernel_new (docs/wire-format.md "File descriptors") */
 };
 
 struct capbus_stats {
@@ -35,6 +37,15 @@ struct capbus_stats {
 	uint64_t violations;      /* frames rejected as malformed */
 	uint64_t peers_doomed;    /* peers disconnected for misbehaving */
 	uint64_t memory_bytes;    /* kernel heap in use by peers, nodes, handles and queues */
+	uint64_t fds_held;        /* fds the kernel holds for peers: their sockets, queued fds */
+	uint64_t fds_held_max;    /* the budget for fds_held */
+	uint64_t fds_in_flight;   /* fds written to receivers' sockets and perhaps not read yet */
+	uint64_t fds_in_flight_max; /* the budget for fds_in_flight */
+	uint64_t peers_stalled;   /* peers whose next message waits for fd room */
+	uint64_t delivery_retries;/* writes put off for fd room (none is ever failed for it) */
+	uint64_t connections_refused; /* connections closed at once: no fd or quota for a peer */
+	uint64_t peers_half_closed; /* peers that shut down their writing side and still read */
+	uint64_t wakeups;         /* times the loop woke up: an idle kernel's stays still */
 };
 
 void capbus_kernel_default_limits(struct capbus_limits *limits);
@@ -46,6 +57,9 @@ int capbus_kernel_listen(struct cb_kernel *kernel, const char *path, unsigned in
 int capbus_kernel_adopt(struct cb_kernel *kernel, int fd, int64_t uid, int64_t gid, int64_t pid);
 /* Gives a peer (by the key it read with CAPBUS_CMD_PEER_QUERY) the monitor capability. */
 int capbus_kernel_grant_monitor(struct cb_kernel *kernel, const uint8_t *peer_key);
+/* Where the kernel writes a line when something needs its operator's attention (a
+ * connection refused for lack of fds, ...); -1 (the default) for nowhere. Not owned. */
+void capbus_kernel_set_log_fd(struct cb_kernel *kernel, int fd);
 /* Runs the loop until capbus_kernel_stop. */
 int capbus_kernel_run(struct cb_kernel *kernel);
 void capbus_kernel_stop(struct cb_kernel *kernel);
