@@ -172,7 +172,8 @@ static void cmd_handle_transfer(struct cb_peer *peer, uint64_t cookie, const uin
 	} else if (handle->node->destroyed) {
 		error = EHOSTUNREACH;
 	} else if (cb_handle_is_new(target, handle->node) &&
-		   target->handles_by_id.count >= peer->kernel->limits.handles_held) {
+		   (target->handles_by_id.count >= peer->kernel->limits.handles_held ||
+		    target->user->n_handles >= peer->kernel->limits.user_handles)) {
 		error = EDQUOT;
 	} else if (cb_handle_reserve(target, 1) < 0) {
 		error = ENOMEM;
@@ -239,7 +240,8 @@ static int seed_build(struct cb_peer *source, struct cb_peer *target, const uint
 			return EHOSTUNREACH;
 		nodes[i] = handle->node;
 	}
-	if (target->handles_by_id.count + cmd->n_handles > source->kernel->limits.handles_held)
+	if (target->handles_by_id.count + cmd->n_handles > source->kernel->limits.handles_held ||
+	    target->user->n_handles + cmd->n_handles > source->kernel->limits.user_handles)
 		return EDQUOT;
 	struct cb_seed *seed = malloc(sizeof(*seed) + 8ull * cmd->n_handles + cmd->payload_size);
 	if (!seed || cb_handle_reserve(target, cmd->n_handles) < 0) {

@@ -52,6 +52,7 @@ void capbus_kernel_default_limits(struct capbus_limits *limits)
 		.nodes_owned = CAPBUS_DEFAULT_NODES_OWNED,
 		.user_bytes = CAPBUS_DEFAULT_USER_BYTES,
 		.peers_per_user = CAPBUS_DEFAULT_PEERS_PER_USER,
+		.user_handles = CAPBUS_DEFAULT_USER_HANDLES,
 		.kernel_fds = 0,
 	};
 }
@@ -283,7 +284,7 @@ void capbus_kernel_stats(struct cb_kernel *kernel, struct capbus_stats *out)
 	for (link = kernel->peers.next; link != &kernel->peers; link = link->next) {
 		struct cb_peer *peer = cb_container_of(link, struct cb_peer, kernel_link);
 		memory += cb_map_bytes(&peer->handles_by_id) + cb_map_bytes(&peer->handles_by_node);
-		memory += peer->queue.n_entries * sizeof(struct cb_qentry);
+		memory += peer->queue.n_entries * sizeof(struct cb_qentry) + peer->queue.backlog_bytes;
 	}
 	memory += cb_map_bytes(&kernel->peers_by_key) + cb_map_bytes(&kernel->users);
 	out->memory_bytes = memory;
@@ -414,7 +415,7 @@ static void read_peer(struct cb_peer *peer, uint32_t events)
 	bool closed = (events & EPOLLHUP) != 0;
 
 	for (int budget = 0; (hangup || budget < READ_BUDGET) && !peer->doomed;) {
-		if (!hangup && peer->queue.reply_bytes > CAPBUS_REPLY_BACKLOG_MAX)
+		if (!hangup && peer->queue.backlog_bytes > CAPBUS_REPLY_BACKLOG_MAX)
 			break; /* it does not read its replies: stop reading its commands */
 		for (int i = 0; i < CB_RX_BATCH; i++) {
 			io->rx_iov[i] = (struct iovec){ io->rx_buffers[i], CAPBUS_FRAME_MAX + 1 };
@@ -428,7 +429,7 @@ static void read_peer(struct cb_peer *peer, uint32_t events)
 		/* Near the reply backlog bound, one frame at a time, so that it is not overshot by
 		 * a batch's worth of replies. */
 		unsigned int batch = peer->kernel->rx_batch;
-		if (!hangup && peer->queue.reply_bytes + CB_RX_BATCH * 4096u > CAPBUS_REPLY_BACKLOG_MAX)
+		if (!hangup && peer->queue.backlog_bytes + CB_RX_BATCH * 4096u > CAPBUS_REPLY_BACKLOG_MAX)
 			batch = 1;
 		int n = recvmmsg(peer->fd, io->rx, batch, MSG_DONTWAIT | MSG_CMSG_CLOEXEC, NULL);
 		if (n < 0) {

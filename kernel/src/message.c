@@ -142,7 +142,8 @@ static int prepare(struct cb_peer *sender, struct cb_user *user, uint64_t id, st
 	uint32_t new_handles = 0;
 	for (uint32_t i = 0; i < n_handles; i++)
 		new_handles += cb_handle_is_new(receiver, attached[i]);
-	if (receiver->handles_by_id.count + new_handles > kernel->limits.handles_held)
+	if (receiver->handles_by_id.count + new_handles > kernel->limits.handles_held ||
+	    receiver->user->n_handles + new_handles > kernel->limits.user_handles)
 		return EDQUOT;
 	if (cb_handle_reserve(receiver, new_handles) < 0)
 		return ENOMEM;

@@ -129,7 +129,7 @@ void cb_peer_update_events(struct cb_peer *peer)
 	uint32_t events = 0;
 	if (peer->fd < 0)
 		return;
-	if (!peer->doomed && !peer->read_closed && peer->queue.reply_bytes <= CAPBUS_REPLY_BACKLOG_MAX)
+	if (!peer->doomed && !peer->read_closed && peer->queue.backlog_bytes <= CAPBUS_REPLY_BACKLOG_MAX)
 		events |= EPOLLIN | EPOLLRDHUP;
 	/* A stalled peer is writable but must not be written: the loop's retry brings it back. */
 	if (!peer->stalled && (!cb_list_empty(&peer->queue.entries) || !cb_list_empty(&peer->queue.replies)))

@@ -18,7 +18,7 @@ void cb_queue_init(struct cb_queue *queue)
 	cb_list_init(&queue->replies);
 	cb_list_init(&queue->entries);
 	queue->n_entries = 0;
-	queue->reply_bytes = 0;
+	queue->backlog_bytes = 0;
 }
 
 struct cb_qentry *cb_qentry_new(uint32_t header_size)
@@ -35,6 +35,7 @@ struct cb_qentry *cb_qentry_new(uint32_t header_size)
 	entry->passed_fd = -1;
 	entry->passed_for = NULL;
 	entry->is_reply = false;
+	entry->in_backlog = false;
 	entry->header_size = header_size;
 	return entry;
 }
@@ -58,6 +59,12 @@ static void entry_release(struct cb_peer *peer, struct cb_qentry *entry)
 		cb_user_put_if_unused(peer->kernel, entry->passed_for);
 	}
 	cb_qentry_free(entry);
+}
+
+/* The heap an entry takes: the entry, its header words, and the allocator's own. */
+static size_t entry_cost(const struct cb_qentry *entry)
+{
+	return sizeof(*entry) + (entry->header_size + 7) / 8 * 8 + 16;
 }
 
 static uint32_t entry_fds(const struct cb_qentry *entry)
@@ -107,10 +114,14 @@ void cb_queue_push(struct cb_peer *peer, struct cb_qentry *entry)
 	}
 	if (entry->is_reply) {
 		cb_list_add_tail(&peer->queue.replies, &entry->link);
-		peer->queue.reply_bytes += entry->header_size;
 	} else {
 		cb_list_add_tail(&peer->queue.entries, &entry->link);
 		peer->queue.n_entries++;
+	}
+	/* What no sender was charged for is charged to the receiver's backlog, in real bytes. */
+	if (!entry->charged_to && !entry->message) {
+		entry->in_backlog = true;
+		peer->queue.backlog_bytes += entry_cost(entry);
 	}
 	cb_peer_dirty(peer);
 }
@@ -206,9 +217,9 @@ int cb_queue_flush(struct cb_peer *peer)
 				cb_fds_fly(kernel, peer->user, fds);
 			}
 			cb_list_del(&entry->link);
-			if (entry->is_reply) {
-				queue->reply_bytes -= entry->header_size;
-			} else {
+			if (entry->in_backlog)
+				queue->backlog_bytes -= entry_cost(entry);
+			if (!entry->is_reply) {
 				queue->n_entries--;
 				if (entry->message)
 					kernel->stats.messages_written++;
@@ -236,7 +247,7 @@ void cb_queue_drop(struct cb_peer *peer)
 		}
 	}
 	queue->n_entries = 0;
-	queue->reply_bytes = 0;
+	queue->backlog_bytes = 0;
 }
 
 int cb_queue_notify(struct cb_peer *peer, uint16_t kind, uint64_t destination, uint64_t seq)

@@ -50,6 +50,7 @@ struct cb_qentry {
 	int passed_fd;               /* an fd to pass and then close (PEER_CREATE), or -1 */
 	struct cb_user *passed_for;  /* the uid passed_fd is held for (quota.h), or NULL */
 	bool is_reply;
+	bool in_backlog;             /* counted in backlog_bytes */
 	uint32_t header_size;
 	uint64_t header[];           /* capbus_frame + body, 8-byte aligned */
 };
@@ -58,7 +59,10 @@ struct cb_queue {
 	struct cb_link replies;
 	struct cb_link entries;
 	size_t n_entries;
-	size_t reply_bytes;
+	size_t backlog_bytes;   /* memory of queued replies and notifications: what the kernel
+				 * itself queues, charged to no sender (real bytes, headers and
+				 * bookkeeping included); past CAPBUS_REPLY_BACKLOG_MAX the peer's
+				 * commands are not read until it reads */
 };
 
 void cb_queue_init(struct cb_queue *queue);

@@ -48,6 +48,7 @@ struct cb_user {
 	uint64_t queued_bytes;   /* payload bytes this uid has queued anywhere in the kernel */
 	uint32_t fds_held;       /* kernel fds charged to this uid: its peers' sockets, its queued fds */
 	uint32_t fds_in_flight;  /* fds in the sockets of this uid's peers, perhaps unread */
+	uint32_t n_handles;      /* handles its peers hold (nodes they own included) */
 };
 
 /* An amount of the four queued resources. */

@@ -327,3 +327,81 @@ async def main(fd):
 
 trio.run(main, int(sys.argv[1]))
 """
+
+
+# An embedded kernel listening on a path in a process whose fd table is then filled to the
+# last fd by the embedding program (the kernel's own budget cannot prevent that): newcomers
+# are refused at once and the loop sleeps (F2: the listener stayed readable and the loop
+# spun at 100% CPU, never accepting anyone again). Freeing fds lets newcomers in again.
+_FULL_TABLE = """
+import os, resource, sys, trio, capbus
+
+async def main(path):
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
+    read_log, write_log = os.pipe()
+    os.set_blocking(read_log, False)
+    async with capbus.open_kernel(listen=path, mode=0o666) as kernel:
+        kernel.log_to(write_log)
+        filler = []
+        try:
+            while True:
+                filler.append(os.open("/dev/null", os.O_RDONLY))
+        except OSError:
+            pass
+        stdin = trio.wrap_file(sys.stdin)
+        stdout = trio.wrap_file(sys.stdout)
+        await stdout.write("full\\n"); await stdout.flush()
+        await stdin.readline()  # the newcomers tried
+        before = kernel.statistics()
+        await trio.sleep(0.5)  # a window to count wakeups in, not a synchronisation
+        after = kernel.statistics()
+        for fd in filler[:32]:
+            os.close(fd)
+        log = os.read(read_log, 65536).decode()
+        await stdout.write(f"{after.connections_refused} {after.wakeups - before.wakeups} {log!r}\\n")
+        await stdout.flush()
+        await stdin.readline()  # a newcomer got in
+        for fd in filler[32:]:
+            os.close(fd)
+
+trio.run(main, sys.argv[1])
+"""
+
+
+async def test_out_of_fds_the_listener_refuses_and_the_loop_sleeps() -> None:
+    with shared_directory() as where:
+        path = where / "bus"
+        process = await trio.lowlevel.open_process(
+            [sys.executable, "-c", _FULL_TABLE, str(path)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd="/",
+        )
+        assert process.stdin is not None
+        try:
+            with trio.fail_after(TIMEOUT):
+                assert await read_line(process) == "full"
+                for _ in range(5):
+                    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+                    sock.settimeout(TIMEOUT)
+                    sock.connect(str(path))
+                    # Refused: accepted and closed at once, so it sees its connection end.
+                    assert sock.recv(64) == b""
+                    sock.close()
+                await process.stdin.send_all(b"tried\n")
+                refused, wakeups, log = (await read_line(process)).split(" ", 2)
+            assert int(refused) >= 5
+            # An idle loop wakes only for its retry timer (a few times in half a second); a
+            # spinning one wakes hundreds of thousands of times.
+            assert int(wakeups) < 100, f"the kernel loop woke {wakeups} times in 0.5 s: it spins"
+            assert "out of file descriptors (EMFILE)" in log
+            with trio.fail_after(TIMEOUT):
+                peer = await capbus.connect(path)
+                assert (await peer.info()).uid == os.geteuid()
+                await peer.aclose()
+                await process.stdin.send_all(b"in\n")
+                assert await process.wait() == 0
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()

@@ -23,7 +23,7 @@ NOBODY = 65534
 # Swaps a symlink to the target in at the socket's path as fast as it can, until told to stop
 # (stdin closes). Runs as another uid in a directory that uid can write.
 _SWAPPER = """
-import os, sys, threading
+import os, stat, sys, threading
 path, target = sys.argv[1], sys.argv[2]
 spare = path + ".new"
 done = threading.Event()
@@ -32,11 +32,18 @@ swaps = 0
 print("ready", flush=True)
 while not done.is_set():
     try:
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            continue
+    except OSError:
+        continue
+    # The daemon has just bound its socket: swap it for a symlink to the target, in one
+    # atomic step.
+    try:
         os.symlink(target, spare)
     except OSError:
         pass
     try:
-        os.rename(spare, path)  # one atomic step: whatever is at the path becomes the symlink
+        os.rename(spare, path)
         swaps += 1
     except OSError:
         pass
@@ -109,7 +116,7 @@ def test_symlink_swapped_in_by_another_uid_is_never_chmodded(tmp_path: Path) -> 
     try:
         assert swapper.stdout is not None
         assert swapper.stdout.readline() == b"ready\n"
-        for _ in range(1000):
+        for _ in range(3000):
             kernel = capbus.Kernel()
             try:
                 with contextlib.suppress(FileNotFoundError):
