@@ -123,6 +123,14 @@ class NotSealed(CapbusError):
     default_errno = _errno.ETXTBSY
 
 
+class KernelOutOfFds(CapbusError):
+    """The kernel process had no file descriptor left to take this frame's fds (its fd table is
+    full: the program embedding it used them up). Nothing was done; trying later may work.
+    EMFILE."""
+
+    default_errno = _errno.EMFILE
+
+
 _BY_ERRNO: dict[int, type[CapbusError]] = {
     cls.default_errno: cls
     for cls in (
@@ -143,6 +151,7 @@ _BY_ERRNO: dict[int, type[CapbusError]] = {
         NoSeed,
         BadFileDescriptor,
         NotSealed,
+        KernelOutOfFds,
     )
 }
 

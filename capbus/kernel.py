@@ -35,6 +35,7 @@ class Limits:
     user_bytes: int = lib.CAPBUS_DEFAULT_USER_BYTES
     peers_per_user: int = lib.CAPBUS_DEFAULT_PEERS_PER_USER
     user_handles: int = lib.CAPBUS_DEFAULT_USER_HANDLES
+    user_backlog: int = lib.CAPBUS_DEFAULT_USER_BACKLOG
     kernel_fds: int = 0
     """File descriptors the kernel may use in all; 0: the process's RLIMIT_NOFILE when the
     kernel starts (docs/wire-format.md "File descriptors")."""

@@ -369,8 +369,10 @@ void cb_command_dispatch(struct cb_peer *peer, const uint8_t *data, size_t size,
 		return;
 	}
 	if (fds_truncated) {
+		/* Linux cuts the fds short either at our buffer (CAPBUS_FDS_MAX: the sender's doing)
+		 * or where the kernel process had no fd left for one (not the sender's doing). */
 		close_fds(fds, n_fds);
-		cb_queue_reply(peer, frame->cookie, frame->type, EMSGSIZE, NULL, 0);
+		cb_queue_reply(peer, frame->cookie, frame->type, n_fds < CAPBUS_FDS_MAX ? EMFILE : EMSGSIZE, NULL, 0);
 		return;
 	}
 	if (n_fds && frame->type != CAPBUS_CMD_SEND) {

@@ -68,6 +68,7 @@ struct cb_kernel {
 	bool refusing;                 /* connections are being refused (logged once per episode) */
 	struct cb_link stalled;        /* peers whose next frame waits for fd room (queue.h) */
 	struct cb_link fd_holders;     /* peers with fds written to their socket, perhaps unread */
+	struct cb_link gated;          /* peers not read while their uid's backlog is full */
 	int retry_ms;                  /* how long the loop waits before retrying stalled peers */
 };
 

@@ -53,6 +53,7 @@ void capbus_kernel_default_limits(struct capbus_limits *limits)
 		.user_bytes = CAPBUS_DEFAULT_USER_BYTES,
 		.peers_per_user = CAPBUS_DEFAULT_PEERS_PER_USER,
 		.user_handles = CAPBUS_DEFAULT_USER_HANDLES,
+		.user_backlog = CAPBUS_DEFAULT_USER_BACKLOG,
 		.kernel_fds = 0,
 	};
 }
@@ -125,6 +126,7 @@ int capbus_kernel_new(const struct capbus_limits *limits, struct cb_kernel **out
 	kernel->retry_ms = RETRY_MS_MIN;
 	cb_list_init(&kernel->stalled);
 	cb_list_init(&kernel->fd_holders);
+	cb_list_init(&kernel->gated);
 	fd_budgets(kernel);
 	/* Kept to be given up at EMFILE, to accept a newcomer and close it at once (so that a
 	 * full fd table never leaves the listener readable for ever: the loop would spin). */
@@ -316,6 +318,10 @@ static void retry_stalled(struct cb_kernel *kernel)
 	}
 	for (link = kernel->stalled.next; link != &kernel->stalled; link = link->next)
 		cb_peer_dirty(cb_container_of(link, struct cb_peer, stalled_link));
+	for (link = kernel->gated.next; link != &kernel->gated; link = next) {
+		next = link->next; /* re-arming may ungate it */
+		cb_peer_update_events(cb_container_of(link, struct cb_peer, gated_link));
+	}
 }
 
 void cb_kernel_settle(struct cb_kernel *kernel)
@@ -415,7 +421,7 @@ static void read_peer(struct cb_peer *peer, uint32_t events)
 	bool closed = (events & EPOLLHUP) != 0;
 
 	for (int budget = 0; (hangup || budget < READ_BUDGET) && !peer->doomed;) {
-		if (!hangup && peer->queue.backlog_bytes > CAPBUS_REPLY_BACKLOG_MAX)
+		if (!hangup && cb_peer_over_backlog(peer))
 			break; /* it does not read its replies: stop reading its commands */
 		for (int i = 0; i < CB_RX_BATCH; i++) {
 			io->rx_iov[i] = (struct iovec){ io->rx_buffers[i], CAPBUS_FRAME_MAX + 1 };
@@ -587,7 +593,8 @@ int capbus_kernel_run(struct cb_kernel *kernel)
 	while (!kernel->stopping) {
 		/* Stalled peers and a paused listener are retried on a timer, never polled: they
 		 * would be ready (writable, readable) all the time and the loop would spin. */
-		bool waiting = !cb_list_empty(&kernel->stalled) || kernel->listen_paused;
+		bool waiting = !cb_list_empty(&kernel->stalled) || !cb_list_empty(&kernel->gated) ||
+			       kernel->listen_paused;
 		int timeout = -1;
 		if (waiting) {
 			if (retry_at == 0)

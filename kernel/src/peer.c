@@ -77,6 +77,7 @@ struct cb_peer *cb_peer_new(struct cb_kernel *kernel, int fd, uint32_t uid, uint
 	cb_list_init(&peer->doomed_link);
 	cb_list_init(&peer->stalled_link);
 	cb_list_init(&peer->holder_link);
+	cb_list_init(&peer->gated_link);
 	do {
 		if (getrandom(peer->key, sizeof(peer->key), 0) != sizeof(peer->key)) {
 			*error = errno ? errno : EIO;
@@ -94,6 +95,7 @@ struct cb_peer *cb_peer_new(struct cb_kernel *kernel, int fd, uint32_t uid, uint
 		goto fail;
 	}
 	peer->epoll_events = EPOLLIN | EPOLLRDHUP;
+	cb_peer_update_events(peer); /* a newcomer of a uid past its backlog waits too */
 	user->n_peers++;
 	cb_list_add_tail(&kernel->peers, &peer->kernel_link);
 	kernel->stats.peers++;
@@ -124,12 +126,28 @@ void cb_peer_doom(struct cb_peer *peer)
 	cb_peer_update_events(peer);
 }
 
+bool cb_peer_over_backlog(const struct cb_peer *peer)
+{
+	return peer->queue.backlog_bytes > CAPBUS_REPLY_BACKLOG_MAX ||
+	       peer->user->backlog_bytes > peer->kernel->limits.user_backlog;
+}
+
 void cb_peer_update_events(struct cb_peer *peer)
 {
 	uint32_t events = 0;
 	if (peer->fd < 0)
 		return;
-	if (!peer->doomed && !peer->read_closed && peer->queue.backlog_bytes <= CAPBUS_REPLY_BACKLOG_MAX)
+	/* Gated by its uid's backlog, which other peers' reading lowers: nothing on this peer
+	 * would wake it, so the loop's retry timer looks at it again (loop.c). */
+	bool gated = peer->user->backlog_bytes > peer->kernel->limits.user_backlog;
+	if (gated != peer->gated) {
+		peer->gated = gated;
+		if (gated)
+			cb_list_add_tail(&peer->kernel->gated, &peer->gated_link);
+		else
+			cb_list_del(&peer->gated_link);
+	}
+	if (!peer->doomed && !peer->read_closed && !cb_peer_over_backlog(peer))
 		events |= EPOLLIN | EPOLLRDHUP;
 	/* A stalled peer is writable but must not be written: the loop's retry brings it back. */
 	if (!peer->stalled && (!cb_list_empty(&peer->queue.entries) || !cb_list_empty(&peer->queue.replies)))
@@ -182,6 +200,7 @@ void cb_peer_disconnect(struct cb_peer *peer)
 	cb_list_del(&peer->doomed_link);
 	cb_list_del(&peer->stalled_link);
 	cb_list_del(&peer->holder_link);
+	cb_list_del(&peer->gated_link);
 	/* Closing the socket freed whatever fds were still unread in it. */
 	cb_fds_land(kernel, peer->user, peer->fds_in_socket);
 	peer->fds_in_socket = 0;

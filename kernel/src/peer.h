@@ -55,12 +55,14 @@ struct cb_peer {
 	bool doomed;                /* disconnect at the next safe point */
 	bool read_closed;           /* it shut down its writing side: it still reads (half-close) */
 	bool stalled;               /* its next frame waits for fd room (in kernel->stalled) */
+	bool gated;                 /* not read because its uid's backlog is full (kernel->gated) */
 	uint32_t fds_in_socket;     /* fds written to its socket since it was last seen empty */
 	struct cb_link kernel_link; /* kernel->peers */
 	struct cb_link dirty_link;  /* kernel->dirty while frames wait to be flushed */
 	struct cb_link doomed_link; /* kernel->doomed */
 	struct cb_link stalled_link;/* kernel->stalled */
 	struct cb_link holder_link; /* kernel->fd_holders while fds_in_socket > 0 */
+	struct cb_link gated_link;  /* kernel->gated */
 };
 
 /* Takes ownership of `fd` (closed on failure). Returns the peer or NULL with *error set. */
@@ -70,6 +72,8 @@ void cb_peer_disconnect(struct cb_peer *peer);
 void cb_peer_doom(struct cb_peer *peer);
 /* Marks that `peer` has frames to flush. */
 void cb_peer_dirty(struct cb_peer *peer);
+/* Is what the kernel queued for it, or for its uid, past the backlog bound (queue.h)? */
+bool cb_peer_over_backlog(const struct cb_peer *peer);
 /* Re-arms epoll for what the peer currently needs. */
 void cb_peer_update_events(struct cb_peer *peer);
 struct cb_peer *cb_peer_by_key(struct cb_kernel *kernel, const uint8_t key[16]);

@@ -122,6 +122,7 @@ void cb_queue_push(struct cb_peer *peer, struct cb_qentry *entry)
 	if (!entry->charged_to && !entry->message) {
 		entry->in_backlog = true;
 		peer->queue.backlog_bytes += entry_cost(entry);
+		peer->user->backlog_bytes += entry_cost(entry);
 	}
 	cb_peer_dirty(peer);
 }
@@ -217,8 +218,10 @@ int cb_queue_flush(struct cb_peer *peer)
 				cb_fds_fly(kernel, peer->user, fds);
 			}
 			cb_list_del(&entry->link);
-			if (entry->in_backlog)
+			if (entry->in_backlog) {
 				queue->backlog_bytes -= entry_cost(entry);
+				peer->user->backlog_bytes -= entry_cost(entry);
+			}
 			if (!entry->is_reply) {
 				queue->n_entries--;
 				if (entry->message)
@@ -243,6 +246,8 @@ void cb_queue_drop(struct cb_peer *peer)
 		while (!cb_list_empty(lists[i])) {
 			struct cb_qentry *entry = cb_list_first(lists[i], struct cb_qentry, link);
 			cb_list_del(&entry->link);
+			if (entry->in_backlog)
+				peer->user->backlog_bytes -= entry_cost(entry);
 			entry_release(peer, entry);
 		}
 	}

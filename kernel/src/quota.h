@@ -49,6 +49,7 @@ struct cb_user {
 	uint32_t fds_held;       /* kernel fds charged to this uid: its peers' sockets, its queued fds */
 	uint32_t fds_in_flight;  /* fds in the sockets of this uid's peers, perhaps unread */
 	uint32_t n_handles;      /* handles its peers hold (nodes they own included) */
+	uint64_t backlog_bytes;  /* replies and notifications queued to its peers (queue.h) */
 };
 
 /* An amount of the four queued resources. */

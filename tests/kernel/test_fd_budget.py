@@ -342,6 +342,8 @@ async def main(path):
     os.set_blocking(read_log, False)
     async with capbus.open_kernel(listen=path, mode=0o666) as kernel:
         kernel.log_to(write_log)
+        witness = await kernel.connect()
+        inbox = await witness.create_node()
         filler = []
         try:
             while True:
@@ -352,13 +354,19 @@ async def main(path):
         stdout = trio.wrap_file(sys.stdout)
         await stdout.write("full\\n"); await stdout.flush()
         await stdin.readline()  # the newcomers tried
+        try:
+            # The kernel cannot take an fd now: the sender is told so, not EMSGSIZE.
+            await witness.send(inbox, b"fd", fds=[0])
+            sent = "sent"
+        except capbus.CapbusError as error:
+            sent = type(error).__name__
         before = kernel.statistics()
         await trio.sleep(0.5)  # a window to count wakeups in, not a synchronisation
         after = kernel.statistics()
         for fd in filler[:32]:
             os.close(fd)
         log = os.read(read_log, 65536).decode()
-        await stdout.write(f"{after.connections_refused} {after.wakeups - before.wakeups} {log!r}\\n")
+        await stdout.write(f"{sent} {after.connections_refused} {after.wakeups - before.wakeups} {log!r}\\n")
         await stdout.flush()
         await stdin.readline()  # a newcomer got in
         for fd in filler[32:]:
@@ -390,7 +398,8 @@ async def test_out_of_fds_the_listener_refuses_and_the_loop_sleeps() -> None:
                     assert sock.recv(64) == b""
                     sock.close()
                 await process.stdin.send_all(b"tried\n")
-                refused, wakeups, log = (await read_line(process)).split(" ", 2)
+                sent, refused, wakeups, log = (await read_line(process)).split(" ", 3)
+            assert sent == "KernelOutOfFds"
             assert int(refused) >= 5
             # An idle loop wakes only for its retry timer (a few times in half a second); a
             # spinning one wakes hundreds of thousands of times.

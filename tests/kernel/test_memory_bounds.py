@@ -20,41 +20,81 @@ BACKLOG = lib.CAPBUS_REPLY_BACKLOG_MAX
 OTHER_UID = 1002
 
 
-async def test_a_peer_that_never_reads_pins_at_most_its_backlog(kernel: capbus.Kernel) -> None:
-    raw = kernel.socket_for_child()
+def writable(sock: socket.socket) -> bool:
+    poller = select.poll()
+    poller.register(sock, select.POLLOUT)
+    return bool(poller.poll(0))
+
+
+async def flood_until_ignored(kernel: capbus.Kernel, raw: socket.socket, bound: int) -> int:
+    """Writes commands to a peer that never reads their replies until the kernel stops reading
+    it, which it may do only once what it holds for the peer is past ``bound`` bytes. Returns
+    how many were written."""
     raw.setblocking(False)
     before = kernel.statistics().memory_bytes
-    sent = 0
     frame = _wire.FRAME.pack(_wire.FRAME.size, _wire.CMD_PEER_QUERY, 0, 1)
-    with raw:
-        # Commands until neither the kernel nor the socket takes more: the kernel stopped
-        # reading this peer, whose replies it does not read.
-        def writable() -> bool:
-            poller = select.poll()
-            poller.register(raw, select.POLLOUT)
-            return bool(poller.poll(0))
+    sent = 0
+    while True:
+        try:
+            raw.send(frame)
+            sent += 1
+            continue
+        except BlockingIOError:
+            pass
+        # Either the kernel reads on (the socket drains) or it stopped reading this peer.
+        stats = await wait_for_statistics(kernel, lambda s: s.memory_bytes - before > bound or writable(raw))
+        if stats.memory_bytes - before > bound and not writable(raw):
+            return sent
 
+
+async def test_a_peer_that_never_reads_pins_at_most_its_backlog(kernel: capbus.Kernel) -> None:
+    raw = kernel.socket_for_child()
+    before = kernel.statistics().memory_bytes
+    with raw:
         with trio.fail_after(TIMEOUT):
-            while True:
-                try:
-                    raw.send(frame)
-                    sent += 1
-                    continue
-                except BlockingIOError:
-                    pass
-                # Either the kernel reads on (the socket drains) or it stopped reading this
-                # peer, which it does only past the backlog bound.
-                stats = await wait_for_statistics(
-                    kernel, lambda s: s.memory_bytes - before > BACKLOG or writable()
-                )
-                if stats.memory_bytes - before > BACKLOG and not writable():
-                    break
+            sent = await flood_until_ignored(kernel, raw, BACKLOG)
         grown = kernel.statistics().memory_bytes - before
         assert sent > 5000, "the kernel stopped reading early"
         # The backlog, plus one reply batch past it (the bound is checked between batches).
         assert grown <= BACKLOG + 64 * 1024, f"{grown} bytes pinned by a peer that never reads"
     with trio.fail_after(TIMEOUT):
         await wait_for_statistics(kernel, lambda s: s.memory_bytes <= before)
+
+
+async def test_many_peers_of_one_uid_pin_at_most_its_backlog() -> None:
+    """Per peer is not enough (16,384 peers per uid x 1 MiB): a uid's peers together stop
+    being served past user_backlog; another uid is served, and they resume once they read."""
+    limits = capbus.Limits(user_backlog=512 * 1024)
+    async with capbus.open_kernel(limits=limits) as kernel:
+        before = kernel.statistics().memory_bytes
+        hogs = [kernel.socket_for_child() for _ in range(6)]
+        with trio.fail_after(TIMEOUT):
+            total = 0
+            for hog in hogs:
+                if kernel.statistics().memory_bytes - before > limits.user_backlog:
+                    break
+                total += await flood_until_ignored(kernel, hog, 0)
+        grown = kernel.statistics().memory_bytes - before
+        assert grown <= limits.user_backlog + 6 * 64 * 1024, f"{grown} bytes pinned by one uid"
+        # A peer of the same uid is not served now ...
+        late = await kernel.connect()
+        # ... and another uid's is.
+        other_end, ours = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        assert lib.capbus_kernel_adopt(kernel._kernel, ours.detach(), OTHER_UID, OTHER_UID, 0) == 0
+        async with capbus.Peer.from_socket(other_end) as other:
+            with trio.fail_after(TIMEOUT):
+                assert (await other.info()).uid == OTHER_UID
+        with trio.move_on_after(0.2) as waited:  # a bounded look, not a synchronisation
+            await late.info()
+        assert waited.cancelled_caught, "a peer of a uid past its backlog was served"
+        # The hogs read their replies: the uid is under its bound again and the late peer is
+        # served (the kernel looks at gated peers on its retry timer).
+        for hog in hogs:
+            hog.setblocking(True)
+            hog.close()
+        with trio.fail_after(TIMEOUT):
+            assert (await late.info()).uid == 0
+        await late.aclose()
 
 
 async def test_handles_are_bounded_per_uid_not_only_per_peer() -> None:

@@ -21,6 +21,7 @@ struct capbus_limits {
 	uint64_t user_bytes;      /* queued payload bytes per sending uid, kernel-wide */
 	uint64_t peers_per_user;  /* connected peers per uid */
 	uint64_t user_handles;    /* handles (owners' included, so nodes too) held by one uid's peers */
+	uint64_t user_backlog;    /* bytes of replies and notifications queued to one uid's peers */
 	uint64_t kernel_fds;      /* file descriptors the kernel may use in all; 0: its RLIMIT_NOFILE
 				   * at capbus_kernel_new (docs/wire-format.md "File descriptors") */
 };

@@ -48,6 +48,7 @@
 #define CAPBUS_DEFAULT_USER_BYTES     (64u * 1024u * 1024u) /* queued bytes one sending user may have in the kernel */
 #define CAPBUS_DEFAULT_PEERS_PER_USER 16384u               /* peers one user may have connected */
 #define CAPBUS_DEFAULT_USER_HANDLES   262144u              /* handles all peers of one user may hold */
+#define CAPBUS_DEFAULT_USER_BACKLOG   (16u * 1024u * 1024u) /* reply/notification bytes queued to one user's peers */
 
 /* A peer that has more than this many reply bytes unread is not read from until it reads. */
 #define CAPBUS_REPLY_BACKLOG_MAX     (1024u * 1024u)
