@@ -244,15 +244,19 @@ class Fill:
 
 
 async def main(args: argparse.Namespace) -> None:
-    fd_limit = raise_nofile(max(args.peers) + 1024)
-    if fd_limit < max(args.peers) + 256:
-        note(f"scale: RLIMIT_NOFILE is {fd_limit}: measuring up to {fd_limit - 256:,} peers only")
-        args.peers = [p for p in args.peers if p <= fd_limit - 256] or [2]
+    # Each peer is two fds here (both ends are in this process), and the kernel gives one uid
+    # at most half of the fds it may hold (docs/wire-format.md "File descriptors").
+    fd_limit = raise_nofile(4 * max(args.peers) + 4096)
+    if fd_limit < 4 * max(args.peers) + 4096:
+        most = (fd_limit - 4096) // 4
+        note(f"scale: RLIMIT_NOFILE is {fd_limit}: measuring up to {most:,} peers only")
+        args.peers = [p for p in args.peers if p <= most] or [2]
     per_holder = args.handles // args.holders
     limits = capbus.Limits(
         peers_per_user=max(*args.peers, args.holders) + 256,
         handles_held=2 * per_holder + 256,
         nodes_owned=per_holder + 256,
+        user_handles=2 * args.handles + 4 * max(*args.peers, args.holders) + 4096,
         peer_handles=4 * per_holder + 4096,  # a holder may have all its handles queued at once
     )
     states: list[State] = []
