@@ -7,6 +7,10 @@ from setuptools import setup
 _BUILD = "build/sanitize" if os.environ.get("CAPBUS_SANITIZE") == "1" else "build/normal"
 
 setup(
-    cffi_modules=["kernel/build.py:ffibuilder", "kernel/build.py:uapi_builder"],
+    cffi_modules=[
+        "kernel/build.py:ffibuilder",
+        "kernel/build.py:uapi_builder",
+        "capbus/rpc/_build.py:capwire_builder",
+    ],
     options={"build": {"build_base": _BUILD}},
 )

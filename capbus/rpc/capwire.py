@@ -39,6 +39,8 @@ import sys
 from collections.abc import Iterable, Sequence
 from typing import Literal, TypeAlias
 
+import capbus.rpc._capwire as _capwire
+
 if sys.byteorder != "little":  # pragma: no cover - memoryview.cast("Q") is native-endian
     raise ImportError("capbus.rpc.capwire needs a little-endian machine")
 
@@ -294,19 +296,39 @@ def set_discriminant(segments: list[Segment], struct_path: Path, offset: int, va
     return out
 
 
+def traversal_budget(segments: Sequence[Segment]) -> int:
+    """Words a walk of this message may charge: a tree is walked in its own size (zero-sized
+    elements charged a word each, as libcapnp charges them), so a few times that, with room
+    for small messages, and never more than libcapnp's default."""
+    total = sum(len(memoryview(s).cast("B")) // 8 for s in segments)
+    return min(TRAVERSAL_LIMIT_WORDS, 8 * total + 65536)
+
+
 def scan_caps(
     segments: Sequence[Segment],
     *,
-    traversal_limit_words: int = TRAVERSAL_LIMIT_WORDS,
+    traversal_limit_words: int | None = None,
     nesting_limit: int = NESTING_LIMIT,
 ) -> list[tuple[int, int, int]]:
     """Every capability pointer of a message as (segment, word, index), found by walking all
-    of it without a schema. Raises CapWireError for any malformed pointer, and (as libcapnp's
-    readers do) past the traversal and nesting limits, so a hostile message cannot make
-    this loop long."""
+    of it without a schema. Raises CapWireError for any malformed pointer, for two pointers
+    whose targets overlap (a DAG or a loop: no Cap'n Proto writer makes one, and it is how a
+    small message claims to be a huge tree), and (as libcapnp's readers do) past the
+    traversal limit (default: :func:`traversal_budget`) and the nesting limit, so a hostile
+    message cannot make this loop, or a reader after it, long."""
     words = _words(segments)
     found: list[tuple[int, int, int]] = []
-    budget = traversal_limit_words
+    budget = traversal_budget(segments) if traversal_limit_words is None else traversal_limit_words
+    claimed = [bytearray(len(w)) for w in words]
+
+    def claim(segment: int, start: int, count: int) -> None:
+        if count <= 0:
+            return
+        owner = claimed[segment]
+        if owner.find(1, start, start + count) != -1:
+            raise CapWireError(f"pointers share content at segment {segment}, word {start}: not a tree")
+        owner[start : start + count] = b"\x01" * count
+
     _check(words, 0, 0, 1)
     pending = [(0, 0, nesting_limit)]
     while pending:
@@ -323,23 +345,44 @@ def scan_caps(
             found.append((segment, location, index))
         elif kind == 0:
             s, start, data_words, pointer_words = _struct(words, target)
+            claim(s, start, data_words + pointer_words)
             budget -= max(data_words + pointer_words, 1)
             pending.extend((s, start + data_words + i, depth - 1) for i in range(pointer_words))
         else:
             s, first, size, count, data_words, pointer_words = _list(words, target)
             if size == 6:
+                claim(s, first, count)
                 budget -= count
                 pending.extend((s, first + i, depth - 1) for i in range(count))
             elif size == 7:
-                budget -= count * (data_words + pointer_words) + 1
-                for e in range(count):
-                    base = first + e * (data_words + pointer_words) + data_words
-                    pending.extend((s, base + i, depth - 1) for i in range(pointer_words))
+                claim(s, first - 1, 1 + (target[3] >> 35))  # the tag and every word it claims
+                step = data_words + pointer_words
+                budget -= count * max(step, 1) + 1  # zero-sized elements: a word each
+                if budget < 0:
+                    raise CapWireError("traversal limit exceeded")
+                if pointer_words:
+                    for e in range(count):
+                        base = first + e * step + data_words
+                        pending.extend((s, base + i, depth - 1) for i in range(pointer_words))
             else:
-                budget -= (count * (0, 1, 8, 16, 32, 64)[size] + 63) // 64
+                size_words = (count * (0, 1, 8, 16, 32, 64)[size] + 63) // 64
+                claim(s, first, size_words)
+                budget -= size_words if size else count  # a Void list: a word per element
         if budget < 0:
             raise CapWireError("traversal limit exceeded")
     return found
+
+
+def check_tree(framed: Segment) -> None:
+    """Raises CapWireError unless the message (in the stream framing) is a well-formed tree
+    within the traversal budget, the same checks as :func:`scan_caps` makes, in C
+    (capwire.c). Run on every message an RPC peer receives, before any reader sees it: what
+    pycapnp then reads is bounded by the message's own size."""
+    view = memoryview(framed).cast("B")
+    budget = min(TRAVERSAL_LIMIT_WORDS, len(view) + 65536)  # 8 x its words, as traversal_budget
+    error = _capwire.lib.capwire_check_tree(_capwire.ffi.from_buffer(view), len(view), budget, NESTING_LIMIT)
+    if error:
+        raise CapWireError(_capwire.ffi.string(error).decode())
 
 
 def strip_caps(segments: Sequence[Segment]) -> tuple[list[Segment], dict[Location, int]]:

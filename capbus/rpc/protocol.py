@@ -239,6 +239,9 @@ def decode(
     pointers resolve to ``caps`` when read (a pointer past them raises CapWireError then);
     ``resolve`` as in CapTableReader; ``fds`` the message's file descriptors for its Fd
     fields. The shape header.py writes is read by hand; anything else through pycapnp."""
+    # A tree within its size, before any reader looks: readers then follow each pointer at
+    # most once per read, so a small message cannot make a handler walk a huge tree.
+    capwire.check_tree(payload)
     segments = capwire.unframe(payload)
     if len(segments) == 2:  # a single-segment body: its pointers need no renumbering
         fast = header.read(segments)

@@ -181,7 +181,7 @@ def test_limits_bound_the_walk() -> None:
     loop = [
         struct.pack("<QQ", 0 | (0 << 2) | (0 << 32) | (1 << 48), 0 | ((-1 & 0x3FFFFFFF) << 2) | (1 << 48))
     ]
-    with pytest.raises(CapWireError, match="nesting"):
+    with pytest.raises(CapWireError, match="not a tree"):
         capwire.scan_caps(loop)
     # Many pointers to one big list: bounded by the traversal limit (the amplification attack).
     n = 64
@@ -191,8 +191,8 @@ def test_limits_bound_the_walk() -> None:
         offset = list_start - (1 + i) - 1
         words.append(1 | (offset << 2) | (5 << 32) | (4096 << 35))
     segment = struct.pack(f"<{len(words)}Q", *words) + bytes(4096 * 8)
-    with pytest.raises(CapWireError, match="traversal"):
-        capwire.scan_caps([segment], traversal_limit_words=100_000)
+    with pytest.raises(CapWireError, match="not a tree"):
+        capwire.scan_caps([segment])
 
 
 def test_patching_refuses_wrong_slots() -> None:
