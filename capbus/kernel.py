@@ -64,6 +64,7 @@ class KernelStatistics:
     peers_stalled: int
     delivery_retries: int
     connections_refused: int
+    peers_gated: int
     peers_half_closed: int
     wakeups: int
 

@@ -142,10 +142,13 @@ void cb_peer_update_events(struct cb_peer *peer)
 	bool gated = peer->user->backlog_bytes > peer->kernel->limits.user_backlog;
 	if (gated != peer->gated) {
 		peer->gated = gated;
-		if (gated)
+		if (gated) {
 			cb_list_add_tail(&peer->kernel->gated, &peer->gated_link);
-		else
+			peer->kernel->stats.peers_gated++;
+		} else {
 			cb_list_del(&peer->gated_link);
+			peer->kernel->stats.peers_gated--;
+		}
 	}
 	if (!peer->doomed && !peer->read_closed && !cb_peer_over_backlog(peer))
 		events |= EPOLLIN | EPOLLRDHUP;
@@ -201,6 +204,8 @@ void cb_peer_disconnect(struct cb_peer *peer)
 	cb_list_del(&peer->stalled_link);
 	cb_list_del(&peer->holder_link);
 	cb_list_del(&peer->gated_link);
+	if (peer->gated)
+		kernel->stats.peers_gated--;
 	/* Closing the socket freed whatever fds were still unread in it. */
 	cb_fds_land(kernel, peer->user, peer->fds_in_socket);
 	peer->fds_in_socket = 0;

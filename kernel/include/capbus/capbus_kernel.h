@@ -46,6 +46,7 @@ struct capbus_stats {
 	uint64_t peers_stalled;   /* peers whose next message waits for fd room */
 	uint64_t delivery_retries;/* writes put off for fd room (none is ever failed for it) */
 	uint64_t connections_refused; /* connections closed at once: no fd or quota for a peer */
+	uint64_t peers_gated;     /* peers not read because their uid's backlog is full */
 	uint64_t peers_half_closed; /* peers that shut down their writing side and still read */
 	uint64_t wakeups;         /* times the loop woke up: an idle kernel's stays still */
 };
