@@ -165,6 +165,10 @@ class Engine:
         self.exports: dict[int, Server] = {}
         self._export_nodes: dict[int, int] = {}  # id(server) -> node
         self._export_busy: dict[int, int] = {}  # node -> sends in progress that carry it
+        # Who each export was first made for, and how many each destination got: a caller
+        # that keeps everything it is given is bounded (Vat._send_return), not the server.
+        self._export_for: dict[int, int] = {}  # node -> destination handle
+        self._exports_per_destination: dict[int, int] = {}
         self.imports: weakref.WeakValueDictionary[int, Client] = weakref.WeakValueDictionary()
         self._import_refs: dict[int, int] = {}
         self.broken: set[int] = set()
@@ -185,9 +189,16 @@ class Engine:
         """The node of an exported server, or None if it needs one (:meth:`exported`)."""
         return self._export_nodes.get(id(server))
 
-    def exported(self, server: Server, node: int) -> None:
+    def exported(self, server: Server, node: int, destination: int = 0) -> None:
         self.exports[node] = server
         self._export_nodes[id(server)] = node
+        if destination:
+            self._export_for[node] = destination
+            self._exports_per_destination[destination] = self.exports_for(destination) + 1
+
+    def exports_for(self, destination: int) -> int:
+        """Exports first made for ``destination`` that are still held."""
+        return self._exports_per_destination.get(destination, 0)
 
     def sending(self, handles: list[int], started: bool) -> None:
         """Marks the exports a send carries as busy (``started``) or not: a busy export is not
@@ -204,6 +215,13 @@ class Engine:
         server = self.exports.pop(node)
         self._export_nodes.pop(id(server), None)
         self._export_busy.pop(node, None)
+        destination = self._export_for.pop(node, None)
+        if destination is not None:
+            left = self._exports_per_destination[destination] - 1
+            if left:
+                self._exports_per_destination[destination] = left
+            else:
+                del self._exports_per_destination[destination]
         return True
 
     # -- imports and local clients ------------------------------------------------------------

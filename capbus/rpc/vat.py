@@ -90,12 +90,17 @@ class Vat:
         *,
         max_concurrent_calls: int,
         max_queued_calls: int = 4096,
+        max_exports_per_caller: int = 4096,
     ) -> None:
         self.peer = peer
         self.engine = engine
         self._concurrency = trio.Semaphore(max_concurrent_calls)
         """Handlers running at once, at most: further calls wait their turn (in order)."""
         self._max_queued = max_queued_calls
+        self.max_exports_per_caller = max_exports_per_caller
+        """Objects of this vat one caller (one reply node) may hold from its returns: past it,
+        a return that would hand out another fails with Overloaded, so that a caller that
+        keeps everything cannot use up this peer's nodes (the kernel's nodes_owned)."""
         self._queued = 0
         """Calls received whose handler has not started: past the bound, new calls are
         answered Overloaded at once. The vat reads every message as it comes (a return it
@@ -138,11 +143,11 @@ class Vat:
         """The node of ``server`` (made on first use), e.g. to hand to another peer."""
         return Handle(self.peer, await self._export(server))
 
-    async def _export(self, server: Server) -> int:
+    async def _export(self, server: Server, destination: int = 0) -> int:
         node = self.engine.export_node(server)
         if node is None:
             node = (await self.peer.create_node()).id
-            self.engine.exported(server, node)
+            self.engine.exported(server, node, destination)
         return node
 
     def client(self, handle: Handle | int, interface: Any) -> Client:
@@ -176,7 +181,7 @@ class Vat:
             for value in caps:  # make the missing nodes, then look again
                 server = value.server if isinstance(value, Client) else value
                 if isinstance(server, Server):
-                    await self._export(server)
+                    await self._export(server, destination)
             handles = self._handles_now(caps, destination)
             assert handles is not None
         return handles
@@ -588,6 +593,7 @@ class Vat:
         reply = arrived.reply
         if reply is None:
             return True  # one-way: no return
+        encoded = self._bounded(reply, question_id, encoded)
         key = (reply.handle, question_id)
         for event in self.engine.completed(key, encoded):
             self._handle(event)
@@ -640,8 +646,35 @@ class Vat:
             if isinstance(error, Disconnected) and reply.handle in self.engine.broken:
                 return  # the caller is gone
             await self._send_quietly(Send(reply, encode_exception(question_id, error)))
-        except bus.CapbusError:
-            pass  # the caller is gone
+        except bus.CapbusError as error:
+            # Not the send (_send makes its errors RpcErrors): making a node for an object
+            # the results hand out (this peer is out of nodes or handles). The caller must
+            # hear of it: every later call that hands out an object would hang otherwise.
+            failed = Overloaded(f"the results could not be sent: {error.strerror}")
+            await self._send_quietly(Send(reply, encode_exception(question_id, failed)))
+
+    def _bounded(self, reply: Client, question_id: int, encoded: Encoded) -> Encoded:
+        """The return itself, or Overloaded if it would hand its caller more new objects
+        than ``max_exports_per_caller`` allows (decided before anything is done with it)."""
+        new = self._new_exports(encoded.caps)
+        held = self.engine.exports_for(reply.handle)
+        if not new or held + new <= self.max_exports_per_caller:
+            return encoded
+        error = Overloaded(
+            f"this caller holds {held} objects of this vat and may hold {self.max_exports_per_caller}:"
+            " release some (drop their clients) to be given more"
+        )
+        return encode_exception(question_id, error)
+
+    def _new_exports(self, caps: list[object]) -> int:
+        """How many objects in ``caps`` have no node yet."""
+        servers = {id(v.server if isinstance(v, Client) else v): v for v in caps}
+        return sum(
+            1
+            for value in servers.values()
+            if isinstance(server := value.server if isinstance(value, Client) else value, Server)
+            and self.engine.export_node(server) is None
+        )
 
     async def _serve(
         self, arrived: CallArrived, ticket: int | None = None, started: Awaitable[Any] | None = None
@@ -729,6 +762,7 @@ class Vat:
                 self._handle(event)
             self.engine.cancelled(key)
             return
+        encoded = self._bounded(reply, key[1], encoded)
         for event in self.engine.completed(key, encoded):
             self._handle(event)
         await self._send_return(reply, key[1], encoded)
@@ -784,6 +818,7 @@ def _interface(interface: Any) -> Interface:
 
 MAX_CONCURRENT_CALLS = 1024
 MAX_QUEUED_CALLS = 4096
+MAX_EXPORTS_PER_CALLER = 4096  # a sixteenth of the kernel's default nodes_owned
 
 
 @asynccontextmanager
@@ -793,10 +828,13 @@ async def open_vat(
     max_message_bytes: int = MAX_MESSAGE_BYTES,
     max_concurrent_calls: int = MAX_CONCURRENT_CALLS,
     max_queued_calls: int = MAX_QUEUED_CALLS,
+    max_exports_per_caller: int = MAX_EXPORTS_PER_CALLER,
 ) -> AsyncIterator[Vat]:
     """Runs the RPC endpoint of ``peer`` for the duration of the block. At most
     ``max_concurrent_calls`` handlers run at once; up to ``max_queued_calls`` more calls
-    wait, in arrival order; calls past that are answered Overloaded at once."""
+    wait, in arrival order; calls past that are answered Overloaded at once. One caller may
+    hold at most ``max_exports_per_caller`` objects that returns handed it; past that, such
+    returns fail with Overloaded."""
     reply_node = (await peer.create_node()).id
     async with trio.open_nursery() as nursery:
         vat: Vat | None = None
@@ -808,7 +846,11 @@ async def open_vat(
         engine = Engine(
             reply_node, max_message_bytes=max_message_bytes, on_release=wake, max_waiting=max_queued_calls
         )
-        limits = {"max_concurrent_calls": max_concurrent_calls, "max_queued_calls": max_queued_calls}
+        limits = {
+            "max_concurrent_calls": max_concurrent_calls,
+            "max_queued_calls": max_queued_calls,
+            "max_exports_per_caller": max_exports_per_caller,
+        }
         vat = Vat(peer, nursery, engine, **limits)
         await vat._start()
         try:
