@@ -14,12 +14,10 @@ from __future__ import annotations
 
 import contextlib
 import os
-import resource
 import socket
 import subprocess
 import sys
 import tempfile
-import textwrap
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -29,6 +27,8 @@ from capbus._kernel import lib
 
 import capbus
 from capbus.testing import wait_for_statistics
+
+from .other_uid import python_as
 
 NOBODY = 65534
 ATTACKER = 1001
@@ -56,21 +56,14 @@ def shared_directory() -> Iterator[Path]:
         subprocess.run(["rm", "-rf", str(path)], check=False)
 
 
-def _limit_fds() -> None:
-    resource.setrlimit(resource.RLIMIT_NOFILE, (FD_LIMIT, FD_LIMIT))
-
-
 @contextlib.asynccontextmanager
 async def daemon(where: Path) -> AsyncIterator[tuple[Path, trio.Process]]:
     """``capbus kernel`` as uid 65534 (no CAP_SYS_RESOURCE: Linux's in-flight limit applies)
     with RLIMIT_NOFILE 1024, soft and hard."""
     path = where / "bus"
     process = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "capbus", "kernel", "--listen", str(path), "--mode", "666"],
-        user=NOBODY,
-        group=NOBODY,
-        extra_groups=[],
-        preexec_fn=_limit_fds,
+        python_as(NOBODY, "capbus.cli.main(sys.argv[1:])", nofile=FD_LIMIT)
+        + ["kernel", "--listen", str(path), "--mode", "666"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         cwd="/",
@@ -92,10 +85,7 @@ async def daemon(where: Path) -> AsyncIterator[tuple[Path, trio.Process]]:
 
 async def run_as(uid: int, script: str, *args: str) -> trio.Process:
     return await trio.lowlevel.open_process(
-        [sys.executable, "-c", textwrap.dedent(script), *args],
-        user=uid,
-        group=uid,
-        extra_groups=[],
+        [*python_as(uid, script), *args],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -299,11 +289,8 @@ async def test_one_uid_gets_at_most_half_of_the_free_fds() -> None:
         assert lib.capbus_kernel_adopt(kernel._kernel, ours.detach(), INNOCENT, INNOCENT, 0) == 0
         with theirs, trio.fail_after(TIMEOUT):
             result = await trio.run_process(
-                [sys.executable, "-c", textwrap.dedent(_SEND_ONE_FD), str(theirs.fileno())],
+                [*python_as(INNOCENT, _SEND_ONE_FD), str(theirs.fileno())],
                 pass_fds=[theirs.fileno()],
-                user=INNOCENT,
-                group=INNOCENT,
-                extra_groups=[],
                 cwd="/",
                 capture_stdout=True,
                 capture_stderr=True,

@@ -10,13 +10,14 @@ import os
 import shutil
 import stat
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import pytest
 
 import capbus
+
+from .other_uid import python_as
 
 NOBODY = 65534
 
@@ -105,12 +106,10 @@ def test_symlink_swapped_in_by_another_uid_is_never_chmodded(tmp_path: Path) -> 
     target.chmod(0o600)
     path = shared / "bus"
     swapper = subprocess.Popen(
-        [sys.executable, "-I", "-c", _SWAPPER, str(path), str(target)],
+        [*python_as(NOBODY, _SWAPPER), str(path), str(target)],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
-        user=NOBODY,
-        group=NOBODY,
-        extra_groups=[],
+        cwd="/",
     )
     listened = 0
     try:
