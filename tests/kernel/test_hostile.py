@@ -38,6 +38,8 @@ from capbus import _kernel, _wire
 from capbus.errors import error_from_errno
 from capbus.testing import PeerFactory, assert_queue_empty, recv_kind, wait_for_statistics
 
+from .other_uid import python_as
+
 DATA = capbus.MessageKind.DATA
 DESTROYED = capbus.MessageKind.NODE_DESTROYED
 RELEASED = capbus.MessageKind.NODE_RELEASED
@@ -1140,12 +1142,10 @@ async def test_flood_from_another_uid_is_held_to_half_and_others_still_get_throu
         (to_victim,) = seed.handles
         with attacker.detach() as raw, trio.fail_after(TIMEOUT):
             result = await trio.run_process(
-                [sys.executable, "-I", "-c", child_script(_FLOOD_CHILD)]
+                python_as(NOBODY, child_script(_FLOOD_CHILD))
                 + [str(raw.fileno()), str(to_victim.id), str(size), str(cap)],
                 pass_fds=[raw.fileno()],
-                user=NOBODY,
-                group=NOBODY,
-                extra_groups=[],
+                cwd="/",
                 capture_stdout=True,
                 capture_stderr=True,
                 check=False,
