@@ -317,7 +317,11 @@ void cb_send(struct cb_peer *sender, uint64_t cookie, const void *body, size_t b
 		cb_monitor_observe(kernel, CAPBUS_MSG_DATA, seq, creds->uid, creds->pid, result->n_delivered,
 				   cmd->n_handles, n_fds, message);
 	}
+	/* The message may hold the last charge on `user` (a sending uid with no peer of its own:
+	 * credentials are the writer's): keep it until both are let go. */
+	user->n_charges++;
 	cb_message_unref(message);
+	user->n_charges--;
 	cb_user_put_if_unused(kernel, user);
 	if (!quiet || result->n_delivered < n) {
 		if (quiet)
