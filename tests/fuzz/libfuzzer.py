@@ -12,17 +12,25 @@ Needs clang (Debian: apt-get install clang).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import corpus  # noqa: E402
+def _sibling(name: str) -> ModuleType:
+    """A module beside this script (run as a script, not as part of the tests package)."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{name}.py"))
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
-import build  # noqa: E402
 
+build = _sibling("build")
+corpus = _sibling("corpus")
 WORK = build.ROOT / "build" / "fuzz"
 
 
