@@ -15,6 +15,7 @@ import sys
 from typing import Any
 
 from . import sandbox
+from ._schemas import schema_directory
 
 FD_VARIABLE = "CAPBUS_FD"
 """The environment variable that names the kernel connection of a child started from an argv."""
@@ -38,7 +39,7 @@ def main(argv: list[str]) -> None:
     fds = sandbox.close_other_fds(policy, [0, 1, 2, fd])
     target: dict[str, Any] = config["target"]
     code: list[str] = config["code"]
-    packages = [os.path.dirname(os.path.abspath(__file__)), _schema_directory()]
+    packages = [os.path.dirname(os.path.abspath(__file__)), schema_directory(config.get("schemas"))]
     program = [] if target["kind"] == "python" else [os.path.dirname(os.path.abspath(target["argv"][0]))]
     paths = sandbox.view(policy, [*packages, *code, *program])
     seccomp = bytes.fromhex(config["seccomp"]) if config.get("seccomp") else None
@@ -73,17 +74,6 @@ def main(argv: list[str]) -> None:
         os.execve(target["argv"][0], target["argv"], environment)
     sys.path[:0] = code
     trusted["trio"].run(_run, fd, report, target, trusted["bootstrapping"])
-
-
-def _schema_directory() -> str:
-    """capbus's schema directory, found without importing the RPC layer (which would load
-    schemas, and keep handles open, before the sandbox is up)."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("capbus.schemas")
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("capbus.schemas is not installed")
-    return str(list(spec.submodule_search_locations)[0])
 
 
 async def _run(fd: int, report: dict[str, str], target: dict[str, Any], bootstrap: Any) -> None:

@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import os
-from importlib import resources
 from typing import Any
 
 import capnp
+
+from .. import _schemas
 
 capnp.remove_import_hook()  # capbus never wants pycapnp to hijack `import x_capnp`
 
 
 def schema_directory() -> str:
     """capbus's schema directory, for import paths (``import "/capbus/fd.capnp"``)."""
-    root = resources.files("capbus.schemas")
-    return str(root)
+    return _schemas.schema_directory()
 
 
 def import_path() -> list[str]:
