@@ -15,7 +15,7 @@ import sys
 from typing import Any
 
 from . import sandbox
-from ._schemas import schema_directory
+from ._resources import package_directories
 
 FD_VARIABLE = "CAPBUS_FD"
 """The environment variable that names the kernel connection of a child started from an argv."""
@@ -39,7 +39,7 @@ def main(argv: list[str]) -> None:
     fds = sandbox.close_other_fds(policy, [0, 1, 2, fd])
     target: dict[str, Any] = config["target"]
     code: list[str] = config["code"]
-    packages = [os.path.dirname(os.path.abspath(__file__)), schema_directory(config.get("schemas"))]
+    packages = package_directories()
     program = [] if target["kind"] == "python" else [os.path.dirname(os.path.abspath(target["argv"][0]))]
     paths = sandbox.view(policy, [*packages, *code, *program])
     seccomp = bytes.fromhex(config["seccomp"]) if config.get("seccomp") else None

@@ -14,9 +14,9 @@ from contextlib import asynccontextmanager
 from typing import Any, TypeVar, overload
 
 from ._child import FD_VARIABLE, REPORT_VARIABLE
+from ._resources import schema_directory
 from .peer import Peer
 from .rpc.client import Client
-from .rpc.envelope import schema_directory
 from .rpc.fds import FileDescriptor
 from .rpc.interface import Interface, load
 from .rpc.server import Server

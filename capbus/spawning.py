@@ -37,7 +37,6 @@ import trio
 
 from . import sandbox as _sandbox
 from ._child import STRICT_REFUSED
-from ._schemas import schema_directory
 from .bootstrapping import SPAWN, Bootstrap, _as, entries, named
 from .rpc.client import Client
 from .rpc.errors import Failed, Overloaded
@@ -356,10 +355,6 @@ async def spawn(
         "target": spec,
         "code": code_paths,
         "cgroup": cgroup_config,
-        # Where this process finds capbus's schemas: an editable install maps the package
-        # with an import hook that a child's own interpreter (another Python, PYTHONPATH)
-        # does not run.
-        "schemas": schema_directory(),
     }
     stderr_read, stderr_write = os.pipe()
     try:

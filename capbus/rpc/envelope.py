@@ -7,14 +7,9 @@ from typing import Any
 
 import capnp
 
-from .. import _schemas
+from .._resources import schema_directory
 
 capnp.remove_import_hook()  # capbus never wants pycapnp to hijack `import x_capnp`
-
-
-def schema_directory() -> str:
-    """capbus's schema directory, for import paths (``import "/capbus/fd.capnp"``)."""
-    return _schemas.schema_directory()
 
 
 def import_path() -> list[str]:
