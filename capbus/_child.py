@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 from . import sandbox
 from ._resources import package_directories
@@ -23,12 +23,17 @@ REPORT_VARIABLE = "CAPBUS_SANDBOX_REPORT"
 """... and the one that carries its sandbox report (JSON)."""
 STRICT_REFUSED = 3
 """The child's exit status when a strict sandbox could not be had."""
+MODULE = "capbus._child"
+OPTIONS = ("-P", "-s")
+"""The interpreter's options: neither the working directory nor the user site on sys.path."""
 
 
 def main(argv: list[str]) -> None:
     config: dict[str, Any] = json.loads(argv[1])
     fd: int = config["fd"]
     sandbox.die_with_parent(config["parent"])
+    user: dict[str, Any] | None = config.get("user")
+    environment = _take_environment(user["environment"]) if user is not None else None
     policy = sandbox.Sandbox.from_json(config["sandbox"])
     cgroup: str = config["cgroup"]["state"]
     if config["cgroup"].get("fds"):
@@ -42,6 +47,8 @@ def main(argv: list[str]) -> None:
     packages = package_directories()
     program = [] if target["kind"] == "python" else [os.path.dirname(os.path.abspath(target["argv"][0]))]
     paths = sandbox.view(policy, [*packages, *code, *program])
+    if user is not None and environment is not None:
+        _become(config, user, environment, paths, cgroup)
     seccomp = bytes.fromhex(config["seccomp"]) if config.get("seccomp") else None
     trusted: dict[str, Any] = {}
 
@@ -74,6 +81,32 @@ def main(argv: list[str]) -> None:
         os.execve(target["argv"][0], target["argv"], environment)
     sys.path[:0] = code
     trusted["trio"].run(_run, fd, report, target, trusted["bootstrapping"])
+
+
+def _take_environment(fd: int) -> dict[str, str]:
+    """The environment meant for a child started as another user, which the parent passes
+    on a memfd (not in the arguments, which anyone may read in /proc)."""
+    try:
+        data = os.pread(fd, os.fstat(fd).st_size, 0)
+    finally:
+        os.close(fd)
+    environment: dict[str, str] = json.loads(data)
+    return environment
+
+
+def _become(
+    config: dict[str, Any], user: dict[str, Any], environment: dict[str, str], paths: list[str], cgroup: str
+) -> NoReturn:
+    """A child started as another user begins as root (its parent), in an empty environment:
+    so that it can start from an interpreter and code that user may not reach (under a
+    private home), and so that nothing the user may write decides what runs as root. Here
+    it makes what it needs reachable, becomes that user, and starts again as it, with the
+    environment meant for it."""
+    python_path = [os.path.realpath(p) for p in environment.get("PYTHONPATH", "").split(os.pathsep) if p]
+    sandbox.switch_user(user["uid"], user["gid"], [*paths, *python_path])
+    sandbox.die_with_parent(config["parent"])  # a change of credentials cleared it
+    again = dict(config, user=None, cgroup={"state": cgroup})
+    os.execve(sys.executable, [sys.executable, *OPTIONS, "-m", MODULE, json.dumps(again)], environment)
 
 
 async def _run(fd: int, report: dict[str, str], target: dict[str, Any], bootstrap: Any) -> None:

@@ -246,8 +246,134 @@ def view(sandbox: Sandbox, code_paths: Iterable[str]) -> list[str]:
         real = os.path.realpath(path)
         if real != "/" and os.path.exists(real) and real not in seen:  # never the whole host
             seen.append(real)
-    # A path inside another one is covered by it.
-    return [p for p in seen if not any(p != q and p.startswith(q.rstrip("/") + "/") for q in seen)]
+    return _outermost(seen)
+
+
+def _outermost(paths: Sequence[str]) -> list[str]:
+    """``paths`` without those inside another one (which covers them)."""
+    return [p for p in paths if not any(p != q and _inside(p, q) for q in paths)]
+
+
+def _inside(path: str, directory: str) -> bool:
+    return path == directory or path.startswith(directory.rstrip("/") + "/")
+
+
+# -- another user (the child of a root parent) -------------------------------------------------
+
+_SYS_OPEN_TREE, _SYS_MOVE_MOUNT = 428, 429  # x86_64
+_OPEN_TREE_CLONE, _AT_EMPTY_PATH, _MOVE_MOUNT_F_EMPTY_PATH = 1, 0x1000, 4
+
+
+def switch_user(uid: int | None, gid: int | None, paths: Sequence[str]) -> list[str]:
+    """Makes this process (started as root) ``uid`` and ``gid`` (no supplementary groups
+    then), each if not None, after making ``paths`` reachable to them; returns the
+    directories it covered for that.
+
+    A directory above them that the user may not enter (a home of mode 0700 holding the
+    interpreter, the venv or the code) is covered, in a mount namespace of this process's
+    own, by an empty read-only tmpfs that holds read-only binds of only the paths below it,
+    at the same paths: the interpreter's prefix and ``pyvenv.cfg``, the import hooks of an
+    editable install and ``sys.path`` keep working unchanged, and nothing else of that
+    directory shows. What the paths themselves hold must be readable to the user (as an
+    installation's files are: only the directories above them may be private). The host's
+    mounts are untouched; call :func:`die_with_parent` again afterwards (a change of
+    credentials clears the death signal)."""
+    if gid is not None:
+        os.setgroups([])
+    wanted = [p for p in _outermost(list(paths)) if os.path.exists(p)]
+    blocked = _closed_to(uid, gid, wanted)
+    if blocked:
+        _unshare(_CLONE_NEWNS)
+        _mount(None, "/", None, _MS_REC | _MS_PRIVATE)  # nothing of this reaches the host
+        for directory in blocked:
+            _cover(directory, [p for p in wanted if _inside(p, directory)])
+    if gid is not None:
+        os.setresgid(gid, gid, gid)
+    if uid is not None:
+        os.setresuid(uid, uid, uid)
+    return blocked
+
+
+def _closed_to(uid: int | None, gid: int | None, paths: Iterable[str]) -> list[str]:
+    """The outermost directory on the way to each of ``paths`` that ``uid``/``gid`` (with
+    this process's supplementary groups) may not enter. Checked by the kernel itself, under
+    those ids as the file system ids (ACLs and all): they change only what file access is
+    checked as, and root gets its own back after."""
+    _libc.setfsgid(os.getegid() if gid is None else gid)
+    _libc.setfsuid(os.geteuid() if uid is None else uid)
+    blocked: list[str] = []
+    try:
+        if _libc.setfsuid(-1) != (os.geteuid() if uid is None else uid):  # -1: only asks
+            raise OSError(errno.EPERM, "setfsuid: could not check access as the other user")
+        for path in paths:
+            parent = "/"
+            for part in path.strip("/").split("/"):
+                here = os.path.join(parent, part)
+                try:
+                    os.lstat(here)  # needs the right to enter every directory above it
+                except PermissionError:
+                    if parent != "/" and parent not in blocked:  # never the host's root
+                        blocked.append(parent)
+                    break
+                except OSError:
+                    break
+                parent = here
+    finally:
+        _libc.setfsuid(os.geteuid())
+        _libc.setfsgid(os.getegid())
+    return blocked
+
+
+def _cover(directory: str, keep: Sequence[str]) -> None:
+    """An empty read-only tmpfs over ``directory`` with read-only binds of ``keep`` (paths
+    below it) at their own paths. The binds are detached copies (open_tree) taken before
+    the tmpfs hides what they copy."""
+    trees: list[tuple[str, bool, int]] = []
+    try:
+        for path in keep:
+            tree = _libc.syscall(
+                _SYS_OPEN_TREE, _AT_FDCWD, path.encode(), _OPEN_TREE_CLONE | os.O_CLOEXEC | _AT_RECURSIVE
+            )
+            if tree < 0:
+                _check(-1, f"open_tree {path}")
+            trees.append((path, os.path.isdir(path), tree))
+            attr = _MountAttr(_MOUNT_ATTR_RDONLY | _MOUNT_ATTR_NOSUID | _MOUNT_ATTR_NODEV, 0, 0, 0)
+            _check(
+                _libc.syscall(
+                    _SYS_MOUNT_SETATTR,
+                    tree,
+                    b"",
+                    _AT_EMPTY_PATH | _AT_RECURSIVE,
+                    ctypes.byref(attr),
+                    ctypes.sizeof(attr),
+                ),
+                f"mount_setattr {path}",
+            )
+        _mount("capbus-reach", directory, "tmpfs", _MS_NOSUID | _MS_NODEV, "mode=0755,size=1m")
+        for path, is_directory, tree in trees:
+            _make_mount_point(directory, path, is_directory)
+            _check(
+                _libc.syscall(_SYS_MOVE_MOUNT, tree, b"", _AT_FDCWD, path.encode(), _MOVE_MOUNT_F_EMPTY_PATH),
+                f"move_mount {path}",
+            )
+        _mount(None, directory, None, _MS_REMOUNT | _MS_RDONLY | _MS_NOSUID | _MS_NODEV)
+    finally:
+        for _, _, tree in trees:
+            os.close(tree)
+
+
+def _make_mount_point(top: str, path: str, is_directory: bool) -> None:
+    """``path`` on the fresh tmpfs at ``top``, its directories enterable by anyone (mkdir's
+    mode is filtered by the umask, which may be 077)."""
+    here = top
+    parts = os.path.relpath(path, top).split("/")
+    for index, part in enumerate(parts):
+        here = os.path.join(here, part)
+        if index == len(parts) - 1 and not is_directory:
+            os.close(os.open(here, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o644))
+        elif not os.path.isdir(here):
+            os.mkdir(here)
+        os.chmod(here, 0o755 if os.path.isdir(here) else 0o644)
 
 
 # -- cgroups (made by the parent, joined by the child) ---------------------------------------

@@ -22,10 +22,12 @@ fail with Disconnected at once; leaving the ``async with`` block kills it.
 
 from __future__ import annotations
 
+import grp
 import importlib.util
 import inspect
 import json
 import os
+import pwd
 import signal
 import subprocess
 import sys
@@ -36,7 +38,7 @@ from typing import Any, TypeVar, overload
 import trio
 
 from . import sandbox as _sandbox
-from ._child import STRICT_REFUSED
+from ._child import MODULE, OPTIONS, STRICT_REFUSED
 from .bootstrapping import SPAWN, Bootstrap, _as, entries, named
 from .rpc.client import Client
 from .rpc.errors import Failed, Overloaded
@@ -282,6 +284,20 @@ def _target(target: Target, code: Sequence[str]) -> tuple[dict[str, Any], list[s
     return {"kind": "argv", "argv": argv}, paths
 
 
+def _user_switch(user: int | str | None, group: int | str | None) -> dict[str, int | None] | None:
+    """The uid and gid a child is to become (None: keep ours), by number; None when neither
+    is asked for."""
+    if user is None and group is None:
+        return None
+    uid = pwd.getpwnam(user).pw_uid if isinstance(user, str) else user
+    gid = grp.getgrnam(group).gr_gid if isinstance(group, str) else group
+    if os.geteuid() != 0:
+        if uid in (None, os.geteuid()) and gid in (None, os.getegid()):
+            return None  # already them
+        raise PermissionError(f"starting a child as user {user} / group {group} needs root")
+    return {"uid": uid, "gid": gid}
+
+
 def _import_root(source: str, module: str) -> str:
     """The directory to put on sys.path so that ``module`` imports from ``source``."""
     root = os.path.dirname(os.path.abspath(source))
@@ -315,13 +331,16 @@ async def spawn(
     file descriptor (an int or anything with ``fileno()``; duplicated into the child).
     ``sandbox``: default :meth:`Sandbox.strict`. ``code``: directories the child imports
     its code from (default: where ``target`` comes from). ``python``: the interpreter
-    (default this one). ``user``/``group``: run the child as them (needs root).
+    (default this one). ``user``/``group``: run the child as them (needs root); the
+    interpreter and capbus need not be reachable to them (see :func:`capbus.sandbox.switch_user`),
+    but the interpreter must find capbus without ``env`` (it starts as root, without it).
 
     Raises :class:`SandboxError` when a strict sandbox cannot be had, :class:`ChildError`
     when the child fails before it starts.
     """
     policy = sandbox or Sandbox.strict()
     spec, code_paths = _target(target, [os.fspath(c) for c in code])
+    switch = _user_switch(user, group)
     program = None
     if policy.wants("seccomp"):
         try:
@@ -356,22 +375,29 @@ async def spawn(
         "code": code_paths,
         "cgroup": cgroup_config,
     }
+    passed = [connection.fileno(), *cgroup_fds]
+    if switch is not None:
+        # The child starts as us, in an empty environment, and becomes the user itself
+        # (capbus._child): so it can start from an interpreter and code under a home that
+        # user may not enter. Its environment waits on a memfd (arguments are public).
+        carrier = os.memfd_create("capbus-environment", os.MFD_CLOEXEC)
+        os.write(carrier, json.dumps(environment).encode())
+        config["user"] = {**switch, "environment": carrier}
+        passed.append(carrier)
+        environment = {}
     stderr_read, stderr_write = os.pipe()
     try:
         # Popen right here, in this thread: PR_SET_PDEATHSIG fires when the *thread* that
         # forked the child ends, so a worker thread (trio.run_process's way) would kill the
         # child when the thread cache retires it.
         process = subprocess.Popen(
-            [python or sys.executable, "-P", "-s", "-m", "capbus._child", json.dumps(config)],
+            [python or sys.executable, *OPTIONS, "-m", MODULE, json.dumps(config)],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=stderr_write,
-            pass_fds=[connection.fileno(), *cgroup_fds],
+            pass_fds=passed,
             env=environment,
             cwd="/",
-            user=user,
-            group=group,
-            extra_groups=[] if group is not None else None,
         )
     except BaseException:
         os.close(stderr_read)
@@ -381,7 +407,7 @@ async def spawn(
     finally:
         os.close(stderr_write)
         connection.close()
-        for fd in cgroup_fds:
+        for fd in passed[1:]:
             os.close(fd)
     child = Child(process, launcher, vat, cgroup)
     # The watchers run in the vat's nursery, not in one of ours around the block: an
