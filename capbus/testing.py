@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import json
+import os
+import sys
+from collections.abc import Awaitable, Callable, Sequence
 
 import trio
 
@@ -43,3 +46,25 @@ def assert_queue_empty(peer: Peer) -> None:
     except trio.WouldBlock:
         return
     raise AssertionError(f"unexpected message {message}")
+
+
+def as_user(argv: Sequence[str], user: int, group: int, *, readable: Sequence[str] = ()) -> list[str]:
+    """The command line that runs ``argv`` from a root process as ``user`` and ``group`` (no
+    supplementary groups), with this interpreter, what is on its path, capbus and
+    ``readable`` reachable to them wherever they are installed, as capbus.spawn makes them
+    for a child started as another user (:func:`capbus.sandbox.switch_user`). For tests that
+    start processes as other users: ``subprocess.run(as_user([sys.executable, ...], 1000,
+    1000))``. The environment, fds and working directory pass through to ``argv``."""
+    config = {"user": user, "group": group, "readable": [os.path.abspath(p) for p in readable]}
+    return [sys.executable, "-P", "-s", "-c", _AS_USER, json.dumps(config), *argv]
+
+
+_AS_USER = """
+import json, os, sys
+from capbus import _resources, sandbox
+
+config, argv = json.loads(sys.argv[1]), sys.argv[2:]
+wanted = [*_resources.package_directories(), os.path.dirname(argv[0]), *config["readable"]]
+sandbox.switch_user(config["user"], config["group"], sandbox.view(sandbox.Sandbox.none(), wanted))
+os.execv(argv[0], argv)
+"""

@@ -36,9 +36,7 @@ import trio
 import capbus
 from capbus import _kernel, _wire
 from capbus.errors import error_from_errno
-from capbus.testing import PeerFactory, assert_queue_empty, recv_kind, wait_for_statistics
-
-from .other_uid import python_as
+from capbus.testing import PeerFactory, as_user, assert_queue_empty, recv_kind, wait_for_statistics
 
 DATA = capbus.MessageKind.DATA
 DESTROYED = capbus.MessageKind.NODE_DESTROYED
@@ -1141,11 +1139,10 @@ async def test_flood_from_another_uid_is_held_to_half_and_others_still_get_throu
         seed = await attacker.take_seed()
         (to_victim,) = seed.handles
         with attacker.detach() as raw, trio.fail_after(TIMEOUT):
+            flood = [sys.executable, "-I", "-c", child_script(_FLOOD_CHILD)]
             result = await trio.run_process(
-                python_as(NOBODY, child_script(_FLOOD_CHILD))
-                + [str(raw.fileno()), str(to_victim.id), str(size), str(cap)],
+                as_user([*flood, str(raw.fileno()), str(to_victim.id), str(size), str(cap)], NOBODY, NOBODY),
                 pass_fds=[raw.fileno()],
-                cwd="/",
                 capture_stdout=True,
                 capture_stderr=True,
                 check=False,

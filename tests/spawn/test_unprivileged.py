@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -16,42 +15,11 @@ import trio
 
 import capbus
 from capbus.rpc.vat import Vat
+from capbus.testing import as_user
 
 HERE = Path(__file__).resolve().parent
 schema: Any = capbus.load(HERE / "children.capnp")
 UID = GID = 1000
-
-
-def interpreter_for(uid: int) -> str:
-    """A Python of this version that ``uid`` can run (this venv's may live under a home
-    directory only its owner can enter, as pyenv's under /root does)."""
-    version = f"{sys.version_info.major}.{sys.version_info.minor}"
-    for candidate in (sys.executable, f"/usr/bin/python{version}", f"/usr/local/bin/python{version}"):
-        try:
-            done = subprocess.run(
-                [candidate, "-c", "import sys; print(sys.version_info[:2])"],
-                user=uid,
-                capture_output=True,
-                text=True,
-                timeout=30,
-                cwd="/",
-            )
-        except OSError:
-            continue
-        if done.returncode == 0 and done.stdout.strip() == str(sys.version_info[:2]):
-            return candidate
-    pytest.fail(f"no Python {version} that uid {uid} can run: install one (e.g. /usr/bin/python{version})")
-
-
-def import_path() -> str:
-    """What the other interpreter needs on PYTHONPATH to import capbus and its dependencies
-    from this installation."""
-    import capnp
-    import trio as trio_module
-
-    packages = {os.path.dirname(os.path.dirname(capbus.__file__))}
-    packages |= {os.path.dirname(os.path.dirname(m.__file__ or "")) for m in (capnp, trio_module)}
-    return os.pathsep.join(sorted(packages))
 
 
 class Sink(schema.Sink.Server):  # type: ignore[misc,name-defined]
@@ -69,14 +37,9 @@ class Sink(schema.Sink.Server):  # type: ignore[misc,name-defined]
 async def test_the_strict_sandbox_as_an_unprivileged_user(vat: Vat, tmp_path: Path) -> None:
     if os.geteuid() != 0:
         pytest.fail("this test starts a child as another user: run it as root (as CI does)")
-    python = interpreter_for(UID)
-    options: dict[str, Any] = {
-        "code": [HERE],
-        "python": python,
-        "env": {"PYTHONPATH": import_path()},
-        "user": UID,
-        "group": GID,
-    }
+    # This interpreter and this capbus, wherever they are: under a home only root may enter,
+    # a venv that links to an interpreter there, an editable install.
+    options: dict[str, Any] = {"code": [HERE], "user": UID, "group": GID}
     with trio.fail_after(60):
         async with capbus.spawn(vat, "children:prober", **options) as child:
             assert all(state.startswith("active") for state in child.sandbox_report.values()), (
@@ -130,7 +93,7 @@ trio.run(main)
 """
 
 
-async def test_an_unprivileged_parent() -> None:
+async def test_an_unprivileged_parent(sanitizer_env: dict[str, str]) -> None:
     """The parent itself unprivileged (uid 1000), kernel and all: every layer but the cgroup,
     which needs a cgroup hierarchy this user may write (root, or a delegated cgroup v2
     subtree); a strict sandbox says so and refuses, one without the cgroup holds."""
@@ -138,14 +101,12 @@ async def test_an_unprivileged_parent() -> None:
         pytest.fail("this test starts a parent as another user: run it as root (as CI does)")
     with trio.fail_after(120):
         done = await trio.run_process(
-            [interpreter_for(UID), "-c", UNPRIVILEGED_PARENT, str(HERE)],
+            as_user([sys.executable, "-P", "-c", UNPRIVILEGED_PARENT, str(HERE)], UID, GID, readable=[HERE]),
             capture_stdout=True,
             capture_stderr=True,
             check=False,
-            env={"PYTHONPATH": import_path(), **sanitizer_runtime()},
-            user=UID,
-            group=GID,
-            cwd="/",  # not the source tree (which -c would import from), and one uid 1000 may enter
+            env=sanitizer_env,
+            cwd="/",  # one uid 1000 may enter
         )
     assert done.returncode == 0, done.stderr.decode()[-3000:]
     out = json.loads(done.stdout)
@@ -163,13 +124,6 @@ async def test_an_unprivileged_parent() -> None:
     assert out["signal"] == "denied: ESRCH"
     assert out["unshare"] == "denied: EPERM"
     assert out["processes"] == "denied: EAGAIN"  # RLIMIT_NPROC binds a user that is not root
-
-
-def sanitizer_runtime() -> dict[str, str]:
-    """What a process that embeds the kernel needs in the sanitizer run (dev.py test
-    --sanitize): its sanitizer runtime, preloaded. (Children never load the kernel.)"""
-    names = ("LD_PRELOAD", "ASAN_OPTIONS", "UBSAN_OPTIONS", "CAPBUS_SANITIZED")
-    return {name: os.environ[name] for name in names if name in os.environ}
 
 
 def _cgroups_writable_by(uid: int) -> bool:
