@@ -40,7 +40,11 @@ def ensure_venv(name: str, *, sanitize: bool = False) -> Path:
     python = where / "bin" / "python"
     if not python.exists():
         print(f"== creating {name}", flush=True)
-        venv.EnvBuilder(with_pip=True).create(where)
+        # Symlinks, as `python -m venv` makes on Linux (EnvBuilder's default is copies): the
+        # venv people have. A copied interpreter built with a shared libpython hides
+        # problems: run by a user who cannot reach its own libpython and standard library
+        # (pyenv's, under /root), it silently runs on the system's instead.
+        venv.EnvBuilder(with_pip=True, symlinks=True).create(where)
     stamp = where / ".capbus-installed"
     # An editable install sees Python edits live; a real one must be redone for them too.
     trees = ("kernel", "capbus", "schemas") if sanitize else ("kernel", "schemas")
