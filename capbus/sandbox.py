@@ -506,6 +506,12 @@ def _new_cgroup(parent: str) -> str:
             return directory
         except FileExistsError:
             continue
+        except PermissionError as error:  # the usual case for an unprivileged parent: say what would do
+            raise PermissionError(
+                error.errno,
+                f"uid {os.geteuid()} may not make a cgroup in {parent} (that needs root, or a cgroup v2 "
+                "subtree delegated to this user with the memory and pids controllers)",
+            ) from error
     raise OSError(errno.EEXIST, f"no free cgroup name in {parent}")
 
 
