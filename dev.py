@@ -26,7 +26,7 @@ def _inputs_digest(extra: str, trees: tuple[str, ...]) -> str:
     digest = hashlib.sha256(extra.encode())
     paths = [ROOT / "pyproject.toml", ROOT / "setup.py"]
     for tree in trees:
-        paths.extend((ROOT / tree).rglob("*"))
+        paths.extend((ROOT / tree).rglob("*") if (ROOT / tree).is_dir() else [ROOT / tree])
     for path in sorted(paths):
         if path.is_file() and "__pycache__" not in path.parts:
             digest.update(str(path.relative_to(ROOT)).encode())
@@ -46,8 +46,10 @@ def ensure_venv(name: str, *, sanitize: bool = False) -> Path:
         # (pyenv's, under /root), it silently runs on the system's instead.
         venv.EnvBuilder(with_pip=True, symlinks=True).create(where)
     stamp = where / ".capbus-installed"
-    # An editable install sees Python edits live; a real one must be redone for them too.
-    trees = ("kernel", "capbus", "schemas") if sanitize else ("kernel", "schemas")
+    # An editable install sees Python edits live (not C ones); a real one must be redone for
+    # them too.
+    compiled = ("kernel", "schemas", "capbus/rpc/capwire.c", "capbus/rpc/_build.py")
+    trees = ("kernel", "capbus", "schemas") if sanitize else compiled
     digest = _inputs_digest(f"sanitize={sanitize}", trees)
     if not stamp.exists() or stamp.read_text() != digest:
         print(f"== installing capbus into {name} (builds the C kernel)", flush=True)

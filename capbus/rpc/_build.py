@@ -11,13 +11,16 @@ import cffi
 
 HERE = Path(__file__).resolve().parent
 
+DECLARATIONS = """
+const char *capwire_check_tree(const uint8_t *data, size_t size, int64_t budget, uint32_t nesting);
+const char *capwire_check_segment(const uint8_t *data, size_t size, int64_t budget, uint32_t nesting);
+"""
+
 capwire_builder = cffi.FFI()
-capwire_builder.cdef(
-    "const char *capwire_check_tree(const uint8_t *data, size_t size, int64_t budget, uint32_t nesting);"
-)
+capwire_builder.cdef(DECLARATIONS)
 capwire_builder.set_source(
     "capbus.rpc._capwire",
-    "const char *capwire_check_tree(const uint8_t *data, size_t size, int64_t budget, uint32_t nesting);",
+    DECLARATIONS,
     sources=[str((HERE / "capwire.c").relative_to(HERE.parent.parent))],
     extra_compile_args=["-std=c11", "-Wall", "-Wextra", "-O2"],
 )

@@ -7,7 +7,7 @@
  * zero-sized list elements a word each (as libcapnp does) and within a nesting limit.
  *
  * Input: the message in the standard stream framing (segment table, then segments), as the
- * RPC envelope travels. No allocation survives the call; everything is bounded by the
+ * RPC envelope travels; or one segment alone (capwire_check_segment). No allocation survives the call; everything is bounded by the
  * message's size. Hand-written because no C library offers a schema-less pointer walk.
  */
 #include <stdint.h>
@@ -190,13 +190,53 @@ static int visit(struct walk *walk, struct pending at)
 	}
 }
 
-static int check_aligned(const uint8_t *data, size_t size, int64_t budget, uint32_t nesting, char *error,
-			 size_t error_size)
+/* Walks the message whose segments `walk` holds from the root at segment 0, word 0. */
+static int walk_tree(struct walk *walk, uint32_t nesting)
+{
+	int result = -1;
+
+	if (walk->sizes[0] == 0)
+		return fail(walk, "empty message", 0, 0);
+	for (uint32_t i = 0; i < walk->n_segments; i++) {
+		walk->claimed[i] = calloc(walk->sizes[i] + 1, 1);
+		if (!walk->claimed[i]) {
+			fail(walk, "out of memory", i, 0);
+			goto out;
+		}
+	}
+	if (push(walk, 0, 0, nesting) < 0)
+		goto out;
+	while (walk->depth) {
+		struct pending at = walk->stack[--walk->depth];
+		if (visit(walk, at) < 0)
+			goto out;
+		if (walk->budget < 0) {
+			fail(walk, "traversal limit exceeded", at.segment, at.location);
+			goto out;
+		}
+	}
+	result = 0;
+out:
+	for (uint32_t i = 0; i < walk->n_segments; i++)
+		free(walk->claimed[i]);
+	free(walk->stack);
+	return result;
+}
+
+static int check_aligned(const uint8_t *data, size_t size, int64_t budget, uint32_t nesting, int framed,
+			 char *error, size_t error_size)
 {
 	struct walk walk = { .budget = budget, .error = error, .error_size = error_size };
-	int result = -1;
 	uint32_t count;
 
+	if (!framed) { /* one segment, as a reader handed only these words sees them */
+		if (size % 8)
+			return fail(&walk, "a segment is not a whole number of words", 0, 0);
+		walk.n_segments = 1;
+		walk.words[0] = (const uint64_t *)data;
+		walk.sizes[0] = size / 8;
+		return walk_tree(&walk, nesting);
+	}
 	if (size < 8)
 		return fail(&walk, "message shorter than its segment table", 0, 0);
 	memcpy(&count, data, 4);
@@ -218,48 +258,38 @@ static int check_aligned(const uint8_t *data, size_t size, int64_t budget, uint3
 	}
 	if (offset != size)
 		return fail(&walk, "bytes after the last segment", 0, 0);
-	if (walk.sizes[0] == 0)
-		return fail(&walk, "empty message", 0, 0);
-	for (uint32_t i = 0; i < walk.n_segments; i++) {
-		walk.claimed[i] = calloc(walk.sizes[i] + 1, 1);
-		if (!walk.claimed[i]) {
-			fail(&walk, "out of memory", i, 0);
-			goto out;
-		}
-	}
-	if (push(&walk, 0, 0, nesting) < 0)
-		goto out;
-	while (walk.depth) {
-		struct pending at = walk.stack[--walk.depth];
-		if (visit(&walk, at) < 0)
-			goto out;
-		if (walk.budget < 0) {
-			fail(&walk, "traversal limit exceeded", at.segment, at.location);
-			goto out;
-		}
-	}
-	result = 0;
-out:
-	for (uint32_t i = 0; i < walk.n_segments; i++)
-		free(walk.claimed[i]);
-	free(walk.stack);
-	return result;
+	return walk_tree(&walk, nesting);
 }
 
-const char *capwire_check_tree(const uint8_t *data, size_t size, int64_t budget, uint32_t nesting)
+static const char *check(const uint8_t *data, size_t size, int64_t budget, uint32_t nesting, int framed)
 {
 	static _Thread_local char error[160];
 	int result;
 	if (((uintptr_t)data & 7) == 0) {
-		result = check_aligned(data, size, budget, nesting, error, sizeof(error));
+		result = check_aligned(data, size, budget, nesting, framed, error, sizeof(error));
 	} else {
 		/* A view into a larger buffer may start anywhere: words are read in place, so align. */
 		uint64_t *copy = malloc(size + 8);
 		if (!copy)
 			return "out of memory";
 		memcpy(copy, data, size);
-		result = check_aligned((const uint8_t *)copy, size, budget, nesting, error, sizeof(error));
+		result = check_aligned((const uint8_t *)copy, size, budget, nesting, framed, error, sizeof(error));
 		free(copy);
 	}
 	return result < 0 ? error : NULL;
+}
+
+const char *capwire_check_tree(const uint8_t *data, size_t size, int64_t budget, uint32_t nesting)
+{
+	return check(data, size, budget, nesting, 1);
+}
+
+/*
+ * The same check of one unframed segment read as a whole message (its far pointers can only
+ * land in itself): what a reader handed that segment alone sees, which is not what the
+ * framed message around it reads as when a far pointer names another of its segments.
+ */
+const char *capwire_check_segment(const uint8_t *data, size_t size, int64_t budget, uint32_t nesting)
+{
+	return check(data, size, budget, nesting, 0);
 }

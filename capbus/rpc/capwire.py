@@ -36,8 +36,8 @@ from __future__ import annotations
 
 import struct
 import sys
-from collections.abc import Iterable, Sequence
-from typing import Literal, TypeAlias
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Literal, TypeAlias
 
 import capbus.rpc._capwire as _capwire
 
@@ -378,9 +378,20 @@ def check_tree(framed: Segment) -> None:
     within the traversal budget, the same checks as :func:`scan_caps` makes, in C
     (capwire.c). Run on every message an RPC peer receives, before any reader sees it: what
     pycapnp then reads is bounded by the message's own size."""
-    view = memoryview(framed).cast("B")
+    _checked(_capwire.lib.capwire_check_tree, framed)
+
+
+def check_segment(segment: Segment) -> None:
+    """:func:`check_tree` for one segment read as a whole message, as a reader handed that
+    segment alone sees it: its far pointers land in itself, not in the segments that framed
+    it (for a body decoded apart from its envelope's header)."""
+    _checked(_capwire.lib.capwire_check_segment, segment)
+
+
+def _checked(check: Callable[..., Any], data: Segment) -> None:
+    view = memoryview(data).cast("B")
     budget = min(TRAVERSAL_LIMIT_WORDS, len(view) + 65536)  # 8 x its words, as traversal_budget
-    error = _capwire.lib.capwire_check_tree(_capwire.ffi.from_buffer(view), len(view), budget, NESTING_LIMIT)
+    error = check(_capwire.ffi.from_buffer(view), len(view), budget, NESTING_LIMIT)
     if error:
         raise CapWireError(_capwire.ffi.string(error).decode())
 

@@ -240,26 +240,30 @@ def decode(
     ``resolve`` as in CapTableReader; ``fds`` the message's file descriptors for its Fd
     fields. The shape header.py writes is read by hand; anything else through pycapnp."""
     # A tree within its size, before any reader looks: readers then follow each pointer at
-    # most once per read, so a small message cannot make a handler walk a huge tree.
-    capwire.check_tree(payload)
+    # most once per read, so a small message cannot make a handler walk a huge tree. The
+    # check must see what the reader will: the fast shape's body is read alone (a far
+    # pointer in it lands in itself, not in the header), so it is checked alone; header.read
+    # has checked every pointer word of the header itself.
     segments = capwire.unframe(payload)
-    if len(segments) == 2:  # a single-segment body: its pointers need no renumbering
-        fast = header.read(segments)
-        if fast is not None:
-            body_segments = segments[1:]
-            table = CapTableReader.direct(body_segments, caps, resolve, fds)
-            if isinstance(fast, int):
-                return ReceivedReturn(fast, Body(body_segments, table))
-            reply = None if fast.reply_index is None else table.value(fast.reply_index, _REPLY_FIELD)
-            return ReceivedCall(
-                fast.question_id,
-                fast.interface_id,
-                fast.method_id,
-                fast.keep_results,
-                reply,
-                None,
-                Body(body_segments, table),
-            )
+    fast = header.read(segments) if len(segments) == 2 else None
+    if fast is None:
+        capwire.check_tree(payload)
+    else:  # a single-segment body: its pointers need no renumbering
+        body_segments = segments[1:]
+        capwire.check_segment(body_segments[0])
+        table = CapTableReader.direct(body_segments, caps, resolve, fds)
+        if isinstance(fast, int):
+            return ReceivedReturn(fast, Body(body_segments, table))
+        reply = None if fast.reply_index is None else table.value(fast.reply_index, _REPLY_FIELD)
+        return ReceivedCall(
+            fast.question_id,
+            fast.interface_id,
+            fast.method_id,
+            fast.keep_results,
+            reply,
+            None,
+            Body(body_segments, table),
+        )
     table = CapTableReader.direct(segments, caps, resolve, fds)
     envelope = StructReader(rpc.Envelope.from_segments(table.segments), ENVELOPE, table)
     which = envelope.which()
