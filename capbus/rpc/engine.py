@@ -13,6 +13,11 @@ Tables:
   its clients own, released (batched, :meth:`take_releases`) when they are collected;
 - questions: question id -> (target, method) while a caller waits;
 - answers: (reply handle, question id) of calls being served, for Finish to cancel.
+
+Callers are told apart by who the kernel says sent their calls (:data:`Caller`), never by
+anything a caller chooses, such as its reply node (it can make any number of them): what
+one caller may take of this vat (handlers, objects, kept answers, pipelined calls) is
+bounded per caller.
 """
 
 from __future__ import annotations
@@ -20,9 +25,9 @@ from __future__ import annotations
 import secrets
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeAlias
 
 from .. import errors as bus
 from ..peer import Message, MessageKind
@@ -50,6 +55,18 @@ from .structs import StructReader
 _REFERENCES_KEPT = 256
 _REPLY_NODES_KEPT = 256
 _RECENT_REPLIES = 64
+
+Caller: TypeAlias = Hashable
+"""Who made a call, as the kernel attests it (:func:`caller_of`)."""
+
+
+def caller_of(message: Message) -> Caller:
+    """The sending process of ``message`` (its pid and pidfs identity, which the kernel
+    reads from the socket at send time: unforgeable, and the same for every peer and reply
+    node of that process). The vat asks its peer for senders' credentials; without them
+    (another transport) every caller is one."""
+    sender = message.sender
+    return None if sender is None else (sender.pid, sender.process_id)
 
 
 @dataclass(slots=True)
@@ -81,6 +98,7 @@ class CallArrived:
     method: Method | None
     reply: Client | None
     question_id: int
+    caller: Caller = None
 
 
 @dataclass(slots=True)
@@ -92,6 +110,7 @@ class Forward:
     call: ReceivedCall
     reply: Client
     question_id: int
+    caller: Caller = None
 
 
 @dataclass(slots=True)
@@ -119,7 +138,7 @@ class _Answer:
     keep: bool
     done: bool = False
     returned: Encoded | None = None
-    waiting: list[tuple[ReceivedCall, Client, int, list[int]]] = field(default_factory=list)
+    waiting: list[tuple[ReceivedCall, Client, int, list[int], Caller]] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -413,7 +432,7 @@ class Engine:
                 return self._malformed_return(destination, payload, error)
             return self._refuse(payload, caps, f"malformed message: {error}", Failed)
         try:
-            return self._dispatch(destination, received, payload, caps)
+            return self._dispatch(destination, received, payload, caps, caller_of(message))
         except Exception as error:  # noqa: BLE001 - a pointer the decode did not look at yet
             return self._refuse(payload, caps, f"malformed message: {error}", Failed)
 
@@ -434,6 +453,7 @@ class Engine:
         received: ReceivedCall | ReceivedReturn | ReceivedFinish | None,
         payload: memoryview,
         caps: list[object],
+        caller: Caller,
     ) -> list[Event]:
         if isinstance(received, ReceivedReturn):
             return self._returned(received, destination) if destination in self.reply_nodes else []
@@ -441,7 +461,7 @@ class Engine:
             server = self.exports.get(destination)
             if server is None:
                 return self._refuse(payload, caps, "no object behind this node", Disconnected)
-            return self._call(server, received)
+            return self._call(server, received, caller)
         if isinstance(received, ReceivedFinish) and destination in self.exports:
             reply = received.reply
             key = (reply.handle, received.question_id) if isinstance(reply, Client) else None
@@ -455,7 +475,7 @@ class Engine:
             return [FinishArrived(key)]
         return []
 
-    def _call(self, server: Server, call: ReceivedCall) -> list[Event]:
+    def _call(self, server: Server, call: ReceivedCall, caller: Caller) -> list[Event]:
         reply = call.reply
         reply_client = reply if isinstance(reply, Client) and reply.server is None else None
         question_id = call.question_id
@@ -471,7 +491,7 @@ class Engine:
                 self._recent_replies.popitem(last=False)
         if call.promised is None:
             method = server.interface.by_key.get((call.interface_id, call.method_id))
-            return [CallArrived(server, call, method, reply_client, question_id)]
+            return [CallArrived(server, call, method, reply_client, question_id, caller)]
         # Pipelined: on a capability in the results of an earlier call of this caller.
         if reply_client is None:
             return []  # a one-way pipelined call names no answer of ours
@@ -487,12 +507,18 @@ class Engine:
                 busy = Overloaded(f"{self.waiting_calls} pipelined calls are already waiting here")
                 return [Send(reply_client, encode_exception(question_id, busy))]
             self.waiting_calls += 1
-            answer.waiting.append((call, reply_client, question_id, transform))
+            answer.waiting.append((call, reply_client, question_id, transform, caller))
             return []
-        return self._pipelined(answer, call, reply_client, question_id, transform)
+        return self._pipelined(answer, call, reply_client, question_id, transform, caller)
 
     def _pipelined(
-        self, answer: _Answer, call: ReceivedCall, reply: Client, question_id: int, transform: list[int]
+        self,
+        answer: _Answer,
+        call: ReceivedCall,
+        reply: Client,
+        question_id: int,
+        transform: list[int],
+        caller: Caller,
     ) -> list[Event]:
         """A pipelined call, now that the answer it names is known."""
         assert answer.returned is not None
@@ -513,8 +539,8 @@ class Engine:
         assert isinstance(target, Client)
         if target.server is not None:
             method = target.server.interface.by_key.get((call.interface_id, call.method_id))
-            return [CallArrived(target.server, call, method, reply, question_id)]
-        return [Forward(target, call, reply, question_id)]
+            return [CallArrived(target.server, call, method, reply, question_id, caller)]
+        return [Forward(target, call, reply, question_id, caller)]
 
     @staticmethod
     def _failure_of(returned: Encoded) -> RpcError | None:
@@ -533,8 +559,8 @@ class Engine:
         if not answer.keep:
             self._forget_answer(key)
         events: list[Event] = []
-        for call, reply, question_id, transform in waiting:
-            events.extend(self._pipelined(answer, call, reply, question_id, transform))
+        for call, reply, question_id, transform, caller in waiting:
+            events.extend(self._pipelined(answer, call, reply, question_id, transform, caller))
         return events
 
     def cancelled(self, key: tuple[int, int]) -> None:

@@ -27,8 +27,9 @@ import trio
 from .. import _wire
 from .. import errors as bus
 from ..peer import Handle, Message, Peer
+from .callers import CallerCalls
 from .client import Client, Promise
-from .engine import CallArrived, Engine, Event, FinishArrived, Forward, MayRetire, Returned, Send
+from .engine import CallArrived, Caller, Engine, Event, FinishArrived, Forward, MayRetire, Returned, Send
 from .errors import Disconnected, Failed, Overloaded, RpcError, Unimplemented, from_kernel
 from .fds import duplicates
 from .interface import Interface, Method
@@ -77,6 +78,8 @@ class VatStatistics:
     imports: int
     questions: int
     answers: int
+    queued: int = 0
+    """Calls received whose handler has not started yet (of all callers)."""
 
 
 class Vat:
@@ -91,31 +94,28 @@ class Vat:
         max_concurrent_calls: int,
         max_queued_calls: int = 4096,
         max_exports_per_caller: int = 4096,
+        max_calls_per_caller: int = 256,
     ) -> None:
         self.peer = peer
         self.engine = engine
         self._concurrency = trio.Semaphore(max_concurrent_calls)
         """Handlers running at once, at most: further calls wait their turn (in order)."""
+        self._max_calls_per_caller = max_calls_per_caller
+        """Handlers of one caller running at once, at most (callers.py)."""
+        self._callers: dict[Caller, CallerCalls] = {}
         self._max_queued = max_queued_calls
         self.max_exports_per_caller = max_exports_per_caller
         """Objects of this vat one caller (one reply node) may hold from its returns: past it,
         a return that would hand out another fails with Overloaded, so that a caller that
         keeps everything cannot use up this peer's nodes (the kernel's nodes_owned)."""
-        self._queued = 0
-        """Calls received whose handler has not started: past the bound, new calls are
-        answered Overloaded at once. The vat reads every message as it comes (a return it
-        waits for may be behind them), so without this a peer that floods it with calls
-        would make it hold them all."""
+        # Calls of one caller received whose handler has not started (CallerCalls.queued):
+        # past max_queued_calls, its new calls are answered Overloaded at once. The vat reads
+        # every message as it comes (a return it waits for may be behind them), so without
+        # this a peer that floods it with calls would make it hold them all.
         self.stream_window = STREAM_WINDOW
         """Bytes of ``-> stream`` calls one capability may have unacknowledged."""
         self._streams: dict[int, _Stream] = {}  # client handle -> its stream
-        # Handlers start in the order their calls arrived (E-order), although trio may run a
-        # batch of new tasks in any order: each call gets a ticket, and waits for its turn.
-        self._tickets = 0
-        self._turn = 0
-        self._turn_events: dict[int, trio.Event] = {}
-        self._skipped: set[int] = set()
-        self._stream_queues: dict[tuple[int, int], list[CallArrived]] = {}  # (server, caller)
+        self._stream_queues: dict[tuple[int, int], list[CallArrived]] = {}  # (server, reply)
         engine.vat = self
         self._nursery = nursery
         self._waiting: dict[int, tuple[trio.Event, list[Returned]]] = {}
@@ -124,7 +124,8 @@ class Vat:
 
     def statistics(self) -> VatStatistics:
         e = self.engine
-        return VatStatistics(len(e.exports), len(e.imports), len(e.questions), len(e.answers))
+        queued = sum(calls.queued for calls in self._callers.values())
+        return VatStatistics(len(e.exports), len(e.imports), len(e.questions), len(e.answers), queued)
 
     def start_soon(self, function: Callable[..., Awaitable[Any]], *args: Any) -> None:
         """Runs ``function(*args)`` in a task that lives as long as the vat at most (for work
@@ -510,17 +511,8 @@ class Vat:
                 waiting[0].set()
         elif isinstance(event, CallArrived):
             streaming = event.method is not None and event.method.streaming and event.reply is not None
-            if not streaming and self._serve_inline(event):
-                return
-            if self._queued >= self._max_queued:
-                self._refuse_overloaded(event)
-            elif streaming:
-                self._queued += 1
-                self._queue_stream_call(event)
-            else:
-                self._queued += 1
-                self._nursery.start_soon(self._serve, event, self._tickets)
-                self._tickets += 1
+            if streaming or not self._serve_inline(event):
+                self._take_in(event, streaming)
         elif isinstance(event, FinishArrived):
             scope = self._serving.get(event.key)
             if scope is not None:
@@ -540,25 +532,48 @@ class Vat:
         else:
             self._nursery.start_soon(self._send_quietly, event)
 
-    async def _wait_turn(self, ticket: int) -> None:
-        if ticket != self._turn:  # (a task just started needs no checkpoint of its own)
-            event = self._turn_events.setdefault(ticket, trio.Event())
-            await event.wait()
+    def _take_in(
+        self, arrived: CallArrived, streaming: bool = False, started: Awaitable[Any] | None = None
+    ) -> None:
+        """Queues a call to start in its caller's turn (``started``: what a plain-function
+        handler already returned), or answers Overloaded if that caller has
+        ``max_queued_calls`` waiting already."""
+        calls = self._callers.get(arrived.caller)
+        if calls is None:
+            calls = self._callers[arrived.caller] = CallerCalls(trio.Semaphore(self._max_calls_per_caller))
+        if calls.queued >= self._max_queued:
+            self._refuse_overloaded(arrived, calls.queued)
+            if not calls.calls:
+                del self._callers[arrived.caller]
+            if inspect.iscoroutine(started):
+                started.close()  # never to be awaited: no warning
+            return
+        calls.calls += 1
+        calls.queued += 1
+        if streaming:
+            self._queue_stream_call(arrived)
+        else:
+            self._nursery.start_soon(self._serve, arrived, calls.ticket(), started)
 
-    def _pass_turn(self, ticket: int | None) -> None:
-        """Lets the next call start (a ticket given up before its turn is skipped later)."""
-        if ticket is None:
-            return
-        if ticket != self._turn:
-            self._skipped.add(ticket)
-            return
-        self._turn += 1
-        while self._turn in self._skipped:
-            self._skipped.discard(self._turn)
-            self._turn += 1
-        event = self._turn_events.pop(self._turn, None)
-        if event is not None:
-            event.set()
+    async def _take_slot(self, calls: CallerCalls) -> None:
+        """One of the caller's handler slots, then one of the vat's (both uncontended: no
+        scheduler round)."""
+        try:
+            calls.slots.acquire_nowait()
+        except trio.WouldBlock:
+            await calls.slots.acquire()
+        try:
+            try:
+                self._concurrency.acquire_nowait()
+            except trio.WouldBlock:
+                await self._concurrency.acquire()
+        except BaseException:
+            calls.slots.release()
+            raise
+
+    def _give_slot(self, calls: CallerCalls) -> None:
+        self._concurrency.release()
+        calls.slots.release()
 
     def _serve_inline(self, arrived: CallArrived) -> bool:
         """Runs a plain-function handler (server.py) right here, in the receive loop, and
@@ -566,7 +581,8 @@ class Vat:
         way. Only when no earlier call still waits to start (E-order) and a concurrency slot
         is free; returns whether the call was taken care of."""
         method, server, question_id = arrived.method, arrived.server, arrived.question_id
-        if method is None or self._turn != self._tickets:
+        calls = self._callers.get(arrived.caller)
+        if method is None or (calls is not None and not calls.idle):
             return False
         handler = server._inline_handler(method)
         if handler is None:
@@ -579,9 +595,7 @@ class Vat:
             params = params_of(arrived.call, method)
             result = handler(**server._arguments(method, params))
             if inspect.isawaitable(result):  # a plain function that hands back an awaitable
-                self._queued += 1
-                self._nursery.start_soon(self._serve, arrived, self._tickets, result)
-                self._tickets += 1
+                self._take_in(arrived, started=result)
                 return True
             encoded = encode_results(question_id, method, server._results(method, result))
         except RpcError as error:
@@ -601,14 +615,14 @@ class Vat:
             self._nursery.start_soon(self._send_return, reply, question_id, encoded)
         return True
 
-    def _refuse_overloaded(self, arrived: CallArrived) -> None:
+    def _refuse_overloaded(self, arrived: CallArrived, queued: int) -> None:
         """Answers a call that would queue past the bound with Overloaded (a one-way call
         is dropped, as it would be by a full kernel queue)."""
         reply = arrived.reply
         if reply is None:
             return
         question_id = arrived.question_id
-        error = Overloaded(f"{self._queued} calls are already waiting here; try again later")
+        error = Overloaded(f"{queued} calls are already waiting here (from this caller); try again later")
         encoded = encode_exception(question_id, error)
         for event in self.engine.completed((reply.handle, question_id), encoded):
             self._handle(event)  # calls pipelined on this one fail with it
@@ -684,35 +698,33 @@ class Vat:
         reply, question_id, method = arrived.reply, arrived.question_id, arrived.method
         key = None if reply is None else (reply.handle, question_id)
         encoded: Encoded | None = None
-        queued = True  # counted in self._queued until the handler starts
+        calls = self._callers[arrived.caller]
+        queued = True  # counted in calls.queued until the handler starts
         with trio.CancelScope() as scope:
             if key is not None:
                 self._serving[key] = scope
             try:
                 if ticket is not None:
-                    await self._wait_turn(ticket)
+                    await calls.wait_turn(ticket)
                 if method is None:
                     call = arrived.call
                     wanted = f"method {call.method_id} of interface {call.interface_id:#x}"
                     raise Unimplemented(f"{arrived.server.interface.name} has no {wanted}")
                 params = params_of(arrived.call, method) if started is None else {}
-                try:
-                    self._concurrency.acquire_nowait()  # uncontended: no scheduler round
-                except trio.WouldBlock:
-                    await self._concurrency.acquire()
-                self._queued -= 1
+                await self._take_slot(calls)
+                calls.queued -= 1
                 queued = False
                 try:
                     # The next call may start once this handler has begun: it runs until its
                     # first checkpoint before any other task does.
-                    self._pass_turn(ticket)
+                    calls.pass_turn(ticket)
                     ticket = None
                     if started is None:
                         results = await arrived.server._dispatch(method, params)
                     else:
                         results = arrived.server._results(method, await started)
                 finally:
-                    self._concurrency.release()
+                    self._give_slot(calls)
                 encoded = encode_results(question_id, method, results)
             except RpcError as error:
                 encoded = encode_exception(question_id, error)
@@ -720,8 +732,11 @@ class Vat:
                 encoded = encode_exception(question_id, Failed(f"{type(error).__name__}: {error}"))
             finally:
                 if queued:
-                    self._queued -= 1
-                self._pass_turn(ticket)  # not reached the handler: let the others go on
+                    calls.queued -= 1
+                calls.pass_turn(ticket)  # not reached the handler: let the others go on
+                calls.calls -= 1
+                if not calls.calls:
+                    del self._callers[arrived.caller]
                 if key is not None:
                     self._serving.pop(key, None)
                 if inspect.iscoroutine(started):
@@ -819,6 +834,7 @@ def _interface(interface: Any) -> Interface:
 MAX_CONCURRENT_CALLS = 1024
 MAX_QUEUED_CALLS = 4096
 MAX_EXPORTS_PER_CALLER = 4096  # a sixteenth of the kernel's default nodes_owned
+MAX_CALLS_PER_CALLER = 256  # a quarter of MAX_CONCURRENT_CALLS
 
 
 @asynccontextmanager
@@ -829,13 +845,17 @@ async def open_vat(
     max_concurrent_calls: int = MAX_CONCURRENT_CALLS,
     max_queued_calls: int = MAX_QUEUED_CALLS,
     max_exports_per_caller: int = MAX_EXPORTS_PER_CALLER,
+    max_calls_per_caller: int = MAX_CALLS_PER_CALLER,
 ) -> AsyncIterator[Vat]:
-    """Runs the RPC endpoint of ``peer`` for the duration of the block. At most
-    ``max_concurrent_calls`` handlers run at once; up to ``max_queued_calls`` more calls
-    wait, in arrival order; calls past that are answered Overloaded at once. One caller may
-    hold at most ``max_exports_per_caller`` objects that returns handed it; past that, such
-    returns fail with Overloaded."""
+    """Runs the RPC endpoint of ``peer`` for the duration of the block. A caller is a
+    process, as the kernel attests it (engine.Caller: the vat asks its peer for senders'
+    credentials). At most ``max_concurrent_calls`` handlers run at once, and at most
+    ``max_calls_per_caller`` of one caller; up to ``max_queued_calls`` more calls of one
+    caller wait, in arrival order; its calls past that are answered Overloaded at once. One
+    caller may hold at most ``max_exports_per_caller`` objects that returns handed it; past
+    that, such returns fail with Overloaded."""
     reply_node = (await peer.create_node()).id
+    await peer.want_metadata()  # callers are told apart by their kernel-attested sender
     async with trio.open_nursery() as nursery:
         vat: Vat | None = None
 
@@ -850,6 +870,7 @@ async def open_vat(
             "max_concurrent_calls": max_concurrent_calls,
             "max_queued_calls": max_queued_calls,
             "max_exports_per_caller": max_exports_per_caller,
+            "max_calls_per_caller": max_calls_per_caller,
         }
         vat = Vat(peer, nursery, engine, **limits)
         await vat._start()

@@ -101,7 +101,7 @@ async def test_a_flood(kernel: capbus.Kernel, vat: Vat) -> None:
             prober = await bad.capability("prober", schema.Prober)
             flood = await prober.flood.send(target=sink, calls=3000)
             await still_served(other)  # during the flood
-            while bounded._queued < 32:  # the bound is reached (polled, bounded by fail_after)
+            while bounded.statistics().queued < 32:  # the bound is reached (polled, bounded by fail_after)
                 await trio.sleep(0.001)
             sink.gate.set()
             refused = (await flood).refused

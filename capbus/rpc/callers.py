@@ -1,0 +1,61 @@
+"""What one caller has going at a vat (vat.py): its calls waiting to start, their order, and
+its share of the handlers.
+
+A caller is who the kernel says sent a call (:data:`capbus.rpc.engine.Caller`). Calls of
+one caller start in the order they arrived (E-order), although trio may run a batch of new
+tasks in any order: each call gets a ticket and waits for its turn. Callers do not wait for
+one another's turns, and each may run a bounded number of handlers at once: a caller whose
+handlers never end (they await a capability of its own that never answers) holds its own
+share of the vat's handlers and no more, and the calls of others go on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import trio
+
+
+@dataclass(eq=False)
+class CallerCalls:
+    """One caller's calls at a vat (kept while it has any)."""
+
+    slots: trio.Semaphore
+    """Handlers of this caller that may run at once (``max_calls_per_caller``)."""
+    calls: int = 0
+    """Calls taken in (queued or running): the vat forgets the caller when none are left."""
+    queued: int = 0
+    """Calls whose handler has not started (bounded by ``max_queued_calls``)."""
+    tickets: int = 0
+    turn: int = 0
+    _turn_events: dict[int, trio.Event] = field(default_factory=dict)
+    _skipped: set[int] = field(default_factory=set)
+
+    @property
+    def idle(self) -> bool:
+        """No call of this caller waits for its turn: a new one may start at once."""
+        return self.turn == self.tickets
+
+    def ticket(self) -> int:
+        self.tickets += 1
+        return self.tickets - 1
+
+    async def wait_turn(self, ticket: int) -> None:
+        if ticket != self.turn:  # (a task just started needs no checkpoint of its own)
+            event = self._turn_events.setdefault(ticket, trio.Event())
+            await event.wait()
+
+    def pass_turn(self, ticket: int | None) -> None:
+        """Lets the next call start (a ticket given up before its turn is skipped later)."""
+        if ticket is None:
+            return
+        if ticket != self.turn:
+            self._skipped.add(ticket)
+            return
+        self.turn += 1
+        while self.turn in self._skipped:
+            self._skipped.discard(self.turn)
+            self.turn += 1
+        event = self._turn_events.pop(self.turn, None)
+        if event is not None:
+            event.set()
