@@ -184,10 +184,10 @@ class Engine:
         self.exports: dict[int, Server] = {}
         self._export_nodes: dict[int, int] = {}  # id(server) -> node
         self._export_busy: dict[int, int] = {}  # node -> sends in progress that carry it
-        # Who each export was first made for, and how many each destination got: a caller
-        # that keeps everything it is given is bounded (Vat._send_return), not the server.
-        self._export_for: dict[int, int] = {}  # node -> destination handle
-        self._exports_per_destination: dict[int, int] = {}
+        # Whom each export was first made for by a return, and how many each caller got: a
+        # caller that keeps everything it is given is bounded (Vat._bounded), not the server.
+        self._export_for: dict[int, Caller] = {}  # node -> caller
+        self._exports_per_caller: dict[Caller, int] = {}
         self.imports: weakref.WeakValueDictionary[int, Client] = weakref.WeakValueDictionary()
         self._import_refs: dict[int, int] = {}
         self.broken: set[int] = set()
@@ -208,16 +208,19 @@ class Engine:
         """The node of an exported server, or None if it needs one (:meth:`exported`)."""
         return self._export_nodes.get(id(server))
 
-    def exported(self, server: Server, node: int, destination: int = 0) -> None:
+    def exported(self, server: Server, node: int) -> None:
         self.exports[node] = server
         self._export_nodes[id(server)] = node
-        if destination:
-            self._export_for[node] = destination
-            self._exports_per_destination[destination] = self.exports_for(destination) + 1
 
-    def exports_for(self, destination: int) -> int:
-        """Exports first made for ``destination`` that are still held."""
-        return self._exports_per_destination.get(destination, 0)
+    def charge(self, node: int, caller: Caller) -> None:
+        """Counts the new export ``node`` against ``caller``, to whom a return hands it (until
+        it is retired)."""
+        self._export_for[node] = caller
+        self._exports_per_caller[caller] = self.exports_for(caller) + 1
+
+    def exports_for(self, caller: Caller) -> int:
+        """Exports first made for returns to ``caller`` that are still held."""
+        return self._exports_per_caller.get(caller, 0)
 
     def sending(self, handles: list[int], started: bool) -> None:
         """Marks the exports a send carries as busy (``started``) or not: a busy export is not
@@ -234,13 +237,13 @@ class Engine:
         server = self.exports.pop(node)
         self._export_nodes.pop(id(server), None)
         self._export_busy.pop(node, None)
-        destination = self._export_for.pop(node, None)
-        if destination is not None:
-            left = self._exports_per_destination[destination] - 1
+        if node in self._export_for:
+            caller = self._export_for.pop(node)
+            left = self._exports_per_caller[caller] - 1
             if left:
-                self._exports_per_destination[destination] = left
+                self._exports_per_caller[caller] = left
             else:
-                del self._exports_per_destination[destination]
+                del self._exports_per_caller[caller]
         return True
 
     # -- imports and local clients ------------------------------------------------------------

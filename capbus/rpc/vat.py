@@ -72,6 +72,13 @@ class _Stream:
         self.changed = trio.Event()
 
 
+@dataclass(eq=False)
+class _Charge:
+    """Whom the objects a return makes nodes for are counted against (max_exports_per_caller)."""
+
+    caller: Caller
+
+
 @dataclass(frozen=True, slots=True)
 class VatStatistics:
     exports: int
@@ -105,7 +112,7 @@ class Vat:
         self._callers: dict[Caller, CallerCalls] = {}
         self._max_queued = max_queued_calls
         self.max_exports_per_caller = max_exports_per_caller
-        """Objects of this vat one caller (one reply node) may hold from its returns: past it,
+        """Objects of this vat one caller (engine.Caller) may hold from its returns: past it,
         a return that would hand out another fails with Overloaded, so that a caller that
         keeps everything cannot use up this peer's nodes (the kernel's nodes_owned)."""
         # Calls of one caller received whose handler has not started (CallerCalls.queued):
@@ -144,11 +151,13 @@ class Vat:
         """The node of ``server`` (made on first use), e.g. to hand to another peer."""
         return Handle(self.peer, await self._export(server))
 
-    async def _export(self, server: Server, destination: int = 0) -> int:
+    async def _export(self, server: Server, charge: _Charge | None = None) -> int:
         node = self.engine.export_node(server)
         if node is None:
             node = (await self.peer.create_node()).id
-            self.engine.exported(server, node, destination)
+            self.engine.exported(server, node)
+            if charge is not None:
+                self.engine.charge(node, charge.caller)
         return node
 
     def client(self, handle: Handle | int, interface: Any) -> Client:
@@ -176,13 +185,15 @@ class Vat:
         self.engine.drop(client)
         await trio.lowlevel.checkpoint()
 
-    async def _handles_for(self, caps: list[object], destination: int = 0) -> list[int]:
+    async def _handles_for(
+        self, caps: list[object], destination: int = 0, charge: _Charge | None = None
+    ) -> list[int]:
         handles = self._handles_now(caps, destination)
         if handles is None:
             for value in caps:  # make the missing nodes, then look again
                 server = value.server if isinstance(value, Client) else value
                 if isinstance(server, Server):
-                    await self._export(server, destination)
+                    await self._export(server, charge)
             handles = self._handles_now(caps, destination)
             assert handles is not None
         return handles
@@ -454,8 +465,9 @@ class Vat:
         oneway: bool,
         tag: int | None = None,
         checkpoint: bool = True,
+        charge: _Charge | None = None,
     ) -> None:
-        handles = await self._handles_for(encoded.caps, destination)
+        handles = await self._handles_for(encoded.caps, destination, charge)
         self.engine.sending(handles, True)
         try:
             if oneway:
@@ -523,9 +535,8 @@ class Vat:
             if self.engine.waiting_calls >= self.engine.max_waiting:
                 error = Overloaded(f"{self.engine.waiting_calls} pipelined calls are already waiting here")
                 encoded = encode_exception(event.question_id, error)
-                self._nursery.start_soon(
-                    self._answer, event.reply, (event.reply.handle, event.question_id), encoded, False
-                )
+                key = (event.reply.handle, event.question_id)
+                self._nursery.start_soon(self._answer, event.reply, key, encoded, False, event.caller)
             else:
                 self.engine.waiting_calls += 1  # until the other vat answers
                 self._nursery.start_soon(self._forward, event)
@@ -607,12 +618,12 @@ class Vat:
         reply = arrived.reply
         if reply is None:
             return True  # one-way: no return
-        encoded = self._bounded(reply, question_id, encoded)
+        encoded = self._bounded(arrived.caller, question_id, encoded)
         key = (reply.handle, question_id)
         for event in self.engine.completed(key, encoded):
             self._handle(event)
         if not self._send_now(reply.handle, encoded):
-            self._nursery.start_soon(self._send_return, reply, question_id, encoded)
+            self._nursery.start_soon(self._send_return, reply, question_id, encoded, arrived.caller)
         return True
 
     def _refuse_overloaded(self, arrived: CallArrived, queued: int) -> None:
@@ -626,7 +637,7 @@ class Vat:
         encoded = encode_exception(question_id, error)
         for event in self.engine.completed((reply.handle, question_id), encoded):
             self._handle(event)  # calls pipelined on this one fail with it
-        self._nursery.start_soon(self._send_return, reply, question_id, encoded)
+        self._nursery.start_soon(self._send_return, reply, question_id, encoded, arrived.caller)
 
     def _send_now(self, destination: int, encoded: Encoded) -> bool:
         """Sends a one-way message if that needs no wait (its objects all have nodes, the
@@ -648,14 +659,15 @@ class Vat:
             self.engine.sending(handles, False)
         return True
 
-    async def _send_return(self, reply: Client, question_id: int, encoded: Encoded) -> None:
+    async def _send_return(self, reply: Client, question_id: int, encoded: Encoded, caller: Caller) -> None:
         """Sends a return; results that cannot be sent (a capability in them is gone) reach
         the caller as that error instead: a caller always gets an answer. A return that
         hands out objects of this vat waits for the kernel's answer, so that a refused one
         (its caller gone) lets them be retired."""
         hands_out = any(isinstance(v, Server) or (isinstance(v, Client) and v.server) for v in encoded.caps)
         try:
-            await self._send(reply.handle, encoded, oneway=not hands_out, checkpoint=False)
+            charge = _Charge(caller)
+            await self._send(reply.handle, encoded, oneway=not hands_out, checkpoint=False, charge=charge)
         except RpcError as error:
             if isinstance(error, Disconnected) and reply.handle in self.engine.broken:
                 return  # the caller is gone
@@ -667,11 +679,11 @@ class Vat:
             failed = Overloaded(f"the results could not be sent: {error.strerror}")
             await self._send_quietly(Send(reply, encode_exception(question_id, failed)))
 
-    def _bounded(self, reply: Client, question_id: int, encoded: Encoded) -> Encoded:
+    def _bounded(self, caller: Caller, question_id: int, encoded: Encoded) -> Encoded:
         """The return itself, or Overloaded if it would hand its caller more new objects
         than ``max_exports_per_caller`` allows (decided before anything is done with it)."""
         new = self._new_exports(encoded.caps)
-        held = self.engine.exports_for(reply.handle)
+        held = self.engine.exports_for(caller)
         if not new or held + new <= self.max_exports_per_caller:
             return encoded
         error = Overloaded(
@@ -741,7 +753,7 @@ class Vat:
                     self._serving.pop(key, None)
                 if inspect.iscoroutine(started):
                     started.close()  # never awaited (cancelled first): no warning; else a no-op
-        await self._answer(reply, key, encoded, scope.cancelled_caught)
+        await self._answer(reply, key, encoded, scope.cancelled_caught, arrived.caller)
 
     def _queue_stream_call(self, arrived: CallArrived) -> None:
         """Stream calls of one caller to one object run one at a time, in arrival order."""
@@ -764,7 +776,12 @@ class Vat:
             del self._stream_queues[key]
 
     async def _answer(
-        self, reply: Client | None, key: tuple[int, int] | None, encoded: Encoded | None, cancelled: bool
+        self,
+        reply: Client | None,
+        key: tuple[int, int] | None,
+        encoded: Encoded | None,
+        cancelled: bool,
+        caller: Caller,
     ) -> None:
         """Sends a served call's return and runs the pipelined calls that waited for it."""
         if key is None or reply is None:
@@ -777,10 +794,10 @@ class Vat:
                 self._handle(event)
             self.engine.cancelled(key)
             return
-        encoded = self._bounded(reply, key[1], encoded)
+        encoded = self._bounded(caller, key[1], encoded)
         for event in self.engine.completed(key, encoded):
             self._handle(event)
-        await self._send_return(reply, key[1], encoded)
+        await self._send_return(reply, key[1], encoded, caller)
 
     async def _forward(self, forward: Forward) -> None:
         """A pipelined call whose capability is another vat's: call it, pass on the outcome."""
@@ -799,7 +816,7 @@ class Vat:
             encoded = encode_exception(question_id, malformed(error))
         finally:
             self.engine.waiting_calls -= 1
-        await self._answer(forward.reply, key, encoded, False)
+        await self._answer(forward.reply, key, encoded, False, forward.caller)
 
     async def _retire(self, node: int) -> None:
         try:

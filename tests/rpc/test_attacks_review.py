@@ -13,8 +13,7 @@ from __future__ import annotations
 import os
 import struct
 import sys
-import textwrap
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -29,10 +28,10 @@ from capbus.rpc import errors, header, protocol
 from capbus.rpc.capwire import CapWireError
 from capbus.rpc.vat import Vat, open_vat
 
+from .processes import attacker_process
 from .services import FactoryServer, schema
 
 TIMEOUT = 20
-CALLS = Path(__file__).with_name("calls.capnp")
 CALCULATOR = Path(__file__).resolve().parents[2] / "examples" / "calculator"
 calc: Any = capbus.load(str(CALCULATOR / "calculator.capnp"))
 EVALUATE = calc.Calculator.interface.methods["evaluate"]
@@ -42,66 +41,6 @@ SAME_CAP = METHODS["same"].results_layout.fields["cap"].slot
 
 
 # -- helpers -----------------------------------------------------------------------------------
-
-CHILD = """
-import sys
-
-import trio
-
-import capbus
-from capbus.rpc import errors, protocol
-from capbus.rpc.vat import open_vat
-
-schema = capbus.load(sys.argv[2])
-METHODS = schema.Factory.interface.methods
-INCREMENT = schema.Counter.interface.methods["increment"]
-
-{attack}
-
-async def main(fd):
-    async with capbus.Peer.from_socket(fd) as peer:
-        seed = (await peer.take_seed()).handles
-
-        async def report(value):
-            await peer.send(seed[0], str(value).encode())
-
-        await attack(peer, report, *seed[1:])
-        await trio.sleep_forever()  # keeps what it took until the test kills it
-
-trio.run(main, int(sys.argv[1]))
-"""
-
-
-@asynccontextmanager
-async def attacker_process(
-    kernel: capbus.Kernel, tmp_path: Path, attack: str, holder: capbus.Peer, handles: Sequence[capbus.Handle]
-) -> AsyncIterator[str]:
-    """Runs ``attack`` (the source of ``async def attack(peer, report, *handles)``) in a
-    process of its own, on a peer given ``handles`` (held by ``holder``); yields what it
-    passed to ``await report(...)``. The process, and everything it holds, goes at the end."""
-    launcher = await kernel.connect()
-    inbox = await launcher.create_node()
-    given = [await holder.transfer(handle, launcher) for handle in handles]
-    sock = await launcher.create_peer(handles=[inbox, *given])
-    script = tmp_path / "attacker.py"
-    script.write_text(CHILD.replace("{attack}", textwrap.dedent(attack)))
-    async with trio.open_nursery() as nursery:
-        process: trio.Process = await nursery.start(
-            lambda task_status: trio.run_process(
-                [sys.executable, str(script), str(sock.fileno()), str(CALLS)],
-                pass_fds=[sock.fileno()],
-                check=False,
-                task_status=task_status,
-            )
-        )
-        sock.close()
-        try:
-            message = await launcher.recv()
-            assert message.kind is capbus.MessageKind.DATA, "the attacker died (its stderr is above)"
-            yield bytes(message.payload_view).decode()
-        finally:
-            process.kill()
-    await launcher.aclose()
 
 
 @asynccontextmanager
