@@ -190,11 +190,22 @@ class Vat:
     ) -> list[int]:
         handles = self._handles_now(caps, destination)
         if handles is None:
-            for value in caps:  # make the missing nodes, then look again
-                server = value.server if isinstance(value, Client) else value
-                if isinstance(server, Server):
-                    await self._export(server, charge)
-            handles = self._handles_now(caps, destination)
+            made = []
+            try:
+                for value in caps:  # make the missing nodes, then look again
+                    server = value.server if isinstance(value, Client) else value
+                    if isinstance(server, Server):
+                        new = self.engine.export_node(server) is None
+                        node = await self._export(server, charge)
+                        if new:
+                            made.append(node)
+                handles = self._handles_now(caps, destination)
+            except BaseException:
+                # The message will not be sent: no one will ever hold the nodes made for it,
+                # so no release notification will retire them. Retire them now.
+                for node in made:
+                    self._nursery.start_soon(self._retire, node)
+                raise
             assert handles is not None
         return handles
 
