@@ -212,14 +212,30 @@ class Engine:
         self.exports[node] = server
         self._export_nodes[id(server)] = node
 
-    def charge(self, node: int, caller: Caller) -> None:
+    def charge(self, node: int, caller: Caller, *, reserved: bool = False) -> None:
         """Counts the new export ``node`` against ``caller``, to whom a return hands it (until
-        it is retired)."""
+        it is retired); ``reserved``: it was counted already (:meth:`reserve`)."""
         self._export_for[node] = caller
-        self._exports_per_caller[caller] = self.exports_for(caller) + 1
+        if not reserved:
+            self.reserve(caller, 1)
+
+    def reserve(self, caller: Caller, count: int) -> None:
+        """Counts ``count`` exports a return to ``caller`` is about to make against it."""
+        if count:
+            self._exports_per_caller[caller] = self.exports_for(caller) + count
+
+    def unreserve(self, caller: Caller, count: int) -> None:
+        """Takes back ``count`` of :meth:`reserve` (their nodes were never made for it)."""
+        if count:
+            left = self._exports_per_caller[caller] - count
+            if left:
+                self._exports_per_caller[caller] = left
+            else:
+                del self._exports_per_caller[caller]
 
     def exports_for(self, caller: Caller) -> int:
-        """Exports first made for returns to ``caller`` that are still held."""
+        """Exports first made for returns to ``caller`` that are still held, and those
+        reserved for returns on their way to it."""
         return self._exports_per_caller.get(caller, 0)
 
     def sending(self, handles: list[int], started: bool) -> None:
@@ -238,12 +254,7 @@ class Engine:
         self._export_nodes.pop(id(server), None)
         self._export_busy.pop(node, None)
         if node in self._export_for:
-            caller = self._export_for.pop(node)
-            left = self._exports_per_caller[caller] - 1
-            if left:
-                self._exports_per_caller[caller] = left
-            else:
-                del self._exports_per_caller[caller]
+            self.unreserve(self._export_for.pop(node), 1)
         return True
 
     # -- imports and local clients ------------------------------------------------------------

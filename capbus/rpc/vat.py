@@ -74,9 +74,11 @@ class _Stream:
 
 @dataclass(eq=False)
 class _Charge:
-    """Whom the objects a return makes nodes for are counted against (max_exports_per_caller)."""
+    """Whom the objects a return makes nodes for are counted against (max_exports_per_caller),
+    and how many of them Vat._bounded reserved for it that have no node yet."""
 
     caller: Caller
+    reserved: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,7 +159,8 @@ class Vat:
             node = (await self.peer.create_node()).id
             self.engine.exported(server, node)
             if charge is not None:
-                self.engine.charge(node, charge.caller)
+                self.engine.charge(node, charge.caller, reserved=charge.reserved > 0)
+                charge.reserved = max(charge.reserved - 1, 0)
         return node
 
     def client(self, handle: Handle | int, interface: Any) -> Client:
@@ -629,12 +632,12 @@ class Vat:
         reply = arrived.reply
         if reply is None:
             return True  # one-way: no return
-        encoded = self._bounded(arrived.caller, question_id, encoded)
+        encoded, charge = self._bounded(arrived.caller, question_id, encoded)
         key = (reply.handle, question_id)
         for event in self.engine.completed(key, encoded):
             self._handle(event)
         if not self._send_now(reply.handle, encoded):
-            self._nursery.start_soon(self._send_return, reply, question_id, encoded, arrived.caller)
+            self._nursery.start_soon(self._send_return, reply, question_id, encoded, charge)
         return True
 
     def _refuse_overloaded(self, arrived: CallArrived, queued: int) -> None:
@@ -648,7 +651,7 @@ class Vat:
         encoded = encode_exception(question_id, error)
         for event in self.engine.completed((reply.handle, question_id), encoded):
             self._handle(event)  # calls pipelined on this one fail with it
-        self._nursery.start_soon(self._send_return, reply, question_id, encoded, arrived.caller)
+        self._nursery.start_soon(self._send_return, reply, question_id, encoded, _Charge(arrived.caller))
 
     def _send_now(self, destination: int, encoded: Encoded) -> bool:
         """Sends a one-way message if that needs no wait (its objects all have nodes, the
@@ -670,14 +673,13 @@ class Vat:
             self.engine.sending(handles, False)
         return True
 
-    async def _send_return(self, reply: Client, question_id: int, encoded: Encoded, caller: Caller) -> None:
+    async def _send_return(self, reply: Client, question_id: int, encoded: Encoded, charge: _Charge) -> None:
         """Sends a return; results that cannot be sent (a capability in them is gone) reach
         the caller as that error instead: a caller always gets an answer. A return that
         hands out objects of this vat waits for the kernel's answer, so that a refused one
         (its caller gone) lets them be retired."""
         hands_out = any(isinstance(v, Server) or (isinstance(v, Client) and v.server) for v in encoded.caps)
         try:
-            charge = _Charge(caller)
             await self._send(reply.handle, encoded, oneway=not hands_out, checkpoint=False, charge=charge)
         except RpcError as error:
             if isinstance(error, Disconnected) and reply.handle in self.engine.broken:
@@ -689,19 +691,26 @@ class Vat:
             # hear of it: every later call that hands out an object would hang otherwise.
             failed = Overloaded(f"the results could not be sent: {error.strerror}")
             await self._send_quietly(Send(reply, encode_exception(question_id, failed)))
+        finally:
+            self.engine.unreserve(charge.caller, charge.reserved)  # objects that got no node
+            charge.reserved = 0
 
-    def _bounded(self, caller: Caller, question_id: int, encoded: Encoded) -> Encoded:
+    def _bounded(self, caller: Caller, question_id: int, encoded: Encoded) -> tuple[Encoded, _Charge]:
         """The return itself, or Overloaded if it would hand its caller more new objects
-        than ``max_exports_per_caller`` allows (decided before anything is done with it)."""
+        than ``max_exports_per_caller`` allows (decided before anything is done with it);
+        and what to charge the objects it hands out to. The new objects are counted at once
+        (reserved), although their nodes are made later: returns that complete together
+        must not all pass the bound on the count before any of them."""
         new = self._new_exports(encoded.caps)
         held = self.engine.exports_for(caller)
         if not new or held + new <= self.max_exports_per_caller:
-            return encoded
+            self.engine.reserve(caller, new)
+            return encoded, _Charge(caller, new)
         error = Overloaded(
             f"this caller holds {held} objects of this vat and may hold {self.max_exports_per_caller}:"
             " release some (drop their clients) to be given more"
         )
-        return encode_exception(question_id, error)
+        return encode_exception(question_id, error), _Charge(caller)
 
     def _new_exports(self, caps: list[object]) -> int:
         """How many objects in ``caps`` have no node yet."""
@@ -805,10 +814,10 @@ class Vat:
                 self._handle(event)
             self.engine.cancelled(key)
             return
-        encoded = self._bounded(caller, key[1], encoded)
+        encoded, charge = self._bounded(caller, key[1], encoded)
         for event in self.engine.completed(key, encoded):
             self._handle(event)
-        await self._send_return(reply, key[1], encoded, caller)
+        await self._send_return(reply, key[1], encoded, charge)
 
     async def _forward(self, forward: Forward) -> None:
         """A pipelined call whose capability is another vat's: call it, pass on the outcome."""
