@@ -273,6 +273,12 @@ def decode(
         promised = None
         if raw.target.which() == "promisedAnswer":
             answer = raw.target.promisedAnswer
+            steps = len(answer.transform)
+            if steps > capwire.NESTING_LIMIT:  # (checked before it becomes a Python list)
+                limit = capwire.NESTING_LIMIT
+                raise CapWireError(
+                    f"a pipeline transform of {steps} steps, over the nesting limit of {limit}"
+                )
             promised = (answer.questionId, [int(step) for step in answer.transform])
         return ReceivedCall(
             raw.questionId,
