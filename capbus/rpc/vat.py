@@ -820,23 +820,29 @@ class Vat:
         await self._send_return(reply, key[1], encoded, charge)
 
     async def _forward(self, forward: Forward) -> None:
-        """A pipelined call whose capability is another vat's: call it, pass on the outcome."""
+        """A pipelined call whose capability is another vat's: call it, pass on the outcome.
+        Registered as served, so that the caller's Finish cancels it (and the other vat is
+        sent a Finish in turn)."""
         call, question_id = forward.call, forward.question_id
         key = (forward.reply.handle, question_id)
         method = forward.target.interface.by_key.get((call.interface_id, call.method_id))
-        try:
-            if method is None:
-                raise Unimplemented(f"{forward.target.interface.name} has no such method")
-            params = params_of(call, method)
-            results = await self.call(forward.target, method, params)
-            encoded = encode_results(question_id, method, as_kwargs(results, method.results_layout))
-        except RpcError as error:
-            encoded = encode_exception(question_id, error)
-        except Exception as error:  # noqa: BLE001 - what the other vat answered is unreadable
-            encoded = encode_exception(question_id, malformed(error))
-        finally:
-            self.engine.waiting_calls -= 1
-        await self._answer(forward.reply, key, encoded, False, forward.caller)
+        encoded: Encoded | None = None
+        with trio.CancelScope() as scope:
+            self._serving[key] = scope
+            try:
+                if method is None:
+                    raise Unimplemented(f"{forward.target.interface.name} has no such method")
+                params = params_of(call, method)
+                results = await self.call(forward.target, method, params)
+                encoded = encode_results(question_id, method, as_kwargs(results, method.results_layout))
+            except RpcError as error:
+                encoded = encode_exception(question_id, error)
+            except Exception as error:  # noqa: BLE001 - what the other vat answered is unreadable
+                encoded = encode_exception(question_id, malformed(error))
+            finally:
+                self.engine.waiting_calls -= 1
+                self._serving.pop(key, None)
+        await self._answer(forward.reply, key, encoded, scope.cancelled_caught, forward.caller)
 
     async def _retire(self, node: int) -> None:
         try:
