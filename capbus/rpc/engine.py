@@ -131,13 +131,21 @@ class MayRetire:
 Event = Send | Returned | CallArrived | Forward | FinishArrived | MayRetire
 
 
+_KEPT_REASON = 1024
+"""Characters of a failed answer's reason kept for the calls pipelined on it."""
+
+
 @dataclass(slots=True, eq=False)
 class _Answer:
-    """A call being served, or (if its caller may pipeline on it) its kept outcome."""
+    """A call being served, or (if its caller may pipeline on it) its kept outcome: the
+    failure, or the return if it holds capabilities (only those can be pipelined on)."""
 
     keep: bool
+    caller: Caller = None
     done: bool = False
     returned: Encoded | None = None
+    failure: RpcError | None = None
+    kept_bytes: int = 0
     waiting: list[tuple[ReceivedCall, Client, int, list[int], Caller]] = field(default_factory=list)
 
 
@@ -147,6 +155,15 @@ class _Question:
     method: Method
     reply: int
     """The reply node the call named: its return must arrive there."""
+
+
+def _take(counts: dict[Caller, int], caller: Caller, count: int) -> None:
+    """Lowers a caller's count (forgetting it at zero)."""
+    left = counts.get(caller, 0) - count
+    if left > 0:
+        counts[caller] = left
+    else:
+        counts.pop(caller, None)
 
 
 class Engine:
@@ -160,6 +177,7 @@ class Engine:
         on_release: Callable[[], None],
         max_waiting: int = 4096,
         max_kept_per_caller: int = 1024,
+        max_kept_bytes_per_caller: int | None = None,
     ) -> None:
         self.reply_node = reply_node
         """The vat's first reply node (for a Finish whose callee's node was let go)."""
@@ -173,10 +191,15 @@ class Engine:
         """Pipelined calls that may wait for answers not yet given (and forwarded calls in
         flight), in all: past it, such calls are answered Overloaded."""
         self.max_kept_per_caller = max_kept_per_caller
-        """Answers one caller (reply node) may have kept for pipelining until its Finish:
-        past it, answers are not kept (pipelining on them then fails)."""
+        """Answers one caller may have kept for pipelining until its Finish: past it,
+        answers are not kept (pipelining on them then fails)."""
+        self.max_kept_bytes_per_caller = (
+            2 * max_message_bytes if max_kept_bytes_per_caller is None else max_kept_bytes_per_caller
+        )
+        """Bytes of returns kept for one caller, likewise (a kept return is a whole message)."""
         self.waiting_calls = 0
-        self._kept: dict[int, int] = {}  # reply handle -> answers kept for it
+        self._kept: dict[Caller, int] = {}  # answers kept for a caller
+        self._kept_bytes: dict[Caller, int] = {}
         self._on_release = on_release
         self._next_question = 1
         self.questions: dict[int, _Question] = {}
@@ -226,12 +249,7 @@ class Engine:
 
     def unreserve(self, caller: Caller, count: int) -> None:
         """Takes back ``count`` of :meth:`reserve` (their nodes were never made for it)."""
-        if count:
-            left = self._exports_per_caller[caller] - count
-            if left:
-                self._exports_per_caller[caller] = left
-            else:
-                del self._exports_per_caller[caller]
+        _take(self._exports_per_caller, caller, count)
 
     def exports_for(self, caller: Caller) -> int:
         """Exports first made for returns to ``caller`` that are still held, and those
@@ -494,11 +512,11 @@ class Engine:
         reply_client = reply if isinstance(reply, Client) and reply.server is None else None
         question_id = call.question_id
         if reply_client is not None:
-            keep = call.keep_results and self._kept.get(reply_client.handle, 0) < self.max_kept_per_caller
+            keep = call.keep_results and self._kept.get(caller, 0) < self.max_kept_per_caller
             if keep:
-                self._kept[reply_client.handle] = self._kept.get(reply_client.handle, 0) + 1
+                self._kept[caller] = self._kept.get(caller, 0) + 1
             self._forget_answer((reply_client.handle, question_id))  # a reused id replaces
-            self.answers[(reply_client.handle, question_id)] = _Answer(keep)
+            self.answers[(reply_client.handle, question_id)] = _Answer(keep, caller)
             self._recent_replies[reply_client.handle] = reply_client
             self._recent_replies.move_to_end(reply_client.handle)
             if len(self._recent_replies) > _RECENT_REPLIES:
@@ -535,10 +553,9 @@ class Engine:
         caller: Caller,
     ) -> list[Event]:
         """A pipelined call, now that the answer it names is known."""
-        assert answer.returned is not None
-        failure = self._failure_of(answer.returned)  # the call it builds on failed: so does this
+        failure = answer.failure  # the call it builds on failed: so does this
         target: object = None
-        if failure is None:
+        if failure is None and answer.returned is not None:  # (None: it holds no capability)
             try:
                 target = results_capability(answer.returned, transform)
             except CapWireError as error:
@@ -559,18 +576,34 @@ class Engine:
     @staticmethod
     def _failure_of(returned: Encoded) -> RpcError | None:
         answer = decode(returned.payload, [None] * len(returned.caps))
-        return answer.error if isinstance(answer, ReceivedReturn) else None
+        if not isinstance(answer, ReceivedReturn) or answer.error is None:
+            return None
+        return type(answer.error)(answer.error.reason[:_KEPT_REASON])
 
     def completed(self, key: tuple[int, int], returned: Encoded) -> list[Event]:
-        """A served call finished with ``returned`` (its Return envelope): keep it if the
-        caller may pipeline on it, and run the calls that were waiting for it."""
+        """A served call finished with ``returned`` (its Return envelope): keep what calls
+        pipelined on it need if the caller may make them (within its bounds), and run the
+        calls that were waiting for it."""
         answer = self.answers.get(key)
         if answer is None:
             return []
-        answer.done, answer.returned = True, returned
         waiting, answer.waiting = answer.waiting, []
         self.waiting_calls -= len(waiting)
-        if not answer.keep:
+        answer.done = True
+        if answer.keep or waiting:
+            answer.failure = self._failure_of(returned)
+            if answer.failure is None and returned.caps:
+                answer.returned = returned
+        if answer.keep:
+            size = len(returned.payload) if answer.returned is not None else 0
+            kept = self._kept_bytes.get(answer.caller, 0)
+            if kept + size <= self.max_kept_bytes_per_caller:
+                answer.kept_bytes = size
+                if size:
+                    self._kept_bytes[answer.caller] = kept + size
+            else:
+                self._forget_answer(key)  # past the caller's bytes: not kept
+        else:
             self._forget_answer(key)
         events: list[Event] = []
         for call, reply, question_id, transform, caller in waiting:
@@ -588,11 +621,8 @@ class Engine:
         self.waiting_calls -= len(answer.waiting)
         answer.waiting.clear()
         if answer.keep:
-            left = self._kept.get(key[0], 0) - 1
-            if left > 0:
-                self._kept[key[0]] = left
-            else:
-                self._kept.pop(key[0], None)
+            _take(self._kept, answer.caller, 1)
+            _take(self._kept_bytes, answer.caller, answer.kept_bytes)
 
     def _refuse(
         self, payload: memoryview, caps: list[object], reason: str, kind: type[RpcError]

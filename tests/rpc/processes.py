@@ -35,8 +35,8 @@ async def main(fd):
     async with capbus.Peer.from_socket(fd) as peer:
         seed = (await peer.take_seed()).handles
 
-        async def report(value):
-            await peer.send(seed[0], str(value).encode())
+        async def report(value, handles=()):
+            await peer.send(seed[0], str(value).encode(), handles=list(handles))
 
         await attack(peer, report, *seed[1:])
         await trio.sleep_forever()  # keeps what it took until the test kills it
@@ -52,6 +52,16 @@ async def attacker_process(
     """Runs ``attack`` (the source of ``async def attack(peer, report, *handles)``) in a
     process of its own, on a peer given ``handles`` (held by ``holder``); yields what it
     passed to ``await report(...)``. The process, and everything it holds, goes at the end."""
+    async with reporting_process(kernel, tmp_path, attack, holder, handles) as message:
+        yield bytes(message.payload_view).decode()
+
+
+@asynccontextmanager
+async def reporting_process(
+    kernel: capbus.Kernel, tmp_path: Path, attack: str, holder: capbus.Peer, handles: Sequence[capbus.Handle]
+) -> AsyncIterator[capbus.Message]:
+    """:func:`attacker_process`, yielding the message ``await report(value, handles)`` sent:
+    the handles it passed along are held by a peer of this process until the end."""
     launcher = await kernel.connect()
     inbox = await launcher.create_node()
     given = [await holder.transfer(handle, launcher) for handle in handles]
@@ -71,7 +81,7 @@ async def attacker_process(
         try:
             message = await launcher.recv()
             assert message.kind is capbus.MessageKind.DATA, "the attacker died (its stderr is above)"
-            yield bytes(message.payload_view).decode()
+            yield message
         finally:
             process.kill()
     await launcher.aclose()

@@ -8,6 +8,7 @@ import re
 import struct
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,6 +19,7 @@ from capbus.rpc import capwire, errors, header, protocol
 from capbus.rpc.vat import Vat, open_vat
 from capbus.testing import wait_for_statistics
 
+from .processes import reporting_process
 from .services import FactoryServer, schema
 
 CALL = protocol.ENVELOPE.fields["call"].slot
@@ -287,32 +289,38 @@ async def test_a_callee_cannot_answer_for_another(kernel: capbus.Kernel) -> None
         await peer.aclose()
 
 
-async def test_a_callee_cannot_pass_itself_off_as_its_caller(kernel: capbus.Kernel) -> None:
-    """X holds the reply handle H gave it and presents it in calls of its own to Y. Each
-    callee of H has a reply node of its own, so to Y those calls are X's, not H's: they
-    cannot use up what Y keeps for H (here, two answers kept per caller)."""
-    x, y_peer, h_peer = await kernel.connect(), await kernel.connect(), await kernel.connect()
+PASS_OFF = """
+async def attack(peer, report, y):
+    x_node = await peer.create_node()
+    await report("mine", [x_node])
+    message = await peer.recv()  # H's call: X gets the reply handle H uses with it
+    seen = protocol.decode(message.payload_view, list(range(len(message.handles))))
+    h_reply = message.handles[seen.reply]
+    for i in range(5):  # kept answers, "for H" if Y took the handle for H's
+        call = protocol.encode_call(1000 + i, METHODS["newCounter"], {}, keep_results=True)
+        await peer.send(y, call.payload, handles=[h_reply])
+"""
+
+
+async def test_a_callee_cannot_pass_itself_off_as_its_caller(kernel: capbus.Kernel, tmp_path: Path) -> None:
+    """X (in a process of its own) holds the reply handle H gave it and presents it in
+    calls of its own to Y. Y tells callers apart by the kernel-attested sender, so to Y
+    those calls are X's, not H's: they cannot use up what Y keeps for H (here, two answers
+    kept per caller)."""
+    y_peer, h_peer = await kernel.connect(), await kernel.connect()
     async with open_vat(y_peer) as y_vat, open_vat(h_peer) as h_vat:
         y_vat.engine.max_kept_per_caller = 2
         y_node = await y_vat.export(FactoryServer())
         factory_at_y = h_vat.client(await y_peer.transfer(y_node, h_peer), schema.Factory)
-        y_for_x = await y_peer.transfer(y_node, x)
-        x_node = await x.create_node()
-        factory_at_x = h_vat.client(await x.transfer(x_node, h_peer), schema.Factory)
-        new_counter = schema.Factory.interface.methods["newCounter"]
         with trio.fail_after(10):
-            await factory_at_x.echo.send("hello X")  # X gets the reply handle H uses with it
-            message = await x.recv()
-            seen = protocol.decode(message.payload_view, list(range(len(message.handles))))
-            assert isinstance(seen, protocol.ReceivedCall) and isinstance(seen.reply, int)
-            h_reply = message.handles[seen.reply]
-            for i in range(5):  # kept answers, "for H" if Y took the handle for H's
-                call = protocol.encode_call(1000 + i, new_counter, {}, keep_results=True)
-                await x.send(y_for_x, call.payload, handles=[h_reply])
-            while y_vat.statistics().answers < 2:  # polled, bounded by fail_after
-                await trio.sleep(0.001)
-            promise = await factory_at_y.newCounter.send()
-            await promise
-            assert (await promise.counter.increment(by=3)).value == 3  # H's answer was kept
-    for peer in (x, y_peer, h_peer):
+            async with reporting_process(kernel, tmp_path, PASS_OFF, y_peer, [y_node]) as message:
+                x_node = message.handles[0]
+                factory_at_x = h_vat.client(await x_node.peer.transfer(x_node, h_peer), schema.Factory)
+                await factory_at_x.echo.send("hello X")
+                while y_vat.statistics().answers < 2:  # polled, bounded by fail_after
+                    await trio.sleep(0.001)
+                promise = await factory_at_y.newCounter.send()
+                await promise
+                assert (await promise.counter.increment(by=3)).value == 3  # H's answer was kept
+    for peer in (y_peer, h_peer):
         await peer.aclose()
