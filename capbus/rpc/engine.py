@@ -188,8 +188,8 @@ class Engine:
         self._spare_replies: list[int] = []
         self.max_message_bytes = max_message_bytes
         self.max_waiting = max_waiting
-        """Pipelined calls that may wait for answers not yet given (and forwarded calls in
-        flight), in all: past it, such calls are answered Overloaded."""
+        """Pipelined calls of one caller that may wait for answers not yet given (and
+        forwarded calls in flight): past it, its such calls are answered Overloaded."""
         self.max_kept_per_caller = max_kept_per_caller
         """Answers one caller may have kept for pipelining until its Finish: past it,
         answers are not kept (pipelining on them then fails)."""
@@ -198,6 +198,8 @@ class Engine:
         )
         """Bytes of returns kept for one caller, likewise (a kept return is a whole message)."""
         self.waiting_calls = 0
+        """Pipelined calls waiting or forwarded, of all callers."""
+        self._waiting: dict[Caller, int] = {}  # the same, per caller
         self._kept: dict[Caller, int] = {}  # answers kept for a caller
         self._kept_bytes: dict[Caller, int] = {}
         self._on_release = on_release
@@ -534,11 +536,10 @@ class Engine:
             error = Failed(f"no answer {promised_question} to pipeline on (finished, or never asked)")
             return [Send(reply_client, encode_exception(question_id, error))]
         if not answer.done:
-            if self.waiting_calls >= self.max_waiting:
+            busy = self.start_waiting(caller)
+            if busy is not None:
                 self._forget_answer((reply_client.handle, question_id))
-                busy = Overloaded(f"{self.waiting_calls} pipelined calls are already waiting here")
                 return [Send(reply_client, encode_exception(question_id, busy))]
-            self.waiting_calls += 1
             answer.waiting.append((call, reply_client, question_id, transform, caller))
             return []
         return self._pipelined(answer, call, reply_client, question_id, transform, caller)
@@ -588,7 +589,8 @@ class Engine:
         if answer is None:
             return []
         waiting, answer.waiting = answer.waiting, []
-        self.waiting_calls -= len(waiting)
+        for entry in waiting:
+            self.stop_waiting(entry[-1])
         answer.done = True
         if answer.keep or waiting:
             answer.failure = self._failure_of(returned)
@@ -610,6 +612,21 @@ class Engine:
             events.extend(self._pipelined(answer, call, reply, question_id, transform, caller))
         return events
 
+    def start_waiting(self, caller: Caller) -> Overloaded | None:
+        """Takes a unit of ``caller``'s pipelining budget for a call that waits for an answer
+        or is forwarded (until :meth:`stop_waiting`); the error to answer it with if none is
+        left. Per caller: one that never lets its calls end holds its own budget only."""
+        waiting = self._waiting.get(caller, 0)
+        if waiting >= self.max_waiting:
+            return Overloaded(f"{waiting} pipelined calls are already waiting here (from this caller)")
+        self._waiting[caller] = waiting + 1
+        self.waiting_calls += 1
+        return None
+
+    def stop_waiting(self, caller: Caller) -> None:
+        _take(self._waiting, caller, 1)
+        self.waiting_calls -= 1
+
     def cancelled(self, key: tuple[int, int]) -> None:
         self._forget_answer(key)
 
@@ -618,7 +635,8 @@ class Engine:
         answer = self.answers.pop(key, None)
         if answer is None:
             return
-        self.waiting_calls -= len(answer.waiting)
+        for entry in answer.waiting:
+            self.stop_waiting(entry[-1])
         answer.waiting.clear()
         if answer.keep:
             _take(self._kept, answer.caller, 1)

@@ -546,13 +546,12 @@ class Vat:
         elif isinstance(event, MayRetire):
             self._nursery.start_soon(self._retire, event.node)
         elif isinstance(event, Forward):
-            if self.engine.waiting_calls >= self.engine.max_waiting:
-                error = Overloaded(f"{self.engine.waiting_calls} pipelined calls are already waiting here")
-                encoded = encode_exception(event.question_id, error)
+            busy = self.engine.start_waiting(event.caller)  # until the other vat answers
+            if busy is not None:
+                encoded = encode_exception(event.question_id, busy)
                 key = (event.reply.handle, event.question_id)
                 self._nursery.start_soon(self._answer, event.reply, key, encoded, False, event.caller)
             else:
-                self.engine.waiting_calls += 1  # until the other vat answers
                 self._nursery.start_soon(self._forward, event)
         else:
             self._nursery.start_soon(self._send_quietly, event)
@@ -840,7 +839,7 @@ class Vat:
             except Exception as error:  # noqa: BLE001 - what the other vat answered is unreadable
                 encoded = encode_exception(question_id, malformed(error))
             finally:
-                self.engine.waiting_calls -= 1
+                self.engine.stop_waiting(forward.caller)
                 self._serving.pop(key, None)
         await self._answer(forward.reply, key, encoded, scope.cancelled_caught, forward.caller)
 
@@ -894,7 +893,8 @@ async def open_vat(
     process, as the kernel attests it (engine.Caller: the vat asks its peer for senders'
     credentials). At most ``max_concurrent_calls`` handlers run at once, and at most
     ``max_calls_per_caller`` of one caller; up to ``max_queued_calls`` more calls of one
-    caller wait, in arrival order; its calls past that are answered Overloaded at once. One
+    caller wait, in arrival order; its calls past that are answered Overloaded at once; as
+    many pipelined calls of one caller may wait for their answer or be forwarded. One
     caller may hold at most ``max_exports_per_caller`` objects that returns handed it; past
     that, such returns fail with Overloaded."""
     reply_node = (await peer.create_node()).id
