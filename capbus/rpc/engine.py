@@ -592,10 +592,10 @@ class Engine:
         for entry in waiting:
             self.stop_waiting(entry[-1])
         answer.done = True
-        if answer.keep or waiting:
+        if returned.caps:  # results (an exception carries no capability): no decode needed
+            answer.returned = returned
+        elif answer.keep or waiting:
             answer.failure = self._failure_of(returned)
-            if answer.failure is None and returned.caps:
-                answer.returned = returned
         if answer.keep:
             size = len(returned.payload) if answer.returned is not None else 0
             kept = self._kept_bytes.get(answer.caller, 0)
