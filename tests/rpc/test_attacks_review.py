@@ -379,47 +379,6 @@ async def test_returns_completing_together_stay_within_max_exports_per_caller(tm
             await peer.aclose()
 
 
-# -- 6. forwarded calls are charged to the vat that forwards them -----------------------------
-
-
-async def test_calls_forwarded_for_a_caller_do_not_use_up_the_forwarders_quota(
-    kernel: capbus.Kernel, tmp_path: Path
-) -> None:
-    """MEDIUM. S (honest) returned a capability of T in results its caller A may pipeline
-    on (here S.same(cap=T's factory)). A's pipelined newCounter() calls on it are forwarded
-    by S to T as S's own calls: T counts the counters A is handed, and keeps, against S.
-    With T's max_exports_per_caller=5, A (in its own process) takes 5 that way, and S's own
-    newCounter() on T fails with Overloaded ("this caller holds 5 objects"), while A keeps
-    its own full quota at T. Any vat that returns a capability of another vat can be locked
-    out of that vat by one of its callers."""
-    t_peer, s_peer = await kernel.connect(), await kernel.connect()
-    async with open_vat(t_peer, max_exports_per_caller=5) as t_vat, open_vat(s_peer) as s_vat:
-        t_node = await t_vat.export(FactoryServer())
-        s_node = await s_vat.export(FactoryServer())
-        t_at_s = s_vat.client(await t_peer.transfer(t_node, s_peer), schema.Factory)
-        t_at_holder = await t_peer.transfer(t_node, s_peer)  # (the same handle: for the child)
-        attack = f"""
-        async def attack(peer, report, s_handle, t_handle):
-            async with open_vat(peer) as vat:
-                s = vat.client(s_handle, schema.Factory)
-                t = vat.client(t_handle, schema.Factory)
-                promise = await s.same.send(cap=t)
-                kept = []
-                for _ in range(5):
-                    results = await vat.call_pipelined(promise, ({SAME_CAP},), METHODS["newCounter"], {{}})
-                    kept.append(results.counter)
-                await report(len(kept))
-                await trio.sleep_forever()  # the vat and the counters stay
-        """
-        with trio.fail_after(TIMEOUT):
-            async with attacker_process(kernel, tmp_path, attack, s_peer, [s_node, t_at_holder]) as report:
-                assert report == "5"
-                counter = (await t_at_s.newCounter()).counter
-                assert (await counter.increment(by=1)).value == 1
-    for peer in (t_peer, s_peer):
-        await peer.aclose()
-
-
 # -- 7. kept answers are bounded in number, not in bytes ---------------------------------------
 
 
