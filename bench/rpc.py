@@ -26,12 +26,14 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import trio
+
+from capbus.bench.workloads import round_trips, summary
 
 HERE = Path(__file__).resolve().parent
 SCHEMA = HERE / "rpc_bench.capnp"
@@ -40,25 +42,6 @@ ONEWAY_BATCH = 256
 
 
 # -- children ----------------------------------------------------------------------------------
-
-
-def _summary(samples_ns: list[int]) -> dict[str, float]:
-    samples = sorted(samples_ns)
-    return {
-        "median_us": statistics.median(samples) / 1000,
-        "p99_us": samples[int(len(samples) * 0.99) - 1] / 1000,
-    }
-
-
-async def _round_trips(call: Callable[[], Awaitable[Any]], iterations: int) -> dict[str, float]:
-    """Times ``iterations`` awaited calls (under trio or asyncio alike: it only awaits)."""
-    samples = []
-    clock = time.perf_counter_ns
-    for _ in range(iterations):
-        start = clock()
-        await call()
-        samples.append(clock() - start)
-    return _summary(samples)
 
 
 async def capbus_server(fd: int, handlers: str) -> None:
@@ -128,7 +111,7 @@ async def capbus_client(fd: int, mode: str, iterations: int) -> dict[str, Any]:
         for _ in range(200):
             await bench.echo(PAYLOAD)
         if mode == "rtt":
-            return await _round_trips(lambda: bench.echo(PAYLOAD), iterations)
+            return await round_trips(lambda: bench.echo(PAYLOAD), iterations)
         if mode == "oneway":
             # One-way calls have no flow control of their own (that is what -> stream is
             # for): sent flat out they fill the server's quota and the kernel refuses the
@@ -208,7 +191,7 @@ def pycapnp_client(path: str, iterations: int) -> dict[str, Any]:
         bench = capnp.TwoPartyClient(stream).bootstrap().cast_as(module.Bench)
         for _ in range(200):
             await bench.echo(PAYLOAD)
-        out.update(await _round_trips(lambda: bench.echo(PAYLOAD), iterations))
+        out.update(await round_trips(lambda: bench.echo(PAYLOAD), iterations))
 
     asyncio.run(capnp.run(main()))
     return out
@@ -235,7 +218,7 @@ async def raw_client(fd: int, iterations: int) -> dict[str, Any]:
             await sock.send(message)
             await sock.recv_into(buffer)
             samples.append(clock() - start)
-        return _summary(samples)
+        return summary(samples)
 
 
 def child(args: argparse.Namespace) -> None:

@@ -62,6 +62,15 @@ def main(argv: list[str] | None = None) -> int:
     compile_.add_argument(
         "-I", "--import-path", action="append", default=[], help="a directory to import from"
     )
+    commands.add_parser(
+        "bench", help="capbus against a raw socketpair, pycapnp, D-Bus, gRPC and ZeroMQ", add_help=False
+    )
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv[:1] == ["bench"]:
+        from .bench.runner import main as bench
+
+        return bench(argv[1:])
     args = parser.parse_args(argv)
     if args.command == "kernel":
         return _run_kernel(args)

@@ -1,0 +1,150 @@
+"""The floor: a trio AF_UNIX stream socketpair, length-prefixed frames, no broker, no RPC."""
+
+from __future__ import annotations
+
+import functools
+import socket
+import struct
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import trio
+
+from .workloads import DATA_SIZES, IN_FLIGHT, PAYLOAD, data_rate, oneway_rate, round_trips, run_plan
+
+LABEL = "raw trio socketpair"
+PACKAGES: dict[str, str] = {}
+PROGRAMS: dict[str, str] = {}
+UNSUPPORTED = {
+    "cap": "no capabilities",
+    "ping": "no capabilities",
+}
+_HEAD = struct.Struct("<IB")  # length of the body, kind
+_CALL, _ONEWAY, _COUNT = 1, 2, 3
+Spawn = Callable[[dict[str, Any], list[int]], Awaitable[Any]]
+
+
+@asynccontextmanager
+async def sitting(spawn_server: Spawn) -> AsyncIterator[tuple[dict[str, Any], list[int]]]:
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with ours, theirs:
+        await spawn_server({"fd": theirs.fileno()}, [theirs.fileno()])
+        yield {"fd": ours.fileno()}, [ours.fileno()]
+
+
+class _Frames:
+    """Length-prefixed frames over a stream, read in large chunks into one reused buffer
+    (what any stream protocol does: one recv for many small frames)."""
+
+    def __init__(self, sock: trio.socket.SocketType) -> None:
+        self.sock = sock
+        self.buffer = bytearray(1 << 16)
+        self.start = self.end = 0
+
+    async def _fill(self, n: int) -> None:
+        """At least ``n`` bytes buffered from ``start``."""
+        if self.start + n > len(self.buffer):
+            kept = self.buffer[self.start : self.end]
+            if n > len(self.buffer):
+                self.buffer = bytearray(n + (1 << 16))
+            self.buffer[: len(kept)] = kept
+            self.start, self.end = 0, len(kept)
+        view = memoryview(self.buffer)
+        while self.end - self.start < n:
+            read = await self.sock.recv_into(view[self.end :])
+            if not read:
+                raise EOFError
+            self.end += read
+
+    async def read(self) -> tuple[int, memoryview]:
+        await self._fill(_HEAD.size)
+        size, kind = _HEAD.unpack_from(self.buffer, self.start)
+        self.start += _HEAD.size
+        await self._fill(size)
+        body = memoryview(self.buffer)[self.start : self.start + size]
+        self.start += size
+        return kind, body
+
+    async def write(self, kind: int, body: bytes | memoryview) -> None:
+        head = _HEAD.pack(len(body), kind)
+        if len(body) <= 4096:
+            await self._send_all(head + body)  # one syscall for a small frame
+        else:
+            await self._send_all(head)
+            await self._send_all(body)
+
+    async def _send_all(self, data: bytes | memoryview) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[await self.sock.send(view) :]
+
+
+def serve(config: dict[str, Any]) -> None:
+    async def main() -> None:
+        with trio.socket.from_stdlib_socket(socket.socket(fileno=config["fd"])) as sock:
+            frames = _Frames(sock)
+            print("ready", flush=True)
+            count = 0
+            try:
+                while True:
+                    kind, body = await frames.read()
+                    if kind == _CALL:
+                        await frames.write(_CALL, body if len(body) <= 64 else struct.pack("<Q", len(body)))
+                    elif kind == _ONEWAY:
+                        count += 1
+                    else:
+                        await frames.write(_COUNT, struct.pack("<Q", count))
+            except (EOFError, OSError):
+                pass
+
+    trio.run(main)
+
+
+def measure(config: dict[str, Any]) -> dict[str, Any]:
+    async def main() -> dict[str, Any]:
+        with trio.socket.from_stdlib_socket(socket.socket(fileno=config["fd"])) as sock:
+            frames = _Frames(sock)
+            message = PAYLOAD.encode()
+
+            async def call(body: bytes = message) -> memoryview:
+                await frames.write(_CALL, body)
+                return (await frames.read())[1]
+
+            async def oneway() -> None:
+                await frames.write(_ONEWAY, b"")
+
+            async def count() -> int:
+                await frames.write(_COUNT, b"")
+                return int(struct.unpack("<Q", (await frames.read())[1])[0])
+
+            async def window(n: int) -> dict[str, float]:
+                # 64 calls outstanding at all times: a reply lets the next call go.
+                start = time.perf_counter()
+                for _ in range(IN_FLIGHT):
+                    await frames.write(_CALL, message)
+                for i in range(n):
+                    await frames.read()
+                    if i + IN_FLIGHT < n:
+                        await frames.write(_CALL, message)
+                return {"rate": n / (time.perf_counter() - start)}
+
+            async def carry(size: int, n: int) -> dict[str, float]:
+                data = bytes(size)
+                return data_rate(size, await round_trips(lambda: call(data), n))
+
+            for _ in range(100):
+                await call()
+            return await run_plan(
+                config["plan"],
+                {
+                    "echo32": lambda n: round_trips(call, n),
+                    "oneway": lambda n: oneway_rate(oneway, count, n),
+                    "inflight64": lambda n: window(max(n, IN_FLIGHT)),
+                    **{name: functools.partial(carry, size) for name, size in DATA_SIZES.items()},
+                },
+            )
+
+    result: dict[str, Any] = trio.run(main)
+    return result

@@ -1,0 +1,260 @@
+"""Runs every contender through the workloads, interleaved round by round, and prints one
+table: medians, p99s, and each contender's ratio to capbus. A contender whose packages or
+programs cannot be installed is reported as missing, never left out silently."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any
+
+import trio
+
+from .workloads import WORKLOADS, Workload
+
+CONTENDERS = ("raw", "capbus_rpc", "pycapnp_rpc", "dbus", "grpc_unix", "zeromq")
+REFERENCE = "capbus_rpc"
+TIMEOUT = 300
+
+
+@dataclass
+class Contender:
+    name: str
+    module: ModuleType
+    missing: str | None = None
+    results: dict[str, list[dict[str, float]]] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return str(self.module.LABEL)
+
+    def supports(self, workload: str) -> bool:
+        return workload not in self.module.UNSUPPORTED
+
+
+def progress(text: str) -> None:
+    print(f"\r\033[K{text}", end="", file=sys.stderr, flush=True)
+
+
+def _install(contender: Contender, allowed: bool) -> None:
+    """Installs what the contender needs (pip for packages, apt for programs, as root) or
+    records why it is missing."""
+    packages: dict[str, str] = contender.module.PACKAGES
+    programs: dict[str, str] = contender.module.PROGRAMS
+    lacking = [pip for module, pip in packages.items() if importlib.util.find_spec(module) is None]
+    if lacking and allowed:
+        progress(f"installing {' '.join(lacking)} for {contender.label}")
+        subprocess.run(
+            [sys.executable, "-m", "pip", "install", "-q", *lacking], capture_output=True, check=False
+        )
+        importlib.invalidate_caches()
+        lacking = [pip for module, pip in packages.items() if importlib.util.find_spec(module) is None]
+    absent = [package for program, package in programs.items() if shutil.which(program) is None]
+    if absent and allowed and os.geteuid() == 0 and shutil.which("apt-get"):
+        progress(f"installing {' '.join(absent)} (Debian) for {contender.label}")
+        subprocess.run(["apt-get", "install", "-y", "-qq", *absent], capture_output=True, check=False)
+        absent = [package for program, package in programs.items() if shutil.which(program) is None]
+    reasons = [f"pip package {p} not installed" for p in lacking] + [
+        f"program from {p} not found" for p in absent
+    ]
+    if reasons:
+        contender.missing = "; ".join(reasons) + ("" if allowed else " (--no-install)")
+
+
+def _command(name: str, role: str, config: dict[str, Any]) -> list[str]:
+    return [sys.executable, "-m", "capbus.bench.child", name, role, json.dumps(config)]
+
+
+async def _sitting(contender: Contender, plan: dict[str, int]) -> dict[str, Any]:
+    """One server and one client process of ``contender``; the client's results."""
+    servers: list[trio.Process] = []
+
+    errors = tempfile.TemporaryFile()
+
+    async def spawn_server(config: dict[str, Any], fds: list[int]) -> trio.Process:
+        # What a server says on stderr is shown only if it fails to start (a server
+        # terminated at the end of its sitting may well complain).
+        process = await trio.lowlevel.open_process(
+            _command(contender.name, "serve", config), pass_fds=fds, stdout=subprocess.PIPE, stderr=errors
+        )
+        servers.append(process)
+        assert process.stdout is not None
+        with trio.fail_after(60):
+            line = b""
+            while not line.endswith(b"\n"):
+                chunk = await process.stdout.receive_some(64)
+                if not chunk:
+                    await process.wait()
+                    errors.seek(0)
+                    said = errors.read()[-2000:].decode(errors="replace")
+                    raise RuntimeError(f"the server exited before it was ready: {said}")
+                line += chunk
+        return process
+
+    try:
+        async with contender.module.sitting(spawn_server) as (config, fds):
+            with trio.fail_after(TIMEOUT):
+                done = await trio.run_process(
+                    _command(contender.name, "measure", {**config, "plan": plan}),
+                    pass_fds=fds,
+                    capture_stdout=True,
+                    capture_stderr=True,
+                    check=False,
+                )
+            if done.returncode != 0:
+                raise RuntimeError(f"{contender.label} client failed: {done.stderr.decode()[-2000:]}")
+            result: dict[str, Any] = json.loads(done.stdout.decode().strip().splitlines()[-1])
+            return result
+    finally:
+        errors.close()
+        for server in servers:
+            if server.returncode is None:
+                server.terminate()
+            with trio.move_on_after(10):
+                await server.wait()
+            if server.returncode is None:
+                server.kill()
+                await server.wait()
+
+
+def figure(workload: Workload, runs: list[dict[str, float]]) -> float:
+    """The median over runs of the contender's figure for ``workload``."""
+    return _value(workload, runs)[0]
+
+
+def _value(workload: Workload, runs: list[dict[str, float]]) -> tuple[float, float | None]:
+    """The median over runs of the contender's figure for ``workload``, and its p99 (for
+    latencies) or None."""
+    if workload.unit == "us":
+        return (
+            statistics.median(r["median_us"] for r in runs),
+            statistics.median(r["p99_us"] for r in runs),
+        )
+    return statistics.median(r["rate"] for r in runs), None
+
+
+def _format(value: float, unit: str) -> str:
+    if unit == "us":
+        return f"{value:,.1f} us"
+    if unit == "MB/s":
+        return f"{value:,.0f} MB/s"
+    return f"{value:,.0f}/s"
+
+
+def report(contenders: list[Contender], workloads: list[str], rounds: int, elapsed: float) -> str:
+    reference = next(c for c in contenders if c.name == REFERENCE)
+    present = [c for c in contenders if c.missing is None]
+    lines = [
+        f"# capbus bench: {rounds} interleaved rounds, {elapsed:.0f} s",
+        "",
+        f"{platform.node()}: {os.cpu_count()} CPUs, {platform.platform()}, "
+        f"Python {platform.python_version()}",
+        "",
+        "Each cell: the median over rounds (p99 in brackets for latencies); then capbus's figure "
+        "over this one (below 1.0x: capbus is faster for latencies; above 1.0x: capbus moves more).",
+        "",
+        "| workload | " + " | ".join(c.label for c in present) + " |",
+        "|---|" + "---:|" * len(present),
+    ]
+    for name in workloads:
+        workload = WORKLOADS[name]
+        row = [f"{workload.label} ({workload.unit})"]
+        ours = reference.results.get(name)
+        for contender in present:
+            runs = contender.results.get(name)
+            if not contender.supports(name):
+                row.append("n/a")
+                continue
+            if not runs:
+                row.append("failed")
+                continue
+            value, p99 = _value(workload, runs)
+            cell = _format(value, workload.unit) + (f" [{p99:,.0f}]" if p99 is not None else "")
+            if ours and contender is not reference:
+                cell += f" · {_value(workload, ours)[0] / value:.2f}x"
+            row.append(cell)
+        lines.append("| " + " | ".join(row) + " |")
+    lines.append("")
+    for contender in contenders:
+        if contender.missing:
+            lines.append(f"- missing: {contender.label}: {contender.missing}")
+        for name, error in contender.errors.items():
+            lines.append(f"- failed: {contender.label}, {WORKLOADS[name].label}: {error}")
+        for name, reason in contender.module.UNSUPPORTED.items():
+            if name in workloads:
+                lines.append(f"- n/a: {contender.label}, {WORKLOADS[name].label}: {reason}")
+    return "\n".join(lines)
+
+
+async def run(args: argparse.Namespace) -> list[Contender]:
+    names = args.only or list(CONTENDERS)
+    if REFERENCE not in names:
+        names = [REFERENCE, *names]
+    contenders = [Contender(name, importlib.import_module(f"capbus.bench.{name}")) for name in names]
+    for contender in contenders:
+        _install(contender, not args.no_install)
+    workloads = args.workloads or list(WORKLOADS)
+    rounds = args.rounds or (2 if args.quick else 3)
+    present = [c for c in contenders if c.missing is None]
+    for round_ in range(rounds):
+        # Interleaved: each round every contender once, in an order that rotates.
+        order = present[round_ % len(present) :] + present[: round_ % len(present)]
+        for i, contender in enumerate(order):
+            progress(f"round {round_ + 1}/{rounds}: {contender.label} ({i + 1}/{len(order)})")
+            plan = {
+                name: WORKLOADS[name].quick if args.quick else WORKLOADS[name].full
+                for name in workloads
+                if contender.supports(name)
+            }
+            try:
+                result = await _sitting(contender, plan)
+            except Exception as error:  # a contender that breaks is reported, not fatal
+                print(f"\n{contender.label}: {error}", file=sys.stderr)
+                continue
+            for name, figures in result.items():
+                if "error" in figures:
+                    contender.errors[name] = figures["error"]
+                else:
+                    contender.results.setdefault(name, []).append(figures)
+    progress("")
+    return contenders
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="capbus bench", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="fewer iterations and rounds (under a minute)")
+    parser.add_argument("--rounds", type=int, help="interleaved rounds (default 3, --quick 2)")
+    parser.add_argument("--only", action="append", choices=CONTENDERS, help="run only these contenders")
+    parser.add_argument("--workload", dest="workloads", action="append", choices=list(WORKLOADS))
+    parser.add_argument("--no-install", action="store_true", help="never install a missing contender")
+    parser.add_argument("--json", metavar="PATH", help="also write every run's figures here")
+    parser.add_argument("--chart", metavar="PATH", help="also draw a PNG chart here (matplotlib)")
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    contenders = trio.run(run, args)
+    workloads = args.workloads or list(WORKLOADS)
+    rounds = args.rounds or (2 if args.quick else 3)
+    print(report(contenders, workloads, rounds, time.perf_counter() - start))
+    if args.json:
+        with open(args.json, "w") as out:
+            json.dump(
+                {c.name: {"missing": c.missing, "results": c.results} for c in contenders}, out, indent=1
+            )
+    if args.chart:
+        from .chart import draw
+
+        draw(contenders, workloads, args.chart)
+    return 0

@@ -1,0 +1,130 @@
+"""The workloads, how many iterations each gets, and the timing loops every client uses (they
+only await, so asyncio and trio clients share them)."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    label: str
+    unit: str
+    """"us" (lower is better) or "/s" or "MB/s" (higher is better)."""
+    quick: int
+    full: int
+
+    @property
+    def higher_is_better(self) -> bool:
+        return self.unit != "us"
+
+
+PAYLOAD = "x" * 32
+WORKLOADS: dict[str, Workload] = {
+    w.name: w
+    for w in (
+        Workload("echo32", "32 B call round trip", "us", 1_000, 5_000),
+        Workload("oneway", "one-way calls", "/s", 5_000, 20_000),
+        Workload("inflight64", "two-way calls, 64 in flight", "/s", 4_000, 16_000),
+        Workload("cap", "a call passing a capability", "us", 500, 2_000),
+        Workload("ping", "the same call without one", "us", 500, 2_000),
+        Workload("data1M", "a call carrying 1 MiB of Data", "MB/s", 30, 100),
+        Workload("data64M", "a call carrying 64 MiB (less 1 KiB) of Data", "MB/s", 3, 8),
+    )
+}
+DATA_SIZES = {"data1M": 1 << 20, "data64M": (64 << 20) - 1024}
+"""64 MiB less 1 KiB: Cap'n Proto's (and D-Bus's) 64 MiB message limit holds the envelope too."""
+ONEWAY_BATCH = 256
+"""One-way calls have no flow control of their own: a two-way call every this many."""
+IN_FLIGHT = 64
+
+
+def summary(samples_ns: list[int]) -> dict[str, float]:
+    ordered = sorted(samples_ns)
+    return {
+        "median_us": statistics.median(ordered) / 1000,
+        "p99_us": ordered[max(0, int(len(ordered) * 0.99) - 1)] / 1000,
+    }
+
+
+async def round_trips(call: Callable[[], Awaitable[Any]], iterations: int) -> dict[str, float]:
+    """Each of ``iterations`` awaited calls timed on its own."""
+    samples = []
+    clock = time.perf_counter_ns
+    for _ in range(iterations):
+        start = clock()
+        await call()
+        samples.append(clock() - start)
+    return summary(samples)
+
+
+async def oneway_rate(
+    send: Callable[[], Awaitable[Any]], barrier: Callable[[], Awaitable[int]], iterations: int
+) -> dict[str, float]:
+    """One-way sends in batches, each closed by a two-way ``barrier`` returning how many
+    arrived so far: the rate of what arrived, and how many were lost."""
+    before = await barrier()
+    batches = max(1, iterations // ONEWAY_BATCH)
+    start = time.perf_counter()
+    for _ in range(batches):
+        for _ in range(ONEWAY_BATCH):
+            await send()
+        arrived = await barrier()
+    elapsed = time.perf_counter() - start
+    sent = batches * ONEWAY_BATCH
+    return {"rate": sent / elapsed, "lost": sent - (arrived - before)}
+
+
+def data_rate(size: int, timing: dict[str, float]) -> dict[str, float]:
+    """A data call's effective rate: its bytes over the median round trip."""
+    return {"rate": size / timing["median_us"], **timing}  # bytes per us = MB/s
+
+
+async def in_flight_trio(call: Callable[[], Awaitable[Any]], iterations: int) -> dict[str, float]:
+    import trio
+
+    per_task = max(1, iterations // IN_FLIGHT)
+
+    async def worker() -> None:
+        for _ in range(per_task):
+            await call()
+
+    start = time.perf_counter()
+    async with trio.open_nursery() as nursery:
+        for _ in range(IN_FLIGHT):
+            nursery.start_soon(worker)
+    return {"rate": per_task * IN_FLIGHT / (time.perf_counter() - start)}
+
+
+async def in_flight_asyncio(call: Callable[[], Awaitable[Any]], iterations: int) -> dict[str, float]:
+    import asyncio
+
+    per_task = max(1, iterations // IN_FLIGHT)
+
+    async def worker() -> None:
+        for _ in range(per_task):
+            await call()
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(IN_FLIGHT)))
+    return {"rate": per_task * IN_FLIGHT / (time.perf_counter() - start)}
+
+
+Runner = Callable[[int], Awaitable[dict[str, float]]]
+
+
+async def run_plan(plan: dict[str, int], runners: dict[str, Runner]) -> dict[str, Any]:
+    """Runs each planned workload; one that fails is recorded with its error, and the rest
+    still run."""
+    results: dict[str, Any] = {}
+    for name, iterations in plan.items():
+        try:
+            results[name] = await runners[name](iterations)
+        except Exception as error:
+            results[name] = {"error": f"{type(error).__name__}: {error}"[:500]}
+    return results

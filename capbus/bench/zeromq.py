@@ -1,0 +1,116 @@
+"""ZeroMQ (pyzmq's asyncio sockets) over ipc://: a DEALER client and a ROUTER server, one
+frame per call and one per answer, no broker."""
+
+from __future__ import annotations
+
+import functools
+import os
+import struct
+import tempfile
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from .workloads import DATA_SIZES, IN_FLIGHT, PAYLOAD, data_rate, oneway_rate, round_trips, run_plan
+
+LABEL = "ZeroMQ (ipc://)"
+PACKAGES = {"zmq": "pyzmq"}
+PROGRAMS: dict[str, str] = {}
+UNSUPPORTED = {"cap": "ZeroMQ has no capabilities", "ping": "ZeroMQ has no capabilities"}
+_CALL, _ONEWAY, _COUNT, _DATA = b"c", b"o", b"n", b"d"
+Spawn = Callable[[dict[str, Any], list[int]], Awaitable[Any]]
+
+
+@asynccontextmanager
+async def sitting(spawn_server: Spawn) -> AsyncIterator[tuple[dict[str, Any], list[int]]]:
+    with tempfile.TemporaryDirectory(prefix="capbus-bench-") as directory:
+        endpoint = {"endpoint": f"ipc://{os.path.join(directory, 'zmq')}"}
+        await spawn_server(endpoint, [])
+        yield endpoint, []
+
+
+def serve(config: dict[str, Any]) -> None:
+    import asyncio
+
+    import zmq
+    import zmq.asyncio
+
+    async def main() -> None:
+        context = zmq.asyncio.Context()
+        router = context.socket(zmq.ROUTER)
+        router.bind(config["endpoint"])
+        print("ready", flush=True)
+        count = 0
+        while True:
+            peer, kind, body = await router.recv_multipart(copy=False)
+            tag = kind.bytes
+            if tag == _CALL:
+                await router.send_multipart([peer, kind, body], copy=False)
+            elif tag == _ONEWAY:
+                count += 1
+            elif tag == _COUNT:
+                await router.send_multipart([peer, kind, struct.pack("<Q", count)])
+            else:
+                await router.send_multipart([peer, kind, struct.pack("<Q", len(body.buffer))])
+
+    asyncio.run(main())
+
+
+def measure(config: dict[str, Any]) -> dict[str, Any]:
+    import asyncio
+    import time
+
+    import zmq
+    import zmq.asyncio
+
+    out: dict[str, Any] = {}
+
+    async def main() -> None:
+        context = zmq.asyncio.Context()
+        dealer = context.socket(zmq.DEALER)
+        dealer.connect(config["endpoint"])
+        message = PAYLOAD.encode()
+
+        async def call(kind: bytes = _CALL, body: bytes = message) -> list[Any]:
+            await dealer.send_multipart([kind, body], copy=len(body) < 65536)
+            return await dealer.recv_multipart(copy=False)
+
+        async def oneway() -> None:
+            await dealer.send_multipart([_ONEWAY, b""])
+
+        async def count() -> int:
+            return int(struct.unpack("<Q", (await call(_COUNT, b""))[1].bytes)[0])
+
+        async def window(n: int) -> dict[str, float]:
+            # 64 calls outstanding at all times: an answer lets the next call go.
+            start = time.perf_counter()
+            for _ in range(IN_FLIGHT):
+                await dealer.send_multipart([_CALL, message])
+            for i in range(n):
+                await dealer.recv_multipart(copy=False)
+                if i + IN_FLIGHT < n:
+                    await dealer.send_multipart([_CALL, message])
+            return {"rate": n / (time.perf_counter() - start)}
+
+        async def carry(size: int, n: int) -> dict[str, float]:
+            data = bytes(size)
+            return data_rate(size, await round_trips(lambda: call(_DATA, data), n))
+
+        for _ in range(200):
+            await call()
+        out.update(
+            await run_plan(
+                config["plan"],
+                {
+                    "echo32": lambda n: round_trips(call, n),
+                    "oneway": lambda n: oneway_rate(oneway, count, n),
+                    "inflight64": lambda n: window(max(n, IN_FLIGHT)),
+                    **{name: functools.partial(carry, size) for name, size in DATA_SIZES.items()},
+                },
+            )
+        )
+        dealer.close(linger=0)
+        context.term()
+
+    asyncio.run(main())
+    return out

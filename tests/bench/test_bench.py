@@ -1,0 +1,68 @@
+"""``capbus bench`` runs its contenders in real processes and reports every one: measured,
+not applicable, failed, or missing (never dropped)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+from capbus.bench import runner
+
+
+def test_a_quick_run_measures_capbus_against_the_raw_floor(tmp_path: Path) -> None:
+    figures = tmp_path / "figures.json"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "capbus",
+            "bench",
+            "--quick",
+            "--rounds",
+            "1",
+            "--only",
+            "raw",
+            "--workload",
+            "echo32",
+            "--workload",
+            "cap",
+            "--no-install",
+            "--json",
+            str(figures),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    table = {line.split("|")[1].strip(): line for line in done.stdout.splitlines() if line.startswith("| ")}
+    assert "capbus" in table["workload"] and "raw trio socketpair" in table["workload"]
+    echo = table["32 B call round trip (us)"]
+    assert echo.count(" us [") == 2, echo  # both measured, with p99s
+    assert "x |" in echo  # capbus over the floor
+    assert table["a call passing a capability (us)"].rstrip(" |").endswith("n/a")
+    assert "n/a: raw trio socketpair, a call passing a capability: no capabilities" in done.stdout
+    results = json.loads(figures.read_text())
+    assert results["capbus_rpc"]["missing"] is None
+    (echo_run,) = results["capbus_rpc"]["results"]["echo32"]
+    assert 0 < echo_run["median_us"] <= echo_run["p99_us"]
+    (cap_run,) = results["capbus_rpc"]["results"]["cap"]
+    assert cap_run["median_us"] > 0
+
+
+def test_a_contender_that_cannot_be_installed_is_reported_missing() -> None:
+    module = SimpleNamespace(
+        LABEL="nothing",
+        PACKAGES={"capbus_no_such_module": "capbus-no-such-package"},
+        PROGRAMS={},
+        UNSUPPORTED={},
+    )
+    contender = runner.Contender("nothing", module)  # type: ignore[arg-type]
+    runner._install(contender, allowed=False)
+    assert contender.missing == "pip package capbus-no-such-package not installed (--no-install)"
+    reference = runner.Contender("capbus_rpc", __import__("capbus.bench.capbus_rpc").bench.capbus_rpc)
+    report = runner.report([reference, contender], ["echo32"], 1, 1.0)
+    assert "- missing: nothing: pip package capbus-no-such-package not installed" in report
