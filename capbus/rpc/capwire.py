@@ -299,9 +299,14 @@ def set_discriminant(segments: list[Segment], struct_path: Path, offset: int, va
 def traversal_budget(segments: Sequence[Segment]) -> int:
     """Words a walk of this message may charge: a tree is walked in its own size (zero-sized
     elements charged a word each, as libcapnp charges them), so a few times that, with room
-    for small messages, and never more than libcapnp's default."""
+    for small messages; past libcapnp's default only as far as the message's own size (a
+    vat whose max_message_bytes lets larger messages in must be able to read them)."""
     total = sum(len(memoryview(s).cast("B")) // 8 for s in segments)
-    return min(TRAVERSAL_LIMIT_WORDS, 8 * total + 65536)
+    return _budget(total)
+
+
+def _budget(words: int) -> int:
+    return min(max(TRAVERSAL_LIMIT_WORDS, words + 65536), 8 * words + 65536)
 
 
 def scan_caps(
@@ -390,7 +395,7 @@ def check_segment(segment: Segment) -> None:
 
 def _checked(check: Callable[..., Any], data: Segment) -> None:
     view = memoryview(data).cast("B")
-    budget = min(TRAVERSAL_LIMIT_WORDS, len(view) + 65536)  # 8 x its words, as traversal_budget
+    budget = _budget(len(view) // 8)
     error = check(_capwire.ffi.from_buffer(view), len(view), budget, NESTING_LIMIT)
     if error:
         raise CapWireError(_capwire.ffi.string(error).decode())

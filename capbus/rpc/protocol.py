@@ -16,7 +16,7 @@ from typing import Any
 import capnp
 
 from . import capwire, header
-from .capwire import CapWireError, Segment
+from .capwire import CapWireError, Segment, traversal_budget
 from .envelope import rpc
 from .errors import BY_KIND, Failed, RpcError
 from .interface import Method
@@ -192,7 +192,9 @@ class Body:
         if self._parent is not None:
             return self._parent.any_struct(self._field, schema)
         assert self._table is not None
-        reader = _module(schema).from_segments(self._segments)
+        # The tree check bounded this message's walk already (capwire.traversal_budget); the
+        # same budget here lets a vat read what its max_message_bytes let in.
+        reader = _module(schema).from_segments(self._segments, traversal_budget(self._segments))
         return StructReader(reader, layout_of(schema), self._table)
 
 
@@ -265,7 +267,9 @@ def decode(
             Body(body_segments, table),
         )
     table = CapTableReader.direct(segments, caps, resolve, fds)
-    envelope = StructReader(rpc.Envelope.from_segments(table.segments), ENVELOPE, table)
+    envelope = StructReader(
+        rpc.Envelope.from_segments(table.segments, traversal_budget(table.segments)), ENVELOPE, table
+    )
     which = envelope.which()
     if which == "call":
         call = envelope.call

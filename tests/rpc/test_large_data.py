@@ -1,0 +1,49 @@
+"""Data past libcapnp's default traversal limit (64 MiB) goes through a vat whose
+max_message_bytes lets it in, and is refused with a clear error by one whose limit does not."""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any
+
+import trio
+
+import capbus
+from capbus._resources import schema_directory
+from capbus.rpc import errors
+from capbus.rpc.vat import open_vat
+
+schema: Any = capbus.load(os.path.join(schema_directory(), "capbus", "bench.capnp"))
+SIZE = 72 << 20
+
+
+class Sink(schema.Bench.Server):  # type: ignore[misc]
+    def data(self, data: bytes) -> int:
+        return len(data)
+
+
+async def _call_with(kernel: capbus.Kernel, limit: int) -> int | errors.RpcError:
+    server_peer, client_peer = await kernel.connect(), await kernel.connect()
+    try:
+        with trio.fail_after(60):
+            async with open_vat(server_peer, max_message_bytes=limit) as server, open_vat(client_peer) as vat:
+                handle = await server_peer.transfer(await server.export(Sink()), client_peer)
+                sink = vat.client(handle, schema.Bench)
+                try:
+                    return int((await sink.data(data=bytes(SIZE))).size)
+                except errors.RpcError as error:
+                    return error
+    finally:
+        await server_peer.aclose()
+        await client_peer.aclose()
+
+
+async def test_a_call_larger_than_64_mib_reaches_a_vat_that_allows_it(kernel: capbus.Kernel) -> None:
+    assert await _call_with(kernel, 80 << 20) == SIZE
+
+
+async def test_a_call_over_the_vats_limit_is_refused_saying_so(kernel: capbus.Kernel) -> None:
+    refused = await _call_with(kernel, 64 << 20)
+    assert isinstance(refused, errors.Failed)
+    assert re.search(rf"a message of \d+ bytes, over this vat's limit of {64 << 20}", str(refused)), refused
