@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 import trio
 
+from .processes import Offer, Spawn, Tally, stamp_trio, subscribers_process, subscribers_wanted
 from .workloads import DATA_SIZES, PAYLOAD, data_rate, in_flight_trio, oneway_rate, round_trips, run_plan
 
 LABEL = "capbus"
@@ -20,7 +21,6 @@ PROGRAMS: dict[str, str] = {}
 UNSUPPORTED: dict[str, str] = {}
 _LARGEST = 128 << 20
 """The server takes calls this large (the 64 MiB data call and its envelope)."""
-Spawn = Callable[[dict[str, Any], list[int]], Awaitable[Any]]
 
 
 def _schema() -> Any:
@@ -31,7 +31,7 @@ def _schema() -> Any:
 
 
 @asynccontextmanager
-async def sitting(spawn_server: Spawn) -> AsyncIterator[tuple[dict[str, Any], list[int]]]:
+async def sitting(spawn_server: Spawn, plan: dict[str, int]) -> AsyncIterator[Offer]:
     import capbus
 
     async with capbus.open_kernel() as kernel, await kernel.connect() as launcher:
@@ -40,8 +40,38 @@ async def sitting(spawn_server: Spawn) -> AsyncIterator[tuple[dict[str, Any], li
             await spawn_server({"fd": server_socket.fileno()}, [server_socket.fileno()])
         with trio.fail_after(60):
             (handle,) = (await launcher.recv()).handles
-        with await launcher.create_peer(handles=[handle]) as client_socket:
-            yield {"fd": client_socket.fileno()}, [client_socket.fileno()]
+        # The multicast workloads' subscribers: a peer each, in one process; each sends its
+        # object's handle (and its index) to the launcher, which hands them all to the client
+        # when it asks (a seed holds at most 256 handles: the Bench's and the inbox's here).
+        wanted = subscribers_wanted(plan)
+        sockets = [await launcher.create_peer(handles=[inbox]) for _ in range(wanted)]
+        fds = [s.fileno() for s in sockets]
+        try:
+            async with subscribers_process(spawn_server, plan, {"fds": fds}, fds) as pipe:
+                for sock in sockets:
+                    sock.close()
+                subscribers = [handle] * wanted
+                with trio.fail_after(60):
+                    for _ in range(wanted):
+                        message = await launcher.recv()
+                        subscribers[int(message.payload)] = message.handles[0]
+
+                async def hand_out() -> None:
+                    with trio.fail_after(60):
+                        (client_node,) = (await launcher.recv()).handles
+                        await launcher.send(client_node, b"subscribers", handles=subscribers)
+
+                seed = [handle, inbox] if wanted else [handle]
+                async with trio.open_nursery() as nursery:
+                    if wanted:
+                        nursery.start_soon(hand_out)
+                    with await launcher.create_peer(handles=seed) as client_socket:
+                        fd = client_socket.fileno()
+                        yield {"fd": fd, "pipe": pipe}, [fd] if pipe is None else [fd, pipe]
+                    nursery.cancel_scope.cancel()
+        finally:
+            for sock in sockets:
+                sock.close()
 
 
 def serve(config: dict[str, Any]) -> None:
@@ -85,6 +115,36 @@ def serve(config: dict[str, Any]) -> None:
     trio.run(main)
 
 
+def subscribe(config: dict[str, Any]) -> None:
+    """The subscribers process: one peer and vat per subscriber, each exporting a listener."""
+    from contextlib import AsyncExitStack
+
+    import capbus
+    from capbus.rpc.vat import open_vat
+
+    schema = _schema()
+    tally = Tally(config["plan"], config["pipe"])
+
+    class Listener(schema.Subscriber.Server):  # type: ignore[misc,name-defined]
+        def event(self, seq: int) -> None:
+            tally.delivered()
+
+    async def main() -> None:
+        try:
+            async with AsyncExitStack() as stack:
+                for index, fd in enumerate(config["fds"]):
+                    peer = await stack.enter_async_context(capbus.Peer.from_socket(fd))
+                    vat = await stack.enter_async_context(open_vat(peer))
+                    (launcher,) = (await peer.take_seed()).handles
+                    await peer.send(launcher, str(index).encode(), handles=[await vat.export(Listener())])
+                print("ready", flush=True)
+                await trio.sleep_forever()
+        except capbus.Disconnected:
+            pass
+
+    trio.run(main)
+
+
 def measure(config: dict[str, Any]) -> dict[str, Any]:
     import capbus
     from capbus.rpc.vat import open_vat
@@ -95,31 +155,50 @@ def measure(config: dict[str, Any]) -> dict[str, Any]:
         pass
 
     async def main() -> dict[str, Any]:
-        async with capbus.Peer.from_socket(config["fd"]) as peer, open_vat(peer) as vat:
-            (handle,) = (await peer.take_seed()).handles
-            bench = vat.client(handle, schema.Bench)
-            for _ in range(200):
-                await bench.echo(PAYLOAD)
+        async with capbus.Peer.from_socket(config["fd"]) as peer:
+            handle, *inbox = (await peer.take_seed()).handles
+            subscriber_handles: tuple[capbus.Handle, ...] = ()
+            if inbox:  # the multicast workloads' subscribers, from the launcher
+                node = await peer.create_node()
+                await peer.send(inbox[0], b"subscribers?", handles=[node])
+                with trio.fail_after(60):
+                    subscriber_handles = (await peer.recv()).handles
+                await peer.destroy(node)
+            async with open_vat(peer) as vat:
+                bench = vat.client(handle, schema.Bench)
+                subscribers = [vat.client(h, schema.Subscriber) for h in subscriber_handles]
+                event = schema.Subscriber.interface.methods["event"]
 
-            async def received() -> int:
-                return int((await bench.received()).calls)
+                async def publish(n: int, seq: int) -> None:
+                    # One send for all n subscribers.
+                    refused = [e for e in await vat.multicast(subscribers[:n], event, {"seq": seq}) if e]
+                    if refused:
+                        raise RuntimeError(f"{len(refused)} subscribers refused an event: {refused[0]}")
 
-            async def carry(size: int, n: int) -> dict[str, float]:
-                data = bytes(size)
-                return data_rate(size, await round_trips(lambda: bench.data(data=data), n))
+                for _ in range(200):
+                    await bench.echo(PAYLOAD)
 
-            return await run_plan(
-                config["plan"],
-                {
-                    "echo32": lambda n: round_trips(lambda: bench.echo(PAYLOAD), n),
-                    "oneway": lambda n: oneway_rate(bench.ping.oneway, received, n),
-                    "inflight64": lambda n: in_flight_trio(bench.ping, n),
-                    # A new object each call: exported, passed, released and collected.
-                    "cap": lambda n: round_trips(lambda: bench.take(cap=Local()), n),
-                    "ping": lambda n: round_trips(bench.ping, n),
-                    **{name: functools.partial(carry, size) for name, size in DATA_SIZES.items()},
-                },
-            )
+                async def received() -> int:
+                    return int((await bench.received()).calls)
+
+                async def carry(size: int, n: int) -> dict[str, float]:
+                    data = bytes(size)
+                    return data_rate(size, await round_trips(lambda: bench.data(data=data), n))
+
+                return await run_plan(
+                    config["plan"],
+                    {
+                        "echo32": lambda n: round_trips(lambda: bench.echo(PAYLOAD), n),
+                        "oneway": lambda n: oneway_rate(bench.ping.oneway, received, n),
+                        "inflight64": lambda n: in_flight_trio(bench.ping, n),
+                        # A new object each call: exported, passed, released and collected.
+                        "cap": lambda n: round_trips(lambda: bench.take(cap=Local()), n),
+                        "ping": lambda n: round_trips(bench.ping, n),
+                        **{name: functools.partial(carry, size) for name, size in DATA_SIZES.items()},
+                    },
+                    publish,
+                    functools.partial(stamp_trio, config["pipe"]),
+                )
 
     result: dict[str, Any] = trio.run(main)
     return result

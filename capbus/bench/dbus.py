@@ -13,12 +13,13 @@ import os
 import socket
 import subprocess
 import tempfile
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 import trio
 
+from .processes import Offer, Spawn
 from .workloads import DATA_SIZES, PAYLOAD, data_rate, in_flight_asyncio, oneway_rate, round_trips, run_plan
 
 LABEL = "D-Bus (dbus-broker, dbus-fast)"
@@ -27,7 +28,6 @@ PROGRAMS = {"dbus-broker": "dbus-broker"}
 UNSUPPORTED = {"cap": "D-Bus has no capabilities", "ping": "D-Bus has no capabilities"}
 NAME = "org.capbus.Bench"
 PATH = "/org/capbus/Bench"
-Spawn = Callable[[dict[str, Any], list[int]], Awaitable[Any]]
 
 # The broker's policy (its controller API, as of dbus-broker 33): allow everything.
 _BATCH = "bta(btbs)a(btssssuutt)a(btssssuutt)"
@@ -87,7 +87,7 @@ def _start_broker(path: str) -> tuple[subprocess.Popen[bytes], socket.socket]:
 
 
 @asynccontextmanager
-async def sitting(spawn_server: Spawn) -> AsyncIterator[tuple[dict[str, Any], list[int]]]:
+async def sitting(spawn_server: Spawn, plan: dict[str, int]) -> AsyncIterator[Offer]:
     with tempfile.TemporaryDirectory(prefix="capbus-bench-") as directory:
         path = os.path.join(directory, "bus")
         broker, controller = await trio.to_thread.run_sync(_start_broker, path)
@@ -133,7 +133,7 @@ def serve(config: dict[str, Any]) -> None:
         bus.add_message_handler(handler)
         await bus.request_name(NAME)
         print("ready", flush=True)
-        await bus.wait_for_disconnect()  # type: ignore[no-untyped-call]
+        await bus.wait_for_disconnect()  # type: ignore[no-untyped-call,unused-ignore]
 
     asyncio.run(main())
 

@@ -7,11 +7,12 @@ import functools
 import os
 import struct
 import tempfile
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from .workloads import DATA_SIZES, PAYLOAD, data_rate, in_flight_asyncio, round_trips, run_plan
+from .processes import Offer, Spawn
+from .workloads import DATA_SIZES, MULTICASTS, PAYLOAD, data_rate, in_flight_asyncio, round_trips, run_plan
 
 LABEL = "gRPC (unix socket)"
 PACKAGES = {"grpc": "grpcio"}
@@ -20,14 +21,14 @@ UNSUPPORTED = {
     "oneway": "gRPC has no one-way calls",
     "cap": "gRPC has no capabilities",
     "ping": "gRPC has no capabilities",
+    **dict.fromkeys(MULTICASTS, "gRPC has no multicast"),
 }
 _LARGEST = 128 << 20
 _OPTIONS = [("grpc.max_send_message_length", _LARGEST), ("grpc.max_receive_message_length", _LARGEST)]
-Spawn = Callable[[dict[str, Any], list[int]], Awaitable[Any]]
 
 
 @asynccontextmanager
-async def sitting(spawn_server: Spawn) -> AsyncIterator[tuple[dict[str, Any], list[int]]]:
+async def sitting(spawn_server: Spawn, plan: dict[str, int]) -> AsyncIterator[Offer]:
     with tempfile.TemporaryDirectory(prefix="capbus-bench-") as directory:
         target = {"target": f"unix:{os.path.join(directory, 'grpc')}"}
         await spawn_server(target, [])

@@ -6,17 +6,20 @@ from __future__ import annotations
 import functools
 import os
 import tempfile
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from .workloads import DATA_SIZES, PAYLOAD, data_rate, in_flight_asyncio, round_trips, run_plan
+from .processes import Offer, Spawn
+from .workloads import DATA_SIZES, MULTICASTS, PAYLOAD, data_rate, in_flight_asyncio, round_trips, run_plan
 
 LABEL = "pycapnp RPC"
 PACKAGES: dict[str, str] = {}
 PROGRAMS: dict[str, str] = {}
-UNSUPPORTED = {"oneway": "Cap'n Proto has no one-way calls"}
-Spawn = Callable[[dict[str, Any], list[int]], Awaitable[Any]]
+UNSUPPORTED = {
+    "oneway": "Cap'n Proto has no one-way calls",
+    **dict.fromkeys(MULTICASTS, "Cap'n Proto RPC has no multicast"),
+}
 
 
 def _schema() -> Any:
@@ -29,7 +32,7 @@ def _schema() -> Any:
 
 
 @asynccontextmanager
-async def sitting(spawn_server: Spawn) -> AsyncIterator[tuple[dict[str, Any], list[int]]]:
+async def sitting(spawn_server: Spawn, plan: dict[str, int]) -> AsyncIterator[Offer]:
     with tempfile.TemporaryDirectory(prefix="capbus-bench-") as directory:
         path = os.path.join(directory, "pycapnp")
         await spawn_server({"path": path}, [])

@@ -6,12 +6,13 @@ import functools
 import socket
 import struct
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 import trio
 
+from .processes import Offer, Spawn, Tally, stamp_trio, subscribers_process, subscribers_wanted
 from .workloads import DATA_SIZES, IN_FLIGHT, PAYLOAD, data_rate, oneway_rate, round_trips, run_plan
 
 LABEL = "raw trio socketpair"
@@ -23,15 +24,27 @@ UNSUPPORTED = {
 }
 _HEAD = struct.Struct("<IB")  # length of the body, kind
 _CALL, _ONEWAY, _COUNT = 1, 2, 3
-Spawn = Callable[[dict[str, Any], list[int]], Awaitable[Any]]
 
 
 @asynccontextmanager
-async def sitting(spawn_server: Spawn) -> AsyncIterator[tuple[dict[str, Any], list[int]]]:
+async def sitting(spawn_server: Spawn, plan: dict[str, int]) -> AsyncIterator[Offer]:
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    with ours, theirs:
-        await spawn_server({"fd": theirs.fileno()}, [theirs.fileno()])
-        yield {"fd": ours.fileno()}, [ours.fileno()]
+    # The multicast workloads' subscribers: a socketpair each.
+    pairs = [socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(subscribers_wanted(plan))]
+    try:
+        with ours, theirs:
+            await spawn_server({"fd": theirs.fileno()}, [theirs.fileno()])
+            ends = [b.fileno() for _, b in pairs]
+            async with subscribers_process(spawn_server, plan, {"fds": ends}, ends) as pipe:
+                for _, b in pairs:
+                    b.close()
+                publishing = [a.fileno() for a, _ in pairs]
+                fds = [ours.fileno(), *publishing, *([] if pipe is None else [pipe])]
+                yield {"fd": ours.fileno(), "subscribers": publishing, "pipe": pipe}, fds
+    finally:
+        for a, b in pairs:
+            a.close()
+            b.close()
 
 
 class _Frames:
@@ -102,6 +115,29 @@ def serve(config: dict[str, Any]) -> None:
     trio.run(main)
 
 
+def subscribe(config: dict[str, Any]) -> None:
+    """The subscribers process: a task reading events from each socket."""
+    tally = Tally(config["plan"], config["pipe"])
+
+    async def listen(fd: int) -> None:
+        with trio.socket.from_stdlib_socket(socket.socket(fileno=fd)) as sock:
+            frames = _Frames(sock)
+            try:
+                while True:
+                    await frames.read()
+                    tally.delivered()
+            except (EOFError, OSError):
+                pass
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            for fd in config["fds"]:
+                nursery.start_soon(listen, fd)
+            print("ready", flush=True)
+
+    trio.run(main)
+
+
 def measure(config: dict[str, Any]) -> dict[str, Any]:
     async def main() -> dict[str, Any]:
         with trio.socket.from_stdlib_socket(socket.socket(fileno=config["fd"])) as sock:
@@ -134,6 +170,16 @@ def measure(config: dict[str, Any]) -> dict[str, Any]:
                 data = bytes(size)
                 return data_rate(size, await round_trips(lambda: call(data), n))
 
+            subscribers = [
+                _Frames(trio.socket.from_stdlib_socket(socket.socket(fileno=fd)))
+                for fd in config["subscribers"]
+            ]
+
+            async def publish(n: int, seq: int) -> None:
+                event = struct.pack("<Q", seq)
+                for subscriber in subscribers[:n]:  # one send each
+                    await subscriber.write(_ONEWAY, event)
+
             for _ in range(100):
                 await call()
             return await run_plan(
@@ -144,6 +190,8 @@ def measure(config: dict[str, Any]) -> dict[str, Any]:
                     "inflight64": lambda n: window(max(n, IN_FLIGHT)),
                     **{name: functools.partial(carry, size) for name, size in DATA_SIZES.items()},
                 },
+                publish,
+                functools.partial(stamp_trio, config["pipe"]),
             )
 
     result: dict[str, Any] = trio.run(main)

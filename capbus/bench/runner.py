@@ -22,7 +22,7 @@ from typing import Any
 
 import trio
 
-from .workloads import WORKLOADS, Workload
+from .workloads import GOALS, WORKLOADS, Workload
 
 CONTENDERS = ("raw", "capbus_rpc", "pycapnp_rpc", "dbus", "grpc_unix", "zeromq")
 REFERENCE = "capbus_rpc"
@@ -84,11 +84,16 @@ async def _sitting(contender: Contender, plan: dict[str, int]) -> dict[str, Any]
 
     errors = tempfile.TemporaryFile()
 
-    async def spawn_server(config: dict[str, Any], fds: list[int]) -> trio.Process:
+    async def spawn_server(config: dict[str, Any], fds: list[int], role: str = "serve") -> trio.Process:
+        """Starts ``role`` ("serve", or "subscribe": the subscribers process of the
+        multicast workloads) with ``config`` and the plan, and waits for its "ready"."""
         # What a server says on stderr is shown only if it fails to start (a server
         # terminated at the end of its sitting may well complain).
         process = await trio.lowlevel.open_process(
-            _command(contender.name, "serve", config), pass_fds=fds, stdout=subprocess.PIPE, stderr=errors
+            _command(contender.name, role, {**config, "plan": plan}),
+            pass_fds=fds,
+            stdout=subprocess.PIPE,
+            stderr=errors,
         )
         servers.append(process)
         assert process.stdout is not None
@@ -105,7 +110,7 @@ async def _sitting(contender: Contender, plan: dict[str, int]) -> dict[str, Any]
         return process
 
     try:
-        async with contender.module.sitting(spawn_server) as (config, fds):
+        async with contender.module.sitting(spawn_server, plan) as (config, fds):
             with trio.fail_after(TIMEOUT):
                 done = await trio.run_process(
                     _command(contender.name, "measure", {**config, "plan": plan}),
@@ -182,7 +187,9 @@ def report(contenders: list[Contender], workloads: list[str], rounds: int, elaps
                 row.append("failed")
                 continue
             value, p99 = _value(workload, runs)
-            cell = _format(value, workload.unit) + (f" [{p99:,.0f}]" if p99 is not None else "")
+            cell = _format(value, workload.unit) + (
+                f" [{p99:,.{1 if p99 < 10 else 0}f}]" if p99 is not None else ""
+            )
             if ours and contender is not reference:
                 cell += f" · {_value(workload, ours)[0] / value:.2f}x"
             row.append(cell)
@@ -196,7 +203,40 @@ def report(contenders: list[Contender], workloads: list[str], rounds: int, elaps
         for name, reason in contender.module.UNSUPPORTED.items():
             if name in workloads:
                 lines.append(f"- n/a: {contender.label}, {WORKLOADS[name].label}: {reason}")
+    goals = _goals(contenders)
+    if goals:
+        lines += ["", "Goals:", "", *goals]
     return "\n".join(lines)
+
+
+def _goals(contenders: list[Contender]) -> list[str]:
+    """The issues' goals whose workloads ran: met or not, with the figures that decide."""
+    by_name = {c.name: c for c in contenders}
+    lines = []
+    for goal in GOALS:
+        contender = by_name.get(goal.contender)
+        if contender is None:
+            continue
+        runs, baseline_runs = contender.results.get(goal.workload), contender.results.get(goal.baseline)
+        if runs is None and baseline_runs is None:
+            continue
+        if not runs or not baseline_runs:
+            lines.append(f"- goal not measured: {goal.text} (needs {goal.workload} and {goal.baseline})")
+            continue
+        value = _as_microseconds(WORKLOADS[goal.workload], runs)
+        base = _as_microseconds(WORKLOADS[goal.baseline], baseline_runs)
+        verdict = "met" if value <= goal.factor * base else "NOT met"
+        lines.append(
+            f"- goal {verdict}: {goal.text}: {value:,.3f} us against {goal.factor} x {base:,.3f} us "
+            f"= {goal.factor * base:,.3f} us"
+        )
+    return lines
+
+
+def _as_microseconds(workload: Workload, runs: list[dict[str, float]]) -> float:
+    """One operation's cost: the figure for a latency, 1e6 / the figure for a rate."""
+    value = figure(workload, runs)
+    return value if workload.unit == "us" else 1e6 / value
 
 
 async def run(args: argparse.Namespace) -> list[Contender]:

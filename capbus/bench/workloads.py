@@ -3,6 +3,7 @@ only await, so asyncio and trio clients share them)."""
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 from collections.abc import Awaitable, Callable
@@ -35,13 +36,66 @@ WORKLOADS: dict[str, Workload] = {
         Workload("ping", "the same call without one", "us", 500, 2_000),
         Workload("data1M", "a call carrying 1 MiB of Data", "MB/s", 30, 100),
         Workload("data64M", "a call carrying 64 MiB (less 1 KiB) of Data", "MB/s", 3, 8),
+        # Multicast: iterations are batches of MULTICAST_BATCH events (the first one a warm-up).
+        *(
+            Workload(
+                f"multicast{n}",
+                f"an event to {n} subscriber{'s' * (n > 1)}: time per delivery, lower is better",
+                "us",
+                6,
+                25,
+            )
+            for n in (1, 16, 256)
+        ),
     )
 }
+MULTICASTS = tuple(name for name in WORKLOADS if name.startswith("multicast"))
 DATA_SIZES = {"data1M": 1 << 20, "data64M": (64 << 20) - 1024}
 """64 MiB less 1 KiB: Cap'n Proto's (and D-Bus's) 64 MiB message limit holds the envelope too."""
 ONEWAY_BATCH = 256
 """One-way calls have no flow control of their own: a two-way call every this many."""
 IN_FLIGHT = 64
+MULTICAST_BATCH = 64
+"""Events per multicast batch: the publisher sends them all, then waits until the last
+subscriber has the last one."""
+SUBSCRIBERS = 256
+"""Subscribers the subscribers process holds (each with its own connection); a multicast
+workload reaches the first N."""
+MULTICAST_TIMEOUT = 20
+"""Seconds a multicast batch may take before it counts as lost."""
+
+
+def multicast_subscribers(workload: str) -> int | None:
+    """How many subscribers ``workload`` reaches, or None if it is not a multicast one."""
+    return int(workload.removeprefix("multicast")) if workload.startswith("multicast") else None
+
+
+def wants_subscribers(plan: dict[str, int]) -> bool:
+    return any(multicast_subscribers(name) for name in plan)
+
+
+@dataclass(frozen=True)
+class Goal:
+    """A target from an issue: ``contender``'s figure for ``workload`` at most ``factor``
+    times its cost of one ``baseline`` operation (1e6 / rate for a rate, the figure itself
+    for a latency)."""
+
+    text: str
+    contender: str
+    workload: str
+    factor: float
+    baseline: str
+
+
+GOALS = (
+    Goal(
+        "capbus: a multicast delivery to each of 256 subscribers costs at most 0.2x a one-way call",
+        "capbus_rpc",
+        "multicast256",
+        0.2,
+        "oneway",
+    ),
+)
 
 
 def summary(samples_ns: list[int]) -> dict[str, float]:
@@ -118,9 +172,45 @@ async def in_flight_asyncio(call: Callable[[], Awaitable[Any]], iterations: int)
 Runner = Callable[[int], Awaitable[dict[str, float]]]
 
 
-async def run_plan(plan: dict[str, int], runners: dict[str, Runner]) -> dict[str, Any]:
+async def multicast_rate(
+    publish: Callable[[int], Awaitable[Any]],
+    stamp: Callable[[], Awaitable[int]],
+    subscribers: int,
+    batches: int,
+) -> dict[str, float]:
+    """Batches of ``MULTICAST_BATCH`` events (``publish(seq)`` sends one to ``subscribers``),
+    each timed from its first send until ``stamp()`` (the subscribers process's
+    perf_counter_ns of the batch's last delivery: CLOCK_MONOTONIC, the same in every
+    process) and divided by its deliveries. The first batch warms up and is not counted."""
+    samples = []
+    seq = 0
+    for batch in range(max(2, batches)):
+        start = time.perf_counter_ns()
+        for _ in range(MULTICAST_BATCH):
+            await publish(seq)
+            seq += 1
+        done = await stamp()
+        if batch:
+            samples.append((done - start) // subscribers)
+    per_batch = summary(samples)
+    return {key: value / MULTICAST_BATCH for key, value in per_batch.items()}
+
+
+async def run_plan(
+    plan: dict[str, int],
+    runners: dict[str, Runner],
+    publish: Callable[[int, int], Awaitable[Any]] | None = None,
+    stamp: Callable[[], Awaitable[int]] | None = None,
+) -> dict[str, Any]:
     """Runs each planned workload; one that fails is recorded with its error, and the rest
-    still run."""
+    still run. The multicast workloads need ``publish(n, seq)``, which publishes event
+    ``seq`` to the first ``n`` subscribers, and ``stamp`` (see :func:`multicast_rate`)."""
+    if publish is not None and stamp is not None:
+        runners = dict(runners)
+        for name in MULTICASTS:
+            n = multicast_subscribers(name)
+            assert n is not None
+            runners[name] = functools.partial(multicast_rate, functools.partial(publish, n), stamp, n)
     results: dict[str, Any] = {}
     for name, iterations in plan.items():
         try:

@@ -7,10 +7,11 @@ import functools
 import os
 import struct
 import tempfile
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+from .processes import Offer, Spawn
 from .workloads import DATA_SIZES, IN_FLIGHT, PAYLOAD, data_rate, oneway_rate, round_trips, run_plan
 
 LABEL = "ZeroMQ (ipc://)"
@@ -18,11 +19,10 @@ PACKAGES = {"zmq": "pyzmq"}
 PROGRAMS: dict[str, str] = {}
 UNSUPPORTED = {"cap": "ZeroMQ has no capabilities", "ping": "ZeroMQ has no capabilities"}
 _CALL, _ONEWAY, _COUNT, _DATA = b"c", b"o", b"n", b"d"
-Spawn = Callable[[dict[str, Any], list[int]], Awaitable[Any]]
 
 
 @asynccontextmanager
-async def sitting(spawn_server: Spawn) -> AsyncIterator[tuple[dict[str, Any], list[int]]]:
+async def sitting(spawn_server: Spawn, plan: dict[str, int]) -> AsyncIterator[Offer]:
     with tempfile.TemporaryDirectory(prefix="capbus-bench-") as directory:
         endpoint = {"endpoint": f"ipc://{os.path.join(directory, 'zmq')}"}
         await spawn_server(endpoint, [])
@@ -73,7 +73,8 @@ def measure(config: dict[str, Any]) -> dict[str, Any]:
 
         async def call(kind: bytes = _CALL, body: bytes = message) -> list[Any]:
             await dealer.send_multipart([kind, body], copy=len(body) < 65536)
-            return await dealer.recv_multipart(copy=False)
+            frames: list[Any] = await dealer.recv_multipart(copy=False)
+            return frames
 
         async def oneway() -> None:
             await dealer.send_multipart([_ONEWAY, b""])

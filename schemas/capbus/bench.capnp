@@ -8,3 +8,8 @@ interface Bench {
   received @3 () -> (calls :UInt64);
   data @4 (data :Data) -> (size :UInt64);
 }
+
+# The multicast workloads' subscribers: one event, one-way, to each of N of them at once.
+interface Subscriber {
+  event @0 (seq :UInt64) -> ();
+}

@@ -53,6 +53,33 @@ def test_a_quick_run_measures_capbus_against_the_raw_floor(tmp_path: Path) -> No
     assert cap_run["median_us"] > 0
 
 
+def test_multicast_workloads_measure_capbus_and_the_raw_floor(tmp_path: Path) -> None:
+    figures = tmp_path / "figures.json"
+    workloads = ["oneway", "multicast1", "multicast16", "multicast256"]
+    done = subprocess.run(
+        [sys.executable, "-m", "capbus", "bench", "--quick", "--rounds", "1", "--only", "raw", "--no-install"]
+        + [arg for name in workloads for arg in ("--workload", name)]
+        + ["--json", str(figures)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    table = {line.split("|")[1].strip(): line for line in done.stdout.splitlines() if line.startswith("| ")}
+    for n in (1, 16, 256):
+        row = table[f"an event to {n} subscriber{'s' * (n > 1)}: time per delivery, lower is better (us)"]
+        assert row.count(" us [") == 2, row  # both measured, with p99s
+    results = json.loads(figures.read_text())
+    for contender in ("capbus_rpc", "raw"):
+        for name in workloads[1:]:
+            (run,) = results[contender]["results"][name]
+            assert 0 < run["median_us"] <= run["p99_us"], (contender, name, run)
+    # The goal is judged from the figures, met or not.
+    assert (
+        "- goal met: capbus: a multicast delivery" in done.stdout or "- goal NOT met: capbus" in done.stdout
+    )
+
+
 def test_a_contender_that_cannot_be_installed_is_reported_missing() -> None:
     module = SimpleNamespace(
         LABEL="nothing",
