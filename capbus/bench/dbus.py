@@ -19,8 +19,18 @@ from typing import Any
 
 import trio
 
-from .processes import Offer, Spawn
-from .workloads import DATA_SIZES, PAYLOAD, data_rate, in_flight_asyncio, oneway_rate, round_trips, run_plan
+from .processes import Offer, Spawn, Tally, stamp_asyncio, subscribers_process
+from .workloads import (
+    DATA_SIZES,
+    PAYLOAD,
+    SUBSCRIBERS,
+    data_rate,
+    in_flight_asyncio,
+    oneway_rate,
+    round_trips,
+    run_plan,
+    subscriptions,
+)
 
 LABEL = "D-Bus (dbus-broker, dbus-fast)"
 PACKAGES = {"dbus_fast": "dbus-fast"}
@@ -46,7 +56,7 @@ def _start_broker(path: str) -> tuple[subprocess.Popen[bytes], socket.socket]:
     listener.setblocking(False)  # the broker accepts on it as it is
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     broker = subprocess.Popen(
-        ["dbus-broker", "--controller", str(theirs.fileno()), "--machine-id", "0" * 32],
+        ["dbus-broker", "--controller", str(theirs.fileno()), "--machine-id", "0" * 32, "--max-fds", "4096"],
         pass_fds=[theirs.fileno()],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
@@ -94,7 +104,8 @@ async def sitting(spawn_server: Spawn, plan: dict[str, int]) -> AsyncIterator[Of
         address = {"address": f"unix:path={path}"}
         try:
             await spawn_server(address, [])
-            yield address, []
+            async with subscribers_process(spawn_server, plan, address, []) as pipe:
+                yield {**address, "pipe": pipe}, [] if pipe is None else [pipe]
         finally:
             controller.close()
             broker.terminate()
@@ -138,6 +149,46 @@ def serve(config: dict[str, Any]) -> None:
     asyncio.run(main())
 
 
+def subscribe(config: dict[str, Any]) -> None:
+    """The subscribers process: a bus connection per subscriber, each with a match rule for
+    the signal of every multicast width that reaches it ("E16": subscribers 0 to 15)."""
+    import asyncio
+
+    from dbus_fast import Message, MessageType
+    from dbus_fast.aio import MessageBus
+
+    tally = Tally(config["plan"], config["pipe"])
+
+    def handler(message: Message) -> None:
+        if message.message_type is MessageType.SIGNAL and message.interface == NAME:
+            tally.delivered()
+
+    async def subscriber(index: int) -> MessageBus:
+        bus = await MessageBus(bus_address=config["address"]).connect()
+        bus.add_message_handler(handler)
+        for n in subscriptions(index):
+            reply = await bus.call(
+                Message(
+                    destination="org.freedesktop.DBus",
+                    path="/org/freedesktop/DBus",
+                    interface="org.freedesktop.DBus",
+                    member="AddMatch",
+                    signature="s",
+                    body=[f"type='signal',interface='{NAME}',member='E{n}'"],
+                )
+            )
+            assert reply is not None and reply.error_name is None, reply and reply.body
+        return bus
+
+    async def main() -> None:
+        async with asyncio.timeout(60):
+            buses = await asyncio.gather(*(subscriber(i) for i in range(SUBSCRIBERS)))
+        print("ready", flush=True)
+        await asyncio.gather(*(bus.wait_for_disconnect() for bus in buses))  # type: ignore[no-untyped-call,unused-ignore]
+
+    asyncio.run(main())
+
+
 def measure(config: dict[str, Any]) -> dict[str, Any]:
     import asyncio
 
@@ -175,6 +226,10 @@ def measure(config: dict[str, Any]) -> dict[str, Any]:
             data = bytes(size)
             return data_rate(size, await round_trips(lambda: call("Data", "ay", [data]), n))
 
+        async def publish(n: int, seq: int) -> None:
+            # One signal; the broker sends it to every connection whose match rule takes it.
+            await bus.send(Message.new_signal(PATH, NAME, f"E{n}", "t", [seq]))
+
         for _ in range(200):
             await call("Echo", "s", [PAYLOAD])
         out.update(
@@ -186,6 +241,8 @@ def measure(config: dict[str, Any]) -> dict[str, Any]:
                     "inflight64": lambda n: in_flight_asyncio(lambda: call("Ping"), n),
                     **{name: functools.partial(carry, size) for name, size in DATA_SIZES.items()},
                 },
+                publish,
+                functools.partial(stamp_asyncio, config["pipe"]),
             )
         )
         bus.disconnect()

@@ -70,6 +70,11 @@ def multicast_subscribers(workload: str) -> int | None:
     return int(workload.removeprefix("multicast")) if workload.startswith("multicast") else None
 
 
+def subscriptions(index: int) -> list[int]:
+    """The multicast widths that reach subscriber ``index`` (each reaches the first N)."""
+    return [n for name in MULTICASTS if (n := multicast_subscribers(name) or 0) > index]
+
+
 def wants_subscribers(plan: dict[str, int]) -> bool:
     return any(multicast_subscribers(name) for name in plan)
 
