@@ -35,7 +35,7 @@ def draw(contenders: list[Contender], workloads: list[str], path: str) -> None:
         values = [value for _, value in measured]
         colours = ["tab:red" if c.name == REFERENCE else "tab:gray" for c, _ in measured]
         bars = ax.barh(labels, values, color=colours)
-        ax.bar_label(bars, labels=[f"{v:,.0f}" for v in values], fontsize=7, padding=2)
+        ax.bar_label(bars, labels=[f"{v:,.{1 if v < 10 else 0}f}" for v in values], fontsize=7, padding=2)
         better = "higher is better" if workload.higher_is_better else "lower is better"
         ax.set_title(f"{workload.label}\n({workload.unit}, {better})", fontsize=8)
         ax.tick_params(labelsize=7)

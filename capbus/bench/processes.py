@@ -4,6 +4,7 @@ each batch of events has arrived."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import struct
@@ -84,11 +85,11 @@ async def stamp_trio(fd: int) -> int:
     import trio
 
     data = b""
-    with trio.fail_after(MULTICAST_TIMEOUT):
+    with trio.move_on_after(MULTICAST_TIMEOUT):
         while len(data) < 8:
             await trio.lowlevel.wait_readable(fd)
             data += _read(fd, 8 - len(data))
-    return int(struct.unpack("<Q", data)[0])
+    return _stamp(data)
 
 
 async def stamp_asyncio(fd: int) -> int:
@@ -97,15 +98,24 @@ async def stamp_asyncio(fd: int) -> int:
 
     loop = asyncio.get_running_loop()
     data = b""
-    async with asyncio.timeout(MULTICAST_TIMEOUT):
-        while len(data) < 8:
-            readable: asyncio.Future[None] = loop.create_future()
-            loop.add_reader(fd, functools.partial(_settle, readable))
-            try:
-                await readable
-            finally:
-                loop.remove_reader(fd)
-            data += _read(fd, 8 - len(data))
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(MULTICAST_TIMEOUT):
+            while len(data) < 8:
+                readable: asyncio.Future[None] = loop.create_future()
+                loop.add_reader(fd, functools.partial(_settle, readable))
+                try:
+                    await readable
+                finally:
+                    loop.remove_reader(fd)
+                data += _read(fd, 8 - len(data))
+    return _stamp(data)
+
+
+def _stamp(data: bytes) -> int:
+    if len(data) < 8:
+        raise TimeoutError(
+            f"the batch's last delivery did not come within {MULTICAST_TIMEOUT} s: events were lost"
+        )
     return int(struct.unpack("<Q", data)[0])
 
 

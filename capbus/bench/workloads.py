@@ -208,7 +208,8 @@ async def run_plan(
     stamp: Callable[[], Awaitable[int]] | None = None,
 ) -> dict[str, Any]:
     """Runs each planned workload; one that fails is recorded with its error, and the rest
-    still run. The multicast workloads need ``publish(n, seq)``, which publishes event
+    still run (but for the multicast workloads after a failed one: the subscribers' count of
+    batches is off). The multicast workloads need ``publish(n, seq)``, which publishes event
     ``seq`` to the first ``n`` subscribers, and ``stamp`` (see :func:`multicast_rate`)."""
     if publish is not None and stamp is not None:
         runners = dict(runners)
@@ -217,9 +218,15 @@ async def run_plan(
             assert n is not None
             runners[name] = functools.partial(multicast_rate, functools.partial(publish, n), stamp, n)
     results: dict[str, Any] = {}
+    multicast_failed: str | None = None
     for name, iterations in plan.items():
+        if multicast_failed and name in MULTICASTS:
+            results[name] = {"error": f"not run: {multicast_failed} failed before it"}
+            continue
         try:
             results[name] = await runners[name](iterations)
         except Exception as error:
             results[name] = {"error": f"{type(error).__name__}: {error}"[:500]}
+            if name in MULTICASTS:
+                multicast_failed = name
     return results
