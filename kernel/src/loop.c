@@ -613,11 +613,6 @@ int capbus_kernel_run(struct cb_kernel *kernel)
 				continue;
 			break;
 		}
-		/* Due even while other peers keep the loop busy. */
-		if (waiting && now_ms() >= retry_at) {
-			retry_at = 0;
-			retry(kernel);
-		}
 		for (int i = 0; i < n; i++) {
 			void *ptr = events[i].data.ptr;
 			if (ptr == NULL) {
@@ -638,6 +633,12 @@ int capbus_kernel_run(struct cb_kernel *kernel)
 			}
 		}
 		cb_kernel_settle(kernel);
+		/* Due even while other peers keep the loop busy. Only after the batch: a retry
+		 * may disconnect (free) a peer whose event is in it. */
+		if (waiting && now_ms() >= retry_at) {
+			retry_at = 0;
+			retry(kernel);
+		}
 	}
 	kernel->running = false;
 	pthread_mutex_unlock(&kernel->lock);
