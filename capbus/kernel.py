@@ -67,6 +67,7 @@ class KernelStatistics:
     peers_gated: int
     peers_half_closed: int
     wakeups: int
+    sockets_lingering: int
 
 
 def _check(result: int, what: str) -> None:

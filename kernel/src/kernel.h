@@ -69,6 +69,7 @@ struct cb_kernel {
 	struct cb_link stalled;        /* peers whose next frame waits for fd room (queue.h) */
 	struct cb_link fd_holders;     /* peers with fds written to their socket, perhaps unread */
 	struct cb_link gated;          /* peers not read while their uid's backlog is full */
+	struct cb_link lingering;      /* disconnected peers' sockets with fds unread (linger.h) */
 	int retry_ms;                  /* how long the loop waits before retrying stalled peers */
 };
 

@@ -29,6 +29,7 @@
 #include "capbus_kernel.h"
 #include "handle.h"
 #include "kernel.h"
+#include "linger.h"
 #include "message.h"
 #include "node.h"
 #include "peer.h"
@@ -127,6 +128,7 @@ int capbus_kernel_new(const struct capbus_limits *limits, struct cb_kernel **out
 	cb_list_init(&kernel->stalled);
 	cb_list_init(&kernel->fd_holders);
 	cb_list_init(&kernel->gated);
+	cb_list_init(&kernel->lingering);
 	fd_budgets(kernel);
 	/* Kept to be given up at EMFILE, to accept a newcomer and close it at once (so that a
 	 * full fd table never leaves the listener readable for ever: the loop would spin). */
@@ -289,6 +291,7 @@ void capbus_kernel_stats(struct cb_kernel *kernel, struct capbus_stats *out)
 		memory += peer->queue.n_entries * sizeof(struct cb_qentry) + peer->queue.backlog_bytes;
 	}
 	memory += cb_map_bytes(&kernel->peers_by_key) + cb_map_bytes(&kernel->users);
+	memory += kernel->stats.sockets_lingering * sizeof(struct cb_linger);
 	out->memory_bytes = memory;
 	pthread_mutex_unlock(&kernel->lock);
 }
@@ -316,6 +319,7 @@ static void retry_stalled(struct cb_kernel *kernel)
 		next = link->next; /* reclaiming unlinks it */
 		cb_queue_reclaim_fds(cb_container_of(link, struct cb_peer, holder_link));
 	}
+	cb_linger_reap(kernel);
 	for (link = kernel->stalled.next; link != &kernel->stalled; link = link->next)
 		cb_peer_dirty(cb_container_of(link, struct cb_peer, stalled_link));
 	for (link = kernel->gated.next; link != &kernel->gated; link = next) {
@@ -594,7 +598,7 @@ int capbus_kernel_run(struct cb_kernel *kernel)
 		/* Stalled peers and a paused listener are retried on a timer, never polled: they
 		 * would be ready (writable, readable) all the time and the loop would spin. */
 		bool waiting = !cb_list_empty(&kernel->stalled) || !cb_list_empty(&kernel->gated) ||
-			       kernel->listen_paused;
+			       !cb_list_empty(&kernel->lingering) || kernel->listen_paused;
 		int timeout = -1;
 		if (waiting) {
 			if (retry_at == 0)
@@ -666,6 +670,7 @@ void capbus_kernel_free(struct cb_kernel *kernel)
 		cb_peer_disconnect(peer);
 		/* Notifications to peers still connected are dropped with them below. */
 	}
+	cb_linger_free_all(kernel);
 	pthread_mutex_unlock(&kernel->lock);
 	if (kernel->listen_fd >= 0)
 		close(kernel->listen_fd);

@@ -12,6 +12,7 @@
 #include "capbus/uapi.h"
 #include "handle.h"
 #include "kernel.h"
+#include "linger.h"
 #include "node.h"
 
 static uint64_t key_hash(const uint8_t key[16])
@@ -196,24 +197,23 @@ void cb_peer_disconnect(struct cb_peer *peer)
 	if (peer->fd < 0)
 		return;
 	epoll_ctl(kernel->epoll_fd, EPOLL_CTL_DEL, peer->fd, NULL);
-	close(peer->fd);
+	cb_queue_reclaim_fds(peer);
+	/* Fds still unread in its socket stay in flight until they are read (linger.h). */
+	cb_list_del(&peer->holder_link);
+	cb_linger_close(kernel, peer->fd, peer->user, peer->fds_in_socket);
+	peer->fds_in_socket = 0;
 	peer->fd = -1; /* from here nothing is queued to this peer */
 	cb_map_remove(&kernel->peers_by_key, key_hash(peer->key));
 	cb_list_del(&peer->dirty_link);
 	cb_list_del(&peer->doomed_link);
 	cb_list_del(&peer->stalled_link);
-	cb_list_del(&peer->holder_link);
 	cb_list_del(&peer->gated_link);
 	if (peer->gated)
 		kernel->stats.peers_gated--;
-	/* Closing the socket freed whatever fds were still unread in it. */
-	cb_fds_land(kernel, peer->user, peer->fds_in_socket);
-	peer->fds_in_socket = 0;
 	if (peer->stalled) {
 		peer->stalled = false;
 		kernel->stats.peers_stalled--;
 	}
-	cb_fds_unhold(kernel, peer->user, 1);
 	if (peer->read_closed)
 		kernel->stats.peers_half_closed--;
 	cb_queue_drop(peer);

@@ -38,6 +38,7 @@
 #include "capbus/uapi.h"
 #include "capbus_kernel.h"
 #include "kernel.h"
+#include "linger.h"
 #include "message.h"
 #include "peer.h"
 
@@ -480,6 +481,9 @@ static void tear_down(int fds_before)
 	for (link = kernel->peers.next; link != &kernel->peers; link = link->next)
 		cb_peer_doom(cb_container_of(link, struct cb_peer, kernel_link));
 	cb_kernel_settle(kernel);
+	/* Sockets of peers disconnected earlier with fds unread linger until their other end is
+	 * gone (linger.h); the loop's retry round closes them, as here. */
+	cb_linger_reap(kernel);
 
 	struct capbus_stats stats;
 	capbus_kernel_stats(kernel, &stats);
