@@ -151,14 +151,16 @@ static int prepare(struct cb_peer *sender, struct cb_user *user, uint64_t id, st
 	*entry = cb_qentry_new(sizeof(struct capbus_frame) + sizeof(struct capbus_message) + n_handles * 8);
 	if (!*entry)
 		return ENOMEM;
-	int r = cb_quota_charge(kernel, &receiver->quota, user, amount);
+	struct cb_amount charge = *amount;
+	charge.overhead = (uint32_t)cb_qentry_cost(*entry);
+	int r = cb_quota_charge(kernel, &receiver->quota, user, &charge);
 	if (r < 0) {
 		cb_qentry_free(*entry);
 		*entry = NULL;
 		return -r;
 	}
 	(*entry)->charged_to = user;
-	(*entry)->charge = *amount;
+	(*entry)->charge = charge;
 	return 0;
 }
 

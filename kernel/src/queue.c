@@ -61,8 +61,7 @@ static void entry_release(struct cb_peer *peer, struct cb_qentry *entry)
 	cb_qentry_free(entry);
 }
 
-/* The heap an entry takes: the entry, its header words, and the allocator's own. */
-static size_t entry_cost(const struct cb_qentry *entry)
+size_t cb_qentry_cost(const struct cb_qentry *entry)
 {
 	return sizeof(*entry) + (entry->header_size + 7) / 8 * 8 + 16;
 }
@@ -121,8 +120,8 @@ void cb_queue_push(struct cb_peer *peer, struct cb_qentry *entry)
 	/* What no sender was charged for is charged to the receiver's backlog, in real bytes. */
 	if (!entry->charged_to && !entry->message) {
 		entry->in_backlog = true;
-		peer->queue.backlog_bytes += entry_cost(entry);
-		peer->user->backlog_bytes += entry_cost(entry);
+		peer->queue.backlog_bytes += cb_qentry_cost(entry);
+		peer->user->backlog_bytes += cb_qentry_cost(entry);
 	}
 	cb_peer_dirty(peer);
 }
@@ -219,8 +218,8 @@ int cb_queue_flush(struct cb_peer *peer)
 			}
 			cb_list_del(&entry->link);
 			if (entry->in_backlog) {
-				queue->backlog_bytes -= entry_cost(entry);
-				peer->user->backlog_bytes -= entry_cost(entry);
+				queue->backlog_bytes -= cb_qentry_cost(entry);
+				peer->user->backlog_bytes -= cb_qentry_cost(entry);
 			}
 			if (!entry->is_reply) {
 				queue->n_entries--;
@@ -247,7 +246,7 @@ void cb_queue_drop(struct cb_peer *peer)
 			struct cb_qentry *entry = cb_list_first(lists[i], struct cb_qentry, link);
 			cb_list_del(&entry->link);
 			if (entry->in_backlog)
-				peer->user->backlog_bytes -= entry_cost(entry);
+				peer->user->backlog_bytes -= cb_qentry_cost(entry);
 			entry_release(peer, entry);
 		}
 	}

@@ -69,6 +69,8 @@ void cb_queue_init(struct cb_queue *queue);
 /* Allocates an entry with `header_size` bytes of header. */
 struct cb_qentry *cb_qentry_new(uint32_t header_size);
 void cb_qentry_free(struct cb_qentry *entry);
+/* The heap an entry takes: the entry, its header words, and the allocator's own. */
+size_t cb_qentry_cost(const struct cb_qentry *entry);
 void cb_queue_push(struct cb_peer *peer, struct cb_qentry *entry);
 /* cb_queue_flush's result when the next frame waits for fd room. */
 #define CB_FLUSH_STALLED 1

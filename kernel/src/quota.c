@@ -109,7 +109,7 @@ int cb_quota_charge(struct cb_kernel *kernel, struct cb_quota *quota, struct cb_
 	    !fits(limits->peer_handles, quota->used.handles, mine.handles, amount->handles) ||
 	    !fits(limits->peer_fds, quota->used.fds, mine.fds, amount->fds))
 		return -EDQUOT;
-	if (sender->queued_bytes + amount->bytes > limits->user_bytes)
+	if (sender->queued_bytes + amount->bytes + amount->overhead > limits->user_bytes)
 		return -EDQUOT;
 
 	if (!share) {
@@ -132,7 +132,7 @@ int cb_quota_charge(struct cb_kernel *kernel, struct cb_quota *quota, struct cb_
 	quota->used.messages += amount->messages;
 	quota->used.handles += amount->handles;
 	quota->used.fds += amount->fds;
-	sender->queued_bytes += amount->bytes;
+	sender->queued_bytes += amount->bytes + amount->overhead;
 	sender->n_charges++;
 	kernel->stats.queued_messages += amount->messages;
 	kernel->stats.queued_bytes += amount->bytes;
@@ -154,7 +154,7 @@ void cb_quota_uncharge(struct cb_kernel *kernel, struct cb_quota *quota, struct 
 	quota->used.messages -= amount->messages;
 	quota->used.handles -= amount->handles;
 	quota->used.fds -= amount->fds;
-	sender->queued_bytes -= amount->bytes;
+	sender->queued_bytes -= amount->bytes + amount->overhead;
 	sender->n_charges--;
 	kernel->stats.queued_messages -= amount->messages;
 	kernel->stats.queued_bytes -= amount->bytes;

@@ -13,7 +13,9 @@
  *    half of what others leave free: a flood from one uid (or one stuck pair of peers of
  *    the same uid) stops at half the peer's limit and a second uid can still get through;
  *  - the sending user's kernel-wide total of queued bytes (`user_bytes`), which bounds the
- *    kernel memory one uid can pin by flooding many receivers.
+ *    kernel memory one uid can pin by flooding many receivers. It counts each queued
+ *    entry's real size (the entry and its header, `overhead`) besides the payload: an empty
+ *    message is not free (~170 bytes of heap each).
  *
  * The socket buffer below the kernel adds at most one socket's worth (~200 KiB) per peer.
  *
@@ -45,7 +47,8 @@ struct cb_user {
 	uint32_t uid;
 	uint32_t n_peers;        /* connected peers created by this uid */
 	uint32_t n_charges;      /* queued entries charged to this uid; with n_peers, its references */
-	uint64_t queued_bytes;   /* payload bytes this uid has queued anywhere in the kernel */
+	uint64_t queued_bytes;   /* bytes this uid has queued anywhere in the kernel: payload and
+				  * each queue entry's overhead (bounded by user_bytes) */
 	uint32_t fds_held;       /* kernel fds charged to this uid: its peers' sockets, its queued fds */
 	uint32_t fds_in_flight;  /* fds in the sockets of this uid's peers, perhaps unread */
 	uint32_t n_handles;      /* handles its peers hold (nodes they own included) */
@@ -58,6 +61,9 @@ struct cb_amount {
 	uint32_t messages;
 	uint32_t handles;
 	uint32_t fds;
+	uint32_t overhead; /* the queue entry's own heap (cb_qentry_cost): charged to the
+			    * sender's kernel-wide bytes with the payload, so that messages
+			    * with little or no payload still cost their real size */
 };
 
 struct cb_share {

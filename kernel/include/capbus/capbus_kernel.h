@@ -18,7 +18,8 @@ struct capbus_limits {
 	uint64_t peer_fds;        /* fds in queued messages per receiving peer */
 	uint64_t handles_held;    /* handles one peer may hold */
 	uint64_t nodes_owned;     /* nodes one peer may own */
-	uint64_t user_bytes;      /* queued payload bytes per sending uid, kernel-wide */
+	uint64_t user_bytes;      /* queued bytes per sending uid, kernel-wide: payload and each
+				   * queued entry's own size */
 	uint64_t peers_per_user;  /* connected peers per uid */
 	uint64_t user_handles;    /* handles (owners' included, so nodes too) held by one uid's peers */
 	uint64_t user_backlog;    /* bytes of replies and notifications queued to one uid's peers */
