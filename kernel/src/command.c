@@ -259,7 +259,8 @@ static int seed_build(struct cb_peer *source, struct cb_peer *target, const uint
 	return 0;
 }
 
-static void cmd_peer_create(struct cb_peer *peer, uint64_t cookie, const uint8_t *body, size_t body_size)
+static void cmd_peer_create(struct cb_peer *peer, const struct cb_creds *creds, uint64_t cookie, const uint8_t *body,
+			    size_t body_size)
 {
 	struct cb_kernel *kernel = peer->kernel;
 	int pair[2];
@@ -269,16 +270,19 @@ static void cmd_peer_create(struct cb_peer *peer, uint64_t cookie, const uint8_t
 		cb_queue_reply(peer, cookie, CAPBUS_CMD_PEER_CREATE, errno, NULL, 0);
 		return;
 	}
-	/* The new peer belongs to its creator's user: it is charged to whoever made it. */
-	struct cb_peer *child = cb_peer_new(kernel, pair[0], peer->uid, peer->gid, peer->pid, &error);
+	/* The new peer belongs to the user of the process that wrote this command (its
+	 * credentials), not to the one that made the connection it came on: a connection handed
+	 * to a child of another uid must not let that child spend its parent's uid. */
+	struct cb_peer *child = cb_peer_new(kernel, pair[0], creds->uid, creds->gid, creds->pid, &error);
 	if (!child) {
 		close(pair[1]);
 		cb_queue_reply(peer, cookie, CAPBUS_CMD_PEER_CREATE, error, NULL, 0);
 		return;
 	}
+	struct cb_user *user = child->user;
 	error = seed_build(peer, child, body, body_size, &child->seed);
 	/* The creator's end is one more fd the kernel holds until it is written. */
-	if (!error && cb_fds_hold(kernel, peer->user, 1) < 0)
+	if (!error && cb_fds_hold(kernel, user, 1) < 0)
 		error = EDQUOT;
 	if (error) {
 		cb_peer_disconnect(child);
@@ -289,7 +293,7 @@ static void cmd_peer_create(struct cb_peer *peer, uint64_t cookie, const uint8_t
 	uint32_t size = sizeof(struct capbus_frame) + sizeof(struct capbus_reply);
 	struct cb_qentry *entry = cb_qentry_new(size);
 	if (!entry) {
-		cb_fds_unhold(kernel, peer->user, 1);
+		cb_fds_unhold(kernel, user, 1);
 		cb_peer_disconnect(child);
 		close(pair[1]);
 		cb_queue_reply(peer, cookie, CAPBUS_CMD_PEER_CREATE, ENOMEM, NULL, 0);
@@ -300,8 +304,8 @@ static void cmd_peer_create(struct cb_peer *peer, uint64_t cookie, const uint8_t
 	*(struct capbus_reply *)(frame + 1) = (struct capbus_reply){ .command = CAPBUS_CMD_PEER_CREATE };
 	entry->is_reply = true;
 	entry->passed_fd = pair[1];
-	entry->passed_for = peer->user;
-	peer->user->n_charges++;
+	entry->passed_for = user;
+	user->n_charges++;
 	cb_queue_push(peer, entry);
 }
 
@@ -407,7 +411,7 @@ void cb_command_dispatch(struct cb_peer *peer, const uint8_t *data, size_t size,
 		cmd_peer_query(peer, frame->cookie, body_size);
 		break;
 	case CAPBUS_CMD_PEER_CREATE:
-		cmd_peer_create(peer, frame->cookie, body, body_size);
+		cmd_peer_create(peer, creds, frame->cookie, body, body_size);
 		break;
 	case CAPBUS_CMD_SEED_SET:
 		cmd_seed_set(peer, frame->cookie, body, body_size);

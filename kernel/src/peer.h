@@ -36,7 +36,8 @@ struct cb_peer {
 	int fd;
 	uint64_t serial;
 	uint8_t key[16];
-	uint32_t uid, gid, pid;     /* whom this peer belongs to (its creator) */
+	uint32_t uid, gid, pid;     /* whom this peer belongs to: who connected, or who wrote the
+				     * PEER_CREATE (its credentials) */
 	uint32_t sender_pid;        /* the last pid that wrote to this peer's socket ... */
 	uint64_t sender_process_id; /* ... and its pidfs identity (loop.c, process_identity) */
 	struct cb_user *user;
