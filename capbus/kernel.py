@@ -68,6 +68,7 @@ class KernelStatistics:
     peers_half_closed: int
     wakeups: int
     sockets_lingering: int
+    seed_bytes: int
 
 
 def _check(result: int, what: str) -> None:

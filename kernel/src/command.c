@@ -243,15 +243,14 @@ static int seed_build(struct cb_peer *source, struct cb_peer *target, const uint
 	if (target->handles_by_id.count + cmd->n_handles > source->kernel->limits.handles_held ||
 	    target->user->n_handles + cmd->n_handles > source->kernel->limits.user_handles)
 		return EDQUOT;
-	struct cb_seed *seed = malloc(sizeof(*seed) + 8ull * cmd->n_handles + cmd->payload_size);
-	if (!seed || cb_handle_reserve(target, cmd->n_handles) < 0) {
-		free(seed);
+	int error = 0;
+	struct cb_seed *seed = cb_seed_new(source->kernel, target->user, cmd->n_handles, cmd->payload_size, &error);
+	if (!seed)
+		return error;
+	if (cb_handle_reserve(target, cmd->n_handles) < 0) {
+		cb_seed_discard(source->kernel, seed);
 		return ENOMEM;
 	}
-	seed->n_handles = cmd->n_handles;
-	seed->payload_size = cmd->payload_size;
-	seed->handles = (uint64_t *)(seed + 1);
-	seed->payload = (uint8_t *)(seed->handles + cmd->n_handles);
 	memcpy(seed->payload, body + sizeof(*cmd) + 8ull * cmd->n_handles, cmd->payload_size);
 	for (uint32_t i = 0; i < cmd->n_handles; i++)
 		seed->handles[i] = cb_handle_install(target, nodes[i]);
@@ -345,7 +344,7 @@ static void cmd_seed_take(struct cb_peer *peer, uint64_t cookie, size_t body_siz
 	memcpy(message + 1, seed->handles, 8ull * seed->n_handles);
 	memcpy((uint8_t *)(message + 1) + 8ull * seed->n_handles, seed->payload, seed->payload_size);
 	/* The seed's references pass to the peer that takes it. */
-	free(seed);
+	cb_seed_discard(peer->kernel, seed);
 	peer->seed = NULL;
 	cb_queue_reply(peer, cookie, CAPBUS_CMD_SEED_TAKE, 0, message, (uint32_t)size);
 	free(message);

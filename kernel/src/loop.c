@@ -291,7 +291,7 @@ void capbus_kernel_stats(struct cb_kernel *kernel, struct capbus_stats *out)
 		memory += peer->queue.n_entries * sizeof(struct cb_qentry) + peer->queue.backlog_bytes;
 	}
 	memory += cb_map_bytes(&kernel->peers_by_key) + cb_map_bytes(&kernel->users);
-	memory += kernel->stats.sockets_lingering * sizeof(struct cb_linger);
+	memory += kernel->stats.sockets_lingering * sizeof(struct cb_linger) + kernel->stats.seed_bytes;
 	out->memory_bytes = memory;
 	pthread_mutex_unlock(&kernel->lock);
 }

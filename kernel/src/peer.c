@@ -163,6 +163,42 @@ void cb_peer_update_events(struct cb_peer *peer)
 		peer->epoll_events = events;
 }
 
+struct cb_seed *cb_seed_new(struct cb_kernel *kernel, struct cb_user *user, uint32_t n_handles,
+			    uint32_t payload_size, int *error)
+{
+	uint64_t size = sizeof(struct cb_seed) + 8ull * n_handles + payload_size;
+	uint64_t cost = size + 16; /* and the allocator's own */
+	if (user->queued_bytes + cost > kernel->limits.user_bytes) {
+		*error = EDQUOT;
+		return NULL;
+	}
+	struct cb_seed *seed = malloc(size);
+	if (!seed) {
+		*error = ENOMEM;
+		return NULL;
+	}
+	seed->n_handles = n_handles;
+	seed->payload_size = payload_size;
+	seed->handles = (uint64_t *)(seed + 1);
+	seed->payload = (uint8_t *)(seed->handles + n_handles);
+	seed->charged_to = user;
+	seed->cost = cost;
+	user->queued_bytes += cost;
+	user->n_charges++;
+	kernel->stats.seed_bytes += cost;
+	return seed;
+}
+
+void cb_seed_discard(struct cb_kernel *kernel, struct cb_seed *seed)
+{
+	struct cb_user *user = seed->charged_to;
+	user->queued_bytes -= seed->cost;
+	kernel->stats.seed_bytes -= seed->cost;
+	free(seed);
+	user->n_charges--;
+	cb_user_put_if_unused(kernel, user);
+}
+
 void cb_seed_free(struct cb_peer *peer, struct cb_seed *seed)
 {
 	if (!seed)
@@ -172,7 +208,7 @@ void cb_seed_free(struct cb_peer *peer, struct cb_seed *seed)
 		if (handle)
 			cb_handle_release(handle);
 	}
-	free(seed);
+	cb_seed_discard(peer->kernel, seed);
 }
 
 /* Collects the handles of a map, so that they can be released while the map changes. */

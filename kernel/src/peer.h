@@ -27,6 +27,8 @@ struct cb_handle;
 struct cb_seed {
 	uint32_t n_handles;
 	uint32_t payload_size;
+	struct cb_user *charged_to; /* its heap counts in this uid's queued bytes (user_bytes) */
+	uint64_t cost;
 	uint64_t *handles; /* ids in this peer, each holding one user reference */
 	uint8_t *payload;
 };
@@ -79,6 +81,14 @@ bool cb_peer_over_backlog(const struct cb_peer *peer);
 void cb_peer_update_events(struct cb_peer *peer);
 struct cb_peer *cb_peer_by_key(struct cb_kernel *kernel, const uint8_t key[16]);
 uint64_t cb_peer_map_key(const void *peer); /* key of kernel->peers_by_key */
+/* A seed of `n_handles` handles and `payload_size` bytes for a peer of `user`: charged to
+ * its user_bytes like queued messages (quota.h), since the kernel keeps it until it is
+ * taken. NULL with *error EDQUOT or ENOMEM. */
+struct cb_seed *cb_seed_new(struct cb_kernel *kernel, struct cb_user *user, uint32_t n_handles,
+			    uint32_t payload_size, int *error);
+/* Frees a seed whose handle references went to its peer (taken), or were released. */
+void cb_seed_discard(struct cb_kernel *kernel, struct cb_seed *seed);
+/* Releases a seed's handle references and frees it. */
 void cb_seed_free(struct cb_peer *peer, struct cb_seed *seed);
 
 #endif

@@ -51,6 +51,7 @@ struct capbus_stats {
 	uint64_t peers_half_closed; /* peers that shut down their writing side and still read */
 	uint64_t wakeups;         /* times the loop woke up: an idle kernel's stays still */
 	uint64_t sockets_lingering; /* disconnected peers' sockets kept until the fds in them are read */
+	uint64_t seed_bytes;      /* heap of seeds not yet taken (charged to user_bytes) */
 };
 
 void capbus_kernel_default_limits(struct capbus_limits *limits);
