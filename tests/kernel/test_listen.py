@@ -86,11 +86,7 @@ def lib_free(kernel: capbus.Kernel) -> None:
 
     lib.capbus_kernel_free(kernel._kernel)
     kernel._kernel = None
-    if kernel.path:
-        try:
-            os.unlink(kernel.path)
-        except OSError:
-            pass
+    kernel._remove_socket_file()  # as aclose does: only if it still is the socket made
 
 
 def test_symlink_swapped_in_by_another_uid_is_never_chmodded(tmp_path: Path) -> None:
@@ -125,8 +121,7 @@ def test_symlink_swapped_in_by_another_uid_is_never_chmodded(tmp_path: Path) -> 
             except capbus.CapbusError:
                 pass  # the attacker's symlink was there first: bind refuses to follow it
             finally:
-                kernel.path = None  # never unlink: the path may be the attacker's by now
-                lib_free(kernel)
+                lib_free(kernel)  # removes only our own socket, never by path
             assert stat.S_IMODE(os.stat(target).st_mode) == 0o600, "the daemon chmodded the symlink's target"
     finally:
         assert swapper.stdin is not None and swapper.stdout is not None
