@@ -681,7 +681,8 @@ void capbus_kernel_free(struct cb_kernel *kernel)
 	if (kernel->epoll_fd >= 0)
 		close(kernel->epoll_fd);
 	for (size_t i = 0; i < kernel->users.capacity; i++)
-		free(kernel->users.slots[i]);
+		if (kernel->users.slots[i])
+			cb_user_free(kernel->users.slots[i]);
 	cb_map_free(&kernel->users);
 	cb_map_free(&kernel->peers_by_key);
 	pthread_mutex_destroy(&kernel->lock);

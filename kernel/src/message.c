@@ -23,6 +23,8 @@ struct cb_message *cb_message_new(const void *payload, uint32_t payload_size, co
 		return NULL;
 	message->kernel = NULL;
 	message->holder = NULL;
+	message->pinned_by = NULL;
+	message->n_pinned = message->pinned_capacity = 0;
 	message->n_refs = 1;
 	message->payload_size = payload_size;
 	message->n_fds = n_fds;
@@ -48,11 +50,38 @@ void cb_message_unref(struct cb_message *message)
 	for (uint32_t i = 0; i < message->n_fds; i++)
 		close(message->fds[i]);
 	if (message->holder) {
+		for (uint32_t i = 0; i < message->n_pinned; i++)
+			cb_fds_unpin(message->holder, message->pinned_by[i], message->n_fds);
 		cb_fds_unhold(message->kernel, message->holder, message->n_fds);
 		message->holder->n_charges--;
 		cb_user_put_if_unused(message->kernel, message->holder);
 	}
+	free(message->pinned_by);
 	free(message);
+}
+
+/* Pins the message's held fds by `uid`, once per receiving uid (quota.h). Returns 0 or an
+ * errno. */
+static int pin_fds(struct cb_message *message, uint32_t uid)
+{
+	if (!message->holder)
+		return 0;
+	for (uint32_t i = 0; i < message->n_pinned; i++)
+		if (message->pinned_by[i] == uid)
+			return 0;
+	if (message->n_pinned == message->pinned_capacity) {
+		uint32_t capacity = message->pinned_capacity ? message->pinned_capacity * 2 : 2;
+		uint32_t *uids = realloc(message->pinned_by, capacity * sizeof(*uids));
+		if (!uids)
+			return ENOMEM;
+		message->pinned_by = uids;
+		message->pinned_capacity = capacity;
+	}
+	int r = cb_fds_pin(message->kernel, message->holder, uid, message->n_fds);
+	if (r < 0)
+		return -r;
+	message->pinned_by[message->n_pinned++] = uid;
+	return 0;
 }
 
 /* Unix sockets may not travel: a peer could send its own connection into its own queue and
@@ -125,8 +154,9 @@ static void close_fds(int *fds, uint32_t n_fds)
 
 /* Checks one destination and reserves everything its delivery needs. Returns 0 or an errno;
  * on success *entry is a queue entry charged to the receiver. */
-static int prepare(struct cb_peer *sender, struct cb_user *user, uint64_t id, struct cb_node **attached,
-		   uint32_t n_handles, const struct cb_amount *amount, struct cb_qentry **entry)
+static int prepare(struct cb_peer *sender, struct cb_user *user, struct cb_message *message, uint64_t id,
+		   struct cb_node **attached, uint32_t n_handles, const struct cb_amount *amount,
+		   struct cb_qentry **entry)
 {
 	struct cb_kernel *kernel = sender->kernel;
 	struct cb_handle *handle = cb_handle_lookup(sender, id);
@@ -153,11 +183,19 @@ static int prepare(struct cb_peer *sender, struct cb_user *user, uint64_t id, st
 		return ENOMEM;
 	struct cb_amount charge = *amount;
 	charge.overhead = (uint32_t)cb_qentry_cost(*entry);
-	int r = cb_quota_charge(kernel, &receiver->quota, user, &charge);
+	int r = cb_quota_charge(kernel, &receiver->quota, user, receiver->uid, &charge);
 	if (r < 0) {
 		cb_qentry_free(*entry);
 		*entry = NULL;
 		return -r;
+	}
+	/* Pinned until the message goes (its fds are held until its last entry is written). */
+	int error = pin_fds(message, receiver->uid);
+	if (error) {
+		cb_quota_uncharge(kernel, &receiver->quota, user, receiver->uid, &charge);
+		cb_qentry_free(*entry);
+		*entry = NULL;
+		return error;
 	}
 	(*entry)->charged_to = user;
 	(*entry)->charge = charge;
@@ -273,7 +311,8 @@ void cb_send(struct cb_peer *sender, uint64_t cookie, const void *body, size_t b
 
 	result->n_destinations = n;
 	for (uint32_t i = 0; i < n; i++) {
-		errors[i] = prepare(sender, user, destinations[i], attached, cmd->n_handles, &amount, &entries[i]);
+		errors[i] = prepare(sender, user, message, destinations[i], attached, cmd->n_handles, &amount,
+				    &entries[i]);
 		if (!errors[i])
 			result->n_delivered++;
 	}

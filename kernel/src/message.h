@@ -19,6 +19,8 @@ struct cb_user;
 struct cb_message {
 	struct cb_kernel *kernel;
 	struct cb_user *holder;  /* the uid its fds are held for (quota.h), or NULL */
+	uint32_t *pinned_by;     /* receiving uids its fds are pinned by (cb_fds_pin), or NULL */
+	uint32_t n_pinned, pinned_capacity;
 	uint32_t n_refs;
 	uint32_t payload_size;
 	uint32_t n_fds;

@@ -52,7 +52,7 @@ void cb_qentry_free(struct cb_qentry *entry)
 static void entry_release(struct cb_peer *peer, struct cb_qentry *entry)
 {
 	if (entry->charged_to)
-		cb_quota_uncharge(peer->kernel, &peer->quota, entry->charged_to, &entry->charge);
+		cb_quota_uncharge(peer->kernel, &peer->quota, entry->charged_to, peer->uid, &entry->charge);
 	if (entry->passed_for) {
 		cb_fds_unhold(peer->kernel, entry->passed_for, 1);
 		entry->passed_for->n_charges--;

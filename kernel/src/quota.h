@@ -17,6 +17,11 @@
  *    entry's real size (the entry and its header, `overhead`) besides the payload: an empty
  *    message is not free (~170 bytes of heap each).
  *
+ * The sender's kernel-wide budgets are shared between receiving uids by the same rule (bus1
+ * charges what is queued to the receiving side; here a receiving uid may pin at most half of
+ * what its sender has left): receivers that never read, however many peers their uid has,
+ * cannot take all of a sender's user_bytes, nor all of its held fds.
+ *
  * The socket buffer below the kernel adds at most one socket's worth (~200 KiB) per peer.
  *
  * File descriptors are a resource of the kernel process, not of one receiver: Linux bounds
@@ -43,18 +48,6 @@
 
 struct cb_kernel;
 
-struct cb_user {
-	uint32_t uid;
-	uint32_t n_peers;        /* connected peers created by this uid */
-	uint32_t n_charges;      /* queued entries charged to this uid; with n_peers, its references */
-	uint64_t queued_bytes;   /* bytes this uid has queued anywhere in the kernel: payload and
-				  * each queue entry's overhead (bounded by user_bytes) */
-	uint32_t fds_held;       /* kernel fds charged to this uid: its peers' sockets, its queued fds */
-	uint32_t fds_in_flight;  /* fds in the sockets of this uid's peers, perhaps unread */
-	uint32_t n_handles;      /* handles its peers hold (nodes they own included) */
-	uint64_t backlog_bytes;  /* replies and notifications queued to its peers (queue.h) */
-};
-
 /* An amount of the four queued resources. */
 struct cb_amount {
 	uint64_t bytes;
@@ -79,17 +72,33 @@ struct cb_quota {
 	uint32_t capacity;
 };
 
+struct cb_user {
+	uint32_t uid;
+	uint32_t n_peers;        /* connected peers created by this uid */
+	uint32_t n_charges;      /* queued entries charged to this uid; with n_peers, its references */
+	uint64_t queued_bytes;   /* bytes this uid has queued anywhere in the kernel: payload and
+				  * each queue entry's overhead (bounded by user_bytes) */
+	uint32_t fds_held;       /* kernel fds charged to this uid: its peers' sockets, its queued fds */
+	uint32_t fds_in_flight;  /* fds in the sockets of this uid's peers, perhaps unread */
+	uint32_t n_handles;      /* handles its peers hold (nodes they own included) */
+	uint64_t backlog_bytes;  /* replies and notifications queued to its peers (queue.h) */
+	struct cb_quota receivers; /* what its queued messages pin, per receiving uid (below):
+				    * bytes (payload and overhead), entries, fds of messages */
+};
+
 struct cb_user *cb_user_get(struct cb_kernel *kernel, uint32_t uid); /* NULL on ENOMEM */
 uint64_t cb_user_map_key(const void *user); /* key of kernel->users */
 void cb_user_put_if_unused(struct cb_kernel *kernel, struct cb_user *user);
+void cb_user_free(struct cb_user *user); /* what cb_user_put_if_unused does, unconditionally */
 
 void cb_quota_init(struct cb_quota *quota);
 void cb_quota_free(struct cb_quota *quota);
-/* Charges `amount` from `sender` on `quota`: 0, -EDQUOT or -ENOMEM; no effect on failure. */
+/* Charges `amount` from `sender` on `quota`, a peer of `receiver_uid`: 0, -EDQUOT or
+ * -ENOMEM; no effect on failure. */
 int cb_quota_charge(struct cb_kernel *kernel, struct cb_quota *quota, struct cb_user *sender,
-		    const struct cb_amount *amount);
+		    uint32_t receiver_uid, const struct cb_amount *amount);
 void cb_quota_uncharge(struct cb_kernel *kernel, struct cb_quota *quota, struct cb_user *sender,
-		       const struct cb_amount *amount);
+		       uint32_t receiver_uid, const struct cb_amount *amount);
 
 /* The kernel-wide fd budgets (see above). Charges to `user` must be undone before its
  * peers and charges are gone (cb_user_put_if_unused). */
@@ -98,5 +107,10 @@ void cb_fds_unhold(struct cb_kernel *kernel, struct cb_user *user, uint32_t n);
 bool cb_fds_may_fly(struct cb_kernel *kernel, struct cb_user *user, uint32_t n);
 void cb_fds_fly(struct cb_kernel *kernel, struct cb_user *user, uint32_t n);
 void cb_fds_land(struct cb_kernel *kernel, struct cb_user *user, uint32_t n);
+/* A message's `n` held fds, pinned by receivers of `receiver_uid` (once per message and
+ * receiving uid): a receiving uid may pin at most half of what its sender may still hold.
+ * 0, -EDQUOT or -ENOMEM; no effect on failure. */
+int cb_fds_pin(struct cb_kernel *kernel, struct cb_user *sender, uint32_t receiver_uid, uint32_t n);
+void cb_fds_unpin(struct cb_user *sender, uint32_t receiver_uid, uint32_t n);
 
 #endif
