@@ -17,6 +17,7 @@
 #include "capbus_kernel.h"
 #include "list.h"
 #include "map.h"
+#include "retry.h"
 
 struct cb_message;
 struct cb_peer;
@@ -66,11 +67,13 @@ struct cb_kernel {
 	int log_fd;                    /* capbus_kernel_set_log_fd, or -1 */
 	bool listen_paused;            /* the listener is not polled until the next retry */
 	bool refusing;                 /* connections are being refused (logged once per episode) */
-	struct cb_link stalled;        /* peers whose next frame waits for fd room (queue.h) */
-	struct cb_link fd_holders;     /* peers with fds written to their socket, perhaps unread */
+	struct cb_retry_queue stalled; /* peers whose next frame waits for fd room (queue.h) */
+	struct cb_retry_queue fd_holders; /* peers with fds written to their socket, perhaps unread */
 	struct cb_link gated;          /* peers not read while their uid's backlog is full */
 	struct cb_link lingering;      /* disconnected peers' sockets with fds unread (linger.h) */
-	int retry_ms;                  /* how long the loop waits before retrying stalled peers */
+	int retry_ms;                  /* how long the loop waits before its next retry round */
+	uint64_t now_ms;               /* the loop's clock, read at each wakeup */
+	uint64_t frames_written;       /* frames written to peers: has a flush moved anything? */
 };
 
 /* Stamps the next transaction. */

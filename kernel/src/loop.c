@@ -125,8 +125,8 @@ int capbus_kernel_new(const struct capbus_limits *limits, struct cb_kernel **out
 	kernel->wake_fd = -1;
 	kernel->log_fd = -1;
 	kernel->retry_ms = RETRY_MS_MIN;
-	cb_list_init(&kernel->stalled);
-	cb_list_init(&kernel->fd_holders);
+	cb_retry_queue_init(&kernel->stalled);
+	cb_retry_queue_init(&kernel->fd_holders);
 	cb_list_init(&kernel->gated);
 	cb_list_init(&kernel->lingering);
 	fd_budgets(kernel);
@@ -296,32 +296,56 @@ void capbus_kernel_stats(struct cb_kernel *kernel, struct capbus_stats *out)
 	pthread_mutex_unlock(&kernel->lock);
 }
 
-static void set_stalled(struct cb_peer *peer, bool stalled)
+/* After a flush: whether the peer's next frame waits for fd room, and whether the flush
+ * wrote anything. A stalled peer is retried on its own timer (retry.h), which starts over
+ * when it moves and slows down while it does not. */
+static void set_stalled(struct cb_peer *peer, bool stalled, bool moved)
 {
 	struct cb_kernel *kernel = peer->kernel;
-	if (peer->stalled == stalled)
+	struct cb_retry_item *item = &peer->stalled_retry;
+	if (!stalled) {
+		if (peer->stalled) {
+			peer->stalled = false;
+			cb_retry_cancel(&kernel->stalled, item);
+			kernel->stats.peers_stalled--;
+		}
 		return;
-	peer->stalled = stalled;
-	if (stalled) {
-		cb_list_add_tail(&kernel->stalled, &peer->stalled_link);
-		kernel->stats.peers_stalled++;
-	} else {
-		cb_list_del(&peer->stalled_link);
-		kernel->stats.peers_stalled--;
 	}
+	if (!peer->stalled) {
+		peer->stalled = true;
+		kernel->stats.peers_stalled++;
+		cb_retry_schedule(&kernel->stalled, item, kernel->now_ms, 0);
+	} else if (moved) {
+		cb_retry_schedule(&kernel->stalled, item, kernel->now_ms, 0);
+	} else if (!cb_retry_queued(item)) {
+		cb_retry_back_off(&kernel->stalled, item, kernel->now_ms); /* its retry found no room */
+	} /* else flushed for another reason (a new frame): its next retry stays as it was */
 }
 
-/* Counts landed fds where sockets emptied, and gives every stalled peer another try. */
-static void retry_stalled(struct cb_kernel *kernel)
+/* Retries due per round and queue: the rest wait for the next round, at once. */
+#define RETRY_BATCH 256
+
+/* The retries that are due: sockets with fds perhaps read by now (landed once empty), and
+ * stalled peers, each on its own timer (retry.h). */
+static void retry_due(struct cb_kernel *kernel)
+{
+	struct cb_retry_item *item;
+	for (int n = 0; n < RETRY_BATCH && (item = cb_retry_take_due(&kernel->fd_holders, kernel->now_ms)); n++) {
+		struct cb_peer *peer = cb_container_of(item, struct cb_peer, holder_retry);
+		cb_queue_reclaim_fds(peer);
+		if (peer->fds_in_socket)
+			cb_retry_back_off(&kernel->fd_holders, item, kernel->now_ms);
+	}
+	for (int n = 0; n < RETRY_BATCH && (item = cb_retry_take_due(&kernel->stalled, kernel->now_ms)); n++)
+		cb_peer_dirty(cb_container_of(item, struct cb_peer, stalled_retry));
+	cb_kernel_settle(kernel);
+}
+
+/* Closes lingering sockets that drained, and re-arms gated peers. */
+static void retry_others(struct cb_kernel *kernel)
 {
 	struct cb_link *link, *next;
-	for (link = kernel->fd_holders.next; link != &kernel->fd_holders; link = next) {
-		next = link->next; /* reclaiming unlinks it */
-		cb_queue_reclaim_fds(cb_container_of(link, struct cb_peer, holder_link));
-	}
 	cb_linger_reap(kernel);
-	for (link = kernel->stalled.next; link != &kernel->stalled; link = link->next)
-		cb_peer_dirty(cb_container_of(link, struct cb_peer, stalled_link));
 	for (link = kernel->gated.next; link != &kernel->gated; link = next) {
 		next = link->next; /* re-arming may ungate it */
 		cb_peer_update_events(cb_container_of(link, struct cb_peer, gated_link));
@@ -334,11 +358,12 @@ void cb_kernel_settle(struct cb_kernel *kernel)
 		while (!cb_list_empty(&kernel->dirty)) {
 			struct cb_peer *peer = cb_list_first(&kernel->dirty, struct cb_peer, dirty_link);
 			cb_list_del(&peer->dirty_link);
+			uint64_t written = kernel->frames_written;
 			int r = cb_queue_flush(peer);
 			if (r < 0)
 				cb_peer_doom(peer);
 			else
-				set_stalled(peer, r == CB_FLUSH_STALLED);
+				set_stalled(peer, r == CB_FLUSH_STALLED, kernel->frames_written != written);
 			cb_peer_update_events(peer);
 		}
 		if (!cb_list_empty(&kernel->doomed)) {
@@ -566,17 +591,18 @@ static uint64_t now_ms(void)
 	return (uint64_t)now.tv_sec * 1000u + (uint64_t)now.tv_nsec / 1000000u;
 }
 
-/* A retry round: stalled peers get another try, a paused listener is polled again. The
- * delay doubles while a round moves nothing, so that a stall that lasts costs little. */
+/* A retry round for what has no timer of its own: gated peers, lingering sockets, a paused
+ * listener. The delay doubles while a round moves nothing, so that a stall that lasts costs
+ * little. */
 static void retry(struct cb_kernel *kernel)
 {
 	uint64_t written = kernel->stats.messages_written;
-	uint64_t stalled = kernel->stats.peers_stalled;
+	uint64_t gated = kernel->stats.peers_gated;
 	if (kernel->listen_paused)
 		pause_listener(kernel, false);
-	retry_stalled(kernel);
+	retry_others(kernel);
 	cb_kernel_settle(kernel);
-	bool moved = kernel->stats.messages_written != written || kernel->stats.peers_stalled < stalled;
+	bool moved = kernel->stats.messages_written != written || kernel->stats.peers_gated < gated;
 	if (moved)
 		kernel->retry_ms = RETRY_MS_MIN;
 	else if (kernel->retry_ms < RETRY_MS_MAX)
@@ -597,20 +623,27 @@ int capbus_kernel_run(struct cb_kernel *kernel)
 	while (!kernel->stopping) {
 		/* Stalled peers and a paused listener are retried on a timer, never polled: they
 		 * would be ready (writable, readable) all the time and the loop would spin. */
-		bool waiting = !cb_list_empty(&kernel->stalled) || !cb_list_empty(&kernel->gated) ||
-			       !cb_list_empty(&kernel->lingering) || kernel->listen_paused;
-		int timeout = -1;
+		bool waiting = !cb_list_empty(&kernel->gated) || !cb_list_empty(&kernel->lingering) ||
+			       kernel->listen_paused;
+		uint64_t now = now_ms(), due = UINT64_MAX;
 		if (waiting) {
 			if (retry_at == 0)
-				retry_at = now_ms() + (uint64_t)kernel->retry_ms;
-			uint64_t now = now_ms();
-			timeout = retry_at > now ? (int)(retry_at - now) : 0;
+				retry_at = now + (uint64_t)kernel->retry_ms;
+			due = retry_at;
 		} else {
 			retry_at = 0;
 		}
+		uint64_t stalled_due = cb_retry_next_due(&kernel->stalled);
+		uint64_t holders_due = cb_retry_next_due(&kernel->fd_holders);
+		if (stalled_due < due)
+			due = stalled_due;
+		if (holders_due < due)
+			due = holders_due;
+		int timeout = due == UINT64_MAX ? -1 : due > now ? (int)(due - now) : 0;
 		pthread_mutex_unlock(&kernel->lock);
 		int n = epoll_wait(kernel->epoll_fd, events, EVENT_BATCH, timeout);
 		pthread_mutex_lock(&kernel->lock);
+		kernel->now_ms = now_ms();
 		kernel->stats.wakeups++;
 		if (n < 0) {
 			if (errno == EINTR)
@@ -639,10 +672,11 @@ int capbus_kernel_run(struct cb_kernel *kernel)
 		cb_kernel_settle(kernel);
 		/* Due even while other peers keep the loop busy. Only after the batch: a retry
 		 * may disconnect (free) a peer whose event is in it. */
-		if (waiting && now_ms() >= retry_at) {
+		if (waiting && kernel->now_ms >= retry_at) {
 			retry_at = 0;
 			retry(kernel);
 		}
+		retry_due(kernel);
 	}
 	kernel->running = false;
 	pthread_mutex_unlock(&kernel->lock);

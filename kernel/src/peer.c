@@ -76,8 +76,8 @@ struct cb_peer *cb_peer_new(struct cb_kernel *kernel, int fd, uint32_t uid, uint
 	cb_quota_init(&peer->quota);
 	cb_list_init(&peer->dirty_link);
 	cb_list_init(&peer->doomed_link);
-	cb_list_init(&peer->stalled_link);
-	cb_list_init(&peer->holder_link);
+	cb_retry_item_init(&peer->stalled_retry);
+	cb_retry_item_init(&peer->holder_retry);
 	cb_list_init(&peer->gated_link);
 	do {
 		if (getrandom(peer->key, sizeof(peer->key), 0) != sizeof(peer->key)) {
@@ -235,14 +235,14 @@ void cb_peer_disconnect(struct cb_peer *peer)
 	epoll_ctl(kernel->epoll_fd, EPOLL_CTL_DEL, peer->fd, NULL);
 	cb_queue_reclaim_fds(peer);
 	/* Fds still unread in its socket stay in flight until they are read (linger.h). */
-	cb_list_del(&peer->holder_link);
+	cb_retry_cancel(&kernel->fd_holders, &peer->holder_retry);
 	cb_linger_close(kernel, peer->fd, peer->user, peer->fds_in_socket);
 	peer->fds_in_socket = 0;
 	peer->fd = -1; /* from here nothing is queued to this peer */
 	cb_map_remove(&kernel->peers_by_key, key_hash(peer->key));
 	cb_list_del(&peer->dirty_link);
 	cb_list_del(&peer->doomed_link);
-	cb_list_del(&peer->stalled_link);
+	cb_retry_cancel(&kernel->stalled, &peer->stalled_retry);
 	cb_list_del(&peer->gated_link);
 	if (peer->gated)
 		kernel->stats.peers_gated--;

@@ -20,6 +20,7 @@
 #include "map.h"
 #include "queue.h"
 #include "quota.h"
+#include "retry.h"
 
 struct cb_kernel;
 struct cb_handle;
@@ -63,8 +64,8 @@ struct cb_peer {
 	struct cb_link kernel_link; /* kernel->peers */
 	struct cb_link dirty_link;  /* kernel->dirty while frames wait to be flushed */
 	struct cb_link doomed_link; /* kernel->doomed */
-	struct cb_link stalled_link;/* kernel->stalled */
-	struct cb_link holder_link; /* kernel->fd_holders while fds_in_socket > 0 */
+	struct cb_retry_item stalled_retry; /* kernel->stalled while stalled (out while it is retried) */
+	struct cb_retry_item holder_retry;  /* in kernel->fd_holders while fds_in_socket > 0 */
 	struct cb_link gated_link;  /* kernel->gated */
 };
 

@@ -83,7 +83,7 @@ void cb_queue_reclaim_fds(struct cb_peer *peer)
 		return;
 	cb_fds_land(peer->kernel, peer->user, peer->fds_in_socket);
 	peer->fds_in_socket = 0;
-	cb_list_del(&peer->holder_link);
+	cb_retry_cancel(&peer->kernel->fd_holders, &peer->holder_retry);
 }
 
 /* May `n` more fds go into the peer's socket now? */
@@ -212,11 +212,12 @@ int cb_queue_flush(struct cb_peer *peer)
 			uint32_t fds = entry_fds(entry);
 			if (fds) {
 				if (peer->fds_in_socket == 0)
-					cb_list_add_tail(&kernel->fd_holders, &peer->holder_link);
+					cb_retry_schedule(&kernel->fd_holders, &peer->holder_retry, kernel->now_ms, 0);
 				peer->fds_in_socket += fds;
 				cb_fds_fly(kernel, peer->user, fds);
 			}
 			cb_list_del(&entry->link);
+			kernel->frames_written++;
 			if (entry->in_backlog) {
 				queue->backlog_bytes -= cb_qentry_cost(entry);
 				peer->user->backlog_bytes -= cb_qentry_cost(entry);
