@@ -390,6 +390,10 @@ void cb_command_dispatch(struct cb_peer *peer, const uint8_t *data, size_t size,
 	}
 	const uint8_t *body = data + sizeof(*frame);
 	size_t body_size = size - sizeof(*frame);
+	/* What this connection costs is the writer's to pay (a connection made by one uid and
+	 * handed to a process of another). */
+	if (creds->uid != peer->uid && !peer->charged_as_adopted)
+		cb_peer_charge_to(peer, creds->uid, creds->gid, creds->pid);
 	switch (frame->type) {
 	case CAPBUS_CMD_NODE_CREATE:
 		cmd_node_create(peer, frame->cookie, body_size);

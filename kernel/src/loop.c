@@ -257,6 +257,8 @@ int capbus_kernel_adopt(struct cb_kernel *kernel, int fd, int64_t uid, int64_t g
 	}
 	pthread_mutex_lock(&kernel->lock);
 	struct cb_peer *peer = cb_peer_new(kernel, fd, peer_uid, peer_gid, peer_pid, &error);
+	if (peer && uid >= 0)
+		peer->charged_as_adopted = true; /* the embedder said whom to charge */
 	pthread_mutex_unlock(&kernel->lock);
 	return peer ? 0 : -error;
 }

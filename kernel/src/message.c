@@ -198,6 +198,7 @@ static int prepare(struct cb_peer *sender, struct cb_user *user, struct cb_messa
 		return error;
 	}
 	(*entry)->charged_to = user;
+	(*entry)->charged_for = receiver->uid;
 	(*entry)->charge = charge;
 	return 0;
 }

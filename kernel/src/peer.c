@@ -112,6 +112,32 @@ fail:
 	return NULL;
 }
 
+void cb_peer_charge_to(struct cb_peer *peer, uint32_t uid, uint32_t gid, uint32_t pid)
+{
+	struct cb_kernel *kernel = peer->kernel;
+	struct cb_user *from = peer->user;
+	struct cb_user *to = cb_user_get(kernel, uid);
+	if (!to || to == from)
+		return;
+	uint32_t n_handles = (uint32_t)peer->handles_by_id.count;
+	from->n_peers--;
+	to->n_peers++;
+	from->fds_held--; /* its socket; the kernel's total stays as it was */
+	to->fds_held++;
+	from->fds_in_flight -= peer->fds_in_socket;
+	to->fds_in_flight += peer->fds_in_socket;
+	from->n_handles -= n_handles;
+	to->n_handles += n_handles;
+	from->backlog_bytes -= peer->queue.backlog_bytes;
+	to->backlog_bytes += peer->queue.backlog_bytes;
+	peer->user = to;
+	peer->uid = uid;
+	peer->gid = gid;
+	peer->pid = pid;
+	cb_user_put_if_unused(kernel, from);
+	cb_peer_update_events(peer);
+}
+
 void cb_peer_dirty(struct cb_peer *peer)
 {
 	if (!cb_link_linked(&peer->dirty_link))

@@ -40,7 +40,7 @@ struct cb_peer {
 	uint64_t serial;
 	uint8_t key[16];
 	uint32_t uid, gid, pid;     /* whom this peer belongs to: who connected, or who wrote the
-				     * PEER_CREATE (its credentials) */
+				     * PEER_CREATE (its credentials); then whoever writes to it */
 	uint32_t sender_pid;        /* the last pid that wrote to this peer's socket ... */
 	uint64_t sender_process_id; /* ... and its pidfs identity (loop.c, process_identity) */
 	struct cb_user *user;
@@ -54,6 +54,8 @@ struct cb_peer {
 	uint32_t violations;
 	uint32_t epoll_events;      /* what the kernel currently polls this peer's fd for */
 	bool want_metadata;         /* CAPBUS_PEER_FLAG_WANT_METADATA */
+	bool charged_as_adopted;    /* the embedder chose whom to charge (capbus_kernel_adopt with
+				     * a uid): not moved to whoever writes (cb_peer_charge_to) */
 	bool monitor;               /* receives copies of all traffic (monitor.c) */
 	uint64_t monitor_dropped;   /* monitor records lost to a full queue */
 	bool doomed;                /* disconnect at the next safe point */
@@ -74,6 +76,11 @@ struct cb_peer *cb_peer_new(struct cb_kernel *kernel, int fd, uint32_t uid, uint
 void cb_peer_disconnect(struct cb_peer *peer);
 /* Marks the peer to be disconnected once the current command is done. */
 void cb_peer_doom(struct cb_peer *peer);
+/* Charges the peer, from now on, to the uid that writes to it (cb_command_dispatch): what
+ * it costs (its socket, its backlog, its handles, its fds in flight) moves to that uid. A
+ * connection handed to a process of another uid is that uid's to spend, not its maker's.
+ * No effect on ENOMEM (it stays charged to the previous uid). */
+void cb_peer_charge_to(struct cb_peer *peer, uint32_t uid, uint32_t gid, uint32_t pid);
 /* Marks that `peer` has frames to flush. */
 void cb_peer_dirty(struct cb_peer *peer);
 /* Is what the kernel queued for it, or for its uid, past the backlog bound (queue.h)? */

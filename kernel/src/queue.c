@@ -30,6 +30,7 @@ struct cb_qentry *cb_qentry_new(uint32_t header_size)
 	cb_list_init(&entry->link);
 	entry->message = NULL;
 	entry->charged_to = NULL;
+	entry->charged_for = 0;
 	entry->charge = (struct cb_amount){ 0 };
 	entry->seq = 0;
 	entry->passed_fd = -1;
@@ -52,7 +53,7 @@ void cb_qentry_free(struct cb_qentry *entry)
 static void entry_release(struct cb_peer *peer, struct cb_qentry *entry)
 {
 	if (entry->charged_to)
-		cb_quota_uncharge(peer->kernel, &peer->quota, entry->charged_to, peer->uid, &entry->charge);
+		cb_quota_uncharge(peer->kernel, &peer->quota, entry->charged_to, entry->charged_for, &entry->charge);
 	if (entry->passed_for) {
 		cb_fds_unhold(peer->kernel, entry->passed_for, 1);
 		entry->passed_for->n_charges--;

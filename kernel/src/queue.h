@@ -45,6 +45,7 @@ struct cb_qentry {
 	struct cb_link link;
 	struct cb_message *message;  /* payload and fds, or NULL */
 	struct cb_user *charged_to;  /* sending user charged on the receiver, or NULL */
+	uint32_t charged_for;        /* the receiving uid it was charged for (quota.h) */
 	struct cb_amount charge;
 	uint64_t seq;
 	int passed_fd;               /* an fd to pass and then close (PEER_CREATE), or -1 */

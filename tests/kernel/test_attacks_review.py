@@ -460,15 +460,19 @@ async def test_a_peer_freed_by_a_retry_is_not_used_by_the_same_wakeup(
 
 # -- a child of another uid is charged to its parent's uid -------------------------------------
 
-# A hostile child: on the connection its parent made for it, it creates peers (charged to the
-# parent's uid) and floods each with commands whose replies it never reads.
+# A hostile child: on the connection its parent made for it, it creates `count` peers (charged
+# to the parent's uid) and floods each with commands whose replies it never reads. With a count
+# of 0, it floods the connections it was given instead.
 _FLOODING_CHILD = """
 import select, socket, sys, trio, capbus
 from capbus import _wire
 
-async def main(fd, count):
-    control = capbus.Peer.from_socket(socket.socket(fileno=fd))
-    socks = [await control.create_peer() for _ in range(count)]
+async def main(count, *fds):
+    if count:
+        control = capbus.Peer.from_socket(socket.socket(fileno=fds[0]))
+        socks = [await control.create_peer() for _ in range(count)]
+    else:
+        socks = [socket.socket(fileno=fd) for fd in fds]
     frame = _wire.command(_wire.CMD_PEER_QUERY, 1)
     for sock in socks:
         sock.setblocking(False)
@@ -483,8 +487,36 @@ async def main(fd, count):
                     break
         await trio.sleep(0.001)
 
-trio.run(main, int(sys.argv[1]), int(sys.argv[2]))
+trio.run(main, *map(int, sys.argv[1:]))
 """
+
+
+async def _parents_uid_still_served(
+    kernel: capbus.Kernel, parent: capbus.Peer, sibling: capbus.Peer, child: trio.Process, what: str
+) -> None:
+    """Lets the flooding child go, until its unread replies are past a uid's backlog bound;
+    then the parent's uid must still be served."""
+    try:
+        with trio.fail_after(TIMEOUT):
+            assert await read_line(child) == "ready"
+            before = kernel.statistics().memory_bytes
+            assert child.stdin is not None
+            await child.stdin.send_all(b"flood\n")
+            # Its peers' unread replies are past the backlog bound of a uid (the kernel
+            # stops reading a uid only once it is past, by at least one reply).
+            await wait_for_statistics(
+                kernel, lambda s: s.memory_bytes - before > lib.CAPBUS_DEFAULT_USER_BACKLOG
+            )
+        with trio.move_on_after(10) as waited:
+            assert (await parent.info()).uid == 0
+            assert (await sibling.info()).uid == 0
+        assert not waited.cancelled_caught, f"{what} stopped every peer of the parent's uid being served"
+    finally:
+        child.kill()
+        with trio.fail_after(TIMEOUT):
+            await child.wait()
+        await parent.aclose()
+        await sibling.aclose()
 
 
 async def test_a_child_of_another_uid_cannot_stop_its_parents_uid_being_served() -> None:
@@ -510,31 +542,36 @@ async def test_a_child_of_another_uid_cannot_stop_its_parents_uid_being_served()
         connection = await parent.create_peer(b"child")
         with connection:
             child = await run_as(
-                ATTACKER, _FLOODING_CHILD, str(connection.fileno()), "24", pass_fds=(connection.fileno(),)
+                ATTACKER, _FLOODING_CHILD, "24", str(connection.fileno()), pass_fds=(connection.fileno(),)
             )
+        await _parents_uid_still_served(kernel, parent, sibling, child, "a child running as another uid")
+
+
+async def test_children_of_another_uid_cannot_stop_their_parents_uid_on_the_connections_it_made() -> None:
+    """The same attack without PEER_CREATE: a parent spawns 24 children as another uid, each
+    with a connection the parent made (PEER_CREATE, socket_for_child), and they flood those
+    connections with commands whose replies they never read. Each connection's backlog is
+    bounded (1 MiB), but 17 of them are past the parent's uid's user_backlog (16 MiB) if
+    they are charged to the uid that made them: then no peer of the parent's uid is read.
+    A connection is charged to the uid that writes to it, from its first frame."""
+    needs_root()
+    async with capbus.open_kernel() as kernel:
+        parent = await kernel.connect()
+        sibling = await kernel.connect()
+        connections = [await parent.create_peer(b"child") for _ in range(12)]
+        connections += [kernel.socket_for_child() for _ in range(12)]
         try:
-            with trio.fail_after(TIMEOUT):
-                assert await read_line(child) == "ready"
-                before = kernel.statistics().memory_bytes
-                assert child.stdin is not None
-                await child.stdin.send_all(b"flood\n")
-                # Its peers' unread replies are past the backlog bound of a uid (the kernel
-                # stops reading a uid only once it is past, by at least one reply).
-                await wait_for_statistics(
-                    kernel, lambda s: s.memory_bytes - before > lib.CAPBUS_DEFAULT_USER_BACKLOG
-                )
-            with trio.move_on_after(10) as waited:
-                assert (await parent.info()).uid == 0
-                assert (await sibling.info()).uid == 0
-            assert not waited.cancelled_caught, (
-                "a child running as another uid stopped every peer of its parent's uid being served"
+            child = await run_as(
+                ATTACKER,
+                _FLOODING_CHILD,
+                "0",
+                *(str(c.fileno()) for c in connections),
+                pass_fds=tuple(c.fileno() for c in connections),
             )
         finally:
-            child.kill()
-            with trio.fail_after(TIMEOUT):
-                await child.wait()
-            await parent.aclose()
-            await sibling.aclose()
+            for connection in connections:
+                connection.close()
+        await _parents_uid_still_served(kernel, parent, sibling, child, "children running as another uid")
 
 
 # -- receivers that do not read spend their sender's kernel-wide budgets ------------------------

@@ -59,7 +59,9 @@ int capbus_kernel_new(const struct capbus_limits *limits, struct cb_kernel **out
 /* Listens on a unix socket path with the given file mode (the access control). */
 int capbus_kernel_listen(struct cb_kernel *kernel, const char *path, unsigned int mode);
 /* Makes a peer of one end of a SOCK_SEQPACKET socketpair; takes ownership of `fd`.
- * `uid`, `gid`, `pid` say whom to charge; pass -1 to read them with SO_PEERCRED. */
+ * `uid`, `gid`, `pid` say whom to charge, for the peer's life; pass -1 to read them with
+ * SO_PEERCRED, and then the peer is charged to whichever uid writes to it (a connection
+ * handed to a process of another uid is charged to that uid from its first frame). */
 int capbus_kernel_adopt(struct cb_kernel *kernel, int fd, int64_t uid, int64_t gid, int64_t pid);
 /* Gives a peer (by the key it read with CAPBUS_CMD_PEER_QUERY) the monitor capability. */
 int capbus_kernel_grant_monitor(struct cb_kernel *kernel, const uint8_t *peer_key);
