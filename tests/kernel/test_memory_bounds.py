@@ -5,6 +5,7 @@ nodes and handles were bounded per peer only, so 16,384 peers per uid pinned ten
 from __future__ import annotations
 
 import contextlib
+import os
 import select
 import socket
 
@@ -128,3 +129,53 @@ async def test_handles_are_bounded_per_uid_not_only_per_peer() -> None:
             await peer.aclose()
         with trio.fail_after(TIMEOUT):
             await wait_for_statistics(kernel, lambda s: s.handles == 0)
+
+
+async def test_seeds_are_charged_to_user_bytes_until_taken() -> None:
+    """A seed counts in its uid's queued bytes (user_bytes) until it is taken or dropped:
+    past the budget SEED_SET is EDQUOT, and taking a seed gives its room back."""
+    size = lib.CAPBUS_PAYLOAD_MAX
+    limits = capbus.Limits(user_bytes=3 * size)
+    async with capbus.open_kernel(limits=limits) as kernel:
+        peers = [await kernel.connect() for _ in range(3)]
+        with trio.fail_after(TIMEOUT):
+            await peers[0].set_seed(b"s" * size)
+            await peers[1].set_seed(b"s" * size)
+            assert kernel.statistics().seed_bytes > 2 * size
+            with pytest.raises(capbus.QuotaExceeded):
+                await peers[2].set_seed(b"s" * size)
+            assert (await peers[0].take_seed()).payload == b"s" * size
+            await peers[2].set_seed(b"s" * size)  # the room the taken seed gave back
+            for peer in peers:
+                await peer.aclose()
+            await wait_for_statistics(kernel, lambda s: s.seed_bytes == 0 and s.peers == 0)
+
+
+async def test_a_disconnected_peers_unread_fds_count_until_its_other_end_is_gone() -> None:
+    """The kernel's end of a peer disconnected with fds unread in its socket lingers, shut
+    down, with those fds still counted in flight (Linux counts them until they are read or
+    the other end closes); then it is closed and they land."""
+    async with capbus.open_kernel() as kernel:
+        sender = await kernel.connect()
+        raw, ours = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        assert lib.capbus_kernel_adopt(kernel._kernel, ours.detach(), -1, -1, -1) == 0
+        with raw, open("/dev/null") as null, trio.fail_after(TIMEOUT):
+            receiver = capbus.Peer.from_socket(raw.dup())
+            target = await receiver.transfer(await receiver.create_node(), sender)
+            receiver.detach().close()
+            await sender.send(target, b"fd", fds=[null.fileno()])
+            await wait_for_statistics(kernel, lambda s: s.fds_in_flight == 1)
+            raw.send(_wire.command(_wire.CMD_DISCONNECT, 9))
+            stats = await wait_for_statistics(kernel, lambda s: s.sockets_lingering == 1)
+            assert stats.fds_in_flight == 1 and stats.peers == 1
+            # Still readable after the hang-up: reading it all lands the fd.
+            received = []
+            while True:
+                data, fds, _, _ = socket.recv_fds(raw, _wire.FRAME_MAX + 1, 8)
+                received += fds
+                if not data:
+                    break
+            for fd in received:
+                os.close(fd)
+            assert len(received) == 1
+            await wait_for_statistics(kernel, lambda s: s.sockets_lingering == 0 and s.fds_in_flight == 0)
