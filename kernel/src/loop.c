@@ -423,7 +423,11 @@ static void parse_control(struct cb_peer *peer, struct msghdr *msg, int *fds, ui
 		} else if (cmsg->cmsg_type == SCM_CREDENTIALS) {
 			struct ucred cred;
 			memcpy(&cred, CMSG_DATA(cmsg), sizeof(cred));
-			*creds = (struct cb_creds){ cred.uid, cred.gid, (uint32_t)cred.pid, 0 };
+			/* pid 0: written before SO_PASSCRED was set on our end (a frame sent right
+			 * after connect, before the kernel accepted), and Linux reports no one (the
+			 * overflow uid, 65534). The connection's own credentials stand for it. */
+			if (cred.pid != 0)
+				*creds = (struct cb_creds){ cred.uid, cred.gid, (uint32_t)cred.pid, 0 };
 		}
 	}
 	creds->process_id = process_identity(peer, creds->pid);

@@ -1411,3 +1411,26 @@ async def test_paused_peer_that_hangs_up_has_everything_it_sent_carried_out() ->
             )
             assert_queue_empty(sink)
         await witness.verify()
+
+
+async def test_a_frame_written_before_the_kernel_took_the_connection_is_the_connections() -> None:
+    """A frame written right after connect, before the kernel accepted the connection and set
+    SO_PASSCRED on its end, carries no credentials: Linux reports pid 0 and the overflow uid
+    (65534). It is the connection's own, not nobody's: such a frame must not charge the peer,
+    or what it sends, to uid 65534 (with the connection charged to whoever writes to it, one
+    uid's peers would otherwise escape its budgets by writing first)."""
+    async with capbus.open_kernel() as kernel:
+        theirs, ours = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        with theirs:
+            theirs.send(_wire.command(_wire.CMD_PEER_QUERY, 1))  # before the kernel has it
+            assert _kernel.lib.capbus_kernel_adopt(kernel._kernel, ours.detach(), -1, -1, -1) == 0
+            with trio.fail_after(TIMEOUT):
+                reply = await trio.to_thread.run_sync(theirs.recv, _wire.FRAME_MAX + 1)
+            peer = capbus.Peer.from_socket(theirs.detach())
+            try:
+                with trio.fail_after(TIMEOUT):
+                    assert (await peer.info()).uid == os.getuid()
+            finally:
+                await peer.aclose()
+        header = _wire.FRAME.size + _wire.REPLY.size
+        assert struct.unpack_from("<16sI", reply, header)[1] == os.getuid()
