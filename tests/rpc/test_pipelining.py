@@ -31,7 +31,9 @@ async def test_a_pipelined_chain_is_one_round_trip(pair: Pair) -> None:
             # Both calls reached the server while the first had no results yet ...
             await wait_for_statistics(pair.kernel, lambda s: s.messages_sent == before + 2)
             pair.server.gate.set()
-        # ... and the chain took those two calls and their two returns: one round trip.
+        # ... and the chain took those two calls and their two returns: one round trip (the
+        # first call's return may be written after the pipelined call's: wait for both).
+        await wait_for_statistics(pair.kernel, lambda s: s.messages_sent >= before + 4)
         assert pair.kernel.statistics().messages_sent == before + 4
         assert results == [5]
         counter = (await promise).counter
@@ -56,6 +58,7 @@ async def test_calls_sent_on_promised_capabilities_chain_in_one_round_trip(pair:
             nursery.start_soon(pipelined)
             await wait_for_statistics(pair.kernel, lambda s: s.messages_sent == before + 3)
             pair.server.gate.set()
+        await wait_for_statistics(pair.kernel, lambda s: s.messages_sent >= before + 6)
         assert pair.kernel.statistics().messages_sent == before + 6  # three calls, three returns
         assert results == [2]
         spawned = (await second).counter
