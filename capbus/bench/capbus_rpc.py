@@ -170,10 +170,9 @@ def measure(config: dict[str, Any]) -> dict[str, Any]:
                 event = schema.Subscriber.interface.methods["event"]
 
                 async def publish(n: int, seq: int) -> None:
-                    # One send for all n subscribers.
-                    refused = [e for e in await vat.multicast(subscribers[:n], event, {"seq": seq}) if e]
-                    if refused:
-                        raise RuntimeError(f"{len(refused)} subscribers refused an event: {refused[0]}")
+                    # One send for all n subscribers, without waiting for the kernel's word on
+                    # each (a lost event shows as a batch the subscribers never complete).
+                    await vat.multicast_oneway(subscribers[:n], event, {"seq": seq})
 
                 for _ in range(200):
                     await bench.echo(PAYLOAD)

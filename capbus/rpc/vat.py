@@ -423,6 +423,31 @@ class Vat:
         await trio.lowlevel.checkpoint()
         return tuple(outcome.get(id(c)) for c in clients)
 
+    async def multicast_oneway(
+        self, clients: Sequence[Client], method: Method, params: Mapping[str, Any]
+    ) -> None:
+        """:meth:`multicast` without waiting for the kernel's word on each receiver: returns
+        as soon as the send is written, so a publisher can send event after event; like any
+        one-way call, a receiver that cannot take it (gone, quota full) is not reported."""
+        if any(c.pipeline is not None for c in clients):
+            raise ValueError("a promised capability cannot take a multicast: await its promise first")
+        encoded = encode_call(self.engine.oneway_id(), method, params, oneway=True)
+        remote = [c.handle for c in clients if c.server is None]
+        for client in clients:
+            if client.server is not None:
+                self._nursery.start_soon(self._call_local, client.server, method, params)
+        if not remote:
+            await trio.lowlevel.checkpoint()
+            return
+        handles = await self._handles_for(encoded.caps)
+        self.engine.sending(handles, True)
+        try:
+            await self.peer._send(remote, encoded.payload, handles, encoded.fds, 0, _wire.SEND_FLAG_QUIET)
+        except bus.CapbusError as error:
+            raise from_kernel(error) from error
+        finally:
+            self.engine.sending(handles, False)
+
     async def call_oneway(self, client: Client, method: Method, params: Mapping[str, Any]) -> None:
         """Calls with no return; errors on the way are dropped (as for any one-way call)."""
         if client.server is not None:

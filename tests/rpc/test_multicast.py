@@ -84,3 +84,32 @@ async def test_multicast_reports_subscribers_that_are_gone(kernel: capbus.Kernel
             assert listener.seen == [(1, "hello")]
     await publisher.aclose()
     await alive.aclose()
+
+
+async def test_one_way_multicasts_arrive_in_order_and_a_dead_subscriber_changes_nothing(
+    kernel: capbus.Kernel,
+) -> None:
+    """multicast_oneway returns once the send is written: a publisher sends a burst, and each
+    subscriber gets all of it in order, a dead one among them changing nothing for the rest."""
+    publisher = await kernel.connect()
+    subscribers = [await kernel.connect() for _ in range(3)]
+    dead = await kernel.connect()
+    n_events = 200
+    listeners = [Listener(n_events) for _ in subscribers]
+    with trio.fail_after(30):
+        async with open_vat(publisher) as pub, open_vat(subscribers[0]) as s0, open_vat(subscribers[1]) as s1:
+            async with open_vat(subscribers[2]) as s2:
+                async with open_vat(dead) as dead_vat:
+                    dead_handle = await dead.transfer(await dead_vat.export(Listener(1)), publisher)
+                await dead.aclose()
+                targets = [pub.client(dead_handle, schema.Subscriber)]
+                for vat, listener, peer in zip((s0, s1, s2), listeners, subscribers, strict=True):
+                    handle = await peer.transfer(await vat.export(listener), publisher)
+                    targets.append(pub.client(handle, schema.Subscriber))
+                for seq in range(n_events):
+                    await pub.multicast_oneway(targets, EVENT, {"seq": seq, "text": "burst"})
+                for listener in listeners:
+                    await listener.complete.wait()
+                    assert listener.seen == [(seq, "burst") for seq in range(n_events)]
+    for peer in [publisher, *subscribers]:
+        await peer.aclose()
