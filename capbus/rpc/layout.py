@@ -57,13 +57,19 @@ class StructLayout:
 
 
 _layouts: dict[int, StructLayout] = {}
+_layouts_by_object: dict[int, tuple[Any, StructLayout]] = {}
 
 
 def layout_of(schema: Any) -> StructLayout:
-    """The layout of a pycapnp struct schema (``Foo.schema``, a method's ``param_type``...)."""
+    """The layout of a pycapnp struct schema (``Foo.schema``, a method's ``param_type``...).
+    Looked up by the schema object first: ``schema.node`` makes a new reader each time."""
+    known = _layouts_by_object.get(id(schema))
+    if known is not None and known[0] is schema:
+        return known[1]
     node = schema.node
     cached = _layouts.get(node.id)
     if cached is not None:
+        _layouts_by_object[id(schema)] = (schema, cached)
         return cached
     struct_node = node.struct
     layout = StructLayout(
