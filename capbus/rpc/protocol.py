@@ -78,7 +78,10 @@ def _split(
     """The header segment ``head`` (header.py) followed by a body struct of ``schema`` filled
     with ``values``; None if the body took more than one segment (encode it the general
     way then)."""
-    body = StructBuilder.root(_module(schema).new_message(), layout, table)
+    words = _first_segment_words(values)
+    module = _module(schema)
+    message = module.new_message() if words is None else module.new_message(num_first_segment_words=words)
+    body = StructBuilder.root(message, layout, table)
     fill(body, layout, values)
     segments, caps = body.finish()
     if len(segments) != 1:
@@ -87,6 +90,22 @@ def _split(
     size = len(memoryview(segment).cast("B")) // 8
     table_bytes = header.TWO_SEGMENTS.pack(1, len(head) // 8, size)
     return Encoded(b"".join((table_bytes, head, segment)), caps, table.fds)
+
+
+_DEFAULT_FIRST_SEGMENT_WORDS = 1024  # (libcapnp's SUGGESTED_FIRST_SEGMENT_WORDS)
+
+
+def _first_segment_words(values: Mapping[str, Any]) -> int | None:
+    """A first segment that holds the body's large Data and Text values (None: the default
+    size will do): a body that spills into a second segment cannot take the fast shape, and
+    was then encoded a second time the general way (twice the copies of a large call)."""
+    words = 0
+    for value in values.values():
+        if isinstance(value, bytes | bytearray | memoryview):
+            words += memoryview(value).nbytes // 8 + 1
+        elif isinstance(value, str) and len(value) > 1024:
+            words += len(value.encode()) // 8 + 1
+    return None if words < _DEFAULT_FIRST_SEGMENT_WORDS else words + 256
 
 
 def fill(view: StructBuilder, layout: StructLayout, values: Mapping[str, Any]) -> None:

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import struct
 
+import pytest
+
 from capbus.rpc import capwire, header, protocol
 from capbus.rpc.envelope import rpc
 from capbus.rpc.layout import layout_of
@@ -59,7 +61,21 @@ def test_a_return_is_a_header_segment_and_a_body_that_pycapnp_reads() -> None:
     assert received.question_id == 9 and received.body.struct(echo.results).text == "back"
 
 
-def test_a_body_of_several_segments_is_encoded_and_decoded_the_general_way() -> None:
+def test_a_large_value_is_given_a_first_segment_that_holds_it() -> None:
+    echo = METHODS["echo"]
+    text = "y" * 100_000  # past pycapnp's default first segment
+    encoded = protocol.encode_call(3, echo, {"text": text})
+    assert header.read(capwire.unframe(encoded.payload)) is not None  # the split shape
+    received = protocol.decode(encoded.payload, ["reply"])
+    assert isinstance(received, protocol.ReceivedCall) and received.params(echo.params).text == text
+
+
+def test_a_body_of_several_segments_is_encoded_and_decoded_the_general_way(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Values the size hint does not see (nested ones) still spill past the first segment;
+    # here the hint is turned off so that a top-level one does.
+    monkeypatch.setattr(protocol, "_DEFAULT_FIRST_SEGMENT_WORDS", 1 << 40)
     echo = METHODS["echo"]
     text = "y" * 100_000  # past pycapnp's first segment
     encoded = protocol.encode_call(3, echo, {"text": text})
