@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.metadata
 import importlib.util
 import json
 import os
@@ -159,14 +160,42 @@ def _format(value: float, unit: str) -> str:
     return f"{value:,.0f}/s"
 
 
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def _versions() -> list[tuple[str, str]]:
+    """What was measured, as installed: the Python packages, and dbus-broker."""
+    found = []
+    for package in ("capbus", "trio", "pycapnp", "dbus-fast", "grpcio", "pyzmq"):
+        try:
+            found.append((package, importlib.metadata.version(package)))
+        except importlib.metadata.PackageNotFoundError:
+            found.append((package, "not installed"))
+    broker = shutil.which("dbus-broker")
+    if broker:
+        said = subprocess.run([broker, "--version"], capture_output=True, text=True, check=False).stdout
+        found.append(("dbus-broker", said.split()[1] if len(said.split()) > 1 else "unknown"))
+    return found
+
+
 def report(contenders: list[Contender], workloads: list[str], rounds: int, elapsed: float) -> str:
     reference = next(c for c in contenders if c.name == REFERENCE)
     present = [c for c in contenders if c.missing is None]
     lines = [
         f"# capbus bench: {rounds} interleaved rounds, {elapsed:.0f} s",
         "",
-        f"{platform.node()}: {os.cpu_count()} CPUs, {platform.platform()}, "
+        f"{platform.node()}: {os.cpu_count()} CPUs ({_cpu_model()}), {platform.platform()}, "
         f"Python {platform.python_version()}",
+        "",
+        "Versions: " + ", ".join(f"{name} {version}" for name, version in _versions()),
         "",
         "Each cell: the median over rounds (p99 in brackets for latencies); then capbus's figure "
         "over this one (below 1.0x: capbus is faster for latencies; above 1.0x: capbus moves more).",
@@ -210,33 +239,46 @@ def report(contenders: list[Contender], workloads: list[str], rounds: int, elaps
 
 
 def _goals(contenders: list[Contender]) -> list[str]:
-    """The issues' goals whose workloads ran: met or not, with the figures that decide."""
+    """The issue's goals whose workloads ran: met or not, with the figures that decide."""
     by_name = {c.name: c for c in contenders}
+    reference = by_name[REFERENCE]
     lines = []
     for goal in GOALS:
-        contender = by_name.get(goal.contender)
-        if contender is None:
+        workload = WORKLOADS[goal.workload]
+        runs = reference.results.get(goal.workload)
+        if goal.bound is not None:
+            if not runs:
+                continue
+            value = figure(workload, runs)
+            met = value >= goal.bound if workload.higher_is_better else value <= goal.bound
+            lines.append(
+                f"- goal {'met' if met else 'NOT met'}: {goal.text}: {_format(value, workload.unit)}"
+            )
             continue
-        runs, baseline_runs = contender.results.get(goal.workload), contender.results.get(goal.baseline)
-        if runs is None and baseline_runs is None:
+        assert goal.baseline is not None
+        against = by_name.get(goal.against)
+        baseline_runs = against.results.get(goal.baseline) if against else None
+        if not runs and not baseline_runs:
             continue
-        if not runs or not baseline_runs:
-            lines.append(f"- goal not measured: {goal.text} (needs {goal.workload} and {goal.baseline})")
+        if not runs or not baseline_runs or against is None:
+            lines.append(f"- goal not measured: {goal.text}")
             continue
-        value = _as_microseconds(WORKLOADS[goal.workload], runs)
-        base = _as_microseconds(WORKLOADS[goal.baseline], baseline_runs)
-        verdict = "met" if value <= goal.factor * base else "NOT met"
+        baseline = WORKLOADS[goal.baseline]
+        cost, base = _cost(workload, runs), _cost(baseline, baseline_runs)
+        ours = _format(figure(workload, runs), workload.unit)
+        theirs = _format(figure(baseline, baseline_runs), baseline.unit)
+        verdict = "met" if cost <= goal.factor * base + goal.offset else "NOT met"
         lines.append(
-            f"- goal {verdict}: {goal.text}: {value:,.3f} us against {goal.factor} x {base:,.3f} us "
-            f"= {goal.factor * base:,.3f} us"
+            f"- goal {verdict}: {goal.text}: capbus costs {cost / base:.2f}x {against.label}'s "
+            f"{baseline.label} ({ours} against {theirs})"
         )
     return lines
 
 
-def _as_microseconds(workload: Workload, runs: list[dict[str, float]]) -> float:
-    """One operation's cost: the figure for a latency, 1e6 / the figure for a rate."""
+def _cost(workload: Workload, runs: list[dict[str, float]]) -> float:
+    """One operation's cost, lower is better: the figure for a latency, 1 / it for a rate."""
     value = figure(workload, runs)
-    return value if workload.unit == "us" else 1e6 / value
+    return value if workload.unit == "us" else 1 / value
 
 
 async def run(args: argparse.Namespace) -> list[Contender]:
