@@ -276,9 +276,10 @@ def _goals(contenders: list[Contender]) -> list[str]:
 
 
 def _cost(workload: Workload, runs: list[dict[str, float]]) -> float:
-    """One operation's cost, lower is better: the figure for a latency, 1 / it for a rate."""
+    """One operation's cost, lower is better: the figure for a latency, and for a rate the
+    microseconds one operation takes (so that the two compare)."""
     value = figure(workload, runs)
-    return value if workload.unit == "us" else 1 / value
+    return value if workload.unit == "us" else 1e6 / value
 
 
 async def run(args: argparse.Namespace) -> list[Contender]:

@@ -74,10 +74,12 @@ def test_multicast_workloads_measure_capbus_and_the_raw_floor(tmp_path: Path) ->
         for name in workloads[1:]:
             (run,) = results[contender]["results"][name]
             assert 0 < run["median_us"] <= run["p99_us"], (contender, name, run)
-    # The goal is judged from the figures, met or not.
-    assert (
-        "- goal met: capbus: a multicast delivery" in done.stdout or "- goal NOT met: capbus" in done.stdout
-    )
+    # The goal is judged from the figures: met exactly when they say so.
+    (line,) = [line for line in done.stdout.splitlines() if "multicast delivery to each of 256" in line]
+    (delivery,) = results["capbus_rpc"]["results"]["multicast256"]
+    (oneway,) = results["capbus_rpc"]["results"]["oneway"]
+    met = delivery["median_us"] <= 0.2 * 1e6 / oneway["rate"]
+    assert line.startswith("- goal met: " if met else "- goal NOT met: "), line
 
 
 def test_a_contender_that_cannot_be_installed_is_reported_missing() -> None:
