@@ -24,7 +24,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import textwrap
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -35,7 +34,9 @@ from capbus._kernel import lib
 
 import capbus
 from capbus import _wire
-from capbus.testing import wait_for_statistics
+from capbus.testing import as_user, wait_for_statistics
+
+from .other_uid import python_as
 
 NOBODY = 65534
 ATTACKER = 1001
@@ -150,12 +151,14 @@ async def daemon(
         if fd_limit is not None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (fd_limit, fd_limit))
 
+    arguments = ["kernel", "--listen", str(path), "--mode", "666"]
+    if user is None:
+        command = [sys.executable, "-m", "capbus", *arguments]
+    else:  # (through as_user: this interpreter and capbus may be out of that uid's reach)
+        command = python_as(user, "capbus.cli.main(sys.argv[1:])", nofile=fd_limit) + arguments
     process = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "capbus", "kernel", "--listen", str(path), "--mode", "666"],
-        user=user,
-        group=user,
-        extra_groups=[] if user is not None else None,
-        preexec_fn=limit,
+        command,
+        preexec_fn=limit if user is None else None,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         cwd="/",
@@ -180,10 +183,7 @@ async def daemon(
 
 async def run_as(uid: int, script: str, *args: str, pass_fds: tuple[int, ...] = ()) -> trio.Process:
     return await trio.lowlevel.open_process(
-        [sys.executable, "-c", textwrap.dedent(script), *args],
-        user=uid,
-        group=uid,
-        extra_groups=[],
+        [*python_as(uid, script), *args],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -845,20 +845,14 @@ os.rename({str(run)!r}, {str(shared / "old")!r})
 os.symlink({str(protected)!r}, {str(run)!r})
 """
             result = subprocess.run(
-                [sys.executable, "-c", swap],
-                user=ATTACKER,
-                group=ATTACKER,
-                extra_groups=[],
+                as_user([sys.executable, "-c", swap], ATTACKER, ATTACKER),
                 cwd="/",
                 check=False,
             )
             assert result.returncode == 0
             # The attacker itself cannot delete the file.
             denied = subprocess.run(
-                [sys.executable, "-c", f"import os; os.unlink({str(victim)!r})"],
-                user=ATTACKER,
-                group=ATTACKER,
-                extra_groups=[],
+                as_user([sys.executable, "-c", f"import os; os.unlink({str(victim)!r})"], ATTACKER, ATTACKER),
                 cwd="/",
                 check=False,
                 capture_output=True,
