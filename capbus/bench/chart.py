@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import textwrap
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -21,6 +22,7 @@ def draw(contenders: list[Contender], workloads: list[str], path: str) -> None:
         import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
 
     from .runner import REFERENCE, figure
 
@@ -37,7 +39,10 @@ def draw(contenders: list[Contender], workloads: list[str], path: str) -> None:
         bars = ax.barh(labels, values, color=colours)
         ax.bar_label(bars, labels=[f"{v:,.{1 if v < 10 else 0}f}" for v in values], fontsize=7, padding=2)
         better = "higher is better" if workload.higher_is_better else "lower is better"
-        ax.set_title(f"{workload.label}\n({workload.unit}, {better})", fontsize=8)
+        title = textwrap.fill(workload.label.split(":")[0], 40)
+        ax.set_title(f"{title}\n({workload.unit}, {better})", fontsize=8)
+        ax.xaxis.set_major_formatter(FuncFormatter(_short))
+        ax.xaxis.set_major_locator(MaxNLocator(4))
         ax.tick_params(labelsize=7)
         ax.invert_yaxis()
         ax.margins(x=0.25)
@@ -45,3 +50,8 @@ def draw(contenders: list[Contender], workloads: list[str], path: str) -> None:
         ax.axis("off")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def _short(value: float, _position: object = None) -> str:
+    """An axis label: 120k, not 120000."""
+    return f"{value / 1000:g}k" if value >= 10_000 else f"{value:g}"
