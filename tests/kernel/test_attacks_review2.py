@@ -1,0 +1,212 @@
+"""Attacks on the kernel from outside, second review (the linger, retry, fair-share and
+charge-the-writer fixes), with real processes and real uids.
+
+Each test reproduces one attack that works against the kernel as it is and fails until the
+kernel is fixed; its docstring says the severity, the harm, how it is done and a suggested
+fix. Every process of another uid is started through capbus.testing.as_user (other_uid.py),
+so that the tests run from a checkout other uids cannot reach.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import trio
+
+from .other_uid import python_as
+
+NOBODY = 65534
+ATTACKER = 1001
+BYSTANDER = 1002
+ACCOMPLICE = 1003
+TIMEOUT = 60
+
+
+def needs_root() -> None:
+    assert os.geteuid() == 0, (
+        "this test needs root: it runs the kernel and its peers as other uids "
+        "(CI runs the suite as root); it cannot be checked as an unprivileged user"
+    )
+
+
+@contextlib.contextmanager
+def shared_directory() -> Iterator[Path]:
+    """A directory every uid of the test can reach (pytest's tmp_path is under a 0700 one)."""
+    path = Path(tempfile.mkdtemp(prefix="capbus-attack2-"))
+    path.chmod(0o777)
+    try:
+        yield path
+    finally:
+        subprocess.run(["rm", "-rf", str(path)], check=False)
+
+
+@contextlib.asynccontextmanager
+async def daemon(where: Path, fd_limit: int) -> AsyncIterator[tuple[Path, trio.Process]]:
+    """``capbus kernel`` as uid 65534 (no CAP_SYS_RESOURCE) with RLIMIT_NOFILE ``fd_limit``."""
+    path = where / "bus"
+    process = await trio.lowlevel.open_process(
+        python_as(NOBODY, "capbus.cli.main(sys.argv[1:])", nofile=fd_limit)
+        + ["kernel", "--listen", str(path), "--mode", "666"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd="/",
+    )
+    try:
+        assert process.stdout is not None
+        with trio.fail_after(TIMEOUT):
+            line = await process.stdout.receive_some(4096)
+        assert b"listening" in line, line
+        yield path, process
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            process.terminate()
+        with trio.fail_after(TIMEOUT):
+            await process.wait()
+            assert process.stderr is not None
+            log = await process.stderr.receive_some(1 << 16)
+        print("kernel log:", log.decode(errors="replace")[-4000:])  # shown when the test fails
+
+
+async def run_as(uid: int, script: str, *args: str, pass_fds: tuple[int, ...] = ()) -> trio.Process:
+    return await trio.lowlevel.open_process(
+        [*python_as(uid, script), *args],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        pass_fds=pass_fds,
+        cwd="/",
+    )
+
+
+async def read_line(process: trio.Process) -> str:
+    assert process.stdout is not None
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = await process.stdout.receive_some(1)
+        if not chunk:
+            assert process.stderr is not None
+            err = await process.stderr.receive_some(65536)
+            raise AssertionError(f"the child ended: {err.decode(errors='replace')}")
+        data += chunk
+    return data.decode().strip()
+
+
+async def stop(process: trio.Process) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        process.kill()
+    with trio.fail_after(TIMEOUT):
+        await process.wait()
+
+
+# A newcomer of its own uid: connects, asks who it is, prints "served" or why not.
+_NEWCOMER = """
+async def main(path):
+    try:
+        with trio.fail_after(20):
+            peer = await capbus.connect(path)
+            await peer.info()
+            await peer.aclose()
+        print("served", flush=True)
+    except (OSError, capbus.errors.CapbusError, trio.TooSlowError) as error:
+        print(f"refused: {error!r}", flush=True)
+
+trio.run(main, sys.argv[1])
+"""
+
+
+# -- a connection moved to its writer's uid is never checked against that uid's quotas -------
+
+# Makes connections of its own uid, one at a time: each is taken by the kernel (a reply to
+# PEER_QUERY), then handed over `channel` to the accomplice, which writes to it; goes on until
+# the kernel refuses one. Prints how many it handed over.
+_MAKER = """
+from capbus import _wire
+
+path, channel = sys.argv[1], socket.socket(fileno=int(sys.argv[2]))
+made = 0
+while made < 100000:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    sock.connect(path)
+    try:
+        sock.send(_wire.command(_wire.CMD_PEER_QUERY, 1))
+        reply = sock.recv(4096)
+    except (BrokenPipeError, ConnectionResetError):
+        reply = b""
+    if not reply:
+        break  # refused: its uid's share of the kernel's fds is used up
+    socket.send_fds(channel, [b"c"], [sock.fileno()])
+    sock.close()
+    assert channel.recv(16) == b"k"
+    made += 1
+print(made, flush=True)
+sys.stdin.readline()
+"""
+
+# Takes the connections the maker hands over, writes one command to each (so that the kernel
+# charges it to this uid) and keeps them all open.
+_TAKER = """
+from capbus import _wire
+
+channel = socket.socket(fileno=int(sys.argv[1]))
+kept = []
+while True:
+    message, fds, _, _ = socket.recv_fds(channel, 16, 1)
+    if not message:
+        break
+    sock = socket.socket(fileno=fds[0])
+    sock.send(_wire.command(_wire.CMD_PEER_QUERY, 2))
+    assert sock.recv(4096), "the kernel hung up"
+    kept.append(sock)
+    channel.send(b"k")
+print(len(kept), flush=True)
+sys.stdin.readline()
+"""
+
+
+async def test_two_uids_handing_connections_over_cannot_take_every_kernel_fd() -> None:
+    """Severity high (any two uids that can reach the socket lock every other uid out of the
+    daemon). A connection is charged to whichever uid writes to it, but the move
+    (cb_peer_charge_to) checks nothing on the uid it moves to: neither peers_per_user nor
+    its fair share of the kernel's held fds. So one uid makes connections and hands each to
+    a process of a second uid, which writes one frame to it: the maker's share drops back to
+    0 after every hand-over and its next connection always fits the fair-share rule (only
+    its own share is compared), while the taker's share grows past every bound. The two
+    take all of the kernel's fds but one: every other uid's connection is then refused
+    (EDQUOT, 'its share of peers or of the kernel's fds is used up'). The same move with
+    fds written into the moved peers' sockets takes the whole in-flight budget (fds to every
+    other uid then wait for ever), and the taker's n_peers passes peers_per_user.
+
+    Fix: a move is a new charge for the uid moved to: check it (peers_per_user, the fair
+    share of held fds and of fds in flight, user_handles, the backlog) as cb_peer_new and
+    the sends would, and refuse the frame (EDQUOT, the connection stays charged to its
+    former uid, or is disconnected) when it does not fit."""
+    needs_root()
+    with shared_directory() as where:
+        async with daemon(where, fd_limit=512) as (path, kernel):
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            with ours, theirs:
+                maker = await run_as(
+                    ATTACKER, _MAKER, str(path), str(ours.fileno()), pass_fds=(ours.fileno(),)
+                )
+                taker = await run_as(ACCOMPLICE, _TAKER, str(theirs.fileno()), pass_fds=(theirs.fileno(),))
+            try:
+                with trio.fail_after(TIMEOUT):
+                    made = int(await read_line(maker))
+                    newcomer = await run_as(BYSTANDER, _NEWCOMER, str(path))
+                    try:
+                        verdict = await read_line(newcomer)
+                    finally:
+                        await stop(newcomer)
+                assert verdict == "served", (
+                    f"a third uid is locked out after {made} connections were made by uid {ATTACKER} "
+                    f"and handed to uid {ACCOMPLICE}: {verdict}"
+                )
+            finally:
+                await stop(maker)
+                await stop(taker)
