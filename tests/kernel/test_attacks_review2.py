@@ -210,3 +210,107 @@ async def test_two_uids_handing_connections_over_cannot_take_every_kernel_fd() -
             finally:
                 await stop(maker)
                 await stop(taker)
+
+
+# -- handing a loaded connection to another uid makes that uid pay for what it holds ---------
+
+# Makes `count` connections of its own uid, each holding as many nodes as one peer may have
+# (handles_held), and hands them over `channel`. Prints how many handles it made.
+_LOADER = """
+from capbus import _wire
+
+path, channel, count = sys.argv[1], socket.socket(fileno=int(sys.argv[2])), int(sys.argv[3])
+made = 0
+for _ in range(count):
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    sock.connect(path)
+    full = False
+    while not full:
+        for cookie in range(256):
+            sock.send(_wire.command(_wire.CMD_NODE_CREATE, cookie + 1))
+        for _ in range(256):
+            reply = sock.recv(4096)
+            error = _wire.REPLY.unpack_from(reply, _wire.FRAME.size)[0]
+            if error == errno.EDQUOT:
+                full = True
+            else:
+                assert error == 0, os.strerror(error)
+                made += 1
+    socket.send_fds(channel, [b"c"], [sock.fileno()])
+    sock.close()
+channel.close()
+print(made, flush=True)
+sys.stdin.readline()
+"""
+
+# The victim: a peer of its own, then one command on each connection it is given (a process
+# using the connection its parent made for it); then whether its own peer can still make a
+# node.
+_USER = """
+from capbus import _wire
+
+async def main(path, channel):
+    peer = await capbus.connect(path)
+    await peer.info()
+    kept = []
+    while True:
+        message, fds, _, _ = socket.recv_fds(channel, 16, 1)
+        if not message:
+            break
+        sock = socket.socket(fileno=fds[0])
+        sock.send(_wire.command(_wire.CMD_PEER_QUERY, 1 << 40))
+        while _wire.FRAME.unpack_from(sock.recv(4096))[3] != 1 << 40:
+            pass
+        kept.append(sock)
+    print(len(kept), flush=True)
+    try:
+        await peer.create_node()
+        print("created", flush=True)
+    except capbus.errors.CapbusError as error:
+        print(f"refused: {error!r}", flush=True)
+    await trio.wrap_file(sys.stdin).readline()
+
+trio.run(main, sys.argv[1], socket.socket(fileno=int(sys.argv[2])))
+"""
+
+
+async def test_a_uid_given_connections_does_not_pay_for_the_handles_their_maker_made() -> None:
+    """Severity medium (one uid disables another uid's peers, and sheds its own quota). When a
+    connection moves to the uid that writes to it, everything its peer holds moves too
+    (cb_peer_charge_to: its handles, its reply backlog, its fds in flight), unchecked. A
+    parent that makes connections for children of another uid (capbus.spawn's way; the
+    sandbox uid is often shared, e.g. 65534) fills each with 65,536 nodes (handles_held) and
+    hands four of them over: as soon as the child writes its first frame, the child's uid
+    holds 262,144 handles, its whole user_handles, and every peer of that uid is refused
+    new nodes and every handle sent to it (EDQUOT) until the child disconnects them. The
+    same with a 16 MiB reply backlog gates every peer of the receiving uid (user_backlog).
+    Meanwhile the maker's uid is back at 0 handles and can do it again: with two uids of its
+    own, an attacker piles up handles (kernel memory, ~150 B each) without bound.
+
+    Fix: keep what a peer holds charged to the uid that made it (or check the move against
+    the new uid's quotas and refuse it, keeping the charge where it was); only the
+    connection's own cost should follow its writer."""
+    needs_root()
+    with shared_directory() as where:
+        async with daemon(where, fd_limit=1024) as (path, kernel):
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            with ours, theirs:
+                loader = await run_as(
+                    ATTACKER, _LOADER, str(path), str(ours.fileno()), "4", pass_fds=(ours.fileno(),)
+                )
+                user = await run_as(
+                    BYSTANDER, _USER, str(path), str(theirs.fileno()), pass_fds=(theirs.fileno(),)
+                )
+            try:
+                with trio.fail_after(TIMEOUT):
+                    made = int(await read_line(loader))
+                    taken = int(await read_line(user))
+                    verdict = await read_line(user)
+                assert taken == 4
+                assert verdict == "created", (
+                    f"uid {BYSTANDER} wrote once to {taken} connections uid {ATTACKER} made with "
+                    f"{made} handles, and now its own peer cannot make a node: {verdict}"
+                )
+            finally:
+                await stop(loader)
+                await stop(user)
