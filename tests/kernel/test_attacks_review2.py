@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import socket
 import subprocess
 import tempfile
@@ -314,3 +315,111 @@ async def test_a_uid_given_connections_does_not_pay_for_the_handles_their_maker_
             finally:
                 await stop(loader)
                 await stop(user)
+
+
+# -- every retry round walks every lingering socket -----------------------------------------
+
+# Leaves `count` sockets lingering in the kernel: raw peers, each with one fd written into its
+# socket and never read, that ask to be disconnected and keep their end open. Prints how many
+# lingered.
+_LINGERER = """
+from capbus import _wire
+
+async def main(path, count):
+    sender = await capbus.connect(path)
+    key = await sender._peer_key()
+    null = os.open("/dev/null", os.O_RDONLY)
+    socks = []
+    for _ in range(count):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        sock.connect(path)
+        socks.append(sock)
+    for sock in socks:
+        sock.send(_wire.command(_wire.CMD_NODE_CREATE, 1))
+    for sock in socks:
+        node = struct.unpack_from("<Q", sock.recv(4096), 24)[0]
+        sock.send(_wire.command(_wire.CMD_HANDLE_TRANSFER, 2, _wire.TRANSFER.pack(node, key)))
+    ids = [struct.unpack_from("<Q", sock.recv(4096), 24)[0] for sock in socks]
+    for start in range(0, len(ids), _wire.DESTINATIONS_MAX):
+        await sender.send(ids[start : start + _wire.DESTINATIONS_MAX], b"", fds=[null])
+    for sock in socks:
+        select.select([sock], [], [])  # the message (and its fd) is in the socket: not read
+        sock.send(_wire.command(_wire.CMD_DISCONNECT, 3))
+    for sock in socks:
+        poller = select.poll()
+        poller.register(sock, select.POLLRDHUP)
+        poller.poll()  # the kernel shut its end down: lingering
+    print(len(socks), flush=True)
+    await trio.wrap_file(sys.stdin).readline()
+
+trio.run(main, sys.argv[1], int(sys.argv[2]))
+"""
+
+
+def _largest_round(trace: str) -> tuple[int, int]:
+    """The most SIOCOUTQ ioctls (strace: TIOCOUTQ) between two epoll_waits of one thread in an strace log, and
+    how many epoll_waits returned."""
+    largest, rounds, current = 0, 0, {}
+    for line in trace.splitlines():
+        tid = line.split()[0]
+        if "epoll_wait(" in line or "epoll_wait resumed" in line:
+            if "resumed" in line or "unfinished" not in line:
+                rounds += 1
+                largest = max(largest, current.get(tid, 0))
+                current[tid] = 0
+        elif "OUTQ" in line:  # SIOCOUTQ, which strace calls TIOCOUTQ (the same number)
+            current[tid] = current.get(tid, 0) + 1
+    return max([largest, *current.values()]), rounds
+
+
+async def test_a_retry_round_does_not_walk_every_lingering_socket() -> None:
+    """Severity medium (CPU and latency for every uid; scales with the fd limit). A
+    disconnected peer's socket lingers until the fds in it are read, and the attacker, who
+    holds the other end, never reads them: it lingers for ever. While anything lingers the
+    loop runs a global retry round (every 128 ms when idle, every 1-2 ms as soon as anyone's
+    messages move: retry_ms drops back to 1), and each round (cb_linger_reap) ioctls every
+    lingering socket, unbatched, with the loop's lock held: the very O(all) walk the retry
+    queues (retry.c: per-item backoff, at most 256 per round) were made to end for stalled
+    peers and fd holders. One uid may have its fair share of the kernel's held fds lingering
+    (one fd each in flight): ~230,000 sockets for a daemon with RLIMIT_NOFILE 524288, so
+    ~230,000 system calls per round, a round per millisecond while others work; every other
+    peer's request waits behind each round. Shown here with 1,000: one wakeup does 1,000
+    SIOCOUTQ ioctls.
+
+    Fix: put lingering sockets on a cb_retry_queue of their own (per-item backoff, at most
+    RETRY_BATCH per round), as the fd holders are; the gated-peer walk in retry_others has
+    the same shape."""
+    needs_root()
+    assert shutil.which("strace"), "this test counts the kernel's system calls with strace"
+    count = 1000
+    with shared_directory() as where:
+        async with daemon(where, fd_limit=4096) as (path, kernel):
+            attacker = await run_as(ATTACKER, _LINGERER, str(path), str(count))
+            try:
+                with trio.fail_after(TIMEOUT):
+                    assert int(await read_line(attacker)) == count
+                trace_path = where / "trace"
+                tids = sorted(os.listdir(f"/proc/{kernel.pid}/task"))
+                strace = await trio.lowlevel.open_process(
+                    ["strace", "-qq", "-f", "-e", "trace=ioctl,epoll_wait", "-o", str(trace_path)]
+                    + [arg for tid in tids for arg in ("-p", tid)],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+                try:
+                    # Idle, the kernel still wakes up for a retry round every 128 ms at most:
+                    # wait for a few of them.
+                    with trio.fail_after(TIMEOUT):
+                        while True:
+                            text = trace_path.read_text() if trace_path.exists() else ""
+                            largest, rounds = _largest_round(text)
+                            if rounds >= 4:
+                                break
+                            await trio.sleep(0.05)
+                finally:
+                    await stop(strace)
+                assert largest <= 256, (
+                    f"one wakeup of the kernel did {largest} SIOCOUTQ ioctls ({count} sockets lingering)"
+                )
+            finally:
+                await stop(attacker)
