@@ -143,7 +143,8 @@ while made < 100000:
         break  # refused: its uid's share of the kernel's fds is used up
     socket.send_fds(channel, [b"c"], [sock.fileno()])
     sock.close()
-    assert channel.recv(16) == b"k"
+    if channel.recv(16) != b"k":
+        break
     made += 1
 print(made, flush=True)
 sys.stdin.readline()
@@ -161,8 +162,11 @@ while True:
     if not message:
         break
     sock = socket.socket(fileno=fds[0])
-    sock.send(_wire.command(_wire.CMD_PEER_QUERY, 2))
-    assert sock.recv(4096), "the kernel hung up"
+    try:  # answered, or refused (a hang-up): either way the kernel has read it
+        sock.send(_wire.command(_wire.CMD_PEER_QUERY, 2))
+        sock.recv(4096)
+    except (BrokenPipeError, ConnectionResetError):
+        pass
     kept.append(sock)
     channel.send(b"k")
 print(len(kept), flush=True)
@@ -259,8 +263,11 @@ async def main(path, channel):
         if not message:
             break
         sock = socket.socket(fileno=fds[0])
-        sock.send(_wire.command(_wire.CMD_PEER_QUERY, 1 << 40))
-        while _wire.FRAME.unpack_from(sock.recv(4096))[3] != 1 << 40:
+        try:  # answered, or refused (a hang-up): either way the kernel has read it
+            sock.send(_wire.command(_wire.CMD_PEER_QUERY, 1 << 40))
+            while (data := sock.recv(4096)) and _wire.FRAME.unpack_from(data)[3] != 1 << 40:
+                pass
+        except (BrokenPipeError, ConnectionResetError):
             pass
         kept.append(sock)
     print(len(kept), flush=True)
@@ -417,7 +424,9 @@ async def test_a_retry_round_does_not_walk_every_lingering_socket() -> None:
                                 break
                             await trio.sleep(0.05)
                 finally:
-                    await stop(strace)
+                    strace.terminate()  # detaches from the kernel cleanly
+                    with trio.fail_after(TIMEOUT):
+                        await strace.wait()
                 assert largest <= 256, (
                     f"one wakeup of the kernel did {largest} SIOCOUTQ ioctls ({count} sockets lingering)"
                 )
