@@ -304,7 +304,7 @@ async def test_a_uid_given_connections_does_not_pay_for_the_handles_their_maker_
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             with ours, theirs:
                 loader = await run_as(
-                    ATTACKER, _LOADER, str(path), str(ours.fileno()), "4", pass_fds=(ours.fileno(),)
+                    ATTACKER, _LOADER, str(path), str(ours.fileno()), "6", pass_fds=(ours.fileno(),)
                 )
                 user = await run_as(
                     BYSTANDER, _USER, str(path), str(theirs.fileno()), pass_fds=(theirs.fileno(),)
@@ -432,3 +432,127 @@ async def test_a_retry_round_does_not_walk_every_lingering_socket() -> None:
                 )
             finally:
                 await stop(attacker)
+
+
+# -- the same hand-over takes the kernel's whole in-flight fd budget ------------------------
+
+# Fills raw peers of its own uid with fds they never read (4 x 64 each, as many as one socket
+# takes), handing each over `channel` to the accomplice (_TAKER) once its fds were sent.
+_FILLER = """
+from capbus import _wire
+
+async def main(path, channel, count):
+    sender = await capbus.connect(path)
+    key = await sender._peer_key()
+    null = [os.open("/dev/null", os.O_RDONLY) for _ in range(64)]
+    accepted = 0
+    for _ in range(count):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        sock.connect(path)
+        sock.send(_wire.command(_wire.CMD_NODE_CREATE, 1))
+        node = struct.unpack_from("<Q", sock.recv(4096), 24)[0]
+        sock.send(_wire.command(_wire.CMD_HANDLE_TRANSFER, 2, _wire.TRANSFER.pack(node, key)))
+        target = struct.unpack_from("<Q", sock.recv(4096), 24)[0]
+        for _ in range(4):
+            try:
+                await sender.send(target, b"parked", fds=null)
+            except capbus.errors.QuotaExceeded:
+                break  # its share of held fds: the rest of the kernel's is someone else's
+            accepted += 64
+        # What did not fit is queued, and follows the connection to its new uid.
+        socket.send_fds(channel, [b"c"], [sock.fileno()])
+        if channel.recv(16) != b"k":
+            break
+    print(accepted, flush=True)
+    await trio.wrap_file(sys.stdin).readline()
+
+trio.run(main, sys.argv[1], socket.socket(fileno=int(sys.argv[2])), int(sys.argv[3]))
+"""
+
+# _TAKER, reading nothing of what is in the sockets it is given: it waits for the reply to
+# its frame to be queued behind them (the bytes unread in the socket grow).
+_QUIET_TAKER = """
+import fcntl, termios
+from capbus import _wire
+
+def unread(sock):
+    return struct.unpack("i", fcntl.ioctl(sock, termios.FIONREAD, b"\\0" * 4))[0]
+
+channel = socket.socket(fileno=int(sys.argv[1]))
+kept = []
+while True:
+    message, fds, _, _ = socket.recv_fds(channel, 16, 1)
+    if not message:
+        break
+    sock = socket.socket(fileno=fds[0])
+    before = unread(sock)
+    try:
+        sock.send(_wire.command(_wire.CMD_PEER_QUERY, 2))
+        while unread(sock) == before:
+            time.sleep(0.001)  # the kernel answers within its next wakeup
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    kept.append(sock)
+    channel.send(b"k")
+print(len(kept), flush=True)
+sys.stdin.readline()
+"""
+
+# A uid's own fds through the kernel: 64 to itself; prints how many arrived within 10 s (far
+# more than a delivery takes, on any machine) or "stalled".
+_FDS_TO_SELF = """
+async def main(path):
+    peer = await capbus.connect(path)
+    inbox = await peer.create_node()
+    await peer.send(inbox, b"fds", fds=[os.open("/dev/null", os.O_RDONLY) for _ in range(64)])
+    with trio.move_on_after(10):
+        message = await peer.recv()
+        print(len(message.fds), flush=True)
+        return
+    print("stalled", flush=True)
+
+trio.run(main, sys.argv[1])
+"""
+
+
+async def test_two_uids_handing_connections_over_cannot_take_every_fd_in_flight() -> None:
+    """Severity high (every other uid's fd deliveries wait for ever). The move of a connection
+    to its writer's uid carries the fds unread in its socket (fds_in_flight) to that uid,
+    unchecked, as the previous test's move carries its socket. A uid fills a peer's socket
+    with 256 fds it never reads and hands the connection to a process of a second uid, which
+    writes one frame: its in-flight share is back to 0 and the next fds fit again. Six
+    rounds take 832 of the kernel's 896 (RLIMIT_NOFILE 1024; one uid alone stops at about
+    half), and the rest of what the attacker sent waits queued, held. A third uid's message
+    of 64 fds then waits in its queue for ever (a retry every 128 ms finds no room): fds
+    through the kernel no longer work for anyone else; the messages are accepted and never
+    delivered.
+
+    Fix: as for the socket: check a move against the new uid's fair share of fds in flight
+    (and held), or leave the fds in flight charged to the uid whose peer they were written
+    to until they are read."""
+    needs_root()
+    with shared_directory() as where:
+        async with daemon(where, fd_limit=1024) as (path, kernel):
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            with ours, theirs:
+                filler = await run_as(
+                    ATTACKER, _FILLER, str(path), str(ours.fileno()), "6", pass_fds=(ours.fileno(),)
+                )
+                taker = await run_as(
+                    ACCOMPLICE, _QUIET_TAKER, str(theirs.fileno()), pass_fds=(theirs.fileno(),)
+                )
+            try:
+                with trio.fail_after(TIMEOUT):
+                    accepted = int(await read_line(filler))
+                    bystander = await run_as(BYSTANDER, _FDS_TO_SELF, str(path))
+                    try:
+                        arrived = await read_line(bystander)
+                    finally:
+                        await stop(bystander)
+                assert arrived == "64", (
+                    f"uid {BYSTANDER}'s 64 fds to itself did not arrive ({arrived}) once uid {ATTACKER} "
+                    f"had sent {accepted} fds to 6 connections it handed to uid {ACCOMPLICE}"
+                )
+            finally:
+                await stop(filler)
+                await stop(taker)
