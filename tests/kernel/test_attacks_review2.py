@@ -304,7 +304,7 @@ async def test_a_uid_given_connections_does_not_pay_for_the_handles_their_maker_
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             with ours, theirs:
                 loader = await run_as(
-                    ATTACKER, _LOADER, str(path), str(ours.fileno()), "6", pass_fds=(ours.fileno(),)
+                    ATTACKER, _LOADER, str(path), str(ours.fileno()), "4", pass_fds=(ours.fileno(),)
                 )
                 user = await run_as(
                     BYSTANDER, _USER, str(path), str(theirs.fileno()), pass_fds=(theirs.fileno(),)
