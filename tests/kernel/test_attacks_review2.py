@@ -185,7 +185,7 @@ async def test_two_uids_handing_connections_over_cannot_take_every_kernel_fd() -
     take all of the kernel's fds but one: every other uid's connection is then refused
     (EDQUOT, 'its share of peers or of the kernel's fds is used up'). The same move with
     fds written into the moved peers' sockets takes the whole in-flight budget (fds to every
-    other uid then wait for ever), and the taker's n_peers passes peers_per_user.
+    other uid then wait for ever: below), and the taker's n_peers can pass peers_per_user.
 
     Fix: a move is a new charge for the uid moved to: check it (peers_per_user, the fair
     share of held fds and of fds in flight, user_handles, the backlog) as cb_peer_new and
