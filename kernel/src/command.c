@@ -173,7 +173,7 @@ static void cmd_handle_transfer(struct cb_peer *peer, uint64_t cookie, const uin
 		error = EHOSTUNREACH;
 	} else if (cb_handle_is_new(target, handle->node) &&
 		   (target->handles_by_id.count >= peer->kernel->limits.handles_held ||
-		    target->user->n_handles >= peer->kernel->limits.user_handles)) {
+		    target->maker->n_handles >= peer->kernel->limits.user_handles)) {
 		error = EDQUOT;
 	} else if (cb_handle_reserve(target, 1) < 0) {
 		error = ENOMEM;
@@ -241,7 +241,7 @@ static int seed_build(struct cb_peer *source, struct cb_peer *target, const uint
 		nodes[i] = handle->node;
 	}
 	if (target->handles_by_id.count + cmd->n_handles > source->kernel->limits.handles_held ||
-	    target->user->n_handles + cmd->n_handles > source->kernel->limits.user_handles)
+	    target->maker->n_handles + cmd->n_handles > source->kernel->limits.user_handles)
 		return EDQUOT;
 	int error = 0;
 	struct cb_seed *seed = cb_seed_new(source->kernel, target->user, cmd->n_handles, cmd->payload_size, &error);
@@ -392,8 +392,16 @@ void cb_command_dispatch(struct cb_peer *peer, const uint8_t *data, size_t size,
 	size_t body_size = size - sizeof(*frame);
 	/* What this connection costs is the writer's to pay (a connection made by one uid and
 	 * handed to a process of another). */
-	if (creds->uid != peer->uid && !peer->charged_as_adopted)
-		cb_peer_charge_to(peer, creds->uid, creds->gid, creds->pid);
+	if (creds->uid != peer->uid && !peer->charged_as_adopted) {
+		int r = cb_peer_charge_to(peer, creds->uid, creds->gid, creds->pid);
+		if (r < 0) {
+			/* It does not fit that uid: the frame is refused, the connection stays
+			 * charged as it was. */
+			close_fds(fds, n_fds);
+			cb_queue_reply(peer, frame->cookie, frame->type, -r, NULL, 0);
+			return;
+		}
+	}
 	switch (frame->type) {
 	case CAPBUS_CMD_NODE_CREATE:
 		cmd_node_create(peer, frame->cookie, body_size);

@@ -55,7 +55,7 @@ static struct cb_handle *handle_new(struct cb_peer *peer, struct cb_node *node, 
 		node->n_holders++;
 	}
 	peer->kernel->stats.handles++;
-	peer->user->n_handles++;
+	peer->maker->n_handles++;
 	return handle;
 }
 
@@ -65,7 +65,7 @@ struct cb_handle *cb_node_create(struct cb_peer *peer, int *error)
 
 	if (peer->n_owned >= kernel->limits.nodes_owned ||
 	    peer->handles_by_id.count >= kernel->limits.handles_held ||
-	    peer->user->n_handles >= kernel->limits.user_handles) {
+	    peer->maker->n_handles >= kernel->limits.user_handles) {
 		*error = EDQUOT;
 		return NULL;
 	}
@@ -135,7 +135,7 @@ static void handle_free(struct cb_handle *handle)
 			cb_queue_notify(node->owner, CAPBUS_MSG_NODE_RELEASE, node->anchor->id, cb_kernel_tick(kernel));
 	}
 	kernel->stats.handles--;
-	peer->user->n_handles--;
+	peer->maker->n_handles--;
 	free(handle);
 	if (--node->n_refs == 0) {
 		kernel->stats.nodes--;

@@ -70,6 +70,7 @@ struct cb_peer *cb_peer_new(struct cb_kernel *kernel, int fd, uint32_t uid, uint
 	peer->gid = gid;
 	peer->pid = pid;
 	peer->user = user;
+	peer->maker = user;
 	cb_map_init(&peer->handles_by_id, cb_handle_id_key);
 	cb_map_init(&peer->handles_by_node, cb_handle_node_key);
 	cb_queue_init(&peer->queue);
@@ -98,6 +99,7 @@ struct cb_peer *cb_peer_new(struct cb_kernel *kernel, int fd, uint32_t uid, uint
 	peer->epoll_events = EPOLLIN | EPOLLRDHUP;
 	cb_peer_update_events(peer); /* a newcomer of a uid past its backlog waits too */
 	user->n_peers++;
+	user->n_charges++; /* as its maker */
 	cb_list_add_tail(&kernel->peers, &peer->kernel_link);
 	kernel->stats.peers++;
 	return peer;
@@ -112,30 +114,34 @@ fail:
 	return NULL;
 }
 
-void cb_peer_charge_to(struct cb_peer *peer, uint32_t uid, uint32_t gid, uint32_t pid)
+int cb_peer_charge_to(struct cb_peer *peer, uint32_t uid, uint32_t gid, uint32_t pid)
 {
 	struct cb_kernel *kernel = peer->kernel;
+	const struct capbus_limits *limits = &kernel->limits;
 	struct cb_user *from = peer->user;
 	struct cb_user *to = cb_user_get(kernel, uid);
-	if (!to || to == from)
-		return;
-	uint32_t n_handles = (uint32_t)peer->handles_by_id.count;
-	from->n_peers--;
-	to->n_peers++;
-	from->fds_held--; /* its socket; the kernel's total stays as it was */
-	to->fds_held++;
-	from->fds_in_flight -= peer->fds_in_socket;
-	to->fds_in_flight += peer->fds_in_socket;
-	from->n_handles -= n_handles;
-	to->n_handles += n_handles;
-	from->backlog_bytes -= peer->queue.backlog_bytes;
-	to->backlog_bytes += peer->queue.backlog_bytes;
-	peer->user = to;
+	uint64_t backlog = peer->queue.backlog_bytes;
+	if (!to)
+		return -ENOMEM;
+	if (to != from) {
+		if (to->n_peers >= limits->peers_per_user ||
+		    (backlog && to->backlog_bytes + backlog > limits->user_backlog / 2) ||
+		    cb_fds_move(kernel, from, to, 1, peer->fds_in_socket) < 0) {
+			cb_user_put_if_unused(kernel, to);
+			return -EDQUOT;
+		}
+		from->n_peers--;
+		to->n_peers++;
+		from->backlog_bytes -= backlog;
+		to->backlog_bytes += backlog;
+		peer->user = to;
+	}
 	peer->uid = uid;
 	peer->gid = gid;
 	peer->pid = pid;
 	cb_user_put_if_unused(kernel, from);
 	cb_peer_update_events(peer);
+	return 0;
 }
 
 void cb_peer_dirty(struct cb_peer *peer)
@@ -324,6 +330,8 @@ void cb_peer_disconnect(struct cb_peer *peer)
 	cb_list_del(&peer->kernel_link);
 	peer->user->n_peers--;
 	cb_user_put_if_unused(kernel, peer->user);
+	peer->maker->n_charges--;
+	cb_user_put_if_unused(kernel, peer->maker);
 	kernel->stats.peers--;
 	free(peer);
 }

@@ -43,7 +43,11 @@ struct cb_peer {
 				     * PEER_CREATE (its credentials); then whoever writes to it */
 	uint32_t sender_pid;        /* the last pid that wrote to this peer's socket ... */
 	uint64_t sender_process_id; /* ... and its pidfs identity (loop.c, process_identity) */
-	struct cb_user *user;
+	struct cb_user *user;       /* charged for the connection: its socket (a held fd), its place
+				     * in peers_per_user, its backlog, its fds in flight; moves with
+				     * `uid` to whoever writes to it (cb_peer_charge_to) */
+	struct cb_user *maker;      /* charged for the handles it holds (user_handles): the uid that
+				     * made it, for its whole life (one n_charges reference) */
 	uint64_t next_handle;       /* id counter, never decreases */
 	struct cb_map handles_by_id;
 	struct cb_map handles_by_node;
@@ -76,11 +80,15 @@ struct cb_peer *cb_peer_new(struct cb_kernel *kernel, int fd, uint32_t uid, uint
 void cb_peer_disconnect(struct cb_peer *peer);
 /* Marks the peer to be disconnected once the current command is done. */
 void cb_peer_doom(struct cb_peer *peer);
-/* Charges the peer, from now on, to the uid that writes to it (cb_command_dispatch): what
- * it costs (its socket, its backlog, its handles, its fds in flight) moves to that uid. A
- * connection handed to a process of another uid is that uid's to spend, not its maker's.
- * No effect on ENOMEM (it stays charged to the previous uid). */
-void cb_peer_charge_to(struct cb_peer *peer, uint32_t uid, uint32_t gid, uint32_t pid);
+/* Charges the connection, from now on, to the uid that writes to it (cb_command_dispatch):
+ * its own cost (its socket, its place among that uid's peers, its backlog, the fds in flight
+ * in its socket) moves to that uid, checked as new charges to it would be: peers_per_user,
+ * the fair shares of held fds and of fds in flight, and the backlog (what moves may bring the
+ * uid to at most half of user_backlog, so that moved connections never gate its own peers).
+ * The handles the peer holds stay charged to its maker (`maker`). A connection handed to a
+ * process of another uid is that uid's to spend, not its maker's. Returns 0, or -EDQUOT or
+ * -ENOMEM with no effect (it stays charged to the previous uid). */
+int cb_peer_charge_to(struct cb_peer *peer, uint32_t uid, uint32_t gid, uint32_t pid);
 /* Marks that `peer` has frames to flush. */
 void cb_peer_dirty(struct cb_peer *peer);
 /* Is what the kernel queued for it, or for its uid, past the backlog bound (queue.h)? */

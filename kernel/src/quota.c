@@ -149,6 +149,21 @@ void cb_fds_unpin(struct cb_user *sender, uint32_t receiver_uid, uint32_t n)
 	drop_share_if_empty(&sender->receivers, pair);
 }
 
+int cb_fds_move(struct cb_kernel *kernel, struct cb_user *from, struct cb_user *to, uint32_t held,
+		uint32_t in_flight)
+{
+	struct capbus_stats *stats = &kernel->stats;
+	/* As new charges to `to`: as of before they were counted at all. */
+	if (!fits(stats->fds_held_max, stats->fds_held - held, to->fds_held, held) ||
+	    !fits(stats->fds_in_flight_max, stats->fds_in_flight - in_flight, to->fds_in_flight, in_flight))
+		return -EDQUOT;
+	from->fds_held -= held;
+	to->fds_held += held;
+	from->fds_in_flight -= in_flight;
+	to->fds_in_flight += in_flight;
+	return 0;
+}
+
 bool cb_fds_may_fly(struct cb_kernel *kernel, struct cb_user *user, uint32_t n)
 {
 	struct capbus_stats *stats = &kernel->stats;

@@ -74,13 +74,15 @@ struct cb_quota {
 
 struct cb_user {
 	uint32_t uid;
-	uint32_t n_peers;        /* connected peers created by this uid */
-	uint32_t n_charges;      /* queued entries charged to this uid; with n_peers, its references */
+	uint32_t n_peers;        /* connected peers charged to this uid (made by it, or moved to it) */
+	uint32_t n_charges;      /* queued entries charged to this uid, and peers it made (each
+				  * holds its maker for its handles); with n_peers, its references */
 	uint64_t queued_bytes;   /* bytes this uid has queued anywhere in the kernel: payload and
 				  * each queue entry's overhead (bounded by user_bytes) */
 	uint32_t fds_held;       /* kernel fds charged to this uid: its peers' sockets, its queued fds */
 	uint32_t fds_in_flight;  /* fds in the sockets of this uid's peers, perhaps unread */
-	uint32_t n_handles;      /* handles its peers hold (nodes they own included) */
+	uint32_t n_handles;      /* handles held by the peers it made (nodes they own included),
+				  * wherever their connections moved (peer.h, maker) */
 	uint64_t backlog_bytes;  /* replies and notifications queued to its peers (queue.h) */
 	struct cb_quota receivers; /* what its queued messages pin, per receiving uid (below):
 				    * bytes (payload and overhead), entries, fds of messages */
@@ -104,6 +106,11 @@ void cb_quota_uncharge(struct cb_kernel *kernel, struct cb_quota *quota, struct 
  * peers and charges are gone (cb_user_put_if_unused). */
 int cb_fds_hold(struct cb_kernel *kernel, struct cb_user *user, uint32_t n); /* 0 or -EDQUOT */
 void cb_fds_unhold(struct cb_kernel *kernel, struct cb_user *user, uint32_t n);
+/* Moves `held` held fds and `in_flight` fds in flight from `from` to `to` (a connection that
+ * changes hands, cb_peer_charge_to) if they fit `to`'s fair shares as new charges would:
+ * 0 or -EDQUOT (no effect). The kernel's totals stay as they were. */
+int cb_fds_move(struct cb_kernel *kernel, struct cb_user *from, struct cb_user *to, uint32_t held,
+		uint32_t in_flight);
 bool cb_fds_may_fly(struct cb_kernel *kernel, struct cb_user *user, uint32_t n);
 void cb_fds_fly(struct cb_kernel *kernel, struct cb_user *user, uint32_t n);
 void cb_fds_land(struct cb_kernel *kernel, struct cb_user *user, uint32_t n);
