@@ -1,0 +1,141 @@
+"""A connection is charged to the uid that writes to it (cb_peer_charge_to): the move is a new
+charge for that uid, checked as one. When it does not fit, the writer's frame is refused
+with EDQUOT and the connection stays charged as it was. Real uids: needs root."""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+
+import trio
+from capbus._kernel import lib
+
+import capbus
+from capbus import _wire
+from capbus.testing import wait_for_statistics
+
+from .other_uid import python_as
+
+ATTACKER = 1001
+TIMEOUT = 30
+COOKIE = 1 << 40
+
+
+def needs_root() -> None:
+    assert os.geteuid() == 0, (
+        "this test needs root: it writes to connections as another uid "
+        "(CI runs the suite as root); it cannot be checked as an unprivileged user"
+    )
+
+
+def adopt(kernel: capbus.Kernel, uid: int) -> socket.socket:
+    """A new peer of the embedded kernel, charged to ``uid`` for good."""
+    theirs, ours = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    assert lib.capbus_kernel_adopt(kernel._kernel, ours.detach(), uid, uid, 0) == 0
+    return theirs
+
+
+def reply_to(sock: socket.socket, cookie: int) -> tuple[int, bytes]:
+    """Reads the connection up to the reply to ``cookie``: its error and body."""
+    while True:
+        data = sock.recv(_wire.FRAME_MAX + 1)
+        assert data, "the kernel hung up"
+        _, kind, _, got = _wire.FRAME.unpack_from(data)
+        if kind == _wire.FRAME_REPLY and got == cookie:
+            error = _wire.REPLY.unpack_from(data, _wire.FRAME.size)[0]
+            return error, data[_wire.FRAME.size + _wire.REPLY.size :]
+
+
+def query(sock: socket.socket, cookie: int) -> tuple[int, int | None]:
+    """PEER_QUERY on a raw connection: the error, and the uid it reports."""
+    sock.send(_wire.command(_wire.CMD_PEER_QUERY, cookie))
+    error, body = reply_to(sock, cookie)
+    return error, _wire.QUERY.unpack_from(body)[1] if error == 0 else None
+
+
+# As another uid: one PEER_QUERY on the connection it is given, read up to its reply; prints
+# the error and the uid the reply reports (-1 on an error).
+_QUERY = f"""
+from capbus import _wire
+sock = socket.socket(fileno=int(sys.argv[1]))
+sock.send(_wire.command(_wire.CMD_PEER_QUERY, {COOKIE}))
+while True:
+    data = sock.recv(_wire.FRAME_MAX + 1)
+    _, kind, _, cookie = _wire.FRAME.unpack_from(data)
+    if kind == _wire.FRAME_REPLY and cookie == {COOKIE}:
+        break
+error = _wire.REPLY.unpack_from(data, _wire.FRAME.size)[0]
+print(error, _wire.QUERY.unpack_from(data, _wire.FRAME.size + _wire.REPLY.size)[1] if error == 0 else -1)
+"""
+
+
+async def query_as(uid: int, sock: socket.socket) -> tuple[int, int | None]:
+    """PEER_QUERY on ``sock`` written by a process of ``uid``: the error, and the uid it reports."""
+    with trio.fail_after(TIMEOUT):
+        process = await trio.run_process(
+            [*python_as(uid, _QUERY), str(sock.fileno())],
+            pass_fds=(sock.fileno(),),
+            capture_stdout=True,
+            cwd="/",
+        )
+    error, got = map(int, process.stdout.split())
+    return error, got if got >= 0 else None
+
+
+async def test_a_connection_does_not_move_to_a_uid_at_its_peers_per_user() -> None:
+    needs_root()
+    async with capbus.open_kernel(limits=capbus.Limits(peers_per_user=2)) as kernel:
+        own = [adopt(kernel, ATTACKER) for _ in range(2)]  # the uid's whole peers_per_user
+        connection = kernel.socket_for_child()  # this process's uid's
+        try:
+            assert await query_as(ATTACKER, connection) == (errno.EDQUOT, None)
+            assert query(connection, 1) == (0, 0), "a refused move left the connection charged elsewhere"
+            own.pop().close()
+            with trio.fail_after(TIMEOUT):
+                await wait_for_statistics(kernel, lambda s: s.peers == 2)
+            assert await query_as(ATTACKER, connection) == (0, ATTACKER), "it fits now: it moves"
+        finally:
+            connection.close()
+            for sock in own:
+                sock.close()
+
+
+async def test_a_connection_with_a_backlog_does_not_move_to_a_uid_past_half_its_user_backlog() -> None:
+    needs_root()
+    async with capbus.open_kernel(limits=capbus.Limits(user_backlog=16384)) as kernel:
+        # A peer of the uid that never reads its replies: the uid goes past its user_backlog.
+        gated = adopt(kernel, ATTACKER)
+        gated.setblocking(False)
+        frame = _wire.command(_wire.CMD_PEER_QUERY, 1)
+        with trio.fail_after(TIMEOUT):
+            while kernel.statistics().peers_gated == 0:
+                try:
+                    gated.send(frame)
+                except BlockingIOError:  # until the kernel reads it again, or gates it
+                    async with trio.open_nursery() as nursery:
+
+                        async def writable() -> None:
+                            await trio.lowlevel.wait_writable(gated)
+                            nursery.cancel_scope.cancel()
+
+                        async def gated_now() -> None:
+                            await wait_for_statistics(kernel, lambda s: s.peers_gated > 0)
+                            nursery.cancel_scope.cancel()
+
+                        nursery.start_soon(writable)
+                        nursery.start_soon(gated_now)
+        # A connection of this process's uid (as socket_for_child makes it) whose socket takes
+        # only a few frames: the replies it does not read yet are soon its backlog, queued
+        # before the frame the other uid writes next is read.
+        connection, ours = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1)
+        assert lib.capbus_kernel_adopt(kernel._kernel, ours.detach(), -1, -1, -1) == 0
+        try:
+            for cookie in range(2, 40):
+                connection.send(_wire.command(_wire.CMD_PEER_QUERY, cookie))
+            assert await query_as(ATTACKER, connection) == (errno.EDQUOT, None)
+            assert query(connection, 1) == (0, 0), "a refused move left the connection charged elsewhere"
+        finally:
+            connection.close()
+            gated.close()
