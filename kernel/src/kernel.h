@@ -70,7 +70,7 @@ struct cb_kernel {
 	struct cb_retry_queue stalled; /* peers whose next frame waits for fd room (queue.h) */
 	struct cb_retry_queue fd_holders; /* peers with fds written to their socket, perhaps unread */
 	struct cb_link gated;          /* peers not read while their uid's backlog is full */
-	struct cb_link lingering;      /* disconnected peers' sockets with fds unread (linger.h) */
+	struct cb_retry_queue lingering; /* disconnected peers' sockets with fds unread (linger.h) */
 	int retry_ms;                  /* how long the loop waits before its next retry round */
 	uint64_t now_ms;               /* the loop's clock, read at each wakeup */
 	uint64_t frames_written;       /* frames written to peers: has a flush moved anything? */

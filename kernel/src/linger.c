@@ -38,15 +38,16 @@ void cb_linger_close(struct cb_kernel *kernel, int fd, struct cb_user *user, uin
 	}
 	shutdown(fd, SHUT_RDWR);
 	*linger = (struct cb_linger){ .fd = fd, .user = user, .n_fds = n_fds };
+	cb_retry_item_init(&linger->retry);
 	user->n_charges++;
-	cb_list_add_tail(&kernel->lingering, &linger->link);
+	cb_retry_schedule(&kernel->lingering, &linger->retry, kernel->now_ms, 0);
 	kernel->stats.sockets_lingering++;
 }
 
 static void linger_free(struct cb_kernel *kernel, struct cb_linger *linger)
 {
 	struct cb_user *user = linger->user;
-	cb_list_del(&linger->link);
+	cb_retry_cancel(&kernel->lingering, &linger->retry);
 	kernel->stats.sockets_lingering--;
 	release(kernel, linger->fd, user, linger->n_fds);
 	free(linger);
@@ -54,19 +55,21 @@ static void linger_free(struct cb_kernel *kernel, struct cb_linger *linger)
 	cb_user_put_if_unused(kernel, user);
 }
 
-void cb_linger_reap(struct cb_kernel *kernel)
+void cb_linger_retry_due(struct cb_kernel *kernel, unsigned int batch)
 {
-	struct cb_link *link, *next;
-	for (link = kernel->lingering.next; link != &kernel->lingering; link = next) {
-		next = link->next;
-		struct cb_linger *linger = cb_container_of(link, struct cb_linger, link);
+	struct cb_retry_item *item;
+	for (unsigned int n = 0; n < batch && (item = cb_retry_take_due(&kernel->lingering, kernel->now_ms)); n++) {
+		struct cb_linger *linger = cb_container_of(item, struct cb_linger, retry);
 		if (drained(linger->fd))
 			linger_free(kernel, linger);
+		else
+			cb_retry_back_off(&kernel->lingering, item, kernel->now_ms);
 	}
 }
 
 void cb_linger_free_all(struct cb_kernel *kernel)
 {
-	while (!cb_list_empty(&kernel->lingering))
-		linger_free(kernel, cb_list_first(&kernel->lingering, struct cb_linger, link));
+	for (unsigned int i = 0; i < CB_RETRY_LEVELS; i++)
+		while (!cb_list_empty(&kernel->lingering.levels[i]))
+			linger_free(kernel, cb_list_first(&kernel->lingering.levels[i], struct cb_linger, retry.link));
 }

@@ -8,21 +8,24 @@
  * open. So a peer disconnected with fds in its socket (fds_in_socket > 0) is not closed:
  * its end is shut down (the other end sees the hang-up at once and can still read what is
  * there), taken out of epoll, and kept, with its fds still counted in flight and the socket
- * still counted as a held fd, both charged to the peer's uid as before (quota.h). The retry
- * round (loop.c) closes it once SIOCOUTQ says the other end read everything or closed.
+ * still counted as a held fd, both charged to the peer's uid as before (quota.h). It waits
+ * on a retry queue of its own (kernel->lingering, retry.h): looked at on its own timer, 1 ms
+ * doubling to 128 ms while its fds stay unread, at most a batch per round, and closed once
+ * SIOCOUTQ says the other end read everything or closed. So sockets an attacker never reads
+ * cost one look each per 128 ms, not a walk over all of them at every retry round.
  */
 #ifndef CB_LINGER_H
 #define CB_LINGER_H
 
 #include <stdint.h>
 
-#include "list.h"
+#include "retry.h"
 
 struct cb_kernel;
 struct cb_user;
 
 struct cb_linger {
-	struct cb_link link;   /* kernel->lingering */
+	struct cb_retry_item retry; /* in kernel->lingering while it lingers */
 	int fd;
 	struct cb_user *user;  /* charged: one held fd, n_fds in flight, one n_charges reference */
 	uint32_t n_fds;
@@ -32,8 +35,9 @@ struct cb_linger {
  * empty, all charged to `user`: closes it and returns the charges if they have landed, else
  * keeps it lingering with them. Takes ownership of `fd`. */
 void cb_linger_close(struct cb_kernel *kernel, int fd, struct cb_user *user, uint32_t n_fds);
-/* Closes the lingering sockets whose fds have landed. */
-void cb_linger_reap(struct cb_kernel *kernel);
+/* Looks at (at most `batch` of) the lingering sockets that are due: closes those whose fds
+ * have landed, and backs the others off (retry.h). */
+void cb_linger_retry_due(struct cb_kernel *kernel, unsigned int batch);
 /* Closes every lingering socket (the kernel stops). */
 void cb_linger_free_all(struct cb_kernel *kernel);
 

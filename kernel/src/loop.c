@@ -128,7 +128,7 @@ int capbus_kernel_new(const struct capbus_limits *limits, struct cb_kernel **out
 	cb_retry_queue_init(&kernel->stalled);
 	cb_retry_queue_init(&kernel->fd_holders);
 	cb_list_init(&kernel->gated);
-	cb_list_init(&kernel->lingering);
+	cb_retry_queue_init(&kernel->lingering);
 	fd_budgets(kernel);
 	/* Kept to be given up at EMFILE, to accept a newcomer and close it at once (so that a
 	 * full fd table never leaves the listener readable for ever: the loop would spin). */
@@ -327,8 +327,8 @@ static void set_stalled(struct cb_peer *peer, bool stalled, bool moved)
 /* Retries due per round and queue: the rest wait for the next round, at once. */
 #define RETRY_BATCH 256
 
-/* The retries that are due: sockets with fds perhaps read by now (landed once empty), and
- * stalled peers, each on its own timer (retry.h). */
+/* The retries that are due: sockets with fds perhaps read by now (landed once empty), of
+ * peers and lingering after them, and stalled peers, each on its own timer (retry.h). */
 static void retry_due(struct cb_kernel *kernel)
 {
 	struct cb_retry_item *item;
@@ -338,16 +338,16 @@ static void retry_due(struct cb_kernel *kernel)
 		if (peer->fds_in_socket)
 			cb_retry_back_off(&kernel->fd_holders, item, kernel->now_ms);
 	}
+	cb_linger_retry_due(kernel, RETRY_BATCH);
 	for (int n = 0; n < RETRY_BATCH && (item = cb_retry_take_due(&kernel->stalled, kernel->now_ms)); n++)
 		cb_peer_dirty(cb_container_of(item, struct cb_peer, stalled_retry));
 	cb_kernel_settle(kernel);
 }
 
-/* Closes lingering sockets that drained, and re-arms gated peers. */
+/* Re-arms gated peers. */
 static void retry_others(struct cb_kernel *kernel)
 {
 	struct cb_link *link, *next;
-	cb_linger_reap(kernel);
 	for (link = kernel->gated.next; link != &kernel->gated; link = next) {
 		next = link->next; /* re-arming may ungate it */
 		cb_peer_update_events(cb_container_of(link, struct cb_peer, gated_link));
@@ -597,8 +597,7 @@ static uint64_t now_ms(void)
 	return (uint64_t)now.tv_sec * 1000u + (uint64_t)now.tv_nsec / 1000000u;
 }
 
-/* A retry round for what has no timer of its own: gated peers, lingering sockets, a paused
- * listener. The delay doubles while a round moves nothing, so that a stall that lasts costs
+/* A retry round for what has no timer of its own: gated peers, a paused listener. The delay doubles while a round moves nothing, so that a stall that lasts costs
  * little. */
 static void retry(struct cb_kernel *kernel)
 {
@@ -629,8 +628,7 @@ int capbus_kernel_run(struct cb_kernel *kernel)
 	while (!kernel->stopping) {
 		/* Stalled peers and a paused listener are retried on a timer, never polled: they
 		 * would be ready (writable, readable) all the time and the loop would spin. */
-		bool waiting = !cb_list_empty(&kernel->gated) || !cb_list_empty(&kernel->lingering) ||
-			       kernel->listen_paused;
+		bool waiting = !cb_list_empty(&kernel->gated) || kernel->listen_paused;
 		uint64_t now = now_ms(), due = UINT64_MAX;
 		if (waiting) {
 			if (retry_at == 0)
@@ -641,10 +639,13 @@ int capbus_kernel_run(struct cb_kernel *kernel)
 		}
 		uint64_t stalled_due = cb_retry_next_due(&kernel->stalled);
 		uint64_t holders_due = cb_retry_next_due(&kernel->fd_holders);
+		uint64_t lingering_due = cb_retry_next_due(&kernel->lingering);
 		if (stalled_due < due)
 			due = stalled_due;
 		if (holders_due < due)
 			due = holders_due;
+		if (lingering_due < due)
+			due = lingering_due;
 		int timeout = due == UINT64_MAX ? -1 : due > now ? (int)(due - now) : 0;
 		pthread_mutex_unlock(&kernel->lock);
 		int n = epoll_wait(kernel->epoll_fd, events, EVENT_BATCH, timeout);

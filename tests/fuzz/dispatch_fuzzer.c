@@ -482,8 +482,10 @@ static void tear_down(int fds_before)
 		cb_peer_doom(cb_container_of(link, struct cb_peer, kernel_link));
 	cb_kernel_settle(kernel);
 	/* Sockets of peers disconnected earlier with fds unread linger until their other end is
-	 * gone (linger.h); the loop's retry round closes them, as here. */
-	cb_linger_reap(kernel);
+	 * gone (linger.h); the loop's retries close them once due, as here with every delay
+	 * past (each is looked at once: those still unread would back off). */
+	kernel->now_ms += 1u << CB_RETRY_LEVELS;
+	cb_linger_retry_due(kernel, kernel->stats.sockets_lingering);
 
 	struct capbus_stats stats;
 	capbus_kernel_stats(kernel, &stats);
