@@ -173,7 +173,7 @@ static void cmd_handle_transfer(struct cb_peer *peer, uint64_t cookie, const uin
 		error = EHOSTUNREACH;
 	} else if (cb_handle_is_new(target, handle->node) &&
 		   (target->handles_by_id.count >= peer->kernel->limits.handles_held ||
-		    target->maker->n_handles >= peer->kernel->limits.user_handles)) {
+		    target->user->n_handles >= peer->kernel->limits.user_handles)) {
 		error = EDQUOT;
 	} else if (cb_handle_reserve(target, 1) < 0) {
 		error = ENOMEM;
@@ -241,7 +241,7 @@ static int seed_build(struct cb_peer *source, struct cb_peer *target, const uint
 		nodes[i] = handle->node;
 	}
 	if (target->handles_by_id.count + cmd->n_handles > source->kernel->limits.handles_held ||
-	    target->maker->n_handles + cmd->n_handles > source->kernel->limits.user_handles)
+	    target->user->n_handles + cmd->n_handles > source->kernel->limits.user_handles)
 		return EDQUOT;
 	int error = 0;
 	struct cb_seed *seed = cb_seed_new(source->kernel, target->user, cmd->n_handles, cmd->payload_size, &error);

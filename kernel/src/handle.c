@@ -55,7 +55,8 @@ static struct cb_handle *handle_new(struct cb_peer *peer, struct cb_node *node, 
 		node->n_holders++;
 	}
 	peer->kernel->stats.handles++;
-	peer->maker->n_handles++;
+	handle->charged_to = peer->user;
+	peer->user->n_handles++;
 	return handle;
 }
 
@@ -65,7 +66,7 @@ struct cb_handle *cb_node_create(struct cb_peer *peer, int *error)
 
 	if (peer->n_owned >= kernel->limits.nodes_owned ||
 	    peer->handles_by_id.count >= kernel->limits.handles_held ||
-	    peer->maker->n_handles >= kernel->limits.user_handles) {
+	    peer->user->n_handles >= kernel->limits.user_handles) {
 		*error = EDQUOT;
 		return NULL;
 	}
@@ -134,13 +135,15 @@ static void handle_free(struct cb_handle *handle)
 		if (--node->n_holders == 0 && !node->destroyed && node->anchor)
 			cb_queue_notify(node->owner, CAPBUS_MSG_NODE_RELEASE, node->anchor->id, cb_kernel_tick(kernel));
 	}
+	struct cb_user *charged = handle->charged_to;
 	kernel->stats.handles--;
-	peer->maker->n_handles--;
+	charged->n_handles--;
 	free(handle);
 	if (--node->n_refs == 0) {
 		kernel->stats.nodes--;
 		free(node);
 	}
+	cb_user_put_if_unused(kernel, charged); /* its peer may have moved to another uid since */
 }
 
 int cb_handle_release(struct cb_handle *handle)

@@ -28,6 +28,9 @@ struct cb_handle {
 	struct cb_node *node;
 	struct cb_link holder_link; /* in node->holders unless this is the anchor */
 	uint32_t n_user;
+	struct cb_user *charged_to; /* counts it in its n_handles (user_handles): the uid its peer
+				     * was charged to when it was made, wherever that connection
+				     * moves later (cb_peer_charge_to); a reference to that uid */
 };
 
 /* Keys of the two per-peer maps (map.h). */

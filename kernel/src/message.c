@@ -173,7 +173,7 @@ static int prepare(struct cb_peer *sender, struct cb_user *user, struct cb_messa
 	for (uint32_t i = 0; i < n_handles; i++)
 		new_handles += cb_handle_is_new(receiver, attached[i]);
 	if (receiver->handles_by_id.count + new_handles > kernel->limits.handles_held ||
-	    receiver->maker->n_handles + new_handles > kernel->limits.user_handles)
+	    receiver->user->n_handles + new_handles > kernel->limits.user_handles)
 		return EDQUOT;
 	if (cb_handle_reserve(receiver, new_handles) < 0)
 		return ENOMEM;

@@ -70,7 +70,6 @@ struct cb_peer *cb_peer_new(struct cb_kernel *kernel, int fd, uint32_t uid, uint
 	peer->gid = gid;
 	peer->pid = pid;
 	peer->user = user;
-	peer->maker = user;
 	cb_map_init(&peer->handles_by_id, cb_handle_id_key);
 	cb_map_init(&peer->handles_by_node, cb_handle_node_key);
 	cb_queue_init(&peer->queue);
@@ -99,7 +98,6 @@ struct cb_peer *cb_peer_new(struct cb_kernel *kernel, int fd, uint32_t uid, uint
 	peer->epoll_events = EPOLLIN | EPOLLRDHUP;
 	cb_peer_update_events(peer); /* a newcomer of a uid past its backlog waits too */
 	user->n_peers++;
-	user->n_charges++; /* as its maker */
 	cb_list_add_tail(&kernel->peers, &peer->kernel_link);
 	kernel->stats.peers++;
 	return peer;
@@ -330,8 +328,6 @@ void cb_peer_disconnect(struct cb_peer *peer)
 	cb_list_del(&peer->kernel_link);
 	peer->user->n_peers--;
 	cb_user_put_if_unused(kernel, peer->user);
-	peer->maker->n_charges--;
-	cb_user_put_if_unused(kernel, peer->maker);
 	kernel->stats.peers--;
 	free(peer);
 }

@@ -44,10 +44,9 @@ struct cb_peer {
 	uint32_t sender_pid;        /* the last pid that wrote to this peer's socket ... */
 	uint64_t sender_process_id; /* ... and its pidfs identity (loop.c, process_identity) */
 	struct cb_user *user;       /* charged for the connection: its socket (a held fd), its place
-				     * in peers_per_user, its backlog, its fds in flight; moves with
-				     * `uid` to whoever writes to it (cb_peer_charge_to) */
-	struct cb_user *maker;      /* charged for the handles it holds (user_handles): the uid that
-				     * made it, for its whole life (one n_charges reference) */
+				     * in peers_per_user, its backlog, its fds in flight, the handles
+				     * it gets from now on; moves with `uid` to whoever writes to it
+				     * (cb_peer_charge_to) */
 	uint64_t next_handle;       /* id counter, never decreases */
 	struct cb_map handles_by_id;
 	struct cb_map handles_by_node;
@@ -85,7 +84,8 @@ void cb_peer_doom(struct cb_peer *peer);
  * in its socket) moves to that uid, checked as new charges to it would be: peers_per_user,
  * the fair shares of held fds and of fds in flight, and the backlog (what moves may bring the
  * uid to at most half of user_backlog, so that moved connections never gate its own peers).
- * The handles the peer holds stay charged to its maker (`maker`). A connection handed to a
+ * The handles the peer holds stay charged to the uid they were made for (handle.h), and
+ * those it gets from now on are the new uid's. A connection handed to a
  * process of another uid is that uid's to spend, not its maker's. Returns 0, or -EDQUOT or
  * -ENOMEM with no effect (it stays charged to the previous uid). */
 int cb_peer_charge_to(struct cb_peer *peer, uint32_t uid, uint32_t gid, uint32_t pid);

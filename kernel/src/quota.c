@@ -34,7 +34,7 @@ void cb_user_free(struct cb_user *user)
 
 void cb_user_put_if_unused(struct cb_kernel *kernel, struct cb_user *user)
 {
-	if (user->n_peers == 0 && user->n_charges == 0) {
+	if (user->n_peers == 0 && user->n_charges == 0 && user->n_handles == 0) {
 		cb_map_remove(&kernel->users, (uint64_t)user->uid + 1);
 		cb_user_free(user);
 	}

@@ -75,14 +75,14 @@ struct cb_quota {
 struct cb_user {
 	uint32_t uid;
 	uint32_t n_peers;        /* connected peers charged to this uid (made by it, or moved to it) */
-	uint32_t n_charges;      /* queued entries charged to this uid, and peers it made (each
-				  * holds its maker for its handles); with n_peers, its references */
+	uint32_t n_charges;      /* queued entries charged to this uid; with n_peers and
+				  * n_handles, its references */
 	uint64_t queued_bytes;   /* bytes this uid has queued anywhere in the kernel: payload and
 				  * each queue entry's overhead (bounded by user_bytes) */
 	uint32_t fds_held;       /* kernel fds charged to this uid: its peers' sockets, its queued fds */
 	uint32_t fds_in_flight;  /* fds in the sockets of this uid's peers, perhaps unread */
-	uint32_t n_handles;      /* handles held by the peers it made (nodes they own included),
-				  * wherever their connections moved (peer.h, maker) */
+	uint32_t n_handles;      /* handles made for its peers (nodes they own included), held
+				  * wherever their connections moved since (handle.h, charged_to) */
 	uint64_t backlog_bytes;  /* replies and notifications queued to its peers (queue.h) */
 	struct cb_quota receivers; /* what its queued messages pin, per receiving uid (below):
 				    * bytes (payload and overhead), entries, fds of messages */

@@ -70,16 +70,21 @@ print(error, _wire.QUERY.unpack_from(data, _wire.FRAME.size + _wire.REPLY.size)[
 """
 
 
-async def query_as(uid: int, sock: socket.socket) -> tuple[int, int | None]:
-    """PEER_QUERY on ``sock`` written by a process of ``uid``: the error, and the uid it reports."""
+async def run_as(uid: int, script: str, sock: socket.socket) -> list[int]:
+    """Runs ``script`` as ``uid`` on the connection ``sock``: the numbers it prints."""
     with trio.fail_after(TIMEOUT):
         process = await trio.run_process(
-            [*python_as(uid, _QUERY), str(sock.fileno())],
+            [*python_as(uid, script), str(sock.fileno())],
             pass_fds=(sock.fileno(),),
             capture_stdout=True,
             cwd="/",
         )
-    error, got = map(int, process.stdout.split())
+    return [int(word) for word in process.stdout.split()]
+
+
+async def query_as(uid: int, sock: socket.socket) -> tuple[int, int | None]:
+    """PEER_QUERY on ``sock`` written by a process of ``uid``: the error, and the uid it reports."""
+    error, got = await run_as(uid, _QUERY, sock)
     return error, got if got >= 0 else None
 
 
@@ -139,3 +144,53 @@ async def test_a_connection_with_a_backlog_does_not_move_to_a_uid_past_half_its_
         finally:
             connection.close()
             gated.close()
+
+
+# As another uid: NODE_CREATE on the connection it is given until the kernel refuses one;
+# prints how many it made and why the next one was refused.
+_NODES = """
+from capbus import _wire
+sock = socket.socket(fileno=int(sys.argv[1]))
+made = 0
+while True:
+    sock.send(_wire.command(_wire.CMD_NODE_CREATE, made + 1))
+    data = sock.recv(_wire.FRAME_MAX + 1)
+    error = _wire.REPLY.unpack_from(data, _wire.FRAME.size)[0]
+    if error:
+        break
+    made += 1
+print(made, error)
+"""
+
+
+def create_nodes(sock: socket.socket) -> tuple[int, int]:
+    """NODE_CREATE on a raw connection of this process until one is refused: how many, why."""
+    made = 0
+    while True:
+        sock.send(_wire.command(_wire.CMD_NODE_CREATE, made + 1))
+        error, _ = reply_to(sock, made + 1)
+        if error:
+            return made, error
+        made += 1
+
+
+async def test_handles_stay_charged_to_the_uid_they_were_made_for() -> None:
+    """Handles do not move with their connection: the nodes made on a connection before it
+    is handed over stay its maker's (the new uid does not pay for them, the maker does not
+    get its budget back), and those made after are the new uid's (it cannot spend its
+    maker's budget)."""
+    needs_root()
+    async with capbus.open_kernel(limits=capbus.Limits(user_handles=6)) as kernel:
+        connection = kernel.socket_for_child()  # this process's uid's
+        mine = kernel.socket_for_child()
+        try:
+            assert create_nodes(connection)[0] == 6  # this uid's whole user_handles
+            assert await run_as(ATTACKER, _NODES, connection) == [6, errno.EDQUOT], (
+                "the uid given the connection pays for its own nodes only"
+            )
+            assert create_nodes(mine) == (0, errno.EDQUOT), (
+                "the nodes made before the move are still this uid's"
+            )
+        finally:
+            connection.close()
+            mine.close()
