@@ -1,0 +1,128 @@
+"""Attacks on the RPC layer that still work after the fixes of the first review (per-caller
+identity from the kernel-attested sending process, per-caller handler slots, queues, kept
+answers and exports, the fast-path body check, Finish on forwarded calls). Each test
+reproduces one with real peers (the attacker in a process of its own where who-is-who
+matters) and fails until it is fixed; its docstring says the severity, the harm and a
+suggested fix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import trio
+
+import capbus
+from capbus.rpc.vat import Vat, open_vat
+
+from .processes import attacker_process
+from .services import FactoryServer, schema
+
+TIMEOUT = 30
+
+
+@asynccontextmanager
+async def server_and_honest(
+    kernel: capbus.Kernel, **options: int
+) -> AsyncIterator[tuple[capbus.Peer, Vat, FactoryServer, capbus.Handle, Any]]:
+    """A factory server (its peer, vat, object and node) and an honest client of it (in this
+    process: a caller of its own, apart from any attacker process)."""
+    server_peer, honest_peer = await kernel.connect(), await kernel.connect()
+    async with open_vat(server_peer, **options) as server_vat, open_vat(honest_peer) as honest_vat:
+        server = FactoryServer()
+        node = await server_vat.export(server)
+        honest = honest_vat.client(await server_peer.transfer(node, honest_peer), schema.Factory)
+        yield server_peer, server_vat, server, node, honest
+    for peer in (server_peer, honest_peer):
+        await peer.aclose()
+
+
+# -- 1. a caller is a process, and a peer can make processes -----------------------------------
+
+FORKING = """
+import os
+import select
+
+
+def send_all(peer, target, calls):
+    # Synchronous (a forked child must not run trio): waits for room in the socket.
+    for payload, handles in calls:
+        while True:
+            try:
+                peer.send_oneway_nowait(target, payload, handles=handles)
+                break
+            except trio.WouldBlock:
+                select.select([], [peer.fileno()], [], 1)
+
+
+def forked(peer, target, calls_of, children):
+    # Forks ``children`` processes that write calls_of(child) on this very peer's socket,
+    # then exit (as zombies: their pids stay theirs until this process ends); returns
+    # once every child has written everything.
+    done_r, done_w = os.pipe()
+    for child in range(children):
+        if os.fork() == 0:
+            try:
+                send_all(peer, target, calls_of(child + 1))
+                os.write(done_w, b"x")
+            finally:
+                os._exit(0)
+    for _ in range(children):
+        os.read(done_r, 1)
+"""
+
+
+async def test_forked_processes_on_one_peer_take_every_handler_slot(
+    kernel: capbus.Kernel, tmp_path: Path
+) -> None:
+    """HIGH. The per-caller bounds assume a hostile peer is one caller, but a caller is a
+    process (engine.caller_of), and any peer can make processes: here one attacker, on its
+    one kernel connection, forks 3 children that write calls on the same socket (the kernel
+    attests each frame's sending pid, so the vat sees 4 callers). Each caller gets
+    max_calls_per_caller = 256 handlers, and 4 x 256 = max_concurrent_calls = 1024: 1024
+    sum() calls whose counter is an object of the attacker that never answers take every
+    handler of the vat for good, and every other caller's calls (an honest echo here) wait
+    for ever. It is attack 2 of the first review again, for the cost of three fork()s; the
+    same multiplication applies to max_exports_per_caller (16 forks take the server's 65,536
+    nodes), the kept-answer bytes and max_queued_calls. Fix: bound what the callers of one
+    peer connection (or of one uid: peers are per user in the kernel) may take together,
+    e.g. a caller = (uid, the sending peer) with the kernel attesting the peer, or a
+    per-uid share of max_concurrent_calls; at the least make max_concurrent_calls fail
+    calls (Overloaded) rather than queue them forever once they are all held by callers
+    that never let go."""
+    async with server_and_honest(kernel) as (server_peer, _server_vat, _server, node, honest):
+        attack = (
+            FORKING
+            + """
+async def attack(peer, report, target):
+    reply, own = await peer.create_node(), await peer.create_node()
+
+    def calls_of(caller):
+        calls = []
+        for i in range(256):
+            call = protocol.encode_call(caller * 1000 + i, METHODS["sum"], {"counters": ["own"]})
+            handles = [reply if cap is protocol.REPLY else own for cap in call.caps]
+            calls.append((call.payload, handles))
+        return calls
+
+    forked(peer, target, calls_of, 3)
+    send_all(peer, target, calls_of(0))
+    # Every handler that starts calls our object, and never hears back.
+    running = 0
+    while running < 1024:
+        message = await peer.recv()
+        if message.kind is capbus.MessageKind.DATA and message.destination == own:
+            running += 1
+    await report(running)
+    while True:  # read (and never answer) whatever else comes
+        await peer.recv()
+"""
+        )
+        with trio.fail_after(TIMEOUT):
+            async with attacker_process(kernel, tmp_path, attack, server_peer, [node]) as report:
+                assert report == "1024"  # 4 processes of one peer run 1024 handlers
+                with trio.fail_after(5):
+                    assert (await honest.echo(text="still served?")).text == "still served?"
