@@ -126,3 +126,85 @@ async def attack(peer, report, target):
                 assert report == "1024"  # 4 processes of one peer run 1024 handlers
                 with trio.fail_after(5):
                     assert (await honest.echo(text="still served?")).text == "still served?"
+
+
+# -- 2. a return the vat cannot read back crashes it -------------------------------------------
+
+TREE = """
+@0xc3d4e5f6a7b8c9d1;
+struct Node {
+  next @0 :Node;
+  pad @1 :Data;
+}
+interface Tree {
+  echo @0 (node :Node) -> (node :Node);
+}
+"""
+
+_trees: list[tuple[Any, Path]] = []
+
+
+def trees(tmp_path: Path) -> tuple[Any, Path]:
+    """The schema above and its file, loaded once per process (pycapnp aborts on a second
+    load of one file id from another path)."""
+    if not _trees:
+        path = tmp_path / "tree.capnp"
+        path.write_text(TREE)
+        _trees.append((capbus.load(str(path)), path))
+    return _trees[0]
+
+
+async def test_a_deep_kept_return_does_not_crash_the_vat(kernel: capbus.Kernel, tmp_path: Path) -> None:
+    """HIGH. When a call with keepResults (every Promise call sets it) or with a pipelined
+    call waiting on it returns results without capabilities, Engine.completed re-decodes
+    the vat's own Return (Engine._failure_of, to keep a failure for pipelining), and decode
+    runs the tree check on it, uncaught: a CapWireError there escapes the serving task (or,
+    for a plain-function handler, the receive loop) and takes the whole vat down, for
+    every caller. The vat's own results fail that check whenever they are deeper than the
+    params could be: an attacker sends, on the fast path (its body checked alone), a 62-deep
+    Node chain with a 20 KB pad in one segment to a server that returns what it was given
+    (a store, an echo, a document server); the results do not fit pycapnp's first 8 KB
+    segment, go the general way (Envelope, Return: two levels more), and fail the nesting
+    limit in _failure_of. A server that builds deep results itself (a parse tree), or a
+    List(Void) of more than ~65,536 elements echoed back (a zero-sized list costs the check
+    a word per element, not its bytes), crashes the same way, even for honest callers. Fix:
+    never decode our own return in completed() (a Return with an exception has no
+    capabilities: keep the RpcError the vat just encoded instead), and wrap whatever
+    remains in completed()/_handle so that one call's trouble fails that call only."""
+    tree, path = trees(tmp_path)
+
+    class Echo(tree.Tree.Server):  # type: ignore[misc,name-defined]
+        async def echo(self, node: Any) -> Any:
+            return node.pycapnp
+
+    server_peer, honest_peer = await kernel.connect(), await kernel.connect()
+    async with open_vat(server_peer) as server_vat, open_vat(honest_peer) as honest_vat:
+        node = await server_vat.export(Echo())
+        honest = honest_vat.client(await server_peer.transfer(node, honest_peer), tree.Tree)
+        attack = f"""
+        from capbus.rpc import header
+
+        async def attack(peer, report, target):
+            tree = capbus.load({str(path)!r})
+            echo = tree.Tree.interface.methods["echo"]
+            params = protocol._module(echo.params).new_message(num_first_segment_words=8192)
+            node = params.init("node")
+            for _ in range(61):
+                node = node.init("next")
+            node.pad = b"x" * 20000
+            (body,) = params.to_segments()  # one segment: the fast path, checked alone
+            head = header.call(1, echo.interface_id, echo.ordinal, 0, True)  # keepResults
+            table = header.TWO_SEGMENTS.pack(1, len(head) // 8, len(body) // 8)
+            reply = await peer.create_node()
+            await peer.send(target, table + head + body, handles=[reply])
+            message = await peer.recv()
+            while message.kind is not capbus.MessageKind.DATA:
+                message = await peer.recv()
+            await report("answered")  # (results this deep are unreadable here too)
+        """
+        with trio.fail_after(TIMEOUT):
+            async with attacker_process(kernel, tmp_path, attack, server_peer, [node]) as report:
+                assert report == "answered"
+            assert (await honest.echo(node={"pad": b"ok"})).node.pad == b"ok"
+    for peer in (server_peer, honest_peer):
+        await peer.aclose()
