@@ -8,6 +8,7 @@ suggested fix.
 
 from __future__ import annotations
 
+import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -208,3 +209,35 @@ async def test_a_deep_kept_return_does_not_crash_the_vat(kernel: capbus.Kernel, 
             assert (await honest.echo(node={"pad": b"ok"})).node.pad == b"ok"
     for peer in (server_peer, honest_peer):
         await peer.aclose()
+
+
+# -- 3. a Finish before the return leaks a kept answer's count ---------------------------------
+
+
+async def test_cancelled_promises_do_not_use_up_the_callers_kept_answers(kernel: capbus.Kernel) -> None:
+    """MEDIUM. A call with keepResults (every Promise call) counts against its caller's
+    max_kept_per_caller (1024) from the moment it arrives. A Finish that comes before the
+    return sets answer.keep = False (Engine._dispatch), and _forget_answer only gives the
+    count back when answer.keep is set: every promise dropped (or whose task was cancelled)
+    before its answer leaks one unit, for as long as the vat lives, whatever the process
+    does later (a caller is a process: all its peers and reply nodes, and every later
+    connection from it). After 1024 of them, none of its answers is kept again: every call
+    pipelined on an answer that arrived first fails with "no answer ... to pipeline on".
+    An honest, long-running client that times out calls loses pipelining on that server
+    for good; the dict entry also outlives the caller. Fix: in the Finish branch, give the
+    count back at once (call _take for the caller, then keep = False), or keep the flag
+    and add a separate 'finished' one."""
+    async with server_and_honest(kernel) as (_server_peer, server_vat, server, _node, honest):
+        with trio.fail_after(TIMEOUT):
+            server.gate = trio.Event()  # newCounter() waits: each promise is dropped before its answer
+            promises = [await honest.newCounter.send() for _ in range(1024)]
+            while server_vat.statistics().answers < 1024:  # all arrived (polled, bounded)
+                await trio.sleep(0.001)
+            del promises
+            gc.collect()  # each dropped promise sends its Finish
+            while server_vat.statistics().answers:  # all canceled (polled, bounded)
+                await trio.sleep(0.001)
+            server.gate.set()
+            promise = await honest.newCounter.send()
+            await promise
+            assert (await promise.counter.increment(by=1)).value == 1
