@@ -241,3 +241,53 @@ async def test_cancelled_promises_do_not_use_up_the_callers_kept_answers(kernel:
             promise = await honest.newCounter.send()
             await promise
             assert (await promise.counter.increment(by=1)).value == 1
+
+
+# -- 4. max_queued_calls bounds a caller's queue in calls, not in bytes ------------------------
+
+
+async def test_a_callers_queued_calls_are_bounded_in_bytes(kernel: capbus.Kernel, tmp_path: Path) -> None:
+    """MEDIUM-HIGH. A caller whose handler slots are all busy (its own calls that wait on
+    something of its own, as in attack 1) has up to max_queued_calls = 4096 more calls
+    queued, each holding its whole message, whatever its size: 4096 inline calls of
+    128 KiB are 512 MiB of the server's heap, and calls sent as memfds (up to
+    max_message_bytes = 64 MiB each) are 256 GiB mapped into it (against the sandbox's
+    2 GiB RLIMIT_AS, mmap then fails inside Peer.recv and the receive loop dies); pipelined
+    calls waiting on an answer (max_queued_calls more, Engine.start_waiting) are the same.
+    Attack 1's forks multiply it. Scaled down here: max_calls_per_caller=1 and
+    max_message_bytes=512 KiB; the attacker holds its one slot with slow() and queues 40
+    echo() calls of 120 KB, which the server keeps: 9 times max_message_bytes. Fix: as
+    for kept answers, bound a caller's queued (and waiting pipelined) calls in bytes too,
+    a small multiple of max_message_bytes, answering Overloaded past it; and check a memfd
+    payload's size against max_message_bytes before mapping it."""
+    limit = 512 * 1024
+    size = 120_000
+    async with server_and_honest(kernel, max_calls_per_caller=1, max_message_bytes=limit) as (
+        server_peer,
+        server_vat,
+        server,
+        node,
+        _honest,
+    ):
+        attack = f"""
+        async def attack(peer, report, target):
+            reply = await peer.create_node()
+            slow = protocol.encode_call(1, METHODS["slow"], {{}})
+            await peer.send(target, slow.payload, handles=[reply])
+            for i in range(40):
+                call = protocol.encode_call(i + 2, METHODS["echo"], {{"text": "x" * {size}}})
+                await peer.send(target, call.payload, handles=[reply])
+            await report("sent")
+            while True:  # read (and drop) whatever comes back
+                await peer.recv()
+        """
+        with trio.fail_after(TIMEOUT):
+            async with attacker_process(kernel, tmp_path, attack, server_peer, [node]) as report:
+                assert report == "sent"
+                await server.slow_started.wait()
+                # Every call was sent (and acknowledged by the kernel): once nothing is left
+                # in the kernel's queues, the vat has taken each in (queued or refused).
+                while kernel.statistics().queued_messages:  # polled, bounded
+                    await trio.sleep(0.001)
+                held = server_vat.statistics().queued * size
+                assert held <= 4 * limit, f"the server holds {held >> 20} MiB of one caller's queued calls"
