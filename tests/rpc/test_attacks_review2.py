@@ -9,6 +9,8 @@ suggested fix.
 from __future__ import annotations
 
 import gc
+import os
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -291,3 +293,108 @@ async def test_a_callers_queued_calls_are_bounded_in_bytes(kernel: capbus.Kernel
                     await trio.sleep(0.001)
                 held = server_vat.statistics().queued * size
                 assert held <= 4 * limit, f"the server holds {held >> 20} MiB of one caller's queued calls"
+
+
+# -- 5. queued memfd calls use up a sandboxed server's address space ---------------------------
+
+MEMORY_BOUND_SERVER = """
+import resource
+import sys
+
+import trio
+
+sys.path.insert(0, sys.argv[2])
+import services  # noqa: E402
+
+import capbus  # noqa: E402
+from capbus.rpc.vat import open_vat  # noqa: E402
+
+
+def address_space() -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmSize:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmSize")
+
+
+async def main(fd):
+    async with capbus.Peer.from_socket(fd) as peer:
+        seed = (await peer.take_seed()).handles
+        async with open_vat(peer, max_calls_per_caller=1) as vat:
+            node = await vat.export(services.FactoryServer())
+            # As a sandboxed child (Sandbox.memory_bytes, RLIMIT_AS), with 1 GiB to spare.
+            limit = address_space() + (1 << 30)
+            resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+            await peer.send(seed[0], b"ready", handles=[node])
+            await trio.sleep_forever()
+
+
+trio.run(main, int(sys.argv[1]))
+"""
+
+
+async def test_queued_memfd_calls_do_not_crash_a_memory_bound_server(
+    kernel: capbus.Kernel, tmp_path: Path
+) -> None:
+    """HIGH. A server in its own process with an address-space limit (the sandbox's
+    default: RLIMIT_AS = 2 GiB; here what it uses plus 1 GiB) and max_calls_per_caller=1.
+    One attacker holds the slot with slow(), then sends 24 echo() calls of 60 MB, each as
+    the same sealed memfd (it costs the attacker 60 MB once). Peer._wrap maps every memfd
+    payload as it reads it, and each queued call keeps its mapping (4096 may queue per
+    caller, each up to max_message_bytes = 64 MiB): past the limit, mmap fails with
+    ENOMEM inside Peer._read_frame, Peer._advance takes that OSError for a broken kernel
+    connection and marks the peer broken for good, recv() raises Disconnected, and the
+    receive loop, the vat and the server process die, for every caller (with 10 such calls
+    instead of 24 the server lives). Fix: bound a caller's queued calls in bytes (see
+    attack 4), refuse a memfd payload over max_message_bytes before mapping it (the kernel
+    says its size), and make a failed map a dropped message (its sender told), never a
+    broken peer."""
+    from capbus import _wire
+    from capbus.peer import _sealed_memfd
+    from capbus.rpc import protocol
+
+    methods = schema.Factory.interface.methods
+    script = tmp_path / "memory_bound_server.py"
+    script.write_text(MEMORY_BOUND_SERVER)
+    launcher = await kernel.connect()
+    inbox = await launcher.create_node()
+    sock = await launcher.create_peer(handles=[inbox])
+    async with trio.open_nursery() as nursery:
+        process: trio.Process = await nursery.start(
+            lambda task_status: trio.run_process(
+                [sys.executable, str(script), str(sock.fileno()), str(Path(__file__).parent)],
+                pass_fds=[sock.fileno()],
+                check=False,
+                task_status=task_status,
+            )
+        )
+        sock.close()
+        try:
+            with trio.fail_after(TIMEOUT):
+                ready = await launcher.recv()
+                assert ready.kind is capbus.MessageKind.DATA, "the server died before it was ready"
+                factory = ready.handles[0]
+                reply = await launcher.create_node()
+                slow = protocol.encode_call(1, methods["slow"], {})
+                await launcher.send(factory, slow.payload, handles=[reply])
+                echo = protocol.encode_call(2, methods["echo"], {"text": "x" * 60_000_000})
+                memfd = _sealed_memfd(echo.payload)
+                try:
+                    for _ in range(24):  # the same memfd each time
+                        cookie = launcher._new_cookie()
+                        flags = _wire.SEND_FLAG_MEMFD
+                        frame = _wire.send_frame(cookie, [factory.id], [reply.id], 1, b"", 0, flags)
+                        await launcher._call(_wire.CMD_SEND, frame=frame, cookie=cookie, fds=[memfd])
+                finally:
+                    os.close(memfd)
+                # The server must still serve: an honest caller (a vat on another peer).
+                honest_peer = await kernel.connect()
+                handle = await launcher.transfer(factory, honest_peer)
+                async with open_vat(honest_peer) as honest_vat:
+                    honest = honest_vat.client(handle, schema.Factory)
+                    assert (await honest.echo(text="still there?")).text == "still there?"
+                await honest_peer.aclose()
+        finally:
+            process.kill()
+    await launcher.aclose()
