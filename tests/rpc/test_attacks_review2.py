@@ -398,3 +398,47 @@ async def test_queued_memfd_calls_do_not_crash_a_memory_bound_server(
         finally:
             process.kill()
     await launcher.aclose()
+
+
+async def test_forked_processes_on_one_peer_multiply_max_exports_per_caller(tmp_path: Path) -> None:
+    """HIGH. Attack 3 of the first review (many reply nodes multiply what one caller may
+    hold) again, through processes: max_exports_per_caller is charged per sending process,
+    and one peer forks as many as it likes, all sending on its one connection and naming
+    its one reply node; the returns come back to that peer, which keeps every object.
+    Scaled down as in that test: a server peer that may own 40 nodes and
+    max_exports_per_caller=8; the attacker and 4 forked children ask newCounter() 8 times
+    each, the attacker holds every counter (38, all the server had left, against a bound
+    of 8), and an honest caller's newCounter() fails with Overloaded. At the defaults, 16
+    processes of one peer take the server's 65,536 nodes. Fix: charge the objects a return
+    hands out to who receives them: the peer that owns the reply node (the kernel could
+    attest a node's owner), or bound them per uid as well as per process."""
+    async with capbus.open_kernel(limits=capbus.Limits(nodes_owned=40)) as small:
+        async with server_and_honest(small, max_exports_per_caller=8) as (server_peer, _v, _s, node, honest):
+            attack = (
+                FORKING
+                + """
+async def attack(peer, report, target):
+    reply = await peer.create_node()
+
+    def calls_of(caller):
+        return [
+            (protocol.encode_call(caller * 1000 + i, METHODS["newCounter"], {}).payload, [reply])
+            for i in range(8)
+        ]
+
+    forked(peer, target, calls_of, 4)
+    send_all(peer, target, calls_of(0))
+    answers = held = 0
+    while answers < 40:
+        message = await peer.recv()
+        if message.kind is capbus.MessageKind.DATA:
+            answers += 1
+            held += len(message.handles)  # kept: never released
+    await report(held)
+"""
+            )
+            with trio.fail_after(TIMEOUT):
+                async with attacker_process(small, tmp_path, attack, server_peer, [node]) as held:
+                    assert int(held) <= 8, f"one peer holds {held} objects of the server; the bound is 8"
+                    counter = (await honest.newCounter()).counter
+                    assert (await counter.increment(by=1)).value == 1
