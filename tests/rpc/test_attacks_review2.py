@@ -10,15 +10,21 @@ from __future__ import annotations
 
 import gc
 import os
+import struct
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import capnp
+import pytest
 import trio
 
 import capbus
+from capbus.compiler import generate_file
+from capbus.rpc import errors, header, protocol
+from capbus.rpc.capwire import CapWireError
 from capbus.rpc.vat import Vat, open_vat
 
 from .processes import attacker_process
@@ -442,3 +448,118 @@ async def attack(peer, report, target):
                     assert int(held) <= 8, f"one peer holds {held} objects of the server; the bound is 8"
                     counter = (await honest.newCounter()).counter
                     assert (await counter.increment(by=1)).value == 1
+
+
+# -- 6. zero-sized list elements: a 144-byte call read as 65,530 expressions -------------------
+
+CALCULATOR = Path(__file__).resolve().parents[2] / "examples" / "calculator"
+calc: Any = capbus.load(str(CALCULATOR / "calculator.capnp"))
+EVALUATE = calc.Calculator.interface.methods["evaluate"]
+ZERO_SIZED = 65_530  # as many as the check's traversal budget lets a 144-byte call have
+
+
+def _struct_pointer(offset: int, data: int, pointers: int) -> int:
+    return ((offset & 0x3FFFFFFF) << 2) | (data << 32) | (pointers << 48)
+
+
+def _list_pointer(offset: int, size: int, count: int) -> int:
+    return 1 | ((offset & 0x3FFFFFFF) << 2) | (size << 32) | (count << 35)
+
+
+def zero_sized_expressions(n: int) -> bytes:
+    """An evaluate() call (fast path): call(f, params) where params is a composite list of
+    ``n`` zero-sized Expressions (a tag word and no content: each reads as literal 0.0)."""
+    head = header.call(0, EVALUATE.interface_id, EVALUATE.ordinal, 0, False)
+    function = 3 | (1 << 32)  # capability 1: the Function
+    words = [
+        _struct_pointer(0, 0, 1),  # root: the params struct
+        _struct_pointer(0, 2, 2),  # params.expression
+        0,
+        3,  # Expression: the call member
+        function,
+        _list_pointer(0, 7, 0),  # call.params: a composite list of no words...
+        n << 2,  # ...whose tag says n elements of 0 data and 0 pointer words
+    ]
+    body = struct.pack(f"<{len(words)}Q", *words)
+    return header.TWO_SEGMENTS.pack(1, len(head) // 8, len(body) // 8) + head + body
+
+
+def test_zero_sized_elements_do_not_make_a_small_call_a_huge_tree() -> None:
+    """MEDIUM. The tree check (capwire.c) charges a zero-sized list element one word of its
+    traversal budget, and that budget is 8 x the message's words plus a floor of 65,536
+    words: a composite list whose tag claims 65,530 elements of 0 words takes one word of
+    the message and passes. A 144-byte evaluate() call is then read as 65,530
+    expressions (the first review's bar for its DAG attack was no more leaves than words):
+    0.2 s of Python to iterate them here, and the calculator does far more with each (see
+    the next test). Any List(Struct) or List(Void) parameter is such an amplifier, and the
+    floor is there for every message, however small. Fix: charge zero-sized elements
+    against a budget proportional to the message itself (no floor for them: e.g. at most
+    as many as the message has words, or a few times that), or refuse lists of zero-sized
+    elements longer than the message's word count outright."""
+    payload = zero_sized_expressions(ZERO_SIZED)
+    try:
+        received = protocol.decode(payload, [None, None])
+        assert isinstance(received, protocol.ReceivedCall)
+        params = received.params(EVALUATE.params).expression.call.params
+        leaves = sum(1 for expression in params if expression.which() == "literal")
+    except (CapWireError, capnp.KjException, ValueError):
+        return  # refused: fine
+    words = len(payload) // 8
+    assert leaves <= words, f"a {len(payload)}-byte call read as a tree of {leaves} expressions"
+
+
+@pytest.fixture
+async def calculator_server(kernel: capbus.Kernel) -> AsyncIterator[tuple[capbus.Peer, capbus.Handle]]:
+    """The calculator example's server.py in a process of its own; yields a peer of ours
+    holding its calculator."""
+    generate_file(CALCULATOR / "calculator.capnp", CALCULATOR / "calculator_capnp.py")
+    env = {**os.environ, "PYTHONPATH": str(CALCULATOR)}
+    launcher = await kernel.connect()
+    inbox = await launcher.create_node()
+    sock = await launcher.create_peer(handles=[inbox])
+    async with trio.open_nursery() as nursery:
+        server: trio.Process = await nursery.start(
+            lambda task_status: trio.run_process(
+                [sys.executable, str(CALCULATOR / "server.py"), str(sock.fileno())],
+                pass_fds=[sock.fileno()],
+                env=env,
+                cwd="/",
+                check=False,
+                task_status=task_status,
+            )
+        )
+        sock.close()
+        try:
+            with trio.fail_after(TIMEOUT):
+                message = await launcher.recv()
+            assert message.kind is capbus.MessageKind.DATA, "the server died before handing in its calculator"
+            yield launcher, message.handles[0]
+        finally:
+            server.kill()
+    await launcher.aclose()
+
+
+async def test_zero_sized_expressions_are_refused_by_the_calculator(
+    kernel: capbus.Kernel, calculator_server: tuple[capbus.Peer, capbus.Handle]
+) -> None:
+    """MEDIUM (end to end). The calculator server, in its own process, is sent the 144-byte
+    evaluate() above, with a function of 65,530 parameters the attacker defined first: it
+    evaluates 65,530 literals, then calls the function with a 512 KB list of them (encoded
+    and decoded again for the local call), about half a second of its CPU per 144-byte call
+    here, with up to 1024 such calls running at once. The answer must be an error."""
+    launcher, calculator = calculator_server
+    async with open_vat(launcher) as vat:
+        client: Any = vat.client(calculator, calc.Calculator)
+        with trio.fail_after(TIMEOUT):
+            function = (await client.defFunction(paramCount=ZERO_SIZED, body={"literal": 1.0})).func
+        attacker = await kernel.connect()
+        reply = await attacker.create_node()
+        target = await launcher.transfer(calculator, attacker)
+        handed = await launcher.transfer(function.handle, attacker)
+        with trio.fail_after(TIMEOUT):
+            await attacker.send(target, zero_sized_expressions(ZERO_SIZED), handles=[reply, handed])
+            message = await attacker.recv()
+        answer = protocol.decode(message.payload_view, [None] * len(message.handles))
+        assert isinstance(answer, protocol.ReceivedReturn)
+        assert isinstance(answer.error, errors.Failed), "the server evaluated all 65,530 expressions"
+        await attacker.aclose()
