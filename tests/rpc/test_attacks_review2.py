@@ -20,6 +20,7 @@ from typing import Any
 import capnp
 import pytest
 import trio
+import trio.testing
 
 import capbus
 from capbus.compiler import generate_file
@@ -308,6 +309,7 @@ import resource
 import sys
 
 import trio
+import trio.testing
 
 sys.path.insert(0, sys.argv[2])
 import services  # noqa: E402
@@ -562,4 +564,60 @@ async def test_zero_sized_expressions_are_refused_by_the_calculator(
         answer = protocol.decode(message.payload_view, [None] * len(message.handles))
         assert isinstance(answer, protocol.ReceivedReturn)
         assert isinstance(answer.error, errors.Failed), "the server evaluated all 65,530 expressions"
+        await attacker.aclose()
+
+
+# -- 7. calls given up while waiting for their turn are remembered for ever -------------------
+
+
+async def test_calls_finished_while_waiting_for_their_turn_are_forgotten(kernel: capbus.Kernel) -> None:
+    """LOW-MEDIUM. A call waiting for its caller's turn (CallerCalls.wait_turn) makes a
+    trio.Event in _turn_events; when its Finish cancels it, pass_turn files its ticket in
+    _skipped. Both are only cleaned up when the turn reaches that ticket, and it never
+    does while the call holding the turn waits for a handler slot that the caller's own
+    never-ending calls hold. One caller that holds its slots (max_calls_per_caller=1 here:
+    one slow() call) and sends calls, then their Finishes, grows the vat's memory by an
+    Event, a dict entry and a set entry per call, for ever, without ever being past
+    max_queued_calls (a canceled call is no longer queued): 4,000 calls leave 8,000
+    entries, and the next 4,000 as many more. (The attacker is a bare peer here: who-is-who
+    does not matter, and the test must know the calls' tasks have started before the
+    Finishes go: a Finish that comes earlier finds no cancel scope and is lost, see the
+    report.) Fix: forget a ticket's event when its call gives up (pop it from
+    _turn_events), and keep skipped tickets as a count or ranges, or advance the turn past
+    them at once when they are the next ones."""
+    async with server_and_honest(kernel, max_calls_per_caller=1) as (
+        server_peer,
+        server_vat,
+        server,
+        node,
+        _honest,
+    ):
+        attacker = await kernel.connect()
+        target = await server_peer.transfer(node, attacker)
+        reply = await attacker.create_node()
+        methods = schema.Factory.interface.methods
+
+        async def settled() -> None:
+            while kernel.statistics().queued_messages:  # all taken in (polled, bounded)
+                await trio.sleep(0.001)
+            await trio.testing.wait_all_tasks_blocked()  # and every task started or ended
+
+        with trio.fail_after(TIMEOUT):
+            for i, method in enumerate(["slow", "echo"]):  # the slot, then the turn, held
+                call = protocol.encode_call(i + 1, methods[method], {"text": "x"} if i else {})
+                await attacker.send(target, call.payload, handles=[reply])
+            await server.slow_started.wait()
+            for rounds in range(2):
+                first = 3 + rounds * 4000
+                for i in range(first, first + 4000):
+                    call = protocol.encode_call(i, methods["echo"], {"text": "x"})
+                    await attacker.send(target, call.payload, handles=[reply])
+                await settled()
+                for i in range(first, first + 4000):
+                    await attacker.send(target, protocol.encode_finish(i).payload, handles=[reply])
+                await settled()
+            (calls,) = server_vat._callers.values()
+            assert calls.calls == 2  # the slow() call and the one holding the turn: all else is gone
+            remembered = len(calls._turn_events) + len(calls._skipped)
+            assert remembered <= 16, f"{remembered} entries remain for calls that are gone"
         await attacker.aclose()
