@@ -621,3 +621,65 @@ async def test_calls_finished_while_waiting_for_their_turn_are_forgotten(kernel:
             remembered = len(calls._turn_events) + len(calls._skipped)
             assert remembered <= 16, f"{remembered} entries remain for calls that are gone"
         await attacker.aclose()
+
+
+# -- 8. queued calls hold the server's kernel handles -------------------------------------------
+
+
+async def test_a_callers_queued_capabilities_do_not_use_up_the_servers_handles(tmp_path: Path) -> None:
+    """HIGH. Every capability a call carries becomes a handle of the server's peer, held
+    while the call is queued (its params hold the clients), and the kernel bounds a peer's
+    handles (handles_held, 65,536 by default), which also bounds the nodes it can make:
+    past it, the server can make no node (every return that hands out an object fails)
+    and receives no message that carries a handle new to it (a new caller's first call,
+    which carries its reply node; any call passing a new capability). max_queued_calls
+    bounds a caller's calls, not their capabilities: 256 calls of 255 capabilities fill
+    the server's handles at the defaults, queued behind the caller's own slow() calls.
+    Scaled down: a kernel with handles_held=1024; the attacker (its one process, with two
+    peers for enough nodes of its own) holds its 256 handler slots with slow(), then
+    queues sum() calls carrying as many distinct capabilities of its own as the server can
+    take (about 1,000); an honest caller's newCounter() then fails with Overloaded ("the
+    results could not be sent: create_node: Disk quota exceeded"), and a caller new to the
+    server has its very first call refused by the kernel (EDQUOT: its reply node is a
+    handle new to the server). No fork is needed; forks (attack 1) only add more. Fix:
+    bound the capabilities a caller's queued calls may carry (a per-caller share of the
+    peer's handles_held, counted on arrival; Overloaded past it), keep headroom in
+    handles_held for the vat's own nodes, and drop (release) the handles of a call that is
+    refused."""
+    async with capbus.open_kernel(limits=capbus.Limits(handles_held=1024)) as small:
+        async with server_and_honest(small) as (server_peer, _v, _s, node, honest):
+            attack = """
+            async def attack(peer, report, target):
+                sock = await peer.create_peer(handles=[target])
+                async with capbus.Peer.from_socket(sock.detach()) as other:
+                    (other_target,) = (await other.take_seed()).handles
+                    reply = await peer.create_node()
+                    for i in range(256):  # every handler slot of ours, held for ever
+                        call = protocol.encode_call(i + 1, METHODS["slow"], {})
+                        await peer.send(target, call.payload, handles=[reply])
+                    echo = protocol.encode_call(300, METHODS["echo"], {"text": "x"})  # the turn
+                    await peer.send(target, echo.payload, handles=[reply])
+                    # Calls of as many capabilities as the server takes, until it takes no more.
+                    sent, size = 0, 250
+                    for sender, to, budget in ((peer, target, 750), (other, other_target, 900)):
+                        sender_reply = await sender.create_node()
+                        pool = [await sender.create_node() for _ in range(budget)]
+                        while size and len(pool) >= size:
+                            call = protocol.encode_call(400 + sent, METHODS["sum"], {"counters": pool[:size]})
+                            handles = [sender_reply if cap is protocol.REPLY else cap for cap in call.caps]
+                            try:
+                                await sender.send(to, call.payload, handles=handles)
+                            except capbus.CapbusError:
+                                size //= 2  # too many for what the server has left
+                                continue
+                            del pool[:size]
+                            sent += size
+                    await report(sent)
+                    await trio.sleep_forever()
+            """
+            with trio.fail_after(TIMEOUT):
+                assert (await honest.echo(text="known")).text == "known"  # its reply node is known
+                async with attacker_process(small, tmp_path, attack, server_peer, [node]) as sent:
+                    assert int(sent) > 1000  # capabilities the server now holds for queued calls
+                    counter = (await honest.newCounter()).counter
+                    assert (await counter.increment(by=1)).value == 1
