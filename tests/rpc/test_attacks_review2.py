@@ -304,12 +304,12 @@ async def test_a_callers_queued_calls_are_bounded_in_bytes(kernel: capbus.Kernel
 
 # -- 5. queued memfd calls use up a sandboxed server's address space ---------------------------
 
-MEMORY_BOUND_SERVER = """
+LIMITED_SERVER = """
+import os
 import resource
 import sys
 
 import trio
-import trio.testing
 
 sys.path.insert(0, sys.argv[2])
 import services  # noqa: E402
@@ -326,20 +326,67 @@ def address_space() -> int:
     raise RuntimeError("no VmSize")
 
 
-async def main(fd):
+async def main(fd, limit):
     async with capbus.Peer.from_socket(fd) as peer:
         seed = (await peer.take_seed()).handles
         async with open_vat(peer, max_calls_per_caller=1) as vat:
             node = await vat.export(services.FactoryServer())
-            # As a sandboxed child (Sandbox.memory_bytes, RLIMIT_AS), with 1 GiB to spare.
-            limit = address_space() + (1 << 30)
-            resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+            # As a sandboxed child (Sandbox.memory_bytes, RLIMIT_AS; Sandbox.open_files,
+            # RLIMIT_NOFILE), with room to spare.
+            if limit == "address-space":
+                room = address_space() + (1 << 30)
+                resource.setrlimit(resource.RLIMIT_AS, (room, room))
+            else:
+                room = len(os.listdir("/proc/self/fd")) + 100
+                resource.setrlimit(resource.RLIMIT_NOFILE, (room, room))
             await peer.send(seed[0], b"ready", handles=[node])
             await trio.sleep_forever()
 
 
-trio.run(main, int(sys.argv[1]))
+trio.run(main, int(sys.argv[1]), sys.argv[3])
 """
+
+
+@asynccontextmanager
+async def limited_server(
+    kernel: capbus.Kernel, tmp_path: Path, limit: str
+) -> AsyncIterator[tuple[capbus.Peer, capbus.Handle]]:
+    """A factory server (max_calls_per_caller=1) in a process of its own, under an
+    RLIMIT_AS (``limit`` = "address-space") or RLIMIT_NOFILE ("open-files") with some room
+    above what it uses; yields a peer of ours holding its factory."""
+    script = tmp_path / "limited_server.py"
+    script.write_text(LIMITED_SERVER)
+    launcher = await kernel.connect()
+    inbox = await launcher.create_node()
+    sock = await launcher.create_peer(handles=[inbox])
+    async with trio.open_nursery() as nursery:
+        process: trio.Process = await nursery.start(
+            lambda task_status: trio.run_process(
+                [sys.executable, str(script), str(sock.fileno()), str(Path(__file__).parent), limit],
+                pass_fds=[sock.fileno()],
+                check=False,
+                task_status=task_status,
+            )
+        )
+        sock.close()
+        try:
+            with trio.fail_after(TIMEOUT):
+                ready = await launcher.recv()
+            assert ready.kind is capbus.MessageKind.DATA, "the server died before it was ready"
+            yield launcher, ready.handles[0]
+        finally:
+            process.kill()
+    await launcher.aclose()
+
+
+async def assert_still_serving(kernel: capbus.Kernel, launcher: capbus.Peer, factory: capbus.Handle) -> None:
+    """An honest caller (a vat on a peer of its own) is still served."""
+    honest_peer = await kernel.connect()
+    handle = await launcher.transfer(factory, honest_peer)
+    async with open_vat(honest_peer) as honest_vat:
+        honest = honest_vat.client(handle, schema.Factory)
+        assert (await honest.echo(text="still there?")).text == "still there?"
+    await honest_peer.aclose()
 
 
 async def test_queued_memfd_calls_do_not_crash_a_memory_bound_server(
@@ -363,49 +410,22 @@ async def test_queued_memfd_calls_do_not_crash_a_memory_bound_server(
     from capbus.rpc import protocol
 
     methods = schema.Factory.interface.methods
-    script = tmp_path / "memory_bound_server.py"
-    script.write_text(MEMORY_BOUND_SERVER)
-    launcher = await kernel.connect()
-    inbox = await launcher.create_node()
-    sock = await launcher.create_peer(handles=[inbox])
-    async with trio.open_nursery() as nursery:
-        process: trio.Process = await nursery.start(
-            lambda task_status: trio.run_process(
-                [sys.executable, str(script), str(sock.fileno()), str(Path(__file__).parent)],
-                pass_fds=[sock.fileno()],
-                check=False,
-                task_status=task_status,
-            )
-        )
-        sock.close()
-        try:
-            with trio.fail_after(TIMEOUT):
-                ready = await launcher.recv()
-                assert ready.kind is capbus.MessageKind.DATA, "the server died before it was ready"
-                factory = ready.handles[0]
-                reply = await launcher.create_node()
-                slow = protocol.encode_call(1, methods["slow"], {})
-                await launcher.send(factory, slow.payload, handles=[reply])
-                echo = protocol.encode_call(2, methods["echo"], {"text": "x" * 60_000_000})
-                memfd = _sealed_memfd(echo.payload)
-                try:
-                    for _ in range(24):  # the same memfd each time
-                        cookie = launcher._new_cookie()
-                        flags = _wire.SEND_FLAG_MEMFD
-                        frame = _wire.send_frame(cookie, [factory.id], [reply.id], 1, b"", 0, flags)
-                        await launcher._call(_wire.CMD_SEND, frame=frame, cookie=cookie, fds=[memfd])
-                finally:
-                    os.close(memfd)
-                # The server must still serve: an honest caller (a vat on another peer).
-                honest_peer = await kernel.connect()
-                handle = await launcher.transfer(factory, honest_peer)
-                async with open_vat(honest_peer) as honest_vat:
-                    honest = honest_vat.client(handle, schema.Factory)
-                    assert (await honest.echo(text="still there?")).text == "still there?"
-                await honest_peer.aclose()
-        finally:
-            process.kill()
-    await launcher.aclose()
+    with trio.fail_after(TIMEOUT):
+        async with limited_server(kernel, tmp_path, "address-space") as (launcher, factory):
+            reply = await launcher.create_node()
+            slow = protocol.encode_call(1, methods["slow"], {})
+            await launcher.send(factory, slow.payload, handles=[reply])
+            echo = protocol.encode_call(2, methods["echo"], {"text": "x" * 60_000_000})
+            memfd = _sealed_memfd(echo.payload)
+            try:
+                for _ in range(24):  # the same memfd each time
+                    cookie = launcher._new_cookie()
+                    flags = _wire.SEND_FLAG_MEMFD
+                    frame = _wire.send_frame(cookie, [factory.id], [reply.id], 1, b"", 0, flags)
+                    await launcher._call(_wire.CMD_SEND, frame=frame, cookie=cookie, fds=[memfd])
+            finally:
+                os.close(memfd)
+            await assert_still_serving(kernel, launcher, factory)
 
 
 async def test_forked_processes_on_one_peer_multiply_max_exports_per_caller(tmp_path: Path) -> None:
@@ -450,6 +470,39 @@ async def attack(peer, report, target):
                     assert int(held) <= 8, f"one peer holds {held} objects of the server; the bound is 8"
                     counter = (await honest.newCounter()).counter
                     assert (await counter.increment(by=1)).value == 1
+
+
+async def test_queued_calls_with_fds_do_not_crash_a_server_with_few_files(
+    kernel: capbus.Kernel, tmp_path: Path
+) -> None:
+    """HIGH. Every fd a message carries is opened in the receiving vat (Engine._data wraps
+    them all, whether the method has Fd fields or not) and stays open while the call is
+    queued. A sandboxed server may open 256 files (Sandbox.open_files, RLIMIT_NOFILE), and a
+    message may carry 64 fds: 4 calls queued behind the caller's own slow() fill it (4096
+    may queue). Here the server has 100 fds to spare and max_calls_per_caller=1; the
+    attacker queues 4 echo() calls with 64 copies of one pipe fd each. The next frame
+    that carries an fd (a memfd payload, any call passing an fd, the attacker's next call)
+    comes back truncated (MSG_CTRUNC: no fd slot left), Peer._read_frame marks the peer
+    broken, and the vat and the server die, for every caller. Fix: close the fds of a
+    call whose method has no Fd field at once (only fds its Fd fields index are kept),
+    bound the fds a caller's queued calls may hold (Overloaded past it), and treat a
+    truncated frame as that frame's loss (its fds closed, its sender told), never as a
+    broken connection."""
+    methods = schema.Factory.interface.methods
+    read_end, write_end = os.pipe()
+    try:
+        with trio.fail_after(TIMEOUT):
+            async with limited_server(kernel, tmp_path, "open-files") as (launcher, factory):
+                reply = await launcher.create_node()
+                slow = protocol.encode_call(1, methods["slow"], {})
+                await launcher.send(factory, slow.payload, handles=[reply])
+                for i in range(5):  # the 5th finds no fd slot left
+                    echo = protocol.encode_call(i + 2, methods["echo"], {"text": "x"})
+                    await launcher.send(factory, echo.payload, handles=[reply], fds=[read_end] * 64)
+                await assert_still_serving(kernel, launcher, factory)
+    finally:
+        os.close(read_end)
+        os.close(write_end)
 
 
 # -- 6. zero-sized list elements: a 144-byte call read as 65,530 expressions -------------------
