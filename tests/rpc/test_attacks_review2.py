@@ -736,3 +736,67 @@ async def test_a_callers_queued_capabilities_do_not_use_up_the_servers_handles(t
                     assert int(sent) > 1000  # capabilities the server now holds for queued calls
                     counter = (await honest.newCounter()).counter
                     assert (await counter.increment(by=1)).value == 1
+
+
+# -- 9. every destroyed node costs the receive loop a walk of all answers -----------------------
+
+
+class _CountingDict(dict):  # type: ignore[type-arg]
+    """A dict that counts the keys its iterations visit."""
+
+    visited = 0
+
+    def __iter__(self) -> Any:
+        for key in super().__iter__():
+            self.visited += 1
+            yield key
+
+
+async def test_a_destroyed_node_costs_the_receive_loop_only_its_own_answers(kernel: capbus.Kernel) -> None:
+    """MEDIUM. Engine._node_destroyed, run in the receive loop for every NODE_DESTROYED
+    notification, walks every answer of every caller (and every open question) to find the
+    ones of that node: a caller that makes the server hold N handles of its own and has M
+    calls open makes N x M steps of the receive loop by destroying its nodes (closing one
+    peer does it at once), during which no one is served. At the defaults: 4,352 open
+    calls per caller (256 running, 4,096 queued) and 65,536 handles give 285 million steps,
+    tens of seconds of a stalled vat per round, for a few seconds of the attacker's work
+    (and forks multiply M). Scaled down: 2,257 open calls and 2,000 handles passed (as
+    extra capabilities of queued calls) by a second peer that then disconnects; the vat
+    visits 4.5 million answers for it. Fix: index answers (and questions) by reply handle
+    (and target), so that a destroyed node costs only its own."""
+    async with server_and_honest(kernel) as (server_peer, server_vat, server, node, _honest):
+        counting = _CountingDict(server_vat.engine.answers)
+        server_vat.engine.answers = counting
+        attacker, helper = await kernel.connect(), await kernel.connect()
+        methods = schema.Factory.interface.methods
+
+        async def settled() -> None:
+            while kernel.statistics().queued_messages:  # all taken in (polled, bounded)
+                await trio.sleep(0.001)
+            await trio.testing.wait_all_tasks_blocked()
+
+        with trio.fail_after(TIMEOUT):
+            target = await server_peer.transfer(node, attacker)
+            reply = await attacker.create_node()
+            for i in range(256):  # every handler slot of this caller, held
+                call = protocol.encode_call(i + 1, methods["slow"], {})
+                await attacker.send(target, call.payload, handles=[reply])
+            for i in range(2001):  # then calls that wait: answers of ours
+                call = protocol.encode_call(1000 + i, methods["echo"], {"text": "x"})
+                await attacker.send(target, call.payload, handles=[reply])
+            helper_target = await server_peer.transfer(node, helper)
+            helper_reply = await helper.create_node()
+            own = [await helper.create_node() for _ in range(2000)]
+            for i in range(8):  # 250 capabilities of the helper on each queued call
+                call = protocol.encode_call(5000 + i, methods["echo"], {"text": "x"})
+                extra = own[i * 250 : (i + 1) * 250]
+                await helper.send(helper_target, call.payload, handles=[helper_reply, *extra])
+            await settled()
+            before = counting.visited
+            broken = len(server_vat.engine.broken)
+            await helper.aclose()  # its nodes are destroyed: a notification for each handle the server holds
+            while len(server_vat.engine.broken) < broken + 2001:  # all seen (polled, bounded)
+                await trio.sleep(0.001)
+            visited = counting.visited - before
+            assert visited <= 20 * 2000, f"2,000 destroyed nodes cost the receive loop {visited} steps"
+        await attacker.aclose()
