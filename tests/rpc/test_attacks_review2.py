@@ -148,6 +148,8 @@ struct Node {
 }
 interface Tree {
   echo @0 (node :Node) -> (node :Node);
+  shared @1 (index :UInt32) -> (tree :Tree);
+  # One object per index, the same for every caller (a room, a document, a singleton).
 }
 """
 
@@ -800,3 +802,67 @@ async def test_a_destroyed_node_costs_the_receive_loop_only_its_own_answers(kern
             visited = counting.visited - before
             assert visited <= 20 * 2000, f"2,000 destroyed nodes cost the receive loop {visited} steps"
         await attacker.aclose()
+
+
+# -- 10. an object's charge stays with the caller it was first made for ------------------------
+
+
+async def test_objects_another_caller_keeps_are_not_charged_to_the_first(
+    kernel: capbus.Kernel, tmp_path: Path
+) -> None:
+    """MEDIUM. max_exports_per_caller charges an export to the caller whose return first
+    made its node (Engine._export_for), until the node is retired, that is until no one
+    holds it. When a server hands the same object to several callers (a shared room,
+    document or singleton: here shared(i) returns object i to everyone), another caller
+    that also asked for it, and keeps it, keeps it charged to the first: an honest caller
+    that opened 8 shared objects (max_exports_per_caller=8) and dropped them all is refused
+    any new object (Overloaded: "this caller holds 8 objects") for as long as the attacker
+    likes, while the attacker itself is charged nothing (and the objects it was handed
+    this way are not bounded by its own max_exports_per_caller either). Fix: give each
+    caller its own node for an object (one node per (object, caller)): the kernel's
+    release notification then says which caller let go, and both the charge and the
+    retirement are per caller."""
+    tree, path = trees(tmp_path)
+
+    class Shared(tree.Tree.Server):  # type: ignore[misc,name-defined]
+        objects: dict[int, Any] = {}
+
+        async def shared(self, index: int) -> Any:
+            return Shared.objects.setdefault(index, Shared())
+
+    server_peer, honest_peer = await kernel.connect(), await kernel.connect()
+    async with (
+        open_vat(server_peer, max_exports_per_caller=8) as server_vat,
+        open_vat(honest_peer) as honest_vat,
+    ):
+        node = await server_vat.export(Shared())
+        honest = honest_vat.client(await server_peer.transfer(node, honest_peer), tree.Tree)
+        with trio.fail_after(TIMEOUT):
+            opened = [(await honest.shared(index=i)).tree for i in range(8)]
+            attack = f"""
+            async def attack(peer, report, target):
+                tree = capbus.load({str(path)!r})
+                shared = tree.Tree.interface.methods["shared"]
+                reply = await peer.create_node()
+                held = []
+                for i in range(8):  # the same 8 objects: no new node, no charge
+                    call = protocol.encode_call(i + 1, shared, {{"index": i}})
+                    await peer.send(target, call.payload, handles=[reply])
+                    message = await peer.recv()
+                    while message.kind is not capbus.MessageKind.DATA:
+                        message = await peer.recv()
+                    held.extend(message.handles)  # kept for ever
+                await report(len(held))
+            """
+            async with attacker_process(kernel, tmp_path, attack, server_peer, [node]) as held:
+                assert held == "8"
+                handles = kernel.statistics().handles
+                for client in opened:
+                    await honest_vat.drop(client)
+                del opened
+                while kernel.statistics().handles > handles - 8:  # released (polled, bounded)
+                    await trio.sleep(0.001)
+                # The honest caller holds nothing of the server's now: it may be given an object.
+                assert isinstance((await honest.shared(index=8)).tree, tree.Tree.Client)
+    for peer in (server_peer, honest_peer):
+        await peer.aclose()
