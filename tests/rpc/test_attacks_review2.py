@@ -866,3 +866,40 @@ async def test_objects_another_caller_keeps_are_not_charged_to_the_first(
                 assert isinstance((await honest.shared(index=8)).tree, tree.Tree.Client)
     for peer in (server_peer, honest_peer):
         await peer.aclose()
+
+
+# -- 11. the calls of a caller that is gone go on running ---------------------------------------
+
+
+async def test_the_calls_of_a_caller_that_is_gone_are_canceled(kernel: capbus.Kernel, tmp_path: Path) -> None:
+    """HIGH. When a caller goes away (its process dies, its peer and reply node with it), the
+    vat forgets its answers (Engine._node_destroyed) but neither cancels its running
+    handlers nor drops its queued calls: a handler that waits for something of the server
+    (a long poll, a lock, a slow() here) keeps its slots of max_concurrent_calls for as long
+    as that takes, with no one to answer. Processes that each leave 256 such calls and
+    exit, one after the other (never more than one alive, and each one a caller of its own
+    at the vat), hold all 1024 handler slots after the fourth: every caller's calls then
+    wait for ever. An honest client that crashes mid-call leaks the same way. Fix: when a
+    reply node is destroyed, cancel the calls that would answer to it (the _serving scopes
+    of its keys, and its queued calls), as Cap'n Proto cancels a connection's calls when it
+    drops."""
+    async with server_and_honest(kernel) as (server_peer, server_vat, _server, node, honest):
+        attack = """
+        async def attack(peer, report, target):
+            reply = await peer.create_node()
+            for i in range(256):
+                call = protocol.encode_call(i + 1, METHODS["slow"], {})
+                await peer.send(target, call.payload, handles=[reply])
+            await report("sent")
+        """
+        with trio.fail_after(TIMEOUT):
+            for _ in range(4):
+                async with attacker_process(kernel, tmp_path, attack, server_peer, [node]) as report:
+                    assert report == "sent"
+                    while server_vat.statistics().answers < 256:  # all taken in (polled, bounded)
+                        await trio.sleep(0.001)
+                # The process is gone now (killed, its peer closed): its calls should be too.
+                while server_vat.statistics().answers:  # its answers forgotten (polled, bounded)
+                    await trio.sleep(0.001)
+            with trio.fail_after(5):
+                assert (await honest.echo(text="still served?")).text == "still served?"
