@@ -31,7 +31,6 @@ from typing import Any, TypeAlias
 
 from .. import errors as bus
 from ..peer import Message, MessageKind
-from .capwire import CapWireError
 from .client import Client, client_class
 from .errors import Disconnected, Failed, Overloaded, RpcError, from_kernel
 from .fds import FileDescriptor
@@ -570,7 +569,7 @@ class Engine:
         if failure is None and answer.returned is not None:  # (None: it holds no capability)
             try:
                 target = results_capability(answer.returned, transform)
-            except CapWireError as error:
+            except Exception as error:  # noqa: BLE001 - what the caller named: fails its call only
                 failure = Failed(f"no capability at pointer fields {transform} of the results: {error}")
         if failure is None and target is None:
             failure = Failed(f"the pipelined capability (pointer fields {transform}) is null")
@@ -585,13 +584,6 @@ class Engine:
             return [CallArrived(target.server, call, method, reply, question_id, caller)]
         return [Forward(target, call, reply, question_id, caller)]
 
-    @staticmethod
-    def _failure_of(returned: Encoded) -> RpcError | None:
-        answer = decode(returned.payload, [None] * len(returned.caps))
-        if not isinstance(answer, ReceivedReturn) or answer.error is None:
-            return None
-        return type(answer.error)(answer.error.reason[:_KEPT_REASON])
-
     def completed(self, key: tuple[int, int], returned: Encoded) -> list[Event]:
         """A served call finished with ``returned`` (its Return envelope): keep what calls
         pipelined on it need if the caller may make them (within its bounds), and run the
@@ -603,10 +595,13 @@ class Engine:
         for entry in waiting:
             self.stop_waiting(entry[-1])
         answer.done = True
-        if returned.caps:  # results (an exception carries no capability): no decode needed
+        if returned.caps:  # results (an exception carries no capability)
             answer.returned = returned
-        elif answer.keep or waiting:
-            answer.failure = self._failure_of(returned)
+        elif returned.failure is not None and (answer.keep or waiting):
+            # As encoded, never read back from the Return: results deeper than a caller's
+            # params could be would fail decode's checks, and that in the serving task.
+            failure = returned.failure
+            answer.failure = type(failure)(failure.reason[:_KEPT_REASON])
         if answer.keep:
             size = len(returned.payload) if answer.returned is not None else 0
             kept = self._kept_bytes.get(answer.caller, 0)

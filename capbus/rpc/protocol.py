@@ -61,6 +61,9 @@ class Encoded:
     payload: bytes
     caps: list[object]
     fds: list[int] = field(default_factory=list)
+    failure: RpcError | None = None
+    """For a Return of an exception, that exception: what the vat keeps for calls pipelined
+    on it, without reading its own return back (decode would check it as hostile input)."""
 
 
 def _encoded(view: StructBuilder) -> Encoded:
@@ -187,7 +190,7 @@ def encode_exception(question_id: int, error: RpcError) -> Encoded:
     exception = returned.init("exception")
     exception.reason = error.reason
     exception.type = error.kind
-    return Encoded(_framed(message.to_segments()), [])
+    return Encoded(_framed(message.to_segments()), [], failure=error)
 
 
 def encode_finish(question_id: int) -> Encoded:
