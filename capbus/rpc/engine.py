@@ -207,6 +207,9 @@ class Engine:
         self._entropy = memoryview(b"")
         self.questions: dict[int, _Question] = {}
         self.answers: dict[tuple[int, int], _Answer] = {}
+        # The same keys by reply handle: a destroyed node costs only its own answers, not a
+        # walk of every caller's (run in the receive loop, once per destroyed handle).
+        self._answers_of: dict[int, set[tuple[int, int]]] = {}
         self.exports: dict[int, Server] = {}
         self._export_nodes: dict[int, int] = {}  # id(server) -> node
         self._export_busy: dict[int, int] = {}  # node -> sends in progress that carry it
@@ -529,6 +532,7 @@ class Engine:
                 self._kept[caller] = self._kept.get(caller, 0) + 1
             self._forget_answer((reply_client.handle, question_id))  # a reused id replaces
             self.answers[(reply_client.handle, question_id)] = _Answer(keep, caller)
+            self._answers_of.setdefault(reply_client.handle, set()).add((reply_client.handle, question_id))
             self._recent_replies[reply_client.handle] = reply_client
             self._recent_replies.move_to_end(reply_client.handle)
             if len(self._recent_replies) > _RECENT_REPLIES:
@@ -641,6 +645,11 @@ class Engine:
         answer = self.answers.pop(key, None)
         if answer is None:
             return
+        keys = self._answers_of.get(key[0])
+        if keys is not None:
+            keys.discard(key)
+            if not keys:
+                del self._answers_of[key[0]]
         for entry in answer.waiting:
             self.stop_waiting(entry[-1])
         answer.waiting.clear()
@@ -684,9 +693,13 @@ class Engine:
         if handle in self.reply_nodes:  # one of ours: destroyed by us, nothing to do
             return []
         self._recent_replies.pop(handle, None)
-        for key in [key for key in self.answers if key[0] == handle]:
-            self._forget_answer(key)  # its caller is gone: no one to answer or pipeline
         events: list[Event] = []
+        for key in list(self._answers_of.get(handle, ())):
+            # Its caller is gone: no one to answer or pipeline on. Its calls that are still
+            # running or waiting to start are canceled, as a Finish would: else they would
+            # hold their handler slots for as long as they take, for no one.
+            self._forget_answer(key)
+            events.append(FinishArrived(key))
         for question_id, question in list(self.questions.items()):
             if question.target == handle:
                 del self.questions[question_id]

@@ -6,7 +6,7 @@ from typing import Any
 
 from capbus.peer import Handle, Message, MessageKind
 from capbus.rpc import errors, protocol
-from capbus.rpc.engine import CallArrived, Engine, MayRetire, Returned, Send
+from capbus.rpc.engine import CallArrived, Engine, FinishArrived, MayRetire, Returned, Send
 
 from .services import FactoryServer, schema
 from .test_hostile_calls import CALL, PARAMS, with_word
@@ -47,10 +47,11 @@ def test_a_call_arrives_and_its_reply_capability_is_counted() -> None:
     assert set(e.answers) == {(CALLER_REPLY, 5)}
     # The reply client owns the kernel reference it arrived with. It is kept while its
     # caller calls (references are released in batches), and let go when the caller's
-    # reply node is destroyed: then its reference is released.
+    # reply node is destroyed: then its reference is released, and the call it was to
+    # answer is canceled (no one is left to answer).
     del event
     assert e.take_releases() == {}
-    assert e.receive(message(MessageKind.NODE_DESTROYED, CALLER_REPLY)) == []
+    assert e.receive(message(MessageKind.NODE_DESTROYED, CALLER_REPLY)) == [FinishArrived((CALLER_REPLY, 5))]
     assert e.take_releases() == {CALLER_REPLY: 1} and woken
 
 
