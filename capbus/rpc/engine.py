@@ -518,7 +518,9 @@ class Engine:
             if answer.done:
                 self._forget_answer(key)  # kept results no one will pipeline on any more
                 return []
-            answer.keep = False
+            if answer.keep:  # its return will not be kept: the caller's count goes back now
+                _take(self._kept, answer.caller, 1)
+                answer.keep = False
             return [FinishArrived(key)]
         return []
 
