@@ -11,6 +11,7 @@ share of the vat's handlers and no more, and the calls of others go on.
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass, field
 
 import trio
@@ -29,7 +30,10 @@ class CallerCalls:
     tickets: int = 0
     turn: int = 0
     _turn_events: dict[int, trio.Event] = field(default_factory=dict)
-    _skipped: set[int] = field(default_factory=set)
+    _skipped: list[tuple[int, int]] = field(default_factory=list)
+    """Tickets given up before their turn, as sorted, disjoint [start, end) ranges: calls
+    canceled while an earlier one holds the turn cost no memory each (the turn may stay
+    where it is for as long as the caller's own handlers hold its slots)."""
 
     @property
     def idle(self) -> bool:
@@ -50,12 +54,24 @@ class CallerCalls:
         if ticket is None:
             return
         if ticket != self.turn:
-            self._skipped.add(ticket)
+            self._turn_events.pop(ticket, None)  # no one waits on it any more
+            self._skip(ticket)
             return
         self.turn += 1
-        while self.turn in self._skipped:
-            self._skipped.discard(self.turn)
-            self.turn += 1
+        if self._skipped and self._skipped[0][0] == self.turn:
+            self.turn = self._skipped.pop(0)[1]
         event = self._turn_events.pop(self.turn, None)
         if event is not None:
             event.set()
+
+    def _skip(self, ticket: int) -> None:
+        """Files ``ticket`` in :attr:`_skipped`, merged with the ranges next to it."""
+        ranges = self._skipped
+        index = bisect.bisect_left(ranges, (ticket, ticket))
+        start, end = ticket, ticket + 1
+        if index < len(ranges) and ranges[index][0] == end:
+            end = ranges.pop(index)[1]
+        if index and ranges[index - 1][1] == start:
+            index -= 1
+            start = ranges.pop(index)[0]
+        ranges.insert(index, (start, end))
