@@ -16,7 +16,7 @@ from ._uapi import ffi, lib
 
 FRAME: Final = struct.Struct("<IHHQ")
 REPLY: Final = struct.Struct("<iI")
-MESSAGE: Final = struct.Struct("<HHiQQIIIIIIQ")
+MESSAGE: Final = struct.Struct("<HHiQQIIIIIIQQ")
 SEND: Final = struct.Struct("<IIIIiI")
 DESTROY: Final = struct.Struct("<II")
 TRANSFER: Final = struct.Struct("<Q16s")
@@ -169,6 +169,7 @@ class Incoming:
     gid: int
     pid: int
     process_id: int
+    sending_peer: int
     handles: tuple[int, ...]
     payload: memoryview
     fds: list[int]
@@ -181,9 +182,9 @@ class ProtocolError(Exception):
 
 
 def decode_message(body: memoryview, fds: list[int]) -> Incoming:
-    kind, flags, priority, destination, seq, uid, gid, pid, n_handles, _n_fds, payload_size, process_id = (
-        MESSAGE.unpack_from(body, 0)
-    )
+    header = MESSAGE.unpack_from(body, 0)
+    kind, flags, priority, destination, seq, uid, gid, pid, n_handles, _n_fds, payload_size = header[:11]
+    process_id, peer = header[11:]
     offset = MESSAGE.size
     handles = struct.unpack_from(f"<{n_handles}Q", body, offset) if n_handles else ()
     offset += 8 * n_handles
@@ -200,6 +201,7 @@ def decode_message(body: memoryview, fds: list[int]) -> Incoming:
         gid,
         pid,
         process_id,
+        peer,
         handles,
         body[offset:],
         fds,

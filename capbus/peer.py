@@ -71,6 +71,9 @@ class Credentials:
     process_id: int = 0
     """The sending process's pidfs inode: unique for the boot, never reused; 0 if unknown.
     :meth:`open_pidfd` uses it to get a pidfd that surely refers to the sender."""
+    peer: int = 0
+    """The sending peer's serial: unique for the kernel's life, and the same for every
+    process that writes on that peer's connection (a forked child, say); 0 if unknown."""
 
     def open_pidfd(self) -> int:
         """A pidfd for the process that sent the message, checked against ``process_id``.
@@ -306,7 +309,7 @@ class Peer:
         self._broken: CapbusError | None = None
         self._key: bytes | None = None
         # Messages mostly come from a few senders: share their Credentials objects.
-        self._senders: dict[tuple[int, int, int, int], Credentials] = {}
+        self._senders: dict[tuple[int, int, int, int, int], Credentials] = {}
         self.unsolicited_errors: list[CapbusError] = []
         """Errors the kernel sent for frames it could not attribute to a command."""
 
@@ -400,7 +403,7 @@ class Peer:
                 os.close(memfd)
         sender = None
         if event.uid != _wire.NO_CREDENTIAL:
-            key = (event.uid, event.gid, event.pid, event.process_id)
+            key = (event.uid, event.gid, event.pid, event.process_id, event.sending_peer)
             sender = self._senders.get(key)
             if sender is None:
                 if len(self._senders) > 64:

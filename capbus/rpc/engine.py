@@ -61,12 +61,15 @@ Caller: TypeAlias = Hashable
 
 
 def caller_of(message: Message) -> Caller:
-    """The sending process of ``message`` (its pid and pidfs identity, which the kernel
-    reads from the socket at send time: unforgeable, and the same for every peer and reply
-    node of that process). The vat asks its peer for senders' credentials; without them
-    (another transport) every caller is one."""
+    """The sending peer of ``message`` (its uid and the kernel's serial of the connection the
+    frame was read from: unforgeable, and the same for every reply node of that peer and
+    for every process writing on its socket). Not the sending process: any peer can fork
+    processes that write on its one connection, and each would be a caller with bounds of
+    its own. (A uid can also connect more peers, as many as the kernel's peers_per_user.)
+    The vat asks its peer for senders' credentials; without them (another transport)
+    every caller is one."""
     sender = message.sender
-    return None if sender is None else (sender.pid, sender.process_id)
+    return None if sender is None else (sender.uid, sender.peer)
 
 
 @dataclass(slots=True)

@@ -406,7 +406,7 @@ static void parse_control(struct cb_peer *peer, struct msghdr *msg, int *fds, ui
 			  struct cb_creds *creds)
 {
 	*n_fds = 0;
-	*creds = (struct cb_creds){ peer->uid, peer->gid, peer->pid, 0 };
+	*creds = (struct cb_creds){ peer->uid, peer->gid, peer->pid, 0, peer->serial };
 	for (struct cmsghdr *cmsg = CMSG_FIRSTHDR(msg); cmsg; cmsg = CMSG_NXTHDR(msg, cmsg)) {
 		if (cmsg->cmsg_level != SOL_SOCKET)
 			continue;
@@ -427,7 +427,7 @@ static void parse_control(struct cb_peer *peer, struct msghdr *msg, int *fds, ui
 			 * after connect, before the kernel accepted), and Linux reports no one (the
 			 * overflow uid, 65534). The connection's own credentials stand for it. */
 			if (cred.pid != 0)
-				*creds = (struct cb_creds){ cred.uid, cred.gid, (uint32_t)cred.pid, 0 };
+				*creds = (struct cb_creds){ cred.uid, cred.gid, (uint32_t)cred.pid, 0, peer->serial };
 		}
 	}
 	creds->process_id = process_identity(peer, creds->pid);

@@ -347,6 +347,7 @@ void cb_send(struct cb_peer *sender, uint64_t cookie, const void *body, size_t b
 				.gid = receiver->want_metadata ? creds->gid : UINT32_MAX,
 				.pid = receiver->want_metadata ? creds->pid : 0,
 				.process_id = receiver->want_metadata ? creds->process_id : 0,
+				.peer = receiver->want_metadata ? creds->peer : 0,
 				.n_handles = cmd->n_handles,
 				.n_fds = n_fds,
 				.payload_size = memfd ? (uint32_t)memfd_size : cmd->payload_size,

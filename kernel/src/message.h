@@ -34,6 +34,7 @@ struct cb_creds {
 	uint32_t gid;
 	uint32_t pid;
 	uint64_t process_id; /* pidfs inode of the sender, or 0 */
+	uint64_t peer;       /* serial of the sending peer */
 };
 
 struct cb_message *cb_message_new(const void *payload, uint32_t payload_size, const int *fds, uint32_t n_fds);

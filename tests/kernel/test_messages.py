@@ -99,9 +99,12 @@ async def test_rule9_one_queue_many_nodes_with_metadata(new_peer: PeerFactory) -
     assert [m.destination for m in got] == [nodes[2], nodes[0], nodes[1]]
     assert [m.payload for m in got] == [b"to 2", b"to 0", b"to 1"]
     me = os.pidfd_open(os.getpid())
+    serial = got[0].sender.peer if got[0].sender is not None else 0
+    assert serial  # the sending peer's serial: the same for its every message
     try:
         for m in got:
-            assert m.sender == capbus.Credentials(os.getuid(), os.getgid(), os.getpid(), os.fstat(me).st_ino)
+            expected = capbus.Credentials(os.getuid(), os.getgid(), os.getpid(), os.fstat(me).st_ino, serial)
+            assert m.sender == expected
     finally:
         os.close(me)
 

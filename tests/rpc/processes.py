@@ -1,6 +1,6 @@
 """Another caller in a process of its own, for tests where who-is-who matters: a vat tells
-its callers apart by their kernel-attested process (capbus.rpc.engine.Caller), so peers of
-the test process are all one caller."""
+its callers apart by their kernel-attested sending peer (capbus.rpc.engine.caller_of), so
+the attacker's peer is a caller of its own."""
 
 from __future__ import annotations
 

@@ -22,7 +22,7 @@
 
 #include <stdint.h>
 
-#define CAPBUS_WIRE_VERSION 1
+#define CAPBUS_WIRE_VERSION 2
 
 /* Handle ids: kernel-chosen, private to one peer, never reused by that peer. */
 #define CAPBUS_HANDLE_FLAG_MANAGED  (1ULL << 0) /* always set: the kernel chose this id */
@@ -152,8 +152,8 @@ struct capbus_reply_query {
 	uint32_t destinations_max;
 };
 
-/* Data messages to this peer carry the sender's credentials (uid, gid, pid, process_id);
- * without it they carry ~0, ~0, 0, 0. Sender metadata is the receiver's to ask for. */
+/* Data messages to this peer carry the sender's credentials (uid, gid, pid, process_id,
+ * peer); without it they carry ~0, ~0, 0, 0, 0. Sender metadata is the receiver's to ask for. */
 #define CAPBUS_PEER_FLAG_WANT_METADATA 0x1
 
 struct capbus_reply_handle {
@@ -199,6 +199,9 @@ struct capbus_message {
 	uint64_t process_id;    /* the sending process's pidfs inode: unique for the boot, never
 				 * reused (0 when unknown). A receiver checks a pidfd it opened for
 				 * `pid` against it to know it has the very process that sent. */
+	uint64_t peer;          /* the sending peer's serial: unique for the kernel's life, the
+				 * same for every process writing on that connection (forked
+				 * children); 0 when not asked for */
 	/* uint64_t handles[n_handles];  ids in the receiver, CAPBUS_HANDLE_INVALID if gone */
 	/* uint8_t payload[payload_size]; */
 };
