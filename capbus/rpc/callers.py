@@ -27,6 +27,10 @@ class CallerCalls:
     """Calls taken in (queued or running): the vat forgets the caller when none are left."""
     queued: int = 0
     """Calls whose handler has not started (bounded by ``max_queued_calls``)."""
+    queued_handles: dict[int, int] = field(default_factory=dict)
+    """Handles those calls brought besides their reply capability -> how many of them carry
+    it (distinct handles bounded by ``max_queued_capabilities_per_caller``: the kernel counts
+    a handle once however many messages carried it)."""
     tickets: int = 0
     turn: int = 0
     _turn_events: dict[int, trio.Event] = field(default_factory=dict)
@@ -39,6 +43,20 @@ class CallerCalls:
     def idle(self) -> bool:
         """No call of this caller waits for its turn: a new one may start at once."""
         return self.turn == self.tickets
+
+    def new_handles(self, handles: tuple[int, ...]) -> int:
+        """How many of ``handles`` no queued call of this caller carries yet."""
+        return len(set(handles).difference(self.queued_handles))
+
+    def queue_handles(self, handles: tuple[int, ...]) -> None:
+        for handle in handles:
+            self.queued_handles[handle] = self.queued_handles.get(handle, 0) + 1
+
+    def unqueue_handles(self, handles: tuple[int, ...]) -> None:
+        for handle in handles:
+            left = self.queued_handles.pop(handle) - 1
+            if left:
+                self.queued_handles[handle] = left
 
     def ticket(self) -> int:
         self.tickets += 1

@@ -102,6 +102,10 @@ class CallArrived:
     reply: Client | None
     question_id: int
     caller: Caller = None
+    handles: tuple[int, ...] = ()
+    """Handles of other peers' nodes the call's message brought, besides its reply
+    capability: this peer holds them while the call waits to start (Vat bounds them per
+    caller)."""
 
 
 @dataclass(slots=True)
@@ -482,7 +486,7 @@ class Engine:
                 return self._malformed_return(destination, payload, error)
             return self._refuse(payload, caps, f"malformed message: {error}", Failed)
         try:
-            return self._dispatch(destination, received, payload, caps, caller_of(message))
+            return self._dispatch(destination, received, payload, caps, fds, caller_of(message))
         except Exception as error:  # noqa: BLE001 - a pointer the decode did not look at yet
             return self._refuse(payload, caps, f"malformed message: {error}", Failed)
 
@@ -503,6 +507,7 @@ class Engine:
         received: ReceivedCall | ReceivedReturn | ReceivedFinish | None,
         payload: memoryview,
         caps: list[object],
+        fds: list[FileDescriptor],
         caller: Caller,
     ) -> list[Event]:
         if isinstance(received, ReceivedReturn):
@@ -511,7 +516,16 @@ class Engine:
             server = self.exports.get(destination)
             if server is None:
                 return self._refuse(payload, caps, "no object behind this node", Disconnected)
-            return self._call(server, received, caller)
+            events = self._call(server, received, caller)
+            for event in events:
+                if isinstance(event, CallArrived):
+                    event.handles = self._brought(caps, event.reply)
+                    if event.method is None or not event.method.params_layout.may_hold_fds:
+                        # No field of its params can hold one: closed now, not held (against
+                        # this process's RLIMIT_NOFILE) for as long as the call waits.
+                        for fd in fds:
+                            fd.close()
+            return events
         if isinstance(received, ReceivedFinish) and destination in self.exports:
             reply = received.reply
             key = (reply.handle, received.question_id) if isinstance(reply, Client) else None
@@ -526,6 +540,11 @@ class Engine:
                 answer.keep = False
             return [FinishArrived(key)]
         return []
+
+    @staticmethod
+    def _brought(caps: list[object], reply: Client | None) -> tuple[int, ...]:
+        """The handles of other peers' nodes in a call's capabilities, but its reply's."""
+        return tuple(c.handle for c in caps if isinstance(c, Client) and c.server is None and c is not reply)
 
     def _call(self, server: Server, call: ReceivedCall, caller: Caller) -> list[Event]:
         reply = call.reply

@@ -54,6 +54,8 @@ class StructLayout:
     has_union: bool
     fields: dict[str, FieldLayout] = field(default_factory=dict)
     may_hold_caps: bool = False
+    may_hold_fds: bool = False
+    """An Fd field somewhere in it (or an AnyPointer, which may be one)."""
 
 
 _layouts: dict[int, StructLayout] = {}
@@ -126,17 +128,21 @@ _POINTER_KINDS = {"text", "data", "list"}
 
 
 def _settle_caps() -> None:
-    """Recomputes ``may_hold_caps`` for every layout until nothing changes (recursive types
-    need the fixed point)."""
+    """Recomputes ``may_hold_caps`` and ``may_hold_fds`` for every layout until nothing
+    changes (recursive types need the fixed point)."""
     changed = True
     while changed:
         changed = False
         for layout in _layouts.values():
-            if layout.may_hold_caps:
-                continue
-            for f in layout.fields.values():
-                if f.kind in (FieldKind.CAPABILITY, FieldKind.CAPABILITY_LIST, FieldKind.ANY_POINTER) or (
-                    f.nested is not None and f.nested.may_hold_caps
-                ):
-                    layout.may_hold_caps = changed = True
-                    break
+            if not layout.may_hold_caps and any(
+                f.kind in (FieldKind.CAPABILITY, FieldKind.CAPABILITY_LIST, FieldKind.ANY_POINTER)
+                or (f.nested is not None and f.nested.may_hold_caps)
+                for f in layout.fields.values()
+            ):
+                layout.may_hold_caps = changed = True
+            if not layout.may_hold_fds and any(
+                f.kind in (FieldKind.FD, FieldKind.ANY_POINTER)
+                or (f.nested is not None and f.nested.may_hold_fds)
+                for f in layout.fields.values()
+            ):
+                layout.may_hold_fds = changed = True

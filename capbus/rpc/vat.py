@@ -104,6 +104,7 @@ class Vat:
         max_queued_calls: int = 4096,
         max_exports_per_caller: int = 4096,
         max_calls_per_caller: int = 256,
+        max_queued_capabilities_per_caller: int = 256,
     ) -> None:
         self.peer = peer
         self.engine = engine
@@ -113,6 +114,8 @@ class Vat:
         """Handlers of one caller running at once, at most (callers.py)."""
         self._callers: dict[Caller, CallerCalls] = {}
         self._max_queued = max_queued_calls
+        self._max_queued_capabilities = max_queued_capabilities_per_caller
+        """Capabilities (handles of this peer) one caller's waiting calls may carry."""
         self.max_exports_per_caller = max_exports_per_caller
         """Objects of this vat one caller (engine.Caller) may hold from its returns: past it,
         a return that would hand out another fails with Overloaded, so that a caller that
@@ -590,8 +593,14 @@ class Vat:
         calls = self._callers.get(arrived.caller)
         if calls is None:
             calls = self._callers[arrived.caller] = CallerCalls(trio.Semaphore(self._max_calls_per_caller))
-        if calls.queued >= self._max_queued:
-            self._refuse_overloaded(arrived, calls.queued)
+        capabilities = len(calls.queued_handles) + calls.new_handles(arrived.handles)
+        if calls.queued >= self._max_queued or (
+            calls.queued and capabilities > self._max_queued_capabilities
+        ):
+            # Each capability is a handle this peer holds while the call waits, and the
+            # kernel bounds a peer's handles (handles_held): past it this vat could make no
+            # node and take no new caller's call. (The first queued call always fits.)
+            self._refuse_overloaded(arrived, calls.queued, len(calls.queued_handles))
             if not calls.calls:
                 del self._callers[arrived.caller]
             if inspect.iscoroutine(started):
@@ -599,6 +608,7 @@ class Vat:
             return
         calls.calls += 1
         calls.queued += 1
+        calls.queue_handles(arrived.handles)
         if streaming:
             self._queue_stream_call(arrived)
         else:
@@ -664,14 +674,17 @@ class Vat:
             self._nursery.start_soon(self._send_return, reply, question_id, encoded, charge)
         return True
 
-    def _refuse_overloaded(self, arrived: CallArrived, queued: int) -> None:
-        """Answers a call that would queue past the bound with Overloaded (a one-way call
+    def _refuse_overloaded(self, arrived: CallArrived, queued: int, capabilities: int) -> None:
+        """Answers a call that would queue past the bounds with Overloaded (a one-way call
         is dropped, as it would be by a full kernel queue)."""
         reply = arrived.reply
         if reply is None:
             return
         question_id = arrived.question_id
-        error = Overloaded(f"{queued} calls are already waiting here (from this caller); try again later")
+        error = Overloaded(
+            f"{queued} calls are already waiting here (from this caller), with {capabilities}"
+            " capabilities; try again later"
+        )
         encoded = encode_exception(question_id, error)
         for event in self.engine.completed((reply.handle, question_id), encoded):
             self._handle(event)  # calls pipelined on this one fail with it
@@ -769,6 +782,7 @@ class Vat:
                 params = params_of(arrived.call, method) if started is None else {}
                 await self._take_slot(calls)
                 calls.queued -= 1
+                calls.unqueue_handles(arrived.handles)
                 queued = False
                 try:
                     # The next call may start once this handler has begun: it runs until its
@@ -789,6 +803,7 @@ class Vat:
             finally:
                 if queued:
                     calls.queued -= 1
+                    calls.unqueue_handles(arrived.handles)
                 calls.pass_turn(ticket)  # not reached the handler: let the others go on
                 calls.calls -= 1
                 if not calls.calls:
@@ -902,6 +917,7 @@ MAX_CONCURRENT_CALLS = 1024
 MAX_QUEUED_CALLS = 4096
 MAX_EXPORTS_PER_CALLER = 4096  # a sixteenth of the kernel's default nodes_owned
 MAX_CALLS_PER_CALLER = 256  # a quarter of MAX_CONCURRENT_CALLS
+MAX_QUEUED_CAPABILITIES_PER_CALLER = 256  # a 256th of the kernel's default handles_held
 
 
 @asynccontextmanager
@@ -913,12 +929,15 @@ async def open_vat(
     max_queued_calls: int = MAX_QUEUED_CALLS,
     max_exports_per_caller: int = MAX_EXPORTS_PER_CALLER,
     max_calls_per_caller: int = MAX_CALLS_PER_CALLER,
+    max_queued_capabilities_per_caller: int = MAX_QUEUED_CAPABILITIES_PER_CALLER,
 ) -> AsyncIterator[Vat]:
     """Runs the RPC endpoint of ``peer`` for the duration of the block. A caller is a
-    process, as the kernel attests it (engine.Caller: the vat asks its peer for senders'
-    credentials). At most ``max_concurrent_calls`` handlers run at once, and at most
+    peer connection, as the kernel attests it (engine.caller_of: the vat asks its peer for
+    senders' credentials). At most ``max_concurrent_calls`` handlers run at once, and at most
     ``max_calls_per_caller`` of one caller; up to ``max_queued_calls`` more calls of one
-    caller wait, in arrival order; its calls past that are answered Overloaded at once; as
+    caller wait, in arrival order, carrying at most ``max_queued_capabilities_per_caller``
+    capabilities (handles this peer then holds) besides their reply capabilities; its calls
+    past that are answered Overloaded at once; as
     many pipelined calls of one caller may wait for their answer or be forwarded. One
     caller may hold at most ``max_exports_per_caller`` objects that returns handed it; past
     that, such returns fail with Overloaded."""
@@ -939,6 +958,7 @@ async def open_vat(
             "max_queued_calls": max_queued_calls,
             "max_exports_per_caller": max_exports_per_caller,
             "max_calls_per_caller": max_calls_per_caller,
+            "max_queued_capabilities_per_caller": max_queued_capabilities_per_caller,
         }
         vat = Vat(peer, nursery, engine, **limits)
         await vat._start()

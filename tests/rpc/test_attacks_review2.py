@@ -771,7 +771,15 @@ async def test_a_destroyed_node_costs_the_receive_loop_only_its_own_answers(kern
     extra capabilities of queued calls) by a second peer that then disconnects; the vat
     visits 4.5 million answers for it. Fix: index answers (and questions) by reply handle
     (and target), so that a destroyed node costs only its own."""
-    async with server_and_honest(kernel) as (server_peer, server_vat, server, node, _honest):
+    # The helper's 2,000 capabilities wait in queued calls: past the default
+    # max_queued_capabilities_per_caller (attack 8), which would refuse them.
+    async with server_and_honest(kernel, max_queued_capabilities_per_caller=2000) as (
+        server_peer,
+        server_vat,
+        server,
+        node,
+        _honest,
+    ):
         counting = _CountingDict(server_vat.engine.answers)
         server_vat.engine.answers = counting
         attacker, helper = await kernel.connect(), await kernel.connect()
