@@ -27,6 +27,8 @@ class CallerCalls:
     """Calls taken in (queued or running): the vat forgets the caller when none are left."""
     queued: int = 0
     """Calls whose handler has not started (bounded by ``max_queued_calls``)."""
+    queued_bytes: int = 0
+    """Bytes of those calls' messages (bounded by ``max_queued_bytes_per_caller``)."""
     queued_handles: dict[int, int] = field(default_factory=dict)
     """Handles those calls brought besides their reply capability -> how many of them carry
     it (distinct handles bounded by ``max_queued_capabilities_per_caller``: the kernel counts

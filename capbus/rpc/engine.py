@@ -106,6 +106,9 @@ class CallArrived:
     """Handles of other peers' nodes the call's message brought, besides its reply
     capability: this peer holds them while the call waits to start (Vat bounds them per
     caller)."""
+    size: int = 0
+    """Bytes of the call's message, which its params are read from: held (in memory, or
+    mapped for a memfd payload) while it waits to start (Vat bounds them per caller)."""
 
 
 @dataclass(slots=True)
@@ -519,6 +522,7 @@ class Engine:
             events = self._call(server, received, caller)
             for event in events:
                 if isinstance(event, CallArrived):
+                    event.size = len(payload)
                     event.handles = self._brought(caps, event.reply)
                     if event.method is None or not event.method.params_layout.may_hold_fds:
                         # No field of its params can hold one: closed now, not held (against

@@ -105,6 +105,7 @@ class Vat:
         max_exports_per_caller: int = 4096,
         max_calls_per_caller: int = 256,
         max_queued_capabilities_per_caller: int = 256,
+        max_queued_bytes_per_caller: int | None = None,
     ) -> None:
         self.peer = peer
         self.engine = engine
@@ -116,6 +117,13 @@ class Vat:
         self._max_queued = max_queued_calls
         self._max_queued_capabilities = max_queued_capabilities_per_caller
         """Capabilities (handles of this peer) one caller's waiting calls may carry."""
+        self._max_queued_bytes = (
+            2 * engine.max_message_bytes
+            if max_queued_bytes_per_caller is None
+            else max_queued_bytes_per_caller
+        )
+        """Bytes of one caller's waiting calls' messages: held in memory, or mapped (a memfd
+        payload) against this process's address space (a sandbox's RLIMIT_AS)."""
         self.max_exports_per_caller = max_exports_per_caller
         """Objects of this vat one caller (engine.Caller) may hold from its returns: past it,
         a return that would hand out another fails with Overloaded, so that a caller that
@@ -595,12 +603,18 @@ class Vat:
             calls = self._callers[arrived.caller] = CallerCalls(trio.Semaphore(self._max_calls_per_caller))
         capabilities = len(calls.queued_handles) + calls.new_handles(arrived.handles)
         if calls.queued >= self._max_queued or (
-            calls.queued and capabilities > self._max_queued_capabilities
+            calls.queued
+            and (
+                capabilities > self._max_queued_capabilities
+                or calls.queued_bytes + arrived.size > self._max_queued_bytes
+            )
         ):
             # Each capability is a handle this peer holds while the call waits, and the
             # kernel bounds a peer's handles (handles_held): past it this vat could make no
-            # node and take no new caller's call. (The first queued call always fits.)
-            self._refuse_overloaded(arrived, calls.queued, len(calls.queued_handles))
+            # node and take no new caller's call. Its message is held too, or mapped (a
+            # memfd payload): past the address space, the mapping fails in Peer.recv and
+            # the peer is broken. (The first queued call always fits.)
+            self._refuse_overloaded(arrived, calls)
             if not calls.calls:
                 del self._callers[arrived.caller]
             if inspect.iscoroutine(started):
@@ -609,6 +623,7 @@ class Vat:
         calls.calls += 1
         calls.queued += 1
         calls.queue_handles(arrived.handles)
+        calls.queued_bytes += arrived.size
         if streaming:
             self._queue_stream_call(arrived)
         else:
@@ -674,7 +689,7 @@ class Vat:
             self._nursery.start_soon(self._send_return, reply, question_id, encoded, charge)
         return True
 
-    def _refuse_overloaded(self, arrived: CallArrived, queued: int, capabilities: int) -> None:
+    def _refuse_overloaded(self, arrived: CallArrived, calls: CallerCalls) -> None:
         """Answers a call that would queue past the bounds with Overloaded (a one-way call
         is dropped, as it would be by a full kernel queue)."""
         reply = arrived.reply
@@ -682,8 +697,8 @@ class Vat:
             return
         question_id = arrived.question_id
         error = Overloaded(
-            f"{queued} calls are already waiting here (from this caller), with {capabilities}"
-            " capabilities; try again later"
+            f"{calls.queued} calls are already waiting here (from this caller), of"
+            f" {calls.queued_bytes} bytes with {len(calls.queued_handles)} capabilities; try again later"
         )
         encoded = encode_exception(question_id, error)
         for event in self.engine.completed((reply.handle, question_id), encoded):
@@ -783,6 +798,7 @@ class Vat:
                 await self._take_slot(calls)
                 calls.queued -= 1
                 calls.unqueue_handles(arrived.handles)
+                calls.queued_bytes -= arrived.size
                 queued = False
                 try:
                     # The next call may start once this handler has begun: it runs until its
@@ -804,6 +820,7 @@ class Vat:
                 if queued:
                     calls.queued -= 1
                     calls.unqueue_handles(arrived.handles)
+                    calls.queued_bytes -= arrived.size
                 calls.pass_turn(ticket)  # not reached the handler: let the others go on
                 calls.calls -= 1
                 if not calls.calls:
@@ -930,13 +947,15 @@ async def open_vat(
     max_exports_per_caller: int = MAX_EXPORTS_PER_CALLER,
     max_calls_per_caller: int = MAX_CALLS_PER_CALLER,
     max_queued_capabilities_per_caller: int = MAX_QUEUED_CAPABILITIES_PER_CALLER,
+    max_queued_bytes_per_caller: int | None = None,
 ) -> AsyncIterator[Vat]:
     """Runs the RPC endpoint of ``peer`` for the duration of the block. A caller is a
     peer connection, as the kernel attests it (engine.caller_of: the vat asks its peer for
     senders' credentials). At most ``max_concurrent_calls`` handlers run at once, and at most
     ``max_calls_per_caller`` of one caller; up to ``max_queued_calls`` more calls of one
     caller wait, in arrival order, carrying at most ``max_queued_capabilities_per_caller``
-    capabilities (handles this peer then holds) besides their reply capabilities; its calls
+    capabilities (handles this peer then holds) besides their reply capabilities and
+    ``max_queued_bytes_per_caller`` bytes (default: twice ``max_message_bytes``); its calls
     past that are answered Overloaded at once; as
     many pipelined calls of one caller may wait for their answer or be forwarded. One
     caller may hold at most ``max_exports_per_caller`` objects that returns handed it; past
@@ -960,7 +979,7 @@ async def open_vat(
             "max_calls_per_caller": max_calls_per_caller,
             "max_queued_capabilities_per_caller": max_queued_capabilities_per_caller,
         }
-        vat = Vat(peer, nursery, engine, **limits)
+        vat = Vat(peer, nursery, engine, **limits, max_queued_bytes_per_caller=max_queued_bytes_per_caller)
         await vat._start()
         try:
             yield vat
