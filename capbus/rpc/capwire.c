@@ -29,11 +29,17 @@ struct walk {
 	uint8_t *claimed[SEGMENTS_MAX]; /* one byte per word: already part of some object */
 	uint32_t n_segments;
 	int64_t budget;
+	/* Zero-sized list elements the message may still have: no more than it has words. They
+	 * take no room, so the budget's floor (for small messages) would let a message of a few
+	 * words be read as tens of thousands of values, each a reader's work. */
+	int64_t zero_sized;
 	struct pending *stack;
 	size_t depth, capacity;
 	char *error;
 	size_t error_size;
 };
+
+#define TOO_MANY_ZERO_SIZED "traversal limit exceeded: more zero-sized list elements than the message has words"
 
 static int fail(struct walk *walk, const char *message, uint32_t segment, uint64_t word)
 {
@@ -166,6 +172,8 @@ static int visit(struct walk *walk, struct pending at)
 				return -1;
 			/* Zero-sized elements cost a word each: a list of them claims to be huge. */
 			walk->budget -= (int64_t)(elements * (data + pointers ? data + pointers : 1) + 1);
+			if (!(data + pointers) && (walk->zero_sized -= (int64_t)elements) < 0)
+				return fail(walk, TOO_MANY_ZERO_SIZED, segment, start);
 			if (walk->budget < 0)
 				return fail(walk, "traversal limit exceeded", segment, start);
 			for (uint64_t e = 0; pointers && e < elements; e++)
@@ -181,6 +189,8 @@ static int visit(struct walk *walk, struct pending at)
 		if (claim(walk, segment, start, words) < 0)
 			return -1;
 		walk->budget -= (int64_t)(size == 0 ? count : words); /* Void elements: a word each */
+		if (size == 0 && (walk->zero_sized -= (int64_t)count) < 0)
+			return fail(walk, TOO_MANY_ZERO_SIZED, segment, start);
 		if (size == 6)
 			for (uint64_t i = 0; i < count; i++)
 				if (push(walk, segment, start + i, at.nesting - 1) < 0)
@@ -226,7 +236,9 @@ out:
 static int check_aligned(const uint8_t *data, size_t size, int64_t budget, uint32_t nesting, int framed,
 			 char *error, size_t error_size)
 {
-	struct walk walk = { .budget = budget, .error = error, .error_size = error_size };
+	struct walk walk = {
+		.budget = budget, .zero_sized = (int64_t)(size / 8), .error = error, .error_size = error_size
+	};
 	uint32_t count;
 
 	if (!framed) { /* one segment, as a reader handed only these words sees them */

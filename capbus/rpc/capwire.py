@@ -325,6 +325,18 @@ def scan_caps(
     found: list[tuple[int, int, int]] = []
     budget = traversal_budget(segments) if traversal_limit_words is None else traversal_limit_words
     claimed = [bytearray(len(w)) for w in words]
+    # Zero-sized list elements, no more than the message has words (as capwire.c): they take
+    # no room, so the budget's floor would let a few words be read as tens of thousands.
+    zero_sized = sum(len(w) for w in words)
+
+    def take_zero_sized(count: int, segment: int, word: int) -> None:
+        nonlocal zero_sized
+        zero_sized -= count
+        if zero_sized < 0:
+            raise CapWireError(
+                "traversal limit exceeded: more zero-sized list elements than the message has words"
+                f" (segment {segment}, word {word})"
+            )
 
     def claim(segment: int, start: int, count: int) -> None:
         if count <= 0:
@@ -363,6 +375,8 @@ def scan_caps(
                 claim(s, first - 1, 1 + (target[3] >> 35))  # the tag and every word it claims
                 step = data_words + pointer_words
                 budget -= count * max(step, 1) + 1  # zero-sized elements: a word each
+                if not step:
+                    take_zero_sized(count, s, first)
                 if budget < 0:
                     raise CapWireError("traversal limit exceeded")
                 if pointer_words:
@@ -373,6 +387,8 @@ def scan_caps(
                 size_words = (count * (0, 1, 8, 16, 32, 64)[size] + 63) // 64
                 claim(s, first, size_words)
                 budget -= size_words if size else count  # a Void list: a word per element
+                if not size:
+                    take_zero_sized(count, s, first)
         if budget < 0:
             raise CapWireError("traversal limit exceeded")
     return found
