@@ -8,7 +8,9 @@ for questions, calls to serve, finishes, objects gone, exports that may be retir
 with trio; another transport can run the same engine.
 
 Tables:
-- exports: node -> server (one node per object, reused while held), and id(server) -> node;
+- exports: node -> server, and (id(server), holder) -> node: one node per object and per
+  caller a return hands it to (reused while held), so that the kernel's release
+  notification says which caller let go (charges are per caller); one more for the rest;
 - imports: handle -> client (one per handle, so identity holds) and the kernel references
   its clients own, released (batched, :meth:`take_releases`) when they are collected;
 - questions: question id -> (target, method) while a caller waits;
@@ -221,7 +223,8 @@ class Engine:
         # walk of every caller's (run in the receive loop, once per destroyed handle).
         self._answers_of: dict[int, set[tuple[int, int]]] = {}
         self.exports: dict[int, Server] = {}
-        self._export_nodes: dict[int, int] = {}  # id(server) -> node
+        self._export_nodes: dict[tuple[int, Caller], int] = {}  # (id(server), holder) -> node
+        self._export_keys: dict[int, tuple[int, Caller]] = {}  # node -> its key above
         self._export_busy: dict[int, int] = {}  # node -> sends in progress that carry it
         # Whom each export was first made for by a return, and how many each caller got: a
         # caller that keeps everything it is given is bounded (Vat._bounded), not the server.
@@ -243,13 +246,23 @@ class Engine:
 
     # -- exports ------------------------------------------------------------------------------
 
-    def export_node(self, server: Server) -> int | None:
-        """The node of an exported server, or None if it needs one (:meth:`exported`)."""
-        return self._export_nodes.get(id(server))
+    def export_node(self, server: Server, holder: Caller = None) -> int | None:
+        """The node of an exported server for ``holder`` (the caller a return hands it to;
+        None: anyone else), or None if it needs one (:meth:`exported`)."""
+        return self._export_nodes.get((id(server), holder))
 
-    def exported(self, server: Server, node: int) -> None:
+    def exported(self, server: Server, node: int, holder: Caller = None) -> None:
         self.exports[node] = server
-        self._export_nodes[id(server)] = node
+        key = (id(server), holder)
+        self._export_nodes[key] = node
+        self._export_keys[node] = key
+
+    def _forget_export(self, node: int) -> Server:
+        server = self.exports.pop(node)
+        key = self._export_keys.pop(node, None)
+        if key is not None and self._export_nodes.get(key) == node:
+            del self._export_nodes[key]
+        return server
 
     def charge(self, node: int, caller: Caller, *, reserved: bool = False) -> None:
         """Counts the new export ``node`` against ``caller``, to whom a return hands it (until
@@ -284,8 +297,7 @@ class Engine:
         destroys the node) if no one holds it and no send of ours carries it."""
         if holders or self._export_busy.get(node) or node not in self.exports:
             return False
-        server = self.exports.pop(node)
-        self._export_nodes.pop(id(server), None)
+        self._forget_export(node)
         self._export_busy.pop(node, None)
         if node in self._export_for:
             self.unreserve(self._export_for.pop(node), 1)
@@ -734,7 +746,6 @@ class Engine:
                 gone = Disconnected("the object's node was destroyed (or its peer went away)")
                 events.append(Returned(question_id, error=gone))
         if handle in self.exports:
-            server = self.exports.pop(handle)
-            self._export_nodes.pop(id(server), None)
+            self._forget_export(handle)
         self._let_reply_go(handle)  # (after the questions to it were failed above)
         return events

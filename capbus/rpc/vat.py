@@ -165,10 +165,15 @@ class Vat:
         return Handle(self.peer, await self._export(server))
 
     async def _export(self, server: Server, charge: _Charge | None = None) -> int:
-        node = self.engine.export_node(server)
+        """The node of ``server`` for the caller a return hands it to (``charge``), made if
+        it has none: each caller holds a node of its own, so that the kernel's release
+        notification tells which one let go, and charges (max_exports_per_caller) follow
+        who holds an object, not who was first given it."""
+        holder = None if charge is None else charge.caller
+        node = self.engine.export_node(server, holder)
         if node is None:
             node = (await self.peer.create_node()).id
-            self.engine.exported(server, node)
+            self.engine.exported(server, node, holder)
             if charge is not None:
                 self.engine.charge(node, charge.caller, reserved=charge.reserved > 0)
                 charge.reserved = max(charge.reserved - 1, 0)
@@ -202,18 +207,19 @@ class Vat:
     async def _handles_for(
         self, caps: list[object], destination: int = 0, charge: _Charge | None = None
     ) -> list[int]:
-        handles = self._handles_now(caps, destination)
+        holder = None if charge is None else charge.caller
+        handles = self._handles_now(caps, destination, holder)
         if handles is None:
             made = []
             try:
                 for value in caps:  # make the missing nodes, then look again
                     server = value.server if isinstance(value, Client) else value
                     if isinstance(server, Server):
-                        new = self.engine.export_node(server) is None
+                        new = self.engine.export_node(server, holder) is None
                         node = await self._export(server, charge)
                         if new:
                             made.append(node)
-                handles = self._handles_now(caps, destination)
+                handles = self._handles_now(caps, destination, holder)
             except BaseException:
                 # The message will not be sent: no one will ever hold the nodes made for it,
                 # so no release notification will retire them. Retire them now.
@@ -223,9 +229,12 @@ class Vat:
             assert handles is not None
         return handles
 
-    def _handles_now(self, caps: list[object], destination: int = 0) -> list[int] | None:
-        """The handles to attach for a message's capabilities; None if an object in them has
-        no node yet (making one takes a kernel round trip)."""
+    def _handles_now(
+        self, caps: list[object], destination: int = 0, holder: Caller = None
+    ) -> list[int] | None:
+        """The handles to attach for a message's capabilities (our objects' nodes for
+        ``holder``); None if an object in them has no node yet (making one takes a kernel
+        round trip)."""
         handles = []
         for value in caps:
             if value is REPLY:  # the reply node of this callee (see Engine.reply_for)
@@ -244,7 +253,7 @@ class Vat:
                 value = value.server
             if not isinstance(value, Server):
                 raise TypeError(f"not a capability: {value!r}")
-            node = self.engine.export_node(value)
+            node = self.engine.export_node(value, holder)
             if node is None:
                 return None
             handles.append(node)
@@ -753,7 +762,7 @@ class Vat:
         and what to charge the objects it hands out to. The new objects are counted at once
         (reserved), although their nodes are made later: returns that complete together
         must not all pass the bound on the count before any of them."""
-        new = self._new_exports(encoded.caps)
+        new = self._new_exports(encoded.caps, caller)
         held = self.engine.exports_for(caller)
         if not new or held + new <= self.max_exports_per_caller:
             self.engine.reserve(caller, new)
@@ -764,14 +773,14 @@ class Vat:
         )
         return encode_exception(question_id, error), _Charge(caller)
 
-    def _new_exports(self, caps: list[object]) -> int:
-        """How many objects in ``caps`` have no node yet."""
+    def _new_exports(self, caps: list[object], holder: Caller) -> int:
+        """How many objects in ``caps`` have no node for ``holder`` yet."""
         servers = {id(v.server if isinstance(v, Client) else v): v for v in caps}
         return sum(
             1
             for value in servers.values()
             if isinstance(server := value.server if isinstance(value, Client) else value, Server)
-            and self.engine.export_node(server) is None
+            and self.engine.export_node(server, holder) is None
         )
 
     async def _serve(
