@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import array
 import enum
+import errno
 import fcntl
 import mmap
 import os
@@ -311,7 +312,8 @@ class Peer:
         # Messages mostly come from a few senders: share their Credentials objects.
         self._senders: dict[tuple[int, int, int, int, int], Credentials] = {}
         self.unsolicited_errors: list[CapbusError] = []
-        """Errors the kernel sent for frames it could not attribute to a command."""
+        """Errors the kernel sent for frames it could not attribute to a command, and why a
+        message that arrived was dropped unread (a payload this process could not map)."""
 
     @classmethod
     def from_socket(cls, sock: socket.socket | int) -> Peer:
@@ -359,7 +361,18 @@ class Peer:
         # The buffer is reused for the next frame, so what is kept is copied out once.
         event = _wire.decode(bytes(rx[:size]), fds)
         if type(event) is _wire.Incoming:
-            self._inbox.append(self._wrap(event))
+            try:
+                message = self._wrap(event)
+            except OSError as error:
+                # A payload this process cannot map (its address space is full: a sandbox's
+                # RLIMIT_AS). That message is lost, not the connection: every later one
+                # (and every caller of a vat on this peer) would be lost with it.
+                for fd in event.fds:
+                    os.close(fd)
+                reason = "a message's payload could not be mapped"
+                self.unsolicited_errors.append(error_from_errno(error.errno or errno.ENOMEM, reason))
+                return
+            self._inbox.append(message)
             return
         assert type(event) is _wire.Reply
         cookie = event.cookie

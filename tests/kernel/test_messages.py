@@ -477,3 +477,31 @@ async def test_oneway_nowait_on_a_full_socket_raises_would_block_and_sends_nothi
     assert received == sent  # the refused frame was not half-written
     theirs.close()
     await peer.aclose()
+
+
+async def test_a_payload_that_cannot_be_mapped_loses_that_message_not_the_peer(
+    new_peer: PeerFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A large payload comes as a memfd the receiver maps; a process out of address space (a
+    sandbox's RLIMIT_AS) fails that map. Only that message is lost (and said so in
+    unsolicited_errors): the peer goes on receiving."""
+    import mmap
+
+    from capbus import peer as peer_module
+
+    sender, receiver = await new_peer(), await new_peer()
+    node = await receiver.create_node()
+    target = await receiver.transfer(node, sender)
+
+    def no_room(*args: object, **kwargs: object) -> mmap.mmap:
+        raise OSError(errno.ENOMEM, os.strerror(errno.ENOMEM))
+
+    with monkeypatch.context() as patched:
+        patched.setattr(peer_module.mmap, "mmap", no_room)
+        await sender.send(target, b"x" * (1 << 20))  # a memfd
+        await sender.send(target, b"after")
+        with trio.fail_after(10):
+            got = await recv_kind(receiver, DATA)
+    assert got.payload == b"after"
+    (error,) = receiver.unsolicited_errors
+    assert error.errno == errno.ENOMEM
