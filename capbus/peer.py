@@ -356,7 +356,8 @@ class Peer:
         if flags & _TRUNCATED:
             for fd in fds:
                 os.close(fd)
-            self._broken = Disconnected("the kernel sent a frame larger than the wire format allows")
+            if flags & socket.MSG_TRUNC or not self._lose_fds(bytes(rx[:size])):
+                self._broken = Disconnected("the kernel sent a frame larger than the wire format allows")
             return
         # The buffer is reused for the next frame, so what is kept is copied out once.
         event = _wire.decode(bytes(rx[:size]), fds)
@@ -386,6 +387,23 @@ class Peer:
             self.unsolicited_errors.append(error_from_errno(event.error, "unparseable frame"))
         else:
             self._replies[cookie] = event
+
+    def _lose_fds(self, frame: bytes) -> bool:
+        """A message frame whose fds were cut short (MSG_CTRUNC: this process had no fd slot
+        left for them, its RLIMIT_NOFILE reached) is filed without them: a vat then answers
+        a call whose Fd fields name them Failed, so its sender hears of it. One whose payload
+        was in a memfd is lost (said so in unsolicited_errors). False for any other frame
+        (a reply to a command of ours): the connection is then given up, as before."""
+        try:
+            event = _wire.decode(frame, [])
+        except _wire.ProtocolError:  # a memfd payload, lost with the fds
+            reason = "a message came without its fds (no fd slot left)"
+            self.unsolicited_errors.append(error_from_errno(errno.EMFILE, reason))
+            return True
+        if type(event) is not _wire.Incoming:
+            return False
+        self._inbox.append(self._wrap(event))
+        return True
 
     def _oneway_failed(self, reply: _wire.Reply) -> None:
         """Files the failures of a one-way send as SEND_FAILED messages."""

@@ -3,6 +3,7 @@ metadata, priority and monitors, all with real peers over real sockets."""
 
 from __future__ import annotations
 
+import array
 import errno
 import os
 import socket
@@ -505,3 +506,47 @@ async def test_a_payload_that_cannot_be_mapped_loses_that_message_not_the_peer(
     assert got.payload == b"after"
     (error,) = receiver.unsolicited_errors
     assert error.errno == errno.ENOMEM
+
+
+class _NoFdSlots:
+    """A peer's socket as a process out of file descriptors sees it: every frame's fds are
+    cut short (MSG_CTRUNC)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._sock, name)
+
+    def recvmsg_into(self, *args: object) -> tuple[int, list[tuple[int, int, bytes]], int, object]:
+        size, ancdata, flags, address = self._sock.recvmsg_into(*args)
+        for level, kind, data in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                for fd in array.array("i", data[: len(data) - len(data) % 4]):
+                    os.close(fd)
+        return size, [], flags | (socket.MSG_CTRUNC if ancdata else 0), address
+
+
+async def test_a_message_whose_fds_are_cut_short_comes_without_them(new_peer: PeerFactory) -> None:
+    """A process with no fd slot left gets a frame's fds cut short (MSG_CTRUNC): that message
+    comes without its fds (a large payload, which is one, is lost, and said so), and the
+    peer goes on receiving."""
+    sender, receiver = await new_peer(), await new_peer()
+    node = await receiver.create_node()
+    target = await receiver.transfer(node, sender)
+    receiver._sock = _NoFdSlots(receiver._sock)  # type: ignore[assignment]
+    read_end, write_end = os.pipe()
+    try:
+        await sender.send(target, b"with an fd", fds=[read_end])
+        await sender.send(target, b"x" * (1 << 20))  # a memfd: lost
+        await sender.send(target, b"after")
+        with trio.fail_after(10):
+            first = await recv_kind(receiver, DATA)
+            second = await recv_kind(receiver, DATA)
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+    assert (first.payload, first.fds) == (b"with an fd", [])
+    assert second.payload == b"after"
+    (error,) = receiver.unsolicited_errors
+    assert error.errno == errno.EMFILE
