@@ -25,7 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -36,9 +36,8 @@ import capbus
 from capbus import _wire
 from capbus.testing import as_user, wait_for_statistics
 
-from .other_uid import python_as
+from .other_uid import daemon, needs_root, read_line, run_as, shared_directory
 
-NOBODY = 65534
 ATTACKER = 1001
 INNOCENT = 1002
 BYSTANDER = 1003
@@ -46,24 +45,6 @@ FD_LIMIT = 1024
 FDS = 64
 TIMEOUT = 30
 SANITIZED = os.environ.get("CAPBUS_SANITIZED") == "1"
-
-
-def needs_root() -> None:
-    assert os.geteuid() == 0, (
-        "this test needs root: it runs the kernel and its peers as other uids "
-        "(CI runs the suite as root); it cannot be checked as an unprivileged user"
-    )
-
-
-@contextlib.contextmanager
-def shared_directory() -> Iterator[Path]:
-    """A directory every uid of the test can reach (pytest's tmp_path is under a 0700 one)."""
-    path = Path(tempfile.mkdtemp(prefix="capbus-attack-"))
-    path.chmod(0o777)
-    try:
-        yield path
-    finally:
-        subprocess.run(["rm", "-rf", str(path)], check=False)
 
 
 # A free() for the kernel's own frees: the block is zero-filled and never reused, and a second
@@ -133,76 +114,6 @@ def freed_memory_shows() -> Iterator[dict[str, str]]:
         yield {"LD_PRELOAD": str(where / "shim.so")}
     finally:
         subprocess.run(["rm", "-rf", str(where)], check=False)
-
-
-@contextlib.asynccontextmanager
-async def daemon(
-    where: Path,
-    *,
-    user: int | None = NOBODY,
-    fd_limit: int | None = FD_LIMIT,
-    env: dict[str, str] | None = None,
-) -> AsyncIterator[tuple[Path, trio.Process]]:
-    """``capbus kernel`` listening in ``where``: by default as uid 65534 (no CAP_SYS_RESOURCE:
-    Linux's in-flight fd limit applies) with RLIMIT_NOFILE 1024, soft and hard."""
-    path = where / "bus"
-
-    def limit() -> None:
-        if fd_limit is not None:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (fd_limit, fd_limit))
-
-    arguments = ["kernel", "--listen", str(path), "--mode", "666"]
-    if user is None:
-        command = [sys.executable, "-m", "capbus", *arguments]
-    else:  # (through as_user: this interpreter and capbus may be out of that uid's reach)
-        command = python_as(user, "capbus.cli.main(sys.argv[1:])", nofile=fd_limit) + arguments
-    process = await trio.lowlevel.open_process(
-        command,
-        preexec_fn=limit if user is None else None,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        cwd="/",
-        env={**os.environ, **(env or {})},
-    )
-    try:
-        assert process.stdout is not None
-        with trio.fail_after(TIMEOUT):
-            line = await process.stdout.receive_some(4096)
-        assert b"listening" in line, line
-        yield path, process
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            process.send_signal(signal.SIGCONT)
-            process.terminate()
-        with trio.fail_after(TIMEOUT):
-            await process.wait()
-            assert process.stderr is not None
-            log = await process.stderr.receive_some(1 << 16)
-        print("kernel log:", log.decode(errors="replace")[-4000:])  # shown when the test fails
-
-
-async def run_as(uid: int, script: str, *args: str, pass_fds: tuple[int, ...] = ()) -> trio.Process:
-    return await trio.lowlevel.open_process(
-        [*python_as(uid, script), *args],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        pass_fds=pass_fds,
-        cwd="/",
-    )
-
-
-async def read_line(process: trio.Process) -> str:
-    assert process.stdout is not None
-    data = b""
-    while not data.endswith(b"\n"):
-        chunk = await process.stdout.receive_some(1)
-        if not chunk:
-            assert process.stderr is not None
-            err = await process.stderr.receive_some(65536)
-            raise AssertionError(f"the child ended: {err.decode(errors='replace')}")
-        data += chunk
-    return data.decode().strip()
 
 
 def adopt(kernel: capbus.Kernel, uid: int) -> socket.socket:

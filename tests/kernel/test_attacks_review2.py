@@ -14,88 +14,15 @@ import os
 import shutil
 import socket
 import subprocess
-import tempfile
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 
 import trio
 
-from .other_uid import python_as
+from .other_uid import daemon, needs_root, read_line, run_as, shared_directory
 
-NOBODY = 65534
 ATTACKER = 1001
 BYSTANDER = 1002
 ACCOMPLICE = 1003
 TIMEOUT = 60
-
-
-def needs_root() -> None:
-    assert os.geteuid() == 0, (
-        "this test needs root: it runs the kernel and its peers as other uids "
-        "(CI runs the suite as root); it cannot be checked as an unprivileged user"
-    )
-
-
-@contextlib.contextmanager
-def shared_directory() -> Iterator[Path]:
-    """A directory every uid of the test can reach (pytest's tmp_path is under a 0700 one)."""
-    path = Path(tempfile.mkdtemp(prefix="capbus-attack2-"))
-    path.chmod(0o777)
-    try:
-        yield path
-    finally:
-        subprocess.run(["rm", "-rf", str(path)], check=False)
-
-
-@contextlib.asynccontextmanager
-async def daemon(where: Path, fd_limit: int) -> AsyncIterator[tuple[Path, trio.Process]]:
-    """``capbus kernel`` as uid 65534 (no CAP_SYS_RESOURCE) with RLIMIT_NOFILE ``fd_limit``."""
-    path = where / "bus"
-    process = await trio.lowlevel.open_process(
-        python_as(NOBODY, "capbus.cli.main(sys.argv[1:])", nofile=fd_limit)
-        + ["kernel", "--listen", str(path), "--mode", "666"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        cwd="/",
-    )
-    try:
-        assert process.stdout is not None
-        with trio.fail_after(TIMEOUT):
-            line = await process.stdout.receive_some(4096)
-        assert b"listening" in line, line
-        yield path, process
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            process.terminate()
-        with trio.fail_after(TIMEOUT):
-            await process.wait()
-            assert process.stderr is not None
-            log = await process.stderr.receive_some(1 << 16)
-        print("kernel log:", log.decode(errors="replace")[-4000:])  # shown when the test fails
-
-
-async def run_as(uid: int, script: str, *args: str, pass_fds: tuple[int, ...] = ()) -> trio.Process:
-    return await trio.lowlevel.open_process(
-        [*python_as(uid, script), *args],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        pass_fds=pass_fds,
-        cwd="/",
-    )
-
-
-async def read_line(process: trio.Process) -> str:
-    assert process.stdout is not None
-    data = b""
-    while not data.endswith(b"\n"):
-        chunk = await process.stdout.receive_some(1)
-        if not chunk:
-            assert process.stderr is not None
-            err = await process.stderr.receive_some(65536)
-            raise AssertionError(f"the child ended: {err.decode(errors='replace')}")
-        data += chunk
-    return data.decode().strip()
 
 
 async def stop(process: trio.Process) -> None:

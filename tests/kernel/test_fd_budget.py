@@ -17,9 +17,6 @@ import os
 import socket
 import subprocess
 import sys
-import tempfile
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 
 import pytest
 import trio
@@ -28,82 +25,13 @@ from capbus._kernel import lib
 import capbus
 from capbus.testing import wait_for_statistics
 
-from .other_uid import python_as
+from .other_uid import daemon, needs_root, python_as, read_line, run_as, shared_directory
 
-NOBODY = 65534
 ATTACKER = 1001
 INNOCENT = 1002
 FD_LIMIT = 1024  # a common default RLIMIT_NOFILE, and what the reviewer's daemon ran with
 FDS = 64  # the most one message may carry
 TIMEOUT = 60
-
-
-def needs_root() -> None:
-    assert os.geteuid() == 0, (
-        "this test needs root: it runs the kernel and its peers as other uids "
-        "(CI runs the suite as root); it cannot be checked as an unprivileged user"
-    )
-
-
-@contextlib.contextmanager
-def shared_directory() -> Iterator[Path]:
-    """A directory every uid of the test can reach (pytest's tmp_path is under a 0700 one)."""
-    path = Path(tempfile.mkdtemp(prefix="capbus-fds-"))
-    path.chmod(0o777)
-    try:
-        yield path
-    finally:
-        subprocess.run(["rm", "-rf", str(path)], check=False)
-
-
-@contextlib.asynccontextmanager
-async def daemon(where: Path) -> AsyncIterator[tuple[Path, trio.Process]]:
-    """``capbus kernel`` as uid 65534 (no CAP_SYS_RESOURCE: Linux's in-flight limit applies)
-    with RLIMIT_NOFILE 1024, soft and hard."""
-    path = where / "bus"
-    process = await trio.lowlevel.open_process(
-        python_as(NOBODY, "capbus.cli.main(sys.argv[1:])", nofile=FD_LIMIT)
-        + ["kernel", "--listen", str(path), "--mode", "666"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        cwd="/",
-    )
-    try:
-        assert process.stdout is not None
-        with trio.fail_after(TIMEOUT):
-            line = await process.stdout.receive_some(4096)
-        assert b"listening" in line, line
-        yield path, process
-    finally:
-        process.terminate()
-        with trio.fail_after(TIMEOUT):
-            await process.wait()
-            assert process.stderr is not None
-            log = await process.stderr.receive_some(1 << 16)
-        print("kernel log:", log.decode(errors="replace"))  # shown when the test fails
-
-
-async def run_as(uid: int, script: str, *args: str) -> trio.Process:
-    return await trio.lowlevel.open_process(
-        [*python_as(uid, script), *args],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        cwd="/",
-    )
-
-
-async def read_line(process: trio.Process) -> str:
-    assert process.stdout is not None
-    data = b""
-    while not data.endswith(b"\n"):
-        chunk = await process.stdout.receive_some(1)
-        if not chunk:
-            assert process.stderr is not None
-            err = await process.stderr.receive_some(65536)
-            raise AssertionError(f"the child ended: {err.decode(errors='replace')}")
-        data += chunk
-    return data.decode().strip()
 
 
 # Parks fds in two of its own peers that never read: sends 64 /dev/null fds at a time to
