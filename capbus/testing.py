@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from contextlib import asynccontextmanager
 
 import trio
 
 from .kernel import Kernel, KernelStatistics
-from .peer import Message, MessageKind, Peer
+from .peer import Handle, Message, MessageKind, Peer
 
 PeerFactory = Callable[[], Awaitable[Peer]]
 """What the ``new_peer`` fixture of capbus's own tests hands out."""
@@ -68,3 +69,43 @@ wanted = [*_resources.package_directories(), os.path.dirname(argv[0]), *config["
 sandbox.switch_user(config["user"], config["group"], sandbox.view(sandbox.Sandbox.none(), wanted))
 os.execv(argv[0], argv)
 """
+
+
+@asynccontextmanager
+async def server_process(
+    kernel: Kernel,
+    command: Callable[[int], Sequence[str]],
+    *,
+    env: Mapping[str, str] | None = None,
+    timeout: float = 30,
+) -> AsyncIterator[tuple[Peer, Handle]]:
+    """A server in a process of its own: ``command(fd)`` is its argv, ``fd`` a new peer of
+    ``kernel`` whose seed holds a node of ours; the server's first message to it hands in
+    its object. Yields our peer and the handle in that message; kills the process after."""
+    launcher = await kernel.connect()
+    inbox = await launcher.create_node()
+    sock = await launcher.create_peer(handles=[inbox])
+    try:
+        async with trio.open_nursery() as nursery:
+            process: trio.Process = await nursery.start(
+                lambda task_status: trio.run_process(
+                    list(command(sock.fileno())),
+                    pass_fds=[sock.fileno()],
+                    env=None if env is None else dict(env),
+                    cwd="/",
+                    check=False,
+                    task_status=task_status,
+                )
+            )
+            sock.close()
+            try:
+                with trio.fail_after(timeout):
+                    message = await launcher.recv()
+                if message.kind is not MessageKind.DATA:
+                    raise AssertionError(f"the server died before handing in its object ({message.kind})")
+                yield launcher, message.handles[0]
+            finally:
+                process.kill()
+    finally:
+        sock.close()
+        await launcher.aclose()

@@ -1,11 +1,17 @@
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
 import capbus
-from capbus.testing import PeerFactory
+from capbus.compiler import generate_file
+from capbus.testing import PeerFactory, server_process
+
+CALCULATOR = Path(__file__).resolve().parents[1] / "examples" / "calculator"
 
 
 @pytest.fixture
@@ -27,3 +33,14 @@ async def new_peer(kernel: capbus.Kernel) -> AsyncIterator[PeerFactory]:
     yield make
     for peer in made:
         await peer.aclose()
+
+
+@pytest.fixture
+async def calculator_server(kernel: capbus.Kernel) -> AsyncIterator[tuple[capbus.Peer, capbus.Handle]]:
+    """The calculator example's server.py in a process of its own; yields a peer of ours
+    holding its calculator."""
+    generate_file(CALCULATOR / "calculator.capnp", CALCULATOR / "calculator_capnp.py")
+    env = {**os.environ, "PYTHONPATH": str(CALCULATOR)}
+    command = lambda fd: [sys.executable, str(CALCULATOR / "server.py"), str(fd)]  # noqa: E731
+    async with server_process(kernel, command, env=env) as served:
+        yield served

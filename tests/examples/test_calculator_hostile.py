@@ -7,53 +7,19 @@ the server keeps serving."""
 
 from __future__ import annotations
 
-import os
 import struct
-import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import pytest
 import trio
 
 import capbus
-from capbus.compiler import generate_file
 from capbus.rpc import capwire, errors, protocol
 from capbus.rpc.vat import open_vat
 
 CALCULATOR = Path(__file__).resolve().parents[2] / "examples" / "calculator"
 TIMEOUT = 30
 DEPTH = 26  # 2^26 evaluations if the server walked the DAG (and within the nesting limit)
-
-
-@pytest.fixture
-async def calculator_server(kernel: capbus.Kernel) -> AsyncIterator[tuple[capbus.Peer, capbus.Handle]]:
-    """The example's server.py in a process of its own; yields a peer of ours holding its
-    calculator."""
-    generate_file(CALCULATOR / "calculator.capnp", CALCULATOR / "calculator_capnp.py")
-    env = {**os.environ, "PYTHONPATH": str(CALCULATOR)}
-    launcher = await kernel.connect()
-    inbox = await launcher.create_node()
-    sock = await launcher.create_peer(handles=[inbox])
-    async with trio.open_nursery() as nursery:
-        server: trio.Process = await nursery.start(
-            lambda task_status: trio.run_process(
-                [sys.executable, str(CALCULATOR / "server.py"), str(sock.fileno())],
-                pass_fds=[sock.fileno()],
-                env=env,
-                cwd="/",
-                check=False,
-                task_status=task_status,
-            )
-        )
-        sock.close()
-        with trio.fail_after(TIMEOUT):
-            message = await launcher.recv()
-        assert message.kind is capbus.MessageKind.DATA, "the server died before handing in its calculator"
-        yield launcher, message.handles[0]
-        server.terminate()
-    await launcher.aclose()
 
 
 def chain(depth: int, function: object) -> dict[str, Any]:

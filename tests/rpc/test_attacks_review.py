@@ -10,31 +10,24 @@ back and then keeps everything it took until the test ends.
 
 from __future__ import annotations
 
-import os
 import struct
-import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-import capnp
 import pytest
 import trio
 
 import capbus
-from capbus.compiler import generate_file
 from capbus.rpc import errors, header, protocol
-from capbus.rpc.capwire import CapWireError
 from capbus.rpc.vat import Vat, open_vat
 
+from .calculator_attacks import EVALUATE, answer_to_evaluate, assert_no_more_leaves_than_words
 from .processes import attacker_process
 from .services import FactoryServer, schema
 
 TIMEOUT = 20
-CALCULATOR = Path(__file__).resolve().parents[2] / "examples" / "calculator"
-calc: Any = capbus.load(str(CALCULATOR / "calculator.capnp"))
-EVALUATE = calc.Calculator.interface.methods["evaluate"]
 METHODS = schema.Factory.interface.methods
 INCREMENT = schema.Counter.interface.methods["increment"]
 SAME_CAP = METHODS["same"].results_layout.fields["cap"].slot
@@ -135,56 +128,13 @@ def test_the_tree_check_and_the_reader_see_the_same_message() -> None:
     into a DAG whose expressions the handler walks 4096 times over; only the reader's own
     8M-word traversal limit bounds it, so finding F6 (a small call that costs the server a
     minute of CPU) is back."""
-    payload = shared_expressions(4)
-    leaves = 0
 
-    def walk(expression: Any) -> None:
-        nonlocal leaves
+    def leaves(expression: Any) -> int:
         if expression.which() == "call":
-            for param in expression.call.params:
-                walk(param)
-        else:
-            leaves += 1
+            return sum(leaves(param) for param in expression.call.params)
+        return 1
 
-    try:
-        received = protocol.decode(payload, [None, None])
-        assert isinstance(received, protocol.ReceivedCall)
-        walk(received.params(EVALUATE.params).expression)
-    except (CapWireError, capnp.KjException, ValueError):
-        return  # refused: fine
-    words = len(payload) // 8
-    assert leaves <= words, f"a {len(payload)}-byte call read as a tree of {leaves} expressions"
-
-
-@pytest.fixture
-async def calculator_server(kernel: capbus.Kernel) -> AsyncIterator[tuple[capbus.Peer, capbus.Handle]]:
-    """The calculator example's server.py in a process of its own; yields a peer of ours
-    holding its calculator."""
-    generate_file(CALCULATOR / "calculator.capnp", CALCULATOR / "calculator_capnp.py")
-    env = {**os.environ, "PYTHONPATH": str(CALCULATOR)}
-    launcher = await kernel.connect()
-    inbox = await launcher.create_node()
-    sock = await launcher.create_peer(handles=[inbox])
-    async with trio.open_nursery() as nursery:
-        server: trio.Process = await nursery.start(
-            lambda task_status: trio.run_process(
-                [sys.executable, str(CALCULATOR / "server.py"), str(sock.fileno())],
-                pass_fds=[sock.fileno()],
-                env=env,
-                cwd="/",
-                check=False,
-                task_status=task_status,
-            )
-        )
-        sock.close()
-        try:
-            with trio.fail_after(TIMEOUT):
-                message = await launcher.recv()
-            assert message.kind is capbus.MessageKind.DATA, "the server died before handing in its calculator"
-            yield launcher, message.handles[0]
-        finally:
-            server.kill()
-    await launcher.aclose()
+    assert_no_more_leaves_than_words(shared_expressions(4), leaves)
 
 
 async def test_a_dag_through_the_call_header_is_refused_by_the_calculator(
@@ -196,23 +146,9 @@ async def test_a_dag_through_the_call_header_is_refused_by_the_calculator(
     calls of the function (about 2 s of its CPU here; with a larger k, up to the reader's
     8M-word limit: tens of seconds per call, and calls run 1024 at a time) instead of
     refusing the call at once. The answer must be an error."""
-    launcher, calculator = calculator_server
     k = 7
-    async with open_vat(launcher) as vat:
-        client: Any = vat.client(calculator, calc.Calculator)
-        with trio.fail_after(TIMEOUT):
-            function = (await client.defFunction(paramCount=k, body={"literal": 1.0})).func
-        attacker = await kernel.connect()
-        reply = await attacker.create_node()
-        target = await launcher.transfer(calculator, attacker)
-        handed = await launcher.transfer(function.handle, attacker)
-        with trio.fail_after(TIMEOUT):
-            await attacker.send(target, shared_expressions(k), handles=[reply, handed])
-            message = await attacker.recv()
-        answer = protocol.decode(message.payload_view, [None] * len(message.handles))
-        assert isinstance(answer, protocol.ReceivedReturn)
-        assert isinstance(answer.error, errors.Failed), "the server evaluated the whole DAG"
-        await attacker.aclose()
+    answer = await answer_to_evaluate(kernel, calculator_server, k, shared_expressions(k))
+    assert isinstance(answer.error, errors.Failed), "the server evaluated the whole DAG"
 
 
 # -- 2. one caller takes every handler slot ----------------------------------------------------

@@ -17,17 +17,15 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-import capnp
-import pytest
 import trio
 import trio.testing
 
 import capbus
-from capbus.compiler import generate_file
 from capbus.rpc import errors, header, protocol
-from capbus.rpc.capwire import CapWireError
 from capbus.rpc.vat import Vat, open_vat
+from capbus.testing import server_process
 
+from .calculator_attacks import EVALUATE, answer_to_evaluate, assert_no_more_leaves_than_words
 from .processes import attacker_process
 from .services import FactoryServer, schema
 
@@ -363,27 +361,10 @@ async def limited_server(
     above what it uses; yields a peer of ours holding its factory."""
     script = tmp_path / "limited_server.py"
     script.write_text(LIMITED_SERVER)
-    launcher = await kernel.connect()
-    inbox = await launcher.create_node()
-    sock = await launcher.create_peer(handles=[inbox])
-    async with trio.open_nursery() as nursery:
-        process: trio.Process = await nursery.start(
-            lambda task_status: trio.run_process(
-                [sys.executable, str(script), str(sock.fileno()), str(Path(__file__).parent), limit],
-                pass_fds=[sock.fileno()],
-                check=False,
-                task_status=task_status,
-            )
-        )
-        sock.close()
-        try:
-            with trio.fail_after(TIMEOUT):
-                ready = await launcher.recv()
-            assert ready.kind is capbus.MessageKind.DATA, "the server died before it was ready"
-            yield launcher, ready.handles[0]
-        finally:
-            process.kill()
-    await launcher.aclose()
+    here = str(Path(__file__).parent)
+    command = lambda fd: [sys.executable, str(script), str(fd), here, limit]  # noqa: E731
+    async with server_process(kernel, command, timeout=TIMEOUT) as served:
+        yield served
 
 
 async def assert_still_serving(kernel: capbus.Kernel, launcher: capbus.Peer, factory: capbus.Handle) -> None:
@@ -514,9 +495,6 @@ async def test_queued_calls_with_fds_do_not_crash_a_server_with_few_files(
 
 # -- 6. zero-sized list elements: a 144-byte call read as 65,530 expressions -------------------
 
-CALCULATOR = Path(__file__).resolve().parents[2] / "examples" / "calculator"
-calc: Any = capbus.load(str(CALCULATOR / "calculator.capnp"))
-EVALUATE = calc.Calculator.interface.methods["evaluate"]
 ZERO_SIZED = 65_530  # as many as the check's traversal budget lets a 144-byte call have
 
 
@@ -559,46 +537,9 @@ def test_zero_sized_elements_do_not_make_a_small_call_a_huge_tree() -> None:
     as many as the message has words, or a few times that), or refuse lists of zero-sized
     elements longer than the message's word count outright."""
     payload = zero_sized_expressions(ZERO_SIZED)
-    try:
-        received = protocol.decode(payload, [None, None])
-        assert isinstance(received, protocol.ReceivedCall)
-        params = received.params(EVALUATE.params).expression.call.params
-        leaves = sum(1 for expression in params if expression.which() == "literal")
-    except (CapWireError, capnp.KjException, ValueError):
-        return  # refused: fine
-    words = len(payload) // 8
-    assert leaves <= words, f"a {len(payload)}-byte call read as a tree of {leaves} expressions"
-
-
-@pytest.fixture
-async def calculator_server(kernel: capbus.Kernel) -> AsyncIterator[tuple[capbus.Peer, capbus.Handle]]:
-    """The calculator example's server.py in a process of its own; yields a peer of ours
-    holding its calculator."""
-    generate_file(CALCULATOR / "calculator.capnp", CALCULATOR / "calculator_capnp.py")
-    env = {**os.environ, "PYTHONPATH": str(CALCULATOR)}
-    launcher = await kernel.connect()
-    inbox = await launcher.create_node()
-    sock = await launcher.create_peer(handles=[inbox])
-    async with trio.open_nursery() as nursery:
-        server: trio.Process = await nursery.start(
-            lambda task_status: trio.run_process(
-                [sys.executable, str(CALCULATOR / "server.py"), str(sock.fileno())],
-                pass_fds=[sock.fileno()],
-                env=env,
-                cwd="/",
-                check=False,
-                task_status=task_status,
-            )
-        )
-        sock.close()
-        try:
-            with trio.fail_after(TIMEOUT):
-                message = await launcher.recv()
-            assert message.kind is capbus.MessageKind.DATA, "the server died before handing in its calculator"
-            yield launcher, message.handles[0]
-        finally:
-            server.kill()
-    await launcher.aclose()
+    assert_no_more_leaves_than_words(
+        payload, lambda expression: sum(1 for e in expression.call.params if e.which() == "literal")
+    )
 
 
 async def test_zero_sized_expressions_are_refused_by_the_calculator(
@@ -609,22 +550,10 @@ async def test_zero_sized_expressions_are_refused_by_the_calculator(
     evaluates 65,530 literals, then calls the function with a 512 KB list of them (encoded
     and decoded again for the local call), about half a second of its CPU per 144-byte call
     here, with up to 1024 such calls running at once. The answer must be an error."""
-    launcher, calculator = calculator_server
-    async with open_vat(launcher) as vat:
-        client: Any = vat.client(calculator, calc.Calculator)
-        with trio.fail_after(TIMEOUT):
-            function = (await client.defFunction(paramCount=ZERO_SIZED, body={"literal": 1.0})).func
-        attacker = await kernel.connect()
-        reply = await attacker.create_node()
-        target = await launcher.transfer(calculator, attacker)
-        handed = await launcher.transfer(function.handle, attacker)
-        with trio.fail_after(TIMEOUT):
-            await attacker.send(target, zero_sized_expressions(ZERO_SIZED), handles=[reply, handed])
-            message = await attacker.recv()
-        answer = protocol.decode(message.payload_view, [None] * len(message.handles))
-        assert isinstance(answer, protocol.ReceivedReturn)
-        assert isinstance(answer.error, errors.Failed), "the server evaluated all 65,530 expressions"
-        await attacker.aclose()
+    answer = await answer_to_evaluate(
+        kernel, calculator_server, ZERO_SIZED, zero_sized_expressions(ZERO_SIZED)
+    )
+    assert isinstance(answer.error, errors.Failed), "the server evaluated all 65,530 expressions"
 
 
 # -- 7. calls given up while waiting for their turn are remembered for ever -------------------
