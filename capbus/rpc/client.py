@@ -11,6 +11,7 @@ import weakref
 from collections.abc import Generator
 from typing import TYPE_CHECKING, Any
 
+from .errors import Failed
 from .interface import Interface, Method, interface_of
 from .layout import FieldKind, StructLayout
 
@@ -120,6 +121,10 @@ class Promise:
         alive (dropping it would tell the callee to let that call go)."""
         self._done = done
         self._results: Any = None
+        self._rerouted: Any = None
+        """After a redirect (rpc.capnp's Return.redirect): set once the call was sent again
+        to the capability itself (``_successor``), or that failed (``_done`` then says why)."""
+        self._successor: Promise | None = None
         if done is not None:
             weakref.finalize(self, vat._promise_gone, client, question_id)
 
@@ -131,14 +136,63 @@ class Promise:
         return promise
 
     async def _wait(self) -> Any:
-        if self._done is not None and self._results is None:
-            event, box = self._done
+        promise = self
+        while promise._done is not None and promise._results is None:
+            event, box = promise._done
             await event.wait()
             returned = box[0]
+            if returned.redirect:
+                if promise._rerouted is None:
+                    raise Failed("the callee redirected this call, and it could not be sent again")
+                await promise._rerouted.wait()
+                promise = promise._successor or promise  # (none: _done now holds the failure)
+                continue
             if returned.error is not None:
                 raise returned.error
-            self._results = returned.results
+            promise._results = returned.results
+        self._results = promise._results
         return self._results
+
+    def _latest(self) -> Promise:
+        """This promise, or the one its call was sent again as after a redirect (and so on):
+        where calls pipelined on it go now."""
+        promise = self
+        while promise._successor is not None:
+            promise = promise._successor
+        return promise
+
+    @property
+    def _answered(self) -> bool:
+        """Its results or failure are here (not just a redirect)."""
+        done = self._done
+        return done is None or (done[0].is_set() and not done[1][0].redirect)
+
+    async def _routed(self) -> Promise:
+        """Once a call pipelined on this promise was redirected: this promise once answered,
+        or the one its own call was sent again as after a redirect of its own (once that is
+        sent, and answered if it already is: else calls can be pipelined on it there)."""
+        promise = self
+        while not promise._answered:
+            event, box = promise._done  # type: ignore[misc]
+            if promise is not self and not event.is_set():
+                return promise  # pending where it was sent again
+            await event.wait()
+            if box[0].redirect:
+                if promise._rerouted is None:
+                    break  # (awaiting it fails)
+                await promise._rerouted.wait()
+                promise = promise._successor or promise
+        return promise
+
+    def _adopt(self, successor: Promise) -> None:
+        """Its call, redirected, was sent again as ``successor``."""
+        self._successor = successor
+        self._rerouted.set()
+
+    def _fail(self, done: tuple[Any, list[Any]]) -> None:
+        """Its call, redirected, could not be sent again: ``done`` is set, with why."""
+        self._done = done
+        self._rerouted.set()
 
     def __await__(self) -> Generator[Any, None, Any]:
         return self._wait().__await__()

@@ -47,6 +47,7 @@ from .protocol import (
     call_identity,
     decode,
     encode_exception,
+    encode_redirect,
     results_capability,
     return_identity,
 )
@@ -86,11 +87,14 @@ class Send:
 
 @dataclass(slots=True)
 class Returned:
-    """The answer to question ``question_id``: results or an error."""
+    """The answer to question ``question_id``: results or an error, or (for a pipelined
+    call only) ``redirect``: the callee did not make the call, make it on the capability
+    itself (rpc.capnp's Return.redirect)."""
 
     question_id: int
     results: StructReader | None = None
     error: RpcError | None = None
+    redirect: bool = False
 
 
 @dataclass(slots=True)
@@ -114,18 +118,6 @@ class CallArrived:
 
 
 @dataclass(slots=True)
-class Forward:
-    """A pipelined call whose capability lives elsewhere: make the call on ``target`` and
-    send its outcome back to ``reply`` as the answer to ``question_id``."""
-
-    target: Client
-    call: ReceivedCall
-    reply: Client
-    question_id: int
-    caller: Caller = None
-
-
-@dataclass(slots=True)
 class FinishArrived:
     """The caller of (reply handle, question id) gave up: cancel that call's handler."""
 
@@ -140,7 +132,7 @@ class MayRetire:
     node: int
 
 
-Event = Send | Returned | CallArrived | Forward | FinishArrived | MayRetire
+Event = Send | Returned | CallArrived | FinishArrived | MayRetire
 
 
 _KEPT_REASON = 1024
@@ -150,11 +142,13 @@ _KEPT_REASON = 1024
 @dataclass(slots=True, eq=False)
 class _Answer:
     """A call being served, or (if its caller may pipeline on it) its kept outcome: the
-    failure, or the return if it holds capabilities (only those can be pipelined on)."""
+    failure, the return if it holds capabilities (only those can be pipelined on), or that
+    it was redirected (calls pipelined on it are redirected in turn)."""
 
     keep: bool
     caller: Caller = None
     done: bool = False
+    redirected: bool = False
     returned: Encoded | None = None
     failure: RpcError | None = None
     kept_bytes: int = 0
@@ -167,6 +161,8 @@ class _Question:
     method: Method
     reply: int
     """The reply node the call named: its return must arrive there."""
+    pipelined: bool = False
+    """Only a pipelined call may be answered with a redirect."""
 
 
 def _take(counts: dict[Caller, int], caller: Caller, count: int) -> None:
@@ -200,8 +196,8 @@ class Engine:
         self._spare_replies: list[int] = []
         self.max_message_bytes = max_message_bytes
         self.max_waiting = max_waiting
-        """Pipelined calls of one caller that may wait for answers not yet given (and
-        forwarded calls in flight): past it, its such calls are answered Overloaded."""
+        """Pipelined calls of one caller that may wait for answers not yet given: past it,
+        its such calls are answered Overloaded."""
         self.max_kept_per_caller = max_kept_per_caller
         """Answers one caller may have kept for pipelining until its Finish: past it,
         answers are not kept (pipelining on them then fails)."""
@@ -210,7 +206,7 @@ class Engine:
         )
         """Bytes of returns kept for one caller, likewise (a kept return is a whole message)."""
         self.waiting_calls = 0
-        """Pipelined calls waiting or forwarded, of all callers."""
+        """Pipelined calls waiting for their answers, of all callers."""
         self._waiting: dict[Caller, int] = {}  # the same, per caller
         self._kept: dict[Caller, int] = {}  # answers kept for a caller
         self._kept_bytes: dict[Caller, int] = {}
@@ -236,7 +232,8 @@ class Engine:
         self._releases: dict[int, int] = {}
         self._clients: dict[int, type[Client]] = {}
         self._locals: weakref.WeakValueDictionary[int, Client] = weakref.WeakValueDictionary()
-        self._generic = client_class(Interface(0, "Capability", None))
+        self.generic = client_class(Interface(0, "Capability", None))
+        """The class of clients whose interface is not known."""
         self.vat: Any = None  # the object clients call through (set by the vat)
         # Recent callers' reply clients, kept alive: a reply handle comes with every call,
         # and letting its client die after each would cost a release command (and a release
@@ -318,7 +315,7 @@ class Engine:
     def import_(self, handle: int, references: int, interface: Interface | None) -> Client:
         client = self.imports.get(handle)
         if client is None:
-            cls = self._generic if interface is None else self.client_class(interface)
+            cls = self.generic if interface is None else self.client_class(interface)
             client = cls(self.vat, handle)
             self.imports[handle] = client
             weakref.finalize(client, self._client_gone, handle)
@@ -414,7 +411,7 @@ class Engine:
                     spare.append(old_node)
         return spare
 
-    def ask(self, target: int, method: Method) -> int:
+    def ask(self, target: int, method: Method, pipelined: bool = False) -> int:
         # Unguessable: every callee holds this vat's reply handle, and with it could forge a
         # Return, a Finish or a pipelined call for a question this vat put to someone else,
         # if it could name that question. 61 bits: a question id is also the kernel tag of
@@ -423,7 +420,7 @@ class Engine:
         while question_id in self.questions or question_id == 0:
             question_id = self._unguessable()
         reply = self._replies.get(target, self.reply_node)
-        self.questions[question_id] = _Question(target, method, reply)
+        self.questions[question_id] = _Question(target, method, reply, pipelined)
         return question_id
 
     def _unguessable(self) -> int:
@@ -608,6 +605,8 @@ class Engine:
         caller: Caller,
     ) -> list[Event]:
         """A pipelined call, now that the answer it names is known."""
+        if answer.redirected:
+            return self._redirect(reply, question_id)
         failure = answer.failure  # the call it builds on failed: so does this
         target: object = None
         if failure is None and answer.returned is not None:  # (None: it holds no capability)
@@ -626,7 +625,27 @@ class Engine:
         if target.server is not None:
             method = target.server.interface.by_key.get((call.interface_id, call.method_id))
             return [CallArrived(target.server, call, method, reply, question_id, caller)]
-        return [Forward(target, call, reply, question_id, caller)]
+        return self._redirect(reply, question_id)
+
+    def _redirect(self, reply: Client, question_id: int) -> list[Event]:
+        """Answers a pipelined call on another vat's capability with a redirect: the caller
+        holds that capability (from our return of the call it was pipelined on, which may
+        reach it after the redirect: it waits for it) and calls it itself, as itself.
+        Calls pipelined on this one are redirected in turn."""
+        events: list[Event] = [Send(reply, encode_redirect(question_id))]
+        key = (reply.handle, question_id)
+        answer = self.answers.get(key)
+        if answer is None:
+            return events
+        waiting, answer.waiting = answer.waiting, []
+        for entry in waiting:
+            self.stop_waiting(entry[-1])
+        answer.done = answer.redirected = True
+        if not answer.keep:
+            self._forget_answer(key)
+        for call, waiting_reply, waiting_id, transform, caller in waiting:
+            events.extend(self._pipelined(answer, call, waiting_reply, waiting_id, transform, caller))
+        return events
 
     def completed(self, key: tuple[int, int], returned: Encoded) -> list[Event]:
         """A served call finished with ``returned`` (its Return envelope): keep what calls
@@ -664,8 +683,8 @@ class Engine:
 
     def start_waiting(self, caller: Caller) -> Overloaded | None:
         """Takes a unit of ``caller``'s pipelining budget for a call that waits for an answer
-        or is forwarded (until :meth:`stop_waiting`); the error to answer it with if none is
-        left. Per caller: one that never lets its calls end holds its own budget only."""
+        (until :meth:`stop_waiting`); the error to answer it with if none is left. Per
+        caller: one that never lets its calls end holds its own budget only."""
         waiting = self._waiting.get(caller, 0)
         if waiting >= self.max_waiting:
             return Overloaded(f"{waiting} pipelined calls are already waiting here (from this caller)")
@@ -720,6 +739,11 @@ class Engine:
         if question.reply != destination:
             return []  # not from the callee asked: it came to another callee's reply node
         del self.questions[question_id]
+        if returned.redirect:
+            if question.pipelined:
+                return [Returned(question_id, redirect=True)]
+            not_pipelined = Failed("the callee redirected a call that was not pipelined")
+            return [Returned(question_id, error=not_pipelined)]
         if returned.body is None:
             return [Returned(question_id, error=returned.error)]
         try:

@@ -193,6 +193,15 @@ def encode_exception(question_id: int, error: RpcError) -> Encoded:
     return Encoded(_framed(message.to_segments()), [], failure=error)
 
 
+def encode_redirect(question_id: int) -> Encoded:
+    """The return of a pipelined call whose capability is not this vat's (rpc.capnp)."""
+    message = rpc.Envelope.new_message()
+    returned = message.init("return")
+    returned.questionId = question_id
+    returned.redirect = None
+    return Encoded(_framed(message.to_segments()), [])
+
+
 def encode_finish(question_id: int) -> Encoded:
     message = rpc.Envelope.new_message()
     envelope = StructBuilder.root(message, ENVELOPE)
@@ -249,6 +258,8 @@ class ReceivedReturn:
     body: Body | None
     """The results; None when the call failed (``error``) or was canceled."""
     error: RpcError | None = None
+    redirect: bool = False
+    """The callee did not make this pipelined call: the caller makes it (rpc.capnp)."""
 
 
 @dataclass(slots=True, eq=False)
@@ -329,6 +340,8 @@ def decode(
             return ReceivedReturn(returned.questionId, Body(parent=returned, field="results"))
         if kind == "exception":
             return ReceivedReturn(returned.questionId, None, exception_of(returned))
+        if kind == "redirect":
+            return ReceivedReturn(returned.questionId, None, redirect=True)
         return ReceivedReturn(returned.questionId, None, Failed("the call was canceled"))
     if which == "finish":
         finish = envelope.finish

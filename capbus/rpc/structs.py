@@ -293,6 +293,10 @@ class CapTableReader:
         return [self.value(i, field) for i in indices]
 
 
+_ANY_CAPABILITY = FieldLayout("capability", FieldKind.CAPABILITY)
+"""A capability field of no known interface."""
+
+
 class StructReader:
     """A pycapnp struct reader (over stripped segments) whose capability fields resolve."""
 
@@ -311,6 +315,11 @@ class StructReader:
 
     def which(self) -> str:
         return str(self._reader.which())
+
+    def capability_at(self, transform: Sequence[int]) -> object | None:
+        """The capability that pointer-field steps ``transform`` lead to from this struct
+        (as a pipelined call names it); None if that pointer is null."""
+        return self._table.capability((*self._path, *(("p", step) for step in transform)), _ANY_CAPABILITY)
 
     def any_struct(self, name: str, schema: Any) -> StructReader:
         """The AnyPointer field ``name`` read as a struct of ``schema``."""

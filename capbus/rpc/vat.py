@@ -17,6 +17,7 @@ section 3):
 from __future__ import annotations
 
 import inspect
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ from .. import errors as bus
 from ..peer import Handle, Message, Peer
 from .callers import CallerCalls
 from .client import Client, Promise
-from .engine import CallArrived, Caller, Engine, Event, FinishArrived, Forward, MayRetire, Returned, Send
+from .engine import CallArrived, Caller, Engine, Event, FinishArrived, MayRetire, Returned, Send
 from .errors import Disconnected, Failed, Overloaded, RpcError, Unimplemented, from_kernel
 from .fds import duplicates
 from .interface import Interface, Method
@@ -70,6 +71,29 @@ class _Stream:
     def notify(self) -> None:
         self.changed.set()
         self.changed = trio.Event()
+
+
+@dataclass(eq=False, slots=True)
+class _Resend:
+    """What a promise's pipelined call needs to be sent again if it is redirected (the
+    promise it was pipelined on is ``promise.base``: not held here, so that dropping the
+    link lets it go)."""
+
+    promise: weakref.ref[Promise]
+    transform: tuple[int, ...]
+    method: Method
+    params: Mapping[str, Any]
+
+
+def _answered(question_id: int, error: RpcError) -> tuple[trio.Event, list[Returned]]:
+    """A question's answer, here already: ``error``."""
+    event = trio.Event()
+    event.set()
+    return event, [Returned(question_id, error=error)]
+
+
+class _Redirected(Exception):
+    """The callee redirected a pipelined call (rpc.capnp's Return.redirect)."""
 
 
 @dataclass(eq=False)
@@ -139,6 +163,7 @@ class Vat:
         engine.vat = self
         self._nursery = nursery
         self._waiting: dict[int, tuple[trio.Event, list[Returned]]] = {}
+        self._resends: dict[int, _Resend] = {}  # question -> its promise's pipelined call
         self._serving: dict[tuple[int, int], trio.CancelScope] = {}
         self._release_wanted = trio.Event()
 
@@ -323,19 +348,45 @@ class Vat:
         self, promise: Promise, transform: tuple[int, ...], method: Method, params: Mapping[str, Any]
     ) -> StructReader:
         """Calls ``method`` on the capability at ``transform`` in ``promise``'s results."""
-        pipeline = (promise.question_id, transform)
-        return await self._ask(
-            promise.client,
-            method,
-            lambda question_id: encode_call(question_id, method, params, pipeline=pipeline),
-        )
+        latest = promise._latest()
+        if latest._done is not None:  # (None: answered here, by a local object)
+            pipeline = (latest.question_id, transform)
+            try:
+                return await self._ask(
+                    latest.client,
+                    method,
+                    lambda question_id: encode_call(question_id, method, params, pipeline=pipeline),
+                    pipelined=True,
+                )
+            except _Redirected:
+                pass
+        return await self.call(await self._retarget(promise, transform), method, params)
 
-    async def _ask(self, target: Client, method: Method, encode: Callable[[int], Encoded]) -> StructReader:
+    async def _retarget(self, base: Promise, transform: tuple[int, ...]) -> Client:
+        """Where a call pipelined on ``base`` at ``transform`` goes after a redirect: the
+        capability itself from base's results, or (if base's own call was redirected and
+        is not answered yet) the same pipelined capability where that call went."""
+        routed = await base._routed()
+        if not routed._answered:
+            return self.engine.generic(self, routed.client.handle, pipeline=(routed, transform))
+        results = await routed
+        try:
+            target = results.capability_at(transform)
+        except Exception as error:  # noqa: BLE001 - the callee's results, read as the callee wrote them
+            raise malformed(error) from error
+        if not isinstance(target, Client):
+            raise Failed(f"the pipelined capability (pointer fields {list(transform)}) is null")
+        return target
+
+    async def _ask(
+        self, target: Client, method: Method, encode: Callable[[int], Encoded], pipelined: bool = False
+    ) -> StructReader:
         """Sends the call ``encode`` makes for a new question and waits for its answer; a
-        caller that gives up (cancelled) sends Finish."""
+        caller that gives up (cancelled) sends Finish. A pipelined call may be redirected
+        (raises _Redirected)."""
         if self.engine.reply_for(target.handle) is None:
             await self._reply_node(target.handle)
-        question_id, done = self._question(target, method)
+        question_id, done = self._question(target, method, pipelined)
         try:
             # One-way at the kernel: a refusal comes back as SEND_FAILED tagged with the
             # question, which the engine turns into this question's answer.
@@ -351,7 +402,8 @@ class Vat:
         returned = done[1][0]
         if returned.error is not None:
             raise returned.error
-        assert returned.results is not None
+        if returned.results is None:
+            raise _Redirected
         return returned.results
 
     async def _reply_node(self, target: int) -> None:
@@ -370,8 +422,10 @@ class Vat:
         except bus.CapbusError:
             pass
 
-    def _question(self, target: Client, method: Method) -> tuple[int, tuple[trio.Event, list[Returned]]]:
-        question_id = self.engine.ask(target.handle, method)
+    def _question(
+        self, target: Client, method: Method, pipelined: bool = False
+    ) -> tuple[int, tuple[trio.Event, list[Returned]]]:
+        question_id = self.engine.ask(target.handle, method, pipelined)
         done: tuple[trio.Event, list[Returned]] = (trio.Event(), [])
         self._waiting[question_id] = done
         return question_id, done
@@ -386,9 +440,12 @@ class Vat:
         base = None
         if client.pipeline is not None:
             base, transform = client.pipeline
+            base = base._latest()
+            if base._done is None:  # answered here, by a local object
+                return await self.send_call(await self._retarget(base, transform), method, params)
             pipeline, client = (base.question_id, transform), base.client
         await self._reply_node(client.handle)
-        question_id, done = self._question(client, method)
+        question_id, done = self._question(client, method, pipeline is not None)
         try:
             call = encode_call(question_id, method, params, keep_results=True, pipeline=pipeline)
             await self._send(client.handle, call, oneway=False)
@@ -398,11 +455,32 @@ class Vat:
             raise
         promise = Promise(self, client, method, question_id, done)
         promise.base = base  # keeps the call it is pipelined on open while it is wanted
+        if base is not None:
+            self._resends[question_id] = _Resend(weakref.ref(promise), transform, method, params)
         return promise
+
+    async def _resend(self, promise: Promise, resend: _Resend) -> None:
+        """Sends a promise's redirected pipelined call again, to the capability itself."""
+        error: RpcError
+        try:
+            if promise.base is None:
+                raise Failed("the call it was pipelined on was dropped (its promise)")
+            target = await self._retarget(promise.base, resend.transform)
+            promise._adopt(await self.send_call(target, resend.method, resend.params))
+            return
+        except RpcError as failure:
+            error = failure
+        except trio.Cancelled:
+            promise._fail(_answered(promise.question_id, Disconnected("the vat closed")))
+            raise
+        except Exception as failure:  # noqa: BLE001 - the call's own params, say: its caller hears
+            error = Failed(f"{type(failure).__name__}: {failure}")
+        promise._fail(_answered(promise.question_id, error))
 
     def _promise_gone(self, target: Client, question_id: int) -> None:
         """A promise was collected: the callee may drop the results it kept for it."""
         self._waiting.pop(question_id, None)
+        self._resends.pop(question_id, None)
         self.engine.forget(question_id)  # open or answered: the callee may let go either way
         try:
             self._nursery.start_soon(self._finish, target, question_id)
@@ -576,6 +654,12 @@ class Vat:
 
     def _handle(self, event: Event) -> None:
         if isinstance(event, Returned):
+            resend = self._resends.pop(event.question_id, None) if self._resends else None
+            if resend is not None and event.redirect:
+                promise = resend.promise()
+                if promise is not None:  # (set before its waiters wake: they wait for the resend)
+                    promise._rerouted = trio.Event()
+                    self._nursery.start_soon(self._resend, promise, resend)
             waiting = self._waiting.get(event.question_id)
             if waiting is not None:
                 waiting[1].append(event)
@@ -590,14 +674,6 @@ class Vat:
                 scope.cancel()
         elif isinstance(event, MayRetire):
             self._nursery.start_soon(self._retire, event.node)
-        elif isinstance(event, Forward):
-            busy = self.engine.start_waiting(event.caller)  # until the other vat answers
-            if busy is not None:
-                encoded = encode_exception(event.question_id, busy)
-                key = (event.reply.handle, event.question_id)
-                self._nursery.start_soon(self._answer, event.reply, key, encoded, False, event.caller)
-            else:
-                self._nursery.start_soon(self._forward, event)
         else:
             self._nursery.start_soon(self._send_quietly, event)
 
@@ -884,31 +960,6 @@ class Vat:
             self._handle(event)
         await self._send_return(reply, key[1], encoded, charge)
 
-    async def _forward(self, forward: Forward) -> None:
-        """A pipelined call whose capability is another vat's: call it, pass on the outcome.
-        Registered as served, so that the caller's Finish cancels it (and the other vat is
-        sent a Finish in turn)."""
-        call, question_id = forward.call, forward.question_id
-        key = (forward.reply.handle, question_id)
-        method = forward.target.interface.by_key.get((call.interface_id, call.method_id))
-        encoded: Encoded | None = None
-        with trio.CancelScope() as scope:
-            self._serving[key] = scope
-            try:
-                if method is None:
-                    raise Unimplemented(f"{forward.target.interface.name} has no such method")
-                params = params_of(call, method)
-                results = await self.call(forward.target, method, params)
-                encoded = encode_results(question_id, method, as_kwargs(results, method.results_layout))
-            except RpcError as error:
-                encoded = encode_exception(question_id, error)
-            except Exception as error:  # noqa: BLE001 - what the other vat answered is unreadable
-                encoded = encode_exception(question_id, malformed(error))
-            finally:
-                self.engine.stop_waiting(forward.caller)
-                self._serving.pop(key, None)
-        await self._answer(forward.reply, key, encoded, scope.cancelled_caught, forward.caller)
-
     async def _retire(self, node: int) -> None:
         try:
             state = await self.peer.handle_state(node)
@@ -966,7 +1017,7 @@ async def open_vat(
     capabilities (handles this peer then holds) besides their reply capabilities and
     ``max_queued_bytes_per_caller`` bytes (default: twice ``max_message_bytes``); its calls
     past that are answered Overloaded at once; as
-    many pipelined calls of one caller may wait for their answer or be forwarded. One
+    many pipelined calls of one caller may wait for their answer. One
     caller may hold at most ``max_exports_per_caller`` objects that returns handed it; past
     that, such returns fail with Overloaded."""
     reply_node = (await peer.create_node()).id

@@ -62,6 +62,13 @@ struct Return {
     exception @2 :Exception;
     canceled @3 :Void;
     # The caller sent Finish before the call completed; its handler was cancelled.
+    redirect @4 :Void;
+    # Only for a pipelined call: its capability is not this vat's object but a handle to
+    # another vat's (or the caller's own), which the caller holds from this vat's return of
+    # the call it was pipelined on. This vat did not make the call; the caller makes it
+    # there itself. (Were the callee to make it, it would be the callee's call to the
+    # other vat, charged to the callee there: its callers could use up its quotas.) Calls
+    # pipelined on a redirected call are redirected in turn.
   }
 }
 

@@ -31,6 +31,7 @@ TIMEOUT = 20
 METHODS = schema.Factory.interface.methods
 INCREMENT = schema.Counter.interface.methods["increment"]
 SAME_CAP = METHODS["same"].results_layout.fields["cap"].slot
+NEW_COUNTER = METHODS["newCounter"].results_layout.fields["counter"].slot
 
 
 # -- helpers -----------------------------------------------------------------------------------
@@ -315,6 +316,48 @@ async def test_returns_completing_together_stay_within_max_exports_per_caller(tm
             await peer.aclose()
 
 
+# -- 6. pipelined calls forwarded for a caller were charged to the vat that forwarded them ----
+
+
+async def test_calls_forwarded_for_a_caller_do_not_use_up_the_forwarders_quota(
+    kernel: capbus.Kernel, tmp_path: Path
+) -> None:
+    """MEDIUM. S (honest) returned a capability of T in results its caller A may pipeline
+    on (here S.same(cap=T's factory)). A's pipelined newCounter() calls on it are forwarded
+    by S to T as S's own calls: T counts the counters A is handed, and keeps, against S.
+    With T's max_exports_per_caller=5, A (in its own process) takes 5 that way, and S's own
+    newCounter() on T fails with Overloaded ("this caller holds 5 objects"), while A keeps
+    its own full quota at T. Any vat that returns a capability of another vat could be
+    locked out of that vat by one of its callers. Fixed: S no longer makes such a call but
+    redirects it (rpc.capnp's Return.redirect), and A makes it on T itself, as itself."""
+    t_peer, s_peer = await kernel.connect(), await kernel.connect()
+    async with open_vat(t_peer, max_exports_per_caller=5) as t_vat, open_vat(s_peer) as s_vat:
+        t_node = await t_vat.export(FactoryServer())
+        s_node = await s_vat.export(FactoryServer())
+        t_at_s = s_vat.client(await t_peer.transfer(t_node, s_peer), schema.Factory)
+        t_at_holder = await t_peer.transfer(t_node, s_peer)  # (the same handle: for the child)
+        attack = f"""
+        async def attack(peer, report, s_handle, t_handle):
+            async with open_vat(peer) as vat:
+                s = vat.client(s_handle, schema.Factory)
+                t = vat.client(t_handle, schema.Factory)
+                promise = await s.same.send(cap=t)
+                kept = []
+                for _ in range(5):
+                    results = await vat.call_pipelined(promise, ({SAME_CAP},), METHODS["newCounter"], {{}})
+                    kept.append(results.counter)
+                await report(len(kept))
+                await trio.sleep_forever()  # the vat and the counters stay
+        """
+        with trio.fail_after(TIMEOUT):
+            async with attacker_process(kernel, tmp_path, attack, s_peer, [s_node, t_at_holder]) as report:
+                assert report == "5"
+                counter = (await t_at_s.newCounter()).counter
+                assert (await counter.increment(by=1)).value == 1
+    for peer in (t_peer, s_peer):
+        await peer.aclose()
+
+
 # -- 7. kept answers are bounded in number, not in bytes ---------------------------------------
 
 
@@ -401,12 +444,12 @@ async def test_a_huge_pipeline_transform_is_refused_at_once(kernel: capbus.Kerne
 async def test_a_caller_cannot_take_the_whole_pipelining_budget(
     kernel: capbus.Kernel, tmp_path: Path
 ) -> None:
-    """MEDIUM. The pipelined calls that may wait, or be forwarded, at once
-    (max_queued_calls) are one budget for all callers. An attacker in its own process gets
-    its own object back from same() and pipelines 64 calls on it: the server forwards them
-    to the attacker, which never answers (nor would a Finish stop them: see the next
-    test), so the budget is used up for good, and an honest caller's pipelined call is
-    answered Overloaded."""
+    """MEDIUM. The pipelined calls that may wait at once (max_queued_calls) were one budget
+    for all callers. An attacker in its own process pipelines 64 calls on a call of its own
+    that is held (newCounter, behind the server's gate): the budget is used up, and an
+    honest caller's pipelined call was answered Overloaded. (As first reported, the
+    attacker's calls were forwarded to an object of its own that never answered: redirects
+    ended forwarding, and with it that way of holding the budget for good.)"""
     async with server_and_honest(kernel, max_queued_calls=64) as (
         server_peer,
         server_vat,
@@ -416,24 +459,20 @@ async def test_a_caller_cannot_take_the_whole_pipelining_budget(
     ):
         attack = f"""
         async def attack(peer, report, target):
-            reply, own = await peer.create_node(), await peer.create_node()
-            first = protocol.encode_call(1, METHODS["same"], {{"cap": "own"}}, keep_results=True)
-            handles = [reply if cap is protocol.REPLY else own for cap in first.caps]
-            await peer.send(target, first.payload, handles=handles)
+            reply = await peer.create_node()
+            first = protocol.encode_call(1, METHODS["newCounter"], {{}}, keep_results=True)
+            await peer.send(target, first.payload, handles=[reply])
             for i in range(64):
-                call = protocol.encode_call(i + 2, INCREMENT, {{"by": 1}}, pipeline=(1, [{SAME_CAP}]))
+                call = protocol.encode_call(i + 2, INCREMENT, {{"by": 1}}, pipeline=(1, [{NEW_COUNTER}]))
                 await peer.send(target, call.payload, handles=[reply])
-            forwarded = 0
-            while forwarded < 64:  # the forwarded calls, at our object: never answered
-                message = await peer.recv()
-                if message.kind is capbus.MessageKind.DATA and message.destination == own:
-                    forwarded += 1
-            await report(forwarded)
+            await report("sent")
         """
+        server.gate = trio.Event()  # newCounter waits: every call pipelined on it waits too
         with trio.fail_after(TIMEOUT):
             async with attacker_process(kernel, tmp_path, attack, server_peer, [node]) as report:
-                assert report == "64"
-                server.gate = trio.Event()  # the honest call's answer comes after its pipelined call
+                assert report == "sent"
+                while server_vat.engine.waiting_calls < 64:  # polled, bounded by fail_after
+                    await trio.sleep(0.001)
                 promise = await honest.newCounter.send()
                 outcome: list[Any] = []
 
@@ -444,20 +483,21 @@ async def test_a_caller_cannot_take_the_whole_pipelining_budget(
                         outcome.append(error)
 
                 async with trio.open_nursery() as nursery:
-                    waiting = server_vat.engine.waiting_calls
                     nursery.start_soon(pipelined)
-                    while not outcome and server_vat.engine.waiting_calls == waiting:  # polled, bounded
+                    while not outcome and server_vat.engine.waiting_calls == 64:  # polled, bounded
                         await trio.sleep(0.001)
                     server.gate.set()
                 assert outcome == [2], outcome
 
 
-async def test_finish_cancels_a_forwarded_call(kernel: capbus.Kernel) -> None:
-    """LOW-MEDIUM. A pipelined call on a capability of another vat X is forwarded by the
-    server (Vat._forward), which is not a served handler: the caller's Finish finds no
-    cancel scope, the forward keeps waiting for X (with its question, its answer entry and
-    a unit of the pipelining budget), and X is never sent a Finish. A hostile X keeps all
-    of that for ever, long after the caller gave up."""
+async def test_a_pipelined_call_on_another_vats_object_is_made_by_its_caller(kernel: capbus.Kernel) -> None:
+    """LOW-MEDIUM. A pipelined call on a capability of another vat X was forwarded by the
+    server (Vat._forward), which is not a served handler: the caller's Finish found no
+    cancel scope, the forward kept waiting for X (with its question, its answer entry and
+    a unit of the pipelining budget), and X was never sent a Finish. A hostile X kept all
+    of that for ever, long after the caller gave up. Now the server redirects the call: X
+    gets it from the caller, the server holds nothing for it, and the caller's Finish goes
+    to X."""
     server_peer, caller_peer, x = await kernel.connect(), await kernel.connect(), await kernel.connect()
     async with open_vat(server_peer) as server_vat, open_vat(caller_peer) as caller_vat:
         node = await server_vat.export(FactoryServer())
@@ -466,14 +506,18 @@ async def test_finish_cancels_a_forwarded_call(kernel: capbus.Kernel) -> None:
         x_counter = caller_vat.client(await x.transfer(x_node, caller_peer), schema.Counter)
         with trio.fail_after(TIMEOUT):
             promise = await factory.same.send(cap=x_counter)
-            await promise
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(caller_vat.call_pipelined, promise, (SAME_CAP,), INCREMENT, {"by": 1})
-                message = await x.recv()  # the forwarded call, which X never answers
-                assert message.kind is capbus.MessageKind.DATA
-                nursery.cancel_scope.cancel()  # the caller gives up: Finish
-            with trio.fail_after(5):
-                while server_vat.engine.waiting_calls or server_vat.statistics().questions:  # polled
-                    await trio.sleep(0.001)
+                message = await x.recv()  # the call, which X never answers
+                assert message.kind is capbus.MessageKind.DATA and message.destination == x_node
+                call = protocol.decode(message.payload_view, list(range(len(message.handles))))
+                assert isinstance(call, protocol.ReceivedCall) and call.promised is None
+                stats = server_vat.statistics()
+                assert (server_vat.engine.waiting_calls, stats.questions) == (0, 0)
+                nursery.cancel_scope.cancel()  # the caller gives up: Finish, to X
+            finish = await x.recv()
+            received = protocol.decode(finish.payload_view, list(range(len(finish.handles))))
+            assert isinstance(received, protocol.ReceivedFinish)
+            assert received.question_id == call.question_id
     for peer in (server_peer, caller_peer, x):
         await peer.aclose()

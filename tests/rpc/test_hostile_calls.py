@@ -188,12 +188,12 @@ async def test_a_caller_is_told_of_a_malformed_return(kernel: capbus.Kernel) -> 
     await caller.aclose()
 
 
-async def test_a_hostile_answer_to_a_forwarded_call_does_not_take_the_server_down(
+async def test_a_server_that_pipelines_onto_the_attackers_object_only_redirects(
     kernel: capbus.Kernel,
 ) -> None:
-    """The attacker has the server pipeline a call onto the attacker's own object, then
-    answers it with results whose capability index points past the handles attached: the
-    forwarded call fails as malformed, and the server goes on serving."""
+    """The attacker has the server pipeline a call onto the attacker's own object (once a
+    way to make the server call it, and then lie in the answer): the server makes no call
+    but answers with a redirect, holds nothing for it, and goes on serving."""
     server_peer, attacker, honest = await kernel.connect(), await kernel.connect(), await kernel.connect()
     async with open_vat(server_peer) as server_vat, open_vat(honest) as honest_vat:
         node = await server_vat.export(FactoryServer())
@@ -210,19 +210,83 @@ async def test_a_hostile_answer_to_a_forwarded_call_does_not_take_the_server_dow
             answers: dict[int, protocol.ReceivedReturn] = {}
             while 2 not in answers:
                 message = await attacker.recv()
-                if message.kind is not capbus.MessageKind.DATA:
-                    continue
+                assert message.kind is capbus.MessageKind.DATA and message.destination == reply
                 received = protocol.decode(message.payload_view, list(range(len(message.handles))))
-                if isinstance(received, protocol.ReceivedCall):  # the forwarded spawn, at our node
-                    assert message.destination == own and isinstance(received.reply, int)
-                    lie = protocol.encode_results(received.question_id, spawn, {"counter": "x"})
-                    reply_handle = message.handles[received.reply]
-                    await attacker.send(reply_handle, lie.payload)  # no handle attached
-                elif isinstance(received, protocol.ReceivedReturn):
-                    answers[received.question_id] = received
-            assert isinstance(answers[2].error, errors.Failed) and "malformed" in answers[2].error.reason
+                assert isinstance(received, protocol.ReceivedReturn)
+                answers[received.question_id] = received
+            assert answers[2].redirect
+            assert (server_vat.statistics().questions, server_vat.engine.waiting_calls) == (0, 0)
             assert (await factory.echo("still serving")).text == "still serving"
     for peer in (server_peer, attacker, honest):
+        await peer.aclose()
+
+
+async def _next_call(attacker: capbus.Peer) -> tuple[capbus.Message, protocol.ReceivedCall]:
+    while True:
+        message = await attacker.recv()
+        if message.kind is capbus.MessageKind.DATA:
+            call = protocol.decode(message.payload_view, list(range(len(message.handles))))
+            assert isinstance(call, protocol.ReceivedCall)
+            return message, call
+
+
+async def test_a_hostile_redirect_fails_only_the_call_it_answers(kernel: capbus.Kernel) -> None:
+    """A callee that answers with redirects (rpc.capnp's Return.redirect) it has no cause
+    for: a plain call redirected fails with why; a pipelined call redirected onto a null
+    capability fails as null; and a redirect that arrives before the return it refers to
+    (a callee may send them in any order) waits for it, then goes to the capability in it,
+    which the attacker then answers. The caller's vat serves on throughout."""
+    attacker, caller_peer = await kernel.connect(), await kernel.connect()
+    async with open_vat(caller_peer) as caller_vat:
+        node = await attacker.create_node()
+        factory = caller_vat.client(await attacker.transfer(node, caller_peer), schema.Factory)
+        increment = schema.Counter.interface.methods["increment"]
+        async with trio.open_nursery() as nursery:
+            outcomes: dict[str, Any] = {}
+
+            async def run(name: str, call: Any) -> None:
+                try:
+                    outcomes[name] = await call()
+                except errors.RpcError as error:
+                    outcomes[name] = error
+
+            with trio.fail_after(10):
+                # A plain call, redirected.
+                nursery.start_soon(run, "plain", lambda: factory.echo("hello"))
+                message, call = await _next_call(attacker)
+                redirect = protocol.encode_redirect(call.question_id)
+                await attacker.send(message.handles[call.reply], redirect.payload)
+                # A pipelined call, redirected onto a null capability.
+                promise = await factory.same.send()
+                nursery.start_soon(run, "null", lambda: promise.cap.increment(by=1))
+                base_message, base = await _next_call(attacker)
+                message, pipelined = await _next_call(attacker)
+                assert pipelined.promised is not None and pipelined.promised[0] == base.question_id
+                redirect = protocol.encode_redirect(pipelined.question_id)
+                await attacker.send(message.handles[pipelined.reply], redirect.payload)
+                results = protocol.encode_results(base.question_id, SAME, {})
+                await attacker.send(base_message.handles[base.reply], results.payload)
+                # The redirect first, its base's return (with a real capability) after.
+                own = await attacker.create_node()
+                second = await factory.same.send()
+                nursery.start_soon(run, "late", lambda: second.cap.increment(by=1))
+                base_message, base = await _next_call(attacker)
+                message, pipelined = await _next_call(attacker)
+                redirect = protocol.encode_redirect(pipelined.question_id)
+                await attacker.send(message.handles[pipelined.reply], redirect.payload)
+                results = protocol.encode_results(base.question_id, SAME, {"cap": "own"})
+                await attacker.send(base_message.handles[base.reply], results.payload, handles=[own])
+                message, direct = await _next_call(attacker)  # at `own`, from the caller
+                assert message.destination == own and direct.promised is None
+                answer = protocol.encode_results(direct.question_id, increment, {"value": 41})
+                await attacker.send(message.handles[direct.reply], answer.payload)
+                while len(outcomes) < 3:  # polled, bounded by fail_after
+                    await trio.sleep(0.001)
+        plain, null, late = outcomes["plain"], outcomes["null"], outcomes["late"]
+        assert isinstance(plain, errors.Failed) and "not pipelined" in plain.reason, plain
+        assert isinstance(null, errors.Failed) and "null" in null.reason, null
+        assert late.value == 41
+    for peer in (attacker, caller_peer):
         await peer.aclose()
 
 

@@ -97,12 +97,66 @@ async def test_pipelining_on_a_failed_call_fails_with_its_error(pair: Pair) -> N
             raise AssertionError("a call on a null capability succeeded")
 
 
-async def test_pipelined_call_is_forwarded_to_an_object_elsewhere(pair: Pair) -> None:
+async def test_a_pipelined_call_on_the_callers_own_object_runs_there(pair: Pair) -> None:
+    """The server redirects it (rpc.capnp's Return.redirect): the caller's vat runs it."""
     with trio.fail_after(10):
         mine = CounterServer()  # lives in the client's vat
         promise = await pair.factory.same.send(cap=mine)
         assert (await promise.cap.increment(by=7)).value == 7
         assert mine.value == 7
+        chained = await (await promise.cap.spawn.send()).counter.increment.send(by=2)
+        assert (await chained).value == 9  # (spawn starts where the counter was)
+        assert mine.value == 7
+        assert pair.server_vat.statistics().questions == 0
+
+
+class GatedCounter(CounterServer):
+    """A counter whose spawn() waits for ``gate``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = trio.Event()
+        self.incremented = trio.Event()
+
+    async def spawn(self) -> CounterServer:
+        await self.gate.wait()
+        return await super().spawn()
+
+    async def increment(self, by: int) -> int:
+        self.incremented.set()
+        return await super().increment(by)
+
+
+async def test_calls_pipelined_on_another_vats_capability_go_there_from_the_caller(
+    kernel: capbus.Kernel,
+) -> None:
+    """S returns T's counter; A pipelines on it through S. S makes none of those calls (it
+    redirects them): A sends them to T itself, a promise's call again as a promise, and a
+    call pipelined on that one follows it to T without waiting for its results."""
+    peers = [await kernel.connect() for _ in range(3)]
+    t_peer, s_peer, a_peer = peers
+    async with open_vat(t_peer) as t_vat, open_vat(s_peer) as s_vat, open_vat(a_peer) as a_vat:
+        t = GatedCounter()
+        t_node, s_node = await t_vat.export(t), await s_vat.export(FactoryServer())
+        s = a_vat.client(await s_peer.transfer(s_node, a_peer), schema.Factory)
+        t_at_a = a_vat.client(await t_peer.transfer(t_node, a_peer), schema.Counter)
+        with trio.fail_after(10):
+            promise = await s.same.send(cap=t_at_a)
+            spawned = await promise.cap.spawn.send()  # waits at T, for the gate
+            incremented = await spawned.counter.increment.send(by=4)
+            while not t_vat.engine.waiting_calls:  # the increment waits at T (polled, bounded)
+                await trio.sleep(0.001)
+            assert s_vat.statistics().questions == 0  # S called no one
+            t.gate.set()
+            assert (await incremented).value == 4
+            assert (await (await spawned).counter.increment(by=1)).value == 5
+            assert t.value == 0  # (the spawned counter took the increments)
+            await promise.cap.increment.oneway(by=10)
+            await t.incremented.wait()
+            assert t.value == 10
+            assert s_vat.statistics().questions == 0
+    for peer in peers:
+        await peer.aclose()
 
 
 async def test_finish_frees_the_kept_results(pair: Pair) -> None:
