@@ -7,6 +7,9 @@ tasks in any order: each call gets a ticket and waits for its turn. Callers do n
 one another's turns, and each may run a bounded number of handlers at once: a caller whose
 handlers never end (they await a capability of its own that never answers) holds its own
 share of the vat's handlers and no more, and the calls of others go on.
+
+A uid can connect many peers (up to the kernel's peers_per_user), each a caller of its own:
+what all callers of one uid have queued and running is bounded too (:class:`UserCalls`).
 """
 
 from __future__ import annotations
@@ -17,12 +20,40 @@ from dataclasses import dataclass, field
 import trio
 
 
+@dataclass(frozen=True)
+class QueueBounds:
+    """What one caller's calls waiting to start may hold (Vat's max_queued_calls,
+    max_queued_bytes_per_caller, max_queued_capabilities_per_caller); all callers of one
+    uid together may hold ``uid_share`` times that."""
+
+    calls: int
+    bytes: int
+    capabilities: int
+    uid_share: int
+
+
+@dataclass(eq=False)
+class UserCalls:
+    """The calls of all callers of one uid at a vat (kept while any of them has calls)."""
+
+    slots: trio.Semaphore
+    """Handlers of this uid's callers that may run at once."""
+    callers: int = 0
+    """Its callers the vat keeps (CallerCalls)."""
+    queued: int = 0
+    queued_bytes: int = 0
+    queued_handles: int = 0
+    """The sum of its callers' distinct queued handles."""
+
+
 @dataclass(eq=False)
 class CallerCalls:
     """One caller's calls at a vat (kept while it has any)."""
 
     slots: trio.Semaphore
     """Handlers of this caller that may run at once (``max_calls_per_caller``)."""
+    user: UserCalls
+    """Its uid's calls."""
     calls: int = 0
     """Calls taken in (queued or running): the vat forgets the caller when none are left."""
     queued: int = 0
@@ -46,19 +77,57 @@ class CallerCalls:
         """No call of this caller waits for its turn: a new one may start at once."""
         return self.turn == self.tickets
 
-    def new_handles(self, handles: tuple[int, ...]) -> int:
-        """How many of ``handles`` no queued call of this caller carries yet."""
-        return len(set(handles).difference(self.queued_handles))
+    def overloaded(self, size: int, handles: tuple[int, ...], bounds: QueueBounds) -> str | None:
+        """Why a call of ``size`` bytes that brings ``handles`` may not queue (None: it may).
+        The first call of a caller always fits its own bounds (not its uid's)."""
+        new = len(set(handles).difference(self.queued_handles))
+        user, share = self.user, bounds.uid_share
+        if self.queued >= bounds.calls or (
+            self.queued
+            and (
+                len(self.queued_handles) + new > bounds.capabilities
+                or self.queued_bytes + size > bounds.bytes
+            )
+        ):
+            return (
+                f"{self.queued} calls are already waiting here (from this caller), of"
+                f" {self.queued_bytes} bytes with {len(self.queued_handles)} capabilities"
+            )
+        if (
+            user.queued >= bounds.calls * share
+            or user.queued_handles + new > bounds.capabilities * share
+            or user.queued_bytes + size > bounds.bytes * share
+        ):
+            return (
+                f"{user.queued} calls are already waiting here (from this caller's uid, of all"
+                f" its connections), of {user.queued_bytes} bytes with {user.queued_handles} capabilities"
+            )
+        return None
 
-    def queue_handles(self, handles: tuple[int, ...]) -> None:
+    def enqueue(self, size: int, handles: tuple[int, ...]) -> None:
+        """A call taken in, to wait for its turn and a handler slot."""
+        self.calls += 1
+        self.queued += 1
+        self.queued_bytes += size
+        self.user.queued += 1
+        self.user.queued_bytes += size
         for handle in handles:
-            self.queued_handles[handle] = self.queued_handles.get(handle, 0) + 1
+            held = self.queued_handles.get(handle, 0)
+            self.queued_handles[handle] = held + 1
+            self.user.queued_handles += not held
 
-    def unqueue_handles(self, handles: tuple[int, ...]) -> None:
+    def dequeue(self, size: int, handles: tuple[int, ...]) -> None:
+        """A call whose handler starts (or that will not run)."""
+        self.queued -= 1
+        self.queued_bytes -= size
+        self.user.queued -= 1
+        self.user.queued_bytes -= size
         for handle in handles:
             left = self.queued_handles.pop(handle) - 1
             if left:
                 self.queued_handles[handle] = left
+            else:
+                self.user.queued_handles -= 1
 
     def ticket(self) -> int:
         self.tickets += 1

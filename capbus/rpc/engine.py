@@ -165,13 +165,65 @@ class _Question:
     """Only a pipelined call may be answered with a redirect."""
 
 
-def _take(counts: dict[Caller, int], caller: Caller, count: int) -> None:
-    """Lowers a caller's count (forgetting it at zero)."""
-    left = counts.get(caller, 0) - count
+def uid_of(caller: Caller) -> Hashable:
+    """The user a caller is (every caller is one when the transport says nothing)."""
+    return caller[0] if isinstance(caller, tuple) else caller
+
+
+UID_SHARE = 4
+"""What all callers of one uid may take of a vat together, in callers' worth (see Tally)."""
+
+
+def _lower(counts: dict[Any, int], key: Hashable, count: int) -> None:
+    """Lowers a count (forgetting it at zero)."""
+    left = counts.get(key, 0) - count
     if left > 0:
-        counts[caller] = left
+        counts[key] = left
     else:
-        counts.pop(caller, None)
+        counts.pop(key, None)
+
+
+class Tally:
+    """How much of something callers hold, per caller and per uid. A uid can connect many
+    peers (up to the kernel's peers_per_user), each a caller with bounds of its own: the
+    callers of one uid together may hold at most ``uid_share`` times one caller's bound."""
+
+    __slots__ = ("_callers", "_uids", "uid_share")
+
+    def __init__(self, uid_share: int = UID_SHARE) -> None:
+        self._callers: dict[Caller, int] = {}
+        self._uids: dict[Hashable, int] = {}
+        self.uid_share = uid_share
+
+    def __getitem__(self, caller: Caller) -> int:
+        return self._callers.get(caller, 0)
+
+    def of_uid(self, caller: Caller) -> int:
+        """What all callers of ``caller``'s uid hold."""
+        return self._uids.get(uid_of(caller), 0)
+
+    def fits(self, caller: Caller, count: int, bound: int) -> bool:
+        """Whether ``caller`` may hold ``count`` more, ``bound`` being one caller's bound."""
+        return self[caller] + count <= bound and self.of_uid(caller) + count <= bound * self.uid_share
+
+    def over(self, caller: Caller, bound: int) -> str | None:
+        """Why ``caller`` may hold no more (one caller's ``bound``); None if it may."""
+        if self[caller] >= bound:
+            return f"{self[caller]} (from this caller)"
+        if self.of_uid(caller) >= bound * self.uid_share:
+            return f"{self.of_uid(caller)} (from this caller's uid, of all its connections)"
+        return None
+
+    def add(self, caller: Caller, count: int) -> None:
+        if count:
+            self._callers[caller] = self[caller] + count
+            uid = uid_of(caller)
+            self._uids[uid] = self._uids.get(uid, 0) + count
+
+    def take(self, caller: Caller, count: int) -> None:
+        if count:
+            _lower(self._callers, caller, count)
+            _lower(self._uids, uid_of(caller), count)
 
 
 class Engine:
@@ -186,6 +238,7 @@ class Engine:
         max_waiting: int = 4096,
         max_kept_per_caller: int = 1024,
         max_kept_bytes_per_caller: int | None = None,
+        uid_share: int = UID_SHARE,
     ) -> None:
         self.reply_node = reply_node
         """The vat's first reply node (for a Finish whose callee's node was let go)."""
@@ -207,9 +260,11 @@ class Engine:
         """Bytes of returns kept for one caller, likewise (a kept return is a whole message)."""
         self.waiting_calls = 0
         """Pipelined calls waiting for their answers, of all callers."""
-        self._waiting: dict[Caller, int] = {}  # the same, per caller
-        self._kept: dict[Caller, int] = {}  # answers kept for a caller
-        self._kept_bytes: dict[Caller, int] = {}
+        self.uid_share = uid_share
+        """All callers of one uid together may take this many callers' worth of each bound."""
+        self._waiting = Tally(uid_share)  # the same, per caller
+        self._kept = Tally(uid_share)  # answers kept for a caller
+        self._kept_bytes = Tally(uid_share)
         self._on_release = on_release
         self._next_question = 1
         self._entropy = memoryview(b"")
@@ -225,7 +280,9 @@ class Engine:
         # Whom each export was first made for by a return, and how many each caller got: a
         # caller that keeps everything it is given is bounded (Vat._bounded), not the server.
         self._export_for: dict[int, Caller] = {}  # node -> caller
-        self._exports_per_caller: dict[Caller, int] = {}
+        self.exports_held = Tally(uid_share)
+        """Exports first made for returns to a caller that are still held, and those
+        reserved for returns on their way to it."""
         self.imports: weakref.WeakValueDictionary[int, Client] = weakref.WeakValueDictionary()
         self._import_refs: dict[int, int] = {}
         self.broken: set[int] = set()
@@ -270,17 +327,11 @@ class Engine:
 
     def reserve(self, caller: Caller, count: int) -> None:
         """Counts ``count`` exports a return to ``caller`` is about to make against it."""
-        if count:
-            self._exports_per_caller[caller] = self.exports_for(caller) + count
+        self.exports_held.add(caller, count)
 
     def unreserve(self, caller: Caller, count: int) -> None:
         """Takes back ``count`` of :meth:`reserve` (their nodes were never made for it)."""
-        _take(self._exports_per_caller, caller, count)
-
-    def exports_for(self, caller: Caller) -> int:
-        """Exports first made for returns to ``caller`` that are still held, and those
-        reserved for returns on their way to it."""
-        return self._exports_per_caller.get(caller, 0)
+        self.exports_held.take(caller, count)
 
     def sending(self, handles: list[int], started: bool) -> None:
         """Marks the exports a send carries as busy (``started``) or not: a busy export is not
@@ -549,7 +600,7 @@ class Engine:
                 self._forget_answer(key)  # kept results no one will pipeline on any more
                 return []
             if answer.keep:  # its return will not be kept: the caller's count goes back now
-                _take(self._kept, answer.caller, 1)
+                self._kept.take(answer.caller, 1)
                 answer.keep = False
             return [FinishArrived(key)]
         return []
@@ -564,9 +615,9 @@ class Engine:
         reply_client = reply if isinstance(reply, Client) and reply.server is None else None
         question_id = call.question_id
         if reply_client is not None:
-            keep = call.keep_results and self._kept.get(caller, 0) < self.max_kept_per_caller
+            keep = call.keep_results and self._kept.fits(caller, 1, self.max_kept_per_caller)
             if keep:
-                self._kept[caller] = self._kept.get(caller, 0) + 1
+                self._kept.add(caller, 1)
             self._forget_answer((reply_client.handle, question_id))  # a reused id replaces
             self.answers[(reply_client.handle, question_id)] = _Answer(keep, caller)
             self._answers_of.setdefault(reply_client.handle, set()).add((reply_client.handle, question_id))
@@ -667,11 +718,9 @@ class Engine:
             answer.failure = type(failure)(failure.reason[:_KEPT_REASON])
         if answer.keep:
             size = len(returned.payload) if answer.returned is not None else 0
-            kept = self._kept_bytes.get(answer.caller, 0)
-            if kept + size <= self.max_kept_bytes_per_caller:
+            if self._kept_bytes.fits(answer.caller, size, self.max_kept_bytes_per_caller):
                 answer.kept_bytes = size
-                if size:
-                    self._kept_bytes[answer.caller] = kept + size
+                self._kept_bytes.add(answer.caller, size)
             else:
                 self._forget_answer(key)  # past the caller's bytes: not kept
         else:
@@ -685,15 +734,15 @@ class Engine:
         """Takes a unit of ``caller``'s pipelining budget for a call that waits for an answer
         (until :meth:`stop_waiting`); the error to answer it with if none is left. Per
         caller: one that never lets its calls end holds its own budget only."""
-        waiting = self._waiting.get(caller, 0)
-        if waiting >= self.max_waiting:
-            return Overloaded(f"{waiting} pipelined calls are already waiting here (from this caller)")
-        self._waiting[caller] = waiting + 1
+        over = self._waiting.over(caller, self.max_waiting)
+        if over is not None:
+            return Overloaded(f"pipelined calls are already waiting here: {over}")
+        self._waiting.add(caller, 1)
         self.waiting_calls += 1
         return None
 
     def stop_waiting(self, caller: Caller) -> None:
-        _take(self._waiting, caller, 1)
+        self._waiting.take(caller, 1)
         self.waiting_calls -= 1
 
     def cancelled(self, key: tuple[int, int]) -> None:
@@ -713,8 +762,8 @@ class Engine:
             self.stop_waiting(entry[-1])
         answer.waiting.clear()
         if answer.keep:
-            _take(self._kept, answer.caller, 1)
-            _take(self._kept_bytes, answer.caller, answer.kept_bytes)
+            self._kept.take(answer.caller, 1)
+            self._kept_bytes.take(answer.caller, answer.kept_bytes)
 
     def _refuse(
         self, payload: memoryview, caps: list[object], reason: str, kind: type[RpcError]

@@ -28,9 +28,20 @@ import trio
 from .. import _wire
 from .. import errors as bus
 from ..peer import Handle, Message, Peer
-from .callers import CallerCalls
+from .callers import CallerCalls, QueueBounds, UserCalls
 from .client import Client, Promise
-from .engine import CallArrived, Caller, Engine, Event, FinishArrived, MayRetire, Returned, Send
+from .engine import (
+    UID_SHARE,
+    CallArrived,
+    Caller,
+    Engine,
+    Event,
+    FinishArrived,
+    MayRetire,
+    Returned,
+    Send,
+    uid_of,
+)
 from .errors import Disconnected, Failed, Overloaded, RpcError, Unimplemented, from_kernel
 from .fds import duplicates
 from .interface import Interface, Method
@@ -131,6 +142,7 @@ class Vat:
         max_queued_capabilities_per_caller: int = 256,
         max_queued_bytes_per_caller: int | None = None,
     ) -> None:
+        uid_share = engine.uid_share
         self.peer = peer
         self.engine = engine
         self._concurrency = trio.Semaphore(max_concurrent_calls)
@@ -138,16 +150,20 @@ class Vat:
         self._max_calls_per_caller = max_calls_per_caller
         """Handlers of one caller running at once, at most (callers.py)."""
         self._callers: dict[Caller, CallerCalls] = {}
-        self._max_queued = max_queued_calls
-        self._max_queued_capabilities = max_queued_capabilities_per_caller
-        """Capabilities (handles of this peer) one caller's waiting calls may carry."""
-        self._max_queued_bytes = (
-            2 * engine.max_message_bytes
-            if max_queued_bytes_per_caller is None
-            else max_queued_bytes_per_caller
+        self._users: dict[object, UserCalls] = {}  # uid -> its callers' calls
+        self._max_calls_per_uid = min(
+            max_calls_per_caller * uid_share, max(max_concurrent_calls // 2, max_calls_per_caller)
         )
-        """Bytes of one caller's waiting calls' messages: held in memory, or mapped (a memfd
-        payload) against this process's address space (a sandbox's RLIMIT_AS)."""
+        """Handlers of all callers of one uid running at once: at most half the vat's (unless
+        one caller may take more), so that a uid with many connections leaves others some."""
+        # Capabilities (handles of this peer) one caller's waiting calls may carry, and bytes
+        # of their messages: held in memory, or mapped (a memfd payload) against this
+        # process's address space (a sandbox's RLIMIT_AS).
+        if max_queued_bytes_per_caller is None:
+            max_queued_bytes_per_caller = 2 * engine.max_message_bytes
+        self._queue_bounds = QueueBounds(
+            max_queued_calls, max_queued_bytes_per_caller, max_queued_capabilities_per_caller, uid_share
+        )
         self.max_exports_per_caller = max_exports_per_caller
         """Objects of this vat one caller (engine.Caller) may hold from its returns: past it,
         a return that would hand out another fails with Overloaded, so that a caller that
@@ -683,55 +699,62 @@ class Vat:
         """Queues a call to start in its caller's turn (``started``: what a plain-function
         handler already returned), or answers Overloaded if that caller has
         ``max_queued_calls`` waiting already."""
-        calls = self._callers.get(arrived.caller)
-        if calls is None:
-            calls = self._callers[arrived.caller] = CallerCalls(trio.Semaphore(self._max_calls_per_caller))
-        capabilities = len(calls.queued_handles) + calls.new_handles(arrived.handles)
-        if calls.queued >= self._max_queued or (
-            calls.queued
-            and (
-                capabilities > self._max_queued_capabilities
-                or calls.queued_bytes + arrived.size > self._max_queued_bytes
-            )
-        ):
-            # Each capability is a handle this peer holds while the call waits, and the
-            # kernel bounds a peer's handles (handles_held): past it this vat could make no
-            # node and take no new caller's call. Its message is held too, or mapped (a
-            # memfd payload): past the address space, the mapping fails in Peer.recv and
-            # the peer is broken. (The first queued call always fits.)
-            self._refuse_overloaded(arrived, calls)
+        calls = self._caller_calls(arrived.caller)
+        # Each capability is a handle this peer holds while the call waits, and the kernel
+        # bounds a peer's handles (handles_held): past it this vat could make no node and
+        # take no new caller's call. Its message is held too, or mapped (a memfd payload):
+        # past the address space, the mapping fails in Peer.recv and the peer is broken.
+        overloaded = calls.overloaded(arrived.size, arrived.handles, self._queue_bounds)
+        if overloaded is not None:
+            self._refuse_overloaded(arrived, overloaded)
             if not calls.calls:
-                del self._callers[arrived.caller]
+                self._forget_caller(arrived.caller)
             if inspect.iscoroutine(started):
                 started.close()  # never to be awaited: no warning
             return
-        calls.calls += 1
-        calls.queued += 1
-        calls.queue_handles(arrived.handles)
-        calls.queued_bytes += arrived.size
+        calls.enqueue(arrived.size, arrived.handles)
         if streaming:
             self._queue_stream_call(arrived)
         else:
             self._nursery.start_soon(self._serve, arrived, calls.ticket(), started)
 
+    def _caller_calls(self, caller: Caller) -> CallerCalls:
+        calls = self._callers.get(caller)
+        if calls is None:
+            uid = uid_of(caller)
+            user = self._users.get(uid)
+            if user is None:
+                user = self._users[uid] = UserCalls(trio.Semaphore(self._max_calls_per_uid))
+            user.callers += 1
+            calls = self._callers[caller] = CallerCalls(trio.Semaphore(self._max_calls_per_caller), user)
+        return calls
+
+    def _forget_caller(self, caller: Caller) -> None:
+        """A caller with no calls left (its uid's too, if it was the last one)."""
+        user = self._callers.pop(caller).user
+        user.callers -= 1
+        if not user.callers:
+            del self._users[uid_of(caller)]
+
     async def _take_slot(self, calls: CallerCalls) -> None:
-        """One of the caller's handler slots, then one of the vat's (both uncontended: no
-        scheduler round)."""
+        """One of the caller's handler slots, one of its uid's, then one of the vat's (when
+        uncontended: no scheduler round)."""
+        taken: list[trio.Semaphore] = []
         try:
-            calls.slots.acquire_nowait()
-        except trio.WouldBlock:
-            await calls.slots.acquire()
-        try:
-            try:
-                self._concurrency.acquire_nowait()
-            except trio.WouldBlock:
-                await self._concurrency.acquire()
+            for slots in (calls.slots, calls.user.slots, self._concurrency):
+                try:
+                    slots.acquire_nowait()
+                except trio.WouldBlock:
+                    await slots.acquire()
+                taken.append(slots)
         except BaseException:
-            calls.slots.release()
+            for slots in taken:
+                slots.release()
             raise
 
     def _give_slot(self, calls: CallerCalls) -> None:
         self._concurrency.release()
+        calls.user.slots.release()
         calls.slots.release()
 
     def _serve_inline(self, arrived: CallArrived) -> bool:
@@ -774,17 +797,14 @@ class Vat:
             self._nursery.start_soon(self._send_return, reply, question_id, encoded, charge)
         return True
 
-    def _refuse_overloaded(self, arrived: CallArrived, calls: CallerCalls) -> None:
+    def _refuse_overloaded(self, arrived: CallArrived, overloaded: str) -> None:
         """Answers a call that would queue past the bounds with Overloaded (a one-way call
         is dropped, as it would be by a full kernel queue)."""
         reply = arrived.reply
         if reply is None:
             return
         question_id = arrived.question_id
-        error = Overloaded(
-            f"{calls.queued} calls are already waiting here (from this caller), of"
-            f" {calls.queued_bytes} bytes with {len(calls.queued_handles)} capabilities; try again later"
-        )
+        error = Overloaded(f"{overloaded}; try again later")
         encoded = encode_exception(question_id, error)
         for event in self.engine.completed((reply.handle, question_id), encoded):
             self._handle(event)  # calls pipelined on this one fail with it
@@ -834,18 +854,24 @@ class Vat:
 
     def _bounded(self, caller: Caller, question_id: int, encoded: Encoded) -> tuple[Encoded, _Charge]:
         """The return itself, or Overloaded if it would hand its caller more new objects
-        than ``max_exports_per_caller`` allows (decided before anything is done with it);
+        than ``max_exports_per_caller`` allows, or its uid more than ``uid_share`` times
+        that (decided before anything is done with it);
         and what to charge the objects it hands out to. The new objects are counted at once
         (reserved), although their nodes are made later: returns that complete together
         must not all pass the bound on the count before any of them."""
         new = self._new_exports(encoded.caps, caller)
-        held = self.engine.exports_for(caller)
-        if not new or held + new <= self.max_exports_per_caller:
+        held, bound = self.engine.exports_held, self.max_exports_per_caller
+        if not new or held.fits(caller, new, bound):
             self.engine.reserve(caller, new)
             return encoded, _Charge(caller, new)
+        if held[caller] + new > bound:
+            who, count = "this caller holds", held[caller]
+        else:
+            who, count = "this caller's uid holds (over all its connections)", held.of_uid(caller)
+            bound *= held.uid_share
         error = Overloaded(
-            f"this caller holds {held} objects of this vat and may hold {self.max_exports_per_caller}:"
-            " release some (drop their clients) to be given more"
+            f"{who} {count} objects of this vat and may hold {bound}: release some (drop their"
+            " clients) to be given more"
         )
         return encode_exception(question_id, error), _Charge(caller)
 
@@ -881,9 +907,7 @@ class Vat:
                     raise Unimplemented(f"{arrived.server.interface.name} has no {wanted}")
                 params = params_of(arrived.call, method) if started is None else {}
                 await self._take_slot(calls)
-                calls.queued -= 1
-                calls.unqueue_handles(arrived.handles)
-                calls.queued_bytes -= arrived.size
+                calls.dequeue(arrived.size, arrived.handles)
                 queued = False
                 try:
                     # The next call may start once this handler has begun: it runs until its
@@ -903,13 +927,11 @@ class Vat:
                 encoded = encode_exception(question_id, Failed(f"{type(error).__name__}: {error}"))
             finally:
                 if queued:
-                    calls.queued -= 1
-                    calls.unqueue_handles(arrived.handles)
-                    calls.queued_bytes -= arrived.size
+                    calls.dequeue(arrived.size, arrived.handles)
                 calls.pass_turn(ticket)  # not reached the handler: let the others go on
                 calls.calls -= 1
                 if not calls.calls:
-                    del self._callers[arrived.caller]
+                    self._forget_caller(arrived.caller)
                 if key is not None:
                     self._serving.pop(key, None)
                 if inspect.iscoroutine(started):
@@ -1008,6 +1030,7 @@ async def open_vat(
     max_calls_per_caller: int = MAX_CALLS_PER_CALLER,
     max_queued_capabilities_per_caller: int = MAX_QUEUED_CAPABILITIES_PER_CALLER,
     max_queued_bytes_per_caller: int | None = None,
+    uid_share: int = UID_SHARE,
 ) -> AsyncIterator[Vat]:
     """Runs the RPC endpoint of ``peer`` for the duration of the block. A caller is a
     peer connection, as the kernel attests it (engine.caller_of: the vat asks its peer for
@@ -1016,10 +1039,13 @@ async def open_vat(
     caller wait, in arrival order, carrying at most ``max_queued_capabilities_per_caller``
     capabilities (handles this peer then holds) besides their reply capabilities and
     ``max_queued_bytes_per_caller`` bytes (default: twice ``max_message_bytes``); its calls
-    past that are answered Overloaded at once; as
-    many pipelined calls of one caller may wait for their answer. One
-    caller may hold at most ``max_exports_per_caller`` objects that returns handed it; past
-    that, such returns fail with Overloaded."""
+    past that are answered Overloaded at once; as many pipelined calls of one caller may
+    wait for their answer. One caller may hold at most ``max_exports_per_caller`` objects
+    that returns handed it; past that, such returns fail with Overloaded.
+
+    A uid can connect many peers, each a caller: all callers of one uid together may take
+    ``uid_share`` times each of those per-caller bounds, and run at most half the vat's
+    handlers (or ``max_calls_per_caller``, if that is more)."""
     reply_node = (await peer.create_node()).id
     await peer.want_metadata()  # callers are told apart by their kernel-attested sender
     async with trio.open_nursery() as nursery:
@@ -1030,7 +1056,11 @@ async def open_vat(
                 vat._wake_releaser()
 
         engine = Engine(
-            reply_node, max_message_bytes=max_message_bytes, on_release=wake, max_waiting=max_queued_calls
+            reply_node,
+            max_message_bytes=max_message_bytes,
+            on_release=wake,
+            max_waiting=max_queued_calls,
+            uid_share=uid_share,
         )
         limits = {
             "max_concurrent_calls": max_concurrent_calls,

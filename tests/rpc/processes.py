@@ -13,6 +13,7 @@ from pathlib import Path
 import trio
 
 import capbus
+from capbus.testing import as_user
 
 CALLS = Path(__file__).with_name("calls.capnp")
 
@@ -47,18 +48,31 @@ trio.run(main, int(sys.argv[1]))
 
 @asynccontextmanager
 async def attacker_process(
-    kernel: capbus.Kernel, tmp_path: Path, attack: str, holder: capbus.Peer, handles: Sequence[capbus.Handle]
+    kernel: capbus.Kernel,
+    tmp_path: Path,
+    attack: str,
+    holder: capbus.Peer,
+    handles: Sequence[capbus.Handle],
+    *,
+    user: int | None = None,
 ) -> AsyncIterator[str]:
     """Runs ``attack`` (the source of ``async def attack(peer, report, *handles)``) in a
-    process of its own, on a peer given ``handles`` (held by ``holder``); yields what it
-    passed to ``await report(...)``. The process, and everything it holds, goes at the end."""
-    async with reporting_process(kernel, tmp_path, attack, holder, handles) as message:
+    process of its own (as uid and gid ``user`` if given: its peer is then that uid's), on a
+    peer given ``handles`` (held by ``holder``); yields what it passed to ``await
+    report(...)``. The process, and everything it holds, goes at the end."""
+    async with reporting_process(kernel, tmp_path, attack, holder, handles, user=user) as message:
         yield bytes(message.payload_view).decode()
 
 
 @asynccontextmanager
 async def reporting_process(
-    kernel: capbus.Kernel, tmp_path: Path, attack: str, holder: capbus.Peer, handles: Sequence[capbus.Handle]
+    kernel: capbus.Kernel,
+    tmp_path: Path,
+    attack: str,
+    holder: capbus.Peer,
+    handles: Sequence[capbus.Handle],
+    *,
+    user: int | None = None,
 ) -> AsyncIterator[capbus.Message]:
     """:func:`attacker_process`, yielding the message ``await report(value, handles)`` sent:
     the handles it passed along are held by a peer of this process until the end."""
@@ -68,10 +82,13 @@ async def reporting_process(
     sock = await launcher.create_peer(handles=[inbox, *given])
     script = tmp_path / "attacker.py"
     script.write_text(CHILD.replace("{attack}", textwrap.dedent(attack)))
+    argv = [sys.executable, str(script), str(sock.fileno()), str(CALLS)]
+    if user is not None:
+        argv = as_user(argv, user, user, readable=[str(script), str(CALLS)])
     async with trio.open_nursery() as nursery:
         process: trio.Process = await nursery.start(
             lambda task_status: trio.run_process(
-                [sys.executable, str(script), str(sock.fileno()), str(CALLS)],
+                argv,
                 pass_fds=[sock.fileno()],
                 check=False,
                 task_status=task_status,
