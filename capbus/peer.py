@@ -42,6 +42,10 @@ _TAGGED = 1 << 62
 _TAG_MASK = (1 << 61) - 1
 _CMSG_CLOEXEC = int(socket.MSG_CMSG_CLOEXEC)
 
+PAYLOAD_HEAD_BYTES = 64 * 1024
+"""What is mapped of a memfd payload that is not mapped whole (:attr:`Message.whole_size`):
+its start, where a message's header is, so that its sender can be told why."""
+
 
 class MessageKind(enum.Enum):
     """What a received :class:`Message` is."""
@@ -178,6 +182,11 @@ class Message:
     """For SEND_FAILED: why the one-way send did not reach ``destination``."""
     tag: int | None = None
     """For SEND_FAILED: the ``tag`` the one-way send was given, if any."""
+    whole_size: int | None = None
+    """None when ``payload_view`` is the whole payload. Else the payload's size, and
+    ``payload_view`` holds only its start (:data:`PAYLOAD_HEAD_BYTES`): a memfd payload
+    larger than :attr:`Peer.max_mapped_bytes`, or one this process had no address space
+    left to map (a sandbox's RLIMIT_AS). Enough to tell its sender why it was not read."""
 
     @property
     def payload(self) -> bytes:
@@ -253,6 +262,10 @@ def _parse_fds(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
     return fds
 
 
+def _map(memfd: int, size: int) -> memoryview:
+    return memoryview(mmap.mmap(memfd, size, mmap.MAP_SHARED, mmap.PROT_READ))
+
+
 def _sealed_memfd(payload: bytes | bytearray | memoryview) -> int:
     """A memfd holding ``payload``, sealed so that no receiver can see it change."""
     if len(payload) > _wire.MEMFD_MAX:
@@ -311,6 +324,10 @@ class Peer:
         self._key: bytes | None = None
         # Messages mostly come from a few senders: share their Credentials objects.
         self._senders: dict[tuple[int, int, int, int, int], Credentials] = {}
+        self.max_mapped_bytes: int | None = None
+        """A memfd payload larger than this is not mapped whole (only its start: see
+        :attr:`Message.whole_size`); None: any (up to the kernel's 1 GiB). A reader that
+        refuses messages over a size sets it, so that it never maps what it refuses."""
         self.unsolicited_errors: list[CapbusError] = []
         """Errors the kernel sent for frames it could not attribute to a command, and why a
         message that arrived was dropped unread (a payload this process could not map)."""
@@ -425,11 +442,23 @@ class Peer:
 
     def _wrap(self, event: _wire.Incoming) -> Message:
         payload = event.payload
+        whole_size = None
         if event.flags & _wire.MSG_FLAG_MEMFD:
             # A large payload: map the sealed memfd instead of copying it.
             memfd = event.fds.pop(0)
+            size = event.payload_size
             try:
-                payload = memoryview(mmap.mmap(memfd, event.payload_size, mmap.MAP_SHARED, mmap.PROT_READ))
+                if self.max_mapped_bytes is None or size <= self.max_mapped_bytes:
+                    try:
+                        payload = _map(memfd, size)
+                    except OSError:
+                        if size <= PAYLOAD_HEAD_BYTES:
+                            raise
+                        whole_size = size
+                else:
+                    whole_size = size
+                if whole_size is not None:  # only its start (an OSError now: lost)
+                    payload = _map(memfd, PAYLOAD_HEAD_BYTES)
             finally:
                 os.close(memfd)
         sender = None
@@ -451,6 +480,7 @@ class Peer:
             event.seq,
             sender,
             bool(event.flags & _wire.MSG_FLAG_CONTINUE),
+            whole_size=whole_size,
         )
 
     async def _advance(self) -> bool:

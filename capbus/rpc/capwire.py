@@ -459,8 +459,10 @@ def frame_header(segments: Sequence[Segment]) -> bytes:
     return header + b"\0" * (len(header) % 8)
 
 
-def unframe(buffer: Segment, *, segments_max: int = 512) -> list[memoryview]:
-    """The segments of a framed message, as views into ``buffer`` (no copy)."""
+def unframe(buffer: Segment, *, segments_max: int = 512, partial: bool = False) -> list[memoryview]:
+    """The segments of a framed message, as views into ``buffer`` (no copy). ``partial``:
+    ``buffer`` is only the message's start (Message.whole_size): segments are cut to what
+    it holds (a pointer past that then fails to read, as any pointer out of bounds)."""
     view = memoryview(buffer).cast("B")
     if len(view) < 8:
         raise CapWireError("message shorter than its segment table")
@@ -476,9 +478,11 @@ def unframe(buffer: Segment, *, segments_max: int = 512) -> list[memoryview]:
     for size in sizes:
         end = offset + size * 8
         if end > len(view):
-            raise CapWireError("message ends before its last segment")
+            if not partial:
+                raise CapWireError("message ends before its last segment")
+            end = max(offset, len(view))
         out.append(view[offset:end])
         offset = end
-    if offset != len(view):
+    if offset != len(view) and not partial:
         raise CapWireError("bytes after the last segment")
     return out

@@ -140,6 +140,19 @@ _KEPT_REASON = 1024
 
 
 @dataclass(slots=True, eq=False)
+class _Waiting:
+    """A pipelined call waiting for the answer it names, and the bytes of its message,
+    which it holds meanwhile."""
+
+    call: ReceivedCall
+    reply: Client
+    question_id: int
+    transform: list[int]
+    caller: Caller
+    size: int
+
+
+@dataclass(slots=True, eq=False)
 class _Answer:
     """A call being served, or (if its caller may pipeline on it) its kept outcome: the
     failure, the return if it holds capabilities (only those can be pipelined on), or that
@@ -152,7 +165,7 @@ class _Answer:
     returned: Encoded | None = None
     failure: RpcError | None = None
     kept_bytes: int = 0
-    waiting: list[tuple[ReceivedCall, Client, int, list[int], Caller]] = field(default_factory=list)
+    waiting: list[_Waiting] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -206,11 +219,12 @@ class Tally:
         """Whether ``caller`` may hold ``count`` more, ``bound`` being one caller's bound."""
         return self[caller] + count <= bound and self.of_uid(caller) + count <= bound * self.uid_share
 
-    def over(self, caller: Caller, bound: int) -> str | None:
-        """Why ``caller`` may hold no more (one caller's ``bound``); None if it may."""
-        if self[caller] >= bound:
+    def over(self, caller: Caller, bound: int, count: int = 1) -> str | None:
+        """Why ``caller`` may not hold ``count`` more (one caller's ``bound``): what it, or
+        its uid, holds; None if it may."""
+        if self[caller] + count > bound:
             return f"{self[caller]} (from this caller)"
-        if self.of_uid(caller) >= bound * self.uid_share:
+        if self.of_uid(caller) + count > bound * self.uid_share:
             return f"{self.of_uid(caller)} (from this caller's uid, of all its connections)"
         return None
 
@@ -236,6 +250,7 @@ class Engine:
         max_message_bytes: int,
         on_release: Callable[[], None],
         max_waiting: int = 4096,
+        max_waiting_bytes: int | None = None,
         max_kept_per_caller: int = 1024,
         max_kept_bytes_per_caller: int | None = None,
         uid_share: int = UID_SHARE,
@@ -258,17 +273,24 @@ class Engine:
             2 * max_message_bytes if max_kept_bytes_per_caller is None else max_kept_bytes_per_caller
         )
         """Bytes of returns kept for one caller, likewise (a kept return is a whole message)."""
+        self.max_waiting_bytes = 2 * max_message_bytes if max_waiting_bytes is None else max_waiting_bytes
+        """Bytes of those calls' messages, likewise."""
         self.waiting_calls = 0
         """Pipelined calls waiting for their answers, of all callers."""
         self.uid_share = uid_share
         """All callers of one uid together may take this many callers' worth of each bound."""
         self._waiting = Tally(uid_share)  # the same, per caller
+        self._waiting_bytes = Tally(uid_share)
         self._kept = Tally(uid_share)  # answers kept for a caller
         self._kept_bytes = Tally(uid_share)
         self._on_release = on_release
         self._next_question = 1
         self._entropy = memoryview(b"")
         self.questions: dict[int, _Question] = {}
+        # The same by target handle, and how many are open per reply node: a destroyed
+        # node, a client let go, a reply node to retire cost their own questions only.
+        self._asked: dict[int, set[int]] = {}
+        self._open_replies: dict[int, int] = {}
         self.answers: dict[tuple[int, int], _Answer] = {}
         # The same keys by reply handle: a destroyed node costs only its own answers, not a
         # walk of every caller's (run in the receive loop, once per destroyed handle).
@@ -403,7 +425,7 @@ class Engine:
         """The reply node for calls to ``target`` goes with it (unless a question to it is
         still open: then it stays, among the least recently used that make way later)."""
         node = self._replies.get(target)
-        if node is None or any(q.reply == node for q in self.questions.values()):
+        if node is None or node in self._open_replies:
             return
         del self._replies[target]
         self.reply_nodes.discard(node)
@@ -454,7 +476,7 @@ class Engine:
         self.reply_nodes.add(node)
         spare: list[int] = []
         if len(self._replies) > _REPLY_NODES_KEPT:
-            open_replies = {q.reply for q in self.questions.values()}
+            open_replies = self._open_replies
             for old_target, old_node in list(self._replies.items())[: len(self._replies) - _REPLY_NODES_KEPT]:
                 if old_node not in open_replies:
                     del self._replies[old_target]
@@ -472,6 +494,8 @@ class Engine:
             question_id = self._unguessable()
         reply = self._replies.get(target, self.reply_node)
         self.questions[question_id] = _Question(target, method, reply, pipelined)
+        self._asked.setdefault(target, set()).add(question_id)
+        self._open_replies[reply] = self._open_replies.get(reply, 0) + 1
         return question_id
 
     def _unguessable(self) -> int:
@@ -490,7 +514,18 @@ class Engine:
 
     def forget(self, question_id: int) -> bool:
         """The caller stopped waiting; True if the question was still open (send Finish)."""
-        return self.questions.pop(question_id, None) is not None
+        return self._close(question_id) is not None
+
+    def _close(self, question_id: int) -> _Question | None:
+        """Forgets an open question (None if it is not one)."""
+        question = self.questions.pop(question_id, None)
+        if question is not None:
+            asked = self._asked[question.target]
+            asked.discard(question_id)
+            if not asked:
+                del self._asked[question.target]
+            _lower(self._open_replies, question.reply, 1)
+        return question
 
     # -- what arrives -------------------------------------------------------------------------
 
@@ -509,7 +544,7 @@ class Engine:
     def _call_refused(self, message: Message) -> list[Event]:
         """The kernel refused the call of question ``message.tag`` (calls are one-way sends
         tagged with their question)."""
-        question = self.questions.pop(message.tag or 0, None)
+        question = self._close(message.tag or 0)
         if question is None or message.error is None:
             return []
         if isinstance(message.error, bus.NodeDestroyed):
@@ -539,10 +574,20 @@ class Engine:
         fds = [FileDescriptor(fd) for fd in message.fds]
         message.fds.clear()
         payload = message.payload_view
+        partial = message.whole_size is not None  # only its start is here (Peer.max_mapped_bytes)
+        size = len(payload) if message.whole_size is None else message.whole_size
+        limit = self.max_message_bytes
+        if size > limit or partial:
+            kind: type[RpcError] = Failed
+            detail = f"a message of {size} bytes, over this vat's limit of {limit}"
+            reason = f"malformed message: {detail}"
+            if size <= limit:  # yet not mapped whole: this process's address space is full
+                detail = reason = f"no address space left here to map a message of {size} bytes"
+                kind = Overloaded
+            if destination in self.reply_nodes:
+                return self._malformed_return(destination, payload, ValueError(detail), partial)
+            return self._refuse(payload, caps, reason, kind, partial)
         try:
-            if len(payload) > self.max_message_bytes:
-                limit = self.max_message_bytes
-                raise ValueError(f"a message of {len(payload)} bytes, over this vat's limit of {limit}")
             received = decode(payload, caps, self.typed, fds)
         except Exception as error:  # noqa: BLE001 - hostile or broken input, never fatal
             if destination in self.reply_nodes:
@@ -553,15 +598,17 @@ class Engine:
         except Exception as error:  # noqa: BLE001 - a pointer the decode did not look at yet
             return self._refuse(payload, caps, f"malformed message: {error}", Failed)
 
-    def _malformed_return(self, destination: int, payload: memoryview, error: Exception) -> list[Event]:
+    def _malformed_return(
+        self, destination: int, payload: memoryview, error: Exception, partial: bool = False
+    ) -> list[Event]:
         """A return we cannot read: its question (if that much can be read, and it is one
         of ours, asked with this reply node) fails with why, rather than waiting for an
         answer that came."""
-        question_id = return_identity(payload)
+        question_id = return_identity(payload, partial)
         question = None if question_id is None else self.questions.get(question_id)
         if question_id is None or question is None or question.reply != destination:
             return []
-        del self.questions[question_id]
+        self._close(question_id)
         return [Returned(question_id, error=Failed(f"malformed return: {error}"))]
 
     def _dispatch(
@@ -579,7 +626,7 @@ class Engine:
             server = self.exports.get(destination)
             if server is None:
                 return self._refuse(payload, caps, "no object behind this node", Disconnected)
-            events = self._call(server, received, caller)
+            events = self._call(server, received, caller, len(payload))
             for event in events:
                 if isinstance(event, CallArrived):
                     event.size = len(payload)
@@ -610,7 +657,7 @@ class Engine:
         """The handles of other peers' nodes in a call's capabilities, but its reply's."""
         return tuple(c.handle for c in caps if isinstance(c, Client) and c.server is None and c is not reply)
 
-    def _call(self, server: Server, call: ReceivedCall, caller: Caller) -> list[Event]:
+    def _call(self, server: Server, call: ReceivedCall, caller: Caller, size: int) -> list[Event]:
         reply = call.reply
         reply_client = reply if isinstance(reply, Client) and reply.server is None else None
         question_id = call.question_id
@@ -638,11 +685,11 @@ class Engine:
             error = Failed(f"no answer {promised_question} to pipeline on (finished, or never asked)")
             return [Send(reply_client, encode_exception(question_id, error))]
         if not answer.done:
-            busy = self.start_waiting(caller)
+            busy = self._start_waiting(caller, size)
             if busy is not None:
                 self._forget_answer((reply_client.handle, question_id))
                 return [Send(reply_client, encode_exception(question_id, busy))]
-            answer.waiting.append((call, reply_client, question_id, transform, caller))
+            answer.waiting.append(_Waiting(call, reply_client, question_id, transform, caller, size))
             return []
         return self._pipelined(answer, call, reply_client, question_id, transform, caller)
 
@@ -688,14 +735,12 @@ class Engine:
         answer = self.answers.get(key)
         if answer is None:
             return events
-        waiting, answer.waiting = answer.waiting, []
-        for entry in waiting:
-            self.stop_waiting(entry[-1])
+        waiting = self._stop_waiting(answer)
         answer.done = answer.redirected = True
         if not answer.keep:
             self._forget_answer(key)
-        for call, waiting_reply, waiting_id, transform, caller in waiting:
-            events.extend(self._pipelined(answer, call, waiting_reply, waiting_id, transform, caller))
+        for w in waiting:
+            events.extend(self._pipelined(answer, w.call, w.reply, w.question_id, w.transform, w.caller))
         return events
 
     def completed(self, key: tuple[int, int], returned: Encoded) -> list[Event]:
@@ -705,9 +750,7 @@ class Engine:
         answer = self.answers.get(key)
         if answer is None:
             return []
-        waiting, answer.waiting = answer.waiting, []
-        for entry in waiting:
-            self.stop_waiting(entry[-1])
+        waiting = self._stop_waiting(answer)
         answer.done = True
         if returned.caps:  # results (an exception carries no capability)
             answer.returned = returned
@@ -726,24 +769,35 @@ class Engine:
         else:
             self._forget_answer(key)
         events: list[Event] = []
-        for call, reply, question_id, transform, caller in waiting:
-            events.extend(self._pipelined(answer, call, reply, question_id, transform, caller))
+        for w in waiting:
+            events.extend(self._pipelined(answer, w.call, w.reply, w.question_id, w.transform, w.caller))
         return events
 
-    def start_waiting(self, caller: Caller) -> Overloaded | None:
-        """Takes a unit of ``caller``'s pipelining budget for a call that waits for an answer
-        (until :meth:`stop_waiting`); the error to answer it with if none is left. Per
-        caller: one that never lets its calls end holds its own budget only."""
+    def _start_waiting(self, caller: Caller, size: int) -> Overloaded | None:
+        """Takes a unit of ``caller``'s pipelining budget, and ``size`` bytes, for a call that
+        waits for an answer (until :meth:`_stop_waiting`); the error to answer it with if
+        none is left. Per caller: one that never lets its calls end holds its own budget
+        only. (The first waiting call of a caller always fits its bytes.)"""
         over = self._waiting.over(caller, self.max_waiting)
         if over is not None:
             return Overloaded(f"pipelined calls are already waiting here: {over}")
+        if self._waiting[caller]:
+            over = self._waiting_bytes.over(caller, self.max_waiting_bytes, size)
+            if over is not None:
+                return Overloaded(f"pipelined calls waiting here already hold bytes: {over}")
         self._waiting.add(caller, 1)
+        self._waiting_bytes.add(caller, size)
         self.waiting_calls += 1
         return None
 
-    def stop_waiting(self, caller: Caller) -> None:
-        self._waiting.take(caller, 1)
-        self.waiting_calls -= 1
+    def _stop_waiting(self, answer: _Answer) -> list[_Waiting]:
+        """The calls that waited for ``answer``, no longer waiting (their budget given back)."""
+        waiting, answer.waiting = answer.waiting, []
+        for w in waiting:
+            self._waiting.take(w.caller, 1)
+            self._waiting_bytes.take(w.caller, w.size)
+            self.waiting_calls -= 1
+        return waiting
 
     def cancelled(self, key: tuple[int, int]) -> None:
         self._forget_answer(key)
@@ -758,18 +812,21 @@ class Engine:
             keys.discard(key)
             if not keys:
                 del self._answers_of[key[0]]
-        for entry in answer.waiting:
-            self.stop_waiting(entry[-1])
-        answer.waiting.clear()
+        self._stop_waiting(answer)
         if answer.keep:
             self._kept.take(answer.caller, 1)
             self._kept_bytes.take(answer.caller, answer.kept_bytes)
 
     def _refuse(
-        self, payload: memoryview, caps: list[object], reason: str, kind: type[RpcError]
+        self,
+        payload: memoryview,
+        caps: list[object],
+        reason: str,
+        kind: type[RpcError],
+        partial: bool = False,
     ) -> list[Event]:
         """Answers a call that cannot be served, if the caller can be made out at all."""
-        identity = call_identity(payload)
+        identity = call_identity(payload, partial)
         if identity is None:
             return []  # not even the call's header is readable: no one to tell
         question_id, reply_index = identity
@@ -787,7 +844,7 @@ class Engine:
             return []  # a caller that stopped waiting (it sent Finish)
         if question.reply != destination:
             return []  # not from the callee asked: it came to another callee's reply node
-        del self.questions[question_id]
+        self._close(question_id)
         if returned.redirect:
             if question.pipelined:
                 return [Returned(question_id, redirect=True)]
@@ -813,11 +870,10 @@ class Engine:
             # hold their handler slots for as long as they take, for no one.
             self._forget_answer(key)
             events.append(FinishArrived(key))
-        for question_id, question in list(self.questions.items()):
-            if question.target == handle:
-                del self.questions[question_id]
-                gone = Disconnected("the object's node was destroyed (or its peer went away)")
-                events.append(Returned(question_id, error=gone))
+        for question_id in list(self._asked.get(handle, ())):
+            self._close(question_id)
+            gone = Disconnected("the object's node was destroyed (or its peer went away)")
+            events.append(Returned(question_id, error=gone))
         if handle in self.exports:
             self._forget_export(handle)
         self._let_reply_go(handle)  # (after the questions to it were failed above)

@@ -355,12 +355,13 @@ _CALL_REPLY_SLOT = _CALL.fields["replyTo"].slot
 _CALL_DISCRIMINANT = ENVELOPE.fields["call"].discriminant
 
 
-def call_identity(payload: Segment) -> tuple[int, int | None] | None:
+def call_identity(payload: Segment, partial: bool = False) -> tuple[int, int | None] | None:
     """(question id, index of the reply capability or None) of a call whose envelope is
-    otherwise unreadable (its params malformed, say), read straight from the segments so
-    that the caller can still be told why; None if even that cannot be read."""
+    otherwise unreadable (its params malformed, say, or ``partial``: only its start is
+    here), read straight from the segments so that the caller can still be told why; None
+    if even that cannot be read."""
     try:
-        segments = capwire.unframe(payload)
+        segments = capwire.unframe(payload, partial=partial)
         offset = ENVELOPE.discriminant_offset  # in 16-bit units
         root = capwire.read_struct_word(segments, (), offset // 4)
         discriminant = None if root is None else (root >> (16 * (offset % 4))) & 0xFFFF
@@ -380,11 +381,12 @@ _RESULTS = layout_of(rpc.Return.schema).fields["results"].slot
 _RETURN_DISCRIMINANT = ENVELOPE.fields["return"].discriminant
 
 
-def return_identity(payload: Segment) -> int | None:
-    """The question id of a return whose envelope is otherwise unreadable, read straight
-    from the segments so that its caller can be told; None if even that cannot be read."""
+def return_identity(payload: Segment, partial: bool = False) -> int | None:
+    """The question id of a return whose envelope is otherwise unreadable (or ``partial``),
+    read straight from the segments so that its caller can be told; None if even that
+    cannot be read."""
     try:
-        segments = capwire.unframe(payload)
+        segments = capwire.unframe(payload, partial=partial)
         offset = ENVELOPE.discriminant_offset
         root = capwire.read_struct_word(segments, (), offset // 4)
         discriminant = None if root is None else (root >> (16 * (offset % 4))) & 0xFFFF

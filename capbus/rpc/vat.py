@@ -16,6 +16,7 @@ section 3):
 
 from __future__ import annotations
 
+import collections
 import inspect
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
@@ -82,6 +83,10 @@ class _Stream:
     def notify(self) -> None:
         self.changed.set()
         self.changed = trio.Event()
+
+
+_Queued = tuple[CallArrived, trio.CancelScope]
+"""A call taken in and its cancel scope."""
 
 
 @dataclass(eq=False, slots=True)
@@ -175,7 +180,8 @@ class Vat:
         self.stream_window = STREAM_WINDOW
         """Bytes of ``-> stream`` calls one capability may have unacknowledged."""
         self._streams: dict[int, _Stream] = {}  # client handle -> its stream
-        self._stream_queues: dict[tuple[int, int], list[CallArrived]] = {}  # (server, reply)
+        # (server, reply) -> stream calls waiting, with their cancel scopes
+        self._stream_queues: dict[tuple[int, int], collections.deque[_Queued]] = {}
         engine.vat = self
         self._nursery = nursery
         self._waiting: dict[int, tuple[trio.Event, list[Returned]]] = {}
@@ -713,10 +719,15 @@ class Vat:
                 started.close()  # never to be awaited: no warning
             return
         calls.enqueue(arrived.size, arrived.handles)
+        # Its cancel scope, from now on: a Finish (or the caller's reply node destroyed)
+        # before its task starts, or while it waits for its turn, cancels it too.
+        scope = trio.CancelScope()
+        if arrived.reply is not None:
+            self._serving[(arrived.reply.handle, arrived.question_id)] = scope
         if streaming:
-            self._queue_stream_call(arrived)
+            self._queue_stream_call(arrived, scope)
         else:
-            self._nursery.start_soon(self._serve, arrived, calls.ticket(), started)
+            self._nursery.start_soon(self._serve, arrived, scope, calls.ticket(), started)
 
     def _caller_calls(self, caller: Caller) -> CallerCalls:
         calls = self._callers.get(caller)
@@ -886,19 +897,22 @@ class Vat:
         )
 
     async def _serve(
-        self, arrived: CallArrived, ticket: int | None = None, started: Awaitable[Any] | None = None
+        self,
+        arrived: CallArrived,
+        scope: trio.CancelScope,
+        ticket: int | None = None,
+        started: Awaitable[Any] | None = None,
     ) -> None:
-        """Runs a call's handler in this task (``started``: what a plain-function handler
-        already returned, to await) and sends its return."""
+        """Runs a call's handler in this task, within ``scope`` (``started``: what a
+        plain-function handler already returned, to await) and sends its return."""
         reply, question_id, method = arrived.reply, arrived.question_id, arrived.method
         key = None if reply is None else (reply.handle, question_id)
         encoded: Encoded | None = None
         calls = self._callers[arrived.caller]
         queued = True  # counted in calls.queued until the handler starts
-        with trio.CancelScope() as scope:
-            if key is not None:
-                self._serving[key] = scope
+        with scope:
             try:
+                await trio.lowlevel.checkpoint_if_cancelled()  # (finished before it started)
                 if ticket is not None:
                     await calls.wait_turn(ticket)
                 if method is None:
@@ -932,29 +946,28 @@ class Vat:
                 calls.calls -= 1
                 if not calls.calls:
                     self._forget_caller(arrived.caller)
-                if key is not None:
-                    self._serving.pop(key, None)
+                if key is not None and self._serving.get(key) is scope:
+                    del self._serving[key]
                 if inspect.iscoroutine(started):
                     started.close()  # never awaited (cancelled first): no warning; else a no-op
-        await self._answer(reply, key, encoded, scope.cancelled_caught, arrived.caller)
+        await self._answer(reply, key, encoded, scope.cancel_called, arrived.caller)
 
-    def _queue_stream_call(self, arrived: CallArrived) -> None:
+    def _queue_stream_call(self, arrived: CallArrived, scope: trio.CancelScope) -> None:
         """Stream calls of one caller to one object run one at a time, in arrival order."""
         assert arrived.reply is not None
         key = (id(arrived.server), arrived.reply.handle)
         queue = self._stream_queues.get(key)
         if queue is None:
-            self._stream_queues[key] = [arrived]
+            self._stream_queues[key] = queue = collections.deque()
             self._nursery.start_soon(self._run_stream, key)
-        else:
-            queue.append(arrived)
+        queue.append((arrived, scope))
 
     async def _run_stream(self, key: tuple[int, int]) -> None:
         queue = self._stream_queues[key]
         try:
             while queue:
-                await self._serve(queue[0])
-                queue.pop(0)
+                await self._serve(*queue[0])
+                queue.popleft()
         finally:
             del self._stream_queues[key]
 
@@ -1047,6 +1060,8 @@ async def open_vat(
     ``uid_share`` times each of those per-caller bounds, and run at most half the vat's
     handlers (or ``max_calls_per_caller``, if that is more)."""
     reply_node = (await peer.create_node()).id
+    if peer.max_mapped_bytes is None or peer.max_mapped_bytes > max_message_bytes:
+        peer.max_mapped_bytes = max_message_bytes  # what the engine would refuse, not mapped
     await peer.want_metadata()  # callers are told apart by their kernel-attested sender
     async with trio.open_nursery() as nursery:
         vat: Vat | None = None
@@ -1060,6 +1075,7 @@ async def open_vat(
             max_message_bytes=max_message_bytes,
             on_release=wake,
             max_waiting=max_queued_calls,
+            max_waiting_bytes=max_queued_bytes_per_caller,
             uid_share=uid_share,
         )
         limits = {

@@ -508,6 +508,44 @@ async def test_a_payload_that_cannot_be_mapped_loses_that_message_not_the_peer(
     assert error.errno == errno.ENOMEM
 
 
+async def test_a_payload_over_max_mapped_bytes_is_mapped_only_at_its_start(new_peer: PeerFactory) -> None:
+    """A reader that will refuse messages over a size (a vat: its max_message_bytes) sets
+    max_mapped_bytes: a larger memfd payload is not mapped whole, only its first
+    PAYLOAD_HEAD_BYTES (where its header is, to tell its sender why), and whole_size says
+    how large it is."""
+    from capbus.peer import PAYLOAD_HEAD_BYTES
+
+    sender, receiver = await new_peer(), await new_peer()
+    node = await receiver.create_node()
+    target = await receiver.transfer(node, sender)
+    receiver.max_mapped_bytes = 256 * 1024
+    payload = bytes(range(256)) * 4096  # 1 MiB, a memfd
+    await sender.send(target, payload)
+    await sender.send(target, payload[: 200 * 1024])  # a memfd under the bound: whole
+    with trio.fail_after(10):
+        big, small = await recv_kind(receiver, DATA), await recv_kind(receiver, DATA)
+    assert (len(big.payload_view), big.whole_size) == (PAYLOAD_HEAD_BYTES, len(payload))
+    assert big.payload == payload[:PAYLOAD_HEAD_BYTES]
+    assert (small.payload, small.whole_size) == (payload[: 200 * 1024], None)
+
+
+async def test_a_payload_too_large_for_the_address_space_comes_as_its_start(
+    new_peer: PeerFactory, address_space_for_headers_only: None
+) -> None:
+    """When the whole payload cannot be mapped but its start can, the message comes with
+    its start and whole_size (a vat then tells its sender), rather than being lost."""
+    from capbus.peer import PAYLOAD_HEAD_BYTES
+
+    sender, receiver = await new_peer(), await new_peer()
+    node = await receiver.create_node()
+    target = await receiver.transfer(node, sender)
+    await sender.send(target, b"y" * (1 << 20))
+    with trio.fail_after(10):
+        got = await recv_kind(receiver, DATA)
+    assert (got.payload, got.whole_size) == (b"y" * PAYLOAD_HEAD_BYTES, 1 << 20)
+    assert receiver.unsolicited_errors == []
+
+
 class _NoFdSlots:
     """A peer's socket as a process out of file descriptors sees it: every frame's fds are
     cut short (MSG_CTRUNC)."""

@@ -388,3 +388,28 @@ async def test_a_callee_cannot_pass_itself_off_as_its_caller(kernel: capbus.Kern
                 assert (await promise.counter.increment(by=3)).value == 3  # H's answer was kept
     for peer in (y_peer, h_peer):
         await peer.aclose()
+
+
+async def test_pipelined_calls_waiting_for_an_answer_are_bounded_in_bytes(attack: Attack) -> None:
+    """Calls pipelined on an answer not given yet wait with their messages: a caller's
+    waiting calls may hold twice max_message_bytes (64 KiB here), not max_queued_calls
+    times max_message_bytes. The first always fits; past the bytes: Overloaded."""
+    (server,) = attack.server.engine.exports.values()
+    assert isinstance(server, FactoryServer)
+    server.gate = trio.Event()  # newCounter waits: calls pipelined on it wait too
+    counter_slot = schema.Factory.interface.methods["newCounter"].results_layout.fields["counter"].slot
+    with trio.fail_after(10):
+        base = protocol.encode_call(1, schema.Factory.interface.methods["newCounter"], {}, keep_results=True)
+        await attack.attacker.send(attack.target, base.payload, handles=[attack.reply])
+        text = "x" * 60_000
+        for question_id in (2, 3):
+            call = protocol.encode_call(question_id, ECHO, {"text": text}, pipeline=(1, [counter_slot]))
+            await attack.attacker.send(attack.target, call.payload, handles=[attack.reply])
+        while attack.server.engine.waiting_calls < 2:  # polled, bounded by fail_after
+            await trio.sleep(0.001)
+        call = protocol.encode_call(4, ECHO, {"text": text}, pipeline=(1, [counter_slot]))
+        error = await answer_to(attack, call.payload, [attack.reply])
+        assert isinstance(error, errors.Overloaded) and "bytes" in error.reason, error
+        assert attack.server.engine.waiting_calls == 2
+        server.gate.set()
+        assert (await attack.factory.echo("still serving")).text == "still serving"

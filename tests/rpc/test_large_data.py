@@ -47,3 +47,13 @@ async def test_a_call_over_the_vats_limit_is_refused_saying_so(kernel: capbus.Ke
     refused = await _call_with(kernel, 64 << 20)
     assert isinstance(refused, errors.Failed)
     assert re.search(rf"a message of \d+ bytes, over this vat's limit of {64 << 20}", str(refused)), refused
+
+
+async def test_a_call_this_process_cannot_map_is_answered_overloaded(
+    kernel: capbus.Kernel, address_space_for_headers_only: None
+) -> None:
+    """A call under the vat's limit whose memfd this process has no address space left to
+    map (a sandbox's RLIMIT_AS; injected here): its caller hears so, not nothing."""
+    refused = await _call_with(kernel, 80 << 20)
+    assert isinstance(refused, errors.Overloaded), refused
+    assert "no address space left here to map a message of" in refused.reason

@@ -90,3 +90,35 @@ async def test_a_stream_error_fails_the_next_call(kernel: capbus.Kernel) -> None
             assert sink.seen[:3] == [0, 1, 2]
     await server_peer.aclose()
     await client_peer.aclose()
+
+
+async def test_queued_stream_calls_of_a_caller_that_left_are_canceled(kernel: capbus.Kernel) -> None:
+    """A caller sends five stream calls to a sink that takes one at a time, then goes away:
+    the one running is canceled, and so are the four queued behind it, before they start
+    (they used to run one after another, for no one)."""
+    sink = SlowSink()
+    started = 0
+    write = sink.write
+
+    async def counted(seq: int, data: bytes) -> None:
+        nonlocal started
+        started += 1
+        await write(seq, data)
+
+    sink.write = counted  # type: ignore[method-assign]
+    server_peer, client_peer = await kernel.connect(), await kernel.connect()
+    with trio.fail_after(20):
+        async with open_vat(server_peer) as server_vat:
+            node = await server_vat.export(sink)
+            async with open_vat(client_peer) as client_vat:
+                remote = client_vat.client(await server_peer.transfer(node, client_peer), streams.Sink)
+                for seq in range(5):
+                    await remote.write(seq, b"chunk")
+                while sum(len(q) for q in server_vat._stream_queues.values()) < 5:  # polled, bounded
+                    await trio.sleep(0.001)
+            await client_peer.aclose()  # its reply node goes with it
+            while server_vat._stream_queues:  # polled, bounded by fail_after
+                await trio.sleep(0.001)
+            assert (started, sink.seen, sink.running) == (1, [], 0)
+            assert server_vat.statistics().answers == 0
+    await server_peer.aclose()
