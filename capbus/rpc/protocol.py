@@ -19,6 +19,7 @@ from . import capwire, header
 from .capwire import CapWireError, Segment, traversal_budget
 from .envelope import rpc
 from .errors import BY_KIND, Failed, RpcError
+from .flat import flat_codec
 from .interface import Method
 from .layout import FieldKind, FieldLayout, StructLayout, layout_of
 from .structs import CapTableBuilder, CapTableReader, StructBuilder, StructReader
@@ -80,7 +81,13 @@ def _split(
 ) -> Encoded | None:
     """The header segment ``head`` (header.py) followed by a body struct of ``schema`` filled
     with ``values``; None if the body took more than one segment (encode it the general
-    way then)."""
+    way then). A flat body (flat.py) is written without pycapnp."""
+    codec = flat_codec(schema)
+    if codec is not None:
+        flat = codec.encode(values)
+        if flat is not None:
+            table_bytes = header.TWO_SEGMENTS.pack(1, len(head) // 8, len(flat) // 8)
+            return Encoded(b"".join((table_bytes, head, flat)), table.values, table.fds)
     words = _first_segment_words(values)
     module = _module(schema)
     message = module.new_message() if words is None else module.new_message(num_first_segment_words=words)
