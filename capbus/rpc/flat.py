@@ -1,4 +1,4 @@
-"""Writing a flat params or results struct straight into its segment, without pycapnp.
+"""Writing and reading a flat params or results struct in its segment, without pycapnp.
 
 A struct whose fields are all numbers, bools, enums, Text or Data (no union, group, list,
 struct, capability or AnyPointer) is most of what RPC methods take and return, and building
@@ -10,6 +10,14 @@ libcapnp lays a freshly built message out. Anything else, and any value this doe
 exactly as pycapnp would (a bool that is not a bool, an int out of range, an unknown enum
 name), goes the general way, which also gives the error.
 
+Reading is the same in reverse (:class:`FlatReader`, a StructReader): a received body that
+has the plain shape (a struct root pointer, Text and Data as byte lists) is read with
+:mod:`struct`; any other shape a hostile or unusual writer may use (a far pointer, a list
+of another element size) is read through pycapnp, which then says what is wrong with it.
+Structs with enum fields are written but not read here (pycapnp's enum values are what a
+reader gets). The vat checks every body first (capwire.check_segment: a tree within the
+segment); the reader checks bounds again anyway.
+
 Written by hand rather than with a library: pycapnp is the Cap'n Proto library here, and
 its builder is what this avoids; the layout rules used are the encoding spec's
 (https://capnproto.org/encoding.html: struct and list pointers, XOR with defaults).
@@ -18,8 +26,10 @@ its builder is what this avoids; the layout rules used are the encoding spec's
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
+
+from .structs import StructReader
 
 _NUMBER_FORMATS = {
     "int8": "b",
@@ -35,6 +45,7 @@ _NUMBER_FORMATS = {
 }
 _UNSIGNED = {"int8": "B", "int16": "H", "int32": "I", "int64": "Q"}
 _WORD = 8
+_WORD_STRUCT = struct.Struct("<Q")
 _UINT16 = struct.Struct("<H")
 _BYTE_LIST = 2  # a list pointer's element size code for bytes
 
@@ -52,7 +63,7 @@ a value that must go the general way."""
 class FlatCodec:
     """The layout of one flat struct type, and its encoder (:meth:`encode`)."""
 
-    __slots__ = ("data_words", "pointer_words", "_data", "_pointers", "_root")
+    __slots__ = ("data_words", "pointer_words", "_data", "_pointers", "_root", "reader_class")
 
     def __init__(self, schema: Any) -> None:
         node = schema.node
@@ -63,6 +74,7 @@ class FlatCodec:
         self.pointer_words = structure.pointerCount
         self._data: dict[str, Writer] = {}
         self._pointers: dict[str, tuple[int, bool]] = {}  # name -> (slot, is Text)
+        readers: dict[str, FieldReader] | None = {}
         for field in structure.fields:
             if field.which() != "slot":
                 raise _NotFlat
@@ -73,6 +85,13 @@ class FlatCodec:
             else:
                 enumerants = schema.fields[field.name].schema.enumerants if kind == "enum" else {}
                 self._data[field.name] = _writer(kind, slot.offset, slot.defaultValue, enumerants)
+            reader = _reader(kind, slot.offset, slot.defaultValue)
+            if reader is None:
+                readers = None
+            elif readers is not None:
+                readers[field.name] = reader
+        self.reader_class = None if readers is None else _reader_class(node.displayName, readers)
+        """The FlatReader class of this struct (None: it is read through pycapnp)."""
         self._root = struct.pack("<Q", (self.data_words << 32) | (self.pointer_words << 48))
 
     def encode(self, values: Mapping[str, Any]) -> bytes | None:
@@ -176,6 +195,178 @@ def _writer(kind: str, offset: int, default: Any, enumerants: Mapping[str, int])
         unsigned.pack_into(data, base + position, (value & mask) ^ default_bits)
 
     return write_int
+
+
+FieldReader = Callable[["FlatReader"], object]
+"""Reads one field of a received flat struct; returns :data:`GENERAL` for a shape it does
+not read (pycapnp reads it then)."""
+
+GENERAL = object()
+
+
+def _reader(kind: str, offset: int, default: Any) -> FieldReader | None:
+    """How to read a field of ``kind`` (None: not here, e.g. an enum)."""
+    if kind == "void":
+        return lambda view: None
+    if kind == "bool":
+        byte, bit = divmod(offset, 8)
+        flip = bool(default.bool)
+
+        def read_bool(view: FlatReader) -> object:
+            if byte >= view._data_bytes:
+                return flip
+            return bool(view._segment[view._data_start + byte] >> bit & 1) is not flip
+
+        return read_bool
+    if kind in ("text", "data"):
+        fallback = default.text if kind == "text" else default.data
+        text = kind == "text"
+
+        def read_blob(view: FlatReader) -> object:
+            if offset >= view._pointer_count:
+                return fallback
+            at = view._pointer_start + offset * _WORD
+            word = _WORD_STRUCT.unpack_from(view._segment, at)[0]
+            if not word:
+                return fallback
+            if word & 3 != 1 or (word >> 32) & 7 != _BYTE_LIST:
+                return GENERAL  # a far pointer, a list of something else: pycapnp says
+            offset_words = (word >> 2) & 0x3FFFFFFF
+            if offset_words & 0x20000000:
+                offset_words -= 0x40000000
+            start = at + _WORD + offset_words * _WORD
+            count = word >> 35
+            segment = view._segment
+            if start < 0 or start + count > len(segment):
+                return GENERAL
+            if not text:
+                return bytes(segment[start : start + count])
+            if not count or segment[start + count - 1]:
+                return GENERAL  # Text must end with its NUL
+            try:
+                return str(segment[start : start + count - 1], "utf-8")
+            except UnicodeDecodeError:
+                return GENERAL
+
+        return read_blob
+    format_ = _NUMBER_FORMATS.get(kind)
+    if format_ is None:
+        return None
+    packer = struct.Struct("<" + format_)
+    size = packer.size
+    position = offset * size
+    default_value = getattr(default, kind)
+    if kind.startswith("float"):
+        if int.from_bytes(packer.pack(default_value), "little"):
+            return None
+
+        def read_float(view: FlatReader) -> object:
+            if position + size > view._data_bytes:
+                return 0.0
+            return packer.unpack_from(view._segment, view._data_start + position)[0]
+
+        return read_float
+    unsigned = struct.Struct("<" + _UNSIGNED.get(kind, format_))
+    bits = 8 * size
+    default_bits = default_value & ((1 << bits) - 1)
+    sign = 1 << (bits - 1) if kind in _UNSIGNED else 0
+
+    def read_int(view: FlatReader) -> object:
+        if position + size > view._data_bytes:
+            return default_value
+        raw: int = unsigned.unpack_from(view._segment, view._data_start + position)[0] ^ default_bits
+        return raw - (raw & sign) * 2 if sign else raw
+
+    return read_int
+
+
+class FlatReader(StructReader):
+    """A received flat struct, read field by field with :mod:`struct` (see the module
+    docstring); anything else (a shape it does not read, ``pycapnp``, ``which()``) through
+    the pycapnp reader ``general`` makes on first need."""
+
+    __slots__ = (
+        "_segment",
+        "_data_start",
+        "_data_bytes",
+        "_pointer_start",
+        "_pointer_count",
+        "_general",
+        "_made",
+    )
+    _segment: memoryview
+    _data_start: int
+    _data_bytes: int
+    _pointer_start: int
+    _pointer_count: int
+    _general: Callable[[], StructReader]
+    _made: bool
+
+    @classmethod
+    def of(cls, segment: memoryview, general: Callable[[], StructReader]) -> StructReader:
+        """A reader of the struct ``segment``'s root points to: a FlatReader if that is a
+        plain struct pointer into the segment (or null: every field its default), else
+        ``general()``, which also raises what is wrong with it, as any reading would."""
+        word = _WORD_STRUCT.unpack_from(segment, 0)[0] if len(segment) >= _WORD else 0
+        offset = (word >> 2) & 0x3FFFFFFF
+        data_words, pointer_words = (word >> 32) & 0xFFFF, word >> 48
+        start = _WORD + offset * _WORD
+        end = start + (data_words + pointer_words) * _WORD
+        if word and (word & 3 or offset & 0x20000000 or end > len(segment)):
+            return general()
+        view = cls.__new__(cls)
+        view._segment, view._general, view._made = segment, general, False
+        view._data_start, view._data_bytes = start, data_words * _WORD
+        view._pointer_start, view._pointer_count = start + data_words * _WORD, pointer_words
+        return view
+
+    def _pycapnp_view(self) -> None:
+        """Makes this reader a plain StructReader (its slots filled by the general way)."""
+        if not self._made:
+            general = self._general()
+            self._reader, self._layout = general._reader, general._layout
+            self._table, self._path = general._table, general._path
+            self._made = True
+
+    @property
+    def pycapnp(self) -> Any:
+        self._pycapnp_view()
+        return self._reader
+
+    def which(self) -> str:
+        self._pycapnp_view()
+        return StructReader.which(self)
+
+    def any_struct(self, name: str, schema: Any) -> StructReader:
+        self._pycapnp_view()
+        return StructReader.any_struct(self, name, schema)
+
+    def capability_at(self, transform: Sequence[int]) -> object | None:
+        self._pycapnp_view()
+        return StructReader.capability_at(self, transform)
+
+    def __getattr__(self, name: str) -> Any:  # (not a field read here)
+        self._pycapnp_view()
+        return StructReader.__getattr__(self, name)
+
+
+def _reader_class(name: str, readers: dict[str, FieldReader]) -> type[FlatReader]:
+    """A FlatReader subclass with a property per field: read without the failed lookup
+    that reaching ``__getattr__`` costs. A field named like an attribute of the reader
+    itself (``which``, ``pycapnp``) is shadowed by it, as on any StructReader."""
+    fields = {n: _field_property(n, r) for n, r in readers.items() if not hasattr(FlatReader, n)}
+    return type(f"Flat{name.rpartition(':')[2]}Reader", (FlatReader,), {"__slots__": (), **fields})
+
+
+def _field_property(name: str, reader: FieldReader) -> property:
+    def read(view: FlatReader) -> Any:
+        value = reader(view)
+        if value is GENERAL:  # a shape not read here: pycapnp reads it (and says what is wrong)
+            view._pycapnp_view()
+            return StructReader.__getattr__(view, name)
+        return value
+
+    return property(read)
 
 
 def _ignore(data: bytearray, base: int, value: object) -> None:

@@ -236,6 +236,13 @@ class Body:
         """The body read as a struct of ``schema`` (a pycapnp struct schema)."""
         if self._parent is not None:
             return self._parent.any_struct(self._field, schema)
+        codec = flat_codec(schema)
+        if codec is not None and codec.reader_class is not None and len(self._segments) == 1:
+            segment = memoryview(self._segments[0])
+            return codec.reader_class.of(segment, lambda: self._general(schema))
+        return self._general(schema)
+
+    def _general(self, schema: Any) -> StructReader:
         assert self._table is not None
         # The tree check bounded this message's walk already (capwire.traversal_budget); the
         # same budget here lets a vat read what its max_message_bytes let in.
