@@ -381,14 +381,15 @@ class Peer:
         if type(event) is _wire.Incoming:
             try:
                 message = self._wrap(event)
-            except OSError as error:
+            except (OSError, ValueError) as error:  # (ValueError: mmap's, for a size it refuses)
                 # A payload this process cannot map (its address space is full: a sandbox's
                 # RLIMIT_AS). That message is lost, not the connection: every later one
                 # (and every caller of a vat on this peer) would be lost with it.
                 for fd in event.fds:
                     os.close(fd)
                 reason = "a message's payload could not be mapped"
-                self.unsolicited_errors.append(error_from_errno(error.errno or errno.ENOMEM, reason))
+                code = error.errno if isinstance(error, OSError) and error.errno else errno.ENOMEM
+                self.unsolicited_errors.append(error_from_errno(code, reason))
                 return
             self._inbox.append(message)
             return
@@ -448,15 +449,19 @@ class Peer:
             memfd = event.fds.pop(0)
             size = event.payload_size
             try:
-                if self.max_mapped_bytes is None or size <= self.max_mapped_bytes:
+                if not size:
+                    payload = memoryview(b"")  # (the kernel takes an empty memfd: nothing to map)
+                elif self.max_mapped_bytes is None or size <= self.max_mapped_bytes:
                     try:
                         payload = _map(memfd, size)
                     except OSError:
                         if size <= PAYLOAD_HEAD_BYTES:
                             raise
                         whole_size = size
-                else:
+                elif size > PAYLOAD_HEAD_BYTES:
                     whole_size = size
+                else:  # over the bound, yet no larger than a head: mapped whole, read as such
+                    payload = _map(memfd, size)
                 if whole_size is not None:  # only its start (an OSError now: lost)
                     payload = _map(memfd, PAYLOAD_HEAD_BYTES)
             finally:

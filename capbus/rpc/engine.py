@@ -24,6 +24,7 @@ bounded per caller.
 
 from __future__ import annotations
 
+import collections
 import os
 import weakref
 from collections import OrderedDict
@@ -115,6 +116,10 @@ class CallArrived:
     size: int = 0
     """Bytes of the call's message, which its params are read from: held (in memory, or
     mapped for a memfd payload) while it waits to start (Vat bounds them per caller)."""
+    answer: object = None
+    """The engine's record of the call (pass it back to :meth:`Engine.completed`): a
+    caller may reuse a question id, and the answer to an earlier call must not settle
+    the later one's."""
 
 
 @dataclass(slots=True)
@@ -141,15 +146,20 @@ _KEPT_REASON = 1024
 
 @dataclass(slots=True, eq=False)
 class _Waiting:
-    """A pipelined call waiting for the answer it names, and the bytes of its message,
-    which it holds meanwhile."""
+    """A pipelined call waiting for the answer it names, and the bytes and file descriptors
+    of its message, which it holds meanwhile."""
 
     call: ReceivedCall
     reply: Client
     question_id: int
     transform: list[int]
     caller: Caller
-    size: int
+    size: int = 0
+    fds: int = 0
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return (self.reply.handle, self.question_id)
 
 
 @dataclass(slots=True, eq=False)
@@ -160,12 +170,17 @@ class _Answer:
 
     keep: bool
     caller: Caller = None
+    reply: Client | None = None
+    """Its caller's reply node, held while the answer is: so that this vat holds the
+    handle, and hears when the caller goes (NODE_DESTROYED), however many callers came
+    since (a reply client is otherwise kept only among the recent ones)."""
     done: bool = False
     redirected: bool = False
     returned: Encoded | None = None
     failure: RpcError | None = None
     kept_bytes: int = 0
-    waiting: list[_Waiting] = field(default_factory=list)
+    waiting: dict[tuple[int, int], _Waiting] = field(default_factory=dict)
+    """The pipelined calls waiting for it, by their own key (in arrival order)."""
 
 
 @dataclass(slots=True)
@@ -182,6 +197,9 @@ def uid_of(caller: Caller) -> Hashable:
     """The user a caller is (every caller is one when the transport says nothing)."""
     return caller[0] if isinstance(caller, tuple) else caller
 
+
+MAX_WAITING_FDS = 64
+"""File descriptors one caller's waiting pipelined calls may hold (one message's worth)."""
 
 UID_SHARE = 4
 """What all callers of one uid may take of a vat together, in callers' worth (see Tally)."""
@@ -219,10 +237,10 @@ class Tally:
         """Whether ``caller`` may hold ``count`` more, ``bound`` being one caller's bound."""
         return self[caller] + count <= bound and self.of_uid(caller) + count <= bound * self.uid_share
 
-    def over(self, caller: Caller, bound: int, count: int = 1) -> str | None:
+    def over(self, caller: Caller, bound: int, count: int = 1, *, own: bool = True) -> str | None:
         """Why ``caller`` may not hold ``count`` more (one caller's ``bound``): what it, or
-        its uid, holds; None if it may."""
-        if self[caller] + count > bound:
+        its uid, holds; None if it may. ``own=False``: its uid's bound only."""
+        if own and self[caller] + count > bound:
             return f"{self[caller]} (from this caller)"
         if self.of_uid(caller) + count > bound * self.uid_share:
             return f"{self.of_uid(caller)} (from this caller's uid, of all its connections)"
@@ -275,12 +293,16 @@ class Engine:
         """Bytes of returns kept for one caller, likewise (a kept return is a whole message)."""
         self.max_waiting_bytes = 2 * max_message_bytes if max_waiting_bytes is None else max_waiting_bytes
         """Bytes of those calls' messages, likewise."""
+        self.max_waiting_fds = MAX_WAITING_FDS
+        """File descriptors those calls brought (this process holds them meanwhile), likewise."""
         self.waiting_calls = 0
         """Pipelined calls waiting for their answers, of all callers."""
         self.uid_share = uid_share
         """All callers of one uid together may take this many callers' worth of each bound."""
         self._waiting = Tally(uid_share)  # the same, per caller
         self._waiting_bytes = Tally(uid_share)
+        self._waiting_fds = Tally(uid_share)
+        self._waiting_in: dict[tuple[int, int], _Answer] = {}  # a waiting call's key -> its base
         self._kept = Tally(uid_share)  # answers kept for a caller
         self._kept_bytes = Tally(uid_share)
         self._on_release = on_release
@@ -626,7 +648,7 @@ class Engine:
             server = self.exports.get(destination)
             if server is None:
                 return self._refuse(payload, caps, "no object behind this node", Disconnected)
-            events = self._call(server, received, caller, len(payload))
+            events = self._call(server, received, caller, len(payload), len(fds))
             for event in events:
                 if isinstance(event, CallArrived):
                     event.size = len(payload)
@@ -646,6 +668,8 @@ class Engine:
             if answer.done:
                 self._forget_answer(key)  # kept results no one will pipeline on any more
                 return []
+            if key in self._waiting_in:  # a pipelined call still waiting for its base: gone
+                return self._drop(key, Failed("the call they were pipelined on was canceled"))
             if answer.keep:  # its return will not be kept: the caller's count goes back now
                 self._kept.take(answer.caller, 1)
                 answer.keep = False
@@ -657,16 +681,20 @@ class Engine:
         """The handles of other peers' nodes in a call's capabilities, but its reply's."""
         return tuple(c.handle for c in caps if isinstance(c, Client) and c.server is None and c is not reply)
 
-    def _call(self, server: Server, call: ReceivedCall, caller: Caller, size: int) -> list[Event]:
+    def _call(self, server: Server, call: ReceivedCall, caller: Caller, size: int, fds: int) -> list[Event]:
         reply = call.reply
         reply_client = reply if isinstance(reply, Client) and reply.server is None else None
         question_id = call.question_id
+        events: list[Event] = []
         if reply_client is not None:
+            key = (reply_client.handle, question_id)
+            if key in self.answers:  # a reused id replaces the call (FinishArrived: the vat's)
+                events = self._drop(key, Failed("the call they were pipelined on was replaced"))
+                events.append(FinishArrived(key))
             keep = call.keep_results and self._kept.fits(caller, 1, self.max_kept_per_caller)
             if keep:
                 self._kept.add(caller, 1)
-            self._forget_answer((reply_client.handle, question_id))  # a reused id replaces
-            self.answers[(reply_client.handle, question_id)] = _Answer(keep, caller)
+            self.answers[key] = _Answer(keep, caller, reply_client)
             self._answers_of.setdefault(reply_client.handle, set()).add((reply_client.handle, question_id))
             self._recent_replies[reply_client.handle] = reply_client
             self._recent_replies.move_to_end(reply_client.handle)
@@ -674,39 +702,58 @@ class Engine:
                 self._recent_replies.popitem(last=False)
         if call.promised is None:
             method = server.interface.by_key.get((call.interface_id, call.method_id))
-            return [CallArrived(server, call, method, reply_client, question_id, caller)]
+            arrived = CallArrived(server, call, method, reply_client, question_id, caller)
+            if reply_client is not None:
+                arrived.answer = self.answers[(reply_client.handle, question_id)]
+            events.append(arrived)
+            return events
         # Pipelined: on a capability in the results of an earlier call of this caller.
         if reply_client is None:
-            return []  # a one-way pipelined call names no answer of ours
+            return events  # a one-way pipelined call names no answer of ours
         promised_question, transform = call.promised
+        waiting = _Waiting(call, reply_client, question_id, transform, caller, size, fds)
         answer = self.answers.get((reply_client.handle, promised_question))
-        if answer is None:
-            self._forget_answer((reply_client.handle, question_id))
+        if answer is None or answer is self.answers.get(waiting.key):  # (on itself: never done)
+            self._forget_answer(waiting.key)
             error = Failed(f"no answer {promised_question} to pipeline on (finished, or never asked)")
-            return [Send(reply_client, encode_exception(question_id, error))]
+            events.append(Send(reply_client, encode_exception(question_id, error)))
+            return events
         if not answer.done:
-            busy = self._start_waiting(caller, size)
+            busy = self._start_waiting(waiting)
             if busy is not None:
-                self._forget_answer((reply_client.handle, question_id))
-                return [Send(reply_client, encode_exception(question_id, busy))]
-            answer.waiting.append(_Waiting(call, reply_client, question_id, transform, caller, size))
-            return []
-        return self._pipelined(answer, call, reply_client, question_id, transform, caller)
+                self._forget_answer(waiting.key)
+                events.append(Send(reply_client, encode_exception(question_id, busy)))
+                return events
+            answer.waiting[waiting.key] = waiting
+            self._waiting_in[waiting.key] = answer
+            return events
+        events.extend(self._settle(answer, [waiting]))
+        return events
+
+    def _settle(self, answer: _Answer, waiting: list[_Waiting]) -> list[Event]:
+        """Runs the pipelined calls that waited for ``answer`` (now known), and, as far as
+        those are answered at once (failed or redirected), the calls that waited for them in
+        turn: a worklist, not recursion (a caller's chain may be thousands of calls long)."""
+        events: list[Event] = []
+        work = collections.deque([(answer, waiting)])
+        while work:
+            answer, waiting = work.popleft()
+            for w in waiting:
+                events.extend(self._pipelined(answer, w, work))
+        return events
 
     def _pipelined(
-        self,
-        answer: _Answer,
-        call: ReceivedCall,
-        reply: Client,
-        question_id: int,
-        transform: list[int],
-        caller: Caller,
+        self, answer: _Answer, w: _Waiting, work: collections.deque[tuple[_Answer, list[_Waiting]]]
     ) -> list[Event]:
-        """A pipelined call, now that the answer it names is known."""
+        """A pipelined call, now that the answer it names is known. A pipelined call on a
+        capability that is not this vat's own object is redirected: the caller holds that
+        capability (from our return of the call it was pipelined on, which may reach it
+        after the redirect: it waits for it) and calls it itself, as itself."""
         if answer.redirected:
-            return self._redirect(reply, question_id)
+            return self._answered_at_once(w, encode_redirect(w.question_id), work)
         failure = answer.failure  # the call it builds on failed: so does this
         target: object = None
+        transform = w.transform
         if failure is None and answer.returned is not None:  # (None: it holds no capability)
             try:
                 target = results_capability(answer.returned, transform)
@@ -715,41 +762,54 @@ class Engine:
         if failure is None and target is None:
             failure = Failed(f"the pipelined capability (pointer fields {transform}) is null")
         if failure is not None:
-            self._forget_answer((reply.handle, question_id))
-            return [Send(reply, encode_exception(question_id, failure))]
+            return self._answered_at_once(w, encode_exception(w.question_id, failure), work)
         if isinstance(target, Server):
             target = self.local(target)
         assert isinstance(target, Client)
         if target.server is not None:
+            call = w.call
             method = target.server.interface.by_key.get((call.interface_id, call.method_id))
-            return [CallArrived(target.server, call, method, reply, question_id, caller)]
-        return self._redirect(reply, question_id)
+            arrived = CallArrived(target.server, call, method, w.reply, w.question_id, w.caller)
+            arrived.answer = self.answers.get(w.key)
+            return [arrived]
+        return self._answered_at_once(w, encode_redirect(w.question_id), work)
 
-    def _redirect(self, reply: Client, question_id: int) -> list[Event]:
-        """Answers a pipelined call on another vat's capability with a redirect: the caller
-        holds that capability (from our return of the call it was pipelined on, which may
-        reach it after the redirect: it waits for it) and calls it itself, as itself.
-        Calls pipelined on this one are redirected in turn."""
-        events: list[Event] = [Send(reply, encode_redirect(question_id))]
-        key = (reply.handle, question_id)
-        answer = self.answers.get(key)
-        if answer is None:
-            return events
-        waiting = self._stop_waiting(answer)
-        answer.done = answer.redirected = True
-        if not answer.keep:
-            self._forget_answer(key)
-        for w in waiting:
-            events.extend(self._pipelined(answer, w.call, w.reply, w.question_id, w.transform, w.caller))
-        return events
+    def _answered_at_once(
+        self, w: _Waiting, encoded: Encoded, work: collections.deque[tuple[_Answer, list[_Waiting]]]
+    ) -> list[Event]:
+        """Sends a pipelined call's answer (a failure or a redirect) and settles its own
+        answer with it: the calls pipelined on it go on the worklist."""
+        own = self.answers.get(w.key)
+        if own is not None:
+            waiting = self._stop_waiting(own)
+            own.done = True
+            own.redirected = encoded.failure is None
+            if encoded.failure is not None:
+                own.failure = type(encoded.failure)(encoded.failure.reason[:_KEPT_REASON])
+            if not own.keep:
+                self._forget_answer(w.key)
+            if waiting:
+                work.append((own, waiting))
+        return [Send(w.reply, encoded)]
 
-    def completed(self, key: tuple[int, int], returned: Encoded) -> list[Event]:
-        """A served call finished with ``returned`` (its Return envelope): keep what calls
-        pipelined on it need if the caller may make them (within its bounds), and run the
-        calls that were waiting for it."""
+    def _drop(self, key: tuple[int, int], failure: RpcError) -> list[Event]:
+        """Forgets an answer before its call is done (its caller gave up on it, or reused
+        its key); the calls pipelined on it fail with ``failure`` (and so on down)."""
         answer = self.answers.get(key)
         if answer is None:
             return []
+        waiting = self._stop_waiting(answer)
+        self._forget_answer(key)
+        answer.done, answer.failure = True, failure
+        return self._settle(answer, waiting)
+
+    def completed(self, key: tuple[int, int], returned: Encoded, answer: object) -> list[Event]:
+        """A served call (``answer``: CallArrived.answer) finished with ``returned`` (its
+        Return envelope): keep what calls pipelined on it need if the caller may make them
+        (within its bounds), and run the calls that were waiting for it."""
+        if answer is None or self.answers.get(key) is not answer:
+            return []  # (forgotten, or its key reused by a later call)
+        assert isinstance(answer, _Answer)
         waiting = self._stop_waiting(answer)
         answer.done = True
         if returned.caps:  # results (an exception carries no capability)
@@ -768,39 +828,48 @@ class Engine:
                 self._forget_answer(key)  # past the caller's bytes: not kept
         else:
             self._forget_answer(key)
-        events: list[Event] = []
-        for w in waiting:
-            events.extend(self._pipelined(answer, w.call, w.reply, w.question_id, w.transform, w.caller))
-        return events
+        return self._settle(answer, waiting)
 
-    def _start_waiting(self, caller: Caller, size: int) -> Overloaded | None:
-        """Takes a unit of ``caller``'s pipelining budget, and ``size`` bytes, for a call that
-        waits for an answer (until :meth:`_stop_waiting`); the error to answer it with if
-        none is left. Per caller: one that never lets its calls end holds its own budget
-        only. (The first waiting call of a caller always fits its bytes.)"""
+    def _start_waiting(self, w: _Waiting) -> Overloaded | None:
+        """Takes a unit of its caller's pipelining budget, and its bytes and file
+        descriptors, for a call that waits for an answer (until :meth:`_stop_waiting`); the
+        error to answer it with if none is left. Per caller, and per uid: one that never
+        lets its calls end holds its own budget only. (A caller's first waiting call always
+        fits its own bytes and fds, not its uid's.)"""
+        caller = w.caller
         over = self._waiting.over(caller, self.max_waiting)
         if over is not None:
             return Overloaded(f"pipelined calls are already waiting here: {over}")
-        if self._waiting[caller]:
-            over = self._waiting_bytes.over(caller, self.max_waiting_bytes, size)
-            if over is not None:
-                return Overloaded(f"pipelined calls waiting here already hold bytes: {over}")
+        own = bool(self._waiting[caller])
+        over = self._waiting_bytes.over(caller, self.max_waiting_bytes, w.size, own=own)
+        if over is not None:
+            return Overloaded(f"pipelined calls waiting here already hold bytes: {over}")
+        over = self._waiting_fds.over(caller, self.max_waiting_fds, w.fds, own=own)
+        if over is not None:
+            return Overloaded(f"pipelined calls waiting here already hold file descriptors: {over}")
         self._waiting.add(caller, 1)
-        self._waiting_bytes.add(caller, size)
+        self._waiting_bytes.add(caller, w.size)
+        self._waiting_fds.add(caller, w.fds)
         self.waiting_calls += 1
         return None
 
+    def _unwait(self, w: _Waiting) -> None:
+        self._waiting.take(w.caller, 1)
+        self._waiting_bytes.take(w.caller, w.size)
+        self._waiting_fds.take(w.caller, w.fds)
+        self.waiting_calls -= 1
+
     def _stop_waiting(self, answer: _Answer) -> list[_Waiting]:
         """The calls that waited for ``answer``, no longer waiting (their budget given back)."""
-        waiting, answer.waiting = answer.waiting, []
+        waiting, answer.waiting = list(answer.waiting.values()), {}
         for w in waiting:
-            self._waiting.take(w.caller, 1)
-            self._waiting_bytes.take(w.caller, w.size)
-            self.waiting_calls -= 1
+            self._unwait(w)
+            del self._waiting_in[w.key]
         return waiting
 
-    def cancelled(self, key: tuple[int, int]) -> None:
-        self._forget_answer(key)
+    def cancelled(self, key: tuple[int, int], answer: object) -> None:
+        if answer is not None and self.answers.get(key) is answer:
+            self._forget_answer(key)
 
     def _forget_answer(self, key: tuple[int, int]) -> None:
         """Drops an answer, with the calls that waited on it and its count of kept answers."""
@@ -813,6 +882,9 @@ class Engine:
             if not keys:
                 del self._answers_of[key[0]]
         self._stop_waiting(answer)
+        base = self._waiting_in.pop(key, None)  # (a pipelined call still waiting for its base)
+        if base is not None:
+            self._unwait(base.waiting.pop(key))
         if answer.keep:
             self._kept.take(answer.caller, 1)
             self._kept_bytes.take(answer.caller, answer.kept_bytes)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import collections
 import inspect
+import os
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -99,6 +100,13 @@ class _Resend:
     transform: tuple[int, ...]
     method: Method
     params: Mapping[str, Any]
+    fds: dict[int, int]
+    """The fd numbers the params name -> copies of the files they named when first sent."""
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
 
 
 def _answered(question_id: int, error: RpcError) -> tuple[trio.Event, list[Returned]]:
@@ -186,6 +194,7 @@ class Vat:
         self._nursery = nursery
         self._waiting: dict[int, tuple[trio.Event, list[Returned]]] = {}
         self._resends: dict[int, _Resend] = {}  # question -> its promise's pipelined call
+        self._resending: dict[int, trio.CancelScope] = {}  # question -> its _resend task
         self._serving: dict[tuple[int, int], trio.CancelScope] = {}
         self._release_wanted = trio.Event()
 
@@ -452,11 +461,19 @@ class Vat:
         self._waiting[question_id] = done
         return question_id, done
 
-    async def send_call(self, client: Client, method: Method, params: Mapping[str, Any]) -> Promise:
+    async def send_call(
+        self,
+        client: Client,
+        method: Method,
+        params: Mapping[str, Any],
+        *,
+        fds: Mapping[int, int] | None = None,
+    ) -> Promise:
         """Sends a call and returns at once: ``await`` the promise for the results, or call
-        methods on capabilities in those results before they arrive (promise pipelining)."""
+        methods on capabilities in those results before they arrive (promise pipelining).
+        (``fds``: file descriptors to send instead of those the params name, by number.)"""
         if client.server is not None:
-            results = await self._call_local(client.server, method, params)
+            results = await self._call_local(client.server, method, params, fds)
             return Promise.resolved(self, client, method, results)
         pipeline = None
         base = None
@@ -464,12 +481,14 @@ class Vat:
             base, transform = client.pipeline
             base = base._latest()
             if base._done is None:  # answered here, by a local object
-                return await self.send_call(await self._retarget(base, transform), method, params)
+                return await self.send_call(await self._retarget(base, transform), method, params, fds=fds)
             pipeline, client = (base.question_id, transform), base.client
         await self._reply_node(client.handle)
         question_id, done = self._question(client, method, pipeline is not None)
         try:
             call = encode_call(question_id, method, params, keep_results=True, pipeline=pipeline)
+            if fds:
+                call.fds = [fds.get(fd, fd) for fd in call.fds]
             await self._send(client.handle, call, oneway=False)
         except BaseException:
             self._waiting.pop(question_id, None)
@@ -478,31 +497,65 @@ class Vat:
         promise = Promise(self, client, method, question_id, done)
         promise.base = base  # keeps the call it is pipelined on open while it is wanted
         if base is not None:
-            self._resends[question_id] = _Resend(weakref.ref(promise), transform, method, params)
+            # Kept in case it is redirected and must be sent again: the params, and copies
+            # of the fds they name (the caller may close its own once this returns, and the
+            # numbers then name other files).
+            copies = {fd: os.dup(fds.get(fd, fd) if fds else fd) for fd in call.fds}
+            self._resends[question_id] = _Resend(weakref.ref(promise), transform, method, params, copies)
         return promise
 
-    async def _resend(self, promise: Promise, resend: _Resend) -> None:
-        """Sends a promise's redirected pipelined call again, to the capability itself."""
+    async def _resend(self, promise: weakref.ref[Promise], resend: _Resend, question_id: int) -> None:
+        """Sends a promise's redirected pipelined call again, to the capability itself. Holds
+        the promise weakly: dropped, it cancels this (Vat._promise_gone), and its base goes
+        too (its Finish sent), even if the callee never answers the base."""
+        with trio.CancelScope() as scope:
+            self._resending[question_id] = scope
+            try:
+                await self._send_again(promise, resend)
+            finally:
+                del self._resending[question_id]
+                resend.close()
+
+    async def _send_again(self, ref: weakref.ref[Promise], resend: _Resend) -> None:
+        promise = ref()
+        if promise is None:
+            return
+        base, question_id = promise.base, promise.question_id
+        del promise
         error: RpcError
         try:
-            if promise.base is None:
+            if base is None:
                 raise Failed("the call it was pipelined on was dropped (its promise)")
-            target = await self._retarget(promise.base, resend.transform)
-            promise._adopt(await self.send_call(target, resend.method, resend.params))
-            return
+            target = await self._retarget(base, resend.transform)
+            del base
+            successor = await self.send_call(target, resend.method, resend.params, fds=resend.fds)
         except RpcError as failure:
             error = failure
         except trio.Cancelled:
-            promise._fail(_answered(promise.question_id, Disconnected("the vat closed")))
+            promise = ref()
+            if promise is not None:  # (the vat closes)
+                promise._fail(_answered(question_id, Disconnected("the vat closed")))
             raise
         except Exception as failure:  # noqa: BLE001 - the call's own params, say: its caller hears
             error = Failed(f"{type(failure).__name__}: {failure}")
-        promise._fail(_answered(promise.question_id, error))
+        else:
+            promise = ref()
+            if promise is not None:  # (else the successor goes too, with its Finish)
+                promise._adopt(successor)
+            return
+        promise = ref()
+        if promise is not None:
+            promise._fail(_answered(question_id, error))
 
     def _promise_gone(self, target: Client, question_id: int) -> None:
         """A promise was collected: the callee may drop the results it kept for it."""
         self._waiting.pop(question_id, None)
-        self._resends.pop(question_id, None)
+        resend = self._resends.pop(question_id, None)
+        if resend is not None:
+            resend.close()
+        resending = self._resending.get(question_id)
+        if resending is not None:
+            resending.cancel()
         self.engine.forget(question_id)  # open or answered: the callee may let go either way
         try:
             self._nursery.start_soon(self._finish, target, question_id)
@@ -590,12 +643,14 @@ class Vat:
         except RpcError:
             pass  # as for any one-way call
 
-    async def _call_local(self, server: Server, method: Method, params: Mapping[str, Any]) -> StructReader:
+    async def _call_local(
+        self, server: Server, method: Method, params: Mapping[str, Any], fds: Mapping[int, int] | None = None
+    ) -> StructReader:
         await trio.lowlevel.checkpoint()
         call = encode_call(0, method, params, oneway=True)
-        received = decode(
-            call.payload, self.engine.loopback(call.caps), self.engine.typed, duplicates(call.fds)
-        )
+        numbers = [fds.get(fd, fd) for fd in call.fds] if fds else call.fds
+        caps = self.engine.loopback(call.caps)
+        received = decode(call.payload, caps, self.engine.typed, duplicates(numbers))
         assert isinstance(received, ReceivedCall)
         kwargs = as_kwargs(received.params(method.params), method.params_layout)
         try:
@@ -677,11 +732,13 @@ class Vat:
     def _handle(self, event: Event) -> None:
         if isinstance(event, Returned):
             resend = self._resends.pop(event.question_id, None) if self._resends else None
-            if resend is not None and event.redirect:
-                promise = resend.promise()
+            if resend is not None:
+                promise = resend.promise() if event.redirect else None
                 if promise is not None:  # (set before its waiters wake: they wait for the resend)
                     promise._rerouted = trio.Event()
-                    self._nursery.start_soon(self._resend, promise, resend)
+                    self._nursery.start_soon(self._resend, resend.promise, resend, event.question_id)
+                else:
+                    resend.close()
             waiting = self._waiting.get(event.question_id)
             if waiting is not None:
                 waiting[1].append(event)
@@ -723,7 +780,11 @@ class Vat:
         # before its task starts, or while it waits for its turn, cancels it too.
         scope = trio.CancelScope()
         if arrived.reply is not None:
-            self._serving[(arrived.reply.handle, arrived.question_id)] = scope
+            key = (arrived.reply.handle, arrived.question_id)
+            earlier = self._serving.get(key)
+            if earlier is not None:  # (its question id reused: the engine let it go already)
+                earlier.cancel()
+            self._serving[key] = scope
         if streaming:
             self._queue_stream_call(arrived, scope)
         else:
@@ -802,7 +863,7 @@ class Vat:
             return True  # one-way: no return
         encoded, charge = self._bounded(arrived.caller, question_id, encoded)
         key = (reply.handle, question_id)
-        for event in self.engine.completed(key, encoded):
+        for event in self.engine.completed(key, encoded, arrived.answer):
             self._handle(event)
         if not self._send_now(reply.handle, encoded):
             self._nursery.start_soon(self._send_return, reply, question_id, encoded, charge)
@@ -817,7 +878,7 @@ class Vat:
         question_id = arrived.question_id
         error = Overloaded(f"{overloaded}; try again later")
         encoded = encode_exception(question_id, error)
-        for event in self.engine.completed((reply.handle, question_id), encoded):
+        for event in self.engine.completed((reply.handle, question_id), encoded, arrived.answer):
             self._handle(event)  # calls pipelined on this one fail with it
         self._nursery.start_soon(self._send_return, reply, question_id, encoded, _Charge(arrived.caller))
 
@@ -950,7 +1011,7 @@ class Vat:
                     del self._serving[key]
                 if inspect.iscoroutine(started):
                     started.close()  # never awaited (cancelled first): no warning; else a no-op
-        await self._answer(reply, key, encoded, scope.cancel_called, arrived.caller)
+        await self._answer(reply, key, encoded, scope.cancel_called, arrived)
 
     def _queue_stream_call(self, arrived: CallArrived, scope: trio.CancelScope) -> None:
         """Stream calls of one caller to one object run one at a time, in arrival order."""
@@ -977,7 +1038,7 @@ class Vat:
         key: tuple[int, int] | None,
         encoded: Encoded | None,
         cancelled: bool,
-        caller: Caller,
+        arrived: CallArrived,
     ) -> None:
         """Sends a served call's return and runs the pipelined calls that waited for it."""
         if key is None or reply is None:
@@ -986,12 +1047,12 @@ class Vat:
             # The caller sent Finish: it wants no return. Calls pipelined on this one (a
             # promise derived from it may still be awaited) fail with the reason.
             canceled = encode_exception(key[1], Failed("the call they were pipelined on was canceled"))
-            for event in self.engine.completed(key, canceled):
+            for event in self.engine.completed(key, canceled, arrived.answer):
                 self._handle(event)
-            self.engine.cancelled(key)
+            self.engine.cancelled(key, arrived.answer)
             return
-        encoded, charge = self._bounded(caller, key[1], encoded)
-        for event in self.engine.completed(key, encoded):
+        encoded, charge = self._bounded(arrived.caller, key[1], encoded)
+        for event in self.engine.completed(key, encoded, arrived.answer):
             self._handle(event)
         await self._send_return(reply, key[1], encoded, charge)
 
