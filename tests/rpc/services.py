@@ -10,7 +10,7 @@ from typing import Any
 import trio
 
 import capbus
-from capbus.rpc import errors
+from capbus.rpc import errors, protocol
 from capbus.rpc.vat import Vat, open_vat
 
 schema: Any = capbus.load(Path(__file__).with_name("calls.capnp"))
@@ -97,3 +97,13 @@ async def make_pair(kernel: capbus.Kernel) -> AsyncIterator[Pair]:
         yield Pair(kernel, server, server_vat, client_vat, client_vat.client(handle, schema.Factory))
     await server_peer.aclose()
     await client_peer.aclose()
+
+
+async def next_call(peer: capbus.Peer) -> tuple[capbus.Message, protocol.ReceivedCall]:
+    """The next call a bare peer (playing a hostile callee) receives, skipping the rest."""
+    while True:
+        message = await peer.recv()
+        if message.kind is capbus.MessageKind.DATA:
+            call = protocol.decode(message.payload_view, list(range(len(message.handles))))
+            if isinstance(call, protocol.ReceivedCall):
+                return message, call

@@ -25,13 +25,22 @@ from capbus import _wire
 from capbus.rpc import errors, protocol
 from capbus.rpc.vat import Vat, open_vat
 
-from .services import FactoryServer, schema
+from .services import FactoryServer, next_call, schema
 
 TIMEOUT = 20
 SAME = schema.Factory.interface.methods["same"]
 ECHO = schema.Factory.interface.methods["echo"]
 SLOW = schema.Factory.interface.methods["slow"]
 SPAWN = schema.Counter.interface.methods["spawn"]
+
+
+def fail_if_crashed(error: BaseException, kind: type[BaseException], cause: str) -> None:
+    """Fails the test, saying so, if ``error`` (as nurseries wrap it) is the vat's crash."""
+    crash = error
+    while isinstance(crash, BaseExceptionGroup) and len(crash.exceptions) == 1:
+        crash = crash.exceptions[0]
+    if isinstance(crash, kind):
+        pytest.fail(f"the server's vat crashed on {cause}: {crash!r}")
 
 
 async def until(condition: Callable[[], Any]) -> None:
@@ -91,11 +100,7 @@ async def _memfd_attack(kernel: capbus.Kernel, data: bytes, **options: int) -> N
                 await send_as_memfd(attacker, target, data, [reply])
                 assert (await factory.echo("still serving")).text == "still serving"
     except BaseException as error:  # noqa: BLE001 - the vat's receive loop died: say so
-        crash = error
-        while isinstance(crash, BaseExceptionGroup) and len(crash.exceptions) == 1:
-            crash = crash.exceptions[0]
-        if isinstance(crash, ValueError):
-            pytest.fail(f"the server's vat crashed on a hostile memfd payload: {crash!r}")
+        fail_if_crashed(error, ValueError, "a hostile memfd payload")
         raise
     finally:
         await attacker.aclose()
@@ -152,8 +157,8 @@ async def test_a_redirect_whose_base_never_returns_pins_the_callers_promises(ker
             with trio.fail_after(TIMEOUT):
                 base = await factory.same.send()
                 promise = await base.cap.spawn.send()
-                _base_message, base_call = await _next_call(attacker)
-                message, pipelined = await _next_call(attacker)
+                _base_message, base_call = await next_call(attacker)
+                message, pipelined = await next_call(attacker)
                 assert pipelined.promised is not None and pipelined.promised[0] == base_call.question_id
                 redirect = protocol.encode_redirect(pipelined.question_id)
                 await attacker.send(message.handles[pipelined.reply], redirect.payload)
@@ -173,15 +178,6 @@ async def test_a_redirect_whose_base_never_returns_pins_the_callers_promises(ker
     finally:
         for peer in (attacker, caller_peer):
             await peer.aclose()
-
-
-async def _next_call(peer: capbus.Peer) -> tuple[capbus.Message, protocol.ReceivedCall]:
-    while True:
-        message = await peer.recv()
-        if message.kind is capbus.MessageKind.DATA:
-            call = protocol.decode(message.payload_view, list(range(len(message.handles))))
-            if isinstance(call, protocol.ReceivedCall):
-                return message, call
 
 
 async def _next_return(peer: capbus.Peer) -> protocol.ReceivedReturn:
@@ -320,11 +316,7 @@ async def test_a_long_chain_of_redirected_pipelined_calls_crashes_the_vat(kernel
                     pass
                 assert (await factory.echo("still serving")).text == "still serving"
     except BaseException as error:  # noqa: BLE001 - the vat died: say so
-        crash = error
-        while isinstance(crash, BaseExceptionGroup) and len(crash.exceptions) == 1:
-            crash = crash.exceptions[0]
-        if isinstance(crash, RecursionError):
-            pytest.fail(f"the server's vat crashed on a chain of redirected pipelined calls: {crash!r}")
+        fail_if_crashed(error, RecursionError, "a chain of redirected pipelined calls")
         raise
     finally:
         for peer in (server_peer, attacker, honest):
@@ -533,8 +525,8 @@ async def test_a_redirect_resends_a_pipelined_call_with_fd_numbers_the_caller_ha
                 if secret != write_end:  # (not the lowest free number here: make it so)
                     os.dup2(secret, write_end)
                     os.close(secret)
-                base_message, base_call = await _next_call(attacker)
-                message, pipelined = await _next_call(attacker)
+                base_message, base_call = await next_call(attacker)
+                message, pipelined = await next_call(attacker)
                 for fd in message.fds:  # the pipe, as the caller meant
                     os.close(fd)
                 redirect = protocol.encode_redirect(pipelined.question_id)
@@ -542,7 +534,7 @@ async def test_a_redirect_resends_a_pipelined_call_with_fd_numbers_the_caller_ha
                 sink = review3.Hub.interface.methods["sink"]
                 results = protocol.encode_results(base_call.question_id, sink, {"sink": "own"})
                 await attacker.send(base_message.handles[base_call.reply], results.payload, handles=[own])
-                message, resent = await _next_call(attacker)  # the call again, now at `own`
+                message, resent = await next_call(attacker)  # the call again, now at `own`
                 assert message.destination == own
                 stolen = list(message.fds)
                 answer = protocol.encode_results(resent.question_id, fill, {})

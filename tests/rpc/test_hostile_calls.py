@@ -20,7 +20,7 @@ from capbus.rpc.vat import Vat, open_vat
 from capbus.testing import wait_for_statistics
 
 from .processes import reporting_process
-from .services import FactoryServer, schema
+from .services import FactoryServer, next_call, schema
 
 CALL = protocol.ENVELOPE.fields["call"].slot
 PARAMS = protocol.layout_of(protocol.rpc.Call.schema).fields["params"].slot
@@ -221,15 +221,6 @@ async def test_a_server_that_pipelines_onto_the_attackers_object_only_redirects(
         await peer.aclose()
 
 
-async def _next_call(attacker: capbus.Peer) -> tuple[capbus.Message, protocol.ReceivedCall]:
-    while True:
-        message = await attacker.recv()
-        if message.kind is capbus.MessageKind.DATA:
-            call = protocol.decode(message.payload_view, list(range(len(message.handles))))
-            assert isinstance(call, protocol.ReceivedCall)
-            return message, call
-
-
 async def test_a_hostile_redirect_fails_only_the_call_it_answers(kernel: capbus.Kernel) -> None:
     """A callee that answers with redirects (rpc.capnp's Return.redirect) it has no cause
     for: a plain call redirected fails with why; a pipelined call redirected onto a null
@@ -253,14 +244,14 @@ async def test_a_hostile_redirect_fails_only_the_call_it_answers(kernel: capbus.
             with trio.fail_after(10):
                 # A plain call, redirected.
                 nursery.start_soon(run, "plain", lambda: factory.echo("hello"))
-                message, call = await _next_call(attacker)
+                message, call = await next_call(attacker)
                 redirect = protocol.encode_redirect(call.question_id)
                 await attacker.send(message.handles[call.reply], redirect.payload)
                 # A pipelined call, redirected onto a null capability.
                 promise = await factory.same.send()
                 nursery.start_soon(run, "null", lambda: promise.cap.increment(by=1))
-                base_message, base = await _next_call(attacker)
-                message, pipelined = await _next_call(attacker)
+                base_message, base = await next_call(attacker)
+                message, pipelined = await next_call(attacker)
                 assert pipelined.promised is not None and pipelined.promised[0] == base.question_id
                 redirect = protocol.encode_redirect(pipelined.question_id)
                 await attacker.send(message.handles[pipelined.reply], redirect.payload)
@@ -270,13 +261,13 @@ async def test_a_hostile_redirect_fails_only_the_call_it_answers(kernel: capbus.
                 own = await attacker.create_node()
                 second = await factory.same.send()
                 nursery.start_soon(run, "late", lambda: second.cap.increment(by=1))
-                base_message, base = await _next_call(attacker)
-                message, pipelined = await _next_call(attacker)
+                base_message, base = await next_call(attacker)
+                message, pipelined = await next_call(attacker)
                 redirect = protocol.encode_redirect(pipelined.question_id)
                 await attacker.send(message.handles[pipelined.reply], redirect.payload)
                 results = protocol.encode_results(base.question_id, SAME, {"cap": "own"})
                 await attacker.send(base_message.handles[base.reply], results.payload, handles=[own])
-                message, direct = await _next_call(attacker)  # at `own`, from the caller
+                message, direct = await next_call(attacker)  # at `own`, from the caller
                 assert message.destination == own and direct.promised is None
                 answer = protocol.encode_results(direct.question_id, increment, {"value": 41})
                 await attacker.send(message.handles[direct.reply], answer.payload)
