@@ -130,39 +130,73 @@ def read(segments: Sequence[Segment]) -> CallHeader | int | None:
     head = segments[0]
     size = len(head)
     if size == CALL_HEADER_BYTES:
-        root, which, to, question_id, interface_id, word2, reply, promised, params = _CALL_HEADER.unpack(head)
-        if (
-            root != _ROOT
-            or which != _ENVELOPE_CALL
-            or to != _TO_CALL
-            or promised
-            or params != _FAR_TO_SEGMENT_1
-            or word2 & ~(0xFFFF | _KEEP_RESULTS_BIT)  # a pipelined target, or unknown bits
-        ):
-            return None
-        if reply == 0:
-            reply_index = None
-        elif reply & 0xFFFFFFFF == CAPABILITY:
-            reply_index = reply >> 32
-        else:
-            return None
-        return CallHeader(
-            question_id, interface_id, word2 & 0xFFFF, reply_index, bool(word2 & _KEEP_RESULTS_BIT)
-        )
+        return _call_header(_CALL_HEADER.unpack(head))
     if size == RETURN_HEADER_BYTES:
-        root, which, to, question_id, discriminant, results = _RETURN_HEADER.unpack(head)
-        if (
-            root != _ROOT
-            or which != _ENVELOPE_RETURN
-            or to != _TO_RETURN
-            or discriminant != _RETURN_RESULTS
-            or results != _FAR_TO_SEGMENT_1
-        ):
-            return None
-        return int(question_id)
+        return _return_header(_RETURN_HEADER.unpack(head))
     return None
+
+
+def read_framed(payload: Segment) -> tuple[CallHeader | int, memoryview] | None:
+    """:func:`read` of a whole framed message of exactly two segments, and its body (segment
+    1) as a view; None for any other message. One unpack for the segment table and the
+    header together: this runs on every call and return."""
+    view = memoryview(payload)
+    size = view.nbytes
+    if size < _RETURN_FRAME.size or view.format != "B":
+        return None
+    count, head_words, body_words = TWO_SEGMENTS.unpack_from(view)
+    parsed: CallHeader | int | None
+    if count != 1:
+        return None
+    if head_words == CALL_HEADER_BYTES // 8 and size >= _CALL_FRAME.size:
+        start = _CALL_FRAME.size
+        parsed = _call_header(_CALL_FRAME.unpack_from(view)[3:])
+    elif head_words == RETURN_HEADER_BYTES // 8:
+        start = _RETURN_FRAME.size
+        parsed = _return_header(_RETURN_FRAME.unpack_from(view)[3:])
+    else:
+        return None
+    if parsed is None or start + body_words * 8 != size:
+        return None
+    return parsed, view[start:]
+
+
+def _call_header(words: Sequence[int]) -> CallHeader | None:
+    root, which, to, question_id, interface_id, word2, reply, promised, params = words
+    if (
+        root != _ROOT
+        or which != _ENVELOPE_CALL
+        or to != _TO_CALL
+        or promised
+        or params != _FAR_TO_SEGMENT_1
+        or word2 & ~(0xFFFF | _KEEP_RESULTS_BIT)  # a pipelined target, or unknown bits
+    ):
+        return None
+    if reply == 0:
+        reply_index = None
+    elif reply & 0xFFFFFFFF == CAPABILITY:
+        reply_index = reply >> 32
+    else:
+        return None
+    return CallHeader(question_id, interface_id, word2 & 0xFFFF, reply_index, bool(word2 & _KEEP_RESULTS_BIT))
+
+
+def _return_header(words: Sequence[int]) -> int | None:
+    root, which, to, question_id, discriminant, results = words
+    if (
+        root != _ROOT
+        or which != _ENVELOPE_RETURN
+        or to != _TO_RETURN
+        or discriminant != _RETURN_RESULTS
+        or results != _FAR_TO_SEGMENT_1
+    ):
+        return None
+    return int(question_id)
 
 
 TWO_SEGMENTS = struct.Struct("<III4x")
 """The segment table of a header plus a one-segment body: count - 1, and the two sizes in
 words (padded to a whole word)."""
+
+_CALL_FRAME = struct.Struct("<III4x9Q")  # the segment table of two, then a call header
+_RETURN_FRAME = struct.Struct("<III4x6Q")  # ... then a return header

@@ -300,13 +300,11 @@ def decode(
     # check must see what the reader will: the fast shape's body is read alone (a far
     # pointer in it lands in itself, not in the header), so it is checked alone; header.read
     # has checked every pointer word of the header itself.
-    segments = capwire.unframe(payload)
-    fast = header.read(segments) if len(segments) == 2 else None
-    if fast is None:
-        capwire.check_tree(payload)
-    else:  # a single-segment body: its pointers need no renumbering
-        body_segments = segments[1:]
-        capwire.check_segment(body_segments[0])
+    framed = header.read_framed(payload)
+    if framed is not None:  # a single-segment body: its pointers need no renumbering
+        fast, body = framed
+        body_segments = [body]
+        capwire.check_segment(body)
         table = CapTableReader.direct(body_segments, caps, resolve, fds)
         if isinstance(fast, int):
             return ReceivedReturn(fast, Body(body_segments, table))
@@ -320,6 +318,8 @@ def decode(
             None,
             Body(body_segments, table),
         )
+    segments = capwire.unframe(payload)
+    capwire.check_tree(payload)
     table = CapTableReader.direct(segments, caps, resolve, fds)
     envelope = StructReader(
         rpc.Envelope.from_segments(table.segments, traversal_budget(table.segments)), ENVELOPE, table

@@ -114,3 +114,37 @@ def test_pipelined_calls_and_exceptions_use_the_general_shape() -> None:
     assert isinstance(failed, protocol.ReceivedReturn) and failed.body is None
     assert failed.question_id == 4 and isinstance(failed.error, protocol.Failed)
     assert failed.error.reason == "no"
+
+
+def test_reading_a_whole_frame_agrees_with_reading_its_segments() -> None:
+    """header.read_framed (one unpack of the segment table and the header, as decode runs
+    it) says what header.read says of the unframed segments, for the shapes encode makes
+    and for mutations of them: the same header, and the body as segment 1; or None."""
+    import random
+
+    rng = random.Random(5)
+    shapes = [
+        protocol.encode_call(3, METHODS["echo"], {"text": "hi"}).payload,
+        protocol.encode_call(4, METHODS["same"], {"cap": Cap()}, keep_results=True).payload,
+        protocol.encode_call(5, METHODS["echo"], {"text": "one way"}, oneway=True).payload,
+        protocol.encode_results(6, METHODS["echo"], {"text": "back"}).payload,
+        protocol.encode_exception(7, protocol.Failed("no")).payload,
+    ]
+    for _ in range(3000):
+        payload = bytearray(rng.choice(shapes))
+        for _ in range(rng.randint(0, 3)):
+            at = rng.randrange(min(len(payload), 96))
+            payload[at] ^= 1 << rng.randrange(8)
+        if rng.random() < 0.1:
+            payload = payload[: rng.randrange(len(payload))]
+        try:
+            segments = capwire.unframe(bytes(payload))
+        except capwire.CapWireError:
+            segments = []
+        expected = header.read(segments) if len(segments) == 2 else None
+        framed = header.read_framed(bytes(payload))
+        if expected is None:
+            assert framed is None, payload.hex()
+        else:
+            assert framed is not None and framed[0] == expected, payload.hex()
+            assert bytes(framed[1]) == bytes(segments[1])
