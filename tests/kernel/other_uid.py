@@ -39,10 +39,11 @@ NOBODY = 65534
 TIMEOUT = 60
 
 
-def needs_root() -> None:
+def needs_root(why: str = "it runs the kernel and its peers as other uids") -> None:
+    """Fails (never skips) a test that cannot be checked as an unprivileged user."""
     assert os.geteuid() == 0, (
-        "this test needs root: it runs the kernel and its peers as other uids "
-        "(CI runs the suite as root); it cannot be checked as an unprivileged user"
+        f"this test needs root: {why} (CI runs the suite as root); it cannot be checked as an"
+        " unprivileged user"
     )
 
 

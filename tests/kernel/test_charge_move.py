@@ -5,7 +5,6 @@ with EDQUOT and the connection stays charged as it was. Real uids: needs root.""
 from __future__ import annotations
 
 import errno
-import os
 import socket
 
 import trio
@@ -15,18 +14,11 @@ import capbus
 from capbus import _wire
 from capbus.testing import wait_for_statistics
 
-from .other_uid import python_as
+from .other_uid import needs_root, python_as
 
 ATTACKER = 1001
 TIMEOUT = 30
 COOKIE = 1 << 40
-
-
-def needs_root() -> None:
-    assert os.geteuid() == 0, (
-        "this test needs root: it writes to connections as another uid "
-        "(CI runs the suite as root); it cannot be checked as an unprivileged user"
-    )
 
 
 def adopt(kernel: capbus.Kernel, uid: int) -> socket.socket:
@@ -89,7 +81,7 @@ async def query_as(uid: int, sock: socket.socket) -> tuple[int, int | None]:
 
 
 async def test_a_connection_does_not_move_to_a_uid_at_its_peers_per_user() -> None:
-    needs_root()
+    needs_root("it writes to connections as another uid")
     async with capbus.open_kernel(limits=capbus.Limits(peers_per_user=2)) as kernel:
         own = [adopt(kernel, ATTACKER) for _ in range(2)]  # the uid's whole peers_per_user
         connection = kernel.socket_for_child()  # this process's uid's
@@ -107,7 +99,7 @@ async def test_a_connection_does_not_move_to_a_uid_at_its_peers_per_user() -> No
 
 
 async def test_a_connection_with_a_backlog_does_not_move_to_a_uid_past_half_its_user_backlog() -> None:
-    needs_root()
+    needs_root("it writes to connections as another uid")
     async with capbus.open_kernel(limits=capbus.Limits(user_backlog=16384)) as kernel:
         # A peer of the uid that never reads its replies: the uid goes past its user_backlog.
         gated = adopt(kernel, ATTACKER)
@@ -179,7 +171,7 @@ async def test_handles_stay_charged_to_the_uid_they_were_made_for() -> None:
     is handed over stay its maker's (the new uid does not pay for them, the maker does not
     get its budget back), and those made after are the new uid's (it cannot spend its
     maker's budget)."""
-    needs_root()
+    needs_root("it writes to connections as another uid")
     async with capbus.open_kernel(limits=capbus.Limits(user_handles=6)) as kernel:
         connection = kernel.socket_for_child()  # this process's uid's
         mine = kernel.socket_for_child()

@@ -38,6 +38,8 @@ from capbus import _kernel, _wire
 from capbus.errors import error_from_errno
 from capbus.testing import PeerFactory, as_user, assert_queue_empty, recv_kind, wait_for_statistics
 
+from .other_uid import needs_root
+
 DATA = capbus.MessageKind.DATA
 DESTROYED = capbus.MessageKind.NODE_DESTROYED
 RELEASED = capbus.MessageKind.NODE_RELEASED
@@ -1117,10 +1119,7 @@ async def test_flood_from_the_same_user_stops_with_edquot_and_loses_nothing(
 
 @bounded
 async def test_flood_from_another_uid_is_held_to_half_and_others_still_get_through() -> None:
-    assert os.geteuid() == 0, (
-        "this test needs root: it runs the attacker as uid 65534 to check per-uid quotas "
-        "(CI runs the suite as root); it cannot be checked as an unprivileged user"
-    )
+    needs_root("it runs the attacker as uid 65534 to check per-uid quotas")
     limits = capbus.Limits(peer_bytes=1 * MiB)
     size = 64 * 1024
     frame_size = MESSAGE_HEADER + size

@@ -17,7 +17,7 @@ import pytest
 
 import capbus
 
-from .other_uid import python_as
+from .other_uid import needs_root, python_as
 
 NOBODY = 65534
 
@@ -90,10 +90,7 @@ def lib_free(kernel: capbus.Kernel) -> None:
 
 
 def test_symlink_swapped_in_by_another_uid_is_never_chmodded(tmp_path: Path) -> None:
-    assert os.geteuid() == 0, (
-        "this test needs root: it runs the attacker as uid 65534 against a root daemon "
-        "(CI runs the suite as root)"
-    )
+    needs_root("it runs the attacker as uid 65534 against a root daemon")
     # pytest's tmp_path lies under a 0700 directory the attacker cannot reach.
     shared = Path(tempfile.mkdtemp(prefix="capbus-listen-"))
     shared.chmod(0o777)  # another uid may write here (no sticky bit)
