@@ -23,8 +23,9 @@ import os
 import socket
 import struct
 import threading
+import weakref
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import overload
@@ -262,12 +263,64 @@ def _parse_fds(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
     return fds
 
 
+_SEALS = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+# A large mapping is faulted in at once (one call, not one fault per page).
+_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
+_POPULATE_FROM = 1 << 20
+
+
 def _map(memfd: int, size: int) -> memoryview:
-    return memoryview(mmap.mmap(memfd, size, mmap.MAP_SHARED, mmap.PROT_READ))
+    """A received payload's memfd, mapped (its first ``size`` bytes)."""
+    return _read_only(memfd, size)
+
+
+def _read_only(memfd: int, size: int) -> memoryview:
+    flags = mmap.MAP_SHARED | (_POPULATE if size >= _POPULATE_FROM else 0)
+    return memoryview(SealedMapping(memfd, size, flags, mmap.PROT_READ))
+
+
+class SealedMapping(mmap.mmap):
+    """A read-only mapping of a sealed memfd payload, which keeps the memfd open: a payload
+    that is a view of the whole of one is sent as that memfd (a duplicate of it), without
+    a copy, whether it came in (a received large message) or was built in place
+    (:func:`sealed_payload`)."""
+
+    memfd: int
+
+    def __new__(cls, memfd: int, size: int, flags: int, prot: int) -> SealedMapping:
+        mapping = super().__new__(cls, memfd, size, flags, prot)
+        mapping.memfd = os.dup(memfd)
+        weakref.finalize(mapping, os.close, mapping.memfd)
+        return mapping
+
+
+def sealed_payload(size: int, fill: Callable[[memoryview], None]) -> memoryview:
+    """A payload of ``size`` bytes that ``fill`` writes straight into a new memfd (given a
+    writable view of it), sealed and mapped read-only: sending it (it is over
+    PAYLOAD_MAX, or should be) copies nothing more, where bytes would be copied into a
+    memfd at each send."""
+    if size > _wire.MEMFD_MAX:
+        raise MessageTooLarge(f"payload of {size} bytes is over the {_wire.MEMFD_MAX} byte limit")
+    fd = os.memfd_create("capbus-payload", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        os.ftruncate(fd, size)
+        flags = mmap.MAP_SHARED | (_POPULATE if size >= _POPULATE_FROM else 0)
+        with mmap.mmap(fd, size, flags, mmap.PROT_READ | mmap.PROT_WRITE) as writable:
+            with memoryview(writable) as view:
+                fill(view)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)  # (no writable mapping is left)
+        return _read_only(fd, size)
+    finally:
+        os.close(fd)
 
 
 def _sealed_memfd(payload: bytes | bytearray | memoryview) -> int:
-    """A memfd holding ``payload``, sealed so that no receiver can see it change."""
+    """A memfd holding ``payload``, sealed so that no receiver can see it change: a new one,
+    or a duplicate of the one a view of a whole SealedMapping already is."""
+    if isinstance(payload, memoryview) and isinstance(payload.obj, SealedMapping):
+        whole = payload.obj
+        if payload.c_contiguous and payload.nbytes == len(whole):  # (so all of it, from 0)
+            return os.dup(whole.memfd)
     if len(payload) > _wire.MEMFD_MAX:
         raise MessageTooLarge(f"payload of {len(payload)} bytes is over the {_wire.MEMFD_MAX} byte limit")
     fd = os.memfd_create("capbus-payload", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
@@ -276,11 +329,7 @@ def _sealed_memfd(payload: bytes | bytearray | memoryview) -> int:
         written = 0
         while written < len(view):
             written += os.write(fd, view[written:])
-        fcntl.fcntl(
-            fd,
-            fcntl.F_ADD_SEALS,
-            fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL,
-        )
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)
     except BaseException:
         os.close(fd)
         raise

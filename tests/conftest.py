@@ -48,20 +48,19 @@ async def calculator_server(kernel: capbus.Kernel) -> AsyncIterator[tuple[capbus
 
 @pytest.fixture
 def address_space_for_headers_only(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Failure injection: this process cannot map more than a payload's start (as a
-    sandbox's RLIMIT_AS would have it for a large payload): Peer's mmap of anything larger
-    fails with ENOMEM for the rest of the test."""
+    """Failure injection: this process cannot map more than a received payload's start (as
+    a sandbox's RLIMIT_AS would have it for a large payload): Peer's mapping of anything
+    larger fails with ENOMEM for the rest of the test."""
     import errno
-    import mmap
 
     from capbus import peer as peer_module
     from capbus.peer import PAYLOAD_HEAD_BYTES
 
-    real_mmap = mmap.mmap
+    real_map = peer_module._map
 
-    def small_room(fd: int, length: int, *args: object, **kwargs: object) -> mmap.mmap:
+    def small_room(fd: int, length: int) -> memoryview:
         if length > PAYLOAD_HEAD_BYTES:
             raise OSError(errno.ENOMEM, os.strerror(errno.ENOMEM))
-        return real_mmap(fd, length, *args, **kwargs)  # type: ignore[arg-type]
+        return real_map(fd, length)
 
-    monkeypatch.setattr(peer_module.mmap, "mmap", small_room)
+    monkeypatch.setattr(peer_module, "_map", small_room)

@@ -97,8 +97,14 @@ class FlatCodec:
     def encode(self, values: Mapping[str, Any]) -> bytes | None:
         """The struct as one segment (its root pointer first); None if a value must go the
         general way (unknown field, or not exactly what this writes)."""
+        parts = self.parts(values)
+        return None if parts is None else b"".join(parts)
+
+    def parts(self, values: Mapping[str, Any]) -> list[bytes | memoryview] | None:
+        """:meth:`encode`'s segment as the pieces to write one after the other (a large Data
+        value is one of them, as given: a caller can write them straight where they go)."""
         data = bytearray(self.data_words * _WORD)
-        blobs: list[tuple[int, bytes, int]] = []  # (slot, bytes, element count)
+        blobs: list[tuple[int, bytes | memoryview, int]] = []  # (slot, bytes, element count)
         try:
             for name, value in values.items():
                 writer = self._data.get(name)
@@ -112,13 +118,19 @@ class FlatCodec:
                 if is_text:
                     if type(value) is not str:
                         return None
-                    blob = value.encode()
+                    blob: bytes | memoryview = value.encode()
                     if b"\0" in blob:
                         return None  # (pycapnp's to say what it does with a NUL)
                     blobs.append((slot, blob, len(blob) + 1))
-                elif isinstance(value, bytes | bytearray | memoryview):
-                    blob = bytes(value)
-                    blobs.append((slot, blob, len(blob)))
+                elif type(value) is bytes:
+                    blobs.append((slot, value, len(value)))
+                elif isinstance(value, bytearray | memoryview):
+                    view = memoryview(value)
+                    if not view.c_contiguous:
+                        return None
+                    # (not copied: for a large value, the copy that counts is into the memfd)
+                    view = view.cast("B") if view.format != "B" else view
+                    blobs.append((slot, view.toreadonly(), view.nbytes))
                 else:
                     return None
         except (TypeError, ValueError, OverflowError, KeyError, struct.error):
@@ -126,20 +138,18 @@ class FlatCodec:
         pointers = bytearray(self.pointer_words * _WORD)
         # Blobs follow the struct in slot order of their setting, each padded to words.
         offset_words = self.data_words + self.pointer_words  # from the struct's start
-        parts = [self._root, bytes(data), b"", b""]
-        tail: list[bytes] = []
+        parts: list[bytes | memoryview] = [self._root, bytes(data), b""]
         for slot, blob, count in blobs:
             # A list pointer's offset counts words from the end of the pointer itself.
             end_of_pointer = self.data_words + slot + 1
             pointer = 1 | ((offset_words - end_of_pointer) << 2) | (_BYTE_LIST << 32) | (count << 35)
             struct.pack_into("<Q", pointers, slot * _WORD, pointer)
             size = (count + _WORD - 1) // _WORD * _WORD
-            tail.append(blob)
-            tail.append(bytes(size - len(blob)))
+            parts.append(blob)
+            parts.append(bytes(size - len(blob)))  # (a Text's NUL, and the padding)
             offset_words += size // _WORD
         parts[2] = bytes(pointers)
-        parts[3] = b"".join(tail)
-        return b"".join(parts)
+        return parts
 
 
 def _writer(kind: str, offset: int, default: Any, enumerants: Mapping[str, int]) -> Writer:

@@ -15,6 +15,8 @@ from typing import Any
 
 import capnp
 
+from .._wire import PAYLOAD_MAX
+from ..peer import sealed_payload
 from . import capwire, header
 from .capwire import CapWireError, Segment, traversal_budget
 from .envelope import rpc
@@ -59,7 +61,8 @@ class Encoded:
     """A framed envelope, the capability values its pointers index, and the file
     descriptors its Fd fields index (the caller's: they are duplicated on the way)."""
 
-    payload: bytes
+    payload: bytes | memoryview
+    """The framed envelope: bytes, or for a large one a view of the sealed memfd it is in."""
     caps: list[object]
     fds: list[int] = field(default_factory=list)
     failure: RpcError | None = None
@@ -72,8 +75,26 @@ def _encoded(view: StructBuilder) -> Encoded:
     return Encoded(_framed(segments), caps, view.table.fds)
 
 
-def _framed(segments: Sequence[Segment]) -> bytes:
-    return capwire.frame_header(segments) + b"".join(bytes(s) for s in segments)
+def _framed(segments: Sequence[Segment]) -> bytes | memoryview:
+    return _payload([capwire.frame_header(segments), *segments])
+
+
+def _payload(parts: Sequence[Segment]) -> bytes | memoryview:
+    """The pieces of a message, joined: in memory if small, else straight into the sealed
+    memfd the Peer API sends a large payload in (one copy of each piece, where joining them
+    and then writing the whole into a memfd at send took two)."""
+    views = [memoryview(part).cast("B") for part in parts]
+    size = sum(view.nbytes for view in views)
+    if size <= PAYLOAD_MAX:
+        return b"".join(views)
+
+    def fill(target: memoryview) -> None:
+        offset = 0
+        for view in views:
+            target[offset : offset + view.nbytes] = view
+            offset += view.nbytes
+
+    return sealed_payload(size, fill)
 
 
 def _split(
@@ -84,10 +105,11 @@ def _split(
     way then). A flat body (flat.py) is written without pycapnp."""
     codec = flat_codec(schema)
     if codec is not None:
-        flat = codec.encode(values)
-        if flat is not None:
-            table_bytes = header.TWO_SEGMENTS.pack(1, len(head) // 8, len(flat) // 8)
-            return Encoded(b"".join((table_bytes, head, flat)), table.values, table.fds)
+        parts = codec.parts(values)
+        if parts is not None:
+            body_words = sum(len(part) for part in parts) // 8
+            table_bytes = header.TWO_SEGMENTS.pack(1, len(head) // 8, body_words)
+            return Encoded(_payload([table_bytes, head, *parts]), table.values, table.fds)
     words = _first_segment_words(values)
     module = _module(schema)
     message = module.new_message() if words is None else module.new_message(num_first_segment_words=words)
@@ -99,7 +121,7 @@ def _split(
     (segment,) = segments
     size = len(memoryview(segment).cast("B")) // 8
     table_bytes = header.TWO_SEGMENTS.pack(1, len(head) // 8, size)
-    return Encoded(b"".join((table_bytes, head, segment)), caps, table.fds)
+    return Encoded(_payload([table_bytes, head, segment]), caps, table.fds)
 
 
 _DEFAULT_FIRST_SEGMENT_WORDS = 1024  # (libcapnp's SUGGESTED_FIRST_SEGMENT_WORDS)

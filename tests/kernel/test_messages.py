@@ -486,19 +486,17 @@ async def test_a_payload_that_cannot_be_mapped_loses_that_message_not_the_peer(
     """A large payload comes as a memfd the receiver maps; a process out of address space (a
     sandbox's RLIMIT_AS) fails that map. Only that message is lost (and said so in
     unsolicited_errors): the peer goes on receiving."""
-    import mmap
-
     from capbus import peer as peer_module
 
     sender, receiver = await new_peer(), await new_peer()
     node = await receiver.create_node()
     target = await receiver.transfer(node, sender)
 
-    def no_room(*args: object, **kwargs: object) -> mmap.mmap:
+    def no_room(fd: int, length: int) -> memoryview:
         raise OSError(errno.ENOMEM, os.strerror(errno.ENOMEM))
 
     with monkeypatch.context() as patched:
-        patched.setattr(peer_module.mmap, "mmap", no_room)
+        patched.setattr(peer_module, "_map", no_room)
         await sender.send(target, b"x" * (1 << 20))  # a memfd
         await sender.send(target, b"after")
         with trio.fail_after(10):
@@ -588,3 +586,35 @@ async def test_a_message_whose_fds_are_cut_short_comes_without_them(new_peer: Pe
     assert second.payload == b"after"
     (error,) = receiver.unsolicited_errors
     assert error.errno == errno.EMFILE
+
+
+async def test_a_payload_built_in_a_memfd_or_received_in_one_is_sent_without_a_copy(
+    new_peer: PeerFactory,
+) -> None:
+    """sealed_payload writes a payload straight into a sealed memfd; sending it, or sending
+    on a large payload as it was received, passes that same memfd (the receivers map the
+    same file: same inode), where bytes are copied into a new memfd at each send."""
+    from capbus.peer import SealedMapping, sealed_payload
+
+    sender, middle, last = await new_peer(), await new_peer(), await new_peer()
+    to_middle = await middle.transfer(await middle.create_node(), sender)
+    to_last = await last.transfer(await last.create_node(), middle)
+    size = 3 << 20
+    payload = sealed_payload(size, lambda view: view.__setitem__(slice(0, 8), b"built in"))
+    assert isinstance(payload.obj, SealedMapping)
+    with trio.fail_after(10):
+        await sender.send(to_middle, payload)
+        await sender.send(to_middle, b"copied" + bytes(size))
+        built, copied = await recv_kind(middle, DATA), await recv_kind(middle, DATA)
+        await middle.send(to_last, built.payload_view)
+        forwarded = await recv_kind(last, DATA)
+
+    def inode(message: capbus.Message) -> int:
+        mapping = message.payload_view.obj
+        assert isinstance(mapping, SealedMapping)
+        return os.fstat(mapping.memfd).st_ino
+
+    assert bytes(built.payload_view[:8]) == b"built in" and len(built.payload_view) == size
+    assert inode(built) == os.fstat(payload.obj.memfd).st_ino == inode(forwarded)
+    assert inode(copied) != inode(built)
+    assert bytes(forwarded.payload_view[:8]) == b"built in"

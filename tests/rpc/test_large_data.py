@@ -57,3 +57,20 @@ async def test_a_call_this_process_cannot_map_is_answered_overloaded(
     refused = await _call_with(kernel, 80 << 20)
     assert isinstance(refused, errors.Overloaded), refused
     assert "no address space left here to map a message of" in refused.reason
+
+
+def test_a_large_call_is_built_in_the_memfd_it_travels_in() -> None:
+    """A call over the inline payload limit is written straight into a sealed memfd (one
+    copy of its Data, not a join and then a write), and reads back the same."""
+    from capbus.peer import SealedMapping
+    from capbus.rpc import protocol
+
+    data = memoryview(bytes(range(256)) * 4096)  # 1 MiB
+    method = schema.Bench.interface.methods["data"]
+    encoded = protocol.encode_call(3, method, {"data": data})
+    assert isinstance(encoded.payload, memoryview) and isinstance(encoded.payload.obj, SealedMapping)
+    received = protocol.decode(encoded.payload, ["reply"])
+    assert isinstance(received, protocol.ReceivedCall)
+    assert received.params(method.params).data == bytes(data)
+    small = protocol.encode_call(4, method, {"data": b"small"})
+    assert isinstance(small.payload, bytes)
