@@ -575,6 +575,10 @@ class Peer:
         except BlockingIOError:
             return False
         except OSError as error:
+            if error.errno == errno.EBADF and fds and self._sock.fileno() >= 0:
+                # One of the fds to attach is not open (the socket is): that send fails,
+                # nothing was written, and the connection is as good as before.
+                raise InvalidArgument(f"a file descriptor to send is not open: {error}") from error
             self._broken = Disconnected(f"connection to the kernel failed: {error}")
             raise self._broken from error
 

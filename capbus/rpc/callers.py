@@ -30,6 +30,8 @@ class QueueBounds:
     bytes: int
     capabilities: int
     uid_share: int
+    fds: int = 64
+    """File descriptors their messages brought (for methods that may take some)."""
 
 
 @dataclass(eq=False)
@@ -44,6 +46,7 @@ class UserCalls:
     queued_bytes: int = 0
     queued_handles: int = 0
     """The sum of its callers' distinct queued handles."""
+    queued_fds: int = 0
 
 
 @dataclass(eq=False)
@@ -60,6 +63,8 @@ class CallerCalls:
     """Calls whose handler has not started (bounded by ``max_queued_calls``)."""
     queued_bytes: int = 0
     """Bytes of those calls' messages (bounded by ``max_queued_bytes_per_caller``)."""
+    queued_fds: int = 0
+    """File descriptors those messages brought and this process holds (QueueBounds.fds)."""
     queued_handles: dict[int, int] = field(default_factory=dict)
     """Handles those calls brought besides their reply capability -> how many of them carry
     it (distinct handles bounded by ``max_queued_capabilities_per_caller``: the kernel counts
@@ -77,9 +82,10 @@ class CallerCalls:
         """No call of this caller waits for its turn: a new one may start at once."""
         return self.turn == self.tickets
 
-    def overloaded(self, size: int, handles: tuple[int, ...], bounds: QueueBounds) -> str | None:
-        """Why a call of ``size`` bytes that brings ``handles`` may not queue (None: it may).
-        The first call of a caller always fits its own bounds (not its uid's)."""
+    def overloaded(self, size: int, handles: tuple[int, ...], fds: int, bounds: QueueBounds) -> str | None:
+        """Why a call of ``size`` bytes that brings ``handles`` and ``fds`` may not queue
+        (None: it may). The first call of a caller always fits its own bounds (not its
+        uid's)."""
         new = len(set(handles).difference(self.queued_handles))
         user, share = self.user, bounds.uid_share
         if self.queued >= bounds.calls or (
@@ -87,41 +93,49 @@ class CallerCalls:
             and (
                 len(self.queued_handles) + new > bounds.capabilities
                 or self.queued_bytes + size > bounds.bytes
+                or self.queued_fds + fds > bounds.fds
             )
         ):
             return (
                 f"{self.queued} calls are already waiting here (from this caller), of"
-                f" {self.queued_bytes} bytes with {len(self.queued_handles)} capabilities"
+                f" {self.queued_bytes} bytes with {len(self.queued_handles)} capabilities and"
+                f" {self.queued_fds} file descriptors"
             )
         if (
             user.queued >= bounds.calls * share
             or user.queued_handles + new > bounds.capabilities * share
             or user.queued_bytes + size > bounds.bytes * share
+            or user.queued_fds + fds > bounds.fds * share
         ):
             return (
                 f"{user.queued} calls are already waiting here (from this caller's uid, of all"
-                f" its connections), of {user.queued_bytes} bytes with {user.queued_handles} capabilities"
+                f" its connections), of {user.queued_bytes} bytes with {user.queued_handles}"
+                f" capabilities and {user.queued_fds} file descriptors"
             )
         return None
 
-    def enqueue(self, size: int, handles: tuple[int, ...]) -> None:
+    def enqueue(self, size: int, handles: tuple[int, ...], fds: int = 0) -> None:
         """A call taken in, to wait for its turn and a handler slot."""
         self.calls += 1
         self.queued += 1
         self.queued_bytes += size
+        self.queued_fds += fds
         self.user.queued += 1
         self.user.queued_bytes += size
+        self.user.queued_fds += fds
         for handle in handles:
             held = self.queued_handles.get(handle, 0)
             self.queued_handles[handle] = held + 1
             self.user.queued_handles += not held
 
-    def dequeue(self, size: int, handles: tuple[int, ...]) -> None:
+    def dequeue(self, size: int, handles: tuple[int, ...], fds: int = 0) -> None:
         """A call whose handler starts (or that will not run)."""
         self.queued -= 1
         self.queued_bytes -= size
+        self.queued_fds -= fds
         self.user.queued -= 1
         self.user.queued_bytes -= size
+        self.user.queued_fds -= fds
         for handle in handles:
             left = self.queued_handles.pop(handle) - 1
             if left:

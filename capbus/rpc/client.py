@@ -125,8 +125,9 @@ class Promise:
         """After a redirect (rpc.capnp's Return.redirect): set once the call was sent again
         to the capability itself (``_successor``), or that failed (``_done`` then says why)."""
         self._successor: Promise | None = None
-        if done is not None:
-            weakref.finalize(self, vat._promise_gone, client, question_id)
+        self._finalizer = weakref.finalize(self, vat._promise_gone, client, question_id)
+        if done is None:
+            self._finalizer.detach()  # (a local call's: nothing to tell anyone)
 
     @classmethod
     def resolved(cls, vat: Vat, client: Client, method: Method, results: Any) -> Promise:

@@ -116,6 +116,9 @@ class CallArrived:
     size: int = 0
     """Bytes of the call's message, which its params are read from: held (in memory, or
     mapped for a memfd payload) while it waits to start (Vat bounds them per caller)."""
+    fds: int = 0
+    """File descriptors the call's message brought (held likewise, when its method may
+    take them; Vat bounds them too)."""
     answer: object = None
     """The engine's record of the call (pass it back to :meth:`Engine.completed`): a
     caller may reuse a question id, and the answer to an earlier call must not settle
@@ -156,6 +159,8 @@ class _Waiting:
     caller: Caller
     size: int = 0
     fds: int = 0
+    handles: tuple[int, ...] = ()
+    """Handles of other peers' nodes the call brought (held by this peer meanwhile)."""
 
     @property
     def key(self) -> tuple[int, int]:
@@ -269,6 +274,7 @@ class Engine:
         on_release: Callable[[], None],
         max_waiting: int = 4096,
         max_waiting_bytes: int | None = None,
+        max_waiting_capabilities: int = 256,
         max_kept_per_caller: int = 1024,
         max_kept_bytes_per_caller: int | None = None,
         uid_share: int = UID_SHARE,
@@ -295,6 +301,8 @@ class Engine:
         """Bytes of those calls' messages, likewise."""
         self.max_waiting_fds = MAX_WAITING_FDS
         """File descriptors those calls brought (this process holds them meanwhile), likewise."""
+        self.max_waiting_capabilities = max_waiting_capabilities
+        """Capabilities those calls brought (handles this peer holds meanwhile), likewise."""
         self.waiting_calls = 0
         """Pipelined calls waiting for their answers, of all callers."""
         self.uid_share = uid_share
@@ -302,6 +310,7 @@ class Engine:
         self._waiting = Tally(uid_share)  # the same, per caller
         self._waiting_bytes = Tally(uid_share)
         self._waiting_fds = Tally(uid_share)
+        self._waiting_capabilities = Tally(uid_share)
         self._waiting_in: dict[tuple[int, int], _Answer] = {}  # a waiting call's key -> its base
         self._kept = Tally(uid_share)  # answers kept for a caller
         self._kept_bytes = Tally(uid_share)
@@ -648,16 +657,17 @@ class Engine:
             server = self.exports.get(destination)
             if server is None:
                 return self._refuse(payload, caps, "no object behind this node", Disconnected)
-            events = self._call(server, received, caller, len(payload), len(fds))
+            reply = received.reply
+            brought = self._brought(caps, reply if isinstance(reply, Client) else None)
+            events = self._call(server, received, caller, len(payload), len(fds), brought)
             for event in events:
-                if isinstance(event, CallArrived):
-                    event.size = len(payload)
-                    event.handles = self._brought(caps, event.reply)
+                if isinstance(event, CallArrived) and event.call is received:
                     if event.method is None or not event.method.params_layout.may_hold_fds:
                         # No field of its params can hold one: closed now, not held (against
                         # this process's RLIMIT_NOFILE) for as long as the call waits.
                         for fd in fds:
                             fd.close()
+                        event.fds = 0
             return events
         if isinstance(received, ReceivedFinish) and destination in self.exports:
             reply = received.reply
@@ -681,7 +691,15 @@ class Engine:
         """The handles of other peers' nodes in a call's capabilities, but its reply's."""
         return tuple(c.handle for c in caps if isinstance(c, Client) and c.server is None and c is not reply)
 
-    def _call(self, server: Server, call: ReceivedCall, caller: Caller, size: int, fds: int) -> list[Event]:
+    def _call(
+        self,
+        server: Server,
+        call: ReceivedCall,
+        caller: Caller,
+        size: int,
+        fds: int,
+        handles: tuple[int, ...],
+    ) -> list[Event]:
         reply = call.reply
         reply_client = reply if isinstance(reply, Client) and reply.server is None else None
         question_id = call.question_id
@@ -702,7 +720,7 @@ class Engine:
                 self._recent_replies.popitem(last=False)
         if call.promised is None:
             method = server.interface.by_key.get((call.interface_id, call.method_id))
-            arrived = CallArrived(server, call, method, reply_client, question_id, caller)
+            arrived = CallArrived(server, call, method, reply_client, question_id, caller, handles, size, fds)
             if reply_client is not None:
                 arrived.answer = self.answers[(reply_client.handle, question_id)]
             events.append(arrived)
@@ -711,7 +729,7 @@ class Engine:
         if reply_client is None:
             return events  # a one-way pipelined call names no answer of ours
         promised_question, transform = call.promised
-        waiting = _Waiting(call, reply_client, question_id, transform, caller, size, fds)
+        waiting = _Waiting(call, reply_client, question_id, transform, caller, size, fds, handles)
         answer = self.answers.get((reply_client.handle, promised_question))
         if answer is None or answer is self.answers.get(waiting.key):  # (on itself: never done)
             self._forget_answer(waiting.key)
@@ -769,7 +787,9 @@ class Engine:
         if target.server is not None:
             call = w.call
             method = target.server.interface.by_key.get((call.interface_id, call.method_id))
-            arrived = CallArrived(target.server, call, method, w.reply, w.question_id, w.caller)
+            arrived = CallArrived(
+                target.server, call, method, w.reply, w.question_id, w.caller, w.handles, w.size, w.fds
+            )
             arrived.answer = self.answers.get(w.key)
             return [arrived]
         return self._answered_at_once(w, encode_redirect(w.question_id), work)
@@ -847,9 +867,14 @@ class Engine:
         over = self._waiting_fds.over(caller, self.max_waiting_fds, w.fds, own=own)
         if over is not None:
             return Overloaded(f"pipelined calls waiting here already hold file descriptors: {over}")
+        capabilities = len(w.handles)
+        over = self._waiting_capabilities.over(caller, self.max_waiting_capabilities, capabilities, own=own)
+        if over is not None:
+            return Overloaded(f"pipelined calls waiting here already hold capabilities: {over}")
         self._waiting.add(caller, 1)
         self._waiting_bytes.add(caller, w.size)
         self._waiting_fds.add(caller, w.fds)
+        self._waiting_capabilities.add(caller, capabilities)
         self.waiting_calls += 1
         return None
 
@@ -857,6 +882,7 @@ class Engine:
         self._waiting.take(w.caller, 1)
         self._waiting_bytes.take(w.caller, w.size)
         self._waiting_fds.take(w.caller, w.fds)
+        self._waiting_capabilities.take(w.caller, len(w.handles))
         self.waiting_calls -= 1
 
     def _stop_waiting(self, answer: _Answer) -> list[_Waiting]:

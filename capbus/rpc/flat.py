@@ -173,6 +173,8 @@ def _writer(kind: str, offset: int, default: Any, enumerants: Mapping[str, int])
         default_number = default.enum
 
         def write_enum(data: bytearray, base: int, value: object) -> None:
+            if type(value) is not str and type(value) is not int:
+                raise TypeError  # (True or 1.0 would find 1 in numbers: pycapnp refuses them)
             _UINT16.pack_into(data, base + position, numbers[value] ^ default_number)  # KeyError: general way
 
         return write_enum
@@ -313,7 +315,7 @@ class FlatReader(StructReader):
     _made: bool
 
     @classmethod
-    def of(cls, segment: memoryview, general: Callable[[], StructReader]) -> StructReader:
+    def _of(cls, segment: memoryview, general: Callable[[], StructReader]) -> StructReader:
         """A reader of the struct ``segment``'s root points to: a FlatReader if that is a
         plain struct pointer into the segment (or null: every field its default), else
         ``general()``, which also raises what is wrong with it, as any reading would."""

@@ -261,7 +261,7 @@ class Body:
         codec = flat_codec(schema)
         if codec is not None and codec.reader_class is not None and len(self._segments) == 1:
             segment = memoryview(self._segments[0])
-            return codec.reader_class.of(segment, lambda: self._general(schema))
+            return codec.reader_class._of(segment, lambda: self._general(schema))
         return self._general(schema)
 
     def _general(self, schema: Any) -> StructReader:

@@ -485,23 +485,31 @@ class Vat:
             pipeline, client = (base.question_id, transform), base.client
         await self._reply_node(client.handle)
         question_id, done = self._question(client, method, pipeline is not None)
-        try:
-            call = encode_call(question_id, method, params, keep_results=True, pipeline=pipeline)
-            if fds:
-                call.fds = [fds.get(fd, fd) for fd in call.fds]
-            await self._send(client.handle, call, oneway=False)
-        except BaseException:
-            self._waiting.pop(question_id, None)
-            self.engine.forget(question_id)
-            raise
         promise = Promise(self, client, method, question_id, done)
         promise.base = base  # keeps the call it is pipelined on open while it is wanted
-        if base is not None:
-            # Kept in case it is redirected and must be sent again: the params, and copies
-            # of the fds they name (the caller may close its own once this returns, and the
-            # numbers then name other files).
-            copies = {fd: os.dup(fds.get(fd, fd) if fds else fd) for fd in call.fds}
-            self._resends[question_id] = _Resend(weakref.ref(promise), transform, method, params, copies)
+        try:
+            call = encode_call(question_id, method, params, keep_results=True, pipeline=pipeline)
+            named = call.fds  # the numbers the params name
+            if fds:
+                call.fds = [fds.get(fd, fd) for fd in named]
+            if base is not None:
+                # Kept in case it is redirected and must be sent again (registered before
+                # the send: the redirect may come in the same read as the send's answer):
+                # the params, and copies of the files they name, by the params' numbers (the
+                # caller may close its own once this returns: the numbers then name others).
+                resend = _Resend(weakref.ref(promise), transform, method, params, {})
+                self._resends[question_id] = resend
+                for number, real in zip(named, call.fds, strict=True):
+                    resend.fds[number] = os.dup(real)
+            await self._send(client.handle, call, oneway=False)
+        except BaseException:
+            promise._finalizer.detach()  # (never sent: nothing to Finish)
+            self._waiting.pop(question_id, None)
+            unsent = self._resends.pop(question_id, None)
+            if unsent is not None:
+                unsent.close()
+            self.engine.forget(question_id)
+            raise
         return promise
 
     async def _resend(self, promise: weakref.ref[Promise], resend: _Resend, question_id: int) -> None:
@@ -729,7 +737,14 @@ class Vat:
         for event in self.engine.receive(message):
             self._handle(event)
 
-    def _handle(self, event: Event) -> None:
+    def _settled(self, events: list[Event]) -> None:
+        """Handles what Engine.completed says follows a served call: never inline (a call
+        released by it may complete inline, release the next, and so on: a chain of
+        thousands would recurse as deep)."""
+        for event in events:
+            self._handle(event, inline=False)
+
+    def _handle(self, event: Event, inline: bool = True) -> None:
         if isinstance(event, Returned):
             resend = self._resends.pop(event.question_id, None) if self._resends else None
             if resend is not None:
@@ -745,7 +760,7 @@ class Vat:
                 waiting[0].set()
         elif isinstance(event, CallArrived):
             streaming = event.method is not None and event.method.streaming and event.reply is not None
-            if streaming or not self._serve_inline(event):
+            if streaming or not inline or not self._serve_inline(event):
                 self._take_in(event, streaming)
         elif isinstance(event, FinishArrived):
             scope = self._serving.get(event.key)
@@ -767,7 +782,7 @@ class Vat:
         # bounds a peer's handles (handles_held): past it this vat could make no node and
         # take no new caller's call. Its message is held too, or mapped (a memfd payload):
         # past the address space, the mapping fails in Peer.recv and the peer is broken.
-        overloaded = calls.overloaded(arrived.size, arrived.handles, self._queue_bounds)
+        overloaded = calls.overloaded(arrived.size, arrived.handles, arrived.fds, self._queue_bounds)
         if overloaded is not None:
             self._refuse_overloaded(arrived, overloaded)
             if not calls.calls:
@@ -775,7 +790,7 @@ class Vat:
             if inspect.iscoroutine(started):
                 started.close()  # never to be awaited: no warning
             return
-        calls.enqueue(arrived.size, arrived.handles)
+        calls.enqueue(arrived.size, arrived.handles, arrived.fds)
         # Its cancel scope, from now on: a Finish (or the caller's reply node destroyed)
         # before its task starts, or while it waits for its turn, cancels it too.
         scope = trio.CancelScope()
@@ -863,10 +878,11 @@ class Vat:
             return True  # one-way: no return
         encoded, charge = self._bounded(arrived.caller, question_id, encoded)
         key = (reply.handle, question_id)
-        for event in self.engine.completed(key, encoded, arrived.answer):
-            self._handle(event)
+        self._settled(self.engine.completed(key, encoded, arrived.answer))
         if not self._send_now(reply.handle, encoded):
-            self._nursery.start_soon(self._send_return, reply, question_id, encoded, charge)
+            # (arrived goes along: the files its message brought, which the results may
+            # name, stay open until the return is written)
+            self._nursery.start_soon(self._send_return, reply, question_id, encoded, charge, arrived)
         return True
 
     def _refuse_overloaded(self, arrived: CallArrived, overloaded: str) -> None:
@@ -878,8 +894,7 @@ class Vat:
         question_id = arrived.question_id
         error = Overloaded(f"{overloaded}; try again later")
         encoded = encode_exception(question_id, error)
-        for event in self.engine.completed((reply.handle, question_id), encoded, arrived.answer):
-            self._handle(event)  # calls pipelined on this one fail with it
+        self._settled(self.engine.completed((reply.handle, question_id), encoded, arrived.answer))
         self._nursery.start_soon(self._send_return, reply, question_id, encoded, _Charge(arrived.caller))
 
     def _send_now(self, destination: int, encoded: Encoded) -> bool:
@@ -902,7 +917,9 @@ class Vat:
             self.engine.sending(handles, False)
         return True
 
-    async def _send_return(self, reply: Client, question_id: int, encoded: Encoded, charge: _Charge) -> None:
+    async def _send_return(
+        self, reply: Client, question_id: int, encoded: Encoded, charge: _Charge, keep: object = None
+    ) -> None:
         """Sends a return; results that cannot be sent (a capability in them is gone) reach
         the caller as that error instead: a caller always gets an answer. A return that
         hands out objects of this vat waits for the kernel's answer, so that a refused one
@@ -982,7 +999,7 @@ class Vat:
                     raise Unimplemented(f"{arrived.server.interface.name} has no {wanted}")
                 params = params_of(arrived.call, method) if started is None else {}
                 await self._take_slot(calls)
-                calls.dequeue(arrived.size, arrived.handles)
+                calls.dequeue(arrived.size, arrived.handles, arrived.fds)
                 queued = False
                 try:
                     # The next call may start once this handler has begun: it runs until its
@@ -1002,7 +1019,7 @@ class Vat:
                 encoded = encode_exception(question_id, Failed(f"{type(error).__name__}: {error}"))
             finally:
                 if queued:
-                    calls.dequeue(arrived.size, arrived.handles)
+                    calls.dequeue(arrived.size, arrived.handles, arrived.fds)
                 calls.pass_turn(ticket)  # not reached the handler: let the others go on
                 calls.calls -= 1
                 if not calls.calls:
@@ -1047,13 +1064,11 @@ class Vat:
             # The caller sent Finish: it wants no return. Calls pipelined on this one (a
             # promise derived from it may still be awaited) fail with the reason.
             canceled = encode_exception(key[1], Failed("the call they were pipelined on was canceled"))
-            for event in self.engine.completed(key, canceled, arrived.answer):
-                self._handle(event)
+            self._settled(self.engine.completed(key, canceled, arrived.answer))
             self.engine.cancelled(key, arrived.answer)
             return
         encoded, charge = self._bounded(arrived.caller, key[1], encoded)
-        for event in self.engine.completed(key, encoded, arrived.answer):
-            self._handle(event)
+        self._settled(self.engine.completed(key, encoded, arrived.answer))
         await self._send_return(reply, key[1], encoded, charge)
 
     async def _retire(self, node: int) -> None:
@@ -1137,6 +1152,7 @@ async def open_vat(
             on_release=wake,
             max_waiting=max_queued_calls,
             max_waiting_bytes=max_queued_bytes_per_caller,
+            max_waiting_capabilities=max_queued_capabilities_per_caller,
             uid_share=uid_share,
         )
         limits = {

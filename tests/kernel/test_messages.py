@@ -618,3 +618,18 @@ async def test_a_payload_built_in_a_memfd_or_received_in_one_is_sent_without_a_c
     assert inode(built) == os.fstat(payload.obj.memfd).st_ino == inode(forwarded)
     assert inode(copied) != inode(built)
     assert bytes(forwarded.payload_view[:8]) == b"built in"
+
+
+async def test_a_send_naming_a_closed_fd_fails_alone(new_peer: PeerFactory) -> None:
+    """An fd to attach that is not open (EBADF from sendmsg) fails that send with
+    InvalidArgument; the connection is as good as before (it used to be given up)."""
+    sender, receiver = await new_peer(), await new_peer()
+    target = await receiver.transfer(await receiver.create_node(), sender)
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    os.close(write_end)
+    with pytest.raises(capbus.InvalidArgument, match="not open"):
+        await sender.send(target, b"with a closed fd", fds=[read_end])
+    await sender.send(target, b"after")
+    with trio.fail_after(10):
+        assert (await recv_kind(receiver, DATA)).payload == b"after"

@@ -11,12 +11,11 @@ import fcntl
 import gc
 import os
 import weakref
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-import pytest
 import trio
 import trio.testing
 
@@ -25,28 +24,18 @@ from capbus import _wire
 from capbus.rpc import errors, protocol
 from capbus.rpc.vat import Vat, open_vat
 
+from .hostile import (
+    ECHO,
+    SAME,
+    SLOW,
+    TIMEOUT,
+    assert_a_chain_is_served,
+    fail_if_crashed,
+    next_return,
+    open_fds,
+    until,
+)
 from .services import FactoryServer, next_call, schema
-
-TIMEOUT = 20
-SAME = schema.Factory.interface.methods["same"]
-ECHO = schema.Factory.interface.methods["echo"]
-SLOW = schema.Factory.interface.methods["slow"]
-SPAWN = schema.Counter.interface.methods["spawn"]
-
-
-def fail_if_crashed(error: BaseException, kind: type[BaseException], cause: str) -> None:
-    """Fails the test, saying so, if ``error`` (as nurseries wrap it) is the vat's crash."""
-    crash = error
-    while isinstance(crash, BaseExceptionGroup) and len(crash.exceptions) == 1:
-        crash = crash.exceptions[0]
-    if isinstance(crash, kind):
-        pytest.fail(f"the server's vat crashed on {cause}: {crash!r}")
-
-
-async def until(condition: Callable[[], Any]) -> None:
-    """Polls ``condition()``; bounded by the caller's fail_after."""
-    while not condition():
-        await trio.sleep(0.001)
 
 
 def sealed_memfd(data: bytes) -> int:
@@ -180,15 +169,6 @@ async def test_a_redirect_whose_base_never_returns_pins_the_callers_promises(ker
             await peer.aclose()
 
 
-async def _next_return(peer: capbus.Peer) -> protocol.ReceivedReturn:
-    while True:
-        message = await peer.recv()
-        if message.kind is capbus.MessageKind.DATA:
-            received = protocol.decode(message.payload_view, [None] * len(message.handles))
-            if isinstance(received, protocol.ReceivedReturn):
-                return received
-
-
 async def test_first_waiting_pipelined_calls_of_many_connections_pass_the_uid_bytes_bound(
     kernel: capbus.Kernel,
 ) -> None:
@@ -220,7 +200,7 @@ async def test_first_waiting_pipelined_calls_of_many_connections_pass_the_uid_by
                     # A plain call after it: once answered, the pipelined one was handled.
                     probe = protocol.encode_call(3, ECHO, {"text": "probe"})
                     await peer.send(target, probe.payload, handles=[reply])
-                    while (await _next_return(peer)).question_id != 3:
+                    while (await next_return(peer)).question_id != 3:
                         pass
                 held = server_vat.engine._waiting_bytes.of_uid((0, None))
                 assert held <= bound * share, (
@@ -292,35 +272,10 @@ async def test_a_long_chain_of_redirected_pipelined_calls_crashes_the_vat(kernel
     inline handler), and kills the vat's nursery: every caller of the server is cut off.
     Fix: make _redirect (and completed's waiting-call loop) iterative, a worklist of
     (answer, waiting calls) instead of recursion; or bound the depth of pipelined chains."""
-    links = 2000
-    server_peer, attacker, honest = await kernel.connect(), await kernel.connect(), await kernel.connect()
-    try:
-        async with open_vat(server_peer) as server_vat, open_vat(honest) as honest_vat:
-            server = GatedFactory()
-            server.gate = trio.Event()
-            node = await server_vat.export(server)
-            factory = honest_vat.client(await server_peer.transfer(node, honest), schema.Factory)
-            target = await server_peer.transfer(node, attacker)
-            reply, own = await attacker.create_node(), await attacker.create_node()
-            with trio.fail_after(TIMEOUT):
-                base = protocol.encode_call(1, SAME, {"cap": "own"}, keep_results=True)
-                await attacker.send(target, base.payload, handles=[reply, own])
-                for question in range(2, links + 2):
-                    link = protocol.encode_call(
-                        question, SPAWN, {}, keep_results=True, pipeline=(question - 1, [0])
-                    )
-                    await attacker.send(target, link.payload, handles=[reply])
-                await until(lambda: server_vat.engine.waiting_calls == links)
-                server.gate.set()
-                while (await _next_return(attacker)).question_id != links + 1:
-                    pass
-                assert (await factory.echo("still serving")).text == "still serving"
-    except BaseException as error:  # noqa: BLE001 - the vat died: say so
-        fail_if_crashed(error, RecursionError, "a chain of redirected pipelined calls")
-        raise
-    finally:
-        for peer in (server_peer, attacker, honest):
-            await peer.aclose()
+    base = protocol.encode_call(1, SAME, {"cap": "own"}, keep_results=True)
+    await assert_a_chain_is_served(
+        kernel, GatedFactory(), base, True, "a chain of redirected pipelined calls"
+    )
 
 
 async def test_kept_answers_of_a_caller_that_left_are_kept_for_ever(kernel: capbus.Kernel) -> None:
@@ -352,7 +307,7 @@ async def test_kept_answers_of_a_caller_that_left_are_kept_for_ever(kernel: capb
                 call = protocol.encode_call(question, new_counter, {}, keep_results=True)
                 await attacker.send(target, call.payload, handles=[reply])
             for _ in range(calls):
-                await _next_return(attacker)
+                await next_return(attacker)
             assert len(server_vat.engine.answers) == calls
             await attacker.aclose()  # the caller is gone: so are all its reply nodes
             assert (await factory.echo("after")).text == "after"
@@ -440,10 +395,6 @@ async def test_a_reused_question_id_makes_a_running_call_uncancellable(kernel: c
         )
 
 
-def _open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
-
-
 async def test_waiting_pipelined_calls_make_the_vat_hold_unbounded_fds(kernel: capbus.Kernel) -> None:
     """MEDIUM. A message's fds become FileDescriptor objects that close when the message
     is gone; Engine._dispatch closes them at once only for a CallArrived whose method cannot
@@ -469,7 +420,7 @@ async def test_waiting_pipelined_calls_make_the_vat_hold_unbounded_fds(kernel: c
             reply = await attacker.create_node()
             with trio.fail_after(TIMEOUT):
                 assert (await factory.echo("warm up")).text == "warm up"
-                before = _open_fds()
+                before = open_fds()
                 slow = protocol.encode_call(1, SLOW, {}, keep_results=True)  # never answers
                 await attacker.send(target, slow.payload, handles=[reply])
                 for question in range(2, calls + 2):
@@ -478,10 +429,10 @@ async def test_waiting_pipelined_calls_make_the_vat_hold_unbounded_fds(kernel: c
                 # A plain call after them: once answered, they were all taken in (or refused).
                 probe = protocol.encode_call(999, ECHO, {"text": "probe"})
                 await attacker.send(target, probe.payload, handles=[reply])
-                while (await _next_return(attacker)).question_id != 999:
+                while (await next_return(attacker)).question_id != 999:
                     pass
                 gc.collect()
-                held = _open_fds() - before
+                held = open_fds() - before
             assert held <= bound, (
                 f"one caller's waiting pipelined calls make the server's process hold {held} fds"
             )

@@ -20,18 +20,11 @@ import capbus
 from capbus.rpc import errors
 from capbus.rpc.vat import Vat, open_vat
 
+from .hostile import TIMEOUT, until
 from .processes import attacker_process
 from .services import FactoryServer, schema
 
-TIMEOUT = 20
 NOBODY = 65534
-
-
-async def until(condition: Any) -> None:
-    """Polls ``condition()`` (the vat's counters settle as messages arrive); bounded by the
-    caller's fail_after."""
-    while not condition():
-        await trio.sleep(0.001)
 
 
 @asynccontextmanager

@@ -1,0 +1,93 @@
+"""What the attack tests (test_attacks_review*.py, test_uid_bounds.py) share: a bare peer's
+view of what a vat sends it, and how a test tells a crashed vat from a failed check."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import trio
+
+import capbus
+from capbus.rpc import protocol
+from capbus.rpc.vat import open_vat
+
+from .services import FactoryServer, schema
+
+TIMEOUT = 20
+SAME = schema.Factory.interface.methods["same"]
+ECHO = schema.Factory.interface.methods["echo"]
+SLOW = schema.Factory.interface.methods["slow"]
+NEW_COUNTER = schema.Factory.interface.methods["newCounter"]
+SPAWN = schema.Counter.interface.methods["spawn"]
+
+
+def fail_if_crashed(error: BaseException, kind: type[BaseException], cause: str) -> None:
+    """Fails the test, saying so, if ``error`` (as nurseries wrap it) is the vat's crash."""
+    crash = error
+    while isinstance(crash, BaseExceptionGroup) and len(crash.exceptions) == 1:
+        crash = crash.exceptions[0]
+    if isinstance(crash, kind):
+        pytest.fail(f"the server's vat crashed on {cause}: {crash!r}")
+
+
+async def until(condition: Callable[[], Any]) -> None:
+    """Polls ``condition()`` (a vat's counters settle as messages arrive); bounded by the
+    caller's fail_after."""
+    while not condition():
+        await trio.sleep(0.001)
+
+
+async def next_return(peer: capbus.Peer) -> protocol.ReceivedReturn:
+    """The next return a bare peer (playing a hostile caller) receives, skipping the rest."""
+    while True:
+        message = await peer.recv()
+        if message.kind is capbus.MessageKind.DATA:
+            received = protocol.decode(message.payload_view, [None] * len(message.handles))
+            if isinstance(received, protocol.ReceivedReturn):
+                return received
+
+
+def open_fds() -> int:
+    """File descriptors this process has open."""
+    return len(os.listdir("/proc/self/fd"))
+
+
+async def assert_a_chain_is_served(
+    kernel: capbus.Kernel, server: FactoryServer, base: protocol.Encoded, own: bool, cause: str
+) -> None:
+    """A hostile caller pipelines 2,000 spawn() calls, each on the previous one's results,
+    on ``base`` (question 1, whose results' pointer 0 holds a Counter; with ``own`` its
+    second capability is a node of the attacker's own); ``server.gate`` holds the base
+    until all wait. The chain must settle (its last call answered) and the vat serve on;
+    a RecursionError that kills the vat fails the test as such (``cause``)."""
+    links = 2000
+    server_peer, attacker, honest = await kernel.connect(), await kernel.connect(), await kernel.connect()
+    try:
+        async with open_vat(server_peer) as server_vat, open_vat(honest) as honest_vat:
+            server.gate = trio.Event()
+            node = await server_vat.export(server)
+            factory = honest_vat.client(await server_peer.transfer(node, honest), schema.Factory)
+            target = await server_peer.transfer(node, attacker)
+            reply = await attacker.create_node()
+            handles = [reply, await attacker.create_node()] if own else [reply]
+            with trio.fail_after(TIMEOUT):
+                await attacker.send(target, base.payload, handles=handles)
+                for question in range(2, links + 2):
+                    link = protocol.encode_call(
+                        question, SPAWN, {}, keep_results=True, pipeline=(question - 1, [0])
+                    )
+                    await attacker.send(target, link.payload, handles=[reply])
+                await until(lambda: server_vat.engine.waiting_calls == links)
+                server.gate.set()
+                while (await next_return(attacker)).question_id != links + 1:
+                    pass
+                assert (await factory.echo("still serving")).text == "still serving"
+    except BaseException as error:  # noqa: BLE001 - the vat died: say so
+        fail_if_crashed(error, RecursionError, cause)
+        raise
+    finally:
+        for peer in (server_peer, attacker, honest):
+            await peer.aclose()
