@@ -14,6 +14,8 @@ import trio
 from capbus._kernel import lib
 
 import capbus
+from capbus import _wire
+from capbus.testing import wait_for_statistics
 
 from .other_uid import needs_root, run_as
 from .test_attacks_review import _FLOODING_CHILD, _parents_uid_still_served
@@ -71,3 +73,62 @@ async def test_children_refused_a_move_cannot_stop_their_parents_uid_on_the_conn
         finally:
             for sock in own:
                 sock.close()
+
+
+async def _flood_until_gated(kernel: capbus.Kernel, sock: socket.socket) -> None:
+    """Writes commands on ``sock`` (whose replies no one reads) until its uid is gated."""
+    sock.setblocking(False)
+    frame = _wire.command(_wire.CMD_PEER_QUERY, 1)
+    with trio.fail_after(TIMEOUT):
+        while kernel.statistics().peers_gated == 0:
+            try:
+                sock.send(frame)
+            except BlockingIOError:  # until the kernel reads it again, or gates it
+                async with trio.open_nursery() as nursery:
+
+                    async def writable() -> None:
+                        await trio.lowlevel.wait_writable(sock)
+                        nursery.cancel_scope.cancel()
+
+                    async def gated_now() -> None:
+                        await wait_for_statistics(kernel, lambda s: s.peers_gated > 0)
+                        nursery.cancel_scope.cancel()
+
+                    nursery.start_soon(writable)
+                    nursery.start_soon(gated_now)
+
+
+async def test_a_uid_past_its_backlog_does_not_make_the_kernel_spin() -> None:
+    """Severity MEDIUM. A peer's EPOLLIN is armed or not by cb_peer_update_events, called
+    for the peer being served; but a peer is also "over backlog" when its *uid* is past
+    user_backlog, which other peers of that uid change. A peer B of the uid that was armed
+    before the uid went over stays armed: when it has a frame to read, read_peer(B) sees
+    cb_peer_over_backlog and returns at once without reading and without re-arming it, and
+    the level-triggered epoll reports B again at once, forever. B is not on the gated list
+    either (it was never re-evaluated), so the retry walk never fixes it. Any uid does this
+    at will with two connections: one that never reads its replies (past the uid's backlog),
+    one with a frame written. The kernel thread then burns a whole core (measured: ~360,000
+    wakeups a second, 0.92 s of CPU per second; an idle kernel: 0), for as long as the
+    attacker likes; in embedded mode that is the application's own process, and every other
+    peer's service shares the core with the spin.
+
+    Fix: when read_peer stops on cb_peer_over_backlog, call cb_peer_update_events(peer)
+    (which disarms EPOLLIN and puts it on the gated list); or, when a uid crosses
+    user_backlog, re-evaluate (or disarm) all of its peers, not only the one served."""
+    needs_root()
+    async with capbus.open_kernel(limits=capbus.Limits(user_backlog=16384)) as kernel:
+        flooder = adopt(kernel, ATTACKER)
+        other = adopt(kernel, ATTACKER)  # armed now, while the uid is under its backlog
+        try:
+            await _flood_until_gated(kernel, flooder)
+            other.send(_wire.command(_wire.CMD_PEER_QUERY, 2))
+            # Not a synchronisation: a window to count the kernel's wakeups in while nothing
+            # happens. A retry round every 1 to 128 ms is all a stalled uid may cost; a spin
+            # is hundreds of thousands. The bound is gross on purpose.
+            before = kernel.statistics().wakeups
+            await trio.sleep(0.5)
+            wakeups = kernel.statistics().wakeups - before
+            assert wakeups < 10_000, f"the kernel woke {wakeups} times in 0.5 s with nothing to do: it spins"
+        finally:
+            flooder.close()
+            other.close()
