@@ -132,3 +132,52 @@ async def test_a_uid_past_its_backlog_does_not_make_the_kernel_spin() -> None:
         finally:
             flooder.close()
             other.close()
+
+
+async def test_destroy_notifications_of_another_uid_cannot_stop_a_uid_being_served() -> None:
+    """Severity MEDIUM. Node-destroy notifications are charged to no sender: they count in
+    the *receiving* peer's and uid's backlog (cb_queue_notify), the bound past which the
+    kernel stops reading that uid's peers. An attacker turns its bounded quota into an
+    unbounded charge on its victim's uid: it sends a victim peer that is not reading just
+    now messages carrying 256 handles to fresh nodes each, until its fair share of that
+    peer's queue is used (~14,600 handles, ~120 KB charged to the attacker), then destroys
+    all those nodes at once: one notification per handle, ~5.8 MB of kernel memory queued
+    to the victim and charged to the victim's backlog, ~25 times what the attacker paid
+    and outside its user_bytes. Six such victim peers (measured: 8 peers gave +46 MB of
+    kernel memory in 0.7 s) put the victim's uid past user_backlog (16 MiB): the kernel
+    stops reading every peer of that uid, here its one active peer, which reads everything,
+    until the idle ones drain their queues. It also pins kernel memory no quota bounds.
+
+    Fix: charge the notifications a destroy causes to the destroying peer's uid (as it is
+    charged for the messages it sends, fair share on the receiver, refusing or deferring
+    the destroy otherwise), or, as bus1 does, embed the destroy notification in the handle
+    (allocated and charged with it, so queueing it needs no memory and counts in no backlog)."""
+    needs_root()
+    victims_count = 6
+    async with capbus.open_kernel() as kernel:
+        active = await kernel.connect()
+        victims = [await kernel.connect() for _ in range(victims_count)]  # not reading now
+        attackers = [capbus.Peer.from_socket(adopt(kernel, ATTACKER)) for _ in range(victims_count)]
+        try:
+            with trio.fail_after(TIMEOUT):
+                for victim, attacker in zip(victims, attackers):
+                    target = await victim.transfer(await victim.create_node(), attacker)
+                    nodes = []
+                    while True:  # fresh handles for the victim, up to the attacker's share
+                        batch = [await attacker.create_node() for _ in range(lib.CAPBUS_HANDLES_MAX)]
+                        nodes += batch
+                        try:
+                            await attacker.send(target, b"", handles=batch)
+                        except capbus.errors.QuotaExceeded:
+                            break
+                    for i in range(0, len(nodes), lib.CAPBUS_DESTROY_MAX):
+                        await attacker.destroy(*nodes[i : i + lib.CAPBUS_DESTROY_MAX])
+            with trio.move_on_after(10) as waited:
+                assert (await active.info()).uid == 0
+            assert not waited.cancelled_caught, (
+                "another uid's destroy notifications stopped every peer of this uid being served "
+                f"(statistics: {kernel.statistics()})"
+            )
+        finally:
+            for attacker in attackers:
+                await attacker.aclose()
