@@ -181,3 +181,34 @@ async def test_destroy_notifications_of_another_uid_cannot_stop_a_uid_being_serv
         finally:
             for attacker in attackers:
                 await attacker.aclose()
+
+
+async def test_a_multicast_does_not_take_a_uid_past_its_user_handles() -> None:
+    """Severity LOW. A send checks, for each destination, that the receiver's uid stays
+    within user_handles (prepare: receiver->user->n_handles + new_handles), but against the
+    count as of before the send: the installs of all destinations happen at commit. A
+    multicast to many peers of one uid thus installs destinations x handles new handles on
+    that uid at once, each destination having passed the check alone: up to 1024 x 256 =
+    262,144 handles (the whole default user_handles again, ~30 MB of kernel memory) past
+    the bound, charged to the victim's uid, in one send. Here, with user_handles 2,000, 32
+    peers of this uid end up with 8,224 handles. The overshoot is once per send (the next
+    one finds the uid over), so this bounds the harm to about twice the limit.
+
+    Fix: in cb_send, sum the new handles per receiving uid over all destinations before the
+    commit (or count the prepared ones into the uid as they are reserved and undo on
+    failure), and refuse the destinations that would take that uid past user_handles."""
+    needs_root()
+    limit, peers = 2000, 32
+    async with capbus.open_kernel(limits=capbus.Limits(user_handles=limit)) as kernel:
+        victims = [await kernel.connect() for _ in range(peers)]
+        attacker = capbus.Peer.from_socket(adopt(kernel, ATTACKER))
+        try:
+            with trio.fail_after(TIMEOUT):
+                targets = [await victim.transfer(await victim.create_node(), attacker) for victim in victims]
+                fresh = [await attacker.create_node() for _ in range(lib.CAPBUS_HANDLES_MAX)]
+                await attacker.send(targets, b"", handles=fresh)
+            attackers_own = len(fresh) + len(targets)
+            victims_uid = kernel.statistics().handles - attackers_own
+            assert victims_uid <= limit, f"one multicast took a uid to {victims_uid} handles (user_handles {limit})"
+        finally:
+            await attacker.aclose()
