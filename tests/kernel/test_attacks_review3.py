@@ -212,3 +212,57 @@ async def test_a_multicast_does_not_take_a_uid_past_its_user_handles() -> None:
             assert victims_uid <= limit, f"one multicast took a uid to {victims_uid} handles (user_handles {limit})"
         finally:
             await attacker.aclose()
+
+
+async def test_handles_queued_by_another_uid_cannot_use_up_a_uids_user_handles() -> None:
+    """Severity MEDIUM. Handles attached to a message are installed in the receiver when the
+    send commits (handle.h), and charged to the *receiver's* uid (handle_new: charged_to =
+    the receiving peer's user), in its user_handles (262,144 for all peers of the uid) and
+    its peers' handles_held. Queued messages are bounded by the fair share of the
+    receiver's queue, but that bounds the attached handles per peer only (~14,600 new
+    handles from one uid on one peer that does not read just now: 22% of handles_held,
+    measured), not per uid: the same ~14,600 nodes of the attacker, sent to 19 peers of the
+    victim's uid that are not reading at the moment, are 19 handles each, ~277,000 handles
+    charged to the victim's uid. Then no peer of that uid can create a node, nor receive a
+    handle from anyone (EDQUOT), its active peers included, until the idle ones read and
+    release. The attacker pays only its own ~14,600 nodes and its queue shares.
+
+    Fix: charge the handles of a queued message to its sender's uid until the receiver
+    takes the message (install at delivery, or move the charge on write to the socket), or
+    give each sending uid a fair share of the receiving uid's user_handles (the quota.h rule
+    for the other kernel-wide budgets)."""
+    needs_root()
+    victims_count = 19
+    async with capbus.open_kernel() as kernel:
+        active = await kernel.connect()
+        victims = [await kernel.connect() for _ in range(victims_count)]  # not reading now
+        attacker = capbus.Peer.from_socket(adopt(kernel, ATTACKER))
+        try:
+            with trio.fail_after(TIMEOUT):
+                targets = [await victim.transfer(await victim.create_node(), attacker) for victim in victims]
+                full: set[int] = set()
+                while len(full) < len(targets):
+                    batch = [await attacker.create_node() for _ in range(lib.CAPBUS_HANDLES_MAX)]
+                    for i, target in enumerate(targets):
+                        if i in full:
+                            continue
+                        try:
+                            await attacker.send(target, b"", handles=batch)
+                        except capbus.errors.QuotaExceeded:
+                            full.add(i)
+                # Topped up one handle at a time, on a peer whose queue still has room.
+                for target in reversed(targets):
+                    try:
+                        while True:
+                            await attacker.send(target, b"", handles=[await attacker.create_node()])
+                    except capbus.errors.QuotaExceeded:
+                        pass
+                try:
+                    await active.create_node()
+                except capbus.errors.QuotaExceeded:
+                    raise AssertionError(
+                        "another uid's queued messages used up this uid's user_handles: it cannot create a node "
+                        f"(statistics: {kernel.statistics()})"
+                    ) from None
+        finally:
+            await attacker.aclose()
