@@ -38,7 +38,9 @@ async def test_children_refused_a_move_cannot_stop_their_parents_uid_on_the_conn
     the frame is refused with an EDQUOT *reply*, and that reply is queued on the connection,
     charged to the backlog of the uid that made it. The writer, who can put its own uid in
     that state at will (here: it holds its whole peers_per_user), then floods the
-    connections its parent handed it with frames it never reads the answers of: every
+    connections its parent handed it with frames it never reads the answers of (to be
+    refused it only has to hold its fair share of the kernel's fds, a few hundred
+    connections on a daemon with 1,024, or its peers_per_user as here): every
     connection's backlog fills to 1 MiB charged to the parent's uid, and past 17 of them
     (user_backlog, 16 MiB) no peer of the parent's uid is read any more, the parent's own
     included. This is test_attacks_review's children attack again, through the refusal path
@@ -160,7 +162,7 @@ async def test_destroy_notifications_of_another_uid_cannot_stop_a_uid_being_serv
         attackers = [capbus.Peer.from_socket(adopt(kernel, ATTACKER)) for _ in range(victims_count)]
         try:
             with trio.fail_after(TIMEOUT):
-                for victim, attacker in zip(victims, attackers):
+                for victim, attacker in zip(victims, attackers, strict=True):
                     target = await victim.transfer(await victim.create_node(), attacker)
                     nodes = []
                     while True:  # fresh handles for the victim, up to the attacker's share
@@ -209,7 +211,9 @@ async def test_a_multicast_does_not_take_a_uid_past_its_user_handles() -> None:
                 await attacker.send(targets, b"", handles=fresh)
             attackers_own = len(fresh) + len(targets)
             victims_uid = kernel.statistics().handles - attackers_own
-            assert victims_uid <= limit, f"one multicast took a uid to {victims_uid} handles (user_handles {limit})"
+            assert victims_uid <= limit, (
+                f"one multicast took a uid to {victims_uid} handles ({limit} allowed)"
+            )
         finally:
             await attacker.aclose()
 
@@ -261,7 +265,7 @@ async def test_handles_queued_by_another_uid_cannot_use_up_a_uids_user_handles()
                     await active.create_node()
                 except capbus.errors.QuotaExceeded:
                     raise AssertionError(
-                        "another uid's queued messages used up this uid's user_handles: it cannot create a node "
+                        "another uid's queued messages used up this uid's user_handles: no node for it "
                         f"(statistics: {kernel.statistics()})"
                     ) from None
         finally:
