@@ -456,8 +456,14 @@ static void read_peer(struct cb_peer *peer, uint32_t events)
 	bool closed = (events & EPOLLHUP) != 0;
 
 	for (int budget = 0; (hangup || budget < READ_BUDGET) && !peer->doomed;) {
-		if (!hangup && cb_peer_over_backlog(peer))
-			break; /* it does not read its replies: stop reading its commands */
+		if (!hangup && cb_peer_over_backlog(peer)) {
+			/* It, or its uid, does not read its replies: stop reading its commands. Its
+			 * uid may have crossed the bound through its other peers, since this one was
+			 * armed: disarm it here (and gate it), or level-triggered epoll reports it
+			 * again at once and the loop spins. */
+			cb_peer_update_events(peer);
+			break;
+		}
 		for (int i = 0; i < CB_RX_BATCH; i++) {
 			io->rx_iov[i] = (struct iovec){ io->rx_buffers[i], CAPBUS_FRAME_MAX + 1 };
 			io->rx[i].msg_hdr = (struct msghdr){
