@@ -32,6 +32,19 @@ static void violation(struct cb_peer *peer, uint64_t cookie, uint16_t command, i
 	}
 }
 
+/* Refuses a frame of a writer of uid `uid` that the connection is not charged to. */
+static void refuse(struct cb_peer *peer, uint32_t uid, uint64_t cookie, uint16_t command, int error)
+{
+	struct cb_user *writer = cb_user_get(peer->kernel, uid);
+	if (!writer) {
+		/* Not charged to the maker instead: the writer cannot be told, so it is cut off. */
+		cb_peer_doom(peer);
+		return;
+	}
+	cb_queue_refuse(peer, writer, cookie, command, error);
+	cb_user_put_if_unused(peer->kernel, writer);
+}
+
 static void cmd_node_create(struct cb_peer *peer, uint64_t cookie, size_t body_size)
 {
 	int error = 0;
@@ -396,9 +409,11 @@ void cb_command_dispatch(struct cb_peer *peer, const uint8_t *data, size_t size,
 		int r = cb_peer_charge_to(peer, creds->uid, creds->gid, creds->pid);
 		if (r < 0) {
 			/* It does not fit that uid: the frame is refused, the connection stays
-			 * charged as it was. */
+			 * charged as it was, and the refusal is the writer's to read: charged to
+			 * the maker's backlog, a writer that never reads them could gate the
+			 * maker's uid. */
 			close_fds(fds, n_fds);
-			cb_queue_reply(peer, frame->cookie, frame->type, -r, NULL, 0);
+			refuse(peer, creds->uid, frame->cookie, frame->type, -r);
 			return;
 		}
 	}

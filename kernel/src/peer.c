@@ -118,7 +118,8 @@ int cb_peer_charge_to(struct cb_peer *peer, uint32_t uid, uint32_t gid, uint32_t
 	const struct capbus_limits *limits = &kernel->limits;
 	struct cb_user *from = peer->user;
 	struct cb_user *to = cb_user_get(kernel, uid);
-	uint64_t backlog = peer->queue.backlog_bytes;
+	/* Refusals charged to their writers stay theirs (cb_queue_refuse). */
+	uint64_t backlog = peer->queue.backlog_bytes - peer->queue.foreign_backlog;
 	if (!to)
 		return -ENOMEM;
 	if (to != from) {

@@ -19,6 +19,7 @@ void cb_queue_init(struct cb_queue *queue)
 	cb_list_init(&queue->entries);
 	queue->n_entries = 0;
 	queue->backlog_bytes = 0;
+	queue->foreign_backlog = 0;
 }
 
 struct cb_qentry *cb_qentry_new(uint32_t header_size)
@@ -37,6 +38,7 @@ struct cb_qentry *cb_qentry_new(uint32_t header_size)
 	entry->passed_for = NULL;
 	entry->is_reply = false;
 	entry->in_backlog = false;
+	entry->backlog_of = NULL;
 	entry->header_size = header_size;
 	return entry;
 }
@@ -48,6 +50,24 @@ void cb_qentry_free(struct cb_qentry *entry)
 	if (entry->passed_fd >= 0)
 		close(entry->passed_fd);
 	free(entry);
+}
+
+/* Takes the entry out of the backlog it counts in, if any. */
+static void leave_backlog(struct cb_peer *peer, struct cb_qentry *entry)
+{
+	if (!entry->in_backlog)
+		return;
+	size_t cost = cb_qentry_cost(entry);
+	struct cb_user *user = entry->backlog_of ? entry->backlog_of : peer->user;
+	entry->in_backlog = false;
+	peer->queue.backlog_bytes -= cost;
+	user->backlog_bytes -= cost;
+	if (entry->backlog_of) {
+		peer->queue.foreign_backlog -= cost;
+		entry->backlog_of = NULL;
+		user->n_charges--;
+		cb_user_put_if_unused(peer->kernel, user);
+	}
 }
 
 static void entry_release(struct cb_peer *peer, struct cb_qentry *entry)
@@ -120,9 +140,14 @@ void cb_queue_push(struct cb_peer *peer, struct cb_qentry *entry)
 	}
 	/* What no sender was charged for is charged to the receiver's backlog, in real bytes. */
 	if (!entry->charged_to && !entry->message) {
+		size_t cost = cb_qentry_cost(entry);
 		entry->in_backlog = true;
-		peer->queue.backlog_bytes += cb_qentry_cost(entry);
-		peer->user->backlog_bytes += cb_qentry_cost(entry);
+		peer->queue.backlog_bytes += cost;
+		if (entry->backlog_of) {
+			entry->backlog_of->n_charges++;
+			peer->queue.foreign_backlog += cost;
+		}
+		(entry->backlog_of ? entry->backlog_of : peer->user)->backlog_bytes += cost;
 	}
 	cb_peer_dirty(peer);
 }
@@ -219,10 +244,7 @@ int cb_queue_flush(struct cb_peer *peer)
 			}
 			cb_list_del(&entry->link);
 			kernel->frames_written++;
-			if (entry->in_backlog) {
-				queue->backlog_bytes -= cb_qentry_cost(entry);
-				peer->user->backlog_bytes -= cb_qentry_cost(entry);
-			}
+			leave_backlog(peer, entry);
 			if (!entry->is_reply) {
 				queue->n_entries--;
 				if (entry->message)
@@ -247,13 +269,11 @@ void cb_queue_drop(struct cb_peer *peer)
 		while (!cb_list_empty(lists[i])) {
 			struct cb_qentry *entry = cb_list_first(lists[i], struct cb_qentry, link);
 			cb_list_del(&entry->link);
-			if (entry->in_backlog)
-				peer->user->backlog_bytes -= cb_qentry_cost(entry);
+			leave_backlog(peer, entry);
 			entry_release(peer, entry);
 		}
 	}
 	queue->n_entries = 0;
-	queue->backlog_bytes = 0;
 }
 
 int cb_queue_notify(struct cb_peer *peer, uint16_t kind, uint64_t destination, uint64_t seq)
@@ -281,8 +301,8 @@ int cb_queue_notify(struct cb_peer *peer, uint16_t kind, uint64_t destination, u
 	return 0;
 }
 
-void cb_queue_reply(struct cb_peer *peer, uint64_t cookie, uint16_t command, int error, const void *body,
-		    uint32_t body_size)
+static void queue_reply(struct cb_peer *peer, struct cb_user *backlog_of, uint64_t cookie, uint16_t command,
+			int error, const void *body, uint32_t body_size)
 {
 	uint32_t size = sizeof(struct capbus_frame) + sizeof(struct capbus_reply) + body_size;
 	struct cb_qentry *entry = cb_qentry_new(size);
@@ -297,5 +317,17 @@ void cb_queue_reply(struct cb_peer *peer, uint64_t cookie, uint16_t command, int
 	if (body_size)
 		memcpy(reply + 1, body, body_size);
 	entry->is_reply = true;
+	entry->backlog_of = backlog_of == peer->user ? NULL : backlog_of;
 	cb_queue_push(peer, entry);
+}
+
+void cb_queue_reply(struct cb_peer *peer, uint64_t cookie, uint16_t command, int error, const void *body,
+		    uint32_t body_size)
+{
+	queue_reply(peer, NULL, cookie, command, error, body, body_size);
+}
+
+void cb_queue_refuse(struct cb_peer *peer, struct cb_user *writer, uint64_t cookie, uint16_t command, int error)
+{
+	queue_reply(peer, writer, cookie, command, error, NULL, 0);
 }

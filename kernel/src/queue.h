@@ -52,6 +52,8 @@ struct cb_qentry {
 	struct cb_user *passed_for;  /* the uid passed_fd is held for (quota.h), or NULL */
 	bool is_reply;
 	bool in_backlog;             /* counted in backlog_bytes */
+	struct cb_user *backlog_of;  /* the uid whose backlog it counts in if not the peer's
+				      * (cb_queue_refuse), with a reference (n_charges), or NULL */
 	uint32_t header_size;
 	uint64_t header[];           /* capbus_frame + body, 8-byte aligned */
 };
@@ -64,6 +66,8 @@ struct cb_queue {
 				 * itself queues, charged to no sender (real bytes, headers and
 				 * bookkeeping included); past CAPBUS_REPLY_BACKLOG_MAX the peer's
 				 * commands are not read until it reads */
+	size_t foreign_backlog; /* the part of it charged to another uid than the peer's
+				 * (backlog_of): stays there when the connection moves */
 };
 
 void cb_queue_init(struct cb_queue *queue);
@@ -88,5 +92,9 @@ int cb_queue_notify(struct cb_peer *peer, uint16_t kind, uint64_t destination, u
 /* Queues the reply to a command. */
 void cb_queue_reply(struct cb_peer *peer, uint64_t cookie, uint16_t command, int error,
 		    const void *body, uint32_t body_size);
+/* Queues the refusal of a frame that `writer`, not the uid the connection is charged to,
+ * wrote (a move that does not fit it, cb_peer_charge_to): the reply counts in the writer's
+ * backlog, so that a writer that never reads its refusals gates only itself. */
+void cb_queue_refuse(struct cb_peer *peer, struct cb_user *writer, uint64_t cookie, uint16_t command, int error);
 
 #endif
