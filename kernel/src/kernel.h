@@ -53,6 +53,7 @@ struct cb_kernel {
 	uint64_t seq;              /* the global order: last stamped transaction */
 	uint64_t next_node_serial;
 	uint64_t next_peer_serial;
+	uint64_t send_serial;          /* the send being prepared: its marks on peers and users */
 	struct capbus_limits limits;
 	struct capbus_stats stats;
 	struct cb_map peers_by_key;    /* first 8 key bytes -> peer */

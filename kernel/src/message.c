@@ -152,6 +152,16 @@ static void close_fds(int *fds, uint32_t n_fds)
 		close(fds[i]);
 }
 
+/* The new handles the send being prepared will install in `user`'s peers, so far. */
+static uint32_t *send_handles(struct cb_kernel *kernel, struct cb_user *user)
+{
+	if (user->send_mark != kernel->send_serial) {
+		user->send_mark = kernel->send_serial;
+		user->send_handles = 0;
+	}
+	return &user->send_handles;
+}
+
 /* Checks one destination and reserves everything its delivery needs. Returns 0 or an errno;
  * on success *entry is a queue entry charged to the receiver. */
 static int prepare(struct cb_peer *sender, struct cb_user *user, struct cb_message *message, uint64_t id,
@@ -169,11 +179,16 @@ static int prepare(struct cb_peer *sender, struct cb_user *user, struct cb_messa
 	if (receiver->fd < 0 || receiver->doomed)
 		return EHOSTUNREACH;
 
+	/* Installs happen at commit, for all destinations at once: what the destinations before
+	 * this one will install counts too. A second destination on the same receiver installs
+	 * nothing the first did not (a peer holds one handle per node). */
 	uint32_t new_handles = 0;
-	for (uint32_t i = 0; i < n_handles; i++)
-		new_handles += cb_handle_is_new(receiver, attached[i]);
+	if (receiver->send_mark != kernel->send_serial)
+		for (uint32_t i = 0; i < n_handles; i++)
+			new_handles += cb_handle_is_new(receiver, attached[i]);
+	uint32_t *pending = send_handles(kernel, receiver->user);
 	if (receiver->handles_by_id.count + new_handles > kernel->limits.handles_held ||
-	    receiver->user->n_handles + new_handles > kernel->limits.user_handles)
+	    receiver->user->n_handles + *pending + new_handles > kernel->limits.user_handles)
 		return EDQUOT;
 	if (cb_handle_reserve(receiver, new_handles) < 0)
 		return ENOMEM;
@@ -200,6 +215,8 @@ static int prepare(struct cb_peer *sender, struct cb_user *user, struct cb_messa
 	(*entry)->charged_to = user;
 	(*entry)->charged_for = receiver->uid;
 	(*entry)->charge = charge;
+	*pending += new_handles;
+	receiver->send_mark = kernel->send_serial;
 	return 0;
 }
 
@@ -311,6 +328,7 @@ void cb_send(struct cb_peer *sender, uint64_t cookie, const void *body, size_t b
 	};
 
 	result->n_destinations = n;
+	kernel->send_serial++;
 	for (uint32_t i = 0; i < n; i++) {
 		errors[i] = prepare(sender, user, message, destinations[i], attached, cmd->n_handles, &amount,
 				    &entries[i]);

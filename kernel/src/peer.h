@@ -66,6 +66,8 @@ struct cb_peer {
 	bool stalled;               /* its next frame waits for fd room (in kernel->stalled) */
 	bool gated;                 /* not read because its uid's backlog is full (kernel->gated) */
 	uint32_t fds_in_socket;     /* fds written to its socket since it was last seen empty */
+	uint64_t send_mark;         /* the send (kernel->send_serial) that last prepared a
+				     * destination here: its new handles are counted already */
 	struct cb_link kernel_link; /* kernel->peers */
 	struct cb_link dirty_link;  /* kernel->dirty while frames wait to be flushed */
 	struct cb_link doomed_link; /* kernel->doomed */

@@ -84,6 +84,9 @@ struct cb_user {
 	uint32_t n_handles;      /* handles made for its peers (nodes they own included), held
 				  * wherever their connections moved since (handle.h, charged_to) */
 	uint64_t backlog_bytes;  /* replies and notifications queued to its peers (queue.h) */
+	uint64_t send_mark;      /* the send (kernel->send_serial) send_handles counts for */
+	uint32_t send_handles;   /* new handles that send's destinations prepared so far will
+				  * install in its peers: one multicast is checked as a whole */
 	struct cb_quota receivers; /* what its queued messages pin, per receiving uid (below):
 				    * bytes (payload and overhead), entries, fds of messages */
 };
