@@ -191,7 +191,7 @@ static void cmd_handle_transfer(struct cb_peer *peer, uint64_t cookie, const uin
 	} else if (cb_handle_reserve(target, 1) < 0) {
 		error = ENOMEM;
 	} else {
-		id = cb_handle_install(target, handle->node);
+		id = cb_handle_install(target, handle->node, NULL);
 	}
 out:
 	cb_queue_reply(peer, cookie, CAPBUS_CMD_HANDLE_TRANSFER, error, error ? NULL : &id, error ? 0 : sizeof(id));
@@ -266,7 +266,7 @@ static int seed_build(struct cb_peer *source, struct cb_peer *target, const uint
 	}
 	memcpy(seed->payload, body + sizeof(*cmd) + 8ull * cmd->n_handles, cmd->payload_size);
 	for (uint32_t i = 0; i < cmd->n_handles; i++)
-		seed->handles[i] = cb_handle_install(target, nodes[i]);
+		seed->handles[i] = cb_handle_install(target, nodes[i], NULL);
 	*out = seed;
 	return 0;
 }

@@ -101,7 +101,7 @@ int cb_handle_is_new(struct cb_peer *peer, struct cb_node *node)
 	return cb_map_get(&peer->handles_by_node, node->serial) == NULL;
 }
 
-uint64_t cb_handle_install(struct cb_peer *peer, struct cb_node *node)
+uint64_t cb_handle_install(struct cb_peer *peer, struct cb_node *node, struct cb_user *sender)
 {
 	if (node->destroyed)
 		return CAPBUS_HANDLE_INVALID;
@@ -117,6 +117,9 @@ uint64_t cb_handle_install(struct cb_peer *peer, struct cb_node *node)
 		cb_peer_doom(peer);
 		return CAPBUS_HANDLE_INVALID;
 	}
+	/* Out of memory for the count, it is only not counted: still charged to its holder. */
+	if (sender && sender != handle->charged_to && cb_handles_bring(sender, handle->charged_to->uid) == 0)
+		handle->brought_by = sender;
 	return handle->id;
 }
 
@@ -138,6 +141,8 @@ static void handle_free(struct cb_handle *handle)
 	struct cb_user *charged = handle->charged_to;
 	kernel->stats.handles--;
 	charged->n_handles--;
+	if (handle->brought_by)
+		cb_handles_unbring(kernel, handle->brought_by, charged->uid);
 	free(handle);
 	if (--node->n_refs == 0) {
 		kernel->stats.nodes--;

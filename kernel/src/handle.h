@@ -31,6 +31,9 @@ struct cb_handle {
 	struct cb_user *charged_to; /* counts it in its n_handles (user_handles): the uid its peer
 				     * was charged to when it was made, wherever that connection
 				     * moves later (cb_peer_charge_to); a reference to that uid */
+	struct cb_user *brought_by; /* the other uid whose message made it, in whose fair share
+				     * of charged_to's user_handles it counts while it lives
+				     * (quota.h); a reference to that uid; or NULL */
 };
 
 /* Keys of the two per-peer maps (map.h). */
@@ -42,8 +45,11 @@ struct cb_handle *cb_node_create(struct cb_peer *peer, int *error);
 /* Makes room so that `n` installs into `peer` cannot fail. 0 or -ENOMEM. */
 int cb_handle_reserve(struct cb_peer *peer, uint32_t n);
 /* Gives `peer` one more user reference to `node` and returns the id (CAPBUS_HANDLE_INVALID
- * for a destroyed node). Cannot fail once room was reserved. */
-uint64_t cb_handle_install(struct cb_peer *peer, struct cb_node *node);
+ * for a destroyed node). Cannot fail once room was reserved. A new handle is counted as
+ * brought by `sender` (the uid the sending peer of the message installing it is charged to,
+ * or NULL), if that is
+ * another uid than the one it is charged to. */
+uint64_t cb_handle_install(struct cb_peer *peer, struct cb_node *node, struct cb_user *sender);
 /* Would installing `node` into `peer` need a new handle? */
 int cb_handle_is_new(struct cb_peer *peer, struct cb_node *node);
 /* Drops one user reference: 0, or -EBUSY for the pinned reference of a live node. */

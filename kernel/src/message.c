@@ -180,7 +180,9 @@ static int prepare(struct cb_peer *sender, struct cb_user *user, struct cb_messa
 		return EHOSTUNREACH;
 
 	/* Installs happen at commit, for all destinations at once: what the destinations before
-	 * this one will install counts too. A second destination on the same receiver installs
+	 * this one will install counts too. The handles it brings count in the fair share of
+	 * the uid the sending peer is charged to (the uid of its own handles, an adopted peer's
+	 * included), quota.h. A second destination on the same receiver installs
 	 * nothing the first did not (a peer holds one handle per node). */
 	uint32_t new_handles = 0;
 	if (receiver->send_mark != kernel->send_serial)
@@ -188,7 +190,8 @@ static int prepare(struct cb_peer *sender, struct cb_user *user, struct cb_messa
 			new_handles += cb_handle_is_new(receiver, attached[i]);
 	uint32_t *pending = send_handles(kernel, receiver->user);
 	if (receiver->handles_by_id.count + new_handles > kernel->limits.handles_held ||
-	    receiver->user->n_handles + *pending + new_handles > kernel->limits.user_handles)
+	    receiver->user->n_handles + *pending + new_handles > kernel->limits.user_handles ||
+	    !cb_handles_may_bring(kernel, sender->user, receiver->user, *pending, new_handles))
 		return EDQUOT;
 	if (cb_handle_reserve(receiver, new_handles) < 0)
 		return ENOMEM;
@@ -350,7 +353,7 @@ void cb_send(struct cb_peer *sender, uint64_t cookie, const void *body, size_t b
 			uint64_t *ids = (uint64_t *)(header + 1);
 
 			for (uint32_t j = 0; j < cmd->n_handles; j++)
-				ids[j] = cb_handle_install(receiver, attached[j]);
+				ids[j] = cb_handle_install(receiver, attached[j], sender->user);
 			*frame = (struct capbus_frame){
 				.size = entry->header_size + cmd->payload_size,
 				.type = CAPBUS_FRAME_MESSAGE,

@@ -34,7 +34,7 @@ void cb_user_free(struct cb_user *user)
 
 void cb_user_put_if_unused(struct cb_kernel *kernel, struct cb_user *user)
 {
-	if (user->n_peers == 0 && user->n_charges == 0 && user->n_handles == 0) {
+	if (user->n_peers == 0 && user->n_charges == 0 && user->n_handles == 0 && user->n_brought == 0) {
 		cb_map_remove(&kernel->users, (uint64_t)user->uid + 1);
 		cb_user_free(user);
 	}
@@ -180,6 +180,37 @@ void cb_fds_land(struct cb_kernel *kernel, struct cb_user *user, uint32_t n)
 {
 	user->fds_in_flight -= n;
 	kernel->stats.fds_in_flight -= n;
+}
+
+bool cb_handles_may_bring(struct cb_kernel *kernel, struct cb_user *sender, struct cb_user *receiver,
+			  uint32_t pending, uint32_t n)
+{
+	if (receiver == sender)
+		return true;
+	const struct cb_share *pair = find_share(&sender->receivers, receiver->uid);
+	uint64_t brought = (pair ? pair->amount.handles : 0) + (uint64_t)pending;
+	return fits(kernel->limits.user_handles, (uint64_t)receiver->n_handles + pending, brought, n);
+}
+
+int cb_handles_bring(struct cb_user *sender, uint32_t receiver_uid)
+{
+	struct cb_share *pair = get_share(&sender->receivers, receiver_uid);
+	if (!pair)
+		return -ENOMEM;
+	pair->amount.handles++;
+	sender->n_brought++;
+	return 0;
+}
+
+void cb_handles_unbring(struct cb_kernel *kernel, struct cb_user *sender, uint32_t receiver_uid)
+{
+	struct cb_share *pair = find_share(&sender->receivers, receiver_uid);
+	if (pair) { /* always: every unbring follows its bring */
+		pair->amount.handles--;
+		drop_share_if_empty(&sender->receivers, pair);
+	}
+	sender->n_brought--;
+	cb_user_put_if_unused(kernel, sender);
 }
 
 int cb_quota_charge(struct cb_kernel *kernel, struct cb_quota *quota, struct cb_user *sender,

@@ -22,6 +22,13 @@
  * what its sender has left): receivers that never read, however many peers their uid has,
  * cannot take all of a sender's user_bytes, nor all of its held fds.
  *
+ * Receiving uids' user_handles are shared fairly between sending uids the other way round:
+ * the new handles a message installs in its receivers are held by the receiving uid, but
+ * while they are held they count as their sender's doing too ("brought"), and a sending uid
+ * may make a receiving uid hold at most half of what that uid has left free (the same rule).
+ * So another uid's messages to peers that do not read (or do not release) cannot use up a
+ * uid's user_handles: it can still create nodes and receive handles from others.
+ *
  * The socket buffer below the kernel adds at most one socket's worth (~200 KiB) per peer.
  *
  * File descriptors are a resource of the kernel process, not of one receiver: Linux bounds
@@ -81,6 +88,8 @@ struct cb_user {
 				  * each queue entry's overhead (bounded by user_bytes) */
 	uint32_t fds_held;       /* kernel fds charged to this uid: its peers' sockets, its queued fds */
 	uint32_t fds_in_flight;  /* fds in the sockets of this uid's peers, perhaps unread */
+	uint32_t n_brought;      /* handles its messages brought to peers of other uids, still
+				  * held (cb_handles_bring): references too */
 	uint32_t n_handles;      /* handles made for its peers (nodes they own included), held
 				  * wherever their connections moved since (handle.h, charged_to) */
 	uint64_t backlog_bytes;  /* replies and notifications queued to its peers (queue.h) */
@@ -122,5 +131,13 @@ void cb_fds_land(struct cb_kernel *kernel, struct cb_user *user, uint32_t n);
  * 0, -EDQUOT or -ENOMEM; no effect on failure. */
 int cb_fds_pin(struct cb_kernel *kernel, struct cb_user *sender, uint32_t receiver_uid, uint32_t n);
 void cb_fds_unpin(struct cb_user *sender, uint32_t receiver_uid, uint32_t n);
+/* May a message of `sender` bring `n` new handles to a peer of `receiver`, when the same send
+ * brings `pending` more to other peers of it? Its own peers spend only its user_handles. */
+bool cb_handles_may_bring(struct cb_kernel *kernel, struct cb_user *sender, struct cb_user *receiver,
+			  uint32_t pending, uint32_t n);
+/* Counts one handle a message of `sender` brought to a peer of `receiver_uid` (charged to
+ * it), until it is freed (cb_handles_unbring): 0 or -ENOMEM (then it is not counted). */
+int cb_handles_bring(struct cb_user *sender, uint32_t receiver_uid);
+void cb_handles_unbring(struct cb_kernel *kernel, struct cb_user *sender, uint32_t receiver_uid);
 
 #endif
