@@ -39,6 +39,17 @@ static struct cb_handle *handle_new(struct cb_peer *peer, struct cb_node *node, 
 	struct cb_handle *handle = calloc(1, sizeof(*handle));
 	if (!handle)
 		return NULL;
+	/* Its node's destroy notification is paid now, with the handle (user_handles bounds
+	 * them): queueing it then needs no memory and counts in no one's backlog. Not for an
+	 * owner: only it destroys its nodes, and what its own commands queue for it is its
+	 * backlog, like their replies. */
+	if (!anchor) {
+		handle->destroy_note = cb_queue_note_new();
+		if (!handle->destroy_note) {
+			free(handle);
+			return NULL;
+		}
+	}
 	handle->id = (++peer->next_handle << CAPBUS_HANDLE_ID_SHIFT) | CAPBUS_HANDLE_FLAG_MANAGED;
 	if (!anchor)
 		handle->id |= CAPBUS_HANDLE_FLAG_REMOTE;
@@ -143,6 +154,8 @@ static void handle_free(struct cb_handle *handle)
 	charged->n_handles--;
 	if (handle->brought_by)
 		cb_handles_unbring(kernel, handle->brought_by, charged->uid);
+	if (handle->destroy_note)
+		cb_qentry_free(handle->destroy_note);
 	free(handle);
 	if (--node->n_refs == 0) {
 		kernel->stats.nodes--;
@@ -176,6 +189,14 @@ void cb_handle_release_all(struct cb_handle *handle)
 	handle_free(handle);
 }
 
+/* A node is destroyed once: each holder's note is queued at most once. */
+static void notify_destroyed(struct cb_handle *holder, uint64_t seq)
+{
+	struct cb_qentry *note = holder->destroy_note;
+	holder->destroy_note = NULL;
+	cb_queue_notify_prepaid(holder->peer, note, CAPBUS_MSG_NODE_DESTROY, holder->id, seq);
+}
+
 void cb_nodes_destroy(struct cb_handle **anchors, uint32_t n, int release)
 {
 	if (n == 0)
@@ -189,10 +210,8 @@ void cb_nodes_destroy(struct cb_handle **anchors, uint32_t n, int release)
 		node->owner->n_owned--;
 		cb_queue_notify(node->owner, CAPBUS_MSG_NODE_DESTROY, anchors[i]->id, seq);
 		struct cb_link *link;
-		for (link = node->holders.next; link != &node->holders; link = link->next) {
-			struct cb_handle *holder = cb_container_of(link, struct cb_handle, holder_link);
-			cb_queue_notify(holder->peer, CAPBUS_MSG_NODE_DESTROY, holder->id, seq);
-		}
+		for (link = node->holders.next; link != &node->holders; link = link->next)
+			notify_destroyed(cb_container_of(link, struct cb_handle, holder_link), seq);
 	}
 	cb_monitor_observe(kernel, CAPBUS_MSG_NODE_DESTROY, seq, anchors[0]->peer->uid, anchors[0]->peer->pid,
 			   n, 0, 0, NULL);

@@ -21,6 +21,7 @@
 
 struct cb_node;
 struct cb_peer;
+struct cb_qentry;
 
 struct cb_handle {
 	uint64_t id;
@@ -31,6 +32,10 @@ struct cb_handle {
 	struct cb_user *charged_to; /* counts it in its n_handles (user_handles): the uid its peer
 				     * was charged to when it was made, wherever that connection
 				     * moves later (cb_peer_charge_to); a reference to that uid */
+	struct cb_qentry *destroy_note; /* a holder's NODE_DESTROY notification, allocated with
+					 * it and queued when its node is destroyed (bus1's
+					 * prepaid notification); NULL once queued, and for the
+					 * anchor */
 	struct cb_user *brought_by; /* the other uid whose message made it, in whose fair share
 				     * of charged_to's user_handles it counts while it lives
 				     * (quota.h); a reference to that uid; or NULL */

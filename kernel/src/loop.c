@@ -285,7 +285,9 @@ void capbus_kernel_stats(struct cb_kernel *kernel, struct capbus_stats *out)
 	out->seq = kernel->seq;
 	uint64_t memory = kernel->stats.peers * sizeof(struct cb_peer) +
 			  kernel->stats.nodes * sizeof(struct cb_node) +
-			  kernel->stats.handles * sizeof(struct cb_handle) + kernel->stats.queued_bytes;
+			  kernel->stats.handles * sizeof(struct cb_handle) +
+			  (kernel->stats.handles - kernel->stats.nodes) * cb_queue_note_cost() +
+			  kernel->stats.queued_bytes;
 	struct cb_link *link;
 	for (link = kernel->peers.next; link != &kernel->peers; link = link->next) {
 		struct cb_peer *peer = cb_container_of(link, struct cb_peer, kernel_link);

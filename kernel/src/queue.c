@@ -38,6 +38,7 @@ struct cb_qentry *cb_qentry_new(uint32_t header_size)
 	entry->passed_for = NULL;
 	entry->is_reply = false;
 	entry->in_backlog = false;
+	entry->prepaid = false;
 	entry->backlog_of = NULL;
 	entry->header_size = header_size;
 	return entry;
@@ -139,7 +140,7 @@ void cb_queue_push(struct cb_peer *peer, struct cb_qentry *entry)
 		peer->queue.n_entries++;
 	}
 	/* What no sender was charged for is charged to the receiver's backlog, in real bytes. */
-	if (!entry->charged_to && !entry->message) {
+	if (!entry->charged_to && !entry->message && !entry->prepaid) {
 		size_t cost = cb_qentry_cost(entry);
 		entry->in_backlog = true;
 		peer->queue.backlog_bytes += cost;
@@ -276,19 +277,22 @@ void cb_queue_drop(struct cb_peer *peer)
 	queue->n_entries = 0;
 }
 
-int cb_queue_notify(struct cb_peer *peer, uint16_t kind, uint64_t destination, uint64_t seq)
+#define NOTE_SIZE ((uint32_t)(sizeof(struct capbus_frame) + sizeof(struct capbus_message)))
+
+struct cb_qentry *cb_queue_note_new(void)
 {
-	if (peer->fd < 0)
-		return 0;
-	uint32_t size = sizeof(struct capbus_frame) + sizeof(struct capbus_message);
-	struct cb_qentry *entry = cb_qentry_new(size);
-	if (!entry) {
-		/* A notification must not vanish: a peer that cannot be told is disconnected. */
-		cb_peer_doom(peer);
-		return -ENOMEM;
-	}
+	return cb_qentry_new(NOTE_SIZE);
+}
+
+size_t cb_queue_note_cost(void)
+{
+	return sizeof(struct cb_qentry) + (NOTE_SIZE + 7) / 8 * 8 + 16;
+}
+
+static void notify(struct cb_peer *peer, struct cb_qentry *entry, uint16_t kind, uint64_t destination, uint64_t seq)
+{
 	struct capbus_frame *frame = (struct capbus_frame *)entry->header;
-	*frame = (struct capbus_frame){ .size = size, .type = CAPBUS_FRAME_MESSAGE };
+	*frame = (struct capbus_frame){ .size = NOTE_SIZE, .type = CAPBUS_FRAME_MESSAGE };
 	*message_header(entry) = (struct capbus_message){
 		.kind = kind,
 		.destination = destination,
@@ -298,7 +302,27 @@ int cb_queue_notify(struct cb_peer *peer, uint16_t kind, uint64_t destination, u
 	};
 	entry->seq = seq;
 	cb_queue_push(peer, entry);
+}
+
+int cb_queue_notify(struct cb_peer *peer, uint16_t kind, uint64_t destination, uint64_t seq)
+{
+	if (peer->fd < 0)
+		return 0;
+	struct cb_qentry *entry = cb_queue_note_new();
+	if (!entry) {
+		/* A notification must not vanish: a peer that cannot be told is disconnected. */
+		cb_peer_doom(peer);
+		return -ENOMEM;
+	}
+	notify(peer, entry, kind, destination, seq);
 	return 0;
+}
+
+void cb_queue_notify_prepaid(struct cb_peer *peer, struct cb_qentry *note, uint16_t kind, uint64_t destination,
+			     uint64_t seq)
+{
+	note->prepaid = true;
+	notify(peer, note, kind, destination, seq); /* freed there if the peer is going away */
 }
 
 static void queue_reply(struct cb_peer *peer, struct cb_user *backlog_of, uint64_t cookie, uint16_t command,

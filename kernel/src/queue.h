@@ -52,6 +52,7 @@ struct cb_qentry {
 	struct cb_user *passed_for;  /* the uid passed_fd is held for (quota.h), or NULL */
 	bool is_reply;
 	bool in_backlog;             /* counted in backlog_bytes */
+	bool prepaid;                /* a handle's NODE_DESTROY, paid with the handle: in no backlog */
 	struct cb_user *backlog_of;  /* the uid whose backlog it counts in if not the peer's
 				      * (cb_queue_refuse), with a reference (n_charges), or NULL */
 	uint32_t header_size;
@@ -89,6 +90,16 @@ void cb_queue_drop(struct cb_peer *peer);
 
 /* Queues a notification of `kind` about the receiver's id `destination`. */
 int cb_queue_notify(struct cb_peer *peer, uint16_t kind, uint64_t destination, uint64_t seq);
+/* A notification allocated ahead, with the handle it is about (bus1's prepaid NODE_DESTROY):
+ * NULL on ENOMEM. Freed with cb_qentry_free unless queued by cb_queue_notify_prepaid. */
+struct cb_qentry *cb_queue_note_new(void);
+/* The heap one such notification takes (kernel memory statistics). */
+size_t cb_queue_note_cost(void);
+/* Queues `note` (cb_queue_note_new, now the queue's) as a notification like
+ * cb_queue_notify's, which needs no memory and counts in no backlog: its handle paid for it
+ * (user_handles), so a uid that destroys nodes others hold cannot fill their backlog. */
+void cb_queue_notify_prepaid(struct cb_peer *peer, struct cb_qentry *note, uint16_t kind, uint64_t destination,
+			     uint64_t seq);
 /* Queues the reply to a command. */
 void cb_queue_reply(struct cb_peer *peer, uint64_t cookie, uint16_t command, int error,
 		    const void *body, uint32_t body_size);
