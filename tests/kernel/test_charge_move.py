@@ -186,3 +186,50 @@ async def test_handles_stay_charged_to_the_uid_they_were_made_for() -> None:
         finally:
             connection.close()
             mine.close()
+
+
+# As another uid: one PEER_QUERY on the connection it is given, whose reply it never reads.
+_WRITE = """
+from capbus import _wire
+socket.socket(fileno=int(sys.argv[1])).send(_wire.command(_wire.CMD_PEER_QUERY, 7))
+"""
+
+
+async def test_a_refusal_left_unread_stays_in_its_writers_backlog_when_the_connection_moves() -> None:
+    """A refused writer's reply counts in the writer's backlog, not the maker's, and stays
+    there when the connection moves to the writer later: once everything is read, neither
+    uid has a backlog left (a count gone wrong gates the uid)."""
+    needs_root("it writes to connections as another uid")
+    async with capbus.open_kernel(limits=capbus.Limits(peers_per_user=2)) as kernel:
+        own = [adopt(kernel, ATTACKER) for _ in range(2)]  # the uid's whole peers_per_user
+        mine = kernel.socket_for_child()
+        # This process's uid's, with a socket that takes only a few frames: what the kernel
+        # queues for it next waits in its backlog.
+        connection, ours = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1)
+        assert lib.capbus_kernel_adopt(kernel._kernel, ours.detach(), -1, -1, -1) == 0
+        for sock in (*own, mine):
+            sock.settimeout(TIMEOUT / 3)  # a gated peer is never answered
+        try:
+            for cookie in range(2, 40):
+                connection.send(_wire.command(_wire.CMD_PEER_QUERY, cookie))
+            with trio.fail_after(TIMEOUT):
+                # Not a synchronisation: what it was sent is read within microseconds.
+                await trio.sleep(0.2)
+                before = kernel.statistics().memory_bytes
+                assert await run_as(ATTACKER, _WRITE, connection) == []
+                await wait_for_statistics(kernel, lambda s: s.memory_bytes > before)  # refused, queued
+                own.pop().close()
+                await wait_for_statistics(kernel, lambda s: s.peers == 3)
+            # It moves now; the writer reads everything queued up to its reply.
+            assert await query_as(ATTACKER, connection) == (0, ATTACKER)
+            assert query(mine, 1) == (0, 0), "the maker's uid is gated: its backlog count went wrong"
+            assert query(own[0], 1) == (0, ATTACKER), (
+                "the writer's uid is gated: its backlog count went wrong"
+            )
+            assert kernel.statistics().peers_gated == 0
+        finally:
+            connection.close()
+            mine.close()
+            for sock in own:
+                sock.close()
