@@ -186,8 +186,9 @@ class Message:
     whole_size: int | None = None
     """None when ``payload_view`` is the whole payload. Else the payload's size, and
     ``payload_view`` holds only its start (:data:`PAYLOAD_HEAD_BYTES`): a memfd payload
-    larger than :attr:`Peer.max_mapped_bytes`, or one this process had no address space
-    left to map (a sandbox's RLIMIT_AS). Enough to tell its sender why it was not read."""
+    larger than :attr:`Peer.max_mapped_bytes`, one this process had no address space left
+    to map (a sandbox's RLIMIT_AS), or a sparse one (its sender left holes that reading
+    would make this process allocate). Enough to tell its sender why it was not read."""
 
     @property
     def payload(self) -> bytes:
@@ -270,20 +271,23 @@ _POPULATE_FROM = 1 << 20
 
 
 def _map(memfd: int, size: int) -> memoryview:
-    """A received payload's memfd, mapped (its first ``size`` bytes)."""
-    return _read_only(memfd, size)
+    """A received payload's memfd, mapped (its first ``size`` bytes). Not populated: pages
+    are faulted in as a reader touches them. (CPython's mmap keeps an fd of the file open
+    while it lives: a vat counts a mapped message as holding one.)"""
+    return memoryview(mmap.mmap(memfd, size, mmap.MAP_SHARED, mmap.PROT_READ))
 
 
-def _read_only(memfd: int, size: int) -> memoryview:
-    flags = mmap.MAP_SHARED | (_POPULATE if size >= _POPULATE_FROM else 0)
-    return memoryview(SealedMapping(memfd, size, flags, mmap.PROT_READ))
+def _sparse(memfd: int, size: int) -> bool:
+    """Whether a memfd's pages are not all there: a reader would allocate them (charged to
+    it, not to the sender that made the holes), so it is not read whole."""
+    return os.fstat(memfd).st_blocks * 512 < size
 
 
 class SealedMapping(mmap.mmap):
-    """A read-only mapping of a sealed memfd payload, which keeps the memfd open: a payload
-    that is a view of the whole of one is sent as that memfd (a duplicate of it), without
-    a copy, whether it came in (a received large message) or was built in place
-    (:func:`sealed_payload`)."""
+    """A read-only mapping of a sealed memfd payload this process built
+    (:func:`sealed_payload`), which keeps the memfd open: a payload that is a view of the
+    whole of one is sent as that memfd (a duplicate of it), without a copy, however many
+    times it is sent."""
 
     memfd: int
 
@@ -309,7 +313,7 @@ def sealed_payload(size: int, fill: Callable[[memoryview], None]) -> memoryview:
             with memoryview(writable) as view:
                 fill(view)
         fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)  # (no writable mapping is left)
-        return _read_only(fd, size)
+        return memoryview(SealedMapping(fd, size, mmap.MAP_SHARED, mmap.PROT_READ))
     finally:
         os.close(fd)
 
@@ -500,6 +504,8 @@ class Peer:
             try:
                 if not size:
                     payload = memoryview(b"")  # (the kernel takes an empty memfd: nothing to map)
+                elif size > PAYLOAD_HEAD_BYTES and _sparse(memfd, size):
+                    whole_size = size
                 elif self.max_mapped_bytes is None or size <= self.max_mapped_bytes:
                     try:
                         payload = _map(memfd, size)
@@ -575,10 +581,10 @@ class Peer:
         except BlockingIOError:
             return False
         except OSError as error:
-            if error.errno == errno.EBADF and fds and self._sock.fileno() >= 0:
-                # One of the fds to attach is not open (the socket is): that send fails,
-                # nothing was written, and the connection is as good as before.
-                raise InvalidArgument(f"a file descriptor to send is not open: {error}") from error
+            if error.errno in (errno.EBADF, errno.EINVAL) and fds and self._sock.fileno() >= 0:
+                # One of the fds to attach is not open, or too many (the socket is fine):
+                # that send fails, nothing was written, the connection is as good as before.
+                raise InvalidArgument(f"the file descriptors to send were refused: {error}") from error
             self._broken = Disconnected(f"connection to the kernel failed: {error}")
             raise self._broken from error
 
@@ -820,6 +826,9 @@ class Peer:
             targets = [self._id(d) for d in destinations]
         attached = [self._id(h) for h in handles]
         fd_numbers = [_fd_number(fd) for fd in fds]
+        if len(fd_numbers) > _wire.FDS_MAX - (len(payload) > _wire.PAYLOAD_MAX):
+            limit = _wire.FDS_MAX
+            raise MessageTooLarge(f"{len(fd_numbers)} file descriptors, over {limit} per message")
         oneway = flags & _wire.SEND_FLAG_QUIET
         if oneway and tag is not None:
             if not 0 <= tag <= _TAG_MASK:

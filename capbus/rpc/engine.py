@@ -25,6 +25,7 @@ bounded per caller.
 from __future__ import annotations
 
 import collections
+import mmap
 import os
 import weakref
 from collections import OrderedDict
@@ -184,6 +185,7 @@ class _Answer:
     returned: Encoded | None = None
     failure: RpcError | None = None
     kept_bytes: int = 0
+    kept_fds: int = 0
     waiting: dict[tuple[int, int], _Waiting] = field(default_factory=dict)
     """The pipelined calls waiting for it, by their own key (in arrival order)."""
 
@@ -196,6 +198,12 @@ class _Question:
     """The reply node the call named: its return must arrive there."""
     pipelined: bool = False
     """Only a pipelined call may be answered with a redirect."""
+
+
+def _held_fds(payload: object) -> int:
+    """The fds of this process a kept payload holds: a message built in a memfd keeps it
+    and CPython's mapping keeps another (SealedMapping)."""
+    return 2 if isinstance(payload, memoryview) and isinstance(payload.obj, mmap.mmap) else 0
 
 
 def uid_of(caller: Caller) -> Hashable:
@@ -314,6 +322,7 @@ class Engine:
         self._waiting_in: dict[tuple[int, int], _Answer] = {}  # a waiting call's key -> its base
         self._kept = Tally(uid_share)  # answers kept for a caller
         self._kept_bytes = Tally(uid_share)
+        self._kept_fds = Tally(uid_share)  # of kept returns built in a memfd (held mapped)
         self._on_release = on_release
         self._next_question = 1
         self._entropy = memoryview(b"")
@@ -659,7 +668,9 @@ class Engine:
                 return self._refuse(payload, caps, "no object behind this node", Disconnected)
             reply = received.reply
             brought = self._brought(caps, reply if isinstance(reply, Client) else None)
-            events = self._call(server, received, caller, len(payload), len(fds), brought)
+            # A mapped payload holds an fd of this process too (CPython's mmap keeps one).
+            mapped = int(isinstance(payload.obj, mmap.mmap))
+            events = self._call(server, received, caller, len(payload), len(fds) + mapped, brought)
             for event in events:
                 if isinstance(event, CallArrived) and event.call is received:
                     if event.method is None or not event.method.params_layout.may_hold_fds:
@@ -667,7 +678,7 @@ class Engine:
                         # this process's RLIMIT_NOFILE) for as long as the call waits.
                         for fd in fds:
                             fd.close()
-                        event.fds = 0
+                        event.fds = mapped
             return events
         if isinstance(received, ReceivedFinish) and destination in self.exports:
             reply = received.reply
@@ -841,9 +852,13 @@ class Engine:
             answer.failure = type(failure)(failure.reason[:_KEPT_REASON])
         if answer.keep:
             size = len(returned.payload) if answer.returned is not None else 0
-            if self._kept_bytes.fits(answer.caller, size, self.max_kept_bytes_per_caller):
-                answer.kept_bytes = size
+            fds = _held_fds(returned.payload) if answer.returned is not None else 0
+            if self._kept_bytes.fits(answer.caller, size, self.max_kept_bytes_per_caller) and (
+                not fds or self._kept_fds.fits(answer.caller, fds, self.max_waiting_fds)
+            ):
+                answer.kept_bytes, answer.kept_fds = size, fds
                 self._kept_bytes.add(answer.caller, size)
+                self._kept_fds.add(answer.caller, fds)
             else:
                 self._forget_answer(key)  # past the caller's bytes: not kept
         else:
@@ -914,6 +929,7 @@ class Engine:
         if answer.keep:
             self._kept.take(answer.caller, 1)
             self._kept_bytes.take(answer.caller, answer.kept_bytes)
+            self._kept_fds.take(answer.caller, answer.kept_fds)
 
     def _refuse(
         self,

@@ -91,3 +91,19 @@ async def assert_a_chain_is_served(
     finally:
         for peer in (server_peer, attacker, honest):
             await peer.aclose()
+
+
+async def until_taken_or_refused(attacker: capbus.Peer, taken: Callable[[], int], calls: int) -> None:
+    """Waits until each of ``calls`` calls the attacker sent is either held by the vat (of
+    ``taken()``) or was answered with an error."""
+    refused = 0
+
+    async def count_refusals() -> None:
+        nonlocal refused
+        while True:
+            refused += (await next_return(attacker)).error is not None
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(count_refusals)
+        await until(lambda: taken() + refused == calls)
+        nursery.cancel_scope.cancel()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import gc
 import os
 import select
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -33,25 +33,10 @@ from .hostile import (
     next_return,
     open_fds,
     until,
+    until_taken_or_refused,
 )
 from .processes import reporting_process
 from .services import FactoryServer, next_call, schema
-
-
-async def until_taken_or_refused(attacker: capbus.Peer, taken: Callable[[], int], calls: int) -> None:
-    """Waits until each of ``calls`` calls the attacker sent is either held by the vat (of
-    ``taken()``) or was answered with an error."""
-    refused = 0
-
-    async def count_refusals() -> None:
-        nonlocal refused
-        while True:
-            refused += (await next_return(attacker)).error is not None
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(count_refusals)
-        await until(lambda: taken() + refused == calls)
-        nursery.cancel_scope.cancel()
 
 
 async def test_a_second_redirect_resends_a_pipelined_call_with_the_callers_reused_fd_number(
