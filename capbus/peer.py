@@ -15,6 +15,7 @@ quotas push back on whoever floods it.
 from __future__ import annotations
 
 import array
+import ctypes
 import enum
 import errno
 import fcntl
@@ -189,6 +190,8 @@ class Message:
     larger than :attr:`Peer.max_mapped_bytes`, one this process had no address space left
     to map (a sandbox's RLIMIT_AS), or a sparse one (its sender left holes that reading
     would make this process allocate). Enough to tell its sender why it was not read."""
+    unread: str = ""
+    """With ``whole_size``: why the payload was not read whole."""
 
     @property
     def payload(self) -> bytes:
@@ -271,10 +274,39 @@ _POPULATE_FROM = 1 << 20
 
 
 def _map(memfd: int, size: int) -> memoryview:
-    """A received payload's memfd, mapped (its first ``size`` bytes). Not populated: pages
-    are faulted in as a reader touches them. (CPython's mmap keeps an fd of the file open
-    while it lives: a vat counts a mapped message as holding one.)"""
-    return memoryview(mmap.mmap(memfd, size, mmap.MAP_SHARED, mmap.PROT_READ))
+    """A received payload's memfd, mapped read-only; unmapped when the last view of it
+    goes. Not populated: pages are faulted in as a reader touches them. Mapped through libc
+    rather than the mmap module: CPython's mmap (before 3.13's trackfd=False) keeps an fd of
+    the file open for as long as it lives, and a process holding many messages (queued
+    calls, kept results) would run out of fds, none of which any bound would see."""
+    address = _libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, memfd, 0)
+    if address is None or address == _MAP_FAILED:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+    pages = (ctypes.c_char * size).from_address(address)
+    weakref.finalize(pages, _libc.munmap, address, size)
+    # (read-only: the pages are PROT_READ; nothing writes through the array underneath)
+    return memoryview(pages).cast("B").toreadonly()
+
+
+def _head(memfd: int, size: int) -> memoryview:
+    """The first ``size`` bytes of a payload's memfd, read (not mapped: reading a hole of a
+    sparse memfd allocates nothing, and the copy holds no fd)."""
+    return memoryview(os.pread(memfd, size, 0))
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [
+    ctypes.c_void_p,
+    ctypes.c_size_t,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_long,
+]
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_MAP_FAILED = ctypes.c_void_p(-1).value
 
 
 def _sparse(memfd: int, size: int) -> bool:
@@ -307,7 +339,7 @@ def sealed_payload(size: int, fill: Callable[[memoryview], None]) -> memoryview:
         raise MessageTooLarge(f"payload of {size} bytes is over the {_wire.MEMFD_MAX} byte limit")
     fd = os.memfd_create("capbus-payload", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     try:
-        os.ftruncate(fd, size)
+        os.posix_fallocate(fd, 0, size)  # every page there: a receiver refuses a sparse one
         flags = mmap.MAP_SHARED | (_POPULATE if size >= _POPULATE_FROM else 0)
         with mmap.mmap(fd, size, flags, mmap.PROT_READ | mmap.PROT_WRITE) as writable:
             with memoryview(writable) as view:
@@ -497,28 +529,26 @@ class Peer:
     def _wrap(self, event: _wire.Incoming) -> Message:
         payload = event.payload
         whole_size = None
+        unread = ""
         if event.flags & _wire.MSG_FLAG_MEMFD:
             # A large payload: map the sealed memfd instead of copying it.
             memfd = event.fds.pop(0)
             size = event.payload_size
             try:
-                if not size:
-                    payload = memoryview(b"")  # (the kernel takes an empty memfd: nothing to map)
-                elif size > PAYLOAD_HEAD_BYTES and _sparse(memfd, size):
-                    whole_size = size
-                elif self.max_mapped_bytes is None or size <= self.max_mapped_bytes:
+                if size <= PAYLOAD_HEAD_BYTES:  # (the kernel takes an empty memfd too)
+                    payload = _head(memfd, size) if size else memoryview(b"")
+                elif _sparse(memfd, size):
+                    unread = "its sender left holes in it that reading would make this process fill"
+                elif self.max_mapped_bytes is not None and size > self.max_mapped_bytes:
+                    unread = f"it is over the {self.max_mapped_bytes} bytes this peer maps"
+                else:
                     try:
                         payload = _map(memfd, size)
-                    except OSError:
-                        if size <= PAYLOAD_HEAD_BYTES:
-                            raise
-                        whole_size = size
-                elif size > PAYLOAD_HEAD_BYTES:
+                    except OSError as error:
+                        unread = f"this process could not map it ({error.strerror})"
+                if unread:  # only its start, read (an OSError now: lost)
                     whole_size = size
-                else:  # over the bound, yet no larger than a head: mapped whole, read as such
-                    payload = _map(memfd, size)
-                if whole_size is not None:  # only its start (an OSError now: lost)
-                    payload = _map(memfd, PAYLOAD_HEAD_BYTES)
+                    payload = _head(memfd, PAYLOAD_HEAD_BYTES)
             finally:
                 os.close(memfd)
         sender = None
@@ -541,6 +571,7 @@ class Peer:
             sender,
             bool(event.flags & _wire.MSG_FLAG_CONTINUE),
             whole_size=whole_size,
+            unread=unread,
         )
 
     async def _advance(self) -> bool:
@@ -585,6 +616,8 @@ class Peer:
                 # One of the fds to attach is not open, or too many (the socket is fine):
                 # that send fails, nothing was written, the connection is as good as before.
                 raise InvalidArgument(f"the file descriptors to send were refused: {error}") from error
+            if error.errno == errno.EMSGSIZE:  # a frame larger than the socket takes: not written
+                raise MessageTooLarge(f"a frame too large to write: {error}") from error
             self._broken = Disconnected(f"connection to the kernel failed: {error}")
             raise self._broken from error
 
@@ -826,9 +859,17 @@ class Peer:
             targets = [self._id(d) for d in destinations]
         attached = [self._id(h) for h in handles]
         fd_numbers = [_fd_number(fd) for fd in fds]
+        if isinstance(payload, memoryview) and payload.format != "B":
+            payload = payload.cast("B")  # (sized in bytes, not items)
+        # Refused here, before anything is written: a frame the socket cannot take fails the
+        # write (EMSGSIZE), which must not be taken for a broken connection.
         if len(fd_numbers) > _wire.FDS_MAX - (len(payload) > _wire.PAYLOAD_MAX):
             limit = _wire.FDS_MAX
             raise MessageTooLarge(f"{len(fd_numbers)} file descriptors, over {limit} per message")
+        if len(targets) > _wire.DESTINATIONS_MAX:
+            raise MessageTooLarge(f"{len(targets)} destinations, over {_wire.DESTINATIONS_MAX} per send")
+        if len(attached) > _wire.HANDLES_MAX:
+            raise MessageTooLarge(f"{len(attached)} handles, over {_wire.HANDLES_MAX} per message")
         oneway = flags & _wire.SEND_FLAG_QUIET
         if oneway and tag is not None:
             if not 0 <= tag <= _TAG_MASK:

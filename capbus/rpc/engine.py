@@ -621,8 +621,8 @@ class Engine:
             kind: type[RpcError] = Failed
             detail = f"a message of {size} bytes, over this vat's limit of {limit}"
             reason = f"malformed message: {detail}"
-            if size <= limit:  # yet not mapped whole: this process's address space is full
-                detail = reason = f"no address space left here to map a message of {size} bytes"
+            if size <= limit:  # yet not read whole (Peer: why)
+                detail = reason = f"a message of {size} bytes was not read here: {message.unread}"
                 kind = Overloaded
             if destination in self.reply_nodes:
                 return self._malformed_return(destination, payload, ValueError(detail), partial)
@@ -668,9 +668,7 @@ class Engine:
                 return self._refuse(payload, caps, "no object behind this node", Disconnected)
             reply = received.reply
             brought = self._brought(caps, reply if isinstance(reply, Client) else None)
-            # A mapped payload holds an fd of this process too (CPython's mmap keeps one).
-            mapped = int(isinstance(payload.obj, mmap.mmap))
-            events = self._call(server, received, caller, len(payload), len(fds) + mapped, brought)
+            events = self._call(server, received, caller, len(payload), len(fds), brought)
             for event in events:
                 if isinstance(event, CallArrived) and event.call is received:
                     if event.method is None or not event.method.params_layout.may_hold_fds:
@@ -678,7 +676,7 @@ class Engine:
                         # this process's RLIMIT_NOFILE) for as long as the call waits.
                         for fd in fds:
                             fd.close()
-                        event.fds = mapped
+                        event.fds = 0
             return events
         if isinstance(received, ReceivedFinish) and destination in self.exports:
             reply = received.reply

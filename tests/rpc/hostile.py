@@ -4,7 +4,9 @@ view of what a vat sends it, and how a test tells a crashed vat from a failed ch
 from __future__ import annotations
 
 import os
+import resource
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,7 +15,9 @@ import trio
 import capbus
 from capbus.rpc import protocol
 from capbus.rpc.vat import open_vat
+from capbus.testing import wait_for_statistics
 
+from .processes import attacker_process, reporting_process
 from .services import FactoryServer, schema
 
 TIMEOUT = 20
@@ -107,3 +111,61 @@ async def until_taken_or_refused(attacker: capbus.Peer, taken: Callable[[], int]
         nursery.start_soon(count_refusals)
         await until(lambda: taken() + refused == calls)
         nursery.cancel_scope.cancel()
+
+
+HONEST_LARGE_CALL = """
+async def attack(peer, report, target, results):
+    go = await peer.create_node()
+    await report("ready", [go])
+    await peer.recv()  # the test's word: the server's fds are used up by now
+    async with open_vat(peer) as vat:
+        factory = vat.client(target, schema.Factory)
+        try:
+            with trio.fail_after(5):
+                answer = await factory.echo("y" * 140000)
+            outcome = "answered" if answer.text == "y" * 140000 else "a wrong answer"
+        except trio.TooSlowError:
+            outcome = "no answer and no error in 5 s"
+        except Exception as error:
+            outcome = "failed: " + type(error).__name__
+        await peer.send(results, outcome.encode())
+"""
+
+
+async def honest_large_call_after(
+    kernel: capbus.Kernel,
+    tmp_path: Path,
+    server_peer: capbus.Peer,
+    factory_node: capbus.Handle,
+    flood: str,
+    flood_handles: list[capbus.Handle],
+) -> str:
+    """With room for only 100 more fds in this process (the server's: a lowered
+    RLIMIT_NOFILE), runs ``flood`` (an attack script, given ``flood_handles``) in a process
+    of its own until it reports "sent" and the server has read every message it sent (their
+    memfds are in flight until then); then an honest process calls echo() with 140 KB of
+    text on ``factory_node``. Returns what became of that call ("answered", or why not)."""
+    inbox = await kernel.connect()
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        results = await inbox.create_node()
+        factory = await server_peer.transfer(factory_node, inbox)
+        (tmp_path / "honest").mkdir()
+        (tmp_path / "flood").mkdir()
+        async with reporting_process(
+            kernel, tmp_path / "honest", HONEST_LARGE_CALL, inbox, [factory, results]
+        ) as ready:
+            (go,) = ready.handles
+            numbers = [int(name) for name in os.listdir("/proc/self/fd")]
+            # (room for 100 more fds, or what the holes in the fd table leave)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (max(max(numbers) + 1, len(numbers) + 100), hard))
+            async with attacker_process(
+                kernel, tmp_path / "flood", flood, server_peer, flood_handles
+            ) as sent:
+                assert sent == "sent"
+                await wait_for_statistics(kernel, lambda s: s.fds_in_flight == 0)
+                await go.peer.send(go, b"go")
+                return bytes((await inbox.recv()).payload_view).decode()
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        await inbox.aclose()

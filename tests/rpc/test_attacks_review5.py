@@ -10,7 +10,6 @@ from __future__ import annotations
 import fcntl
 import mmap
 import os
-import resource
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +19,17 @@ import capbus
 from capbus.peer import SealedMapping
 from capbus.rpc import protocol
 from capbus.rpc.vat import open_vat
-from capbus.testing import wait_for_statistics
 
-from .hostile import ECHO, NEW_COUNTER, SLOW, TIMEOUT, next_return, open_fds, until_taken_or_refused
-from .processes import attacker_process, reporting_process
+from .hostile import (
+    ECHO,
+    NEW_COUNTER,
+    SLOW,
+    TIMEOUT,
+    honest_large_call_after,
+    next_return,
+    open_fds,
+    until_taken_or_refused,
+)
 from .services import FactoryServer
 
 REVIEW5: Any = capbus.load(Path(__file__).with_name("review5.capnp"))
@@ -224,24 +230,6 @@ async def test_waiting_large_pipelined_calls_each_keep_a_memfd_open_uncounted(ke
         await server_peer.aclose()
 
 
-HONEST = """
-async def attack(peer, report, target, results):
-    go = await peer.create_node()
-    await report("ready", [go])
-    await peer.recv()  # the test's word: the server's fds are used up by now
-    async with open_vat(peer) as vat:
-        factory = vat.client(target, schema.Factory)
-        try:
-            with trio.fail_after(5):
-                answer = await factory.echo("y" * 140000)
-            outcome = "answered" if answer.text == "y" * 140000 else "a wrong answer"
-        except trio.TooSlowError:
-            outcome = "no answer and no error in 5 s"
-        except Exception as error:
-            outcome = "failed: " + type(error).__name__
-        await peer.send(results, outcome.encode())
-"""
-
 FLOOD = """
 async def attack(peer, report, target):
     reply = await peer.create_node()
@@ -274,43 +262,15 @@ async def test_an_honest_large_call_hangs_once_queued_large_calls_use_up_the_ser
     be answered (a caller that reached the head could be told: map the head from the
     kernel's copy, or have the kernel refuse a memfd message to a peer with no fd slot so
     the sender's send fails)."""
-    server_peer, inbox = await kernel.connect(), await kernel.connect()
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    outcome = ""
+    server_peer = await kernel.connect()
     try:
         async with open_vat(server_peer, max_calls_per_caller=1) as server_vat:
-            server = FactoryServer()
-            node = await server_vat.export(server)
-            results = await inbox.create_node()
-            factory = await server_peer.transfer(node, inbox)
-            (tmp_path / "honest").mkdir()
-            (tmp_path / "flood").mkdir()
+            node = await server_vat.export(FactoryServer())
             with trio.fail_after(TIMEOUT):
-                async with reporting_process(
-                    kernel, tmp_path / "honest", HONEST, inbox, [factory, results]
-                ) as ready:
-                    (go,) = ready.handles
-                    numbers = [int(name) for name in os.listdir("/proc/self/fd")]
-                    # (room for 100 more fds, or what the holes in the fd table leave)
-                    limit = max(max(numbers) + 1, len(numbers) + 100)
-                    resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
-                    try:
-                        async with attacker_process(
-                            kernel, tmp_path / "flood", FLOOD, server_peer, [node]
-                        ) as sent:
-                            assert sent == "sent"
-                            # Every flood message read by the server (its memfd is in flight
-                            # until then); fixed, those past the fd bound were refused.
-                            await wait_for_statistics(kernel, lambda s: s.fds_in_flight == 0)
-                            await go.peer.send(go, b"go")
-                            outcome = bytes((await inbox.recv()).payload_view).decode()
-                    finally:
-                        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+                outcome = await honest_large_call_after(kernel, tmp_path, server_peer, node, FLOOD, [node])
             assert outcome == "answered", f"an honest caller's large call: {outcome}"
     finally:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
         await server_peer.aclose()
-        await inbox.aclose()
 
 
 async def test_a_send_of_more_fds_than_scm_max_fd_breaks_the_peer(kernel: capbus.Kernel) -> None:

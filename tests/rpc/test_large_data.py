@@ -56,7 +56,7 @@ async def test_a_call_this_process_cannot_map_is_answered_overloaded(
     map (a sandbox's RLIMIT_AS; injected here): its caller hears so, not nothing."""
     refused = await _call_with(kernel, 80 << 20)
     assert isinstance(refused, errors.Overloaded), refused
-    assert "no address space left here to map a message of" in refused.reason
+    assert "was not read here: this process could not map it" in refused.reason
 
 
 def test_a_large_call_is_built_in_the_memfd_it_travels_in() -> None:
