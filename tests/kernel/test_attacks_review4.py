@@ -101,6 +101,7 @@ async def test_transfers_into_a_handed_over_connection_bring_no_more_than_a_fair
                 fd = int(sys.argv[1])
                 s = socket.socket(fileno=fd)
                 s.send(struct.pack("<IHHQ", 16, int(sys.argv[2]), 0, 7))
+                select.select([s], [], [], 30)
                 s.recv(65536)
                 print("moved", flush=True)
                 """,
