@@ -132,3 +132,79 @@ async def test_transfers_into_a_handed_over_connection_bring_no_more_than_a_fair
                     f" the victim could create {made} nodes of 10"
                 )
             await victim.aclose()
+
+
+async def test_refusals_of_another_uids_writes_are_bounded_by_its_user_backlog() -> None:
+    """MEDIUM. Round three counts a refused move's reply in the writer's uid (cb_queue_refuse,
+    backlog_of) instead of the maker's. But whether a connection is read is decided by its
+    own backlog and its maker's uid (cb_peer_over_backlog: peer->user), never by the writer's:
+    a writer whose uid is far past user_backlog goes on being read on every connection it
+    writes to, until that connection alone has CAPBUS_REPLY_BACKLOG_MAX (1 MiB) queued.
+    So two uids (one makes connections, up to peers_per_user = 16,384 of them; the other
+    writes frames it knows are refused and reads nothing) queue up to 16 GiB of refusals,
+    where user_backlog (16 MiB) was the bound before: the writer's uid backlog is counted,
+    and then ignored.
+    Fix: in cb_peer_over_backlog (and the gate), also stop reading a connection whose foreign
+    backlog belongs to a uid past user_backlog (e.g. keep the last refused writer's uid on the
+    peer and check its backlog_bytes), or refuse a frame, without a reply, once its writer's
+    uid is past user_backlog.
+    Numbers: user_backlog = 64 KiB, 8 connections, 4,000 refused frames each: the writer's
+    uid has ~4 MB of refusals queued in the kernel (memory_bytes), 60x its user_backlog."""
+    import fcntl
+    import termios
+
+    from .other_uid import NOBODY, needs_root, run_as, read_line
+
+    needs_root()
+    n_connections = 8
+    frames = 4000
+    limits = capbus.Limits(user_backlog=64 * 1024, peers_per_user=n_connections + 1)
+    with trio.fail_after(TIMEOUT):
+        async with capbus.open_kernel(limits=limits) as kernel:
+            # The writer's uid has all its peers: every move to it is refused (EDQUOT).
+            writer_own = [adopt_raw(kernel, NOBODY) for _ in range(n_connections + 1)]
+            made = []
+            for _ in range(n_connections):
+                theirs, ours = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+                assert lib.capbus_kernel_adopt(kernel._kernel, ours.detach(), -1, -1, -1) == 0
+                made.append(theirs)
+            before = kernel.statistics().memory_bytes
+            fds = tuple(s.fileno() for s in made)
+            child = await run_as(
+                NOBODY,
+                """
+                n = int(sys.argv[1])
+                for fd in sys.argv[2:]:
+                    s = socket.socket(fileno=int(fd))
+                    s.setblocking(True)
+                    for cookie in range(n):
+                        s.send(struct.pack("<IHHQ", 16, 0x01, 0, cookie + 1))
+                print("written", flush=True)
+                """,
+                str(frames),
+                *(str(fd) for fd in fds),
+                pass_fds=fds,
+            )
+            assert await read_line(child) == "written"
+            await child.wait()
+
+            def unread() -> int:
+                total = 0
+                for s in made:
+                    buf = bytearray(4)
+                    fcntl.ioctl(s.fileno(), termios.TIOCOUTQ, buf)
+                    total += int.from_bytes(buf, "little")
+                return total
+
+            # Until the kernel has read everything, or reads no more (a fix gates them).
+            last, still = unread(), 0
+            while last and still < 40:
+                await trio.sleep(0.05)
+                now = unread()
+                still = still + 1 if now == last else 0
+                last = now
+            grown = kernel.statistics().memory_bytes - before
+            bound = 2 * limits.user_backlog
+            assert grown <= bound, f"{grown} B of refusals queued for a uid, user_backlog {limits.user_backlog}"
+            for s in writer_own:
+                s.close()
