@@ -208,3 +208,22 @@ async def test_refusals_of_another_uids_writes_are_bounded_by_its_user_backlog()
             assert grown <= bound, f"{grown} B of refusals queued for a uid, user_backlog {limits.user_backlog}"
             for s in writer_own:
                 s.close()
+
+
+async def test_a_handle_attached_twice_counts_once_against_user_handles() -> None:
+    """LOW. prepare() counts a message's new handles per attached id (cb_handle_is_new for
+    each of attached[]), but a peer holds one handle per node: a node attached twice (legal:
+    two user references) installs one new handle and is counted as two. A send that fits the
+    receiving uid's user_handles (and a sending uid's fair share, also computed from it) is
+    refused with EDQUOT; the counts are only pessimistic, nothing is lost.
+    Fix: count distinct nodes (e.g. mark attached nodes with the send serial while counting).
+    Numbers: one handle of room; [node] is accepted, [node, node] refused."""
+    limit = 4  # the receiver's node, the sender's handle to it, the sender's node: room for 1
+    with trio.fail_after(TIMEOUT):
+        async with capbus.open_kernel(limits=capbus.Limits(user_handles=limit)) as kernel:
+            async with await kernel.connect() as receiver, await kernel.connect() as sender:
+                target = await receiver.transfer(await receiver.create_node(), sender)
+                node = await sender.create_node()
+                assert kernel.statistics().handles == limit - 1
+                await sender.send(target, b"", handles=[node, node])
+                assert kernel.statistics().handles == limit
