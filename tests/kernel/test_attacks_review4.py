@@ -5,14 +5,18 @@ passes once it is fixed; each docstring says how bad, the harm, a fix and the nu
 
 from __future__ import annotations
 
+import fcntl
 import os
 import socket
+import termios
 
 import trio
 from capbus._kernel import lib
 
 import capbus
 from capbus import _wire
+
+from .other_uid import NOBODY, needs_root, read_line, run_as
 
 TIMEOUT = 60
 
@@ -81,7 +85,6 @@ async def test_transfers_into_a_handed_over_connection_bring_no_more_than_a_fair
     install, brought_by after it) when the target is charged to another uid, as for a send.
     Numbers: user_handles = 100; the attacker makes the victim uid hold all 100 handles
     (the fair share allows ~50) and the victim's own peer is refused its first node."""
-    from .other_uid import NOBODY, needs_root, run_as, read_line
 
     needs_root()
     limit = 100
@@ -150,10 +153,6 @@ async def test_refusals_of_another_uids_writes_are_bounded_by_its_user_backlog()
     uid is past user_backlog.
     Numbers: user_backlog = 64 KiB, 8 connections, 4,000 refused frames each: the writer's
     uid has ~4 MB of refusals queued in the kernel (memory_bytes), 60x its user_backlog."""
-    import fcntl
-    import termios
-
-    from .other_uid import NOBODY, needs_root, run_as, read_line
 
     needs_root()
     n_connections = 8
@@ -205,7 +204,7 @@ async def test_refusals_of_another_uids_writes_are_bounded_by_its_user_backlog()
                 last = now
             grown = kernel.statistics().memory_bytes - before
             bound = 2 * limits.user_backlog
-            assert grown <= bound, f"{grown} B of refusals queued for a uid, user_backlog {limits.user_backlog}"
+            assert grown <= bound, f"{grown} B of refusals queued, user_backlog {limits.user_backlog}"
             for s in writer_own:
                 s.close()
 
