@@ -145,10 +145,10 @@ async def test_refusals_of_another_uids_writes_are_bounded_by_its_user_backlog()
     own backlog and its maker's uid (cb_peer_over_backlog: peer->user), never by the writer's:
     a writer whose uid is far past user_backlog goes on being read on every connection it
     writes to, until that connection alone has CAPBUS_REPLY_BACKLOG_MAX (1 MiB) queued.
-    So two uids (one makes connections, up to peers_per_user = 16,384 of them; the other
-    writes frames it knows are refused and reads nothing) queue up to 16 GiB of refusals,
-    where user_backlog (16 MiB) was the bound before: the writer's uid backlog is counted,
-    and then ignored.
+    So two uids (one makes connections: up to peers_per_user = 16,384, in practice its fair
+    share of the kernel's fds, thousands; the other writes frames it knows are refused and
+    reads nothing) queue GiBs of refusals (1 MiB per connection), where user_backlog
+    (16 MiB) was the bound before: the writer's uid backlog is counted, and then ignored.
     Fix: in cb_peer_over_backlog (and the gate), also stop reading a connection whose foreign
     backlog belongs to a uid past user_backlog (e.g. keep the last refused writer's uid on the
     peer and check its backlog_bytes), or refuse a frame, without a reply, once its writer's
