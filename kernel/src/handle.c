@@ -154,7 +154,9 @@ static void handle_free(struct cb_handle *handle)
 	charged->n_handles--;
 	if (handle->brought_by)
 		cb_handles_unbring(kernel, handle->brought_by, charged->uid);
-	if (handle->destroy_note)
+	if (handle->destroy_note && handle->destroy_note->prepaid)
+		cb_queue_withdraw(peer, handle->destroy_note); /* queued, not written yet */
+	else if (handle->destroy_note)
 		cb_qentry_free(handle->destroy_note);
 	free(handle);
 	if (--node->n_refs == 0) {
@@ -193,7 +195,7 @@ void cb_handle_release_all(struct cb_handle *handle)
 static void notify_destroyed(struct cb_handle *holder, uint64_t seq)
 {
 	struct cb_qentry *note = holder->destroy_note;
-	holder->destroy_note = NULL;
+	note->note_of = holder; /* cleared, with holder->destroy_note, once it is written or dropped */
 	cb_queue_notify_prepaid(holder->peer, note, CAPBUS_MSG_NODE_DESTROY, holder->id, seq);
 }
 

@@ -34,8 +34,9 @@ struct cb_handle {
 				     * moves later (cb_peer_charge_to); a reference to that uid */
 	struct cb_qentry *destroy_note; /* a holder's NODE_DESTROY notification, allocated with
 					 * it and queued when its node is destroyed (bus1's
-					 * prepaid notification); NULL once queued, and for the
-					 * anchor */
+					 * prepaid notification); withdrawn with it if still
+					 * queued (cb_queue_withdraw); NULL once written, and for
+					 * the anchor */
 	struct cb_user *brought_by; /* the other uid whose message made it, in whose fair share
 				     * of charged_to's user_handles it counts while it lives
 				     * (quota.h); a reference to that uid; or NULL */

@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include "capbus/uapi.h"
+#include "handle.h"
 #include "kernel.h"
 #include "message.h"
 #include "peer.h"
@@ -20,6 +21,7 @@ void cb_queue_init(struct cb_queue *queue)
 	queue->n_entries = 0;
 	queue->backlog_bytes = 0;
 	queue->foreign_backlog = 0;
+	queue->continued_seq = 0;
 }
 
 struct cb_qentry *cb_qentry_new(uint32_t header_size)
@@ -39,6 +41,7 @@ struct cb_qentry *cb_qentry_new(uint32_t header_size)
 	entry->is_reply = false;
 	entry->in_backlog = false;
 	entry->prepaid = false;
+	entry->note_of = NULL;
 	entry->backlog_of = NULL;
 	entry->header_size = header_size;
 	return entry;
@@ -73,6 +76,8 @@ static void leave_backlog(struct cb_peer *peer, struct cb_qentry *entry)
 
 static void entry_release(struct cb_peer *peer, struct cb_qentry *entry)
 {
+	if (entry->note_of)
+		entry->note_of->destroy_note = NULL; /* written or dropped: its handle has none now */
 	if (entry->charged_to)
 		cb_quota_uncharge(peer->kernel, &peer->quota, entry->charged_to, entry->charged_for, &entry->charge);
 	if (entry->passed_for) {
@@ -247,6 +252,8 @@ int cb_queue_flush(struct cb_peer *peer)
 			kernel->frames_written++;
 			leave_backlog(peer, entry);
 			if (!entry->is_reply) {
+				bool continues = message_header(entry)->flags & CAPBUS_MSG_FLAG_CONTINUE;
+				queue->continued_seq = continues ? entry->seq : 0;
 				queue->n_entries--;
 				if (entry->message)
 					kernel->stats.messages_written++;
@@ -323,6 +330,26 @@ void cb_queue_notify_prepaid(struct cb_peer *peer, struct cb_qentry *note, uint1
 {
 	note->prepaid = true;
 	notify(peer, note, kind, destination, seq); /* freed there if the peer is going away */
+}
+
+void cb_queue_withdraw(struct cb_peer *peer, struct cb_qentry *note)
+{
+	struct cb_queue *queue = &peer->queue;
+	note->note_of = NULL;
+	/* The last note of its transaction: the one before it must not announce it any more. */
+	if (!(message_header(note)->flags & CAPBUS_MSG_FLAG_CONTINUE)) {
+		if (note->link.prev == &queue->entries) {
+			if (queue->continued_seq == note->seq)
+				return; /* announced by a frame already written: delivered, stale */
+		} else {
+			struct cb_qentry *prev = cb_container_of(note->link.prev, struct cb_qentry, link);
+			if (prev->seq == note->seq)
+				message_header(prev)->flags &= (uint16_t)~CAPBUS_MSG_FLAG_CONTINUE;
+		}
+	}
+	cb_list_del(&note->link);
+	queue->n_entries--;
+	entry_release(peer, note);
 }
 
 static void queue_reply(struct cb_peer *peer, struct cb_user *backlog_of, uint64_t cookie, uint16_t command,

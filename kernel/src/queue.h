@@ -34,6 +34,7 @@
 #include "list.h"
 #include "quota.h"
 
+struct cb_handle;
 struct cb_message;
 struct cb_peer;
 struct cb_user;
@@ -53,6 +54,9 @@ struct cb_qentry {
 	bool is_reply;
 	bool in_backlog;             /* counted in backlog_bytes */
 	bool prepaid;                /* a handle's NODE_DESTROY, paid with the handle: in no backlog */
+	struct cb_handle *note_of;   /* that handle while both live: it withdraws its note when it is
+				      * freed first (cb_queue_withdraw), so that a queued note never
+				      * outlives what paid for it; or NULL */
 	struct cb_user *backlog_of;  /* the uid whose backlog it counts in if not the peer's
 				      * (cb_queue_refuse), with a reference (n_charges), or NULL */
 	uint32_t header_size;
@@ -69,6 +73,8 @@ struct cb_queue {
 				 * commands are not read until it reads */
 	size_t foreign_backlog; /* the part of it charged to another uid than the peer's
 				 * (backlog_of): stays there when the connection moves */
+	uint64_t continued_seq; /* the seq of the last message or notification written if it
+				 * said CONTINUE (the reader waits for one more of it), else 0 */
 };
 
 void cb_queue_init(struct cb_queue *queue);
@@ -100,6 +106,12 @@ size_t cb_queue_note_cost(void);
  * (user_handles), so a uid that destroys nodes others hold cannot fill their backlog. */
 void cb_queue_notify_prepaid(struct cb_peer *peer, struct cb_qentry *note, uint16_t kind, uint64_t destination,
 			     uint64_t seq);
+/* Takes a queued prepaid note (note_of) out of the queue and frees it: its handle is being
+ * freed before the note was written, and a holder that releases its handle before reading
+ * its NODE_DESTROY never sees it (bus1). Otherwise a holder could release handles as fast as
+ * their notes are queued and pile up notes paid for by nothing. Kept (its handle let go)
+ * only when it is the frame a CONTINUE already written promised: one per peer at most. */
+void cb_queue_withdraw(struct cb_peer *peer, struct cb_qentry *note);
 /* Queues the reply to a command. */
 void cb_queue_reply(struct cb_peer *peer, uint64_t cookie, uint16_t command, int error,
 		    const void *body, uint32_t body_size);
