@@ -165,7 +165,7 @@ static uint32_t *send_handles(struct cb_kernel *kernel, struct cb_user *user)
 /* Checks one destination and reserves everything its delivery needs. Returns 0 or an errno;
  * on success *entry is a queue entry charged to the receiver. */
 static int prepare(struct cb_peer *sender, struct cb_user *user, struct cb_message *message, uint64_t id,
-		   struct cb_node **attached, uint32_t n_handles, const struct cb_amount *amount,
+		   struct cb_node **distinct, uint32_t n_distinct, const struct cb_amount *amount,
 		   struct cb_qentry **entry)
 {
 	struct cb_kernel *kernel = sender->kernel;
@@ -183,11 +183,12 @@ static int prepare(struct cb_peer *sender, struct cb_user *user, struct cb_messa
 	 * this one will install counts too. The handles it brings count in the fair share of
 	 * the uid the sending peer is charged to (the uid of its own handles, an adopted peer's
 	 * included), quota.h. A second destination on the same receiver installs
-	 * nothing the first did not (a peer holds one handle per node). */
+	 * nothing the first did not, and a node attached twice installs one handle (a peer
+	 * holds one handle per node): `distinct` are the attached nodes, each once. */
 	uint32_t new_handles = 0;
 	if (receiver->send_mark != kernel->send_serial)
-		for (uint32_t i = 0; i < n_handles; i++)
-			new_handles += cb_handle_is_new(receiver, attached[i]);
+		for (uint32_t i = 0; i < n_distinct; i++)
+			new_handles += cb_handle_is_new(receiver, distinct[i]);
 	uint32_t *pending = send_handles(kernel, receiver->user);
 	if (receiver->handles_by_id.count + new_handles > kernel->limits.handles_held ||
 	    receiver->user->n_handles + *pending + new_handles > kernel->limits.user_handles ||
@@ -196,7 +197,7 @@ static int prepare(struct cb_peer *sender, struct cb_user *user, struct cb_messa
 	if (cb_handle_reserve(receiver, new_handles) < 0)
 		return ENOMEM;
 
-	*entry = cb_qentry_new(sizeof(struct capbus_frame) + sizeof(struct capbus_message) + n_handles * 8);
+	*entry = cb_qentry_new(sizeof(struct capbus_frame) + sizeof(struct capbus_message) + amount->handles * 8);
 	if (!*entry)
 		return ENOMEM;
 	struct cb_amount charge = *amount;
@@ -229,6 +230,8 @@ void cb_send(struct cb_peer *sender, uint64_t cookie, const void *body, size_t b
 	struct cb_kernel *kernel = sender->kernel;
 	const struct capbus_cmd_send *cmd = body;
 	struct cb_node *attached[CAPBUS_HANDLES_MAX];
+	struct cb_node *distinct[CAPBUS_HANDLES_MAX]; /* the attached nodes, each once */
+	uint32_t n_distinct = 0;
 	int error = 0;
 
 	if (body_size < sizeof(*cmd)) {
@@ -332,8 +335,14 @@ void cb_send(struct cb_peer *sender, uint64_t cookie, const void *body, size_t b
 
 	result->n_destinations = n;
 	kernel->send_serial++;
+	for (uint32_t i = 0; i < cmd->n_handles; i++) {
+		if (attached[i]->send_mark != kernel->send_serial) {
+			attached[i]->send_mark = kernel->send_serial;
+			distinct[n_distinct++] = attached[i];
+		}
+	}
 	for (uint32_t i = 0; i < n; i++) {
-		errors[i] = prepare(sender, user, message, destinations[i], attached, cmd->n_handles, &amount,
+		errors[i] = prepare(sender, user, message, destinations[i], distinct, n_distinct, &amount,
 				    &entries[i]);
 		if (!errors[i])
 			result->n_delivered++;

@@ -27,6 +27,8 @@ struct cb_node {
 	struct cb_link holders;   /* struct cb_handle.holder_link of every non-owner handle */
 	uint32_t n_holders;
 	uint32_t n_refs;          /* handles pointing at this node, anchor included */
+	uint64_t send_mark;       /* the send (kernel->send_serial) that counted it among its
+				   * attached nodes: one handle per node, however often attached */
 	bool destroyed;
 };
 
