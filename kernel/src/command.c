@@ -186,12 +186,16 @@ static void cmd_handle_transfer(struct cb_peer *peer, uint64_t cookie, const uin
 		error = EHOSTUNREACH;
 	} else if (cb_handle_is_new(target, handle->node) &&
 		   (target->handles_by_id.count >= peer->kernel->limits.handles_held ||
-		    target->user->n_handles >= peer->kernel->limits.user_handles)) {
+		    target->user->n_handles >= peer->kernel->limits.user_handles ||
+		    !cb_handles_may_bring(peer->kernel, peer->user, target->user, 0, 1))) {
+		/* The target may be a connection this uid made and handed to a process of
+		 * another uid (charged to it now): what a transfer makes that uid hold is
+		 * brought by this one, in its fair share, as for a message (quota.h). */
 		error = EDQUOT;
 	} else if (cb_handle_reserve(target, 1) < 0) {
 		error = ENOMEM;
 	} else {
-		id = cb_handle_install(target, handle->node, NULL);
+		id = cb_handle_install(target, handle->node, peer->user);
 	}
 out:
 	cb_queue_reply(peer, cookie, CAPBUS_CMD_HANDLE_TRANSFER, error, error ? NULL : &id, error ? 0 : sizeof(id));

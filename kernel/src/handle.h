@@ -52,9 +52,8 @@ struct cb_handle *cb_node_create(struct cb_peer *peer, int *error);
 int cb_handle_reserve(struct cb_peer *peer, uint32_t n);
 /* Gives `peer` one more user reference to `node` and returns the id (CAPBUS_HANDLE_INVALID
  * for a destroyed node). Cannot fail once room was reserved. A new handle is counted as
- * brought by `sender` (the uid the sending peer of the message installing it is charged to,
- * or NULL), if that is
- * another uid than the one it is charged to. */
+ * brought by `sender` (the uid the peer that sends the message installing it, or transfers
+ * it, is charged to; or NULL), if that is another uid than the one it is charged to. */
 uint64_t cb_handle_install(struct cb_peer *peer, struct cb_node *node, struct cb_user *sender);
 /* Would installing `node` into `peer` need a new handle? */
 int cb_handle_is_new(struct cb_peer *peer, struct cb_node *node);

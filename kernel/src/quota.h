@@ -131,8 +131,9 @@ void cb_fds_land(struct cb_kernel *kernel, struct cb_user *user, uint32_t n);
  * 0, -EDQUOT or -ENOMEM; no effect on failure. */
 int cb_fds_pin(struct cb_kernel *kernel, struct cb_user *sender, uint32_t receiver_uid, uint32_t n);
 void cb_fds_unpin(struct cb_user *sender, uint32_t receiver_uid, uint32_t n);
-/* May a message of `sender` bring `n` new handles to a peer of `receiver`, when the same send
- * brings `pending` more to other peers of it? Its own peers spend only its user_handles. */
+/* May a message (or a HANDLE_TRANSFER) of `sender` bring `n` new handles to a peer of
+ * `receiver`, when the same send brings `pending` more to other peers of it? Its own peers
+ * spend only its user_handles. */
 bool cb_handles_may_bring(struct cb_kernel *kernel, struct cb_user *sender, struct cb_user *receiver,
 			  uint32_t pending, uint32_t n);
 /* Counts one handle a message of `sender` brought to a peer of `receiver_uid` (charged to
