@@ -41,7 +41,13 @@ static void refuse(struct cb_peer *peer, uint32_t uid, uint64_t cookie, uint16_t
 		cb_peer_doom(peer);
 		return;
 	}
-	cb_queue_refuse(peer, writer, cookie, command, error);
+	/* Its refusals count in its uid's backlog, but nothing stops reading the connections
+	 * it writes to when that is full (they are gated by their own uid's): once the
+	 * refusals it has queued are past user_backlog, the frame is refused without a reply,
+	 * or a writer that never reads them could queue refusals on every connection it writes
+	 * to. Below that it is told, even while its own peers' replies gate them. */
+	if (writer->refused_bytes <= peer->kernel->limits.user_backlog)
+		cb_queue_refuse(peer, writer, cookie, command, error);
 	cb_user_put_if_unused(peer->kernel, writer);
 }
 

@@ -68,6 +68,7 @@ static void leave_backlog(struct cb_peer *peer, struct cb_qentry *entry)
 	user->backlog_bytes -= cost;
 	if (entry->backlog_of) {
 		peer->queue.foreign_backlog -= cost;
+		user->refused_bytes -= cost;
 		entry->backlog_of = NULL;
 		user->n_charges--;
 		cb_user_put_if_unused(peer->kernel, user);
@@ -151,6 +152,7 @@ void cb_queue_push(struct cb_peer *peer, struct cb_qentry *entry)
 		peer->queue.backlog_bytes += cost;
 		if (entry->backlog_of) {
 			entry->backlog_of->n_charges++;
+			entry->backlog_of->refused_bytes += cost;
 			peer->queue.foreign_backlog += cost;
 		}
 		(entry->backlog_of ? entry->backlog_of : peer->user)->backlog_bytes += cost;

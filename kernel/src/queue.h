@@ -117,7 +117,8 @@ void cb_queue_reply(struct cb_peer *peer, uint64_t cookie, uint16_t command, int
 		    const void *body, uint32_t body_size);
 /* Queues the refusal of a frame that `writer`, not the uid the connection is charged to,
  * wrote (a move that does not fit it, cb_peer_charge_to): the reply counts in the writer's
- * backlog, so that a writer that never reads its refusals gates only itself. */
+ * backlog, so that a writer that never reads its refusals gates only itself (and once its
+ * queued refusals, refused_bytes, are past user_backlog, the caller queues none, command.c). */
 void cb_queue_refuse(struct cb_peer *peer, struct cb_user *writer, uint64_t cookie, uint16_t command, int error);
 
 #endif

@@ -93,6 +93,9 @@ struct cb_user {
 	uint32_t n_handles;      /* handles made for its peers (nodes they own included), held
 				  * wherever their connections moved since (handle.h, charged_to) */
 	uint64_t backlog_bytes;  /* replies and notifications queued to its peers (queue.h) */
+	uint64_t refused_bytes;  /* the part of it that is refusals of its writes queued on
+				  * connections charged to other uids (cb_queue_refuse): past
+				  * user_backlog, its writes there are refused without a reply */
 	uint64_t send_mark;      /* the send (kernel->send_serial) send_handles counts for */
 	uint32_t send_handles;   /* new handles that send's destinations prepared so far will
 				  * install in its peers: one multicast is checked as a whole */
