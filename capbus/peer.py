@@ -15,7 +15,6 @@ quotas push back on whoever floods it.
 from __future__ import annotations
 
 import array
-import ctypes
 import enum
 import errno
 import fcntl
@@ -23,6 +22,7 @@ import mmap
 import os
 import socket
 import struct
+import sys
 import threading
 import weakref
 from collections import deque
@@ -43,6 +43,9 @@ _TRUNCATED = int(socket.MSG_TRUNC) | int(socket.MSG_CTRUNC)
 _TAGGED = 1 << 62
 _TAG_MASK = (1 << 61) - 1
 _CMSG_CLOEXEC = int(socket.MSG_CMSG_CLOEXEC)
+
+UNSOLICITED_KEPT = 64
+"""Errors a Peer keeps in ``unsolicited_errors``."""
 
 PAYLOAD_HEAD_BYTES = 64 * 1024
 """What is mapped of a memfd payload that is not mapped whole (:attr:`Message.whole_size`):
@@ -270,23 +273,22 @@ def _parse_fds(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
 _SEALS = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 # A large mapping is faulted in at once (one call, not one fault per page).
 _POPULATE = getattr(mmap, "MAP_POPULATE", 0)
-_POPULATE_FROM = 1 << 20
 
 
 def _map(memfd: int, size: int) -> memoryview:
-    """A received payload's memfd, mapped read-only; unmapped when the last view of it
-    goes. Not populated: pages are faulted in as a reader touches them. Mapped through libc
-    rather than the mmap module: CPython's mmap (before 3.13's trackfd=False) keeps an fd of
-    the file open for as long as it lives, and a process holding many messages (queued
-    calls, kept results) would run out of fds, none of which any bound would see."""
-    address = _libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, memfd, 0)
-    if address is None or address == _MAP_FAILED:
-        code = ctypes.get_errno()
-        raise OSError(code, os.strerror(code))
-    pages = (ctypes.c_char * size).from_address(address)
-    weakref.finalize(pages, _libc.munmap, address, size)
-    # (read-only: the pages are PROT_READ; nothing writes through the array underneath)
-    return memoryview(pages).cast("B").toreadonly()
+    """A received payload's memfd, mapped read-only (a write through the view's underlying
+    object is refused); unmapped when the last view of it is deallocated (never earlier:
+    cyclic garbage and atexit handlers may still read one). Not populated: pages are
+    faulted in as a reader touches them. Before Python 3.13 the mapping keeps an fd of the
+    file open for as long as it lives (MAPPING_HOLDS_FD: a vat counts it); from 3.13 on,
+    trackfd=False drops it."""
+    if MAPPING_HOLDS_FD:
+        return memoryview(mmap.mmap(memfd, size, mmap.MAP_SHARED, mmap.PROT_READ))
+    return memoryview(mmap.mmap(memfd, size, mmap.MAP_SHARED, mmap.PROT_READ, trackfd=False))  # type: ignore[call-arg]
+
+
+MAPPING_HOLDS_FD = sys.version_info < (3, 13)
+"""Whether a mapped payload keeps an fd of this process open (CPython's mmap before 3.13)."""
 
 
 def _head(memfd: int, size: int) -> memoryview:
@@ -295,24 +297,14 @@ def _head(memfd: int, size: int) -> memoryview:
     return memoryview(os.pread(memfd, size, 0))
 
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mmap.restype = ctypes.c_void_p
-_libc.mmap.argtypes = [
-    ctypes.c_void_p,
-    ctypes.c_size_t,
-    ctypes.c_int,
-    ctypes.c_int,
-    ctypes.c_int,
-    ctypes.c_long,
-]
-_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-_MAP_FAILED = ctypes.c_void_p(-1).value
-
-
 def _sparse(memfd: int, size: int) -> bool:
-    """Whether a memfd's pages are not all there: a reader would allocate them (charged to
-    it, not to the sender that made the holes), so it is not read whole."""
-    return os.fstat(memfd).st_blocks * 512 < size
+    """Whether a memfd has a hole before its end: a reader would allocate those pages
+    (charged to it, not to the sender that made the holes), so it is not read whole.
+    (Not st_blocks: blocks allocated past the end count there too.)"""
+    try:
+        return os.lseek(memfd, 0, os.SEEK_HOLE) < size
+    except OSError:
+        return True
 
 
 class SealedMapping(mmap.mmap):
@@ -339,8 +331,10 @@ def sealed_payload(size: int, fill: Callable[[memoryview], None]) -> memoryview:
         raise MessageTooLarge(f"payload of {size} bytes is over the {_wire.MEMFD_MAX} byte limit")
     fd = os.memfd_create("capbus-payload", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     try:
-        os.posix_fallocate(fd, 0, size)  # every page there: a receiver refuses a sparse one
-        flags = mmap.MAP_SHARED | (_POPULATE if size >= _POPULATE_FROM else 0)
+        os.ftruncate(fd, size)
+        # Every page faulted in (and so written, zeroed): a receiver refuses a memfd with
+        # holes, and a fill may well skip the zeros (fallocate's pages still count as holes).
+        flags = mmap.MAP_SHARED | _POPULATE
         with mmap.mmap(fd, size, flags, mmap.PROT_READ | mmap.PROT_WRITE) as writable:
             with memoryview(writable) as view:
                 fill(view)
@@ -415,7 +409,10 @@ class Peer:
         refuses messages over a size sets it, so that it never maps what it refuses."""
         self.unsolicited_errors: list[CapbusError] = []
         """Errors the kernel sent for frames it could not attribute to a command, and why a
-        message that arrived was dropped unread (a payload this process could not map)."""
+        message that arrived was dropped unread (a payload this process could not map):
+        the last :data:`UNSOLICITED_KEPT` (a reader that never looks would otherwise keep
+        one per message a sender makes unreadable); ``unsolicited_dropped`` counts the rest."""
+        self.unsolicited_dropped = 0
 
     @classmethod
     def from_socket(cls, sock: socket.socket | int) -> Peer:
@@ -474,7 +471,7 @@ class Peer:
                     os.close(fd)
                 reason = "a message's payload could not be mapped"
                 code = error.errno if isinstance(error, OSError) and error.errno else errno.ENOMEM
-                self.unsolicited_errors.append(error_from_errno(code, reason))
+                self._unsolicited(error_from_errno(code, reason))
                 return
             self._inbox.append(message)
             return
@@ -487,9 +484,15 @@ class Peer:
             for fd in event.fds:
                 os.close(fd)
         elif cookie == 0:
-            self.unsolicited_errors.append(error_from_errno(event.error, "unparseable frame"))
+            self._unsolicited(error_from_errno(event.error, "unparseable frame"))
         else:
             self._replies[cookie] = event
+
+    def _unsolicited(self, error: CapbusError) -> None:
+        self.unsolicited_errors.append(error)
+        if len(self.unsolicited_errors) > UNSOLICITED_KEPT:
+            del self.unsolicited_errors[0]
+            self.unsolicited_dropped += 1
 
     def _lose_fds(self, frame: bytes) -> bool:
         """A message frame whose fds were cut short (MSG_CTRUNC: this process had no fd slot
@@ -501,7 +504,7 @@ class Peer:
             event = _wire.decode(frame, [])
         except _wire.ProtocolError:  # a memfd payload, lost with the fds
             reason = "a message came without its fds (no fd slot left)"
-            self.unsolicited_errors.append(error_from_errno(errno.EMFILE, reason))
+            self._unsolicited(error_from_errno(errno.EMFILE, reason))
             return True
         if type(event) is not _wire.Incoming:
             return False

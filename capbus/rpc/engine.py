@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeAlias
 
 from .. import errors as bus
-from ..peer import Message, MessageKind
+from ..peer import MAPPING_HOLDS_FD, Message, MessageKind
 from .client import Client, client_class
 from .errors import Disconnected, Failed, Overloaded, RpcError, from_kernel
 from .fds import FileDescriptor
@@ -202,8 +202,10 @@ class _Question:
 
 def _held_fds(payload: object) -> int:
     """The fds of this process a kept payload holds: a message built in a memfd keeps it
-    and CPython's mapping keeps another (SealedMapping)."""
-    return 2 if isinstance(payload, memoryview) and isinstance(payload.obj, mmap.mmap) else 0
+    (SealedMapping), and CPython's mapping keeps another before 3.13."""
+    if isinstance(payload, memoryview) and isinstance(payload.obj, mmap.mmap):
+        return 1 + MAPPING_HOLDS_FD
+    return 0
 
 
 def uid_of(caller: Caller) -> Hashable:
@@ -668,7 +670,9 @@ class Engine:
                 return self._refuse(payload, caps, "no object behind this node", Disconnected)
             reply = received.reply
             brought = self._brought(caps, reply if isinstance(reply, Client) else None)
-            events = self._call(server, received, caller, len(payload), len(fds), brought)
+            # A mapped payload holds an fd of this process too (before Python 3.13).
+            mapped = int(MAPPING_HOLDS_FD and isinstance(payload.obj, mmap.mmap))
+            events = self._call(server, received, caller, len(payload), len(fds) + mapped, brought)
             for event in events:
                 if isinstance(event, CallArrived) and event.call is received:
                     if event.method is None or not event.method.params_layout.may_hold_fds:
@@ -676,7 +680,7 @@ class Engine:
                         # this process's RLIMIT_NOFILE) for as long as the call waits.
                         for fd in fds:
                             fd.close()
-                        event.fds = 0
+                        event.fds = mapped
             return events
         if isinstance(received, ReceivedFinish) and destination in self.exports:
             reply = received.reply
@@ -965,7 +969,7 @@ class Engine:
         if returned.body is None:
             return [Returned(question_id, error=returned.error)]
         try:
-            results = returned.body.struct(question.method.results)
+            results = returned.body.struct(question.method.results, detach=True)
         except Exception as error:  # noqa: BLE001 - the callee sent something malformed
             return [Returned(question_id, error=Failed(f"malformed results: {error}"))]
         return [Returned(question_id, results=results)]

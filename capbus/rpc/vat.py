@@ -46,9 +46,11 @@ from .engine import (
 )
 from .errors import Disconnected, Failed, Overloaded, RpcError, Unimplemented, from_kernel
 from .fds import duplicates
+from .flat import flat_codec
 from .interface import Interface, Method
 from .protocol import (
     REPLY,
+    Body,
     Encoded,
     ReceivedCall,
     ReceivedReturn,
@@ -107,6 +109,13 @@ class _Resend:
         for fd in self.fds.values():
             os.close(fd)
         self.fds.clear()
+
+
+def _copied_out(method: Method) -> bool:
+    """Whether a call's params are read out as copies (a flat struct: numbers, text, data),
+    holding nothing of the message once read."""
+    codec = flat_codec(method.params)
+    return codec is not None and codec.reader_class is not None
 
 
 def _answered(question_id: int, error: RpcError) -> tuple[trio.Event, list[Returned]]:
@@ -998,6 +1007,11 @@ class Vat:
                     wanted = f"method {call.method_id} of interface {call.interface_id:#x}"
                     raise Unimplemented(f"{arrived.server.interface.name} has no {wanted}")
                 params = params_of(arrived.call, method) if started is None else {}
+                if _copied_out(method):
+                    # Its params are copies: the message (a mapped payload, for a large
+                    # one, holding memory and before Python 3.13 an fd) need not live as
+                    # long as the handler runs.
+                    arrived.call.body = Body()
                 await self._take_slot(calls)
                 calls.dequeue(arrived.size, arrived.handles, arrived.fds)
                 queued = False
