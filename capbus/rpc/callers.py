@@ -47,6 +47,7 @@ class UserCalls:
     queued_handles: int = 0
     """The sum of its callers' distinct queued handles."""
     queued_fds: int = 0
+    running_fds: int = 0
 
 
 @dataclass(eq=False)
@@ -65,6 +66,8 @@ class CallerCalls:
     """Bytes of those calls' messages (bounded by ``max_queued_bytes_per_caller``)."""
     queued_fds: int = 0
     """File descriptors those messages brought and this process holds (QueueBounds.fds)."""
+    running_fds: int = 0
+    """... and those its running calls' messages still hold (counted with them)."""
     queued_handles: dict[int, int] = field(default_factory=dict)
     """Handles those calls brought besides their reply capability -> how many of them carry
     it (distinct handles bounded by ``max_queued_capabilities_per_caller``: the kernel counts
@@ -88,13 +91,17 @@ class CallerCalls:
         uid's)."""
         new = len(set(handles).difference(self.queued_handles))
         user, share = self.user, bounds.uid_share
-        if self.queued >= bounds.calls or (
-            self.queued
-            and (
-                len(self.queued_handles) + new > bounds.capabilities
-                or self.queued_bytes + size > bounds.bytes
-                or self.queued_fds + fds > bounds.fds
+        held_fds = self.queued_fds + self.running_fds
+        if (
+            self.queued >= bounds.calls
+            or (
+                self.queued
+                and (
+                    len(self.queued_handles) + new > bounds.capabilities
+                    or self.queued_bytes + size > bounds.bytes
+                )
             )
+            or (held_fds and held_fds + fds > bounds.fds)  # (running calls' too)
         ):
             return (
                 f"{self.queued} calls are already waiting here (from this caller), of"
@@ -105,7 +112,7 @@ class CallerCalls:
             user.queued >= bounds.calls * share
             or user.queued_handles + new > bounds.capabilities * share
             or user.queued_bytes + size > bounds.bytes * share
-            or user.queued_fds + fds > bounds.fds * share
+            or user.queued_fds + user.running_fds + fds > bounds.fds * share
         ):
             return (
                 f"{user.queued} calls are already waiting here (from this caller's uid, of all"
@@ -128,11 +135,14 @@ class CallerCalls:
             self.queued_handles[handle] = held + 1
             self.user.queued_handles += not held
 
-    def dequeue(self, size: int, handles: tuple[int, ...], fds: int = 0) -> None:
-        """A call whose handler starts (or that will not run)."""
+    def dequeue(self, size: int, handles: tuple[int, ...], fds: int = 0, held: int = 0) -> None:
+        """A call whose handler starts (or that will not run); ``held`` of its ``fds`` stay
+        held while it runs (until :meth:`release`)."""
         self.queued -= 1
         self.queued_bytes -= size
         self.queued_fds -= fds
+        self.running_fds += held
+        self.user.running_fds += held
         self.user.queued -= 1
         self.user.queued_bytes -= size
         self.user.queued_fds -= fds
@@ -142,6 +152,11 @@ class CallerCalls:
                 self.queued_handles[handle] = left
             else:
                 self.user.queued_handles -= 1
+
+    def release(self, held: int) -> None:
+        """A handler that ran ended: what its message held is let go."""
+        self.running_fds -= held
+        self.user.running_fds -= held
 
     def ticket(self) -> int:
         self.tickets += 1

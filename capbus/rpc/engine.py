@@ -616,6 +616,10 @@ class Engine:
         fds = [FileDescriptor(fd) for fd in message.fds]
         message.fds.clear()
         payload = message.payload_view
+        if MAPPING_HOLDS_FD and destination in self.reply_nodes and isinstance(payload.obj, mmap.mmap):
+            # A return in a mapped memfd: results a caller keeps would hold its mapping and
+            # an fd of this process, as many as a callee chooses to answer large. Copied.
+            payload = memoryview(bytes(payload))
         partial = message.whole_size is not None  # only its start is here (Peer.max_mapped_bytes)
         size = len(payload) if message.whole_size is None else message.whole_size
         limit = self.max_message_bytes
@@ -969,7 +973,7 @@ class Engine:
         if returned.body is None:
             return [Returned(question_id, error=returned.error)]
         try:
-            results = returned.body.struct(question.method.results, detach=True)
+            results = returned.body.struct(question.method.results)
         except Exception as error:  # noqa: BLE001 - the callee sent something malformed
             return [Returned(question_id, error=Failed(f"malformed results: {error}"))]
         return [Returned(question_id, results=results)]

@@ -9,7 +9,6 @@ node.
 
 from __future__ import annotations
 
-import mmap
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -255,21 +254,14 @@ class Body:
     ) -> None:
         self._segments, self._table, self._parent, self._field = segments, table, parent, field
 
-    def struct(self, schema: Any, *, detach: bool = False) -> StructReader:
-        """The body read as a struct of ``schema`` (a pycapnp struct schema). ``detach``: a
-        flat body in a mapped payload is read from a copy, so that the reader (results a
-        caller may keep) does not hold the mapping (and, before Python 3.13, an fd)."""
+    def struct(self, schema: Any) -> StructReader:
+        """The body read as a struct of ``schema`` (a pycapnp struct schema)."""
         if self._parent is not None:
             return self._parent.any_struct(self._field, schema)
         codec = flat_codec(schema)
         if codec is not None and codec.reader_class is not None and len(self._segments) == 1:
             segment = memoryview(self._segments[0])
-            body = self
-            if detach and isinstance(segment.obj, mmap.mmap) and self._table is not None:
-                segment = memoryview(bytes(segment))
-                old = self._table
-                body = Body([segment], CapTableReader.direct([segment], old.values, old.resolve, old.fds))
-            return codec.reader_class._of(segment, lambda: body._general(schema))
+            return codec.reader_class._of(segment, lambda: self._general(schema))
         return self._general(schema)
 
     def _general(self, schema: Any) -> StructReader:

@@ -1007,13 +1007,15 @@ class Vat:
                     wanted = f"method {call.method_id} of interface {call.interface_id:#x}"
                     raise Unimplemented(f"{arrived.server.interface.name} has no {wanted}")
                 params = params_of(arrived.call, method) if started is None else {}
+                held = arrived.fds  # what its message holds while the handler runs
                 if _copied_out(method):
                     # Its params are copies: the message (a mapped payload, for a large
                     # one, holding memory and before Python 3.13 an fd) need not live as
                     # long as the handler runs.
                     arrived.call.body = Body()
+                    held = 0
                 await self._take_slot(calls)
-                calls.dequeue(arrived.size, arrived.handles, arrived.fds)
+                calls.dequeue(arrived.size, arrived.handles, arrived.fds, held)
                 queued = False
                 try:
                     # The next call may start once this handler has begun: it runs until its
@@ -1026,6 +1028,7 @@ class Vat:
                         results = arrived.server._results(method, await started)
                 finally:
                     self._give_slot(calls)
+                    calls.release(held)
                 encoded = encode_results(question_id, method, results)
             except RpcError as error:
                 encoded = encode_exception(question_id, error)

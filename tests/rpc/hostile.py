@@ -18,7 +18,7 @@ from capbus.rpc.vat import open_vat
 from capbus.testing import wait_for_statistics
 
 from .processes import attacker_process, reporting_process
-from .services import FactoryServer, schema
+from .services import FactoryServer, next_call, schema
 
 TIMEOUT = 20
 SAME = schema.Factory.interface.methods["same"]
@@ -169,3 +169,37 @@ async def honest_large_call_after(
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
         await inbox.aclose()
+
+
+async def fds_held_by_kept_results(
+    kernel: capbus.Kernel,
+    interface: Any,
+    call: Callable[[Any], Any],
+    answer: Callable[[protocol.ReceivedCall], protocol.Encoded],
+    calls: int = 100,
+) -> int:
+    """A client of a bare peer playing a hostile server (it answers every call with
+    ``answer(call)``) makes ``calls`` calls (``call(client)``) and keeps every results
+    object: how many more fds its process holds then."""
+    client_peer, hostile = await kernel.connect(), await kernel.connect()
+    try:
+        handle = await hostile.transfer(await hostile.create_node(), client_peer)
+
+        async def serve() -> None:
+            while True:
+                message, received = await next_call(hostile)
+                await hostile.send(message.handles[received.reply], answer(received).payload)
+
+        async with open_vat(client_peer) as vat, trio.open_nursery() as nursery:
+            nursery.start_soon(serve)
+            client = vat.client(handle, interface)
+            with trio.fail_after(TIMEOUT):
+                before = open_fds()
+                kept = [await call(client) for _ in range(calls)]
+                held = open_fds() - before
+            del kept
+            nursery.cancel_scope.cancel()
+        return held
+    finally:
+        await client_peer.aclose()
+        await hostile.aclose()

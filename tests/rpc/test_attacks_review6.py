@@ -23,8 +23,16 @@ from capbus.rpc.errors import Disconnected as RpcDisconnected
 from capbus.rpc.errors import RpcError
 from capbus.rpc.vat import open_vat
 
-from .hostile import ECHO, TIMEOUT, honest_large_call_after, next_return, open_fds, until
-from .services import FactoryServer, next_call, schema
+from .hostile import (
+    ECHO,
+    TIMEOUT,
+    fds_held_by_kept_results,
+    honest_large_call_after,
+    next_return,
+    open_fds,
+    until,
+)
+from .services import FactoryServer, schema
 
 REVIEW6: Any = capbus.load(Path(__file__).with_name("review6.capnp"))
 PUT = REVIEW6.Store.interface.methods["put"]
@@ -275,32 +283,15 @@ async def test_results_a_client_keeps_each_hold_an_fd_a_hostile_server_chose(ker
     in C, capwire, or mmap(trackfd=False) once Python 3.13 is the floor), which also makes
     the servers' fd counting of mapped messages unnecessary; or copy a return that is
     small enough into bytes."""
-    client_peer, hostile = await kernel.connect(), await kernel.connect()
     calls, bound = 100, 64
-    try:
-        node = await hostile.create_node()
-        handle = await hostile.transfer(node, client_peer)
-
-        async def serve() -> None:
-            while True:
-                message, call = await next_call(hostile)
-                results = protocol.encode_results(call.question_id, ECHO, {"text": LARGE_TEXT})
-                await hostile.send(message.handles[call.reply], results.payload)
-
-        async with open_vat(client_peer) as vat, trio.open_nursery() as nursery:
-            nursery.start_soon(serve)
-            factory = vat.client(handle, schema.Factory)
-            with trio.fail_after(TIMEOUT):
-                before = open_fds()
-                kept = [await factory.echo("hi") for _ in range(calls)]
-                held = open_fds() - before
-            assert all(len(answer.text) == len(LARGE_TEXT) for answer in kept)
-            del kept
-            nursery.cancel_scope.cancel()
-        assert held <= bound, f"the results of {calls} calls a client keeps hold {held} fds of its process"
-    finally:
-        await client_peer.aclose()
-        await hostile.aclose()
+    held = await fds_held_by_kept_results(
+        kernel,
+        schema.Factory,
+        lambda factory: factory.echo("hi"),
+        lambda call: protocol.encode_results(call.question_id, ECHO, {"text": LARGE_TEXT}),
+        calls,
+    )
+    assert held <= bound, f"the results of {calls} calls a client keeps hold {held} fds of its process"
 
 
 async def test_a_payload_built_with_sealed_payload_that_leaves_zeros_unwritten_is_cut(
