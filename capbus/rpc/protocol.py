@@ -79,14 +79,15 @@ def _framed(segments: Sequence[Segment]) -> bytes | memoryview:
     return _payload([capwire.frame_header(segments), *segments])
 
 
-def _payload(parts: Sequence[Segment]) -> bytes | memoryview:
+def _payload(parts: Sequence[Segment], size: int = -1) -> bytes | memoryview:
     """The pieces of a message, joined: in memory if small, else straight into the sealed
     memfd the Peer API sends a large payload in (one copy of each piece, where joining them
     and then writing the whole into a memfd at send took two)."""
-    views = [memoryview(part).cast("B") for part in parts]
-    size = sum(view.nbytes for view in views)
+    if size < 0:  # (known, when the caller has it: this runs on every call)
+        size = sum(part.nbytes if isinstance(part, memoryview) else len(part) for part in parts)
     if size <= PAYLOAD_MAX:
-        return b"".join(views)
+        return b"".join(parts)
+    views = [memoryview(part).cast("B") for part in parts]
 
     def fill(target: memoryview) -> None:
         offset = 0
@@ -107,9 +108,10 @@ def _split(
     if codec is not None:
         parts = codec.parts(values)
         if parts is not None:
-            body_words = sum(len(part) for part in parts) // 8
-            table_bytes = header.TWO_SEGMENTS.pack(1, len(head) // 8, body_words)
-            return Encoded(_payload([table_bytes, head, *parts]), table.values, table.fds)
+            body_bytes = sum(len(part) for part in parts)
+            table_bytes = header.TWO_SEGMENTS.pack(1, len(head) // 8, body_bytes // 8)
+            size = len(table_bytes) + len(head) + body_bytes
+            return Encoded(_payload([table_bytes, head, *parts], size), table.values, table.fds)
     words = _first_segment_words(values)
     module = _module(schema)
     message = module.new_message() if words is None else module.new_message(num_first_segment_words=words)
