@@ -203,3 +203,20 @@ async def fds_held_by_kept_results(
     finally:
         await client_peer.aclose()
         await hostile.aclose()
+
+
+def assert_no_file_stolen(stolen: list[int], pipe_end: int, what: str) -> None:
+    """Of the fds a hostile callee got (``stolen``), none may be a file other than the pipe
+    ``pipe_end`` belongs to (the caller's secret is what the attack would get)."""
+    pipe = os.fstat(pipe_end).st_ino
+    got = [b"<the pipe>" if os.fstat(fd).st_ino == pipe else os.pread(fd, 100, 0) for fd in stolen]
+    assert b"the caller's secret" not in got, f"{what} sent the callee a file it was never given: {got}"
+
+
+def close_all(fds: list[int]) -> None:
+    """Closes each of ``fds`` that is still open."""
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass

@@ -30,6 +30,8 @@ from .hostile import (
     SLOW,
     TIMEOUT,
     assert_a_chain_is_served,
+    assert_no_file_stolen,
+    close_all,
     fail_if_crashed,
     next_return,
     open_fds,
@@ -491,16 +493,8 @@ async def test_a_redirect_resends_a_pipelined_call_with_fd_numbers_the_caller_ha
                 answer = protocol.encode_results(resent.question_id, fill, {})
                 await attacker.send(message.handles[resent.reply], answer.payload)
                 await promise
-            pipe = os.fstat(read_end).st_ino
-            got = [b"<the pipe>" if os.fstat(fd).st_ino == pipe else os.pread(fd, 100, 0) for fd in stolen]
-            assert b"the caller's secret" not in got, (
-                f"the redirected call sent the callee a file it was never given: {got}"
-            )
+            assert_no_file_stolen(stolen, read_end, "the redirected call")
     finally:
-        for fd in (read_end, write_end, *stolen):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        close_all([read_end, write_end, *stolen])
         for peer in (attacker, caller_peer):
             await peer.aclose()

@@ -56,23 +56,6 @@ async def test_flat_results_in_the_general_envelope_shape_still_hold_the_mapping
     assert held <= bound, f"the flat results of {calls} calls a client keeps hold {held} fds"
 
 
-REVIEW6: Any = capbus.load(Path(__file__).with_name("review6.capnp"))
-PUT = REVIEW6.Store.interface.methods["put"]
-
-
-class StoreServer(REVIEW6.Store.Server):  # type: ignore[misc]
-    def __init__(self) -> None:
-        self.running = 0
-        self.gate = trio.Event()
-
-    async def put(self, text: str) -> None:
-        self.running += 1
-        try:
-            await self.gate.wait()  # (the store's own I/O, as slow as it likes)
-        finally:
-            self.running -= 1
-
-
 def _general_call(question_id: int, method: Any, params: dict[str, Any]) -> protocol.Encoded:
     """A call in the general envelope shape (what encode_call writes for a pipelined call
     or params that are not flat): pycapnp splits a large one into several segments."""
