@@ -9,6 +9,7 @@ The numbers come from the C header through cffi, so they exist in one place only
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
 
@@ -27,6 +28,8 @@ SEED: Final = struct.Struct("<II")
 SEND_RESULT: Final = struct.Struct("<II")
 MONITOR_RECORD: Final = struct.Struct("<HHIQIIIIQ")
 U64: Final = struct.Struct("<Q")
+MESSAGE_FRAME_HEAD: Final = struct.Struct("<" + FRAME.format[1:] + MESSAGE.format[1:])
+"""A message frame's two headers, read in one unpack (the receive path's common case)."""
 
 for _fmt, _name in (
     (FRAME, "struct capbus_frame"),
@@ -95,8 +98,8 @@ def command(kind: int, cookie: int, body: bytes = b"") -> bytes:
 
 def send_frame(
     cookie: int,
-    destinations: list[int],
-    handles: list[int],
+    destinations: Sequence[int],
+    handles: Sequence[int],
     n_fds: int,
     payload: bytes | bytearray | memoryview,
     priority: int = 0,
@@ -105,19 +108,22 @@ def send_frame(
     """A CAPBUS_CMD_SEND frame as buffers for sendmsg (the payload is not copied)."""
     n_dest = len(destinations)
     n_handles = len(handles)
-    if n_dest == 1 and not n_handles:  # the common case, in one pack
-        unicast = _UNICAST_HEAD.pack(
-            _UNICAST_HEAD.size + len(payload),
+    if n_dest == 1 and n_handles <= 1:  # the common cases (an RPC call: its reply node), in one pack
+        fixed = _UNICAST_HEADS[n_handles]
+        size = fixed.size + len(payload)
+        unicast = fixed.pack(
+            size,
             CMD_SEND,
             0,
             cookie,
             1,
-            0,
+            n_handles,
             n_fds,
             len(payload),
             priority,
             flags,
             destinations[0],
+            *handles,
         )
         return [unicast, payload] if len(payload) else [unicast]
     head_size = FRAME.size + SEND.size + 8 * (n_dest + n_handles)
@@ -138,7 +144,10 @@ def send_failures(body: memoryview) -> list[tuple[int, int]]:
     return [(i, e) for i, e in zip(ids, errors, strict=True) if e]
 
 
-_UNICAST_HEAD: Final = struct.Struct("<IHHQIIIIiIQ")  # FRAME + SEND + one destination
+_UNICAST_HEADS: Final = (
+    struct.Struct("<IHHQIIIIiIQ"),  # FRAME + SEND + one destination
+    struct.Struct("<IHHQIIIIiIQQ"),  # ... + one handle
+)
 
 
 def seed_body(handles: list[int], payload: bytes) -> bytes:

@@ -206,6 +206,12 @@ class Vat:
         self._resending: dict[int, trio.CancelScope] = {}  # question -> its _resend task
         self._serving: dict[tuple[int, int], trio.CancelScope] = {}
         self._release_wanted = trio.Event()
+        self._caller_reading = False
+        """A caller reads the peer's messages (see _await_return); the receive loop waits."""
+        self._loop_receiving: trio.CancelScope | None = None
+        self._loop_parked: trio.Event | None = None
+        self._reader: tuple[trio.CancelScope, trio.Event] | None = None
+        """The reading caller's scope and the event of the return it waits for."""
 
     def statistics(self) -> VatStatistics:
         e = self.engine
@@ -432,7 +438,7 @@ class Vat:
             # question, which the engine turns into this question's answer.
             call = encode(question_id)
             await self._send(target.handle, call, oneway=True, tag=question_id, checkpoint=False)
-            await done[0].wait()  # the checkpoint
+            await self._await_return(done[0])  # the checkpoint
         except BaseException:
             if self.engine.forget(question_id):
                 self._nursery.start_soon(self._finish, target, question_id)
@@ -702,10 +708,13 @@ class Vat:
         self.engine.sending(handles, True)
         try:
             if oneway:
-                flags = _wire.SEND_FLAG_QUIET
-                await self.peer._send(
-                    destination, encoded.payload, handles, encoded.fds, 0, flags, tag, checkpoint
-                )
+                if encoded.fds or not self.peer.send_ids_nowait(destination, encoded.payload, handles, tag):
+                    flags = _wire.SEND_FLAG_QUIET
+                    await self.peer._send(
+                        destination, encoded.payload, handles, encoded.fds, 0, flags, tag, checkpoint
+                    )
+                elif checkpoint:
+                    await trio.lowlevel.checkpoint()
             else:
                 await self.peer.send(destination, encoded.payload, handles=handles, fds=encoded.fds)
         except bus.CapbusError as error:
@@ -737,10 +746,60 @@ class Vat:
 
     async def _receive_loop(self) -> None:
         while True:
-            # In a function of its own, so that nothing of the message outlives it: a last
-            # event kept by the loop would keep its reply client (and the kernel references
-            # that client owns) alive until the next message.
-            self._deliver(await self.peer.recv())
+            if self._caller_reading:  # a caller reads the socket until its return is in
+                parked = self._loop_parked = trio.Event()
+                await parked.wait()
+                continue
+            # A caller that takes the socket cancels this scope (Peer.recv is cancel-safe:
+            # nothing read is lost); one scope for every message until then.
+            with trio.CancelScope() as scope:
+                self._loop_receiving = scope
+                try:
+                    while True:
+                        # In a function of its own, so that nothing of the message outlives
+                        # it: a last event kept by the loop would keep its reply client (and
+                        # the kernel references that client owns) alive until the next one.
+                        self._deliver(await self.peer.recv())
+                finally:
+                    self._loop_receiving = None
+
+    async def _await_return(self, done: trio.Event) -> None:
+        """Waits until ``done`` (a question's return has been handled), reading the socket
+        itself if no other caller does: the return then wakes no other task first. That
+        saves a pass of trio's scheduler (a task woken to wake this one) on every call's
+        critical path. The receive loop gives the socket up meanwhile (a caller takes it
+        from the loop's wait at once: cancelling a wait for readability frees the fd's
+        waiter slot synchronously) and takes it back when the caller is done."""
+        if self._caller_reading or done.is_set():
+            await done.wait()
+            return
+        self._caller_reading = True
+        receiving = self._loop_receiving
+        if receiving is not None:
+            receiving.cancel()
+        try:
+            # The return may reach another task first (the loop, if a message it had read
+            # before it gave up the socket was this one): _handle then cancels this scope.
+            with trio.CancelScope() as scope:
+                reader = (scope, done)
+                while True:
+                    self._reader = reader
+                    message = await self.peer.recv()  # (a checkpoint, waited or not)
+                    self._reader = None  # (its own return needs no cancel: it looks next)
+                    self._deliver(message)
+                    del message  # (as in the loop: nothing of it kept while waiting)
+                    if done.is_set():
+                        return
+        except bus.CapbusError:
+            pass  # the peer broke: the loop meets the same error and ends the vat
+        finally:
+            self._reader = None
+            self._caller_reading = False
+            parked = self._loop_parked
+            if parked is not None:
+                self._loop_parked = None
+                parked.set()
+        await done.wait()
 
     def _deliver(self, message: Message) -> None:
         for event in self.engine.receive(message):
@@ -767,6 +826,9 @@ class Vat:
             if waiting is not None:
                 waiting[1].append(event)
                 waiting[0].set()
+                reader = self._reader
+                if reader is not None and reader[1] is waiting[0]:
+                    reader[0].cancel()  # (a no-op when the reader itself handled it)
         elif isinstance(event, CallArrived):
             streaming = event.method is not None and event.method.streaming and event.reply is not None
             if streaming or not inline or not self._serve_inline(event):
@@ -917,7 +979,10 @@ class Vat:
             return False  # objects of ours go out with an acknowledged send (_send_return)
         self.engine.sending(handles, True)
         try:
-            self.peer.send_oneway_nowait(destination, encoded.payload, handles=handles, fds=encoded.fds)
+            if encoded.fds:
+                self.peer.send_oneway_nowait(destination, encoded.payload, handles=handles, fds=encoded.fds)
+            elif not self.peer.send_ids_nowait(destination, encoded.payload, handles):
+                return False
         except trio.WouldBlock:
             return False
         except bus.CapbusError:

@@ -612,3 +612,33 @@ async def test_a_send_naming_a_closed_fd_fails_alone(new_peer: PeerFactory) -> N
     await sender.send(target, b"after")
     with trio.fail_after(10):
         assert (await recv_kind(receiver, DATA)).payload == b"after"
+
+
+async def test_recv_from_two_tasks_at_once_hands_each_message_to_one(new_peer: PeerFactory) -> None:
+    """An RPC vat's receive loop and a caller waiting for its return both call recv: a
+    message read by one task while the other was at its checkpoint is never handed out
+    twice, and none is lost (nor does the other fail on an empty queue)."""
+    sender, receiver = await new_peer(), await new_peer()
+    node = await receiver.create_node()
+    target = await receiver.transfer(node, sender)
+    got: list[bytes] = []
+    all_in = trio.Event()
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+
+            async def take() -> None:
+                while True:
+                    message = await receiver.recv()
+                    got.append(bytes(message.payload_view))
+                    if len(got) == 200:
+                        all_in.set()
+
+            nursery.start_soon(take)
+            nursery.start_soon(take)
+            for i in range(200):
+                await sender.send_oneway(target, b"%d" % i)
+                if i % 7 == 0:
+                    await trio.testing.wait_all_tasks_blocked()
+            await all_in.wait()
+            nursery.cancel_scope.cancel()
+    assert sorted(got, key=int) == [b"%d" % i for i in range(200)]
