@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, Final
 
 from .structs import StructReader
 
@@ -75,6 +75,7 @@ class FlatCodec:
         self._data: dict[str, Writer] = {}
         self._pointers: dict[str, tuple[int, bool]] = {}  # name -> (slot, is Text)
         readers: dict[str, FieldReader] | None = {}
+        spans: dict[str, BlobSpan] = {}
         for field in structure.fields:
             if field.which() != "slot":
                 raise _NotFlat
@@ -85,12 +86,14 @@ class FlatCodec:
             else:
                 enumerants = schema.fields[field.name].schema.enumerants if kind == "enum" else {}
                 self._data[field.name] = _writer(kind, slot.offset, slot.defaultValue, enumerants)
+            if kind in ("text", "data"):
+                spans[field.name] = _blob_span(slot.offset, kind == "text")
             reader = _reader(kind, slot.offset, slot.defaultValue)
             if reader is None:
                 readers = None
             elif readers is not None:
                 readers[field.name] = reader
-        self.reader_class = None if readers is None else _reader_class(node.displayName, readers)
+        self.reader_class = None if readers is None else _reader_class(node.displayName, readers, spans)
         """The FlatReader class of this struct (None: it is read through pycapnp)."""
         self._root = struct.pack("<Q", (self.data_words << 32) | (self.pointer_words << 48))
 
@@ -209,6 +212,41 @@ def _writer(kind: str, offset: int, default: Any, enumerants: Mapping[str, int])
     return write_int
 
 
+BlobSpan = Callable[["FlatReader"], "tuple[int, int] | None"]
+"""Where a Text or Data field's bytes are in a received flat struct's segment: (start,
+count), without Text's NUL; None for a null pointer; :data:`NOT_HERE` for a shape it does
+not read (a far pointer, a list of something else, Text without its NUL)."""
+
+NOT_HERE: Final = (-1, -1)
+
+
+def _blob_span(offset: int, text: bool) -> BlobSpan:
+    def span(view: FlatReader) -> tuple[int, int] | None:
+        if offset >= view._pointer_count:
+            return None
+        at = view._pointer_start + offset * _WORD
+        word = _WORD_STRUCT.unpack_from(view._segment, at)[0]
+        if not word:
+            return None
+        if word & 3 != 1 or (word >> 32) & 7 != _BYTE_LIST:
+            return NOT_HERE  # a far pointer, a list of something else: pycapnp says
+        offset_words = (word >> 2) & 0x3FFFFFFF
+        if offset_words & 0x20000000:
+            offset_words -= 0x40000000
+        start = at + _WORD + offset_words * _WORD
+        count = word >> 35
+        segment = view._segment
+        if start < 0 or start + count > len(segment):
+            return NOT_HERE
+        if text:
+            if not count or segment[start + count - 1]:
+                return NOT_HERE  # Text must end with its NUL
+            count -= 1
+        return start, count
+
+    return span
+
+
 FieldReader = Callable[["FlatReader"], object]
 """Reads one field of a received flat struct; returns :data:`GENERAL` for a shape it does
 not read (pycapnp reads it then)."""
@@ -232,31 +270,19 @@ def _reader(kind: str, offset: int, default: Any) -> FieldReader | None:
         return read_bool
     if kind in ("text", "data"):
         fallback = default.text if kind == "text" else default.data
-        text = kind == "text"
+        span = _blob_span(offset, kind == "text")
 
         def read_blob(view: FlatReader) -> object:
-            if offset >= view._pointer_count:
+            where = span(view)
+            if where is None:
                 return fallback
-            at = view._pointer_start + offset * _WORD
-            word = _WORD_STRUCT.unpack_from(view._segment, at)[0]
-            if not word:
-                return fallback
-            if word & 3 != 1 or (word >> 32) & 7 != _BYTE_LIST:
-                return GENERAL  # a far pointer, a list of something else: pycapnp says
-            offset_words = (word >> 2) & 0x3FFFFFFF
-            if offset_words & 0x20000000:
-                offset_words -= 0x40000000
-            start = at + _WORD + offset_words * _WORD
-            count = word >> 35
-            segment = view._segment
-            if start < 0 or start + count > len(segment):
+            if where is NOT_HERE:
                 return GENERAL
-            if not text:
-                return bytes(segment[start : start + count])
-            if not count or segment[start + count - 1]:
-                return GENERAL  # Text must end with its NUL
+            start, count = where
+            if kind == "data":
+                return bytes(view._segment[start : start + count])
             try:
-                return str(segment[start : start + count - 1], "utf-8")
+                return str(view._segment[start : start + count], "utf-8")
             except UnicodeDecodeError:
                 return GENERAL
 
@@ -313,6 +339,7 @@ class FlatReader(StructReader):
     _pointer_count: int
     _general: Callable[[], StructReader]
     _made: bool
+    _spans: dict[str, BlobSpan] = {}  # (the subclass's, by field name)
 
     @classmethod
     def _of(cls, segment: memoryview, general: Callable[[], StructReader]) -> StructReader:
@@ -357,17 +384,26 @@ class FlatReader(StructReader):
         self._pycapnp_view()
         return StructReader.capability_at(self, transform)
 
+    def view(self, name: str) -> memoryview:
+        span = self._spans.get(name)
+        where = None if span is None else span(self)
+        if where is None or where is NOT_HERE:  # (null, or not read here: StructReader's)
+            return StructReader.view(self, name)
+        start, count = where
+        return self._segment[start : start + count].toreadonly()
+
     def __getattr__(self, name: str) -> Any:  # (not a field read here)
         self._pycapnp_view()
         return StructReader.__getattr__(self, name)
 
 
-def _reader_class(name: str, readers: dict[str, FieldReader]) -> type[FlatReader]:
+def _reader_class(name: str, readers: dict[str, FieldReader], spans: dict[str, BlobSpan]) -> type[FlatReader]:
     """A FlatReader subclass with a property per field: read without the failed lookup
     that reaching ``__getattr__`` costs. A field named like an attribute of the reader
     itself (``which``, ``pycapnp``) is shadowed by it, as on any StructReader."""
     fields = {n: _field_property(n, r) for n, r in readers.items() if not hasattr(FlatReader, n)}
-    return type(f"Flat{name.rpartition(':')[2]}Reader", (FlatReader,), {"__slots__": (), **fields})
+    namespace = {"__slots__": (), "_spans": spans, **fields}
+    return type(f"Flat{name.rpartition(':')[2]}Reader", (FlatReader,), namespace)
 
 
 def _field_property(name: str, reader: FieldReader) -> property:

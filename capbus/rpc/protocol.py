@@ -456,20 +456,24 @@ def malformed(error: Exception) -> Failed:
     return Failed(f"malformed message: {type(error).__name__}: {reason}")
 
 
-def params_of(call: ReceivedCall, method: Method) -> dict[str, Any]:
+def params_of(call: ReceivedCall, method: Method, views: frozenset[str] = frozenset()) -> dict[str, Any]:
     """A call's params as keyword arguments, every field read now: a malformed pointer
-    becomes a Failed (for the caller) here, not a crash inside the handler."""
+    becomes a Failed (for the caller) here, not a crash inside the handler. The Data and
+    Text fields named in ``views`` are read as memoryviews (StructReader.view)."""
     try:
-        return as_kwargs(call.params(method.params), method.params_layout)
+        return as_kwargs(call.params(method.params), method.params_layout, views)
     except (CapWireError, capnp.KjException, ValueError) as error:
         raise malformed(error) from error
 
 
-def as_kwargs(view: StructReader, layout: StructLayout) -> dict[str, Any]:
-    """A struct's fields as keyword arguments (for a union, only the member that is set)."""
+def as_kwargs(
+    view: StructReader, layout: StructLayout, views: frozenset[str] = frozenset()
+) -> dict[str, Any]:
+    """A struct's fields as keyword arguments (for a union, only the member that is set;
+    the Data and Text fields named in ``views`` as memoryviews)."""
     active = view.which() if layout.has_union else None
     return {
-        name: getattr(view, name)
+        name: view.view(name) if name in views else getattr(view, name)
         for name, f in layout.fields.items()
         if f.discriminant is None or name == active
     }

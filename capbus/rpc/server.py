@@ -14,6 +14,7 @@ blocks (nothing else of the vat runs meanwhile, and there is nothing to cancel).
 from __future__ import annotations
 
 import inspect
+import typing
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -24,6 +25,24 @@ _IS_ASYNC: dict[object, bool] = {}
 """Handler function -> whether it is ``async def`` (inspect's answer takes microseconds, on
 every call's path)."""
 _IS_ASYNC_KEPT = 4096
+_VIEWS: dict[object, frozenset[str]] = {}
+
+
+def _is_blob(field: Any) -> bool:
+    """Whether a schema field (a pycapnp Field node) is a Data or Text slot."""
+    return field.which() == "slot" and field.slot.type.which() in ("data", "text")
+
+
+def _wants_view(function: object, name: str) -> bool:
+    """Whether ``function`` annotates its parameter ``name`` with memoryview (alone or in
+    a union; also as a string, under ``from __future__ import annotations``)."""
+    try:
+        annotation = inspect.get_annotations(function).get(name)  # type: ignore[arg-type]
+    except TypeError:
+        return False
+    if isinstance(annotation, str):
+        return "memoryview" in {part.strip() for part in annotation.split("|")}
+    return annotation is memoryview or memoryview in typing.get_args(annotation)
 
 
 class Server:
@@ -55,6 +74,24 @@ class Server:
                 _IS_ASYNC.clear()
             is_async = _IS_ASYNC[function] = inspect.iscoroutinefunction(handler)
         return None if is_async else handler
+
+    def _views(self, method: Method) -> frozenset[str]:
+        """The params of ``method`` its handler takes as memoryviews over the message (its
+        Data and Text params annotated ``memoryview``, or a union with it such as
+        ``bytes | memoryview``, which generated stubs' ``bytes`` allows): no copy of a
+        large payload. Such a view holds the call's message (a large one: its mapped memfd)
+        for as long as it is kept."""
+        handler = getattr(self, method.name, None)
+        if handler is None:
+            return frozenset()
+        function = getattr(handler, "__func__", handler)
+        views = _VIEWS.get(function)
+        if views is None:
+            if len(_VIEWS) >= _IS_ASYNC_KEPT:
+                _VIEWS.clear()
+            blobs = {name for name, f in method.params.fields.items() if _is_blob(f.proto)}
+            views = _VIEWS[function] = frozenset(n for n in blobs if _wants_view(function, n))
+        return views
 
     def _arguments(self, method: Method, params: dict[str, Any]) -> dict[str, Any]:
         """The keyword arguments a handler gets for a call's params (generated servers wrap

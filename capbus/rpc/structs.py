@@ -329,6 +329,18 @@ class StructReader:
         reader = getattr(self._reader, name).as_struct(schema)
         return StructReader(reader, layout_of(schema), self._table, (*self._path, ("p", f.slot)))
 
+    def view(self, name: str) -> memoryview:
+        """The Data or Text field ``name`` (Text as UTF-8, without its NUL) as a read-only
+        memoryview. Over the received message itself, without a copy, where the field is
+        read by hand (a flat struct: flat.py; a large message is then a view of its mapped
+        memfd, which lives as long as the view); else over a copy, as the field reads."""
+        value = getattr(self, name)
+        if isinstance(value, str):
+            value = value.encode()
+        if not isinstance(value, bytes | bytearray | memoryview):
+            raise TypeError(f"{name} is not a Data or Text field")
+        return memoryview(value).toreadonly()
+
     def __getattr__(self, name: str) -> Any:
         f = self._layout.fields.get(name)
         if f is None:

@@ -932,7 +932,7 @@ class Vat:
         except trio.WouldBlock:
             return False
         try:
-            params = params_of(arrived.call, method)
+            params = params_of(arrived.call, method, server._views(method))
             result = handler(**server._arguments(method, params))
             if inspect.isawaitable(result):  # a plain function that hands back an awaitable
                 self._take_in(arrived, started=result)
@@ -1071,9 +1071,10 @@ class Vat:
                     call = arrived.call
                     wanted = f"method {call.method_id} of interface {call.interface_id:#x}"
                     raise Unimplemented(f"{arrived.server.interface.name} has no {wanted}")
-                params = params_of(arrived.call, method) if started is None else {}
+                views = arrived.server._views(method)
+                params = params_of(arrived.call, method, views) if started is None else {}
                 held = arrived.fds  # what its message holds while the handler runs
-                if _copied_out(method):
+                if _copied_out(method) and not views:
                     # Its params are copies: the message (a mapped payload, for a large
                     # one, holding memory and before Python 3.13 an fd) need not live as
                     # long as the handler runs.
