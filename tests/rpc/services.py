@@ -107,3 +107,16 @@ async def next_call(peer: capbus.Peer) -> tuple[capbus.Message, protocol.Receive
             call = protocol.decode(message.payload_view, list(range(len(message.handles))))
             if isinstance(call, protocol.ReceivedCall):
                 return message, call
+
+
+def made(stats: capbus.KernelStatistics, *vats: Vat) -> tuple[int, int]:
+    """The kernel's node and handle counts less the vats' spare nodes (retired ones kept for
+    the next objects exported, each with its owner's handle): what the calls so far have
+    left."""
+    spare = sum(vat.statistics().spare_nodes for vat in vats)
+    return stats.nodes - spare, stats.handles - spare
+
+
+def made_nodes(stats: capbus.KernelStatistics, *vats: Vat) -> int:
+    """The node count of :func:`made`."""
+    return made(stats, *vats)[0]

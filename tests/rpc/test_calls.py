@@ -9,10 +9,10 @@ import trio
 
 import capbus
 from capbus.rpc import errors, protocol
-from capbus.rpc.vat import Vat, open_vat
+from capbus.rpc.vat import SPARE_NODES, Vat, open_vat
 from capbus.testing import wait_for_statistics
 
-from .services import CounterServer, FactoryServer, Pair, schema
+from .services import CounterServer, FactoryServer, Pair, made, made_nodes, schema
 
 ECHO = schema.Factory.interface.methods["echo"]
 
@@ -99,15 +99,17 @@ async def test_oneway_call_runs_without_a_return(pair: Pair) -> None:
 async def test_exports_are_collected_when_no_one_holds_them(pair: Pair) -> None:
     with trio.fail_after(10):
         await pair.factory.echo("warm up")  # the client's reply node for the factory is made
-        before = pair.kernel.statistics().nodes
+        vats = (pair.server_vat, pair.client_vat)
+        before = made_nodes(pair.kernel.statistics(), *vats)
         for _ in range(20):
             counter = (await pair.factory.newCounter()).counter
             await counter.increment(by=1)
             await counter.aclose()
             del counter
-        # Every counter's node is destroyed once its only client let go.
-        stats = await wait_for_statistics(pair.kernel, lambda s: s.nodes <= before)
-        assert stats.nodes == before
+        # Every counter's node is retired (destroyed, or kept as a spare) once its only
+        # client let go.
+        await wait_for_statistics(pair.kernel, lambda s: made_nodes(s, *vats) == before)
+        assert made_nodes(pair.kernel.statistics(), *vats) == before
         assert pair.server_vat.statistics().exports == 1  # only the factory
 
 
@@ -118,8 +120,9 @@ async def test_capability_passing_leaves_nothing_behind(pair: Pair) -> None:
     with trio.fail_after(60):
         await pair.factory.echo("warm up")
         # The factory; each vat's first reply node; the client's reply node for the factory.
-        start = pair.kernel.statistics()
-        assert start.nodes == 4
+        vats = (pair.server_vat, pair.client_vat)
+        start = made(pair.kernel.statistics(), *vats)
+        assert start[0] == 4
         for i in range(500):
             # The caller exports a fresh counter; the server calls back into it.
             assert (await pair.factory.sum(counters=[CounterServer()])).total == 0
@@ -131,10 +134,8 @@ async def test_capability_passing_leaves_nothing_behind(pair: Pair) -> None:
         # factory and the server's to the client's reply node for it (a callee keeps its
         # recent callers' reply handles, to release references in batches). The reply
         # nodes made for each counter called went with the counter. Nothing else.
-        stats = await wait_for_statistics(
-            pair.kernel, lambda s: (s.nodes, s.handles) == (start.nodes, start.handles)
-        )
-    assert (stats.nodes, stats.handles) == (4, 6)
+        await wait_for_statistics(pair.kernel, lambda s: made(s, *vats) == start)
+    assert made(pair.kernel.statistics(), *vats) == (4, 6)
     assert pair.server_vat.statistics().exports == 1
     assert pair.client_vat.statistics().exports == 0
     assert pair.client_vat.statistics().imports == 1  # the factory
@@ -241,3 +242,25 @@ async def test_calls_released_together_start_in_arrival_order(pair: Pair) -> Non
         while len(pair.server.heard) < 50:
             await trio.sleep(0.001)  # bounded by fail_after: one-way calls have no answer to wait on
     assert pair.server.heard == [f"{i}" for i in range(50)]
+
+
+async def test_a_retired_node_serves_the_next_object_exported(pair: Pair) -> None:
+    """Each call passes a new object (a counter at its own value, which the callee reads
+    by calling it back): retired nodes are kept as spares and reused for the next objects,
+    each one reaching the object it was given to, and no more nodes are made than that."""
+    vats = (pair.server_vat, pair.client_vat)
+    with trio.fail_after(30):
+        await pair.factory.echo("warm up")
+        base = pair.kernel.statistics().nodes
+        most = base
+        for i in range(100):
+            counter = CounterServer()
+            counter.value = 1000 + i
+            assert (await pair.factory.sum(counters=[counter])).total == 1000 + i
+            most = max(most, pair.kernel.statistics().nodes)
+        assert pair.client_vat.statistics().spare_nodes > 0  # retired nodes, kept
+        assert most <= base + SPARE_NODES + 2, (
+            f"{most - base} more nodes for 100 objects passed one at a time"
+        )
+        await wait_for_statistics(pair.kernel, lambda s: made_nodes(s, *vats) == base)
+        assert pair.client_vat.statistics().exports == 0

@@ -20,7 +20,7 @@ from capbus.rpc.vat import Vat, open_vat
 from capbus.testing import wait_for_statistics
 
 from .processes import reporting_process
-from .services import FactoryServer, next_call, schema
+from .services import FactoryServer, made_nodes, next_call, schema
 
 CALL = protocol.ENVELOPE.fields["call"].slot
 PARAMS = protocol.layout_of(protocol.rpc.Call.schema).fields["params"].slot
@@ -293,7 +293,7 @@ async def test_objects_made_for_a_caller_that_left_are_retired(kernel: capbus.Ke
         target = await server_peer.transfer(node, attacker)
         with trio.fail_after(20):
             await wait_for_statistics(kernel, lambda s: s.nodes >= 2)
-            before = kernel.statistics().nodes
+            before = made_nodes(kernel.statistics(), server_vat)
             new_counter = schema.Factory.interface.methods["newCounter"]
             replies = []
             for i in range(20):
@@ -301,7 +301,7 @@ async def test_objects_made_for_a_caller_that_left_are_retired(kernel: capbus.Ke
                 replies.append(reply)
                 call = protocol.encode_call(i, new_counter, {})
                 await attacker.send(target, call.payload, handles=[reply])
-            await wait_for_statistics(kernel, lambda s: s.nodes == before + 20)  # all calls in
+            await wait_for_statistics(kernel, lambda s: made_nodes(s, server_vat) == before + 20)  # all in
             while server_vat.statistics().answers < 20:  # polled, bounded by fail_after
                 await trio.sleep(0.001)
             await attacker.destroy(*replies, release=True)
@@ -309,7 +309,7 @@ async def test_objects_made_for_a_caller_that_left_are_retired(kernel: capbus.Ke
             while server_vat.statistics().answers:  # every call answered (polled, bounded)
                 await trio.sleep(0.001)
             # Back to where it was: 20 counters made, refused, retired.
-            await wait_for_statistics(kernel, lambda s: s.nodes == before)
+            await wait_for_statistics(kernel, lambda s: made_nodes(s, server_vat) == before)
             assert server_vat.statistics().exports == 1  # the factory only
     for peer in (server_peer, attacker):
         await peer.aclose()
