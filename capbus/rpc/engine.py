@@ -341,6 +341,7 @@ class Engine:
         self._export_nodes: dict[tuple[int, Caller], int] = {}  # (id(server), holder) -> node
         self._export_keys: dict[int, tuple[int, Caller]] = {}  # node -> its key above
         self._export_busy: dict[int, int] = {}  # node -> sends in progress that carry it
+        self._export_sends: dict[int, int] = {}  # node -> sends that carried it, ever
         # Whom each export was first made for by a return, and how many each caller got: a
         # caller that keeps everything it is given is bounded (Vat._bounded), not the server.
         self._export_for: dict[int, Caller] = {}  # node -> caller
@@ -377,6 +378,8 @@ class Engine:
 
     def _forget_export(self, node: int) -> Server:
         server = self.exports.pop(node)
+        self._export_busy.pop(node, None)
+        self._export_sends.pop(node, None)
         key = self._export_keys.pop(node, None)
         if key is not None and self._export_nodes.get(key) == node:
             del self._export_nodes[key]
@@ -403,14 +406,28 @@ class Engine:
         for node in handles:
             if node in self.exports:
                 self._export_busy[node] = self._export_busy.get(node, 0) + (1 if started else -1)
+                if started:
+                    self._export_sends[node] = self._export_sends.get(node, 0) + 1
 
-    def retire(self, node: int, holders: int) -> bool:
-        """After :class:`MayRetire` and a holder count: forgets the export (the caller then
-        destroys the node) if no one holds it and no send of ours carries it."""
+    def sends_of(self, node: int) -> int | None:
+        """A mark of the sends that carried export ``node`` so far, to take before asking the
+        kernel for its holders (:meth:`retire`); None while a send carries it (its holder
+        count may not include that send's receiver)."""
+        if self._export_busy.get(node):
+            return None
+        return self._export_sends.get(node, 0)
+
+    def retire(self, node: int, holders: int, sends: int) -> bool:
+        """After :class:`MayRetire` and a holder count asked for after :meth:`sends_of` gave
+        ``sends``: forgets the export (the caller then destroys or reuses the node) if no one
+        holds it and no send of ours carried it since. A send since may have handed it out
+        after the kernel counted its holders; that holder's release (or that send's
+        failure) asks again."""
         if holders or self._export_busy.get(node) or node not in self.exports:
             return False
+        if self._export_sends.get(node, 0) != sends:
+            return False
         self._forget_export(node)
-        self._export_busy.pop(node, None)
         if node in self._export_for:
             self.unreserve(self._export_for.pop(node), 1)
         return True

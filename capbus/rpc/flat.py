@@ -25,6 +25,7 @@ its builder is what this avoids; the layout rules used are the encoding spec's
 
 from __future__ import annotations
 
+import codecs
 import struct
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final
@@ -75,7 +76,7 @@ class FlatCodec:
         self._data: dict[str, Writer] = {}
         self._pointers: dict[str, tuple[int, bool]] = {}  # name -> (slot, is Text)
         readers: dict[str, FieldReader] | None = {}
-        spans: dict[str, BlobSpan] = {}
+        spans: dict[str, tuple[BlobSpan, bool]] = {}  # name -> (where its bytes are, is Text)
         for field in structure.fields:
             if field.which() != "slot":
                 raise _NotFlat
@@ -87,7 +88,7 @@ class FlatCodec:
                 enumerants = schema.fields[field.name].schema.enumerants if kind == "enum" else {}
                 self._data[field.name] = _writer(kind, slot.offset, slot.defaultValue, enumerants)
             if kind in ("text", "data"):
-                spans[field.name] = _blob_span(slot.offset, kind == "text")
+                spans[field.name] = (_blob_span(slot.offset, kind == "text"), kind == "text")
             reader = _reader(kind, slot.offset, slot.defaultValue)
             if reader is None:
                 readers = None
@@ -340,6 +341,7 @@ class FlatReader(StructReader):
     _general: Callable[[], StructReader]
     _made: bool
     _spans: dict[str, BlobSpan] = {}  # (the subclass's, by field name)
+    _texts: frozenset[str] = frozenset()  # (the subclass's Text fields)
 
     @classmethod
     def _of(cls, segment: memoryview, general: Callable[[], StructReader]) -> StructReader:
@@ -390,19 +392,33 @@ class FlatReader(StructReader):
         if where is None or where is NOT_HERE:  # (null, or not read here: StructReader's)
             return StructReader.view(self, name)
         start, count = where
-        return self._segment[start : start + count].toreadonly()
+        view = self._segment[start : start + count].toreadonly()
+        if name in self._texts:
+            try:
+                codecs.utf_8_decode(view, "strict", True)  # (Text is UTF-8, as str reads it)
+            except UnicodeDecodeError:
+                return StructReader.view(self, name)  # (which says what is wrong with it)
+        return view
 
     def __getattr__(self, name: str) -> Any:  # (not a field read here)
         self._pycapnp_view()
         return StructReader.__getattr__(self, name)
 
 
-def _reader_class(name: str, readers: dict[str, FieldReader], spans: dict[str, BlobSpan]) -> type[FlatReader]:
+def _reader_class(
+    name: str, readers: dict[str, FieldReader], spans: dict[str, tuple[BlobSpan, bool]]
+) -> type[FlatReader]:
     """A FlatReader subclass with a property per field: read without the failed lookup
     that reaching ``__getattr__`` costs. A field named like an attribute of the reader
     itself (``which``, ``pycapnp``) is shadowed by it, as on any StructReader."""
     fields = {n: _field_property(n, r) for n, r in readers.items() if not hasattr(FlatReader, n)}
-    namespace = {"__slots__": (), "_spans": spans, **fields}
+    texts = frozenset(name for name, (_, text) in spans.items() if text)
+    namespace = {
+        "__slots__": (),
+        "_spans": {n: span for n, (span, _) in spans.items()},
+        "_texts": texts,
+        **fields,
+    }
     return type(f"Flat{name.rpartition(':')[2]}Reader", (FlatReader,), namespace)
 
 

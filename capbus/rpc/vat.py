@@ -17,6 +17,7 @@ section 3):
 from __future__ import annotations
 
 import collections
+import contextvars
 import inspect
 import os
 import weakref
@@ -214,6 +215,7 @@ class Vat:
         self._loop_receiving: trio.CancelScope | None = None
         self._loop_parked: trio.Event | None = None
         self._reader: tuple[trio.CancelScope, trio.Event] | None = None
+        self._loop_context = contextvars.copy_context()  # (the receive loop's, once it runs)
         self._spare_nodes: list[int] = []
         """Retired nodes, for objects exported next (_export)."""
         """The reading caller's scope and the event of the return it waits for."""
@@ -761,6 +763,10 @@ class Vat:
         await trio.lowlevel.checkpoint()
 
     async def _receive_loop(self) -> None:
+        # What arrives is handled in this task's context even when a caller reads it
+        # (_await_return): a call from anyone must not run with, or set, the variables
+        # of whichever caller happens to wait.
+        self._loop_context = trio.lowlevel.current_task().context
         while True:
             if self._caller_reading:  # a caller reads the socket until its return is in
                 parked = self._loop_parked = trio.Event()
@@ -802,7 +808,7 @@ class Vat:
                     self._reader = reader
                     message = await self.peer.recv()  # (a checkpoint, waited or not)
                     self._reader = None  # (its own return needs no cancel: it looks next)
-                    self._deliver(message)
+                    self._loop_context.run(self._deliver, message)
                     del message  # (as in the loop: nothing of it kept while waiting)
                     if done.is_set():
                         return
@@ -1171,9 +1177,12 @@ class Vat:
         await self._send_return(reply, key[1], encoded, charge)
 
     async def _retire(self, node: int) -> None:
+        sends = self.engine.sends_of(node)
+        if sends is None:
+            return  # a send carries it: its receiver's release, or its failure, asks again
         try:
             state = await self.peer.handle_state(node)
-            if self.engine.retire(node, state.holders):
+            if self.engine.retire(node, state.holders, sends):
                 if len(self._spare_nodes) < SPARE_NODES:
                     # Held by no one else, and nothing can arrive for it any more (every
                     # send through a handle to it came before the last release did): as
