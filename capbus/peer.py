@@ -1025,13 +1025,20 @@ class Peer:
         return inbox.popleft()
 
     def recv_nowait(self) -> Message:
-        """The next message if one has arrived, else raises :class:`trio.WouldBlock`."""
+        """The next message if one has arrived, else raises :class:`trio.WouldBlock`.
+        While another task waits for the socket (a ``recv`` or a command waiting), only
+        messages already read are returned: reading the socket under that task would leave
+        it waiting for what was read (a command's reply, say)."""
         self._check_usable()
         while not self._inbox:
+            if self._reading:
+                raise trio.WouldBlock
             try:
                 self._read_frame()
             except BlockingIOError:
                 raise trio.WouldBlock from None
+            except OSError as error:  # (as recv: the connection is broken, said once)
+                self._broken = Disconnected(f"connection to the kernel failed: {error}")
             self._check_usable()
         return self._inbox.popleft()
 

@@ -7,6 +7,7 @@ import array
 import collections
 import errno
 import os
+import select
 import socket
 import sys
 from pathlib import Path
@@ -642,3 +643,28 @@ async def test_recv_from_two_tasks_at_once_hands_each_message_to_one(new_peer: P
             await all_in.wait()
             nursery.cancel_scope.cancel()
     assert sorted(got, key=int) == [b"%d" % i for i in range(200)]
+
+
+async def test_recv_nowait_leaves_the_socket_to_a_task_waiting_for_it(new_peer: PeerFactory) -> None:
+    """A task waits for the socket (in recv; a command waiting for its reply does the
+    same); meanwhile another task's recv_nowait must not read what arrives off the socket:
+    the waiting task would be left waiting for readability that never comes again (for a
+    command, its reply lost to it)."""
+    sender, receiver = await new_peer(), await new_peer()
+    target = await receiver.transfer(await receiver.create_node(), sender)
+    got: list[bytes] = []
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+
+            async def wait() -> None:
+                got.append(bytes((await receiver.recv()).payload_view))
+
+            nursery.start_soon(wait)
+            await trio.testing.wait_all_tasks_blocked()  # wait() waits for the socket
+            # From here on no checkpoint: wait() cannot run until the end of this block.
+            sender.send_oneway_nowait(target, b"for the waiting task")
+            readable, _, _ = select.select([receiver.fileno()], [], [], 5)
+            assert readable, "the message did not arrive"
+            with pytest.raises(trio.WouldBlock):
+                receiver.recv_nowait()
+    assert got == [b"for the waiting task"]
