@@ -978,9 +978,11 @@ class Vat:
         try:
             params = params_of(arrived.call, method, server._views(method))
             result = handler(**server._arguments(method, params))
-            if inspect.isawaitable(result):  # a plain function that hands back an awaitable
+            if result is not None and inspect.isawaitable(result):  # (a def handing one back)
                 self._take_in(arrived, started=result)
                 return True
+            if arrived.reply is None:
+                return True  # one-way: no return to encode
             encoded = encode_results(question_id, method, server._results(method, result))
         except RpcError as error:
             encoded = encode_exception(question_id, error)
