@@ -13,7 +13,16 @@ from typing import Any
 import trio
 
 from .processes import Offer, Spawn, Tally, stamp_trio, subscribers_process, subscribers_wanted
-from .workloads import DATA_SIZES, PAYLOAD, data_rate, in_flight_trio, oneway_rate, round_trips, run_plan
+from .workloads import (
+    DATA_SIZES,
+    PAYLOAD,
+    data_rate,
+    in_flight_trio,
+    oneway_rate,
+    round_trips,
+    run_plan,
+    stream_rate,
+)
 
 LABEL = "capbus"
 PACKAGES: dict[str, str] = {}
@@ -83,6 +92,7 @@ def serve(config: dict[str, Any]) -> None:
     class Bench(schema.Bench.Server):  # type: ignore[misc,name-defined]
         def __init__(self) -> None:
             self.calls = 0
+            self.streamed = 0
 
         def echo(self, text: str) -> str:
             return text
@@ -98,6 +108,9 @@ def serve(config: dict[str, Any]) -> None:
 
         def data(self, data: bytes | memoryview) -> int:
             return len(data)  # (a view of the call's mapped memfd: no copy)
+
+        def sink(self, data: bytes | memoryview) -> None:
+            self.streamed += len(data)
 
     async def main() -> None:
         try:
@@ -194,6 +207,7 @@ def measure(config: dict[str, Any]) -> dict[str, Any]:
                         "cap": lambda n: round_trips(lambda: bench.take(cap=Local()), n),
                         "ping": lambda n: round_trips(bench.ping, n),
                         **{name: functools.partial(carry, size) for name, size in DATA_SIZES.items()},
+                        "stream1G": lambda n: stream_rate(lambda chunk: bench.sink(data=chunk), received, n),
                     },
                     publish,
                     functools.partial(stamp_trio, config["pipe"]),

@@ -35,7 +35,11 @@ from .workloads import (
 LABEL = "D-Bus (dbus-broker, dbus-fast)"
 PACKAGES = {"dbus_fast": "dbus-fast"}
 PROGRAMS = {"dbus-broker": "dbus-broker"}
-UNSUPPORTED = {"cap": "D-Bus has no capabilities", "ping": "D-Bus has no capabilities"}
+UNSUPPORTED = {
+    "stream1G": "D-Bus has no streaming calls",
+    "cap": "D-Bus has no capabilities",
+    "ping": "D-Bus has no capabilities",
+}
 NAME = "org.capbus.Bench"
 PATH = "/org/capbus/Bench"
 

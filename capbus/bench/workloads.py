@@ -36,6 +36,8 @@ WORKLOADS: dict[str, Workload] = {
         Workload("ping", "the same call without one", "us", 500, 2_000),
         Workload("data1M", "a call carrying 1 MiB of Data", "MB/s", 30, 100),
         Workload("data64M", "a call carrying 64 MiB (less 1 KiB) of Data", "MB/s", 3, 8),
+        # Iterations are 1 MiB chunks: 1 GiB in a full run.
+        Workload("stream1G", "a stream of 1 MiB Data calls (1 GiB in a full run)", "MB/s", 256, 1024),
         # Multicast: iterations are batches of MULTICAST_BATCH events (the first one a warm-up).
         *(
             Workload(
@@ -149,6 +151,25 @@ async def oneway_rate(
     elapsed = time.perf_counter() - start
     sent = batches * ONEWAY_BATCH
     return {"rate": sent / elapsed, "lost": sent - (arrived - before)}
+
+
+STREAM_CHUNK = 1 << 20
+
+
+async def stream_rate(
+    send: Callable[[bytes], Awaitable[Any]], barrier: Callable[[], Awaitable[Any]], chunks: int
+) -> dict[str, float]:
+    """``chunks`` stream calls of STREAM_CHUNK bytes each, then ``barrier`` (a regular call
+    on the same capability, which waits until every stream call is acknowledged): the rate
+    of what arrived."""
+    chunk = bytes(STREAM_CHUNK)
+    await send(chunk)  # (a warm-up)
+    await barrier()
+    start = time.perf_counter()
+    for _ in range(chunks):
+        await send(chunk)
+    await barrier()
+    return {"rate": chunks * STREAM_CHUNK / (time.perf_counter() - start) / 1e6}
 
 
 def data_rate(size: int, timing: dict[str, float]) -> dict[str, float]:

@@ -27,7 +27,11 @@ from .workloads import (
 LABEL = "ZeroMQ (ipc://)"
 PACKAGES = {"zmq": "pyzmq"}
 PROGRAMS: dict[str, str] = {}
-UNSUPPORTED = {"cap": "ZeroMQ has no capabilities", "ping": "ZeroMQ has no capabilities"}
+UNSUPPORTED = {
+    "stream1G": "not measured: ZeroMQ has no flow-controlled calls",
+    "cap": "ZeroMQ has no capabilities",
+    "ping": "ZeroMQ has no capabilities",
+}
 _CALL, _ONEWAY, _COUNT, _DATA = b"c", b"o", b"n", b"d"
 
 

@@ -7,6 +7,8 @@ interface Bench {
   take @2 (cap :Bench) -> ();
   received @3 () -> (calls :UInt64);
   data @4 (data :Data) -> (size :UInt64);
+  sink @5 (data :Data) -> stream;
+  # The streaming workload: 1 MiB chunks, flow-controlled by the stream's window.
 }
 
 # The multicast workloads' subscribers: one event, one-way, to each of N of them at once.

@@ -82,6 +82,24 @@ def test_multicast_workloads_measure_capbus_and_the_raw_floor(tmp_path: Path) ->
     assert line.startswith("- goal met: " if met else "- goal NOT met: "), line
 
 
+def test_a_stream_of_1_mib_data_calls_is_measured_on_capbus(tmp_path: Path) -> None:
+    """The streaming workload: 1 MiB Data chunks through a ``-> stream`` method (256 MiB
+    in a quick run), the rate taken once a regular call after them has its answer."""
+    figures = tmp_path / "figures.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "capbus", "bench", "--quick", "--rounds", "1", "--only", "raw"]
+        + ["--workload", "stream1G", "--no-install", "--json", str(figures)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    results = json.loads(figures.read_text())
+    (run,) = results["capbus_rpc"]["results"]["stream1G"]
+    assert run["rate"] > 0, run
+    assert "n/a: raw trio socketpair, a stream of 1 MiB Data calls" in done.stdout
+
+
 def test_a_contender_that_cannot_be_installed_is_reported_missing() -> None:
     module = SimpleNamespace(
         LABEL="nothing",
