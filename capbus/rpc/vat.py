@@ -1068,6 +1068,8 @@ class Vat:
         and what to charge the objects it hands out to. The new objects are counted at once
         (reserved), although their nodes are made later: returns that complete together
         must not all pass the bound on the count before any of them."""
+        if not encoded.caps:  # (most returns: nothing handed out, nothing to count)
+            return encoded, _Charge(caller)
         new = self._new_exports(encoded.caps, caller)
         held, bound = self.engine.exports_held, self.max_exports_per_caller
         if not new or held.fits(caller, new, bound):
