@@ -217,6 +217,7 @@ class Vat:
         self._reader: tuple[trio.CancelScope, trio.Event] | None = None
         self._loop_context = contextvars.copy_context()  # (the receive loop's, once it runs)
         self._took_in = False  # a call was queued for a task (ends a batch: _deliver_ready)
+        self._unstarted = 0  # calls queued for tasks of their own that have not run yet
         self._spare_nodes: list[int] = []
         """Retired nodes, for objects exported next (_export)."""
         """The reading caller's scope and the event of the return it waits for."""
@@ -919,6 +920,7 @@ class Vat:
             self._queue_stream_call(arrived, scope)
         else:
             self._nursery.start_soon(self._serve, arrived, scope, calls.ticket(), started)
+            self._unstarted += 1  # (after: a refused start_soon leaves nothing to count)
 
     def _caller_calls(self, caller: Caller) -> CallerCalls:
         calls = self._callers.get(caller)
@@ -966,7 +968,9 @@ class Vat:
         is free; returns whether the call was taken care of."""
         method, server, question_id = arrived.method, arrived.server, arrived.question_id
         calls = self._callers.get(arrived.caller)
-        if method is None or (calls is not None and not calls.idle):
+        if method is None or (calls is not None and not calls.idle) or self._unstarted:
+            # (a call that came earlier, of any caller, whose task has not run yet: this one
+            # must not start before it, so it takes a task too)
             return False
         handler = server._inline_handler(method)
         if handler is None:
@@ -1105,6 +1109,7 @@ class Vat:
     ) -> None:
         """Runs a call's handler in this task, within ``scope`` (``started``: what a
         plain-function handler already returned, to await) and sends its return."""
+        self._unstarted -= 1  # (its first step: later calls may run inline again)
         reply, question_id, method = arrived.reply, arrived.question_id, arrived.method
         key = None if reply is None else (reply.handle, question_id)
         encoded: Encoded | None = None
