@@ -497,6 +497,16 @@ class Peer:
         else:
             self._replies[cookie] = event
 
+    def _sender(self, key: tuple[int, int, int, int, int]) -> Credentials:
+        """The Credentials of (uid, gid, pid, process id, sending peer), one object per
+        sender while it keeps sending (a few dozen kept: a message's metadata is cheap)."""
+        sender = self._senders.get(key)
+        if sender is None:
+            if len(self._senders) > 64:
+                self._senders.clear()
+            sender = self._senders[key] = Credentials(*key)
+        return sender
+
     def _inline_message(self, rx: bytearray, size: int, header: tuple[int, ...]) -> Message:
         """A message frame with its payload inline and no fds (header: MESSAGE_FRAME_HEAD unpacked)."""
         kind, flags, priority, destination, seq, uid, gid, pid, n_handles = header[4:13]
@@ -507,14 +517,7 @@ class Peer:
         if n_handles:
             ids = struct.unpack_from(f"<{n_handles}Q", rx, _FRAME_MESSAGE_SIZE)
             handles = tuple([Handle(self, i) for i in ids])
-        sender = None
-        if uid != _wire.NO_CREDENTIAL:
-            key = (uid, gid, pid, header[15], header[16])
-            sender = self._senders.get(key)
-            if sender is None:
-                if len(self._senders) > 64:
-                    self._senders.clear()
-                sender = self._senders[key] = Credentials(*key)
+        sender = None if uid == _wire.NO_CREDENTIAL else self._sender((uid, gid, pid, header[15], header[16]))
         # The buffer is reused for the next frame: the payload is copied out, once.
         return Message(
             _KINDS[kind],
@@ -596,12 +599,7 @@ class Peer:
                 os.close(memfd)
         sender = None
         if event.uid != _wire.NO_CREDENTIAL:
-            key = (event.uid, event.gid, event.pid, event.process_id, event.sending_peer)
-            sender = self._senders.get(key)
-            if sender is None:
-                if len(self._senders) > 64:
-                    self._senders.clear()
-                sender = self._senders[key] = Credentials(*key)
+            sender = self._sender((event.uid, event.gid, event.pid, event.process_id, event.sending_peer))
         handles = tuple([Handle(self, i) for i in event.handles]) if event.handles else ()
         return Message(
             _KINDS[event.kind],

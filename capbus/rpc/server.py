@@ -16,7 +16,7 @@ from __future__ import annotations
 import inspect
 import typing
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 from .errors import Unimplemented
 from .interface import Interface, Method
@@ -24,8 +24,22 @@ from .interface import Interface, Method
 _IS_ASYNC: dict[object, bool] = {}
 """Handler function -> whether it is ``async def`` (inspect's answer takes microseconds, on
 every call's path)."""
-_IS_ASYNC_KEPT = 4096
 _VIEWS: dict[object, frozenset[str]] = {}
+"""Handler function -> its params taken as memoryviews (Server._views)."""
+_KEPT = 4096
+T = TypeVar("T")
+
+
+def _per_function(cache: dict[object, T], handler: Any, make: Callable[[Any], T]) -> T:
+    """``make(function)`` for a handler's underlying function, worked out once per function
+    (at most _KEPT kept: handlers assigned per instance would otherwise pile up)."""
+    function = getattr(handler, "__func__", handler)
+    known = cache.get(function)
+    if known is None:
+        if len(cache) >= _KEPT:
+            cache.clear()
+        known = cache[function] = make(function)
+    return known
 
 
 def _is_blob(field: Any) -> bool:
@@ -67,12 +81,7 @@ class Server:
         handler = getattr(self, method.name, None)
         if handler is None:
             return None
-        function = getattr(handler, "__func__", handler)
-        is_async = _IS_ASYNC.get(function)
-        if is_async is None:
-            if len(_IS_ASYNC) >= _IS_ASYNC_KEPT:
-                _IS_ASYNC.clear()
-            is_async = _IS_ASYNC[function] = inspect.iscoroutinefunction(handler)
+        is_async = _per_function(_IS_ASYNC, handler, inspect.iscoroutinefunction)
         return None if is_async else handler
 
     def _views(self, method: Method) -> frozenset[str]:
@@ -84,14 +93,12 @@ class Server:
         handler = getattr(self, method.name, None)
         if handler is None:
             return frozenset()
-        function = getattr(handler, "__func__", handler)
-        views = _VIEWS.get(function)
-        if views is None:
-            if len(_VIEWS) >= _IS_ASYNC_KEPT:
-                _VIEWS.clear()
+
+        def views(function: Any) -> frozenset[str]:
             blobs = {name for name, f in method.params.fields.items() if _is_blob(f.proto)}
-            views = _VIEWS[function] = frozenset(n for n in blobs if _wants_view(function, n))
-        return views
+            return frozenset(n for n in blobs if _wants_view(function, n))
+
+        return _per_function(_VIEWS, handler, views)
 
     def _arguments(self, method: Method, params: dict[str, Any]) -> dict[str, Any]:
         """The keyword arguments a handler gets for a call's params (generated servers wrap
