@@ -17,16 +17,12 @@ from __future__ import annotations
 import array
 import enum
 import errno
-import fcntl
-import mmap
 import os
 import socket
 import struct
-import sys
 import threading
-import weakref
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Final, overload
@@ -35,6 +31,7 @@ import trio
 
 from . import _wire
 from .errors import CapbusError, Disconnected, InvalidArgument, MessageTooLarge, error_from_errno
+from .memfd import _head, _map, _sealed_memfd, _sparse
 
 _ANC_SPACE = socket.CMSG_SPACE(4 * _wire.FDS_MAX)
 # Plain ints: arithmetic on the socket module's IntFlag members costs microseconds per frame.
@@ -271,102 +268,6 @@ def _parse_fds(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
             usable = len(data) - len(data) % 4
             fds.extend(array.array("i", data[:usable]))
     return fds
-
-
-_SEALS = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
-# A large mapping is faulted in at once (one call, not one fault per page).
-_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
-
-
-def _map(memfd: int, size: int) -> memoryview:
-    """A received payload's memfd, mapped read-only (a write through the view's underlying
-    object is refused); unmapped when the last view of it is deallocated (never earlier:
-    cyclic garbage and atexit handlers may still read one). Not populated: pages are
-    faulted in as a reader touches them. Before Python 3.13 the mapping keeps an fd of the
-    file open for as long as it lives (MAPPING_HOLDS_FD: a vat counts it); from 3.13 on,
-    trackfd=False drops it."""
-    if MAPPING_HOLDS_FD:
-        return memoryview(mmap.mmap(memfd, size, mmap.MAP_SHARED, mmap.PROT_READ))
-    return memoryview(mmap.mmap(memfd, size, mmap.MAP_SHARED, mmap.PROT_READ, trackfd=False))  # type: ignore[call-arg]
-
-
-MAPPING_HOLDS_FD = sys.version_info < (3, 13)
-"""Whether a mapped payload keeps an fd of this process open (CPython's mmap before 3.13)."""
-
-
-def _head(memfd: int, size: int) -> memoryview:
-    """The first ``size`` bytes of a payload's memfd, read (not mapped: reading a hole of a
-    sparse memfd allocates nothing, and the copy holds no fd)."""
-    return memoryview(os.pread(memfd, size, 0))
-
-
-def _sparse(memfd: int, size: int) -> bool:
-    """Whether a memfd has a hole before its end: a reader would allocate those pages
-    (charged to it, not to the sender that made the holes), so it is not read whole.
-    (Not st_blocks: blocks allocated past the end count there too.)"""
-    try:
-        return os.lseek(memfd, 0, os.SEEK_HOLE) < size
-    except OSError:
-        return True
-
-
-class SealedMapping(mmap.mmap):
-    """A read-only mapping of a sealed memfd payload this process built
-    (:func:`sealed_payload`), which keeps the memfd open: a payload that is a view of the
-    whole of one is sent as that memfd (a duplicate of it), without a copy, however many
-    times it is sent."""
-
-    memfd: int
-
-    def __new__(cls, memfd: int, size: int, flags: int, prot: int) -> SealedMapping:
-        mapping = super().__new__(cls, memfd, size, flags, prot)
-        mapping.memfd = os.dup(memfd)
-        weakref.finalize(mapping, os.close, mapping.memfd)
-        return mapping
-
-
-def sealed_payload(size: int, fill: Callable[[memoryview], None]) -> memoryview:
-    """A payload of ``size`` bytes that ``fill`` writes straight into a new memfd (given a
-    writable view of it), sealed and mapped read-only: sending it (it is over
-    PAYLOAD_MAX, or should be) copies nothing more, where bytes would be copied into a
-    memfd at each send."""
-    if size > _wire.MEMFD_MAX:
-        raise MessageTooLarge(f"payload of {size} bytes is over the {_wire.MEMFD_MAX} byte limit")
-    fd = os.memfd_create("capbus-payload", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-    try:
-        os.ftruncate(fd, size)
-        # Every page faulted in (and so written, zeroed): a receiver refuses a memfd with
-        # holes, and a fill may well skip the zeros (fallocate's pages still count as holes).
-        flags = mmap.MAP_SHARED | _POPULATE
-        with mmap.mmap(fd, size, flags, mmap.PROT_READ | mmap.PROT_WRITE) as writable:
-            with memoryview(writable) as view:
-                fill(view)
-        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)  # (no writable mapping is left)
-        return memoryview(SealedMapping(fd, size, mmap.MAP_SHARED, mmap.PROT_READ))
-    finally:
-        os.close(fd)
-
-
-def _sealed_memfd(payload: bytes | bytearray | memoryview) -> int:
-    """A memfd holding ``payload``, sealed so that no receiver can see it change: a new one,
-    or a duplicate of the one a view of a whole SealedMapping already is."""
-    if isinstance(payload, memoryview) and isinstance(payload.obj, SealedMapping):
-        whole = payload.obj
-        if payload.c_contiguous and payload.nbytes == len(whole):  # (so all of it, from 0)
-            return os.dup(whole.memfd)
-    if len(payload) > _wire.MEMFD_MAX:
-        raise MessageTooLarge(f"payload of {len(payload)} bytes is over the {_wire.MEMFD_MAX} byte limit")
-    fd = os.memfd_create("capbus-payload", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-    try:
-        view = memoryview(payload).cast("B")
-        written = 0
-        while written < len(view):
-            written += os.write(fd, view[written:])
-        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
 
 
 def _fd_number(fd: int | socket.socket | object) -> int:

@@ -12,6 +12,7 @@ from typing import Any
 
 import trio
 
+from ..memfd import sealed_payload
 from .processes import Offer, Spawn, Tally, stamp_trio, subscribers_process, subscribers_wanted
 from .workloads import (
     DATA_SIZES,
@@ -197,6 +198,11 @@ def measure(config: dict[str, Any]) -> dict[str, Any]:
                     data = bytes(size)
                     return data_rate(size, await round_trips(lambda: bench.data(data=data), n))
 
+                async def carry_sealed(n: int) -> dict[str, float]:
+                    size = DATA_SIZES["data64M"]
+                    data = sealed_payload(size, lambda view: view.__setitem__(slice(None), bytes(size)))
+                    return data_rate(size, await round_trips(lambda: bench.data(data=data), n))
+
                 return await run_plan(
                     config["plan"],
                     {
@@ -207,6 +213,7 @@ def measure(config: dict[str, Any]) -> dict[str, Any]:
                         "cap": lambda n: round_trips(lambda: bench.take(cap=Local()), n),
                         "ping": lambda n: round_trips(bench.ping, n),
                         **{name: functools.partial(carry, size) for name, size in DATA_SIZES.items()},
+                        "data64Msealed": carry_sealed,
                         "stream1G": lambda n: stream_rate(lambda chunk: bench.sink(data=chunk), received, n),
                     },
                     publish,

@@ -28,6 +28,7 @@ LABEL = "ZeroMQ (ipc://)"
 PACKAGES = {"zmq": "pyzmq"}
 PROGRAMS: dict[str, str] = {}
 UNSUPPORTED = {
+    "data64Msealed": "not measured: capbus's Data that travels as the caller's sealed memfd; see data64M",
     "stream1G": "not measured: ZeroMQ has no flow-controlled calls",
     "cap": "ZeroMQ has no capabilities",
     "ping": "ZeroMQ has no capabilities",

@@ -14,6 +14,8 @@ HERE = Path(__file__).resolve().parent
 DECLARATIONS = """
 const char *capwire_check_tree(const uint8_t *data, size_t size, int64_t budget, uint32_t nesting);
 const char *capwire_check_segment(const uint8_t *data, size_t size, int64_t budget, uint32_t nesting);
+const char *capwire_check_segments(const uint8_t *const *data, const size_t *sizes, uint32_t count,
+                                   int64_t budget, uint32_t nesting);
 """
 
 capwire_builder = cffi.FFI()

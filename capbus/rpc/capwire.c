@@ -273,6 +273,47 @@ static int check_aligned(const uint8_t *data, size_t size, int64_t budget, uint3
 	return walk_tree(&walk, nesting);
 }
 
+/*
+ * The check of a message given as separate segments (some of them mapped memfds: the
+ * attached segments of segments.py). A segment whose start is not word-aligned is copied.
+ */
+const char *capwire_check_segments(const uint8_t *const *data, const size_t *sizes, uint32_t count,
+				   int64_t budget, uint32_t nesting)
+{
+	static _Thread_local char error[160];
+	struct walk walk = { .budget = budget, .error = error, .error_size = sizeof(error) };
+	uint64_t *copies[SEGMENTS_MAX] = { 0 };
+	int result = -1;
+
+	if (count == 0 || count > SEGMENTS_MAX)
+		return "too many segments";
+	walk.n_segments = count;
+	for (uint32_t i = 0; i < count; i++) {
+		if (sizes[i] % 8) {
+			fail(&walk, "a segment is not a whole number of words", i, 0);
+			goto out;
+		}
+		walk.sizes[i] = sizes[i] / 8;
+		walk.zero_sized += (int64_t)walk.sizes[i];
+		if (((uintptr_t)data[i] & 7) == 0) {
+			walk.words[i] = (const uint64_t *)data[i];
+			continue;
+		}
+		copies[i] = malloc(sizes[i] + 8);
+		if (!copies[i]) {
+			fail(&walk, "out of memory", i, 0);
+			goto out;
+		}
+		memcpy(copies[i], data[i], sizes[i]);
+		walk.words[i] = copies[i];
+	}
+	result = walk_tree(&walk, nesting);
+out:
+	for (uint32_t i = 0; i < count; i++)
+		free(copies[i]);
+	return result < 0 ? error : NULL;
+}
+
 static const char *check(const uint8_t *data, size_t size, int64_t budget, uint32_t nesting, int framed)
 {
 	static _Thread_local char error[160];

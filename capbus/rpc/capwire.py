@@ -113,6 +113,8 @@ def _deref(words: list[memoryview], segment: int, location: int) -> _Target | No
     far, tag = words[target_segment][pad], words[target_segment][pad + 1]
     if far & 7 != 2:
         raise CapWireError("bad double-far landing pad")
+    if tag & 3 >= 2:  # (a tag describes a struct or a list: as capwire.c)
+        raise CapWireError("bad double-far tag")
     return tag & 3, far >> 32, (far & _LOW32) >> 3, tag
 
 
@@ -409,6 +411,19 @@ def check_segment(segment: Segment) -> None:
     _checked(_capwire.lib.capwire_check_segment, segment)
 
 
+def check_segments(segments: Sequence[Segment]) -> None:
+    """:func:`check_tree` of a message given as its segments (an empty one is allowed: it
+    stands in for a segment a body read alone does not have, segments.py)."""
+    views = [memoryview(segment).cast("B") for segment in segments]
+    ffi = _capwire.ffi
+    pointers = ffi.new("uint8_t *[]", [ffi.from_buffer(v) if len(v) else ffi.NULL for v in views])
+    sizes = ffi.new("size_t[]", [len(v) for v in views])
+    budget = _budget(sum(len(v) for v in views) // 8)
+    error = _capwire.lib.capwire_check_segments(pointers, sizes, len(views), budget, NESTING_LIMIT)
+    if error:
+        raise CapWireError(ffi.string(error).decode())
+
+
 def _checked(check: Callable[..., Any], data: Segment) -> None:
     view = memoryview(data).cast("B")
     budget = _budget(len(view) // 8)
@@ -459,11 +474,8 @@ def frame_header(segments: Sequence[Segment]) -> bytes:
     return header + b"\0" * (len(header) % 8)
 
 
-def unframe(buffer: Segment, *, segments_max: int = 512, partial: bool = False) -> list[memoryview]:
-    """The segments of a framed message, as views into ``buffer`` (no copy). ``partial``:
-    ``buffer`` is only the message's start (Message.whole_size): segments are cut to what
-    it holds (a pointer past that then fails to read, as any pointer out of bounds)."""
-    view = memoryview(buffer).cast("B")
+def segment_table(view: memoryview, segments_max: int = 512) -> tuple[tuple[int, ...], int]:
+    """The sizes in words of a framed message's segments, and where its first segment starts."""
     if len(view) < 8:
         raise CapWireError("message shorter than its segment table")
     count = struct.unpack_from("<I", view, 0)[0] + 1
@@ -472,8 +484,16 @@ def unframe(buffer: Segment, *, segments_max: int = 512, partial: bool = False) 
     offset = 4 + 4 * count
     if offset > len(view):
         raise CapWireError("message shorter than its segment table")
-    sizes = struct.unpack_from(f"<{count}I", view, 4)
     offset += offset % 8
+    return struct.unpack_from(f"<{count}I", view, 4), offset
+
+
+def unframe(buffer: Segment, *, segments_max: int = 512, partial: bool = False) -> list[memoryview]:
+    """The segments of a framed message, as views into ``buffer`` (no copy). ``partial``:
+    ``buffer`` is only the message's start (Message.whole_size): segments are cut to what
+    it holds (a pointer past that then fails to read, as any pointer out of bounds)."""
+    view = memoryview(buffer).cast("B")
+    sizes, offset = segment_table(view, segments_max)
     out = []
     for size in sizes:
         end = offset + size * 8

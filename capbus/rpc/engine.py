@@ -34,7 +34,9 @@ from dataclasses import dataclass, field
 from typing import Any, TypeAlias
 
 from .. import errors as bus
-from ..peer import MAPPING_HOLDS_FD, Message, MessageKind
+from ..memfd import MAPPING_HOLDS_FD, Unmappable
+from ..peer import Message, MessageKind
+from .capwire import CapWireError
 from .client import Client, client_class
 from .errors import Disconnected, Failed, Overloaded, RpcError, from_kernel
 from .fds import FileDescriptor
@@ -53,6 +55,7 @@ from .protocol import (
     results_capability,
     return_identity,
 )
+from .segments import held_fds, take_attached
 from .server import Server
 from .structs import StructReader
 
@@ -630,15 +633,29 @@ class Engine:
         caps = self._incoming_caps(message)
         # The message's fds become objects that own them: unclaimed, they close when the
         # message's views are gone.
+        payload = message.payload_view
+        partial = message.whole_size is not None  # only its start is here (Peer.max_mapped_bytes)
+        attached: list[memoryview] = []
+        refusal = None
+        if message.fds and not partial:
+            try:
+                attached = take_attached(payload, message.fds, self.max_message_bytes)
+            except (CapWireError, Unmappable) as error:
+                refusal = error
         fds = [FileDescriptor(fd) for fd in message.fds]
         message.fds.clear()
-        payload = message.payload_view
-        if MAPPING_HOLDS_FD and destination in self.reply_nodes and isinstance(payload.obj, mmap.mmap):
+        if refusal is not None:
+            if destination in self.reply_nodes:
+                return self._malformed_return(destination, payload, refusal)
+            return self._refuse(payload, caps, f"malformed message: {refusal}", Failed)
+        reply = destination in self.reply_nodes
+        if MAPPING_HOLDS_FD and reply and (isinstance(payload.obj, mmap.mmap) or attached):
             # A return in a mapped memfd: results a caller keeps would hold its mapping and
             # an fd of this process, as many as a callee chooses to answer large. Copied.
             payload = memoryview(bytes(payload))
-        partial = message.whole_size is not None  # only its start is here (Peer.max_mapped_bytes)
+            attached = [memoryview(bytes(view)) for view in attached]
         size = len(payload) if message.whole_size is None else message.whole_size
+        size += sum(view.nbytes for view in attached)
         limit = self.max_message_bytes
         if size > limit or partial:
             kind: type[RpcError] = Failed
@@ -648,26 +665,24 @@ class Engine:
                 detail = reason = f"a message of {size} bytes was not read here: {message.unread}"
                 kind = Overloaded
             if destination in self.reply_nodes:
-                return self._malformed_return(destination, payload, ValueError(detail), partial)
-            return self._refuse(payload, caps, reason, kind, partial)
+                return self._malformed_return(destination, payload, ValueError(detail))
+            return self._refuse(payload, caps, reason, kind)
         try:
-            received = decode(payload, caps, self.typed, fds)
+            received = decode(payload, caps, self.typed, fds, attached)
         except Exception as error:  # noqa: BLE001 - hostile or broken input, never fatal
             if destination in self.reply_nodes:
                 return self._malformed_return(destination, payload, error)
             return self._refuse(payload, caps, f"malformed message: {error}", Failed)
         try:
-            return self._dispatch(destination, received, payload, caps, fds, caller_of(message))
+            return self._dispatch(destination, received, payload, caps, fds, caller_of(message), attached)
         except Exception as error:  # noqa: BLE001 - a pointer the decode did not look at yet
             return self._refuse(payload, caps, f"malformed message: {error}", Failed)
 
-    def _malformed_return(
-        self, destination: int, payload: memoryview, error: Exception, partial: bool = False
-    ) -> list[Event]:
+    def _malformed_return(self, destination: int, payload: memoryview, error: Exception) -> list[Event]:
         """A return we cannot read: its question (if that much can be read, and it is one
         of ours, asked with this reply node) fails with why, rather than waiting for an
         answer that came."""
-        question_id = return_identity(payload, partial)
+        question_id = return_identity(payload)
         question = None if question_id is None else self.questions.get(question_id)
         if question_id is None or question is None or question.reply != destination:
             return []
@@ -682,6 +697,7 @@ class Engine:
         caps: list[object],
         fds: list[FileDescriptor],
         caller: Caller,
+        attached: list[memoryview],
     ) -> list[Event]:
         if isinstance(received, ReceivedReturn):
             return self._returned(received, destination) if destination in self.reply_nodes else []
@@ -691,9 +707,11 @@ class Engine:
                 return self._refuse(payload, caps, "no object behind this node", Disconnected)
             reply = received.reply
             brought = self._brought(caps, reply if isinstance(reply, Client) else None)
-            # A mapped payload holds an fd of this process too (before Python 3.13).
-            mapped = int(MAPPING_HOLDS_FD and isinstance(payload.obj, mmap.mmap))
-            events = self._call(server, received, caller, len(payload), len(fds) + mapped, brought)
+            # A mapped payload holds an fd of this process too (before Python 3.13), as does
+            # each mapped attached segment.
+            mapped = int(MAPPING_HOLDS_FD and isinstance(payload.obj, mmap.mmap)) + held_fds(attached)
+            size = len(payload) + sum(view.nbytes for view in attached)
+            events = self._call(server, received, caller, size, len(fds) + mapped, brought)
             for event in events:
                 if isinstance(event, CallArrived) and event.call is received:
                     if event.method is None or not event.method.params_layout.may_hold_fds:
@@ -960,10 +978,9 @@ class Engine:
         caps: list[object],
         reason: str,
         kind: type[RpcError],
-        partial: bool = False,
     ) -> list[Event]:
         """Answers a call that cannot be served, if the caller can be made out at all."""
-        identity = call_identity(payload, partial)
+        identity = call_identity(payload)
         if identity is None:
             return []  # not even the call's header is readable: no one to tell
         question_id, reply_index = identity

@@ -30,6 +30,8 @@ import struct
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final
 
+from .capwire import Segment
+from .segments import attachable, double_far
 from .structs import StructReader
 
 _NUMBER_FORMATS = {
@@ -104,11 +106,16 @@ class FlatCodec:
         parts = self.parts(values)
         return None if parts is None else b"".join(parts)
 
-    def parts(self, values: Mapping[str, Any]) -> list[bytes | memoryview] | None:
+    def parts(
+        self, values: Mapping[str, Any], attached: list[memoryview] | None = None
+    ) -> list[bytes | memoryview] | None:
         """:meth:`encode`'s segment as the pieces to write one after the other (a large Data
-        value is one of them, as given: a caller can write them straight where they go)."""
+        value is one of them, as given: a caller can write them straight where they go).
+        ``attached``: a Data value already in a sealed memfd is not among them but appended
+        there, reached by a double-far pointer (segments.py; the caller adds the pads)."""
         data = bytearray(self.data_words * _WORD)
         blobs: list[tuple[int, bytes | memoryview, int]] = []  # (slot, bytes, element count)
+        far: list[tuple[int, int]] = []  # (slot, pointer) of the attached values
         try:
             for name, value in values.items():
                 writer = self._data.get(name)
@@ -134,6 +141,10 @@ class FlatCodec:
                         return None
                     # (not copied: for a large value, the copy that counts is into the memfd)
                     view = view.cast("B") if view.format != "B" else view
+                    if attached is not None and attachable(view) is not None:
+                        far.append((slot, double_far(len(attached))))
+                        attached.append(view)
+                        continue
                     blobs.append((slot, view.toreadonly(), view.nbytes))
                 else:
                     return None
@@ -152,6 +163,8 @@ class FlatCodec:
             parts.append(blob)
             parts.append(bytes(size - len(blob)))  # (a Text's NUL, and the padding)
             offset_words += size // _WORD
+        for slot, far_pointer in far:
+            struct.pack_into("<Q", pointers, slot * _WORD, far_pointer)
         parts[2] = bytes(pointers)
         return parts
 
@@ -213,22 +226,26 @@ def _writer(kind: str, offset: int, default: Any, enumerants: Mapping[str, int])
     return write_int
 
 
-BlobSpan = Callable[["FlatReader"], "tuple[int, int] | None"]
-"""Where a Text or Data field's bytes are in a received flat struct's segment: (start,
+BlobSpan = Callable[["FlatReader"], "tuple[memoryview, int, int] | None"]
+"""Where a Text or Data field's bytes are in a received flat struct: (segment, start,
 count), without Text's NUL; None for a null pointer; :data:`NOT_HERE` for a shape it does
-not read (a far pointer, a list of something else, Text without its NUL)."""
+not read (a single far pointer, a list of something else, Text without its NUL)."""
 
-NOT_HERE: Final = (-1, -1)
+NOT_HERE: Final = (memoryview(b""), -1, -1)
+_FAR_DOUBLE = 6  # a far pointer's low three bits when its landing pad is double (segments.py)
 
 
 def _blob_span(offset: int, text: bool) -> BlobSpan:
-    def span(view: FlatReader) -> tuple[int, int] | None:
+    def span(view: FlatReader) -> tuple[memoryview, int, int] | None:
         if offset >= view._pointer_count:
             return None
         at = view._pointer_start + offset * _WORD
-        word = _WORD_STRUCT.unpack_from(view._segment, at)[0]
+        segment = view._segment
+        word = _WORD_STRUCT.unpack_from(segment, at)[0]
         if not word:
             return None
+        if word & 7 == _FAR_DOUBLE:
+            return _attached_span(view, word, text)
         if word & 3 != 1 or (word >> 32) & 7 != _BYTE_LIST:
             return NOT_HERE  # a far pointer, a list of something else: pycapnp says
         offset_words = (word >> 2) & 0x3FFFFFFF
@@ -236,16 +253,41 @@ def _blob_span(offset: int, text: bool) -> BlobSpan:
             offset_words -= 0x40000000
         start = at + _WORD + offset_words * _WORD
         count = word >> 35
-        segment = view._segment
         if start < 0 or start + count > len(segment):
             return NOT_HERE
         if text:
             if not count or segment[start + count - 1]:
                 return NOT_HERE  # Text must end with its NUL
             count -= 1
-        return start, count
+        return segment, start, count
 
     return span
+
+
+def _attached_span(view: FlatReader, word: int, text: bool) -> tuple[memoryview, int, int]:
+    """A byte list reached by a double-far pointer (how an attached segment's value is, in
+    segments.py): the pad's far pointer and tag read and bounds-checked here; any other
+    shape is NOT_HERE."""
+    segments = view._segments
+    pad_segment, pad = word >> 32, ((word & 0xFFFFFFFF) >> 3) * _WORD
+    if pad_segment >= len(segments):
+        return NOT_HERE
+    pads = memoryview(segments[pad_segment]).cast("B")
+    if pad + 2 * _WORD > len(pads):
+        return NOT_HERE
+    far, tag = struct.unpack_from("<QQ", pads, pad)
+    target = far >> 32
+    if far & 7 != 2 or tag & 0xFFFFFFFF != 1 or (tag >> 32) & 7 != _BYTE_LIST or target >= len(segments):
+        return NOT_HERE  # (a tag's offset must be 0: its list starts at the far pointer's word)
+    segment = memoryview(segments[target]).cast("B")
+    start, count = ((far & 0xFFFFFFFF) >> 3) * _WORD, tag >> 35
+    if start + count > len(segment):
+        return NOT_HERE
+    if text:
+        if not count or segment[start + count - 1]:
+            return NOT_HERE
+        count -= 1
+    return segment, start, count
 
 
 FieldReader = Callable[["FlatReader"], object]
@@ -279,11 +321,11 @@ def _reader(kind: str, offset: int, default: Any) -> FieldReader | None:
                 return fallback
             if where is NOT_HERE:
                 return GENERAL
-            start, count = where
+            segment, start, count = where
             if kind == "data":
-                return bytes(view._segment[start : start + count])
+                return bytes(segment[start : start + count])
             try:
-                return str(view._segment[start : start + count], "utf-8")
+                return str(segment[start : start + count], "utf-8")
             except UnicodeDecodeError:
                 return GENERAL
 
@@ -326,6 +368,7 @@ class FlatReader(StructReader):
 
     __slots__ = (
         "_segment",
+        "_segments",
         "_data_start",
         "_data_bytes",
         "_pointer_start",
@@ -334,6 +377,7 @@ class FlatReader(StructReader):
         "_made",
     )
     _segment: memoryview
+    _segments: Sequence[Segment]
     _data_start: int
     _data_bytes: int
     _pointer_start: int
@@ -344,10 +388,13 @@ class FlatReader(StructReader):
     _texts: frozenset[str] = frozenset()  # (the subclass's Text fields)
 
     @classmethod
-    def _of(cls, segment: memoryview, general: Callable[[], StructReader]) -> StructReader:
-        """A reader of the struct ``segment``'s root points to: a FlatReader if that is a
-        plain struct pointer into the segment (or null: every field its default), else
-        ``general()``, which also raises what is wrong with it, as any reading would."""
+    def _of(cls, segments: Sequence[Segment], general: Callable[[], StructReader]) -> StructReader:
+        """A reader of the struct the root pointer of ``segments`` (a message) points to: a
+        FlatReader if that is a plain struct pointer into the first segment (or null: every
+        field its default), else ``general()``, which also raises what is wrong with it, as
+        any reading would. Values in other segments are read through double-far pointers
+        only (segments.py), as the vat's tree check has seen them."""
+        segment = memoryview(segments[0])
         word = _WORD_STRUCT.unpack_from(segment, 0)[0] if len(segment) >= _WORD else 0
         offset = (word >> 2) & 0x3FFFFFFF
         data_words, pointer_words = (word >> 32) & 0xFFFF, word >> 48
@@ -356,7 +403,7 @@ class FlatReader(StructReader):
         if word and (word & 3 or offset & 0x20000000 or end > len(segment)):
             return general()
         view = cls.__new__(cls)
-        view._segment, view._general, view._made = segment, general, False
+        view._segment, view._segments, view._general, view._made = segment, segments, general, False
         view._data_start, view._data_bytes = start, data_words * _WORD
         view._pointer_start, view._pointer_count = start + data_words * _WORD, pointer_words
         return view
@@ -391,8 +438,8 @@ class FlatReader(StructReader):
         where = None if span is None else span(self)
         if where is None or where is NOT_HERE:  # (null, or not read here: StructReader's)
             return StructReader.view(self, name)
-        start, count = where
-        view = self._segment[start : start + count].toreadonly()
+        segment, start, count = where
+        view = segment[start : start + count].toreadonly()
         if name in self._texts:
             try:
                 codecs.utf_8_decode(view, "strict", True)  # (Text is UTF-8, as str reads it)

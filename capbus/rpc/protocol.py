@@ -9,6 +9,7 @@ node.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,8 +17,8 @@ from typing import Any
 import capnp
 
 from .._wire import PAYLOAD_MAX
-from ..peer import sealed_payload
-from . import capwire, header
+from ..memfd import sealed_copy
+from . import capwire, header, segments
 from .capwire import CapWireError, Segment, traversal_budget
 from .envelope import rpc
 from .errors import BY_KIND, Failed, RpcError
@@ -68,6 +69,14 @@ class Encoded:
     failure: RpcError | None = None
     """For a Return of an exception, that exception: what the vat keeps for calls pipelined
     on it, without reading its own return back (decode would check it as hostile input)."""
+    attached: list[memoryview] = field(default_factory=list)
+    """Data values that travel as segments of their own (segments.py): their memfds are the
+    last of ``fds``, and the views keep them open until the message is sent."""
+
+    @property
+    def field_fds(self) -> list[int]:
+        """The fds the message's Fd fields index (``fds`` without the attached segments')."""
+        return self.fds[: len(self.fds) - len(self.attached)] if self.attached else self.fds
 
 
 def _encoded(view: StructBuilder) -> Encoded:
@@ -87,15 +96,7 @@ def _payload(parts: Sequence[Segment], size: int = -1) -> bytes | memoryview:
         size = sum(part.nbytes if isinstance(part, memoryview) else len(part) for part in parts)
     if size <= PAYLOAD_MAX:
         return b"".join(parts)
-    views = [memoryview(part).cast("B") for part in parts]
-
-    def fill(target: memoryview) -> None:
-        offset = 0
-        for view in views:
-            target[offset : offset + view.nbytes] = view
-            offset += view.nbytes
-
-    return sealed_payload(size, fill)
+    return sealed_copy(parts, size)
 
 
 def _split(
@@ -106,9 +107,12 @@ def _split(
     way then). A flat body (flat.py) is written without pycapnp."""
     codec = flat_codec(schema)
     if codec is not None:
-        parts = codec.parts(values)
+        attached: list[memoryview] = []
+        parts = codec.parts(values, attached)
         if parts is not None:
             body_bytes = sum(len(part) for part in parts)
+            if attached:
+                return _with_attached(head, parts, body_bytes, attached, table)
             table_bytes = header.TWO_SEGMENTS.pack(1, len(head) // 8, body_bytes // 8)
             size = len(table_bytes) + len(head) + body_bytes
             return Encoded(_payload([table_bytes, head, *parts], size), table.values, table.fds)
@@ -124,6 +128,28 @@ def _split(
     size = len(memoryview(segment).cast("B")) // 8
     table_bytes = header.TWO_SEGMENTS.pack(1, len(head) // 8, size)
     return Encoded(_payload([table_bytes, head, segment]), caps, table.fds)
+
+
+def _with_attached(
+    head: bytes,
+    parts: list[bytes | memoryview],
+    body_bytes: int,
+    attached: list[memoryview],
+    table: CapTableBuilder,
+) -> Encoded:
+    """The fast shape with Data values in segments of their own (segments.py): the payload
+    holds the header, the body and the pads; the values' memfds follow the Fd fields' fds."""
+    pads = segments.landing_pads(attached)
+    words = [len(head) // 8, body_bytes // 8, len(pads) // 8, *map(segments.segment_words, attached)]
+    table_bytes = struct.pack(f"<{len(words) + 1}I", len(words) - 1, *words)
+    table_bytes += b"\0" * (len(table_bytes) % 8)
+    memfds = []
+    for view in attached:
+        memfd = segments.attachable(view)
+        assert memfd is not None  # (the codec attached only these)
+        memfds.append(memfd)
+    payload = _payload([table_bytes, head, *parts, pads])
+    return Encoded(payload, table.values, [*table.fds, *memfds], attached=attached)
 
 
 _DEFAULT_FIRST_SEGMENT_WORDS = 1024  # (libcapnp's SUGGESTED_FIRST_SEGMENT_WORDS)
@@ -261,9 +287,8 @@ class Body:
         if self._parent is not None:
             return self._parent.any_struct(self._field, schema)
         codec = flat_codec(schema)
-        if codec is not None and codec.reader_class is not None and len(self._segments) == 1:
-            segment = memoryview(self._segments[0])
-            return codec.reader_class._of(segment, lambda: self._general(schema))
+        if codec is not None and codec.reader_class is not None:
+            return codec.reader_class._of(self._segments, lambda: self._general(schema))
         return self._general(schema)
 
     def _general(self, schema: Any) -> StructReader:
@@ -314,11 +339,15 @@ def decode(
     caps: Sequence[object],
     resolve: Callable[[object, FieldLayout], object] | None = None,
     fds: Sequence[object] = (),
+    attached: Sequence[memoryview] = (),
 ) -> Received | None:
     """A received envelope; None for a kind this version does not know. Its capability
     pointers resolve to ``caps`` when read (a pointer past them raises CapWireError then);
     ``resolve`` as in CapTableReader; ``fds`` the message's file descriptors for its Fd
-    fields. The shape header.py writes is read by hand; anything else through pycapnp."""
+    fields; ``attached`` the segments the payload does not hold (segments.take_attached).
+    The shape header.py writes is read by hand; anything else through pycapnp."""
+    if attached:
+        return _decode_attached(payload, caps, resolve, fds, attached)
     # A tree within its size, before any reader looks: readers then follow each pointer at
     # most once per read, so a small message cannot make a handler walk a huge tree. The
     # check must see what the reader will: the fast shape's body is read alone (a far
@@ -327,23 +356,61 @@ def decode(
     framed = header.read_framed(payload)
     if framed is not None:  # a single-segment body: its pointers need no renumbering
         fast, body = framed
-        body_segments = [body]
         capwire.check_segment(body)
-        table = CapTableReader.direct(body_segments, caps, resolve, fds)
-        if isinstance(fast, int):
-            return ReceivedReturn(fast, Body(body_segments, table))
-        reply = None if fast.reply_index is None else table.value(fast.reply_index, _REPLY_FIELD)
-        return ReceivedCall(
-            fast.question_id,
-            fast.interface_id,
-            fast.method_id,
-            fast.keep_results,
-            reply,
-            None,
-            Body(body_segments, table),
-        )
-    segments = capwire.unframe(payload)
+        return _fast(fast, [body], caps, resolve, fds)
     capwire.check_tree(payload)
+    return _decode_general(capwire.unframe(payload), caps, resolve, fds)
+
+
+def _fast(
+    fast: header.CallHeader | int,
+    body_segments: list[Segment],
+    caps: Sequence[object],
+    resolve: Callable[[object, FieldLayout], object] | None,
+    fds: Sequence[object],
+) -> ReceivedCall | ReceivedReturn:
+    table = CapTableReader.direct(body_segments, caps, resolve, fds)
+    if isinstance(fast, int):
+        return ReceivedReturn(fast, Body(body_segments, table))
+    reply = None if fast.reply_index is None else table.value(fast.reply_index, _REPLY_FIELD)
+    return ReceivedCall(
+        fast.question_id,
+        fast.interface_id,
+        fast.method_id,
+        fast.keep_results,
+        reply,
+        None,
+        Body(body_segments, table),
+    )
+
+
+def _decode_attached(
+    payload: Segment,
+    caps: Sequence[object],
+    resolve: Callable[[object, FieldLayout], object] | None,
+    fds: Sequence[object],
+    attached: Sequence[memoryview],
+) -> Received | None:
+    """decode() of a message with attached segments: the fast shape's body read alone as
+    segments.py lays it out, anything else the general way; the check sees each as its
+    reader will."""
+    inline = capwire.unframe(payload, partial=True)[: -len(attached)]  # (then cuts, empty)
+    whole: list[Segment] = [*inline, *attached]
+    fast = header.read(whole)
+    if fast is not None:
+        body_segments = segments.body_alone(whole)
+        capwire.check_segments(body_segments)
+        return _fast(fast, body_segments, caps, resolve, fds)
+    capwire.check_segments(whole)
+    return _decode_general(whole, caps, resolve, fds)
+
+
+def _decode_general(
+    segments: Sequence[Segment],
+    caps: Sequence[object],
+    resolve: Callable[[object, FieldLayout], object] | None,
+    fds: Sequence[object],
+) -> Received | None:
     table = CapTableReader.direct(segments, caps, resolve, fds)
     envelope = StructReader(
         rpc.Envelope.from_segments(table.segments, traversal_budget(table.segments)), ENVELOPE, table
@@ -393,13 +460,13 @@ _CALL_REPLY_SLOT = _CALL.fields["replyTo"].slot
 _CALL_DISCRIMINANT = ENVELOPE.fields["call"].discriminant
 
 
-def call_identity(payload: Segment, partial: bool = False) -> tuple[int, int | None] | None:
+def call_identity(payload: Segment) -> tuple[int, int | None] | None:
     """(question id, index of the reply capability or None) of a call whose envelope is
-    otherwise unreadable (its params malformed, say, or ``partial``: only its start is
-    here), read straight from the segments so that the caller can still be told why; None
-    if even that cannot be read."""
+    otherwise unreadable (its params malformed, say, or only its start here: segments it
+    names but does not hold are read as empty), read straight from the segments so that the
+    caller can still be told why; None if even that cannot be read."""
     try:
-        segments = capwire.unframe(payload, partial=partial)
+        segments = capwire.unframe(payload, partial=True)
         offset = ENVELOPE.discriminant_offset  # in 16-bit units
         root = capwire.read_struct_word(segments, (), offset // 4)
         discriminant = None if root is None else (root >> (16 * (offset % 4))) & 0xFFFF
@@ -419,12 +486,12 @@ _RESULTS = layout_of(rpc.Return.schema).fields["results"].slot
 _RETURN_DISCRIMINANT = ENVELOPE.fields["return"].discriminant
 
 
-def return_identity(payload: Segment, partial: bool = False) -> int | None:
-    """The question id of a return whose envelope is otherwise unreadable (or ``partial``),
-    read straight from the segments so that its caller can be told; None if even that
+def return_identity(payload: Segment) -> int | None:
+    """The question id of a return whose envelope is otherwise unreadable (read as
+    :func:`call_identity` reads a call), so that its caller can be told; None if even that
     cannot be read."""
     try:
-        segments = capwire.unframe(payload, partial=partial)
+        segments = capwire.unframe(payload, partial=True)
         offset = ENVELOPE.discriminant_offset
         root = capwire.read_struct_word(segments, (), offset // 4)
         discriminant = None if root is None else (root >> (16 * (offset % 4))) & 0xFFFF

@@ -524,9 +524,9 @@ class Vat:
         promise.base = base  # keeps the call it is pipelined on open while it is wanted
         try:
             call = encode_call(question_id, method, params, keep_results=True, pipeline=pipeline)
-            named = call.fds  # the numbers the params name
+            named = call.field_fds  # the numbers the params name (then attached segments')
             if fds:
-                call.fds = [fds.get(fd, fd) for fd in named]
+                call.fds = [*(fds.get(fd, fd) for fd in named), *call.fds[len(named) :]]
             if base is not None:
                 # Kept in case it is redirected and must be sent again (registered before
                 # the send: the redirect may come in the same read as the send's answer):
@@ -534,7 +534,7 @@ class Vat:
                 # caller may close its own once this returns: the numbers then name others).
                 resend = _Resend(weakref.ref(promise), transform, method, params, {})
                 self._resends[question_id] = resend
-                for number, real in zip(named, call.fds, strict=True):
+                for number, real in zip(named, call.fds[: len(named)], strict=True):
                     resend.fds[number] = os.dup(real)
             await self._send(client.handle, call, oneway=False)
         except BaseException:
@@ -691,9 +691,9 @@ class Vat:
     ) -> StructReader:
         await trio.lowlevel.checkpoint()
         call = encode_call(0, method, params, oneway=True)
-        numbers = [fds.get(fd, fd) for fd in call.fds] if fds else call.fds
+        numbers = [fds.get(fd, fd) for fd in call.field_fds] if fds else call.field_fds
         caps = self.engine.loopback(call.caps)
-        received = decode(call.payload, caps, self.engine.typed, duplicates(numbers))
+        received = decode(call.payload, caps, self.engine.typed, duplicates(numbers), call.attached)
         assert isinstance(received, ReceivedCall)
         kwargs = as_kwargs(received.params(method.params), method.params_layout)
         try:
@@ -704,7 +704,9 @@ class Vat:
             raise Failed(f"{type(error).__name__}: {error}") from error
         encoded = encode_results(0, method, results)
         loopback = self.engine.loopback(encoded.caps)
-        returned = decode(encoded.payload, loopback, self.engine.typed, duplicates(encoded.fds))
+        returned = decode(
+            encoded.payload, loopback, self.engine.typed, duplicates(encoded.field_fds), encoded.attached
+        )
         assert isinstance(returned, ReceivedReturn) and returned.body is not None
         return returned.body.struct(method.results)
 

@@ -580,7 +580,7 @@ async def test_a_payload_built_in_a_memfd_is_sent_without_a_copy(new_peer: PeerF
     """sealed_payload writes a payload straight into a sealed memfd; sending it (twice here)
     passes that same memfd: the receiver maps the same file (same inode in /proc/self/maps),
     where bytes are copied into a new memfd at each send."""
-    from capbus.peer import SealedMapping, sealed_payload
+    from capbus.memfd import SealedMapping, sealed_payload
 
     sender, receiver = await new_peer(), await new_peer()
     target = await receiver.transfer(await receiver.create_node(), sender)

@@ -394,7 +394,7 @@ async def test_queued_memfd_calls_do_not_crash_a_memory_bound_server(
     says its size), and make a failed map a dropped message (its sender told), never a
     broken peer."""
     from capbus import _wire
-    from capbus.peer import _sealed_memfd
+    from capbus.memfd import _sealed_memfd
     from capbus.rpc import protocol
 
     methods = schema.Factory.interface.methods

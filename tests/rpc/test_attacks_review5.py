@@ -16,7 +16,7 @@ from typing import Any
 import trio
 
 import capbus
-from capbus.peer import SealedMapping
+from capbus.memfd import SealedMapping
 from capbus.rpc import protocol
 from capbus.rpc.vat import open_vat
 

@@ -17,7 +17,7 @@ from typing import Any
 import trio
 
 import capbus
-from capbus.peer import SealedMapping, sealed_payload
+from capbus.memfd import SealedMapping, sealed_payload
 from capbus.rpc import protocol
 from capbus.rpc.errors import Disconnected as RpcDisconnected
 from capbus.rpc.errors import RpcError

@@ -19,7 +19,7 @@ import trio
 
 import capbus
 from capbus import _wire
-from capbus.peer import SealedMapping
+from capbus.memfd import SealedMapping
 from capbus.rpc import protocol
 from capbus.rpc.vat import open_vat
 

@@ -101,6 +101,45 @@ def test_the_segment_check_agrees_with_the_python_walk_on_one_segment() -> None:
     assert not disagreements, disagreements[:3]
 
 
+def test_the_segments_check_agrees_with_the_python_walk_on_attached_shapes() -> None:
+    """check_segments (a message given as separate segments, as a body with attached
+    segments is read: segments.body_alone) against the Python walk, on mutations of a call
+    whose Data value reaches a segment of its own through a double-far pointer; the empty
+    stand-in segment, and segments that do not start on a word, included."""
+    from capbus.memfd import sealed_payload
+    from capbus.rpc import segments as attached_segments
+
+    size = attached_segments.ATTACHED_MIN
+    value = sealed_payload(size, lambda view: view.__setitem__(slice(None), bytes(size)))
+    from .test_attached_segments import SIZE_METHOD  # (a flat struct with a Data param)
+
+    encoded = protocol.encode_call(1, SIZE_METHOD, {"data": value, "note": "n"})
+    inline = capwire.unframe(encoded.payload, partial=True)[:-1]
+    body = attached_segments.body_alone([*inline, bytes(size)])
+    rng = random.Random(11)
+    disagreements = []
+    for trial in range(5000):
+        parts = [bytes(part) for part in body]
+        which = rng.choice([0, 2])
+        parts[which] = mutated(rng, parts[which])
+        if trial % 2:
+            parts = [memoryview(b"\0" + part)[1:] for part in parts]  # (unaligned starts)
+        try:
+            capwire.scan_caps(parts)
+            python = None
+        except CapWireError as error:
+            python = str(error)
+        try:
+            capwire.check_segments(parts)
+            c = None
+        except CapWireError as error:
+            c = str(error)
+        if (python is None) != (c is None):
+            disagreements.append((python, c))
+    assert not disagreements, disagreements[:3]
+    capwire.check_segments(body)  # (the unmutated shape is a valid tree)
+
+
 def test_shared_lists_are_refused() -> None:
     """F6: a struct with 64 pointers to one 4096-word list: 2.4 KB that reads as 2 MiB."""
     n = 64

@@ -62,7 +62,7 @@ async def test_a_call_this_process_cannot_map_is_answered_overloaded(
 def test_a_large_call_is_built_in_the_memfd_it_travels_in() -> None:
     """A call over the inline payload limit is written straight into a sealed memfd (one
     copy of its Data, not a join and then a write), and reads back the same."""
-    from capbus.peer import SealedMapping
+    from capbus.memfd import SealedMapping
     from capbus.rpc import protocol
 
     data = memoryview(bytes(range(256)) * 4096)  # 1 MiB

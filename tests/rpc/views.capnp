@@ -10,4 +10,6 @@ interface Blobs {
   back @1 (data :Data) -> (data :Data);
   nested @2 (inner :Nested, pick :UInt8) -> (size :UInt64, isView :Bool);
   # A param that is not flat: read through pycapnp (its view is of a copy).
+  make @3 (size :UInt64, seed :UInt8) -> (data :Data);
+  # Results that the server builds in a sealed memfd (test_attached_segments.py).
 }
