@@ -45,6 +45,7 @@ if TYPE_CHECKING:
     from .bootstrapping import Bootstrap, bootstrap
     from .kernel import Kernel, KernelStatistics, Limits, open_kernel
     from .rpc.interface import load
+    from .rpc.schemacheck import SchemaError
     from .sandbox import Sandbox, SandboxError
     from .spawning import Child, ChildError, spawn
 
@@ -54,6 +55,7 @@ _LAZY = {
     "Limits": "kernel",
     "open_kernel": "kernel",
     "load": "rpc.interface",
+    "SchemaError": "rpc.schemacheck",
     "spawn": "spawning",
     "Child": "spawning",
     "ChildError": "spawning",
@@ -112,6 +114,7 @@ __all__ = [
     "QuotaExceeded",
     "Sandbox",
     "SandboxError",
+    "SchemaError",
     "UnknownCommand",
     "bootstrap",
     "connect",

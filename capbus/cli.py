@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import signal
 import sys
@@ -56,9 +57,13 @@ def main(argv: list[str] | None = None) -> int:
     kernel.add_argument(
         "--mode", default="600", help="file mode of the socket, in octal: who may connect (default 600)"
     )
-    compile_ = commands.add_parser("compile", help="generate a typed Python module from a .capnp schema")
-    compile_.add_argument("schema", help="the .capnp file")
-    compile_.add_argument("-o", "--output", help="the module to write (default: <schema>_capnp.py beside it)")
+    compile_ = commands.add_parser("compile", help="generate typed Python modules from .capnp schemas")
+    compile_.add_argument("schemas", nargs="+", metavar="schema", help="a .capnp file")
+    compile_.add_argument(
+        "-o",
+        "--output",
+        help="the module to write, or a directory to write each into (default: <schema>_capnp.py beside it)",
+    )
     compile_.add_argument(
         "-I", "--import-path", action="append", default=[], help="a directory to import from"
     )
@@ -75,11 +80,29 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "kernel":
         return _run_kernel(args)
     if args.command == "compile":
-        from .compiler import generate_file
-
-        print(generate_file(args.schema, args.output, args.import_path))
-        return 0
+        return _compile(args.schemas, args.output, args.import_path)
     return 2
+
+
+def _compile(schemas: list[str], output: str | None, imports: list[str]) -> int:
+    """``capbus compile``: each module's path on stdout; a schema error (the compiler's
+    message: path, line, column) or a missing file on stderr, and exit status 1."""
+    from .compiler import generate_file
+    from .rpc.schemacheck import SchemaError
+
+    if len(schemas) > 1 and output is not None and not os.path.isdir(output):
+        print(f"capbus compile: -o {output}: with several schemas, -o must be a directory", file=sys.stderr)
+        return 1
+    for schema in schemas:
+        try:
+            print(generate_file(schema, output, imports))
+        except SchemaError as error:
+            print(error, file=sys.stderr)
+            return 1
+        except OSError as error:
+            print(f"capbus compile: {error.filename or schema}: {error.strerror}", file=sys.stderr)
+            return 1
+    return 0
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ time. Output is deterministic: the same schema gives the same bytes.
 
 from __future__ import annotations
 
-import keyword
 import os
 import textwrap
 from collections.abc import Iterable
@@ -20,14 +19,11 @@ from typing import Any
 import capnp
 
 from ..rpc.envelope import FD_STRUCT_ID, import_path
+from ..rpc.naming import python_name
+from ..rpc.schemacheck import check
 
 STREAM_RESULT_ID = 0x995F9A3377C0B16E
-_RESERVED = {"interface", "vat", "handle", "server", "pipeline", "bound", "aclose", "send"}
 _INTS = {"int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64"}
-
-
-def _py_name(name: str) -> str:
-    return name + "_" if keyword.iskeyword(name) or name in _RESERVED else name
 
 
 def _camel(name: str) -> str:
@@ -279,14 +275,14 @@ class _Generator:
             self.emit(f"def which(self) -> Literal[{literal}]:", indent + 1)
             self.emit(f'return cast("Literal[{literal}]", self._view.which())', indent + 2)
         for raw, parsed in zip(node.struct.fields, struct.fields_list, strict=True):
-            attr = _py_name(raw.name)
+            attr = python_name(raw.name)
             self.emit("", indent)
             self.emit("@property", indent + 1)
             if raw.which() == "group":
                 group_name = f"{name}_{_camel(raw.name)}"
                 self.names.setdefault(parsed.schema.node.id, group_name)
                 self.emit(f"def {attr}(self) -> {group_name}:", indent + 1)
-                self.emit(f"return {group_name}(getattr(self._view, {raw.name!r}))", indent + 2)
+                self.emit(f"return {group_name}(getattr(self._view, {attr!r}))", indent + 2)
                 continue
             t = raw.slot.type
             annotation = self.read_type(t, parsed)
@@ -301,7 +297,7 @@ class _Generator:
                 self._struct_class(self.names[parsed.schema.node.id], parsed.schema, indent)
 
     def _read_expression(self, t: Any, parsed: Any, field: str) -> str:
-        value = f"getattr(self._view, {field!r})"
+        value = f"getattr(self._view, {python_name(field)!r})"  # (the view reads either spelling)
         kind = t.which()
         if kind == "struct" and t.struct.typeId != FD_STRUCT_ID and t.struct.typeId in self.names:
             return f"{self.names[t.struct.typeId]}({value})"
@@ -349,11 +345,11 @@ class _Generator:
         out = []
         for raw, parsed in zip(param_type.node.struct.fields, param_type.fields_list, strict=True):
             if raw.which() == "group":
-                out.append((raw.name, _py_name(raw.name), "Mapping[str, Any]" if write else "Any"))
+                out.append((raw.name, python_name(raw.name), "Mapping[str, Any]" if write else "Any"))
                 continue
             t = raw.slot.type
             typ = self.write_type(t, parsed) if write else self.read_type(t, parsed)
-            out.append((raw.name, _py_name(raw.name), typ))
+            out.append((raw.name, python_name(raw.name), typ))
         return out
 
     def _client_method(self, owner: str, name: str, parsed: Any) -> None:
@@ -362,7 +358,7 @@ class _Generator:
         method_class = f"{owner}.{_camel(name)}Method"
         self.emit("")
         self.emit("@property", 1)
-        self.emit(f"def {_py_name(name)}(self) -> {method_class}:", 1)
+        self.emit(f"def {python_name(name)}(self) -> {method_class}:", 1)
         self.emit(f"return {method_class}(self, {name!r})", 2)
 
     def _method_classes(self, owner: str, name: str, parsed: Any) -> None:
@@ -404,7 +400,7 @@ class _Generator:
             typ = self.read_type(raw.slot.type, field)
             self.emit("", 1)
             self.emit("@property", 2)
-            self.emit(f"def {_py_name(raw.name)}(self) -> {typ}:", 2)
+            self.emit(f"def {python_name(raw.name)}(self) -> {typ}:", 2)
             self.emit(f'return cast("{typ}", self._pipelined({raw.name!r}))', 3)
 
     def _server_method(self, owner: str, name: str, parsed: Any) -> None:
@@ -423,7 +419,7 @@ class _Generator:
         # Override it with ``async def`` (a task per call) or plain ``def`` (run inline):
         # both fit this signature.
         self.emit("", 1)
-        self.emit(f"def {_py_name(name)}(self{star}{signature}) -> Awaitable[{returns}] | {returns}:", 2)
+        self.emit(f"def {python_name(name)}(self{star}{signature}) -> Awaitable[{returns}] | {returns}:", 2)
         self.emit(f'raise _errors.Unimplemented("{owner}.{name} is not implemented by this server")', 3)
 
     def _wrappers(self) -> None:
@@ -455,7 +451,9 @@ def generate(schema_path: str | os.PathLike[str], imports: Iterable[str] = ()) -
     """The typed module's source for a .capnp file."""
     capnp.remove_import_hook()
     path = os.fspath(schema_path)
-    module = capnp.load(path, imports=[*imports, *import_path()])
+    directories = [*imports, *import_path()]
+    check(path, directories)  # (a SchemaError here, rather than pycapnp aborting the process)
+    module = capnp.load(path, imports=directories)
     generator = _Generator(module, os.path.basename(path))
     generator.collect()
     return generator.render()
@@ -466,12 +464,14 @@ def generate_file(
     output: str | os.PathLike[str] | None = None,
     imports: Iterable[str] = (),
 ) -> str:
-    """Writes the module (default: ``<schema stem>_capnp.py`` next to the schema); returns
-    its path."""
+    """Writes the module (default: ``<schema stem>_capnp.py`` next to the schema; into
+    ``output`` under that name if it is a directory); returns its path."""
     source = generate(schema_path, imports)
+    stem = os.path.splitext(os.path.basename(os.fspath(schema_path)))[0].replace("-", "_")
     if output is None:
-        stem = os.path.splitext(os.path.basename(os.fspath(schema_path)))[0].replace("-", "_")
         output = os.path.join(os.path.dirname(os.fspath(schema_path)), f"{stem}_capnp.py")
+    elif os.path.isdir(output):
+        output = os.path.join(output, f"{stem}_capnp.py")
     with open(output, "w") as out:
         out.write(source)
     return os.fspath(output)

@@ -33,10 +33,12 @@ class BoundMethod:
         if len(args) > len(names):
             raise TypeError(f"{self.method.name}() takes {len(names)} arguments, {len(args)} given")
         params = dict(zip(names, args, strict=False))
-        for name in kwargs:
+        spelled = self.method.python_params
+        for name, value in kwargs.items():
+            name = spelled.get(name, name)  # (a Python spelling: naming.py)
             if name in params:
                 raise TypeError(f"{self.method.name}() got {name!r} twice")
-        params.update(kwargs)
+            params[name] = value
         return params
 
     async def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -77,6 +79,12 @@ class Client:
 
     def __getattr__(self, name: str) -> BoundMethod:
         method = self.interface.methods.get(name)
+        if method is not None and method.python_name != name:
+            method = None  # (a schema name Python spells otherwise: naming.py)
+        elif method is None and name.endswith("_"):
+            method = self.interface.methods.get(name[:-1])
+            if method is not None and method.python_name != name:
+                method = None
         if method is None:
             hint = ""
             if name.startswith("__"):

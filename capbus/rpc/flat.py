@@ -31,6 +31,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final
 
 from .capwire import Segment
+from .naming import renamed
 from .segments import attachable, double_far
 from .structs import StructReader
 
@@ -459,6 +460,7 @@ def _reader_class(
     that reaching ``__getattr__`` costs. A field named like an attribute of the reader
     itself (``which``, ``pycapnp``) is shadowed by it, as on any StructReader."""
     fields = {n: _field_property(n, r) for n, r in readers.items() if not hasattr(FlatReader, n)}
+    fields.update({spelled: _field_property(n, readers[n]) for spelled, n in renamed(readers).items()})
     texts = frozenset(name for name, (_, text) in spans.items() if text)
     namespace = {
         "__slots__": (),

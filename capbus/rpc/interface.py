@@ -16,6 +16,7 @@ from typing import Any
 import capnp
 
 from .layout import StructLayout, layout_of
+from .naming import python_name, renamed
 
 STREAM_RESULT_ID = 0x995F9A3377C0B16E  # stream.capnp StreamResult: the results of `-> stream`
 
@@ -32,6 +33,12 @@ class Method:
     param_names: tuple[str, ...]
     result_names: tuple[str, ...]
     streaming: bool
+    python_name: str = ""
+    """The method's name in Python (naming.py): a client's attribute, a server's method."""
+    python_params: dict[str, str] = field(default_factory=dict)
+    """Python spelling -> schema name of the params naming.py renames (usually none)."""
+    python_results: dict[str, str] = field(default_factory=dict)
+    """The same for the results."""
 
 
 @dataclass(eq=False)
@@ -73,9 +80,12 @@ def interface_of(schema: Any) -> Interface:
             results,
             layout_of(params),
             layout_of(results),
-            tuple(f.name for f in params.node.struct.fields),
-            tuple(f.name for f in results.node.struct.fields),
+            param_names := tuple(f.name for f in params.node.struct.fields),
+            result_names := tuple(f.name for f in results.node.struct.fields),
             results.node.id == STREAM_RESULT_ID,
+            python_name(raw.name),
+            renamed(param_names),
+            renamed(result_names),
         )
         interface.methods[raw.name] = method
         interface.by_key[(node.id, ordinal)] = method
@@ -107,8 +117,14 @@ class SchemaModule:
 
 def load(path: str | os.PathLike[str], imports: list[str] | None = None) -> SchemaModule:
     """Loads a ``.capnp`` file for use without generated stubs: ``mod.Foo.Client`` and
-    ``mod.Foo.Server`` for each interface, the other types as pycapnp gives them."""
+    ``mod.Foo.Server`` for each interface, the other types as pycapnp gives them. Raises
+    SchemaError (capbus.rpc.schemacheck) with the compiler's message for a schema it
+    refuses, FileNotFoundError for a missing file."""
     from .envelope import import_path
+    from .schemacheck import check, is_own_schema
 
+    directories = [*(imports or []), *import_path()]
+    if not is_own_schema(path):  # (capbus's own are known good, and loaded in sandboxed children)
+        check(path, directories)  # (a SchemaError here, rather than pycapnp aborting the process)
     capnp.remove_import_hook()
-    return SchemaModule(capnp.load(os.fspath(path), imports=[*(imports or []), *import_path()]))
+    return SchemaModule(capnp.load(os.fspath(path), imports=directories))

@@ -14,6 +14,7 @@ from enum import Enum
 from typing import Any
 
 from .envelope import FD_STRUCT_ID
+from .naming import renamed
 
 NOT_IN_UNION = 0xFFFF
 
@@ -56,6 +57,8 @@ class StructLayout:
     may_hold_caps: bool = False
     may_hold_fds: bool = False
     """An Fd field somewhere in it (or an AnyPointer, which may be one)."""
+    python_names: dict[str, str] = field(default_factory=dict)
+    """Python spelling -> schema name of the fields naming.py renames (usually none)."""
 
 
 _layouts: dict[int, StructLayout] = {}
@@ -90,6 +93,7 @@ def layout_of(schema: Any) -> StructLayout:
             )
             continue
         layout.fields[raw.name] = _slot_field(raw, parsed, discriminant)
+    layout.python_names.update(renamed(layout.fields))
     _settle_caps()
     return layout
 

@@ -173,6 +173,9 @@ def fill(view: StructBuilder, layout: StructLayout, values: Mapping[str, Any]) -
     values, structs and groups as mappings, lists of structs as sequences of mappings."""
     for name, value in values.items():
         f = layout.fields.get(name)
+        if f is None and name in layout.python_names:  # (spelled as in Python: naming.py)
+            name = layout.python_names[name]
+            f = layout.fields[name]
         if f is None:
             raise TypeError(f"{layout.name} has no field {name!r}")
         if f.kind in (FieldKind.STRUCT, FieldKind.GROUP) and isinstance(value, Mapping):

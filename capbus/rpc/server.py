@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 
 from .errors import Unimplemented
 from .interface import Interface, Method
+from .naming import python_name
 
 _IS_ASYNC: dict[object, bool] = {}
 """Handler function -> whether it is ``async def`` (inspect's answer takes microseconds, on
@@ -66,9 +67,9 @@ class Server:
 
     def _handler(self, method: Method) -> Callable[..., Any]:
         """The bound method that implements ``method``; raises Unimplemented if none does."""
-        handler = getattr(self, method.name, None)
+        handler = getattr(self, method.python_name, None)
         if handler is None:
-            raise Unimplemented(f"{type(self).__name__} does not implement {method.name}")
+            raise Unimplemented(f"{type(self).__name__} does not implement {method.python_name}")
         return handler  # type: ignore[no-any-return]
 
     def _runs_inline(self, method: Method) -> bool:
@@ -78,7 +79,7 @@ class Server:
     def _inline_handler(self, method: Method) -> Callable[..., Any] | None:
         """``method``'s handler if it is a plain function, else None (one lookup, for the
         receive loop's fast path)."""
-        handler = getattr(self, method.name, None)
+        handler = getattr(self, method.python_name, None)
         if handler is None:
             return None
         is_async = _per_function(_IS_ASYNC, handler, inspect.iscoroutinefunction)
@@ -89,27 +90,30 @@ class Server:
         Data and Text params annotated ``memoryview``, or a union with it such as
         ``bytes | memoryview``, which generated stubs' ``bytes`` allows): no copy of a
         large payload. Such a view holds the call's message (a large one: its mapped memfd)
-        for as long as it is kept."""
-        handler = getattr(self, method.name, None)
+        for as long as it is kept. By schema name."""
+        handler = getattr(self, method.python_name, None)
         if handler is None:
             return frozenset()
 
         def views(function: Any) -> frozenset[str]:
             blobs = {name for name, f in method.params.fields.items() if _is_blob(f.proto)}
-            return frozenset(n for n in blobs if _wants_view(function, n))
+            return frozenset(n for n in blobs if _wants_view(function, python_name(n)))
 
         return _per_function(_VIEWS, handler, views)
 
     def _arguments(self, method: Method, params: dict[str, Any]) -> dict[str, Any]:
-        """The keyword arguments a handler gets for a call's params (generated servers wrap
-        struct params here)."""
-        return params
+        """The keyword arguments a handler gets for a call's params, by their Python names
+        (generated servers wrap struct params here too)."""
+        return python_kwargs(method, params)
 
     def _results(self, method: Method, result: Any) -> Mapping[str, Any]:
         """A handler's return value as the mapping of result fields."""
         if result is None:
             return {}
         if isinstance(result, Mapping):
+            spelled: dict[str, str] = method.python_results
+            if spelled:  # (keys may be spelled as in Python: naming.py)
+                return {spelled.get(str(k), str(k)): v for k, v in result.items()}
             return result
         if len(method.result_names) == 1:
             return {method.result_names[0]: result}
@@ -121,6 +125,13 @@ class Server:
         if inspect.isawaitable(result):
             result = await result
         return self._results(method, result)
+
+
+def python_kwargs(method: Method, params: dict[str, Any]) -> dict[str, Any]:
+    """Params by schema name as keyword arguments by Python name (naming.py)."""
+    if not method.python_params:
+        return params
+    return {python_name(k): v for k, v in params.items()}
 
 
 def server_class(interface: Interface) -> type[Server]:

@@ -19,7 +19,10 @@ from typing import Any
 from . import capwire
 from .capwire import CapWireError, Location, Path, Segment
 from .layout import FieldKind, FieldLayout, StructLayout, layout_of
+from .naming import RESERVED
 
+_SHADOWING = RESERVED
+"""Field names a pycapnp reader's attribute of its own may shadow (``which``...)."""
 _DATA_KINDS = (FieldKind.PLAIN, FieldKind.ANY_POINTER)
 
 
@@ -341,22 +344,30 @@ class StructReader:
             raise TypeError(f"{name} is not a Data or Text field")
         return memoryview(value).toreadonly()
 
+    def _raw(self, name: str) -> Any:
+        """pycapnp's value of field ``name`` (``_get`` for a field named like a reader's own
+        attribute, such as ``which``: still the field)."""
+        return self._reader._get(name) if name in _SHADOWING else getattr(self._reader, name)
+
     def __getattr__(self, name: str) -> Any:
         f = self._layout.fields.get(name)
         if f is None:
-            return getattr(self._reader, name)
+            schema_name = self._layout.python_names.get(name)
+            if schema_name is None:
+                return getattr(self._reader, name)
+            name, f = schema_name, self._layout.fields[schema_name]  # (as Python spells it: naming.py)
         if f.discriminant is not None and self._reader.which() != name:
             raise AttributeError(f"{name} is not the union member set (it is {self._reader.which()})")
         if f.kind in _DATA_KINDS:
-            return getattr(self._reader, name)
+            return self._raw(name)
         if f.kind is FieldKind.FD:
-            return self._table.fd(getattr(self._reader, name).index) if self._reader._has(name) else None
+            return self._table.fd(self._raw(name).index) if self._reader._has(name) else None
         if f.kind is FieldKind.CAPABILITY:
             return self._table.capability((*self._path, ("p", f.slot)), f)
         if f.kind is FieldKind.CAPABILITY_LIST:
             return self._table.capabilities((*self._path, ("p", f.slot)), f)
         assert f.nested is not None
-        value = getattr(self._reader, name)
+        value = self._raw(name)
         if f.kind is FieldKind.GROUP:
             return StructReader(value, f.nested, self._table, self._path)
         if f.kind is FieldKind.STRUCT:

@@ -19,6 +19,7 @@ from .client import BoundMethod, Client, Promise
 from .envelope import import_path
 from .interface import Interface, interface_of
 from .server import Server as _Server
+from .server import python_kwargs
 
 _node_module: Any = None
 
@@ -144,6 +145,8 @@ class TypedServer(_Server):
 
     def _arguments(self, method: Any, params: dict[str, Any]) -> dict[str, Any]:
         wrappers = self._param_wrappers.get(method.name)
-        if not wrappers:
-            return params
-        return {k: (wrappers[k](v) if k in wrappers and v is not None else v) for k, v in params.items()}
+        if wrappers:
+            params = {
+                k: (wrappers[k](v) if k in wrappers and v is not None else v) for k, v in params.items()
+            }
+        return python_kwargs(method, params)

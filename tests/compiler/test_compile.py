@@ -26,14 +26,14 @@ def compile_to(tmp_path: Path, name: str, directory: Path = SCHEMAS) -> Path:
 
 
 def test_output_is_deterministic(tmp_path: Path) -> None:
-    for name in ("calls", "files", "stream", "capwire_demo"):
+    for name in ("calls", "files", "stream", "capwire_demo", "naming"):
         first = compile_to(tmp_path, name).read_bytes()
         again = compile_to(tmp_path, name).read_bytes()
         assert first == again, name
 
 
 def test_generated_code_passes_mypy_strict(tmp_path: Path) -> None:
-    for name in ("calls", "files", "stream", "capwire_demo"):
+    for name in ("calls", "files", "stream", "capwire_demo", "naming"):
         compile_to(tmp_path, name)
     compile_to(tmp_path, "calculator", CALCULATOR)  # nested types
     (tmp_path / "nested.py").write_text(
