@@ -50,7 +50,7 @@ def ensure_venv(name: str, *, sanitize: bool = False) -> Path:
     # them too.
     compiled = ("kernel", "schemas", "capbus/rpc/capwire.c", "capbus/rpc/_build.py")
     trees = ("kernel", "capbus", "schemas") if sanitize else compiled
-    digest = _inputs_digest(f"sanitize={sanitize}", trees)
+    digest = _inputs_digest(f"sanitize={sanitize} editable_mode=compat", trees)
     if not stamp.exists() or stamp.read_text() != digest:
         print(f"== installing capbus into {name} (builds the C kernel)", flush=True)
         env = dict(os.environ)
@@ -58,7 +58,9 @@ def ensure_venv(name: str, *, sanitize: bool = False) -> Path:
             env["CAPBUS_SANITIZE"] = "1"
         # The normal venv is editable (edit Python, rerun); the sanitizer one is a real install,
         # so that its instrumented kernel never lands in the source tree.
-        target = [".[test]"] if sanitize else ["-e", ".[test]"]
+        # Editable in compat mode: a .pth naming the source tree, which mypy follows (the
+        # default mode's import hook hides capbus from mypy in a user's project).
+        target = [".[test]"] if sanitize else ["-e", ".[test]", "--config-settings", "editable_mode=compat"]
         subprocess.run(
             [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", *target],
             cwd=ROOT,

@@ -23,6 +23,7 @@ from ..rpc.naming import python_name
 from ..rpc.schemacheck import check
 
 STREAM_RESULT_ID = 0x995F9A3377C0B16E
+_NOT_IN_UNION = 0xFFFF
 _INTS = {"int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64"}
 
 
@@ -341,15 +342,19 @@ class _Generator:
             taken |= {f"{_camel(method.name)}{suffix}" for suffix in ("Method", "Promise", "Results")}
         self._nested_aliases(node.id, 1, taken)
 
-    def _params(self, param_type: Any, *, write: bool) -> list[tuple[str, str, str]]:
+    def _params(self, param_type: Any, *, write: bool) -> list[tuple[str, str, str, bool]]:
+        """(schema name, Python name, type, whether it is a union member) per param."""
         out = []
         for raw, parsed in zip(param_type.node.struct.fields, param_type.fields_list, strict=True):
+            in_union = raw.discriminantValue != _NOT_IN_UNION
             if raw.which() == "group":
-                out.append((raw.name, python_name(raw.name), "Mapping[str, Any]" if write else "Any"))
+                out.append(
+                    (raw.name, python_name(raw.name), "Mapping[str, Any]" if write else "Any", in_union)
+                )
                 continue
             t = raw.slot.type
             typ = self.write_type(t, parsed) if write else self.read_type(t, parsed)
-            out.append((raw.name, python_name(raw.name), typ))
+            out.append((raw.name, python_name(raw.name), typ, in_union))
         return out
 
     def _client_method(self, owner: str, name: str, parsed: Any) -> None:
@@ -366,9 +371,9 @@ class _Generator:
         streaming = parsed.result_type.node.id == STREAM_RESULT_ID
         camel = _camel(name)
         results = "None" if streaming else f"{owner}.{camel}Results"
-        signature = "".join(f", {py}: {typ} | None = None" for _, py, typ in params)
+        signature = "".join(f", {py}: {typ} | None = None" for _, py, typ, _ in params)
         star = ", *" if params else ""
-        mapping = "{" + ", ".join(f"{schema!r}: {py}" for schema, py, _ in params) + "}"
+        mapping = "{" + ", ".join(f"{schema!r}: {py}" for schema, py, _, _ in params) + "}"
         self.emit("")
         self.emit(f"class {camel}Method(_stubs.TypedMethod):", 1)
         self.emit(f'"""``{name}``: call it, ``send`` it (pipelining) or send it ``oneway``."""', 2)
@@ -411,10 +416,13 @@ class _Generator:
         elif len(results.node.struct.fields) == 1:
             raw, field_schema = results.node.struct.fields[0], results.fields_list[0]
             single = "Any" if raw.which() == "group" else self.write_type(raw.slot.type, field_schema)
-            returns = f"Mapping[str, Any] | {single}"
+            returns = (
+                "Mapping[str, Any]" if single == "Mapping[str, Any]" else f"Mapping[str, Any] | {single}"
+            )
         else:
             returns = "Mapping[str, Any]"
-        signature = "".join(f", {py}: {typ}" for _, py, typ in params)
+        # A union's members are passed only when set: the one set is, the others are not.
+        signature = "".join(f", {py}: {typ}{' | None = None' * union}" for _, py, typ, union in params)
         star = ", *" if params else ""
         # Override it with ``async def`` (a task per call) or plain ``def`` (run inline):
         # both fit this signature.

@@ -15,7 +15,7 @@ from typing import Any
 
 import capnp
 
-from .layout import StructLayout, layout_of
+from .layout import FieldKind, StructLayout, layout_of
 from .naming import python_name, renamed
 
 STREAM_RESULT_ID = 0x995F9A3377C0B16E  # stream.capnp StreamResult: the results of `-> stream`
@@ -39,6 +39,8 @@ class Method:
     """Python spelling -> schema name of the params naming.py renames (usually none)."""
     python_results: dict[str, str] = field(default_factory=dict)
     """The same for the results."""
+    single_struct: bool = False
+    """Exactly one result, a struct or a group: a handler may return its fields' mapping."""
 
 
 @dataclass(eq=False)
@@ -86,10 +88,16 @@ def interface_of(schema: Any) -> Interface:
             python_name(raw.name),
             renamed(param_names),
             renamed(result_names),
+            _single_struct(layout_of(results)),
         )
         interface.methods[raw.name] = method
         interface.by_key[(node.id, ordinal)] = method
     return interface
+
+
+def _single_struct(results: StructLayout) -> bool:
+    fields = list(results.fields.values())
+    return len(fields) == 1 and fields[0].kind in (FieldKind.STRUCT, FieldKind.GROUP)
 
 
 class SchemaModule:

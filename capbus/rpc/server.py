@@ -16,7 +16,7 @@ from __future__ import annotations
 import inspect
 import typing
 from collections.abc import Callable, Mapping
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from .errors import Unimplemented
 from .interface import Interface, Method
@@ -113,8 +113,12 @@ class Server:
         if isinstance(result, Mapping):
             spelled: dict[str, str] = method.python_results
             if spelled:  # (keys may be spelled as in Python: naming.py)
-                return {spelled.get(str(k), str(k)): v for k, v in result.items()}
-            return result
+                result = {spelled.get(str(k), str(k)): v for k, v in result.items()}
+            if method.single_struct and not all(k in method.results_layout.fields for k in result):
+                # The value of the one result, a struct given as a mapping of its fields: a
+                # mapping whose keys are all result names is the results themselves.
+                return {method.result_names[0]: result}
+            return cast("Mapping[str, Any]", result)
         if len(method.result_names) == 1:
             return {method.result_names[0]: result}
         raise TypeError(f"{method.name} must return a mapping of {', '.join(method.result_names)}")

@@ -5,9 +5,6 @@ the schema's names."""
 
 from __future__ import annotations
 
-import importlib.util
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +13,8 @@ import trio
 import capbus
 from capbus.rpc.naming import python_name
 from capbus.rpc.vat import open_vat
+
+from .generated import compile_and_import
 
 SCHEMA = Path(__file__).with_name("naming.capnp")
 TIMEOUT = 10
@@ -77,15 +76,7 @@ async def test_with_capbus_load(kernel: capbus.Kernel) -> None:
 
 
 async def test_with_a_generated_module(kernel: capbus.Kernel, tmp_path: Path) -> None:
-    output = tmp_path / "naming_capnp.py"
-    command = [sys.executable, "-m", "capbus", "compile", str(SCHEMA), "-o", str(output)]
-    result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=120)
-    assert result.returncode == 0, result.stderr
-    spec = importlib.util.spec_from_file_location("naming_capnp", output)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module, source = compile_and_import(SCHEMA, tmp_path)
     server = _server_class(module.Keywords.Server)()
     await _exercise(kernel, server, lambda vat, handle: vat.typed_client(handle, module.Keywords))
-    source = output.read_text()
     assert "def from_(self, *, class_: str, self_: int, pass_: bool)" in source  # (the server's)

@@ -1,0 +1,23 @@
+"""What tests of generated modules share: compiling a schema with ``capbus compile`` (a real
+process) and importing the module it wrote."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+
+def compile_and_import(schema: Path, tmp_path: Path) -> tuple[ModuleType, str]:
+    """The generated module of ``schema`` (written into ``tmp_path``), and its source."""
+    output = tmp_path / f"{schema.stem}_capnp.py"
+    command = [sys.executable, "-m", "capbus", "compile", str(schema), "-o", str(output)]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert result.returncode == 0, result.stderr
+    spec = importlib.util.spec_from_file_location(output.stem, output)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module, output.read_text()
