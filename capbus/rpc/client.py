@@ -11,6 +11,8 @@ import weakref
 from collections.abc import Generator
 from typing import TYPE_CHECKING, Any
 
+import trio
+
 from .errors import Failed
 from .interface import Interface, Method, interface_of
 from .layout import FieldKind, StructLayout
@@ -133,6 +135,7 @@ class Promise:
         """After a redirect (rpc.capnp's Return.redirect): set once the call was sent again
         to the capability itself (``_successor``), or that failed (``_done`` then says why)."""
         self._successor: Promise | None = None
+        self._canceled = False
         self._finalizer = weakref.finalize(self, vat._promise_gone, client, question_id)
         if done is None:
             self._finalizer.detach()  # (a local call's: nothing to tell anyone)
@@ -144,7 +147,24 @@ class Promise:
         promise._results = results
         return promise
 
+    def cancel(self) -> None:
+        """Gives the call up (its callee's handler is cancelled: rpc.capnp's Finish), unless
+        it has been answered; awaiting the promise then raises Failed. Also what a cancelled
+        ``await promise`` does, however long the promise object itself lives on."""
+        if self._finalizer.alive and not self._answered:
+            self._canceled = True
+            self._finalizer()
+
     async def _wait(self) -> Any:
+        try:
+            return await self._wait_for_results()
+        except trio.Cancelled:
+            self.cancel()
+            raise
+
+    async def _wait_for_results(self) -> Any:
+        if self._canceled:
+            raise Failed("the call was canceled by its caller (a cancelled await of its promise)")
         promise = self
         while promise._done is not None and promise._results is None:
             event, box = promise._done
@@ -207,11 +227,13 @@ class Promise:
         return self._wait().__await__()
 
     def __getattr__(self, name: str) -> Any:
-        return _pipeline_field(self, (), self.method.results_layout, name)
+        return pipeline_field(self, (), self.method.results_layout, name)
 
 
-def _pipeline_field(promise: Promise, transform: tuple[int, ...], layout: StructLayout, name: str) -> Any:
-    f = layout.fields.get(name)
+def pipeline_field(promise: Promise, transform: tuple[int, ...], layout: StructLayout, name: str) -> Any:
+    """What ``promise`` names at result field ``name`` (its schema or Python spelling) under
+    the pointer fields ``transform``: a pipelined client, or a promised struct."""
+    f = layout.fields.get(name) or layout.fields.get(layout.python_names.get(name, ""))
     if f is None:
         raise AttributeError(f"{layout.name} has no field {name!r}")
     if f.kind is FieldKind.STRUCT:
@@ -230,7 +252,7 @@ class _PipelinedStruct:
         self._promise, self._transform, self._layout = promise, transform, layout
 
     def __getattr__(self, name: str) -> Any:
-        return _pipeline_field(self._promise, self._transform, self._layout, name)
+        return pipeline_field(self._promise, self._transform, self._layout, name)
 
 
 def client_class(interface: Interface) -> type[Client]:

@@ -420,20 +420,21 @@ class Engine:
             return None
         return self._export_sends.get(node, 0)
 
-    def retire(self, node: int, holders: int, sends: int) -> bool:
+    def retire(self, node: int, holders: int, sends: int) -> Server | None:
         """After :class:`MayRetire` and a holder count asked for after :meth:`sends_of` gave
         ``sends``: forgets the export (the caller then destroys or reuses the node) if no one
-        holds it and no send of ours carried it since. A send since may have handed it out
-        after the kernel counted its holders; that holder's release (or that send's
-        failure) asks again."""
-        if holders or self._export_busy.get(node) or node not in self.exports:
-            return False
+        holds it and no send of ours carried it since, and returns its server (None if it
+        stays). A send since may have handed it out after the kernel counted its holders;
+        that holder's release (or that send's failure) asks again."""
+        server = self.exports.get(node)
+        if holders or self._export_busy.get(node) or server is None:
+            return None
         if self._export_sends.get(node, 0) != sends:
-            return False
+            return None
         self._forget_export(node)
         if node in self._export_for:
             self.unreserve(self._export_for.pop(node), 1)
-        return True
+        return server
 
     # -- imports and local clients ------------------------------------------------------------
 

@@ -14,13 +14,18 @@ blocks (nothing else of the vat runs meanwhile, and there is nothing to cancel).
 from __future__ import annotations
 
 import inspect
+import logging
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar, cast
 
-from .errors import Unimplemented
+from .errors import Failed, Unimplemented
 from .interface import Interface, Method
 from .naming import python_name
+
+log = logging.getLogger("capbus.rpc.server")
+"""Where a handler's unexpected exception is logged, with its traceback (its caller gets it
+as Failed, with only its type and message)."""
 
 _IS_ASYNC: dict[object, bool] = {}
 """Handler function -> whether it is ``async def`` (inspect's answer takes microseconds, on
@@ -64,6 +69,14 @@ class Server:
     """An object that can be exported: the vat gives it one node, reused while it is held."""
 
     interface: Interface
+
+    def on_released(self) -> Awaitable[None] | None:
+        """Called (``async def`` or plain) when no other peer holds this object's node any
+        more: the last client let go, or its peer is gone. A subscription can stop itself
+        here. Exported again later, it is called again at the next last release. Local
+        clients (``vat.local``) do not count; a closing vat does not call it. Does nothing
+        unless overridden; an exception is logged (``capbus.rpc.server``)."""
+        return None
 
     def _handler(self, method: Method) -> Callable[..., Any]:
         """The bound method that implements ``method``; raises Unimplemented if none does."""
@@ -129,6 +142,14 @@ class Server:
         if inspect.isawaitable(result):
             result = await result
         return self._results(method, result)
+
+
+def handler_failed(server: object, method: Method | None, error: Exception) -> Failed:
+    """What a caller gets for an exception its handler raised that is not an RpcError (a
+    bug, as far as the RPC layer can tell): logged here with its traceback first."""
+    name, kind = type(server).__name__, type(error).__name__
+    log.error("%s.%s raised %s", name, method.python_name if method else "?", kind, exc_info=error)
+    return Failed(f"{type(error).__name__}: {error}")
 
 
 def python_kwargs(method: Method, params: dict[str, Any]) -> dict[str, Any]:

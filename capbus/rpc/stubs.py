@@ -15,7 +15,7 @@ from typing import Any, Generic, TypeVar
 
 import capnp
 
-from .client import BoundMethod, Client, Promise
+from .client import BoundMethod, Client, Promise, pipeline_field
 from .envelope import import_path
 from .interface import Interface, interface_of
 from .server import Server as _Server
@@ -131,7 +131,8 @@ class TypedPromise(Generic[ResultsT]):
         return self._results().__await__()
 
     def _pipelined(self, name: str) -> Any:
-        return getattr(self.promise, name)
+        # (not getattr: a result named like a Promise attribute, cancel say, is still the result)
+        return pipeline_field(self.promise, (), self.promise.method.results_layout, name)
 
 
 def _wrap(wrapper: type[Struct] | None, value: Any) -> Any:

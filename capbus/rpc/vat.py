@@ -64,7 +64,7 @@ from .protocol import (
     malformed,
     params_of,
 )
-from .server import Server
+from .server import Server, handler_failed, log
 from .structs import StructReader
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -701,7 +701,7 @@ class Vat:
         except RpcError:
             raise
         except Exception as error:
-            raise Failed(f"{type(error).__name__}: {error}") from error
+            raise handler_failed(server, method, error) from error
         encoded = encode_results(0, method, results)
         loopback = self.engine.loopback(encoded.caps)
         returned = decode(
@@ -993,7 +993,7 @@ class Vat:
         except RpcError as error:
             encoded = encode_exception(question_id, error)
         except Exception as error:  # noqa: BLE001 - the caller gets it as Failed
-            encoded = encode_exception(question_id, Failed(f"{type(error).__name__}: {error}"))
+            encoded = encode_exception(question_id, handler_failed(server, method, error))
         finally:
             self._concurrency.release()
         reply = arrived.reply
@@ -1154,7 +1154,7 @@ class Vat:
             except RpcError as error:
                 encoded = encode_exception(question_id, error)
             except Exception as error:  # noqa: BLE001 - the caller gets it as Failed
-                encoded = encode_exception(question_id, Failed(f"{type(error).__name__}: {error}"))
+                encoded = encode_exception(question_id, handler_failed(arrived.server, method, error))
             finally:
                 if queued:
                     calls.dequeue(arrived.size, arrived.handles, arrived.fds)
@@ -1215,7 +1215,9 @@ class Vat:
             return  # a send carries it: its receiver's release, or its failure, asks again
         try:
             state = await self.peer.handle_state(node)
-            if self.engine.retire(node, state.holders, sends):
+            server = self.engine.retire(node, state.holders, sends)
+            if server is not None:
+                self._nursery.start_soon(_tell_released, server)
                 if len(self._spare_nodes) < SPARE_NODES:
                     # Held by no one else, and nothing can arrive for it any more (every
                     # send through a handle to it came before the last release did): as
@@ -1237,6 +1239,17 @@ class Vat:
                     pass  # already gone with its peer
             for node in self.engine.take_spare_replies():
                 await self._destroy_reply(node)
+
+
+async def _tell_released(server: Server) -> None:
+    """Runs a server's :meth:`Server.on_released` hook (its exception logged, not raised:
+    the vat goes on)."""
+    try:
+        result = server.on_released()
+        if inspect.isawaitable(result):
+            await result
+    except Exception:  # noqa: BLE001 - the server's own bug: logged, as a handler's
+        log.exception("%s.on_released raised", type(server).__name__)
 
 
 def _interface(interface: Any) -> Interface:
