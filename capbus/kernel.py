@@ -25,7 +25,7 @@ from .peer import Peer
 
 @dataclass(frozen=True, slots=True)
 class Limits:
-    """Quotas of a kernel (DESIGN.md 2.1 rule 11; defaults in uapi.h, docs/wire-format.md)."""
+    """Quotas of a kernel (docs/design.md 2.1 rule 11; defaults in uapi.h, docs/wire-format.md)."""
 
     peer_bytes: int = lib.CAPBUS_DEFAULT_PEER_BYTES
     peer_messages: int = lib.CAPBUS_DEFAULT_PEER_MESSAGES
@@ -163,7 +163,7 @@ class Kernel:
 
     async def grant_monitor(self, peer: Peer) -> None:
         """Gives ``peer`` the monitor capability: it then receives a MONITOR copy of every
-        send and destroy (DESIGN.md 2.1 rule 16). Only the kernel's owner can do this."""
+        send and destroy (docs/design.md 2.1 rule 16). Only the kernel's owner can do this."""
         key = await peer._peer_key()
         _check(lib.capbus_kernel_grant_monitor(self._kernel, key), "granting the monitor")
 

@@ -287,7 +287,7 @@ class Peer:
     Make one with ``await kernel.connect()`` (embedded kernel), ``await capbus.connect(path)``
     (daemon) or :meth:`Peer.from_socket` (a socket handed down by a parent). Use it as an
     async context manager, or call :meth:`aclose`: closing disconnects, which destroys the
-    peer's nodes and releases its handles (DESIGN.md 2.1, rule 10).
+    peer's nodes and releases its handles (docs/design.md 2.1, rule 10).
     """
 
     def __init__(self, sock: socket.socket) -> None:
@@ -667,7 +667,7 @@ class Peer:
     async def want_metadata(self, enabled: bool = True) -> None:
         """Asks the kernel to attach each sender's credentials (:attr:`Message.sender`) to the
         data messages this peer receives from now on. Off by default: metadata is the
-        receiver's to ask for (DESIGN.md 2.1 rules 9 and 14)."""
+        receiver's to ask for (docs/design.md 2.1 rules 9 and 14)."""
         flags = _wire.PEER_FLAG_WANT_METADATA if enabled else 0
         await self._call(_wire.CMD_PEER_SET_FLAGS, _wire.U64.pack(flags))
 
@@ -1025,6 +1025,17 @@ async def connect(path: str | os.PathLike[str]) -> Peer:
         # backlog is full fails with EAGAIN and leaves the socket unconnected but writable,
         # which an event loop takes for success (the first write then fails ENOTCONN).
         await trio.to_thread.run_sync(sock.connect, os.fspath(path))
+    except OSError as error:
+        sock.close()
+        # (socket errors name no path: say which, and what it usually means)
+        hint = {
+            errno.ENOENT: "no kernel listens there (start one: capbus kernel --listen PATH)",
+            errno.ECONNREFUSED: "nothing accepts there (a kernel that is gone left the file)",
+            errno.EACCES: "this user may not connect (the socket's file mode says who may)",
+        }.get(error.errno or 0, error.strerror or "")
+        raise type(error)(
+            error.errno, f"cannot connect to {os.fspath(path)}: {hint}", os.fspath(path)
+        ) from None
     except BaseException:
         sock.close()
         raise

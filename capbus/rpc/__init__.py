@@ -1,4 +1,4 @@
-"""capbus.rpc: Cap'n Proto-style RPC over the peer API (DESIGN.md section 3).
+"""capbus.rpc: Cap'n Proto-style RPC over the peer API (docs/design.md section 3).
 
 Built on :mod:`capbus` (the peer API); knows nothing of sockets or the kernel's frames.
 """

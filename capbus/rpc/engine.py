@@ -1,6 +1,6 @@
 """The RPC engine: one vat's bookkeeping, without IO (sans-IO, as h11 is for HTTP).
 
-The engine owns the tables of DESIGN.md section 3 and makes every decision about them; it
+The engine owns the tables of docs/design.md section 3 and makes every decision about them; it
 never touches a socket, a task or a clock. It is fed what arrives (:meth:`Engine.receive`
 takes a peer's :class:`~capbus.peer.Message`) and returns :class:`Event` records: returns
 for questions, calls to serve, finishes, objects gone, exports that may be retired, and
@@ -661,7 +661,9 @@ class Engine:
         if size > limit or partial:
             kind: type[RpcError] = Failed
             detail = f"a message of {size} bytes, over this vat's limit of {limit}"
-            reason = f"malformed message: {detail}"
+            reason = (
+                f"a message of {size} bytes is over the receiving vat's limit of {limit} (max_message_bytes)"
+            )
             if size <= limit:  # yet not read whole (Peer: why)
                 detail = reason = f"a message of {size} bytes was not read here: {message.unread}"
                 kind = Overloaded

@@ -426,6 +426,14 @@ class FlatReader(StructReader):
         self._pycapnp_view()
         return StructReader.which(self)
 
+    def to_dict(self) -> dict[str, Any]:
+        self._pycapnp_view()  # (its layout: not a hot path)
+        return StructReader.to_dict(self)
+
+    def __repr__(self) -> str:
+        self._pycapnp_view()
+        return StructReader.__repr__(self)
+
     def any_struct(self, name: str, schema: Any) -> StructReader:
         self._pycapnp_view()
         return StructReader.any_struct(self, name, schema)

@@ -188,7 +188,64 @@ def fill(view: StructBuilder, layout: StructLayout, values: Mapping[str, Any]) -
             for element, item in zip(elements, items, strict=True):
                 fill(element, f.nested, item)
         else:
-            setattr(view, name, value)
+            try:
+                setattr(view, name, value)
+            except (capnp.KjException, OverflowError, ValueError, TypeError) as error:
+                raise _bad_value(view, layout, name, value, error) from None
+
+
+_INT_RANGES = {
+    kind: (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if kind.startswith("int") else (0, (1 << bits) - 1)
+    for kind, bits in (
+        ("int8", 8),
+        ("int16", 16),
+        ("int32", 32),
+        ("int64", 64),
+        ("uint8", 8),
+        ("uint16", 16),
+        ("uint32", 32),
+        ("uint64", 64),
+    )
+}
+
+
+_PYTHON_TYPES: dict[str, tuple[type | tuple[type, ...], str, bool]] = {
+    **{kind: (int, "an int", False) for kind in _INT_RANGES},
+    "float32": ((int, float), "a float", False),
+    "float64": ((int, float), "a float", False),
+    "bool": (bool, "a bool", True),
+    "text": (str, "a str", False),
+    "data": ((bytes, bytearray, memoryview), "bytes", False),
+}
+"""Schema type -> (what Python types it takes, said how, whether that is bool)."""
+
+
+def _bad_value(
+    view: StructBuilder, layout: StructLayout, name: str, value: Any, error: Exception
+) -> Exception:
+    """What a caller gets for a value pycapnp refused: which field of what, and why (an
+    integer's range), rather than pycapnp's own error."""
+    struct_name = layout.name.rpartition(":")[2]
+    base, _, role = struct_name.partition("$")
+    where = {"Params": f"param {name!r} of {base}", "Results": f"result {name!r} of {base}"}.get(
+        role, f"field {name!r} of {struct_name}"
+    )
+    try:
+        kind = view.pycapnp.schema.fields[name].proto.slot.type.which()
+    except (AttributeError, KeyError, capnp.KjException):
+        kind = ""
+    type_name = kind.replace("uint", "UInt").replace("int", "Int") if kind in _INT_RANGES else kind
+    type_name = type_name[:1].upper() + type_name[1:] if kind else "its type"
+    expected = _PYTHON_TYPES.get(kind)
+    if expected is not None and (
+        not isinstance(value, expected[0]) or isinstance(value, bool) is not expected[2]
+    ):
+        return TypeError(f"{where}: a {type_name} takes {expected[1]}, not {type(value).__name__}")
+    if kind in _INT_RANGES:
+        low, high = _INT_RANGES[kind]
+        return ValueError(f"{where}: {value} is out of range for a {type_name} ({low}..{high})")
+    reason = str(error).split("; stack:", 1)[0].split("\nstack:", 1)[0].strip().rpartition(" failed: ")[2]
+    return ValueError(f"{where}: {value!r} does not fit {type_name}: {reason}")
 
 
 def encode_call(

@@ -25,6 +25,7 @@ import shutil
 import subprocess
 import sysconfig
 from collections.abc import Sequence
+from typing import Any
 
 from .._resources import schema_directory
 
@@ -35,6 +36,23 @@ CHECK_TIMEOUT = 60
 class SchemaError(Exception):
     """A schema the Cap'n Proto compiler refused: its message, one line per error
     (``/whole/path.capnp:LINE:COLUMN: error: ...``)."""
+
+
+_schema_module: Any = None
+
+
+def schema_nodes() -> Any:
+    """Cap'n Proto's own schema.capnp, loaded (Node, CodeGeneratorRequest...)."""
+    global _schema_module
+    if _schema_module is None:
+        import capnp
+
+        from .envelope import import_path
+
+        capnp.remove_import_hook()
+        schema_file = os.path.join(os.path.dirname(capnp.__file__), "schema.capnp")
+        _schema_module = capnp.load(schema_file, imports=import_path())
+    return _schema_module
 
 
 def is_own_schema(path: str | os.PathLike[str]) -> bool:
@@ -88,8 +106,7 @@ def check(path: str | os.PathLike[str], imports: Sequence[str]) -> None:
             command,
             cwd="/",
             stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
+            capture_output=True,
             timeout=CHECK_TIMEOUT,
             check=False,
         )
@@ -101,3 +118,40 @@ def check(path: str | os.PathLike[str], imports: Sequence[str]) -> None:
         message = result.stderr.decode("utf-8", "replace").strip()
         message = _RELATIVE_LOCATION.sub(r"/\1:\2", message)
         raise SchemaError(message or f"{where}: the compiler failed (exit status {result.returncode})")
+    _check_ids(_file_ids(result.stdout, imports))
+
+
+def _file_ids(request: bytes, imports: Sequence[str]) -> dict[int, str]:
+    """File id -> path of every file the compiler read, from its CodeGeneratorRequest (the
+    compiler names a file by its path less the first "/", it being run from the root, or
+    one found through an import directory by its path there)."""
+    files: dict[int, str] = {}
+    with schema_nodes().CodeGeneratorRequest.from_bytes(
+        request, traversal_limit_in_words=len(request)
+    ) as parsed:
+        for node in parsed.nodes:
+            if node.which() != "file":
+                continue
+            name = str(node.displayName)
+            candidates = ["/" + name, *(os.path.join(directory, name) for directory in imports)]
+            found = next((c for c in candidates if os.path.isfile(c)), None)
+            if found is not None:
+                files[int(node.id)] = os.path.realpath(found)
+    return files
+
+
+def _check_ids(files: dict[int, str]) -> None:
+    """Raises SchemaError if a file about to be loaded has the id of another file pycapnp
+    has loaded already in this process (pycapnp aborts the process then)."""
+    import capnp
+
+    parser = getattr(capnp.lib.capnp, "_global_schema_parser", None)
+    loaded = getattr(parser, "modules_by_id", None) or {}
+    for file_id, path in files.items():
+        module = loaded.get(file_id)
+        other = getattr(module, "__file__", None)
+        if other is not None and os.path.realpath(other) != path:
+            raise SchemaError(
+                f"{path}: its id @{file_id:#x} is the id of {other}, loaded already in this"
+                " process: two schema files cannot share an id (make one a new one: capnp id)"
+            )

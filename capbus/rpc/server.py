@@ -134,7 +134,10 @@ class Server:
             return cast("Mapping[str, Any]", result)
         if len(method.result_names) == 1:
             return {method.result_names[0]: result}
-        raise TypeError(f"{method.name} must return a mapping of {', '.join(method.result_names)}")
+        if not method.result_names:
+            raise TypeError(f"{method.python_name} has no results: return None, not {type(result).__name__}")
+        names = ", ".join(method.result_names)
+        raise TypeError(f"{method.python_name} must return a mapping of its results ({names})")
 
     async def _dispatch(self, method: Method, params: dict[str, Any]) -> Mapping[str, Any]:
         """Runs the handler of ``method`` (awaiting it if it is async) and returns its results."""

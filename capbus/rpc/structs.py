@@ -13,6 +13,7 @@ set twice gets one index, which Cap'n Proto allows.
 
 from __future__ import annotations
 
+import reprlib
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -332,6 +333,21 @@ class StructReader:
         reader = getattr(self._reader, name).as_struct(schema)
         return StructReader(reader, layout_of(schema), self._table, (*self._path, ("p", f.slot)))
 
+    def to_dict(self) -> dict[str, Any]:
+        """The struct's fields by schema name (of a union, the member set), read now:
+        structs and groups as dicts, lists as lists, enums as their names, capabilities as
+        clients; the shape a call takes its params in."""
+        fields = self._layout.fields
+        active = self.which() if self._layout.has_union else None
+        return {
+            name: _plain(getattr(self, name))
+            for name, f in fields.items()
+            if f.discriminant is None or name == active
+        }
+
+    def __repr__(self) -> str:
+        return f"<{self._layout.name.rpartition(':')[2]} {describe(self)}>"
+
     def view(self, name: str) -> memoryview:
         """The Data or Text field ``name`` (Text as UTF-8, without its NUL) as a read-only
         memoryview. Over the received message itself, without a copy, where the field is
@@ -376,3 +392,34 @@ class StructReader:
         return [
             StructReader(element, f.nested, self._table, (*base, ("e", i))) for i, element in enumerate(value)
         ]
+
+
+def _plain(value: Any) -> Any:
+    """A field's value as :meth:`StructReader.to_dict` gives it."""
+    if isinstance(value, StructReader):
+        return value.to_dict()
+    if isinstance(value, str | bytes | int | float | bool) or value is None:
+        return value
+    if isinstance(value, list):
+        return [_plain(element) for element in value]
+    kind = type(value).__name__
+    if kind == "_DynamicEnum":
+        return str(value)
+    if kind.startswith("_DynamicList"):
+        return [_plain(element) for element in value]
+    return value  # (a client, an FileDescriptor, an AnyPointer reader)
+
+
+_REPR = reprlib.Repr()
+_REPR.maxdict = _REPR.maxlist = 12
+_REPR.maxstring = _REPR.maxother = 64
+_REPR.maxlevel = 3
+
+
+def describe(struct: StructReader) -> str:
+    """A struct's fields for a repr: shortened, and never an exception (a hostile message's
+    field may not read)."""
+    try:
+        return _REPR.repr(struct.to_dict())
+    except Exception as error:  # noqa: BLE001 - a repr must not raise
+        return f"(unreadable: {type(error).__name__}: {error})"

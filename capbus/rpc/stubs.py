@@ -9,28 +9,17 @@ classes with typed properties.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Generator, Mapping, Sequence
 from typing import Any, Generic, TypeVar
 
 import capnp
 
 from .client import BoundMethod, Client, Promise, pipeline_field
-from .envelope import import_path
 from .interface import Interface, interface_of
+from .schemacheck import schema_nodes
 from .server import Server as _Server
 from .server import python_kwargs
-
-_node_module: Any = None
-
-
-def _nodes() -> Any:
-    global _node_module
-    if _node_module is None:
-        capnp.remove_import_hook()
-        schema_file = os.path.join(os.path.dirname(capnp.__file__), "schema.capnp")
-        _node_module = capnp.load(schema_file, imports=import_path())
-    return _node_module
+from .structs import describe
 
 
 class Schema:
@@ -38,7 +27,7 @@ class Schema:
 
     def __init__(self, nodes: Sequence[bytes]) -> None:
         self._loader = capnp.SchemaLoader()
-        node = _nodes().Node
+        node = schema_nodes().Node
         for blob in nodes:
             with node.from_bytes(blob) as reader:
                 self._loader.load_dynamic(reader)
@@ -72,8 +61,12 @@ class Struct:
     def __init__(self, view: Any) -> None:
         self._view = view
 
+    def to_dict(self) -> dict[str, Any]:
+        """The struct's fields by schema name (StructReader.to_dict)."""
+        return self._view.to_dict()  # type: ignore[no-any-return]
+
     def __repr__(self) -> str:
-        return f"<{type(self).__name__}>"
+        return f"<{type(self).__name__} {describe(self._view)}>"
 
 
 class TypedClient(Client):

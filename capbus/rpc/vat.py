@@ -2,7 +2,7 @@
 
 The vat does the IO the engine asks for and keeps what only trio can: a task per call being
 served (with its cancel scope, for Finish), an event per question a caller waits on, the
-receive loop, and a task that releases handles in batches. What it does (DESIGN.md
+receive loop, and a task that releases handles in batches. What it does (docs/design.md
 section 3):
 
 - a :class:`Server` passed in a call gets one node, reused while held, and is dropped
@@ -611,7 +611,7 @@ class Vat:
         self, clients: Sequence[Client], method: Method, params: Mapping[str, Any]
     ) -> tuple[RpcError | None, ...]:
         """One one-way call to every client's object, in one kernel send: every receiver gets
-        the same call, and all multicasts are in the same order everywhere (DESIGN.md 2.1
+        the same call, and all multicasts are in the same order everywhere (docs/design.md 2.1
         rule 8). Returns, per client, None or why the call could not be delivered (the node
         is gone, the receiver's quota is full); local objects run in a task."""
         if any(c.pipeline is not None for c in clients):

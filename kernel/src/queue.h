@@ -1,7 +1,7 @@
 /*
  * Queues: each peer's outbound frames, in the order the kernel committed them.
  *
- * Global order (DESIGN.md 2.1, rule 8): the kernel is one thread, so every transaction
+ * Global order (docs/design.md 2.1, rule 8): the kernel is one thread, so every transaction
  * (a send to any number of destinations, a destroy of any number of nodes, a release) is
  * committed at one instant and stamped with the next value of a kernel-wide sequence; its
  * entries are appended to each receiver's FIFO queue before the next transaction starts.

@@ -1,4 +1,4 @@
-"""DESIGN.md 2.1 rules 7, 9-11 and 13-16: sends, queues, disconnects, quotas, bootstrap,
+"""docs/design.md 2.1 rules 7, 9-11 and 13-16: sends, queues, disconnects, quotas, bootstrap,
 metadata, priority and monitors, all with real peers over real sockets."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""DESIGN.md 2.1 rules 1-6: peers, nodes, handles, dedup, release and destroy."""
+"""docs/design.md 2.1 rules 1-6: peers, nodes, handles, dedup, release and destroy."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""DESIGN.md 2.1 rule 8: one global order.
+"""docs/design.md 2.1 rule 8: one global order.
 
 Sender processes multicast concurrently to random overlapping sets of receivers; receivers
 react to some messages by multicasting in turn. Afterwards every pair of receivers must have

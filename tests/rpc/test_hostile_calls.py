@@ -135,7 +135,7 @@ async def test_oversized_call_gets_failed(attack: Attack) -> None:
     call = protocol.encode_call(14, ECHO, {"text": "x" * 100_000})
     with trio.fail_after(10):
         error = await answer_to(attack, call.payload, [attack.reply])
-        assert isinstance(error, errors.Failed) and "over this vat's limit" in error.reason
+        assert isinstance(error, errors.Failed) and "over the receiving vat's limit" in error.reason
         assert (await attack.factory.echo("still serving")).text == "still serving"
 
 

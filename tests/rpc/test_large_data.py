@@ -46,7 +46,10 @@ async def test_a_call_larger_than_64_mib_reaches_a_vat_that_allows_it(kernel: ca
 async def test_a_call_over_the_vats_limit_is_refused_saying_so(kernel: capbus.Kernel) -> None:
     refused = await _call_with(kernel, 64 << 20)
     assert isinstance(refused, errors.Failed)
-    assert re.search(rf"a message of \d+ bytes, over this vat's limit of {64 << 20}", str(refused)), refused
+    assert re.search(
+        rf"a message of \d+ bytes is over the receiving vat's limit of {64 << 20} \(max_message_bytes\)",
+        str(refused),
+    ), refused
 
 
 async def test_a_call_this_process_cannot_map_is_answered_overloaded(

@@ -103,3 +103,15 @@ def test_a_good_schema_still_loads_and_compiles(tmp_path: Path) -> None:
     assert capbus.load(schema).Greeter.interface.methods["hello"].ordinal == 0
     result = _compile(str(schema), cwd=tmp_path)
     assert result.returncode == 0 and (tmp_path / "greeter_capnp.py").exists()
+
+
+def test_two_files_sharing_an_id_say_so(tmp_path: Path) -> None:
+    first, second = tmp_path / "first.capnp", tmp_path / "copy.capnp"
+    first.write_text(GOOD.replace("c5;", "c9;"))
+    second.write_text(GOOD.replace("c5;", "c9;").replace("Greeter", "Other"))
+    capbus.load(first)
+    capbus.load(first)  # (the same file again: fine)
+    with pytest.raises(SchemaError, match=rf"^{second}: its id @0xbf5147cbbecf40c9 is the id of {first}"):
+        capbus.load(second)
+    result = _compile(str(first), str(second), "-o", str(tmp_path), cwd=tmp_path)
+    assert result.returncode == 1 and "its id @0xbf5147cbbecf40c9 is the id of" in result.stderr
