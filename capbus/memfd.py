@@ -9,6 +9,7 @@ reads does not change under it. This module makes them (:func:`sealed_payload`,
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import mmap
 import os
@@ -177,13 +178,30 @@ class Unmappable(ValueError):
     """A received memfd that is not mapped: why, for its sender."""
 
 
+_TMPFS_MAGIC = 0x01021994
+_STATFS_BYTES = 256  # (struct statfs is 120 bytes on x86-64 and arm64; f_type comes first)
+
+
+def on_shmem(fd: int) -> bool:
+    """Whether ``fd`` is a file on shmem (tmpfs), as an ordinary memfd is: not hugetlbfs,
+    whose memfds report no holes (lseek(SEEK_HOLE) there finds none)."""
+    buffer = ctypes.create_string_buffer(_STATFS_BYTES)
+    if _libc.fstatfs(fd, buffer) != 0:
+        return False
+    return ctypes.c_long.from_buffer(buffer).value == _TMPFS_MAGIC
+
+
+# fstatfs through ctypes: the standard library has statvfs, which does not give the type.
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
 def map_sealed(fd: int, size: int) -> memoryview:
-    """A received fd that must be a sealed memfd of ``size`` bytes rounded up to whole
-    words (a Cap'n Proto segment), mapped read-only over ``size`` bytes: the bytes past the
-    file's end in its last page read as zeros. The fd stays the caller's to close. Raises
+    """A received fd that must be a sealed memfd of exactly ``size`` bytes (a Cap'n Proto
+    segment: whole words), mapped read-only. The fd stays the caller's to close. Raises
     Unmappable when it is not a memfd, not sealed against writing, shrinking and growing
-    (its sender could change or truncate it under the reader), of another size, sparse (its
-    holes would be this process's memory to fill), or this process cannot map it."""
+    (its sender could change or truncate it under the reader), of another size, not on
+    shmem (a hugetlbfs memfd reports no holes), sparse (its holes would be this process's
+    memory to fill), or this process cannot map it."""
     try:
         seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
     except OSError:
@@ -191,8 +209,13 @@ def map_sealed(fd: int, size: int) -> memoryview:
     if seals & _RECEIVER_SEALS != _RECEIVER_SEALS:
         raise Unmappable("an attached segment's memfd is not sealed against write, shrink and grow")
     actual = os.fstat(fd).st_size
-    if (actual + 7) // 8 * 8 != size:
+    if actual != size:  # (a segment is whole words; a mapping cannot pad past the file's end)
         raise Unmappable(f"an attached segment's memfd holds {actual} bytes, not the segment's {size}")
+    if not on_shmem(fd):
+        raise Unmappable(
+            "an attached segment's memfd is not on shmem (huge pages?): its holes cannot be"
+            " checked, and would be this process's memory to fill"
+        )
     if _sparse(fd, actual):
         raise Unmappable("an attached segment's memfd has holes that reading would make this process fill")
     try:

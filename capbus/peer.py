@@ -31,7 +31,7 @@ import trio
 
 from . import _wire
 from .errors import CapbusError, Disconnected, InvalidArgument, MessageTooLarge, error_from_errno
-from .memfd import _head, _map, _sealed_memfd, _sparse
+from .memfd import _head, _map, _sealed_memfd, _sparse, on_shmem
 
 _ANC_SPACE = socket.CMSG_SPACE(4 * _wire.FDS_MAX)
 # Plain ints: arithmetic on the socket module's IntFlag members costs microseconds per frame.
@@ -484,7 +484,7 @@ class Peer:
             try:
                 if size <= PAYLOAD_HEAD_BYTES:  # (the kernel takes an empty memfd too)
                     payload = _head(memfd, size) if size else memoryview(b"")
-                elif _sparse(memfd, size):
+                elif _sparse(memfd, size) or not on_shmem(memfd):
                     unread = "its sender left holes in it that reading would make this process fill"
                 elif self.max_mapped_bytes is not None and size > self.max_mapped_bytes:
                     unread = f"it is over the {self.max_mapped_bytes} bytes this peer maps"
@@ -833,9 +833,11 @@ class Peer:
             payload = payload.cast("B")  # (sized in bytes, not items)
         # Refused here, before anything is written: a frame the socket cannot take fails the
         # write (EMSGSIZE), which must not be taken for a broken connection.
-        if len(fd_numbers) > _wire.FDS_MAX - (len(payload) > _wire.PAYLOAD_MAX):
-            limit = _wire.FDS_MAX
-            raise MessageTooLarge(f"{len(fd_numbers)} file descriptors, over {limit} per message")
+        large = len(payload) > _wire.PAYLOAD_MAX
+        if len(fd_numbers) > _wire.FDS_MAX - large:
+            limit = _wire.FDS_MAX - large
+            why = " (a large payload's memfd is one more)" if large else ""
+            raise MessageTooLarge(f"{len(fd_numbers)} file descriptors, over {limit} per message{why}")
         if len(targets) > _wire.DESTINATIONS_MAX:
             raise MessageTooLarge(f"{len(targets)} destinations, over {_wire.DESTINATIONS_MAX} per send")
         if len(attached) > _wire.HANDLES_MAX:

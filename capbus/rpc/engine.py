@@ -34,9 +34,8 @@ from dataclasses import dataclass, field
 from typing import Any, TypeAlias
 
 from .. import errors as bus
-from ..memfd import MAPPING_HOLDS_FD, Unmappable
+from ..memfd import MAPPING_HOLDS_FD
 from ..peer import Message, MessageKind
-from .capwire import CapWireError
 from .client import Client, client_class
 from .errors import Disconnected, Failed, Overloaded, RpcError, from_kernel
 from .fds import FileDescriptor
@@ -55,7 +54,7 @@ from .protocol import (
     results_capability,
     return_identity,
 )
-from .segments import held_fds, take_attached
+from .segments import NotMapped, held_fds, take_attached
 from .server import Server
 from .structs import StructReader
 
@@ -300,6 +299,9 @@ class Engine:
         self.reply_nodes: set[int] = {reply_node}
         self._spare_replies: list[int] = []
         self.max_message_bytes = max_message_bytes
+        self.max_mapped_bytes: Callable[[], int | None] = lambda: None
+        """What the transport maps of a message at most (the vat gives its peer's
+        max_mapped_bytes): attached segments over it are refused, Overloaded."""
         self.max_waiting = max_waiting
         """Pipelined calls of one caller that may wait for answers not yet given: past it,
         its such calls are answered Overloaded."""
@@ -640,14 +642,18 @@ class Engine:
         refusal = None
         if message.fds and not partial:
             try:
-                attached = take_attached(payload, message.fds, self.max_message_bytes)
-            except (CapWireError, Unmappable) as error:
+                attached = take_attached(
+                    payload, message.fds, self.max_message_bytes, self.max_mapped_bytes()
+                )
+            except Exception as error:  # noqa: BLE001 - hostile or broken input, never fatal
                 refusal = error
         fds = [FileDescriptor(fd) for fd in message.fds]
         message.fds.clear()
         if refusal is not None:
             if destination in self.reply_nodes:
                 return self._malformed_return(destination, payload, refusal)
+            if isinstance(refusal, NotMapped):
+                return self._refuse(payload, caps, str(refusal), Overloaded)
             return self._refuse(payload, caps, f"malformed message: {refusal}", Failed)
         reply = destination in self.reply_nodes
         if MAPPING_HOLDS_FD and reply and (isinstance(payload.obj, mmap.mmap) or attached):

@@ -32,7 +32,7 @@ from typing import Any, Final
 
 from .capwire import Segment
 from .naming import renamed
-from .segments import attachable, double_far
+from .segments import ATTACHED_MAX, attachable, double_far
 from .structs import StructReader
 
 _NUMBER_FORMATS = {
@@ -142,7 +142,7 @@ class FlatCodec:
                         return None
                     # (not copied: for a large value, the copy that counts is into the memfd)
                     view = view.cast("B") if view.format != "B" else view
-                    if attached is not None and attachable(view) is not None:
+                    if attached is not None and len(attached) < ATTACHED_MAX and attachable(view) is not None:
                         far.append((slot, double_far(len(attached))))
                         attached.append(view)
                         continue

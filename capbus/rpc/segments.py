@@ -50,11 +50,24 @@ _BYTE_LIST = 2
 _EMPTY = memoryview(b"")
 
 
+ATTACHED_MAX = _wire.FDS_MAX - 1
+"""Values one message attaches at most (one fd each; the kernel takes FDS_MAX fds per
+message, one of them the payload's memfd when the rest is large): past them, sealed
+values are copied in line."""
+
+
 def attachable(view: memoryview) -> int | None:
-    """The memfd a Data value can travel in as a segment of its own, or None (copied)."""
-    if view.nbytes < ATTACHED_MIN:
+    """The memfd a Data value can travel in as a segment of its own, or None (copied in
+    line): a whole sealed memfd of at least ATTACHED_MIN bytes, a whole number of words (a
+    segment is; a mapping cannot reach past its file's end to pad one)."""
+    if view.nbytes < ATTACHED_MIN or view.nbytes % 8:
         return None
     return memfd_of(view)
+
+
+class NotMapped(Unmappable):
+    """Attached segments over what the receiving peer maps (Peer.max_mapped_bytes): the
+    message is refused as Overloaded, as a payload memfd over it is."""
 
 
 def double_far(k: int) -> int:
@@ -97,13 +110,16 @@ def attached_sizes(payload: Segment, segments_max: int = 512) -> list[int]:
     return []
 
 
-def take_attached(payload: Segment, fds: list[int], max_bytes: int) -> list[memoryview]:
+def take_attached(
+    payload: Segment, fds: list[int], max_bytes: int, max_mapped: int | None = None
+) -> list[memoryview]:
     """The attached segments of a received message, mapped (see the module docstring): the
     last file descriptors of ``fds``, as many as the payload's segment table names segments
     it does not hold, are taken out of ``fds`` and closed. [] when there are none. Raises
     CapWireError (a malformed table, fewer fds than attached segments, more than
-    ``max_bytes`` in all) or Unmappable (an fd that is not a sealed memfd of its segment's
-    size): the message is refused, and every fd it brought is still in ``fds``."""
+    ``max_bytes`` in all), NotMapped (more than ``max_mapped``) or Unmappable (an fd that is
+    not a sealed memfd of its segment's size): the message is refused, and every fd it
+    brought is still in ``fds``."""
     sizes = attached_sizes(payload)
     if not sizes:
         return []
@@ -113,6 +129,11 @@ def take_attached(payload: Segment, fds: list[int], max_bytes: int) -> list[memo
     if total > max_bytes:
         raise CapWireError(
             f"a message of {total} bytes with its attached segments, over the limit of {max_bytes}"
+        )
+    if max_mapped is not None and sum(sizes) > max_mapped:
+        raise NotMapped(
+            f"a message of {total} bytes was not read here: its attached segments are over the"
+            f" {max_mapped} bytes this peer maps"
         )
     taken = fds[len(fds) - len(sizes) :]
     views = [map_sealed(fd, size) for fd, size in zip(taken, sizes, strict=True)]
@@ -135,7 +156,9 @@ def held_fds(attached: Sequence[memoryview]) -> int:
 
 
 __all__ = [
+    "ATTACHED_MAX",
     "ATTACHED_MIN",
+    "NotMapped",
     "FIRST_ATTACHED",
     "PADS_SEGMENT",
     "Unmappable",

@@ -1321,6 +1321,7 @@ async def open_vat(
             max_waiting_capabilities=max_queued_capabilities_per_caller,
             uid_share=uid_share,
         )
+        engine.max_mapped_bytes = lambda: peer.max_mapped_bytes
         limits = {
             "max_concurrent_calls": max_concurrent_calls,
             "max_queued_calls": max_queued_calls,
