@@ -242,6 +242,17 @@ def read_cap(segments: Sequence[Segment], path: Path) -> int | None:
     return None if found is None else _capability_index(words[found[0]][found[1]])
 
 
+def is_cap(segments: Sequence[Segment], path: Path) -> bool:
+    """Whether the pointer slot at ``path`` holds a capability pointer (an AnyPointer or
+    Capability field may hold one or anything else)."""
+    words = _words(segments)
+    found = _slot(words, path)
+    if found is None:
+        return False
+    word = int(words[found[0]][found[1]])
+    return word != 0 and word & _LOW32 == CAPABILITY
+
+
 def read_cap_list(segments: Sequence[Segment], path: Path) -> list[int | None] | None:
     """The indices of a List(Interface) at ``path`` (None for a null list)."""
     words = _words(segments)

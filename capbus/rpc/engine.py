@@ -358,6 +358,7 @@ class Engine:
         self.broken: set[int] = set()
         self._releases: dict[int, int] = {}
         self._clients: dict[int, type[Client]] = {}
+        """By id(interface): a generic interface has one Interface per brand."""
         self._locals: weakref.WeakValueDictionary[int, Client] = weakref.WeakValueDictionary()
         self.generic = client_class(Interface(0, "Capability", None))
         """The class of clients whose interface is not known."""
@@ -443,11 +444,11 @@ class Engine:
     def client_class(self, interface: Interface) -> type[Client]:
         """The class of clients for ``interface``: the generated one if a stub module
         registered it, else a dynamic one."""
-        cls = self._clients.get(interface.id)
+        cls = self._clients.get(id(interface))
         if cls is None:
             from .stubs import registered
 
-            cls = self._clients[interface.id] = registered(interface.id) or client_class(interface)
+            cls = self._clients[id(interface)] = registered(interface.id) or client_class(interface)
         return cls
 
     def import_(self, handle: int, references: int, interface: Interface | None) -> Client:

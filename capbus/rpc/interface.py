@@ -15,7 +15,7 @@ from typing import Any
 
 import capnp
 
-from .layout import FieldKind, StructLayout, layout_of
+from .layout import FieldKind, StructLayout, brand_of, layout_of
 from .naming import python_name, renamed
 
 STREAM_RESULT_ID = 0x995F9A3377C0B16E  # stream.capnp StreamResult: the results of `-> stream`
@@ -56,18 +56,20 @@ class Interface:
         return interface_id == self.id or any(s.implements(interface_id) for s in self.superclasses)
 
 
-_interfaces: dict[int, Interface] = {}
+_interfaces: dict[Any, Interface] = {}
+"""By node id; a generic interface's by (node id, brand): Box(Ping) and Box(Pong) differ."""
 
 
 def interface_of(schema: Any) -> Interface:
     """The :class:`Interface` of a pycapnp interface schema (``Foo.schema``), cached by id."""
     node = schema.node
-    cached = _interfaces.get(node.id)
+    key = (node.id, brand_of(schema)) if node.isGeneric else node.id
+    cached = _interfaces.get(key)
     if cached is not None:
         return cached
     supers = tuple(interface_of(s) for s in schema.superclasses)
     interface = Interface(node.id, node.displayName.split(":")[-1], schema, superclasses=supers)
-    _interfaces[node.id] = interface
+    _interfaces[key] = interface
     for parent in supers:  # inherited first, so that an override by name wins
         interface.methods.update(parent.methods)
         interface.by_key.update(parent.by_key)
@@ -110,9 +112,13 @@ class SchemaModule:
         from .server import server_class
 
         for name in dir(module):
+            if name.startswith("_") or name == "schema":
+                continue
             value = getattr(module, name)
             schema = getattr(value, "schema", None)
             if schema is None or not hasattr(schema, "node"):
+                if not callable(value):  # a constant: a number, Text, Data, a list or a struct
+                    setattr(self, name, str(value) if type(value).__name__ == "_DynamicEnum" else value)
                 continue
             if schema.node.which() == "interface":
                 interface = interface_of(schema)

@@ -44,6 +44,8 @@ class FieldLayout:
     """... and its pycapnp schema."""
     nested: StructLayout | None = None
     """For structs, lists of structs and groups."""
+    enum: bool = False
+    """An enum field: read as its enumerant's name (a str), as it is written."""
 
 
 @dataclass(eq=False)
@@ -61,7 +63,8 @@ class StructLayout:
     """Python spelling -> schema name of the fields naming.py renames (usually none)."""
 
 
-_layouts: dict[int, StructLayout] = {}
+_layouts: dict[Any, StructLayout] = {}
+"""By node id; a generic struct's by (node id, brand): Box(Ping)'s value is a Ping."""
 _layouts_by_object: dict[int, tuple[Any, StructLayout]] = {}
 
 
@@ -72,7 +75,8 @@ def layout_of(schema: Any) -> StructLayout:
     if known is not None and known[0] is schema:
         return known[1]
     node = schema.node
-    cached = _layouts.get(node.id)
+    key = (node.id, brand_of(schema)) if node.isGeneric else node.id
+    cached = _layouts.get(key)
     if cached is not None:
         _layouts_by_object[id(schema)] = (schema, cached)
         return cached
@@ -83,7 +87,7 @@ def layout_of(schema: Any) -> StructLayout:
         struct_node.discriminantOffset,
         struct_node.discriminantCount > 0,
     )
-    _layouts[node.id] = layout  # before the fields: recursive types refer back to it
+    _layouts[key] = layout  # before the fields: recursive types refer back to it
     for raw, parsed in zip(struct_node.fields, schema.fields_list, strict=True):
         discriminant = None if raw.discriminantValue == NOT_IN_UNION else raw.discriminantValue
         if raw.which() == "group":
@@ -98,6 +102,37 @@ def layout_of(schema: Any) -> StructLayout:
     return layout
 
 
+def _bound(raw: Any, parsed: Any) -> Any:
+    """The schema a generic's parameter field is bound to in this brand (None: unbound,
+    or not a parameter: read as AnyPointer)."""
+    if raw.which() != "slot" or raw.slot.type.which() != "anyPointer":
+        return None
+    if raw.slot.type.anyPointer.which() != "parameter":
+        return None
+    try:
+        bound = parsed.schema
+    except Exception:  # noqa: BLE001 - unbound (AnyPointer): pycapnp raises
+        return None
+    return bound if hasattr(bound, "node") else None
+
+
+def brand_of(schema: Any) -> tuple[int | None, ...]:
+    """What a generic struct's (or interface's) parameters are bound to in ``schema``: the
+    ids of the types its parameter fields resolve to (None where unbound)."""
+    if schema.node.which() == "interface":
+        out: list[int | None] = []
+        for method in schema.node.interface.methods:
+            parsed = schema.methods[method.name]
+            out.extend(brand_of(parsed.param_type))
+            out.extend(brand_of(parsed.result_type))
+        return tuple(out)
+    return tuple(
+        None if (bound := _bound(raw, parsed)) is None else int(bound.node.id)
+        for raw, parsed in zip(schema.node.struct.fields, schema.fields_list, strict=True)
+        if raw.which() == "slot" and raw.slot.type.which() == "anyPointer"
+    )
+
+
 def _slot_field(raw: Any, parsed: Any, discriminant: int | None) -> FieldLayout:
     kind = raw.slot.type.which()
     slot = raw.slot.offset
@@ -110,6 +145,11 @@ def _slot_field(raw: Any, parsed: Any, discriminant: int | None) -> FieldLayout:
             return FieldLayout(raw.name, FieldKind.FD, slot, discriminant)
         return FieldLayout(raw.name, FieldKind.STRUCT, slot, discriminant, nested=layout_of(parsed.schema))
     if kind == "anyPointer":
+        bound = _bound(raw, parsed)  # a generic's parameter, as this brand binds it
+        if bound is not None and bound.node.which() == "interface":
+            return FieldLayout(raw.name, FieldKind.CAPABILITY, slot, discriminant, bound.node.id, bound)
+        if bound is not None and bound.node.which() == "struct" and bound.node.id != FD_STRUCT_ID:
+            return FieldLayout(raw.name, FieldKind.STRUCT, slot, discriminant, nested=layout_of(bound))
         return FieldLayout(raw.name, FieldKind.ANY_POINTER, slot, discriminant)
     if kind == "list":
         element = raw.slot.type.list.elementType
@@ -125,7 +165,9 @@ def _slot_field(raw: Any, parsed: Any, discriminant: int | None) -> FieldLayout:
         if element.which() == "struct":
             nested = layout_of(parsed.schema.elementType)
             return FieldLayout(raw.name, FieldKind.STRUCT_LIST, slot, discriminant, nested=nested)
-    return FieldLayout(raw.name, FieldKind.PLAIN, slot if kind in _POINTER_KINDS else -1, discriminant)
+    return FieldLayout(
+        raw.name, FieldKind.PLAIN, slot if kind in _POINTER_KINDS else -1, discriminant, enum=kind == "enum"
+    )
 
 
 _POINTER_KINDS = {"text", "data", "list"}

@@ -119,12 +119,15 @@ class StructBuilder:
             if value is not None:
                 self._builder.init(name).index = self._patches.table.fd_index(value)
             return
-        if f is None or f.kind not in (FieldKind.CAPABILITY, FieldKind.CAPABILITY_LIST):
+        kind = None if f is None else f.kind
+        if kind is FieldKind.ANY_POINTER and _is_capability(value):
+            kind = FieldKind.CAPABILITY  # (an AnyPointer, Capability or generic field)
+        if f is None or kind not in (FieldKind.CAPABILITY, FieldKind.CAPABILITY_LIST):
             setattr(self._builder, name, value)
             return
         slot_path: Path = (*self._path, ("p", f.slot))
         caps = self._patches.caps
-        if f.kind is FieldKind.CAPABILITY:
+        if kind is FieldKind.CAPABILITY:
             caps.pop(slot_path, None)
             if value is not None:
                 caps[slot_path] = self._patches.table.index_of(value)
@@ -168,6 +171,14 @@ class StructBuilder:
         for path, offset, value in self._patches.discriminants:
             segments = capwire.set_discriminant(segments, path, offset, value)
         return segments, self._patches.table.values
+
+
+def _is_capability(value: object) -> bool:
+    """Whether ``value`` is a capability value (a client, or a server to export)."""
+    from .client import Client
+    from .server import Server
+
+    return isinstance(value, Client | Server)
 
 
 class _CapListBuilder:
@@ -287,6 +298,15 @@ class CapTableReader:
             return self.value(capwire.read_cap(self.segments, path), field)
         return self.value(capwire.lookup_cap(self.segments, self.locations, path), field)
 
+    def any_capability(self, path: Path) -> tuple[bool, object | None]:
+        """(whether the AnyPointer slot at ``path`` holds a capability, its value if so)."""
+        if self._direct:
+            if not capwire.is_cap(self.segments, path):
+                return False, None
+        elif capwire.lookup_cap(self.segments, self.locations, path) is None:
+            return False, None
+        return True, self.capability(path, _ANY_CAPABILITY)
+
     def capabilities(self, path: Path, field: FieldLayout) -> list[object | None] | None:
         if self._direct:
             indices = capwire.read_cap_list(self.segments, path)
@@ -374,8 +394,13 @@ class StructReader:
             name, f = schema_name, self._layout.fields[schema_name]  # (as Python spells it: naming.py)
         if f.discriminant is not None and self._reader.which() != name:
             raise AttributeError(f"{name} is not the union member set (it is {self._reader.which()})")
+        if f.kind is FieldKind.ANY_POINTER:
+            # An AnyPointer or Capability field (or a generic's parameter) may hold a
+            # capability: a client then, of the interface a field names later (Engine.typed).
+            held, capability = self._table.any_capability((*self._path, ("p", f.slot)))
+            return capability if held else self._raw(name)
         if f.kind in _DATA_KINDS:
-            return self._raw(name)
+            return str(self._raw(name)) if f.enum else self._raw(name)
         if f.kind is FieldKind.FD:
             return self._table.fd(self._raw(name).index) if self._reader._has(name) else None
         if f.kind is FieldKind.CAPABILITY:
