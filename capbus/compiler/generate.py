@@ -36,6 +36,7 @@ class _Generator:
         self.module = module
         self.source_name = source_name
         self.file_id = module.schema.node.id
+        self.source_path = str(module.schema.node.displayName)
         self.nodes: dict[int, bytes] = {}
         self.names: dict[int, str] = {}  # node id -> generated Python name (this file's nodes)
         self.structs: list[Any] = []  # struct schemas of this file, nested ones first
@@ -44,6 +45,8 @@ class _Generator:
         self.nested: dict[int, list[tuple[str, int]]] = {}  # node id -> (name, id) of its nested types
         self.emitted: set[int] = set()
         self.lines: list[str] = []
+        self.imported: dict[str, str] = {}  # generated module of an imported file -> its alias here
+        self.constants: list[tuple[str, Any]] = []  # (name, const node) of this file
 
     # -- collecting ---------------------------------------------------------------------------
 
@@ -70,6 +73,8 @@ class _Generator:
                 self.names[node.id] = name
                 self.enums.append(child.as_enum())
                 self._add_node(node)
+            elif kind == "const" and not path:
+                self.constants.append((nested.name, node))
             if kind in ("struct", "interface", "enum"):
                 self.nested.setdefault(parsed.node.id, []).append((nested.name, node.id))
             self._walk_file(child, [*path, nested.name])
@@ -138,18 +143,38 @@ class _Generator:
         if kind == "data":
             return "bytes"
         if kind == "enum":
-            return self.names.get(t.enum.typeId, "str")
+            return self.names.get(t.enum.typeId) or self._imported(parsed, "str")
         if kind == "struct":
             if t.struct.typeId == FD_STRUCT_ID:
                 return "_fds.FileDescriptor"
-            return self.names.get(t.struct.typeId, "Any")
+            return self.names.get(t.struct.typeId) or self._imported(parsed, "Any")
         if kind == "interface":
-            return self.names.get(t.interface.typeId, "_client.Client")
+            return self.names.get(t.interface.typeId) or self._imported(parsed, "_client.Client")
         if kind == "list":
             element = t.list.elementType
             inner = parsed.schema.elementType if element.which() in ("struct", "interface", "enum") else None
             return f"Sequence[{self.read_type(element, _Elem(inner))}]"
         return "Any"
+
+    def _imported(self, parsed: Any, fallback: str) -> str:
+        """The name of a type declared in another schema file, in that file's generated
+        module (``x.capnp`` -> ``x_capnp``, which must be generated too), imported here;
+        ``fallback`` for a type that has no name there (a generic's brand, say)."""
+        try:
+            schema = parsed.schema
+            node = schema.node
+        except Exception:  # noqa: BLE001 - an unbound generic parameter: no schema
+            return fallback
+        if node.isGeneric or getattr(node, "scopeId", 0) == 0:
+            return fallback
+        file_name, _, path = str(node.displayName).partition(":")
+        if not path or file_name == self.source_path:
+            return fallback
+        module = _module_name(file_name)
+        if module == "schema_capnp" or file_name.startswith("/capnp/") or file_name.startswith("capnp/"):
+            return fallback  # (Cap'n Proto's own schemas have no generated modules)
+        alias = self.imported.setdefault(module, f"_{module}")
+        return f"{alias}.{path.replace('.', '_')}"
 
     def write_type(self, t: Any, parsed: Any) -> str:
         """The Python type accepted when setting a field of type ``t``."""
@@ -183,7 +208,7 @@ class _Generator:
             from __future__ import annotations
 
             from collections.abc import Awaitable, Mapping, Sequence
-            from typing import Any, Literal, Protocol, TypeAlias, cast
+            from typing import TYPE_CHECKING, Any, Final, Literal, Protocol, TypeAlias, cast
 
             from capbus.rpc import client as _client
             from capbus.rpc import errors as _errors
@@ -206,11 +231,13 @@ class _Generator:
             self.emit(repr(chunks[-1]) + ",", 2)
         self.emit(")", 1)
         self.emit(")")
+        imports_at = len(self.lines)
         for enum in self.enums:
             names = ", ".join(repr(e.name) for e in enum.node.enum.enumerants)
             self.emit("")
             self.emit(f"{self.names[enum.node.id]} = Literal[{names}]")
             self.emitted.add(enum.node.id)
+        self._constants()
         for struct in self.structs:
             self.emit("")
             self.emit("")
@@ -224,7 +251,46 @@ class _Generator:
         self.emit("")
         self.emit("")
         self._wrappers()
+        if self.imported:
+            # Types declared in imported files come from their generated modules (beside
+            # this one, or in the same package).
+            block = ["", "if TYPE_CHECKING:"]
+            block += [f"    import {module} as {alias}" for module, alias in sorted(self.imported.items())]
+            block += ["else:"]
+            block += [
+                f"    {alias} = _stubs.sibling(__name__, {module!r})"
+                for module, alias in sorted(self.imported.items())
+            ]
+            self.lines[imports_at:imports_at] = block
         return "\n".join(self.lines).rstrip() + "\n"
+
+    def _constants(self) -> None:
+        """The file's constants, as typed module constants (structs and lists as the plain
+        values a call takes them in)."""
+        for name, node in self.constants:
+            value = getattr(self.module, name)
+            kind = node.const.type.which()
+            if kind == "void":
+                continue
+            if kind == "enum":
+                literal, value = self.names.get(node.const.type.enum.typeId, "str"), str(value)
+                typ = literal
+            elif kind == "struct":
+                typ, value = "Mapping[str, Any]", value.to_dict()
+            elif kind == "list":
+                typ, value = "Sequence[Any]", [v.to_dict() if hasattr(v, "to_dict") else v for v in value]
+            elif kind == "anyPointer":
+                continue
+            else:
+                typ = {
+                    "bool": "bool",
+                    "text": "str",
+                    "data": "bytes",
+                    "float32": "float",
+                    "float64": "float",
+                }.get(kind, "int")
+            self.emit("")
+            self.emit(f"{python_name(name)}: Final[{typ}] = {value!r}")
 
     def _interface_order(self) -> list[Any]:
         """Interfaces in an order Python can define them: every base before the interfaces
@@ -300,12 +366,15 @@ class _Generator:
     def _read_expression(self, t: Any, parsed: Any, field: str) -> str:
         value = f"getattr(self._view, {python_name(field)!r})"  # (the view reads either spelling)
         kind = t.which()
-        if kind == "struct" and t.struct.typeId != FD_STRUCT_ID and t.struct.typeId in self.names:
-            return f"{self.names[t.struct.typeId]}({value})"
+        if kind == "struct" and t.struct.typeId != FD_STRUCT_ID:
+            wrapper = self.names.get(t.struct.typeId) or self._imported(parsed, "")
+            if wrapper:
+                return f"{wrapper}({value})"
         if kind == "list" and t.list.elementType.which() == "struct":
             element = t.list.elementType.struct.typeId
-            if element in self.names:
-                return f"[{self.names[element]}(v) for v in {value}]"
+            wrapper = self.names.get(element) or self._imported(_Elem(parsed.schema.elementType), "")
+            if wrapper and element != FD_STRUCT_ID:
+                return f"[{wrapper}(v) for v in {value}]"
         if kind == "enum":
             return f'cast("{self.read_type(t, parsed)}", str({value}))'
         return f'cast("{self.read_type(t, parsed)}", {value})'
@@ -437,10 +506,14 @@ class _Generator:
             table: dict[str, dict[str, str]] = {}
             for method in interface.node.interface.methods:
                 parsed = interface.methods[method.name]
-                for raw in parsed.param_type.node.struct.fields:
+                param_type = parsed.param_type
+                for raw, field in zip(param_type.node.struct.fields, param_type.fields_list, strict=True):
                     t = raw.slot.type if raw.which() == "slot" else None
-                    if t is not None and t.which() == "struct" and t.struct.typeId in self.names:
-                        table.setdefault(method.name, {})[raw.name] = self.names[t.struct.typeId]
+                    if t is None or t.which() != "struct" or t.struct.typeId == FD_STRUCT_ID:
+                        continue
+                    wrapper = self.names.get(t.struct.typeId) or self._imported(field, "")
+                    if wrapper:
+                        table.setdefault(method.name, {})[raw.name] = wrapper
             entries = ", ".join(
                 f"{m!r}: {{{', '.join(f'{k!r}: {v}' for k, v in sorted(fields.items()))}}}"
                 for m, fields in sorted(table.items())
@@ -453,6 +526,15 @@ class _Elem:
 
     def __init__(self, schema: Any) -> None:
         self.schema = schema
+
+
+_CONSTANT_TYPES = {"bool": "bool", "text": "str", "data": "bytes", "float32": "float", "float64": "float"}
+
+
+def _module_name(schema_file: str) -> str:
+    """The generated module's name for a schema file (as ``capbus compile`` names it)."""
+    stem = os.path.splitext(os.path.basename(schema_file))[0].replace("-", "_")
+    return f"{stem}_capnp"
 
 
 def generate(schema_path: str | os.PathLike[str], imports: Iterable[str] = ()) -> str:

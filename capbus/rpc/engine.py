@@ -448,7 +448,12 @@ class Engine:
         if cls is None:
             from .stubs import registered
 
-            cls = self._clients[id(interface)] = registered(interface.id) or client_class(interface)
+            generated = registered(interface.id)
+            if generated is not None and generated.interface is not interface:
+                # A brand of a generic interface (Box(Ping)): the generated class, with the
+                # brand's methods (whose layouts know what the parameters are bound to).
+                generated = type(generated.__name__, (generated,), {"interface": interface})
+            cls = self._clients[id(interface)] = generated or client_class(interface)
         return cls
 
     def import_(self, handle: int, references: int, interface: Interface | None) -> Client:

@@ -6,13 +6,18 @@ extends several others."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
 import trio
 
 import capbus
 from capbus.rpc.vat import open_vat
+
+from .generated import compile_and_import
 
 HERE = Path(__file__).parent
 schema: Any = capbus.load(HERE / "coverage.capnp")
@@ -20,72 +25,76 @@ types: Any = capbus.load(HERE / "coverage_types.capnp")
 TIMEOUT = 10
 
 
-class Ping(schema.Ping.Server):  # type: ignore[misc,name-defined]
-    def __init__(self, n: int) -> None:
-        self.n = n
+def _servers(module: Any) -> Any:
+    """The servers of the coverage schema, on ``module``'s bases (capbus.load's or a
+    generated module's)."""
 
-    def ping(self) -> int:
-        return self.n
+    class Ping(module.Ping.Server):  # type: ignore[misc,name-defined]
+        def __init__(self, n: int) -> None:
+            self.n = n
+
+        def ping(self) -> int:
+            return self.n
+
+    class Box(module.Box.Server):  # type: ignore[misc,name-defined]
+        def __init__(self, value: Any) -> None:
+            self.value = value
+
+        def get(self) -> Any:
+            return self.value
+
+    class Both(module.AB.Server):  # type: ignore[misc,name-defined]
+        def __init__(self) -> None:
+            self.heard: list[str] = []
+
+        def a(self) -> None:
+            self.heard.append("a")
+
+        def b(self) -> None:
+            self.heard.append("b")
+
+        def ab(self) -> None:
+            self.heard.append("ab")
+
+    class Cov(module.Cov.Server):  # type: ignore[misc,name-defined]
+        def __init__(self) -> None:
+            self.seen: list[object] = []
+            self.two = Both()
+
+        def move(self, p: Any) -> dict[str, Any]:
+            self.seen.append(p.color)
+            return {"x": p.x + 1, "y": p.y, "color": p.color}
+
+        def paint(self, c: str) -> str:
+            self.seen.append(c)
+            return {"red": "green", "green": "blue", "blue": "red"}[c]
+
+        def anyCap(self, cap: Any) -> Any:
+            return cap
+
+        def anyPtr(self, ptr: Any) -> Any:
+            return ptr
+
+        def boxed(self) -> Box:
+            return Box(Ping(41))
+
+        def local(self, l: Any) -> dict[str, Any]:  # noqa: E741 - the schema's name
+            return {"c": l.c, "p": {"x": l.p.x * 2, "y": l.p.y}}
+
+        def both(self) -> Both:
+            return self.two
+
+    return Cov, Ping
 
 
-class Box(schema.Box.Server):  # type: ignore[misc,name-defined]
-    def __init__(self, value: Any) -> None:
-        self.value = value
-
-    def get(self) -> Any:
-        return self.value
-
-
-class Both(schema.AB.Server):  # type: ignore[misc,name-defined]
-    def __init__(self) -> None:
-        self.heard: list[str] = []
-
-    def a(self) -> None:
-        self.heard.append("a")
-
-    def b(self) -> None:
-        self.heard.append("b")
-
-    def ab(self) -> None:
-        self.heard.append("ab")
-
-
-class Cov(schema.Cov.Server):  # type: ignore[misc,name-defined]
-    def __init__(self) -> None:
-        self.seen: list[object] = []
-        self.two = Both()
-
-    def move(self, p: Any) -> dict[str, Any]:
-        self.seen.append(p.color)
-        return {"x": p.x + 1, "y": p.y, "color": p.color}
-
-    def paint(self, c: str) -> str:
-        self.seen.append(c)
-        return {"red": "green", "green": "blue", "blue": "red"}[c]
-
-    def anyCap(self, cap: Any) -> Any:
-        return cap
-
-    def anyPtr(self, ptr: Any) -> Any:
-        return ptr
-
-    def boxed(self) -> Box:
-        return Box(Ping(41))
-
-    def local(self, l: Any) -> dict[str, Any]:  # noqa: E741 - the schema's name
-        return {"c": l.c, "p": {"x": l.p.x * 2, "y": l.p.y}}
-
-    def both(self) -> Both:
-        return self.two
-
-
-async def test_the_constructs_work_across_vats(kernel: capbus.Kernel) -> None:
+async def _exercise(kernel: capbus.Kernel, module: Any, client_of: Any) -> None:
+    Cov, Ping = _servers(module)
     server_peer, client_peer = await kernel.connect(), await kernel.connect()
     server = Cov()
     try:
         async with open_vat(server_peer) as server_vat, open_vat(client_peer) as client_vat:
             handle = await server_peer.transfer(await server_vat.export(server), client_peer)
-            cov = client_vat.client(handle, schema.Cov)
+            cov = client_of(client_vat, handle, module.Cov)
             with trio.fail_after(TIMEOUT):
                 moved = (await cov.move(p={"x": 1, "y": 2, "color": "blue"})).p
                 assert (moved.x, moved.y, moved.color) == (2, 2, "blue")  # an imported struct
@@ -112,7 +121,56 @@ async def test_the_constructs_work_across_vats(kernel: capbus.Kernel) -> None:
         await client_peer.aclose()
 
 
+async def test_the_constructs_work_across_vats_with_capbus_load(kernel: capbus.Kernel) -> None:
+    await _exercise(kernel, schema, lambda vat, handle, interface: vat.client(handle, interface))
+
+
+async def test_the_constructs_work_with_generated_modules_that_mypy_checks(
+    kernel: capbus.Kernel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.syspath_prepend(str(tmp_path))  # (the imported schema's module, beside it)
+    compile_and_import(HERE / "coverage_types.capnp", tmp_path)
+    module, source = compile_and_import(HERE / "coverage.capnp", tmp_path)
+    assert "_coverage_types_capnp.Point" in source and "limit: Final[int] = 99" in source
+    await _exercise(kernel, module, lambda vat, handle, interface: vat.typed_client(handle, interface))
+    (tmp_path / "user.py").write_text(USER)
+    cache = str(tmp_path / "cache")
+    mypy = [sys.executable, "-m", "mypy", "--strict", "--cache-dir", cache, "user.py"]
+    checked = subprocess.run(mypy, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+USER = """
+from __future__ import annotations
+from collections.abc import Mapping
+from typing import Any
+import coverage_capnp
+import coverage_types_capnp as types
+
+
+class Cov(coverage_capnp.Cov.Server):
+    def move(self, *, p: types.Point) -> Mapping[str, Any]:
+        return {"x": p.x + 1, "y": p.y, "color": p.color}
+
+    def paint(self, *, c: types.Color) -> types.Color:
+        return c
+
+
+async def use(cov: coverage_capnp.Cov) -> int:
+    point: types.Point = (await cov.move(p={"x": 1})).p
+    color: types.Color = (await cov.paint(c="red")).c
+    del color
+    return point.x + types.maxSize + coverage_capnp.limit
+"""
+
+
 def test_constants_are_read_from_the_module() -> None:
     assert (types.maxSize, types.greeting) == (1024, "hello")
     assert (types.origin.x, types.origin.y, str(types.origin.color)) == (0, 0, "green")
     assert schema.limit == 99
+
+
+def test_constants_in_generated_modules(tmp_path: Path) -> None:
+    module, _ = compile_and_import(HERE / "coverage_types.capnp", tmp_path)
+    assert (module.maxSize, module.greeting) == (1024, "hello")
+    assert module.origin == {"x": 0, "y": 0, "color": "green"}
