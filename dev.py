@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The project's two commands, on a fresh machine with only Python 3.11+, gcc and pip:
 
-    python3 dev.py demo     # set up .venv, build the kernel, run the demo
+    python3 dev.py demo     # set up .venv, build the kernel, run the demo (typed RPC, a sandboxed child)
     python3 dev.py test     # set up .venv, build the kernel, run the whole test suite
 
 ``python3 dev.py test --sanitize`` runs the test suite against an ASan+UBSan build of the

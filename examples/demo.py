@@ -1,74 +1,87 @@
-"""capbus demo: three peers on an embedded kernel pass a handle, a file descriptor, and see a
-node destroyed. Run it with ``python3 dev.py demo``.
+"""capbus demo: typed Cap'n Proto interfaces over bus1 handles, with a sandboxed child.
+Run it with ``python3 dev.py demo``. Each line says what just happened.
 
-    printer   owns a "print" node and prints every message sent to it;
-    broker    is given a handle to it, and forwards it to a client it meets;
-    client    never met the printer, but can now reach it, and sends it an open file.
+    notes.capnp      two interfaces: a Notebook that hands out Pages (capabilities)
+    this process     an embedded kernel, and the Notebook server (typed stubs)
+    worker.py        a child in a strict sandbox holding one capability: the notebook;
+                     it pipelines a call on a page it has not got yet, and passes an
+                     object of its own back, which this process then calls.
+
+(``examples/peers.py`` shows the layer below: peers, nodes and handles.)
 """
 
 from __future__ import annotations
 
-import os
-import tempfile
+import sys
+from pathlib import Path
+from typing import Any
 
 import trio
 
 import capbus
+from capbus.compiler import generate_file
+from capbus.rpc.vat import open_vat
+
+HERE = Path(__file__).resolve().parent / "demo"
 
 
-async def main() -> None:
-    async with capbus.open_kernel() as kernel:
-        async with (
-            await kernel.connect() as printer,
-            await kernel.connect() as broker,
-            await kernel.connect() as client,
-        ):
-            print_node = await printer.create_node()
-            await printer.want_metadata()  # senders' uid/gid/pid on what the printer receives
-            print(f"printer: created node {print_node}")
+def say(who: str, what: str) -> None:
+    print(f"{who:>9} | {what}", flush=True)
 
-            # Bootstrap: this process holds both peers, so it can hand the broker a handle.
-            printer_in_broker = await printer.transfer(print_node, broker)
-            client_inbox = await client.create_node()
-            inbox_in_broker = await client.transfer(client_inbox, broker)
-            print(f"broker: holds {printer_in_broker} (printer) and {inbox_in_broker} (client)")
 
-            # The broker introduces the client to the printer by sending it the handle.
-            await broker.send(inbox_in_broker, b"here is the printer", handles=[printer_in_broker])
-            intro = await client.recv()
-            printer_in_client = intro.handles[0]
-            print(f"client: got {intro.payload!r} with {printer_in_client}")
+async def main() -> int:
+    stubs = generate_file(HERE / "notes.capnp")
+    say("compile", f"notes.capnp -> {Path(stubs).name}: a typed client and Server base per interface")
+    sys.path.insert(0, str(HERE))
+    import notes_capnp as notes
 
-            # The client sends the printer a message with an open file attached.
-            with tempfile.TemporaryFile() as document:
-                document.write(b"a document only the printer may read\n")
-                document.flush()
-                await client.send(printer_in_client, b"please print", fds=[document])
-            job = await printer.recv()
-            print(
-                f"printer: {job.payload!r} from uid {job.sender.uid if job.sender else '?'}, "
-                f"{len(job.fds)} fd attached"
+    class Page(notes.Page.Server):
+        def __init__(self, title: str) -> None:
+            self.title, self.lines = title, []
+
+        def write(self, *, line: str) -> None:
+            say("page", f"{self.title!r}.write({line!r})")
+            self.lines.append(line)
+
+        def read(self) -> list[str]:
+            return self.lines
+
+    class Notebook(notes.Notebook.Server):
+        def __init__(self) -> None:
+            self.pages: list[Page] = []
+
+        def page(self, *, title: str) -> Page:
+            say("notebook", f"page({title!r}): a new Page, sent back as a capability (a bus1 handle)")
+            self.pages.append(Page(title))
+            return self.pages[-1]
+
+        async def share(self, *, page: Any, why: str) -> int:
+            say("notebook", f"share(page, {why!r}): a capability that came from the sandbox")
+            lines = (await page.read()).lines
+            say("notebook", f"called it back across the sandbox: read() -> {list(lines)}")
+            return len(lines)
+
+    notebook = Notebook()
+    async with capbus.open_kernel() as kernel, await kernel.connect() as peer, open_vat(peer) as vat:
+        say("kernel", "embedded in this process; this process is one peer on it")
+        capabilities = {"notebook": notebook}
+        async with capbus.spawn(vat, "worker:main", code=[HERE], capabilities=capabilities) as child:
+            report = child.sandbox_report
+            active = [layer for layer, state in report.items() if state.startswith("active")]
+            say(
+                "spawn",
+                f"worker (pid {child.pid}) in a sandbox: {len(active)} of {len(report)} layers active",
             )
-            with os.fdopen(job.fds.pop(), "rb") as received:
-                received.seek(0)
-                print(f"printer: the file says {received.read()!r}")
-
-            # The printer retires its node: every holder is told, in order, and later sends fail.
-            await printer.destroy(print_node)
-            for name, peer in (("broker", broker), ("client", client)):
-                note = await peer.recv()
-                print(f"{name}: {note.kind.name} for {note.destination}")
-            try:
-                await client.send(printer_in_client, b"one more?")
-            except capbus.NodeDestroyed as error:
-                print(f"client: send after destroy fails: {type(error).__name__} (errno {error.errno})")
-
-            stats = kernel.statistics()
-            print(
-                f"kernel: {stats.peers} peers, {stats.nodes} nodes, {stats.handles} handles, "
-                f"{stats.messages_sent} messages delivered"
-            )
+            say("spawn", "it holds one capability, the notebook, and can reach nothing else")
+            with trio.fail_after(60):
+                status = await child.wait()
+        say("worker", f"{child.describe_exit()}")
+        (page,) = notebook.pages
+        say("notebook", f"page {page.title!r} now holds {page.lines}")
+        stats = kernel.statistics()
+        say("kernel", f"{stats.messages_sent} messages delivered, {stats.peers} peers left")
+    return status
 
 
 if __name__ == "__main__":
-    trio.run(main)
+    sys.exit(trio.run(main))

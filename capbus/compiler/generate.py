@@ -184,7 +184,11 @@ class _Generator:
                 return "int | _HasFileno"
             return "Mapping[str, Any]"
         if kind == "interface":
-            return f"{self.read_type(t, parsed)} | _server.Server"
+            client = self.read_type(t, parsed)
+            # A server passed for it must implement that interface (not any server).
+            return (
+                f"{client} | {client}.Server" if client != "_client.Client" else f"{client} | _server.Server"
+            )
         if kind == "list":
             element = t.list.elementType
             inner = parsed.schema.elementType if element.which() in ("struct", "interface", "enum") else None

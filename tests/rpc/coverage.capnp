@@ -18,4 +18,5 @@ interface Cov $note("the interface") {
   boxed @4 () -> (box :Box(Ping));
   local @5 (l :Local) -> (l :Local);
   both @6 () -> (ab :AB);
+  call @7 (ping :Ping) -> (n :UInt32);
 }

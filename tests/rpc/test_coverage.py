@@ -81,6 +81,9 @@ def _servers(module: Any) -> Any:
         def local(self, l: Any) -> dict[str, Any]:  # noqa: E741 - the schema's name
             return {"c": l.c, "p": {"x": l.p.x * 2, "y": l.p.y}}
 
+        async def call(self, ping: Any) -> int:
+            return int((await ping.ping()).n)
+
         def both(self) -> Both:
             return self.two
 
@@ -116,6 +119,7 @@ async def _exercise(kernel: capbus.Kernel, module: Any, client_of: Any) -> None:
                 await both.b()
                 await both.ab()
                 assert server.two.heard == ["a", "b", "ab"]
+                assert (await cov.call(ping=Ping(3))).n == 3  # (a server for a Ping param)
     finally:
         await server_peer.aclose()
         await client_peer.aclose()
@@ -138,6 +142,34 @@ async def test_the_constructs_work_with_generated_modules_that_mypy_checks(
     mypy = [sys.executable, "-m", "mypy", "--strict", "--cache-dir", cache, "user.py"]
     checked = subprocess.run(mypy, capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert checked.returncode == 0, checked.stdout + checked.stderr
+    # A server of another interface where a Box is due, returned or passed: mypy says so.
+    (tmp_path / "wrong.py").write_text(WRONG)
+    mypy[-1] = "wrong.py"
+    refused = subprocess.run(mypy, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    assert refused.stdout.count("error:") == 2, refused.stdout
+    assert 'Return type "Ping" of "boxed" incompatible' in refused.stdout, refused.stdout
+    assert 'Argument "ping" to "__call__" of "CallMethod" has incompatible type "Cov"' in refused.stdout
+
+
+WRONG = """
+from __future__ import annotations
+import coverage_capnp
+
+
+class Ping(coverage_capnp.Ping.Server):
+    def ping(self) -> int:
+        return 1
+
+
+class Cov(coverage_capnp.Cov.Server):
+    def boxed(self) -> Ping:
+        return Ping()
+
+
+async def use(cov: coverage_capnp.Cov) -> None:
+    await cov.call(ping=Cov())
+"""
 
 
 USER = """
