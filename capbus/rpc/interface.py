@@ -10,11 +10,13 @@ generated stubs.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import capnp
 
+from .annotations import ATTRIBUTE, read
 from .layout import FieldKind, StructLayout, brand_of, layout_of
 from .naming import python_name, renamed
 
@@ -111,6 +113,8 @@ class SchemaModule:
         from .client import client_class
         from .server import server_class
 
+        name_of = _names_by_id(module)
+        setattr(self, ATTRIBUTE, read(module.schema.node, name_of))
         for name in dir(module):
             if name.startswith("_") or name == "schema":
                 continue
@@ -120,13 +124,40 @@ class SchemaModule:
                 if not callable(value):  # a constant: a number, Text, Data, a list or a struct
                     setattr(self, name, str(value) if type(value).__name__ == "_DynamicEnum" else value)
                 continue
+            found = read(schema.node, name_of)
             if schema.node.which() == "interface":
                 interface = interface_of(schema)
                 kind = type(name, (), {"Client": client_class(interface), "Server": server_class(interface)})
                 kind.interface = interface  # type: ignore[attr-defined]
+                setattr(kind, ATTRIBUTE, found)
                 setattr(self, name, kind)
             else:
+                try:
+                    setattr(value, ATTRIBUTE, found)
+                except (AttributeError, TypeError):
+                    pass  # (a pycapnp type that takes no attributes: annotations via pycapnp)
                 setattr(self, name, value)
+
+
+def _names_by_id(module: Any) -> Callable[[int], str]:
+    """Annotation id -> name, for the annotations declared at the top of this file or of
+    any file pycapnp has loaded (those this one imports among them)."""
+    import capnp
+
+    names: dict[int, str] = {}
+    parser = getattr(capnp.lib.capnp, "_global_schema_parser", None)
+    files = [module, *getattr(parser, "modules_by_id", {}).values()]
+    for loaded in files:
+        node = getattr(getattr(loaded, "schema", None), "node", None)
+        if node is None or node.which() != "file":
+            continue
+        for nested in node.nestedNodes:
+            names.setdefault(int(nested.id), str(nested.name))
+
+    def name_of(annotation_id: int) -> str:
+        return names.get(annotation_id, f"@{annotation_id:#x}")
+
+    return name_of
 
 
 def load(path: str | os.PathLike[str], imports: list[str] | None = None) -> SchemaModule:

@@ -177,3 +177,41 @@ def test_generated_stubs_make_real_calls(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "round trip ok" in result.stdout
+
+
+def test_generated_code_holds_any_value_and_file_name_safely(tmp_path: Path) -> None:
+    """Constants, annotations and file names become literals and docstrings in the
+    generated module: quotes, backslashes, newlines, non-finite floats and a file name that
+    tries to end the docstring must neither break the module nor run anything."""
+    directory = tmp_path / 'we"""ird \\ dir'
+    directory.mkdir()
+    name = 'x"""; raise SystemExit(3) #'
+    schema = directory / f"{name}.capnp"
+    schema.write_text(
+        "@0xd1e2f3a4b5c6d7e8;\n"
+        "annotation tag(*) :Text;\n"
+        'const tricky :Text = "it\'s \\"quoted\\"\\n\\\\ and \\"\\"\\" done";\n'
+        "const notANumber :Float64 = nan;\n"
+        "const infinite :Float32 = inf;\n"
+        "const negative :Float64 = -inf;\n"
+        'const blob :Data = "\\x00\\xff";\n'
+        'struct S $tag("a \\"\\"\\" b") { a @0 :Text; }\n'
+    )
+    output = tmp_path / "safe_capnp.py"
+    result = subprocess.run(
+        [sys.executable, "-m", "capbus", "compile", str(schema), "-o", str(output)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    probe = (
+        "import math, safe_capnp as m\n"
+        'assert m.tricky == \'it\\\'s "quoted"\\n\\\\ and """ done\', repr(m.tricky)\n'
+        "assert math.isnan(m.notANumber) and m.infinite == float('inf') and m.negative == -float('inf')\n"
+        "assert m.blob == b'\\x00\\xff'\n"
+        "assert m.S.capnp_annotations == {'tag': 'a \"\"\" b'}, m.S.capnp_annotations\n"
+        "print('ok')\n"
+    )
+    ran = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=tmp_path)
+    assert ran.returncode == 0 and ran.stdout == "ok\n", ran.stdout + ran.stderr

@@ -196,6 +196,15 @@ async def use(cov: coverage_capnp.Cov) -> int:
 """
 
 
+def test_annotations_are_read_from_the_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert schema.Cov.capnp_annotations == {"note": "the interface"}
+    assert schema.Ping.capnp_annotations == {}
+    monkeypatch.syspath_prepend(str(tmp_path))
+    compile_and_import(HERE / "coverage_types.capnp", tmp_path)
+    module, _ = compile_and_import(HERE / "coverage.capnp", tmp_path)
+    assert module.Cov.capnp_annotations == {"note": "the interface"}
+
+
 def test_constants_are_read_from_the_module() -> None:
     assert (types.maxSize, types.greeting) == (1024, "hello")
     assert (types.origin.x, types.origin.y, str(types.origin.color)) == (0, 0, "green")
