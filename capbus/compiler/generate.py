@@ -217,6 +217,7 @@ class _Generator:
 
             from collections.abc import Awaitable, Mapping, Sequence
             from typing import TYPE_CHECKING, Any, ClassVar, Final, Literal, Protocol, TypeAlias, cast
+            from typing import TypedDict
 
             from capbus.rpc import client as _client
             from capbus.rpc import errors as _errors
@@ -426,9 +427,13 @@ class _Generator:
         self.emit(f"interface = _schema.interface({node.id:#x})", 2)
         for method in node.interface.methods:
             self._server_method(name, method.name, interface.methods[method.name])
+        for method in node.interface.methods:
+            self._returned_dict(method.name, interface.methods[method.name])
         taken = {"Server", "interface"}
         for method in node.interface.methods:
-            taken |= {f"{_camel(method.name)}{suffix}" for suffix in ("Method", "Promise", "Results")}
+            taken |= {
+                f"{_camel(method.name)}{suffix}" for suffix in ("Method", "Promise", "Results", "Returned")
+            }
         self._nested_aliases(node.id, 1, taken)
 
     def _params(self, param_type: Any, *, write: bool) -> list[tuple[str, str, str, bool]]:
@@ -497,19 +502,39 @@ class _Generator:
             self.emit(f"def {python_name(raw.name)}(self) -> {typ}:", 2)
             self.emit(f'return cast("{typ}", self._pipelined({raw.name!r}))', 3)
 
+    def _returned_dict(self, name: str, parsed: Any) -> None:
+        """``MReturned``: the results a handler may return, as a TypedDict (every field
+        optional, as results are; a renamed field under both of its spellings)."""
+        results = parsed.result_type
+        if results.node.id == STREAM_RESULT_ID or not results.node.struct.fields:
+            return
+        items = []
+        for raw, field_schema in zip(results.node.struct.fields, results.fields_list, strict=True):
+            typ = (
+                "Mapping[str, Any]"
+                if raw.which() == "group"
+                else self.write_type(raw.slot.type, field_schema)
+            )
+            for key in dict.fromkeys((raw.name, python_name(raw.name))):
+                items.append(f"{key!r}: {typ!r}")  # (a string: classes defined later are named)
+        camel = f"{_camel(name)}Returned"
+        self.emit("")
+        self.emit(f'{camel} = TypedDict("{camel}", {{{", ".join(items)}}}, total=False)', 1)
+
     def _server_method(self, owner: str, name: str, parsed: Any) -> None:
         params = self._params(parsed.param_type, write=False)
         results = parsed.result_type
         if results.node.id == STREAM_RESULT_ID or not results.node.struct.fields:
             returns = "None"
-        elif len(results.node.struct.fields) == 1:
-            raw, field_schema = results.node.struct.fields[0], results.fields_list[0]
-            single = "Any" if raw.which() == "group" else self.write_type(raw.slot.type, field_schema)
-            returns = (
-                "Mapping[str, Any]" if single == "Mapping[str, Any]" else f"Mapping[str, Any] | {single}"
-            )
         else:
-            returns = "Mapping[str, Any]"
+            # The results as a dict whose keys and values mypy checks (a TypedDict).
+            returned = f"{owner}.{_camel(name)}Returned"
+            if len(results.node.struct.fields) == 1:
+                raw, field_schema = results.node.struct.fields[0], results.fields_list[0]
+                single = "Any" if raw.which() == "group" else self.write_type(raw.slot.type, field_schema)
+                returns = f"{returned} | {single}"
+            else:
+                returns = returned
         # A union's members are passed only when set: the one set is, the others are not.
         signature = "".join(f", {py}: {typ}{' | None = None' * union}" for _, py, typ, union in params)
         star = ", *" if params else ""

@@ -34,8 +34,17 @@ class Shapes(shapes_capnp.Shapes.Server):
     def list(self) -> Mapping[str, Any]:
         return {"files": ["a", "b"], "total": 2}
 
-    def listing(self) -> Mapping[str, Any]:
+    def listing(self) -> shapes_capnp.Shapes.ListingReturned:
         return {"files": ["c"], "total": 1}
+"""
+
+WRONG_SHAPE = """
+from __future__ import annotations
+import shapes_capnp
+
+class Shapes(shapes_capnp.Shapes.Server):
+    def listing(self) -> shapes_capnp.Shapes.ListingReturned:
+        return {"files": ["c"], "totl": 1}
 """
 
 
@@ -89,3 +98,8 @@ async def test_with_a_generated_module_whose_signatures_a_handler_can_follow(
     mypy = [sys.executable, "-m", "mypy", "--strict", "--cache-dir", cache, "user_server.py"]
     checked = subprocess.run(mypy, capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert checked.returncode == 0, checked.stdout + checked.stderr
+    # Results of the wrong shape (a misspelt field) fail mypy: they are a TypedDict.
+    (tmp_path / "wrong_shape.py").write_text(WRONG_SHAPE)
+    mypy[-1] = "wrong_shape.py"
+    refused = subprocess.run(mypy, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert refused.returncode == 1 and 'Extra key "totl" for TypedDict "ListingReturned"' in refused.stdout
