@@ -11,8 +11,10 @@ time. Output is deterministic: the same schema gives the same bytes.
 
 from __future__ import annotations
 
+import keyword
 import math
 import os
+import re
 import textwrap
 from collections.abc import Iterable
 from typing import Any
@@ -21,9 +23,9 @@ import capnp
 
 from ..rpc.annotations import ATTRIBUTE, read
 from ..rpc.envelope import FD_STRUCT_ID, import_path
-from ..rpc.interface import _names_by_id
+from ..rpc.interface import _names_by_id, const_value
 from ..rpc.naming import python_name
-from ..rpc.schemacheck import check
+from ..rpc.schemacheck import parse
 
 STREAM_RESULT_ID = 0x995F9A3377C0B16E
 _NOT_IN_UNION = 0xFFFF
@@ -61,7 +63,7 @@ class _Generator:
         for nested in parsed.node.nestedNodes:
             child = parsed.get_nested(nested.name)
             node = child.node
-            name = "_".join([*path, nested.name])
+            name = _module_level("_".join([*path, nested.name]))
             kind = node.which()
             struct = None
             if kind == "struct":
@@ -175,8 +177,8 @@ class _Generator:
         if not path or file_name == self.source_path:
             return fallback
         module = _module_name(file_name)
-        if module == "schema_capnp" or file_name.startswith("/capnp/") or file_name.startswith("capnp/"):
-            return fallback  # (Cap'n Proto's own schemas have no generated modules)
+        if module == "schema_capnp" or file_name.lstrip("/").startswith(("capnp/", "capbus/")):
+            return fallback  # (Cap'n Proto's and capbus's own schemas have no generated modules)
         alias = self.imported.setdefault(module, f"_{module}")
         return f"{alias}.{path.replace('.', '_')}"
 
@@ -287,17 +289,19 @@ class _Generator:
         """The file's constants, as typed module constants (structs and lists as the plain
         values a call takes them in)."""
         for name, node in self.constants:
-            value = getattr(self.module, name)
+            # (from its own node: the pycapnp module's attribute of a name like ``schema`` is
+            # something else)
+            value = const_value(self.module.schema.get_nested(name), name)
             kind = node.const.type.which()
             if kind == "void":
                 continue
+            value = _plain_constant(value)
             if kind == "enum":
-                literal, value = self.names.get(node.const.type.enum.typeId, "str"), str(value)
-                typ = literal
+                typ = self.names.get(node.const.type.enum.typeId, "str")
             elif kind == "struct":
-                typ, value = "Mapping[str, Any]", value.to_dict()
+                typ = "Mapping[str, Any]"
             elif kind == "list":
-                typ, value = "Sequence[Any]", [v.to_dict() if hasattr(v, "to_dict") else v for v in value]
+                typ = "Sequence[Any]"
             elif kind == "anyPointer":
                 continue
             else:
@@ -309,7 +313,8 @@ class _Generator:
                     "float64": "float",
                 }.get(kind, "int")
             self.emit("")
-            self.emit(f"{python_name(name)}: Final[{typ}] = {_literal(value)}")
+            spelled = name + "_" if keyword.iskeyword(name) else _module_level(name)
+            self.emit(f"{spelled}: Final[{typ}] = {_literal(value)}")
 
     def _interface_order(self) -> list[Any]:
         """Interfaces in an order Python can define them: every base before the interfaces
@@ -366,7 +371,8 @@ class _Generator:
             self.emit("", indent)
             self.emit("@property", indent + 1)
             if raw.which() == "group":
-                group_name = f"{name}_{_camel(raw.name)}"
+                # (the field's own spelling: a nested type Foo.Bar is Foo_Bar, a group bar Foo_bar)
+                group_name = f"{name}_{raw.name}"
                 self.names.setdefault(parsed.schema.node.id, group_name)
                 self.emit(f"def {attr}(self) -> {group_name}:", indent + 1)
                 self.emit(f"return {group_name}(getattr(self._view, {attr!r}))", indent + 2)
@@ -579,6 +585,45 @@ def _escaped(text: str) -> str:
     return text.encode("unicode_escape").decode("ascii").replace('"', '\\"').replace("'", "\\'")
 
 
+_MODULE_NAMES = frozenset(
+    {
+        "annotations",
+        "TYPE_CHECKING",
+        "Any",
+        "ClassVar",
+        "Final",
+        "Literal",
+        "Protocol",
+        "TypeAlias",
+        "TypedDict",
+    }
+    | {"cast", "Awaitable", "Mapping", "Sequence"}
+)
+"""What a generated module binds for itself at its top level (its imports)."""
+
+
+def _module_level(name: str) -> str:
+    """A schema name as the generated module binds it at its top level: with a trailing
+    underscore if the module's own imports have it (a constant named ``cast``, a struct
+    ``Mapping``), which no schema name can have."""
+    return name + "_" if name in _MODULE_NAMES else name
+
+
+def _plain_constant(value: Any) -> Any:
+    """A constant as plain Python values: structs as dicts, lists as lists, enums as their
+    names, all the way down."""
+    kind = type(value).__name__
+    if kind == "_DynamicEnum":
+        return str(value)
+    if hasattr(value, "to_dict"):
+        return _plain_constant(value.to_dict())
+    if isinstance(value, dict):
+        return {k: _plain_constant(v) for k, v in value.items()}
+    if kind.startswith("_DynamicList") or isinstance(value, list):
+        return [_plain_constant(v) for v in value]
+    return value
+
+
 def _literal(value: object) -> str:
     """Python source for a constant's or annotation's value: repr, but a float that is not
     finite (a schema may say nan or inf) as an expression that makes it."""
@@ -600,18 +645,17 @@ _CONSTANT_TYPES = {"bool": "bool", "text": "str", "data": "bytes", "float32": "f
 
 
 def _module_name(schema_file: str) -> str:
-    """The generated module's name for a schema file (as ``capbus compile`` names it)."""
-    stem = os.path.splitext(os.path.basename(schema_file))[0].replace("-", "_")
-    return f"{stem}_capnp"
+    """The generated module's name for a schema file (as ``capbus compile`` names it): an
+    identifier (``base.v1.capnp`` -> ``base_v1_capnp``, ``2d.capnp`` -> ``_2d_capnp``)."""
+    stem = re.sub(r"\W", "_", os.path.splitext(os.path.basename(schema_file))[0], flags=re.ASCII)
+    return f"{'_' * stem[:1].isdigit()}{stem}_capnp"
 
 
 def generate(schema_path: str | os.PathLike[str], imports: Iterable[str] = ()) -> str:
     """The typed module's source for a .capnp file."""
     capnp.remove_import_hook()
     path = os.fspath(schema_path)
-    directories = [*imports, *import_path()]
-    check(path, directories)  # (a SchemaError here, rather than pycapnp aborting the process)
-    module = capnp.load(path, imports=directories)
+    module = parse(path, [*imports, *import_path()])  # (checked, as capbus.load does)
     generator = _Generator(module, os.path.basename(path))
     generator.collect()
     return generator.render()
@@ -625,11 +669,11 @@ def generate_file(
     """Writes the module (default: ``<schema stem>_capnp.py`` next to the schema; into
     ``output`` under that name if it is a directory); returns its path."""
     source = generate(schema_path, imports)
-    stem = os.path.splitext(os.path.basename(os.fspath(schema_path)))[0].replace("-", "_")
+    name = _module_name(os.fspath(schema_path)) + ".py"
     if output is None:
-        output = os.path.join(os.path.dirname(os.fspath(schema_path)), f"{stem}_capnp.py")
+        output = os.path.join(os.path.dirname(os.fspath(schema_path)), name)
     elif os.path.isdir(output):
-        output = os.path.join(output, f"{stem}_capnp.py")
+        output = os.path.join(output, name)
     with open(output, "w") as out:
         out.write(source)
     return os.fspath(output)

@@ -17,7 +17,7 @@ from typing import Any
 import capnp
 
 from .annotations import ATTRIBUTE, read
-from .layout import FieldKind, StructLayout, brand_of, layout_of
+from .layout import FieldKind, StructLayout, layout_of, schema_key
 from .naming import python_name, renamed
 
 STREAM_RESULT_ID = 0x995F9A3377C0B16E  # stream.capnp StreamResult: the results of `-> stream`
@@ -58,20 +58,26 @@ class Interface:
         return interface_id == self.id or any(s.implements(interface_id) for s in self.superclasses)
 
 
+_interfaces_by_object: dict[int, tuple[Any, Interface]] = {}
 _interfaces: dict[Any, Interface] = {}
 """By node id; a generic interface's by (node id, brand): Box(Ping) and Box(Pong) differ."""
 
 
 def interface_of(schema: Any) -> Interface:
     """The :class:`Interface` of a pycapnp interface schema (``Foo.schema``), cached by id."""
+    known = _interfaces_by_object.get(id(schema))
+    if known is not None and known[0] is schema:
+        return known[1]
     node = schema.node
-    key = (node.id, brand_of(schema)) if node.isGeneric else node.id
+    key = schema_key(schema)
     cached = _interfaces.get(key)
     if cached is not None:
+        _interfaces_by_object[id(schema)] = (schema, cached)
         return cached
     supers = tuple(interface_of(s) for s in schema.superclasses)
     interface = Interface(node.id, node.displayName.split(":")[-1], schema, superclasses=supers)
     _interfaces[key] = interface
+    _interfaces_by_object[id(schema)] = (schema, interface)  # (the schema kept: its id stays its own)
     for parent in supers:  # inherited first, so that an override by name wins
         interface.methods.update(parent.methods)
         interface.by_key.update(parent.by_key)
@@ -105,38 +111,65 @@ def _single_struct(results: StructLayout) -> bool:
 
 
 class SchemaModule:
-    """What :func:`load` returns: the schema's types, interfaces with Client and Server."""
+    """What :func:`load` returns: the schema's types (nested ones as attributes of their
+    scope), interfaces with Client and Server, constants (by the naming rule: a constant
+    ``schema`` is ``schema_``), annotations (``capnp_annotations``)."""
 
     def __init__(self, module: Any) -> None:
         self.pycapnp = module
         """The pycapnp module (its structs build and read plain messages)."""
-        from .client import client_class
-        from .server import server_class
-
         name_of = _names_by_id(module)
         setattr(self, ATTRIBUTE, read(module.schema.node, name_of))
-        for name in dir(module):
-            if name.startswith("_") or name == "schema":
-                continue
-            value = getattr(module, name)
-            schema = getattr(value, "schema", None)
-            if schema is None or not hasattr(schema, "node"):
-                if not callable(value):  # a constant: a number, Text, Data, a list or a struct
-                    setattr(self, name, str(value) if type(value).__name__ == "_DynamicEnum" else value)
-                continue
-            found = read(schema.node, name_of)
-            if schema.node.which() == "interface":
-                interface = interface_of(schema)
-                kind = type(name, (), {"Client": client_class(interface), "Server": server_class(interface)})
-                kind.interface = interface  # type: ignore[attr-defined]
-                setattr(kind, ATTRIBUTE, found)
-                setattr(self, name, kind)
-            else:
-                try:
-                    setattr(value, ATTRIBUTE, found)
-                except (AttributeError, TypeError):
-                    pass  # (a pycapnp type that takes no attributes: annotations via pycapnp)
-                setattr(self, name, value)
+        _fill(self, module, module.schema, name_of)
+
+
+def const_value(parsed: Any, name: str) -> Any:
+    """A constant's value (``parsed``: its parsed schema); a SchemaError for Text that is not
+    UTF-8, which the compiler lets through and pycapnp cannot read."""
+    try:
+        return parsed.as_const_value()
+    except UnicodeDecodeError:
+        from .schemacheck import SchemaError
+
+        where = str(parsed.node.displayName).rpartition(":")[0]
+        raise SchemaError(f"{where}: constant {name}: its Text is not UTF-8") from None
+
+
+def _fill(target: object, scope: Any, parsed: Any, name_of: Callable[[int], str]) -> None:
+    """Sets on ``target`` the types and constants declared in ``parsed`` (a pycapnp parsed
+    schema: a file, or a type with nested declarations), ``scope`` being pycapnp's object
+    for it; recursively for nested declarations."""
+    from .client import client_class
+    from .server import server_class
+
+    for nested in parsed.node.nestedNodes:
+        name = str(nested.name)
+        child = parsed.get_nested(name)
+        kind = child.node.which()
+        if kind == "const":
+            value = const_value(child, name)
+            setattr(
+                target, python_name(name), str(value) if type(value).__name__ == "_DynamicEnum" else value
+            )
+            continue
+        if kind not in ("struct", "interface", "enum"):
+            continue  # (an annotation declaration)
+        value = getattr(scope, name)
+        found = read(child.node, name_of)
+        if kind == "interface":
+            interface = interface_of(value.schema)
+            made: Any = type(name, (), {"Client": client_class(interface), "Server": server_class(interface)})
+            made.interface = interface
+            setattr(made, ATTRIBUTE, found)
+            _fill(made, value, child, name_of)
+            setattr(target, name, made)
+            continue
+        try:
+            setattr(value, ATTRIBUTE, found)
+            _fill(value, value, child, name_of)  # (nested interfaces with capbus's classes)
+        except (AttributeError, TypeError):
+            pass  # (a pycapnp type that takes no attributes: its nested types as pycapnp has them)
+        setattr(target, name, value)
 
 
 def _names_by_id(module: Any) -> Callable[[int], str]:
@@ -166,10 +199,10 @@ def load(path: str | os.PathLike[str], imports: list[str] | None = None) -> Sche
     SchemaError (capbus.rpc.schemacheck) with the compiler's message for a schema it
     refuses, FileNotFoundError for a missing file."""
     from .envelope import import_path
-    from .schemacheck import check, is_own_schema
+    from .schemacheck import is_own_schema, parse
 
     directories = [*(imports or []), *import_path()]
-    if not is_own_schema(path):  # (capbus's own are known good, and loaded in sandboxed children)
-        check(path, directories)  # (a SchemaError here, rather than pycapnp aborting the process)
-    capnp.remove_import_hook()
-    return SchemaModule(capnp.load(os.fspath(path), imports=directories))
+    if is_own_schema(path):  # (capbus's own are known good, and loaded in sandboxed children)
+        capnp.remove_import_hook()
+        return SchemaModule(capnp.load(os.path.realpath(path), imports=directories))
+    return SchemaModule(parse(path, directories))

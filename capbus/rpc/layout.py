@@ -9,6 +9,7 @@ union discriminant that selects it. Layouts are cached by node id, so recursive 
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -64,7 +65,7 @@ class StructLayout:
 
 
 _layouts: dict[Any, StructLayout] = {}
-"""By node id; a generic struct's by (node id, brand): Box(Ping)'s value is a Ping."""
+"""By schema_key: node id and shape, and a generic struct's brand (Box(Ping)'s value is a Ping)."""
 _layouts_by_object: dict[int, tuple[Any, StructLayout]] = {}
 
 
@@ -75,7 +76,7 @@ def layout_of(schema: Any) -> StructLayout:
     if known is not None and known[0] is schema:
         return known[1]
     node = schema.node
-    key = (node.id, brand_of(schema)) if node.isGeneric else node.id
+    key = schema_key(schema)
     cached = _layouts.get(key)
     if cached is not None:
         _layouts_by_object[id(schema)] = (schema, cached)
@@ -116,21 +117,51 @@ def _bound(raw: Any, parsed: Any) -> Any:
     return bound if hasattr(bound, "node") else None
 
 
-def brand_of(schema: Any) -> tuple[int | None, ...]:
-    """What a generic struct's (or interface's) parameters are bound to in ``schema``: the
-    ids of the types its parameter fields resolve to (None where unbound)."""
+def brand_of(schema: Any, depth: int = 0) -> tuple[Any, ...]:
+    """What a generic struct's (or interface's) parameters are bound to in ``schema``: for
+    each parameter field, the id of the type it resolves to and, if that type is generic
+    too, its own brand (Box(Box(Ping)) is not Box(Box(Pong))); None where unbound."""
+    if depth > _BRAND_DEPTH:
+        raise ValueError(f"{schema.node.displayName}: generic brands nested over {_BRAND_DEPTH} deep")
     if schema.node.which() == "interface":
-        out: list[int | None] = []
+        out: list[Any] = []
         for method in schema.node.interface.methods:
             parsed = schema.methods[method.name]
-            out.extend(brand_of(parsed.param_type))
-            out.extend(brand_of(parsed.result_type))
+            out.extend(brand_of(parsed.param_type, depth + 1))
+            out.extend(brand_of(parsed.result_type, depth + 1))
         return tuple(out)
-    return tuple(
-        None if (bound := _bound(raw, parsed)) is None else int(bound.node.id)
-        for raw, parsed in zip(schema.node.struct.fields, schema.fields_list, strict=True)
-        if raw.which() == "slot" and raw.slot.type.which() == "anyPointer"
-    )
+    out = []
+    for raw, parsed in zip(schema.node.struct.fields, schema.fields_list, strict=True):
+        if raw.which() != "slot" or raw.slot.type.which() != "anyPointer":
+            continue
+        bound = _bound(raw, parsed)
+        if bound is None:
+            out.append(None)
+        elif bound.node.isGeneric:
+            out.append((int(bound.node.id), brand_of(bound, depth + 1)))
+        else:
+            out.append(int(bound.node.id))
+    return tuple(out)
+
+
+_BRAND_DEPTH = 64
+
+
+def schema_key(schema: Any) -> Any:
+    """What a layout or an interface is cached by: the node's id, its shape (two versions of
+    one schema, same ids, are two things: a generated module made from one, the other
+    loaded) and, for a generic, its brand."""
+    node = schema.node
+    key = (node.id, _shape(node))
+    return (*key, brand_of(schema)) if node.isGeneric else key
+
+
+def _shape(node: Any) -> bytes:
+    """A digest of a schema node, less the file path it was read from."""
+    builder = node.as_builder()
+    builder.displayName = builder.displayName.rpartition(":")[2]
+    builder.displayNamePrefixLength = 0
+    return hashlib.blake2b(builder.to_bytes(), digest_size=16).digest()
 
 
 def _slot_field(raw: Any, parsed: Any, discriminant: int | None) -> FieldLayout:

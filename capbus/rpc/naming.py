@@ -27,9 +27,13 @@ RESERVED = frozenset(
         "bound",
         "aclose",
         "send",
-        # a handler's first parameter, and a struct reader's own methods
+        # a handler's first parameter, and a struct reader's own attributes
         "self",
         "which",
+        "view",
+        "pycapnp",
+        "schema",
+        "to_dict",
     }
 )
 

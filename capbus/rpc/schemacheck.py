@@ -81,12 +81,14 @@ def compiler() -> str | None:
     return shutil.which("capnp")
 
 
-_RELATIVE_LOCATION = re.compile(r"^(?!/)([^:\n]+\.capnp):(\d+)", re.MULTILINE)
+_RELATIVE_LOCATION = re.compile(r"^(?!/)([^\n]*?\.capnp):(\d+):", re.MULTILINE)
 
 
-def check(path: str | os.PathLike[str], imports: Sequence[str]) -> None:
+def check(path: str | os.PathLike[str], imports: Sequence[str]) -> dict[int, str]:
     """Raises SchemaError unless the compiler accepts the schema at ``path`` (and what it
-    imports, searched for in ``imports``); FileNotFoundError if there is no such file."""
+    imports, searched for in ``imports``); FileNotFoundError if there is no such file.
+    Returns the id of every node the compiler read (files, and every type it used) -> the
+    real path of the file that declares it."""
     where = os.path.abspath(os.fspath(path))
     if not os.path.isfile(where):
         raise FileNotFoundError(errno.ENOENT, "no such schema file", where)
@@ -116,9 +118,9 @@ def check(path: str | os.PathLike[str], imports: Sequence[str]) -> None:
         raise SchemaError(f"{where}: cannot be checked: running {binary} failed: {error}") from None
     if result.returncode:
         message = result.stderr.decode("utf-8", "replace").strip()
-        message = _RELATIVE_LOCATION.sub(r"/\1:\2", message)
+        message = _RELATIVE_LOCATION.sub(r"/\1:\2:", message)
         raise SchemaError(message or f"{where}: the compiler failed (exit status {result.returncode})")
-    _check_ids(_file_ids(result.stdout, imports))
+    return _file_ids(result.stdout, imports)
 
 
 def _file_ids(request: bytes, imports: Sequence[str]) -> dict[int, str]:
@@ -126,32 +128,126 @@ def _file_ids(request: bytes, imports: Sequence[str]) -> dict[int, str]:
     compiler names a file by its path less the first "/", it being run from the root, or
     one found through an import directory by its path there)."""
     files: dict[int, str] = {}
+    scopes: dict[int, int] = {}  # node id -> the node it is declared in
     with schema_nodes().CodeGeneratorRequest.from_bytes(
         request, traversal_limit_in_words=len(request)
     ) as parsed:
         for node in parsed.nodes:
             if node.which() != "file":
+                scopes[int(node.id)] = int(node.scopeId)
                 continue
-            name = str(node.displayName)
+            name = _text(node, "displayName")
             candidates = ["/" + name, *(os.path.join(directory, name) for directory in imports)]
             found = next((c for c in candidates if os.path.isfile(c)), None)
             if found is not None:
                 files[int(node.id)] = os.path.realpath(found)
-    return files
+        for requested in parsed.requestedFiles:  # (its imports, used or not)
+            requested_name = _text(requested, "filename")
+            here = os.path.dirname("/" + requested_name)
+            files.setdefault(int(requested.id), os.path.realpath("/" + requested_name))
+            for imported in requested.imports:
+                name = _text(imported, "name")
+                if name.startswith("/"):
+                    candidates = [os.path.join(directory, name[1:]) for directory in imports]
+                else:
+                    candidates = [os.path.join(here, name)]
+                found = next((c for c in candidates if os.path.isfile(c)), None)
+                if found is not None:
+                    files.setdefault(int(imported.id), os.path.realpath(found))
+    nodes = dict(files)
+    for node_id in scopes:
+        scope, depth = node_id, 0
+        while scope in scopes and depth < len(scopes):
+            scope, depth = scopes[scope], depth + 1
+        if scope in files:
+            nodes[node_id] = files[scope]
+    return nodes
 
 
-def _check_ids(files: dict[int, str]) -> None:
-    """Raises SchemaError if a file about to be loaded has the id of another file pycapnp
-    has loaded already in this process (pycapnp aborts the process then)."""
+def _text(reader: Any, field: str) -> str:
+    """A Text field of the compiler's request (a file name): a SchemaError if it is not
+    UTF-8, which pycapnp cannot read either."""
+    try:
+        return str(getattr(reader, field))
+    except UnicodeDecodeError as error:
+        raise SchemaError(
+            f"a schema file name that is not UTF-8 ({error.object!r}): rename the file"
+        ) from None
+
+
+_accepted: dict[int, str] = {}
+"""Node id -> real path of the file that declares it, for every node a checked schema
+brought in (imports included): what pycapnp's parser holds once it is loaded."""
+_parsed_with: dict[str, frozenset[str]] = {}
+"""Real path of every file pycapnp parsed -> the import directories it was parsed under."""
+_modules: dict[str, Any] = {}
+"""Real path of a file loaded -> its pycapnp module."""
+_directories: list[str] = []
+"""Every import directory a load named so far, in order: every load gets them all, so
+that pycapnp (which names a file by its path in the first import directory holding it)
+names each file the same way every time."""
+
+
+def parse(path: str | os.PathLike[str], imports: Sequence[str]) -> Any:
+    """``capnp.load`` of a user schema (its pycapnp module), guarded: checked by the
+    compiler first (SchemaError), and never handed to pycapnp in a way that makes its parser
+    abort the process. pycapnp knows a file by the import directory it was found through,
+    and aborts on a second file with an id it has ("Duplicate ID"): so a file is parsed once
+    (the same real path gives the module it gave before, symlinks and other import
+    directories included), every load is given every import directory named so far, and a
+    file whose ids another file declared, or one pycapnp would now find under another name,
+    is a SchemaError."""
     import capnp
 
-    parser = getattr(capnp.lib.capnp, "_global_schema_parser", None)
-    loaded = getattr(parser, "modules_by_id", None) or {}
-    for file_id, path in files.items():
-        module = loaded.get(file_id)
-        other = getattr(module, "__file__", None)
-        if other is not None and os.path.realpath(other) != path:
+    for directory in imports:
+        if os.path.abspath(directory) not in _directories:
+            _directories.append(os.path.abspath(directory))
+    real = os.path.realpath(os.fspath(path))
+    known = _modules.get(real)
+    if known is not None:
+        return known
+    own = _own_ids()
+    nodes = check(path, _directories)
+    directories = frozenset(_directories)
+    for node_id, file in nodes.items():
+        other = _accepted.get(node_id) or own.get(node_id)
+        if other is not None and other != file:
             raise SchemaError(
-                f"{path}: its id @{file_id:#x} is the id of {other}, loaded already in this"
-                " process: two schema files cannot share an id (make one a new one: capnp id)"
+                f"{file}: the id @{node_id:#x} is declared in {other} too: two schema files cannot"
+                " share an id (give one a new one: capnp id), nor load a copy of capbus's own"
             )
+        before = _parsed_with.get(file)
+        if before is not None and any(
+            file.startswith(d.rstrip(os.sep) + os.sep) for d in directories - before
+        ):
+            raise SchemaError(
+                f"{file}: loaded before without an import directory that holds it, which this"
+                " load names: pycapnp would take it for a second file. Name the same import"
+                " directories from the first load on (capbus.load(..., imports=[...]))"
+            )
+    capnp.remove_import_hook()
+    try:
+        module = capnp.load(real, imports=list(_directories))
+    except UnicodeDecodeError:  # (pycapnp reads every constant: the compiler allows any bytes)
+        raise SchemaError(f"{real}: a Text constant in it is not UTF-8, which pycapnp cannot read") from None
+    _accepted.update(nodes)
+    for file in set(nodes.values()):
+        _parsed_with.setdefault(file, directories)
+    _modules[real] = module
+    return module
+
+
+@functools.cache
+def _own_ids() -> dict[int, str]:
+    """The file ids of capbus's own schemas (a user file with one would make pycapnp abort
+    when capbus loads its own later): read from their id lines."""
+    own: dict[int, str] = {}
+    for directory, _, names in os.walk(schema_directory()):
+        for name in names:
+            if name.endswith(".capnp"):
+                file = os.path.realpath(os.path.join(directory, name))
+                with open(file, encoding="utf-8", errors="replace") as text:
+                    found = re.search(r"^\s*@(0x[0-9a-fA-F]+)\s*;", text.read(), re.MULTILINE)
+                if found:
+                    own[int(found.group(1), 16)] = file
+    return own

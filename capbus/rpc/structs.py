@@ -14,6 +14,7 @@ set twice gets one index, which Cap'n Proto allows.
 from __future__ import annotations
 
 import reprlib
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -360,7 +361,7 @@ class StructReader:
         fields = self._layout.fields
         active = self.which() if self._layout.has_union else None
         return {
-            name: _plain(getattr(self, name))
+            name: _plain(self._read(name, f))
             for name, f in fields.items()
             if f.discriminant is None or name == active
         }
@@ -392,6 +393,11 @@ class StructReader:
             if schema_name is None:
                 return getattr(self._reader, name)
             name, f = schema_name, self._layout.fields[schema_name]  # (as Python spells it: naming.py)
+        return self._read(name, f)
+
+    def _read(self, name: str, f: FieldLayout) -> Any:
+        """Field ``name`` (its layout ``f``) read: what attribute access gives for it, even
+        where the reader has an attribute of that name itself (``view``, ``which``)."""
         if f.discriminant is not None and self._reader.which() != name:
             raise AttributeError(f"{name} is not the union member set (it is {self._reader.which()})")
         if f.kind is FieldKind.ANY_POINTER:
@@ -441,10 +447,18 @@ _REPR.maxstring = _REPR.maxother = 64
 _REPR.maxlevel = 3
 
 
+_describing = threading.local()
+
+
 def describe(struct: StructReader) -> str:
     """A struct's fields for a repr: shortened, and never an exception (a hostile message's
-    field may not read)."""
+    field may not read), nor a walk of more than the repr shows (a repr within one is "...")."""
+    if getattr(_describing, "active", False):
+        return "{...}"
+    _describing.active = True
     try:
         return _REPR.repr(struct.to_dict())
     except Exception as error:  # noqa: BLE001 - a repr must not raise
         return f"(unreadable: {type(error).__name__}: {error})"
+    finally:
+        _describing.active = False

@@ -36,6 +36,9 @@ def sibling(module: str, name: str) -> ModuleType:
     return importlib.import_module(name)
 
 
+_NODE_NESTING = 1 << 16
+
+
 class Schema:
     """The schema nodes a generated module embeds, loaded."""
 
@@ -43,7 +46,8 @@ class Schema:
         self._loader = capnp.SchemaLoader()
         node = schema_nodes().Node
         for blob in nodes:
-            with node.from_bytes(blob) as reader:
+            # (nodes the compiler made: as deep as the schema, past pycapnp's default of 64)
+            with node.from_bytes(blob, nesting_limit=_NODE_NESTING) as reader:
                 self._loader.load_dynamic(reader)
 
     def interface(self, node_id: int) -> Interface:

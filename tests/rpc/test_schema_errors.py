@@ -111,7 +111,9 @@ def test_two_files_sharing_an_id_say_so(tmp_path: Path) -> None:
     second.write_text(GOOD.replace("c5;", "c9;").replace("Greeter", "Other"))
     capbus.load(first)
     capbus.load(first)  # (the same file again: fine)
-    with pytest.raises(SchemaError, match=rf"^{second}: its id @0xbf5147cbbecf40c9 is the id of {first}"):
+    with pytest.raises(
+        SchemaError, match=rf"^{second}: the id @0xbf5147cbbecf40c9 is declared in {first} too"
+    ):
         capbus.load(second)
     result = _compile(str(first), str(second), "-o", str(tmp_path), cwd=tmp_path)
-    assert result.returncode == 1 and "its id @0xbf5147cbbecf40c9 is the id of" in result.stderr
+    assert result.returncode == 1 and "the id @0xbf5147cbbecf40c9 is declared in" in result.stderr
