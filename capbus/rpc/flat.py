@@ -405,6 +405,7 @@ class FlatReader(StructReader):
             return general()
         view = cls.__new__(cls)
         view._segment, view._segments, view._general, view._made = segment, segments, general, False
+        view._blobs = None
         view._data_start, view._data_bytes = start, data_words * _WORD
         view._pointer_start, view._pointer_count = start + data_words * _WORD, pointer_words
         return view

@@ -25,6 +25,8 @@ from .naming import RESERVED
 
 _SHADOWING = RESERVED
 """Field names a pycapnp reader's attribute of its own may shadow (``which``...)."""
+_KEPT_BLOB_BYTES = 4096
+"""Text and Data values larger than this are kept once read (StructReader._blobs)."""
 _DATA_KINDS = (FieldKind.PLAIN, FieldKind.ANY_POINTER)
 
 
@@ -325,14 +327,18 @@ _ANY_CAPABILITY = FieldLayout("capability", FieldKind.CAPABILITY)
 class StructReader:
     """A pycapnp struct reader (over stripped segments) whose capability fields resolve."""
 
-    __slots__ = ("_reader", "_layout", "_table", "_path")
+    __slots__ = ("_reader", "_layout", "_table", "_path", "_blobs")
     _reader: Any
     _layout: StructLayout
     _table: CapTableReader
     _path: Path
+    _blobs: dict[str, Any] | None
+    """Large Text and Data values read already: pycapnp charges every read of a field to
+    the message's one traversal budget, so a large one could be read only a few times."""
 
     def __init__(self, reader: Any, layout: StructLayout, table: CapTableReader, path: Path = ()) -> None:
         self._reader, self._layout, self._table, self._path = reader, layout, table, path
+        self._blobs = None
 
     @property
     def pycapnp(self) -> Any:
@@ -406,7 +412,17 @@ class StructReader:
             held, capability = self._table.any_capability((*self._path, ("p", f.slot)))
             return capability if held else self._raw(name)
         if f.kind in _DATA_KINDS:
-            return str(self._raw(name)) if f.enum else self._raw(name)
+            if f.enum:
+                return str(self._raw(name))
+            blobs = self._blobs
+            if blobs is not None and name in blobs:
+                return blobs[name]
+            value = self._raw(name)
+            if isinstance(value, str | bytes) and len(value) > _KEPT_BLOB_BYTES:
+                if blobs is None:
+                    blobs = self._blobs = {}
+                blobs[name] = value  # (immutable: the same value every time)
+            return value
         if f.kind is FieldKind.FD:
             return self._table.fd(self._raw(name).index) if self._reader._has(name) else None
         if f.kind is FieldKind.CAPABILITY:

@@ -117,3 +117,35 @@ async def test_generated_structs_show_their_fields(kernel: capbus.Kernel, tmp_pa
     finally:
         await server_peer.aclose()
         await client_peer.aclose()
+
+
+async def test_a_large_text_of_a_general_struct_reads_as_often_as_wanted(
+    kernel: capbus.Kernel, tmp_path: Path
+) -> None:
+    """pycapnp charges every read of a field to the message's one traversal budget: a 1 MiB
+    Text of results read through pycapnp (a struct with a list is not flat) could be read
+    only some eight times before "Exceeded message traversal limit"."""
+    from capbus.rpc.vat import open_vat
+
+    schema_file = tmp_path / "big.capnp"
+    schema_file.write_text(
+        "@0xd1e2f3a4b5c6d7f1;\ninterface Big { get @0 () -> (text :Text, tags :List(Text)); }\n"
+    )
+    big: Any = capbus.load(schema_file)
+    text = "x" * (1 << 20)
+
+    class Server(big.Big.Server):  # type: ignore[misc,name-defined]
+        def get(self) -> dict[str, Any]:
+            return {"text": text, "tags": ["a"]}
+
+    server_peer, client_peer = await kernel.connect(), await kernel.connect()
+    try:
+        async with open_vat(server_peer) as server_vat, open_vat(client_peer) as client_vat:
+            handle = await server_peer.transfer(await server_vat.export(Server()), client_peer)
+            results = await client_vat.client(handle, big.Big).get()
+            with trio.fail_after(TIMEOUT):
+                for _ in range(30):
+                    assert results.text == text
+    finally:
+        await server_peer.aclose()
+        await client_peer.aclose()
