@@ -190,6 +190,8 @@ class Vat:
         self._queue_bounds = QueueBounds(
             max_queued_calls, max_queued_bytes_per_caller, max_queued_capabilities_per_caller, uid_share
         )
+        self.max_send_bytes = engine.max_message_bytes
+        """Messages larger than this are not sent (open_vat's max_send_bytes)."""
         self.max_exports_per_caller = max_exports_per_caller
         """Objects of this vat one caller (engine.Caller) may hold from its returns: past it,
         a return that would hand out another fails with Overloaded, so that a caller that
@@ -623,6 +625,7 @@ class Vat:
                 self._nursery.start_soon(self._call_local, client.server, method, params)
         outcome: dict[int, RpcError | None] = {}
         if remote:
+            self._check_size(encoded)
             handles = await self._handles_for(encoded.caps)
             self.engine.sending(handles, True)
             try:
@@ -655,6 +658,7 @@ class Vat:
         if not remote:
             await trio.lowlevel.checkpoint()
             return
+        self._check_size(encoded)
         handles = await self._handles_for(encoded.caps)
         self.engine.sending(handles, True)
         try:
@@ -726,6 +730,7 @@ class Vat:
         checkpoint: bool = True,
         charge: _Charge | None = None,
     ) -> None:
+        self._check_size(encoded)
         handles = await self._handles_for(encoded.caps, destination, charge)
         self.engine.sending(handles, True)
         try:
@@ -750,6 +755,17 @@ class Vat:
             raise from_kernel(error) from error
         finally:
             self.engine.sending(handles, False)
+
+    def _check_size(self, encoded: Encoded) -> None:
+        """Raises Failed for a message over max_send_bytes (attached segments counted)."""
+        size = len(encoded.payload)
+        if size > self.max_send_bytes or encoded.attached:
+            size += sum(view.nbytes for view in encoded.attached)
+            if size > self.max_send_bytes:
+                raise Failed(
+                    f"a message of {size} bytes is over this vat's max_send_bytes of {self.max_send_bytes}"
+                    " (open_vat(max_send_bytes=...); its receiver's max_message_bytes must take it too)"
+                )
 
     async def _send_quietly(self, send: Send) -> None:
         destination = send.destination.handle if isinstance(send.destination, Client) else send.destination
@@ -1023,6 +1039,8 @@ class Vat:
     def _send_now(self, destination: int, encoded: Encoded) -> bool:
         """Sends a one-way message if that needs no wait (its objects all have nodes, the
         socket has room); False if it was not sent. A gone receiver counts as sent."""
+        if len(encoded.payload) > self.max_send_bytes or encoded.attached:
+            return False  # (_send says whether it may go)
         try:
             handles = self._handles_now(encoded.caps, destination)
         except RpcError:
@@ -1286,6 +1304,7 @@ async def open_vat(
     max_queued_capabilities_per_caller: int = MAX_QUEUED_CAPABILITIES_PER_CALLER,
     max_queued_bytes_per_caller: int | None = None,
     uid_share: int = UID_SHARE,
+    max_send_bytes: int | None = None,
 ) -> AsyncIterator[Vat]:
     """Runs the RPC endpoint of ``peer`` for the duration of the block. A caller is a
     peer connection, as the kernel attests it (engine.caller_of: the vat asks its peer for
@@ -1300,7 +1319,11 @@ async def open_vat(
 
     A uid can connect many peers, each a caller: all callers of one uid together may take
     ``uid_share`` times each of those per-caller bounds, and run at most half the vat's
-    handlers (or ``max_calls_per_caller``, if that is more)."""
+    handlers (or ``max_calls_per_caller``, if that is more).
+
+    A message this vat would send over ``max_send_bytes`` (default: ``max_message_bytes``,
+    what a vat with the same limits takes) is not sent: a call raises Failed saying so on
+    the caller's side, results become that Failed for their caller."""
     reply_node = (await peer.create_node()).id
     if peer.max_mapped_bytes is None or peer.max_mapped_bytes > max_message_bytes:
         peer.max_mapped_bytes = max_message_bytes  # what the engine would refuse, not mapped
@@ -1330,6 +1353,7 @@ async def open_vat(
             "max_queued_capabilities_per_caller": max_queued_capabilities_per_caller,
         }
         vat = Vat(peer, nursery, engine, **limits, max_queued_bytes_per_caller=max_queued_bytes_per_caller)
+        vat.max_send_bytes = max_message_bytes if max_send_bytes is None else max_send_bytes
         await vat._start()
         try:
             yield vat

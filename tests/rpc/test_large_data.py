@@ -23,11 +23,14 @@ class Sink(schema.Bench.Server):  # type: ignore[misc]
         return len(data)
 
 
-async def _call_with(kernel: capbus.Kernel, limit: int) -> int | errors.RpcError:
+async def _call_with(kernel: capbus.Kernel, limit: int, send_limit: int = 80 << 20) -> int | errors.RpcError:
     server_peer, client_peer = await kernel.connect(), await kernel.connect()
     try:
         with trio.fail_after(60):
-            async with open_vat(server_peer, max_message_bytes=limit) as server, open_vat(client_peer) as vat:
+            async with (
+                open_vat(server_peer, max_message_bytes=limit) as server,
+                open_vat(client_peer, max_send_bytes=send_limit) as vat,
+            ):
                 handle = await server_peer.transfer(await server.export(Sink()), client_peer)
                 sink = vat.client(handle, schema.Bench)
                 try:
@@ -41,6 +44,14 @@ async def _call_with(kernel: capbus.Kernel, limit: int) -> int | errors.RpcError
 
 async def test_a_call_larger_than_64_mib_reaches_a_vat_that_allows_it(kernel: capbus.Kernel) -> None:
     assert await _call_with(kernel, 80 << 20) == SIZE
+
+
+async def test_a_call_over_the_senders_limit_raises_on_the_sending_side(kernel: capbus.Kernel) -> None:
+    """By default a vat sends nothing larger than it would take (max_message_bytes): the
+    caller hears so at once, with the limit, before anything is sent."""
+    refused = await _call_with(kernel, 80 << 20, send_limit=64 << 20)
+    assert isinstance(refused, errors.Failed)
+    assert re.search(rf"a message of \d+ bytes is over this vat's max_send_bytes of {64 << 20}", str(refused))
 
 
 async def test_a_call_over_the_vats_limit_is_refused_saying_so(kernel: capbus.Kernel) -> None:
