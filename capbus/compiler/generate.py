@@ -52,6 +52,11 @@ class _Generator:
         self.lines: list[str] = []
         self._annotation_name = _names_by_id(module)
         self.imported: dict[str, str] = {}  # generated module of an imported file -> its alias here
+        self.type_params: dict[int, list[str]] = {}  # a generic's node id -> its TypeVars here
+        # The generics whose classes are being written (innermost last), and whether in a
+        # class nested in the generic's own: those take the generic's inner TypeVars (a
+        # nested class cannot bind its enclosing class's).
+        self.active: list[tuple[int, bool]] = []
         self.constants: list[tuple[str, Any]] = []  # (name, const node) of this file
 
     # -- collecting ---------------------------------------------------------------------------
@@ -81,6 +86,8 @@ class _Generator:
                 self._add_node(node)
             elif kind == "const" and not path:
                 self.constants.append((nested.name, node))
+            if kind in ("struct", "interface") and node.isGeneric:
+                self.type_params[node.id] = [f"_{name}_{p.name}" for p in node.parameters]
             if kind in ("struct", "interface", "enum"):
                 self.nested.setdefault(parsed.node.id, []).append((nested.name, node.id))
             self._walk_file(child, [*path, nested.name])
@@ -153,14 +160,56 @@ class _Generator:
         if kind == "struct":
             if t.struct.typeId == FD_STRUCT_ID:
                 return "_fds.FileDescriptor"
-            return self.names.get(t.struct.typeId) or self._imported(parsed, "Any")
+            found = self.names.get(t.struct.typeId) or self._imported(parsed, "Any")
+            return self._branded(found, t.struct.typeId, t.struct.brand)
         if kind == "interface":
-            return self.names.get(t.interface.typeId) or self._imported(parsed, "_client.Client")
+            found = self.names.get(t.interface.typeId) or self._imported(parsed, "_client.Client")
+            return self._branded(found, t.interface.typeId, t.interface.brand)
         if kind == "list":
             element = t.list.elementType
             inner = parsed.schema.elementType if element.which() in ("struct", "interface", "enum") else None
             return f"Sequence[{self.read_type(element, _Elem(inner))}]"
+        if kind == "anyPointer" and t.anyPointer.which() == "parameter":
+            # A generic's parameter: its TypeVar within the generic's own classes.
+            scope, index = t.anyPointer.parameter.scopeId, t.anyPointer.parameter.parameterIndex
+            for node_id, inner in reversed(self.active):
+                if node_id == scope and scope in self.type_params:
+                    return str(self.type_params[scope][int(index)]) + "_" * inner
         return "Any"
+
+    def _branded(self, name: str, type_id: int, brand: Any) -> str:
+        """``name`` of a generic type with the arguments ``brand`` binds (Any where it binds
+        none; its own TypeVars where it inherits them, inside its own classes)."""
+        variables = self.type_params.get(type_id)
+        if variables is None or name in ("Any", "str", "_client.Client"):
+            return name
+        args = ["Any"] * len(variables)
+        for scope in brand.scopes:
+            if scope.scopeId != type_id:
+                continue
+            if scope.which() == "bind":
+                for i, binding in enumerate(scope.bind):
+                    if i < len(args) and binding.which() == "type":
+                        try:
+                            args[i] = self.read_type(binding.type, None)
+                        except Exception:  # noqa: BLE001 - a binding this cannot name: Any
+                            args[i] = "Any"
+            else:
+                for node_id, inner in reversed(self.active):
+                    if node_id == type_id:
+                        args = [v + "_" * inner for v in variables]
+                        break
+        return f"{name}[{', '.join(args)}]"
+
+    def _generic_base(self, node_id: int, inner: bool = False) -> str:
+        """``, Generic[...]`` for a generic's classes (or nothing)."""
+        variables = self.type_params.get(node_id)
+        return f", Generic[{', '.join(v + '_' * inner for v in variables)}]" if variables else ""
+
+    def _arguments_of(self, node_id: int, inner: bool = False) -> str:
+        """``[TypeVars...]`` to name a generic's own classes inside it (or nothing)."""
+        variables = self.type_params.get(node_id)
+        return f"[{', '.join(v + '_' * inner for v in variables)}]" if variables else ""
 
     def _imported(self, parsed: Any, fallback: str) -> str:
         """The name of a type declared in another schema file, in that file's generated
@@ -189,12 +238,15 @@ class _Generator:
             if t.struct.typeId == FD_STRUCT_ID:
                 return "int | _HasFileno"
             return "Mapping[str, Any]"
+        if kind == "anyPointer":
+            variable = self.read_type(t, parsed)  # (a generic's parameter: a server object too)
+            return variable if variable == "Any" else f"{variable} | _server.Server"
         if kind == "interface":
             client = self.read_type(t, parsed)
             # A server passed for it must implement that interface (not any server).
-            return (
-                f"{client} | {client}.Server" if client != "_client.Client" else f"{client} | _server.Server"
-            )
+            base, bracket, args = client.partition("[")
+            server = f"{base}.Server{bracket}{args}" if client != "_client.Client" else "_server.Server"
+            return f"{client} | {server}"
         if kind == "list":
             element = t.list.elementType
             inner = parsed.schema.elementType if element.which() in ("struct", "interface", "enum") else None
@@ -219,7 +271,7 @@ class _Generator:
 
             from collections.abc import Awaitable, Mapping, Sequence
             from typing import TYPE_CHECKING, Any, ClassVar, Final, Literal, Protocol, TypeAlias, cast
-            from typing import TypedDict
+            from typing import Generic, TypedDict, TypeVar
 
             from capbus.rpc import client as _client
             from capbus.rpc import errors as _errors
@@ -243,6 +295,10 @@ class _Generator:
         self.emit(")", 1)
         self.emit(")")
         imports_at = len(self.lines)
+        for variables in self.type_params.values():
+            for variable in variables:
+                self.emit(f'{variable} = TypeVar("{variable}")')
+                self.emit(f'{variable}_ = TypeVar("{variable}_")')
         self.emit("")
         self.emit(
             f"{ATTRIBUTE}: dict[str, object] = {read(self.module.schema.node, self._annotation_name)!r}"
@@ -355,9 +411,26 @@ class _Generator:
                 self.emit("", indent - 1)
                 self.emit(f"{short}: TypeAlias = {self.names[child]}", indent)
 
-    def _struct_class(self, name: str, struct: Any, indent: int = 0, base: str = "_stubs.Struct") -> None:
+    def _struct_class(
+        self, name: str, struct: Any, indent: int = 0, base: str = "_stubs.Struct", generic: int = 0
+    ) -> None:
+        """``generic``: the generic (struct or interface) whose TypeVars this class takes
+        (its own if it is one; an enclosing interface's for its methods' results, as a
+        class nested in it: its inner TypeVars)."""
         node = struct.node
-        self.emit(f"class {name}({base}):", indent)
+        inner = bool(generic) and indent > 0
+        generic = generic or (node.id if node.id in self.type_params else 0)
+        if generic:
+            self.active.append((generic, inner))
+        try:
+            self._struct_body(name, struct, indent, base, generic, inner)
+        finally:
+            if generic:
+                self.active.pop()
+
+    def _struct_body(self, name: str, struct: Any, indent: int, base: str, generic: int, inner: bool) -> None:
+        node = struct.node
+        self.emit(f"class {name}({base}{self._generic_base(generic, inner)}):", indent)
         self.emit(_doc(f"``{node.displayName}``."), indent + 1)
         self._annotations(node, indent + 1)
         union = [f.name for f in node.struct.fields if f.discriminantValue != 0xFFFF]
@@ -374,7 +447,9 @@ class _Generator:
                 # (the field's own spelling: a nested type Foo.Bar is Foo_Bar, a group bar Foo_bar)
                 group_name = f"{name}_{raw.name}"
                 self.names.setdefault(parsed.schema.node.id, group_name)
-                self.emit(f"def {attr}(self) -> {group_name}:", indent + 1)
+                self.emit(
+                    f"def {attr}(self) -> {group_name}{self._arguments_of(generic, inner)}:", indent + 1
+                )
                 self.emit(f"return {group_name}(getattr(self._view, {attr!r}))", indent + 2)
                 continue
             t = raw.slot.type
@@ -387,7 +462,7 @@ class _Generator:
             if raw.which() == "group":
                 self.emit("")
                 self.emit("")
-                self._struct_class(self.names[parsed.schema.node.id], parsed.schema, indent)
+                self._struct_class(self.names[parsed.schema.node.id], parsed.schema, indent, generic=generic)
 
     def _read_expression(self, t: Any, parsed: Any, field: str) -> str:
         value = f"getattr(self._view, {python_name(field)!r})"  # (the view reads either spelling)
@@ -408,26 +483,43 @@ class _Generator:
     def _interface_class(self, interface: Any) -> None:
         node = interface.node
         name = self.names[node.id]
-        parents = [self.names.get(p.node.id) for p in interface.superclasses]
+        parents = []
+        for parent in interface.superclasses:
+            found = self.names.get(parent.node.id)
+            if found and parent.node.id in self.type_params:  # (a generic base: its brand unread here)
+                found += "[" + ", ".join(["Any"] * len(self.type_params[parent.node.id])) + "]"
+            parents.append(found)
         bases = ", ".join(p for p in parents if p) or "_stubs.TypedClient"
+        generic = node.id if node.id in self.type_params else 0
+        if generic:
+            self.active.append((generic, False))
         self.emit("@_stubs.register")
-        self.emit(f"class {name}({bases}):")
+        self.emit(f"class {name}({bases}{self._generic_base(generic)}):")
         self.emit(_doc(f"Client of ``{node.displayName}``; subclass ``{name}.Server`` to implement it."), 1)
         self._annotations(node, 1)
         self.emit("", 0)
         self.emit(f"interface = _schema.interface({node.id:#x})", 1)
         for method in node.interface.methods:
             parsed = interface.methods[method.name]
-            self._client_method(name, method.name, parsed)
+            self._client_method(name, method.name, parsed, self._arguments_of(generic))
+        if generic:
+            self.active.append((generic, True))  # (the classes nested in it)
         for method in node.interface.methods:
             parsed = interface.methods[method.name]
-            self._method_classes(name, method.name, parsed)
+            self._method_classes(name, method.name, parsed, generic)
             if parsed.result_type.node.id != STREAM_RESULT_ID:
                 self.emit("")
-                self._struct_class(f"{_camel(method.name)}Results", parsed.result_type, 1)
-        server_bases = ", ".join(f"{p}.Server" for p in parents if p) or "_stubs.TypedServer"
+                self._struct_class(f"{_camel(method.name)}Results", parsed.result_type, 1, generic=generic)
+        server_bases = (
+            ", ".join(
+                f"{p.partition('[')[0]}.Server{p.partition('[')[1]}{p.partition('[')[2]}"
+                for p in parents
+                if p
+            )
+            or "_stubs.TypedServer"
+        )
         self.emit("")
-        self.emit(f"class Server({server_bases}):", 1)
+        self.emit(f"class Server({server_bases}{self._generic_base(generic, True)}):", 1)
         self.emit(_doc(f"Base class of ``{node.displayName}`` servers: override the methods."), 2)
         self.emit("", 1)
         self.emit(f"interface = _schema.interface({node.id:#x})", 2)
@@ -441,6 +533,8 @@ class _Generator:
                 f"{_camel(method.name)}{suffix}" for suffix in ("Method", "Promise", "Results", "Returned")
             }
         self._nested_aliases(node.id, 1, taken)
+        if generic:
+            del self.active[-2:]
 
     def _params(self, param_type: Any, *, write: bool) -> list[tuple[str, str, str, bool]]:
         """(schema name, Python name, type, whether it is a union member) per param."""
@@ -457,35 +551,37 @@ class _Generator:
             out.append((raw.name, python_name(raw.name), typ, in_union))
         return out
 
-    def _client_method(self, owner: str, name: str, parsed: Any) -> None:
+    def _client_method(self, owner: str, name: str, parsed: Any, arguments: str = "") -> None:
         """``client.m``: a property whose value is called (``await client.m(...)``), sent
         (``await client.m.send(...)``: a typed promise to pipeline on) or sent one-way."""
         method_class = f"{owner}.{_camel(name)}Method"
         self.emit("")
         self.emit("@property", 1)
-        self.emit(f"def {python_name(name)}(self) -> {method_class}:", 1)
+        self.emit(f"def {python_name(name)}(self) -> {method_class}{arguments}:", 1)
         self.emit(f"return {method_class}(self, {name!r})", 2)
 
-    def _method_classes(self, owner: str, name: str, parsed: Any) -> None:
+    def _method_classes(self, owner: str, name: str, parsed: Any, generic: int = 0) -> None:
         params = self._params(parsed.param_type, write=True)
         streaming = parsed.result_type.node.id == STREAM_RESULT_ID
         camel = _camel(name)
-        results = "None" if streaming else f"{owner}.{camel}Results"
+        arguments = self._arguments_of(generic, True)
+        made = f"{owner}.{camel}Results"  # (the class, called to wrap the results)
+        results = "None" if streaming else f"{made}{arguments}"
         signature = "".join(f", {py}: {typ} | None = None" for _, py, typ, _ in params)
         star = ", *" if params else ""
         mapping = "{" + ", ".join(f"{schema!r}: {py}" for schema, py, _, _ in params) + "}"
         self.emit("")
-        self.emit(f"class {camel}Method(_stubs.TypedMethod):", 1)
+        self.emit(f"class {camel}Method(_stubs.TypedMethod{self._generic_base(generic, True)}):", 1)
         self.emit(f'"""``{name}``: call it, ``send`` it (pipelining) or send it ``oneway``."""', 2)
         self.emit("", 1)
         self.emit(f"async def __call__(self{star}{signature}) -> {results}:", 2)
         if streaming:
             self.emit(f"await self._call({mapping})", 3)
         else:
-            self.emit(f"return {results}(await self._call({mapping}))", 3)
+            self.emit(f"return {made}(await self._call({mapping}))", 3)
             self.emit("", 1)
-            self.emit(f"async def send(self{star}{signature}) -> {owner}.{camel}Promise:", 2)
-            self.emit(f"return {owner}.{camel}Promise(await self._send({mapping}), {results})", 3)
+            self.emit(f"async def send(self{star}{signature}) -> {owner}.{camel}Promise{arguments}:", 2)
+            self.emit(f"return {owner}.{camel}Promise(await self._send({mapping}), {made})", 3)
         self.emit("", 1)
         self.emit(f"async def oneway(self{star}{signature}) -> None:", 2)
         self.emit(f"await self._oneway({mapping})", 3)
@@ -521,6 +617,9 @@ class _Generator:
                 if raw.which() == "group"
                 else self.write_type(raw.slot.type, field_schema)
             )
+            for variables in self.type_params.values():  # (a TypedDict cannot take a TypeVar)
+                for variable in variables:
+                    typ = re.sub(rf"\b{variable}_?\b", "Any", typ)
             for key in dict.fromkeys((raw.name, python_name(raw.name))):
                 items.append(f"{key!r}: {typ!r}")  # (a string: classes defined later are named)
         camel = f"{_camel(name)}Returned"

@@ -147,8 +147,13 @@ async def test_the_constructs_work_with_generated_modules_that_mypy_checks(
     mypy[-1] = "wrong.py"
     refused = subprocess.run(mypy, capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert refused.returncode == 1, refused.stdout + refused.stderr
-    assert refused.stdout.count("error:") == 2, refused.stdout
-    assert 'Return type "Ping" of "boxed" incompatible' in refused.stdout, refused.stdout
+    assert refused.stdout.count("error:") == 3, refused.stdout
+    # (Box(Ping)'s V is a Ping: its ping's n an int)
+    assert (
+        'Incompatible types in assignment (expression has type "int", variable has type "str")'
+        in refused.stdout
+    )
+    assert 'Ping" of "boxed" incompatible with return type' in refused.stdout, refused.stdout
     assert 'Argument "ping" to "__call__" of "CallMethod" has incompatible type "Cov"' in refused.stdout
 
 
@@ -169,6 +174,9 @@ class Cov(coverage_capnp.Cov.Server):
 
 async def use(cov: coverage_capnp.Cov) -> None:
     await cov.call(ping=Cov())
+    value = (await (await cov.boxed()).box.get()).value
+    text: str = (await value.ping()).n
+    del text
 """
 
 
@@ -186,6 +194,21 @@ class Cov(coverage_capnp.Cov.Server):
 
     def paint(self, *, c: types.Color) -> types.Color:
         return c
+
+
+class PingServer(coverage_capnp.Ping.Server):
+    def ping(self) -> int:
+        return 1
+
+
+class BoxServer(coverage_capnp.Box.Server[coverage_capnp.Ping]):  # (a generic: Box(V) of Ping)
+    def get(self) -> PingServer:
+        return PingServer()
+
+
+async def boxed(cov: coverage_capnp.Cov) -> int:
+    value = (await (await cov.boxed()).box.get()).value  # (typed Ping: the brand's V)
+    return (await value.ping()).n
 
 
 async def use(cov: coverage_capnp.Cov) -> int:
