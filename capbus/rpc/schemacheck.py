@@ -124,9 +124,10 @@ def check(path: str | os.PathLike[str], imports: Sequence[str]) -> dict[int, str
 
 
 def _file_ids(request: bytes, imports: Sequence[str]) -> dict[int, str]:
-    """File id -> path of every file the compiler read, from its CodeGeneratorRequest (the
-    compiler names a file by its path less the first "/", it being run from the root, or
-    one found through an import directory by its path there)."""
+    """Node id -> real path of its file, for every file the compiler read and every node it
+    reported, from its CodeGeneratorRequest (the compiler names a file by its path less the
+    first "/", it being run from the root, or one found through an import directory by its
+    path there)."""
     files: dict[int, str] = {}
     scopes: dict[int, int] = {}  # node id -> the node it is declared in
     with schema_nodes().CodeGeneratorRequest.from_bytes(
