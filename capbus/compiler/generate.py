@@ -237,7 +237,9 @@ class _Generator:
         if kind == "struct":
             if t.struct.typeId == FD_STRUCT_ID:
                 return "int | _HasFileno"
-            return "Mapping[str, Any]"
+            # The struct's own TypedDict (its Fields), where it has a generated class.
+            found = self.names.get(t.struct.typeId) or self._imported(parsed, "")
+            return f"{found}.Fields" if found else "Mapping[str, Any]"
         if kind == "anyPointer":
             variable = self.read_type(t, parsed)  # (a generic's parameter: a server object too)
             return variable if variable == "Any" else f"{variable} | _server.Server"
@@ -457,12 +459,32 @@ class _Generator:
             self.emit(f"def {attr}(self) -> {annotation}:", indent + 1)
             self.emit(f"return {self._read_expression(t, parsed, raw.name)}", indent + 2)
         if indent == 0:
-            self._nested_aliases(node.id, indent + 1, {"which"})
+            self._fields_dict(struct, indent + 1)
+            self._nested_aliases(node.id, indent + 1, {"which", "Fields"})
         for raw, parsed in zip(node.struct.fields, struct.fields_list, strict=True):
             if raw.which() == "group":
                 self.emit("")
                 self.emit("")
                 self._struct_class(self.names[parsed.schema.node.id], parsed.schema, indent, generic=generic)
+
+    def _fields_dict(self, struct: Any, indent: int) -> None:
+        """``Fields``: the struct as the mapping a call takes it in, a TypedDict (every field
+        optional, as in Cap'n Proto; a renamed field under both of its spellings)."""
+        items = []
+        for raw, parsed in zip(struct.node.struct.fields, struct.fields_list, strict=True):
+            if raw.which() == "group":
+                typ = f"{self.names.get(parsed.schema.node.id, 'Mapping[str, Any]')}.Fields"
+                if typ == "Mapping[str, Any].Fields":
+                    typ = "Mapping[str, Any]"
+            else:
+                typ = self.write_type(raw.slot.type, parsed)
+            for variables in self.type_params.values():  # (a TypedDict cannot take a TypeVar)
+                for variable in variables:
+                    typ = re.sub(rf"\b{variable}_?\b", "Any", typ)
+            for key in dict.fromkeys((raw.name, python_name(raw.name))):
+                items.append(f"{key!r}: {typ!r}")
+        self.emit("")
+        self.emit(f'Fields = TypedDict("Fields", {{{", ".join(items)}}}, total=False)', indent)
 
     def _read_expression(self, t: Any, parsed: Any, field: str) -> str:
         value = f"getattr(self._view, {python_name(field)!r})"  # (the view reads either spelling)

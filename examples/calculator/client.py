@@ -45,7 +45,7 @@ async def main(fd: int) -> None:
         print("123 + 45 =", (await total.read()).value)
 
         # 4. A function defined by the client, evaluated by the server: f(x, y) = x * 100 + y.
-        body = {
+        body: calc.Calculator.Expression.Fields = {
             "call": {
                 "function": add,
                 "params": [
@@ -55,12 +55,16 @@ async def main(fd: int) -> None:
             }
         }
         f = (await calculator.defFunction(paramCount=2, body=body)).func
-        applied = {"call": {"function": f, "params": [{"literal": 12}, {"literal": 34}]}}
+        applied: calc.Calculator.Expression.Fields = {
+            "call": {"function": f, "params": [{"literal": 12}, {"literal": 34}]}
+        }
         print("f(12, 34) =", (await (await calculator.evaluate(expression=applied)).value.read()).value)
 
         # 5. A function that lives here: the server calls back into this process.
         power = Power()
-        squared = {"call": {"function": power, "params": [{"literal": 2}, {"literal": 10}]}}
+        squared: calc.Calculator.Expression.Fields = {
+            "call": {"function": power, "params": [{"literal": 2}, {"literal": 10}]}
+        }
         print(
             "2 ** 10 (called back) =",
             (await (await calculator.evaluate(expression=squared)).value.read()).value,

@@ -147,7 +147,9 @@ async def test_the_constructs_work_with_generated_modules_that_mypy_checks(
     mypy[-1] = "wrong.py"
     refused = subprocess.run(mypy, capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert refused.returncode == 1, refused.stdout + refused.stderr
-    assert refused.stdout.count("error:") == 3, refused.stdout
+    assert refused.stdout.count("error:") == 4, refused.stdout
+    # (a struct param is its Fields TypedDict: each field's type checked)
+    assert 'Argument "p" to "__call__" of "MoveMethod" has incompatible type' in refused.stdout
     # (Box(Ping)'s V is a Ping: its ping's n an int)
     assert (
         'Incompatible types in assignment (expression has type "int", variable has type "str")'
@@ -177,6 +179,7 @@ async def use(cov: coverage_capnp.Cov) -> None:
     value = (await (await cov.boxed()).box.get()).value
     text: str = (await value.ping()).n
     del text
+    await cov.move(p={"x": "one"})
 """
 
 
@@ -189,7 +192,7 @@ import coverage_types_capnp as types
 
 
 class Cov(coverage_capnp.Cov.Server):
-    def move(self, *, p: types.Point) -> Mapping[str, Any]:
+    def move(self, *, p: types.Point) -> types.Point.Fields:
         return {"x": p.x + 1, "y": p.y, "color": p.color}
 
     def paint(self, *, c: types.Color) -> types.Color:

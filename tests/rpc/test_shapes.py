@@ -31,7 +31,7 @@ class Shapes(shapes_capnp.Shapes.Server):
     def pick(self, *, byName: str | None = None, byIndex: int | None = None) -> str:
         return f"name {byName}" if byName is not None else f"index {byIndex}"
 
-    def list(self) -> Mapping[str, Any]:
+    def list(self) -> shapes_capnp.Listing.Fields:
         return {"files": ["a", "b"], "total": 2}
 
     def listing(self) -> shapes_capnp.Shapes.ListingReturned:
