@@ -363,13 +363,7 @@ class _Generator:
             elif kind == "anyPointer":
                 continue
             else:
-                typ = {
-                    "bool": "bool",
-                    "text": "str",
-                    "data": "bytes",
-                    "float32": "float",
-                    "float64": "float",
-                }.get(kind, "int")
+                typ = _CONSTANT_TYPES.get(kind, "int")
             self.emit("")
             spelled = name + "_" if keyword.iskeyword(name) else _module_level(name)
             self.emit(f"{spelled}: Final[{typ}] = {_literal(value)}")

@@ -668,7 +668,8 @@ class Engine:
             payload = memoryview(bytes(payload))
             attached = [memoryview(bytes(view)) for view in attached]
         size = len(payload) if message.whole_size is None else message.whole_size
-        size += sum(view.nbytes for view in attached)
+        if attached:
+            size += sum(view.nbytes for view in attached)
         limit = self.max_message_bytes
         if size > limit or partial:
             kind: type[RpcError] = Failed
@@ -724,8 +725,11 @@ class Engine:
             brought = self._brought(caps, reply if isinstance(reply, Client) else None)
             # A mapped payload holds an fd of this process too (before Python 3.13), as does
             # each mapped attached segment.
-            mapped = int(MAPPING_HOLDS_FD and isinstance(payload.obj, mmap.mmap)) + held_fds(attached)
-            size = len(payload) + sum(view.nbytes for view in attached)
+            mapped = int(MAPPING_HOLDS_FD and isinstance(payload.obj, mmap.mmap))
+            size = len(payload)
+            if attached:
+                mapped += held_fds(attached)
+                size += sum(view.nbytes for view in attached)
             events = self._call(server, received, caller, size, len(fds) + mapped, brought)
             for event in events:
                 if isinstance(event, CallArrived) and event.call is received:

@@ -21,3 +21,11 @@ def compile_and_import(schema: Path, tmp_path: Path) -> tuple[ModuleType, str]:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module, output.read_text()
+
+
+def mypy_strict(tmp_path: Path, name: str, source: str) -> subprocess.CompletedProcess[str]:
+    """``source`` written to ``tmp_path/name`` and checked by mypy --strict there (beside the
+    generated modules it imports)."""
+    (tmp_path / name).write_text(source)
+    command = [sys.executable, "-m", "mypy", "--strict", "--cache-dir", str(tmp_path / "cache"), name]
+    return subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=300)

@@ -6,8 +6,6 @@ extends several others."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +15,7 @@ import trio
 import capbus
 from capbus.rpc.vat import open_vat
 
-from .generated import compile_and_import
+from .generated import compile_and_import, mypy_strict
 
 HERE = Path(__file__).parent
 schema: Any = capbus.load(HERE / "coverage.capnp")
@@ -137,15 +135,10 @@ async def test_the_constructs_work_with_generated_modules_that_mypy_checks(
     module, source = compile_and_import(HERE / "coverage.capnp", tmp_path)
     assert "_coverage_types_capnp.Point" in source and "limit: Final[int] = 99" in source
     await _exercise(kernel, module, lambda vat, handle, interface: vat.typed_client(handle, interface))
-    (tmp_path / "user.py").write_text(USER)
-    cache = str(tmp_path / "cache")
-    mypy = [sys.executable, "-m", "mypy", "--strict", "--cache-dir", cache, "user.py"]
-    checked = subprocess.run(mypy, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    checked = mypy_strict(tmp_path, "user.py", USER)
     assert checked.returncode == 0, checked.stdout + checked.stderr
     # A server of another interface where a Box is due, returned or passed: mypy says so.
-    (tmp_path / "wrong.py").write_text(WRONG)
-    mypy[-1] = "wrong.py"
-    refused = subprocess.run(mypy, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    refused = mypy_strict(tmp_path, "wrong.py", WRONG)
     assert refused.returncode == 1, refused.stdout + refused.stderr
     assert refused.stdout.count("error:") == 4, refused.stdout
     # (a struct param is its Fields TypedDict: each field's type checked)

@@ -6,8 +6,6 @@ and with a generated module, whose server signatures also pass mypy --strict."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +14,7 @@ import trio
 import capbus
 from capbus.rpc.vat import open_vat
 
-from .generated import compile_and_import
+from .generated import compile_and_import, mypy_strict
 
 SCHEMA = Path(__file__).with_name("shapes.capnp")
 TIMEOUT = 10
@@ -93,13 +91,8 @@ async def test_with_a_generated_module_whose_signatures_a_handler_can_follow(
     await _exercise(kernel, server, lambda v, h: v.typed_client(h, module.Shapes))
     assert "def pick(self, *, byName: str | None = None, byIndex: int | None = None)" in source
     assert "Mapping[str, Any] | Mapping[str, Any]" not in source
-    (tmp_path / "user_server.py").write_text(USER_SERVER)
-    cache = str(tmp_path / "cache")
-    mypy = [sys.executable, "-m", "mypy", "--strict", "--cache-dir", cache, "user_server.py"]
-    checked = subprocess.run(mypy, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    checked = mypy_strict(tmp_path, "user_server.py", USER_SERVER)
     assert checked.returncode == 0, checked.stdout + checked.stderr
     # Results of the wrong shape (a misspelt field) fail mypy: they are a TypedDict.
-    (tmp_path / "wrong_shape.py").write_text(WRONG_SHAPE)
-    mypy[-1] = "wrong_shape.py"
-    refused = subprocess.run(mypy, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    refused = mypy_strict(tmp_path, "wrong_shape.py", WRONG_SHAPE)
     assert refused.returncode == 1 and 'Extra key "totl" for TypedDict "ListingReturned"' in refused.stdout
