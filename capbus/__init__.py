@@ -44,6 +44,7 @@ from .peer import (
 if TYPE_CHECKING:
     from .bootstrapping import Bootstrap, bootstrap
     from .kernel import Kernel, KernelStatistics, Limits, open_kernel
+    from .rpc.anypointer import list_value, struct_value
     from .rpc.interface import load
     from .rpc.schemacheck import SchemaError
     from .sandbox import Sandbox, SandboxError
@@ -55,6 +56,8 @@ _LAZY = {
     "Limits": "kernel",
     "open_kernel": "kernel",
     "load": "rpc.interface",
+    "struct_value": "rpc.anypointer",
+    "list_value": "rpc.anypointer",
     "SchemaError": "rpc.schemacheck",
     "spawn": "spawning",
     "Child": "spawning",
@@ -79,6 +82,8 @@ def __getattr__(name: str) -> object:
 
 
 __all__ = [
+    "struct_value",
+    "list_value",
     "AlreadyDestroyed",
     "BadFileDescriptor",
     "Bootstrap",

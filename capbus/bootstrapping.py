@@ -11,12 +11,12 @@ import json
 import os
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
-from typing import Any, TypeVar, overload
+from typing import Any, TypeVar, cast, overload
 
 from ._child import FD_VARIABLE, REPORT_VARIABLE
 from ._resources import schema_directory
 from .peer import Peer
-from .rpc.client import Client
+from .rpc.client import Client, DynamicClient
 from .rpc.fds import FileDescriptor
 from .rpc.interface import Interface, load
 from .rpc.server import Server
@@ -42,10 +42,10 @@ def entries(capabilities: Mapping[str, object]) -> list[dict[str, Any]]:
     return out
 
 
-def named(received: Any) -> dict[str, Client | FileDescriptor]:
+def named(received: Any) -> dict[str, DynamicClient | FileDescriptor]:
     """Entry views as name -> client (of the entry's interface when its class is known
     here) or file descriptor."""
-    out: dict[str, Client | FileDescriptor] = {}
+    out: dict[str, DynamicClient | FileDescriptor] = {}
     for entry in received:
         if entry.which() == "fd":
             out[entry.name] = entry.fd
@@ -54,7 +54,7 @@ def named(received: Any) -> dict[str, Client | FileDescriptor]:
         if not isinstance(client, Client):
             raise ValueError(f"entry {entry.name!r} holds no capability")
         _retype(client, entry.interfaceId)
-        out[entry.name] = client
+        out[entry.name] = cast(DynamicClient, client)
     return out
 
 
@@ -89,8 +89,8 @@ class Bootstrap:
         self,
         peer: Peer,
         vat: Vat,
-        launcher: Client,
-        capabilities: dict[str, Client | FileDescriptor],
+        launcher: DynamicClient,
+        capabilities: dict[str, DynamicClient | FileDescriptor],
         sandbox_report: dict[str, str],
     ) -> None:
         self.peer = peer
@@ -102,7 +102,7 @@ class Bootstrap:
         self._launcher = launcher
 
     @overload
-    def get(self, name: str) -> Client | FileDescriptor: ...
+    def get(self, name: str) -> DynamicClient | FileDescriptor: ...
 
     @overload
     def get(self, name: str, interface: type[ClientT]) -> ClientT: ...

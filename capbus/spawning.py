@@ -40,7 +40,7 @@ import trio
 from . import sandbox as _sandbox
 from ._child import MODULE, OPTIONS, STRICT_REFUSED
 from .bootstrapping import SPAWN, Bootstrap, _as, entries, named
-from .rpc.client import Client
+from .rpc.client import Client, DynamicClient
 from .rpc.errors import Failed, Overloaded
 from .rpc.fds import FileDescriptor
 from .rpc.vat import Vat
@@ -166,7 +166,7 @@ class Child:
         return what
 
     @overload
-    async def capability(self, name: str) -> Client | FileDescriptor: ...
+    async def capability(self, name: str) -> DynamicClient | FileDescriptor: ...
 
     @overload
     async def capability(self, name: str, interface: type[ClientT]) -> ClientT: ...

@@ -175,6 +175,8 @@ class _Generator:
             for node_id, inner in reversed(self.active):
                 if node_id == scope and scope in self.type_params:
                     return str(self.type_params[scope][int(index)]) + "_" * inner
+        if kind == "anyPointer" and t.anyPointer.which() == "unconstrained":
+            return _ANY_READ[str(t.anyPointer.unconstrained.which())]
         return "Any"
 
     def _branded(self, name: str, type_id: int, brand: Any) -> str:
@@ -240,6 +242,8 @@ class _Generator:
             # The struct's own TypedDict (its Fields), where it has a generated class.
             found = self.names.get(t.struct.typeId) or self._imported(parsed, "")
             return f"{found}.Fields" if found else "Mapping[str, Any]"
+        if kind == "anyPointer" and t.anyPointer.which() == "unconstrained":
+            return _ANY_WRITE[str(t.anyPointer.unconstrained.which())]
         if kind == "anyPointer":
             variable = self.read_type(t, parsed)  # (a generic's parameter: a server object too)
             return variable if variable == "Any" else f"{variable} | _server.Server"
@@ -275,6 +279,7 @@ class _Generator:
             from typing import TYPE_CHECKING, Any, ClassVar, Final, Literal, Protocol, TypeAlias, cast
             from typing import Generic, TypedDict, TypeVar
 
+            from capbus.rpc import anypointer as _anypointer
             from capbus.rpc import client as _client
             from capbus.rpc import errors as _errors
             from capbus.rpc import fds as _fds
@@ -429,6 +434,16 @@ class _Generator:
         self.emit(f"class {name}({base}{self._generic_base(generic, inner)}):", indent)
         self.emit(_doc(f"``{node.displayName}``."), indent + 1)
         self._annotations(node, indent + 1)
+        if indent == 0 and not node.struct.isGroup:
+            # Its schema, and a value of it to send in an AnyPointer or AnyStruct field.
+            value = f"_anypointer.StructValue[{'Any' if generic else name}]"
+            self.emit("", indent)
+            self.emit(f"schema: ClassVar[Any] = _schema.struct({node.id:#x})", indent + 1)
+            self.emit("", indent)
+            self.emit("@classmethod", indent + 1)
+            self.emit(f"def new_value(cls, fields: {name}.Fields) -> {value}:", indent + 1)
+            self.emit(_doc(f"A ``{name}`` to send in an AnyPointer or AnyStruct field."), indent + 2)
+            self.emit("return _anypointer.struct_value(cls, fields)", indent + 2)
         union = [f.name for f in node.struct.fields if f.discriminantValue != 0xFFFF]
         if union:
             literal = ", ".join(repr(n) for n in union)
@@ -523,9 +538,16 @@ class _Generator:
         for method in node.interface.methods:
             parsed = interface.methods[method.name]
             self._method_classes(name, method.name, parsed, generic)
-            if parsed.result_type.node.id != STREAM_RESULT_ID:
-                self.emit("")
-                self._struct_class(f"{_camel(method.name)}Results", parsed.result_type, 1, generic=generic)
+            results = parsed.result_type
+            if results.node.id == STREAM_RESULT_ID:
+                continue
+            self.emit("")
+            # Results that are a named struct type (``-> Where``) are that struct's class.
+            named = self.names.get(results.node.id) or self._imported(_Elem(results), "")
+            if named and not results.node.isGeneric and results.node.id not in self.type_params:
+                self.emit(f"{_camel(method.name)}Results: TypeAlias = {named}", 1)
+            else:
+                self._struct_class(f"{_camel(method.name)}Results", results, 1, generic=generic)
         server_bases = (
             ", ".join(
                 f"{p.partition('[')[0]}.Server{p.partition('[')[1]}{p.partition('[')[2]}"
@@ -685,6 +707,22 @@ class _Generator:
                 for m, fields in sorted(table.items())
             )
             self.emit(f"{name}.Server._param_wrappers = {{{entries}}}")
+
+
+_ANY_READ = {
+    "anyKind": "_client.Client | _anypointer.AnyPointer | None",
+    "struct": "_anypointer.AnyStruct | None",
+    "list": "_anypointer.AnyList | None",
+    "capability": "_client.Client | None",
+}
+"""How a field of each kind of AnyPointer reads (capbus/rpc/anypointer.py)."""
+_ANY_WRITE = {
+    "anyKind": "_anypointer.Sendable",
+    "struct": "_anypointer.SendableStruct",
+    "list": "_anypointer.SendableList",
+    "capability": "_client.Client | _server.Server",
+}
+"""... and what it takes."""
 
 
 class _Elem:

@@ -79,7 +79,13 @@ class Client:
         promise and the pointer fields that lead to it; calls then go to the promise's
         callee, which runs them once the results exist. None for any other client."""
 
-    def __getattr__(self, name: str) -> BoundMethod:
+    if not TYPE_CHECKING:  # (so that mypy flags a typed client's unknown method: DynamicClient)
+
+        def __getattr__(self, name: str) -> BoundMethod:
+            return self._method_named(name)
+
+    def _method_named(self, name: str) -> BoundMethod:
+        """Method ``name`` (as Python spells it) of this client's interface, bound to it."""
         method = self.interface.methods.get(name)
         if method is not None and method.python_name != name:
             method = None  # (a schema name Python spells otherwise: naming.py)
@@ -110,6 +116,19 @@ class Client:
     async def aclose(self) -> None:
         """Gives up this capability now (instead of when the client is collected)."""
         await self.vat.drop(self)
+
+
+if TYPE_CHECKING:
+
+    class DynamicClient(Client):
+        """A client whose methods are looked up by name when called (``capbus.load``'s, or
+        one given an :class:`Interface`): to mypy, any attribute is a method. Generated
+        client classes are not: calling a method their interface lacks fails mypy."""
+
+        def __getattr__(self, name: str) -> BoundMethod: ...
+
+else:
+    DynamicClient = Client
 
 
 class Promise:

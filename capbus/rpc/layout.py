@@ -47,6 +47,9 @@ class FieldLayout:
     """For structs, lists of structs and groups."""
     enum: bool = False
     """An enum field: read as its enumerant's name (a str), as it is written."""
+    any_kind: str = ""
+    """For an AnyPointer-kind field, what the schema lets it hold: "struct" (AnyStruct),
+    "list" (AnyList), "capability" (Capability) or "" (anything)."""
 
 
 @dataclass(eq=False)
@@ -181,7 +184,10 @@ def _slot_field(raw: Any, parsed: Any, discriminant: int | None) -> FieldLayout:
             return FieldLayout(raw.name, FieldKind.CAPABILITY, slot, discriminant, bound.node.id, bound)
         if bound is not None and bound.node.which() == "struct" and bound.node.id != FD_STRUCT_ID:
             return FieldLayout(raw.name, FieldKind.STRUCT, slot, discriminant, nested=layout_of(bound))
-        return FieldLayout(raw.name, FieldKind.ANY_POINTER, slot, discriminant)
+        kind_of = raw.slot.type.anyPointer
+        constrained = kind_of.which() == "unconstrained" and kind_of.unconstrained.which() != "anyKind"
+        any_kind = str(kind_of.unconstrained.which()) if constrained else ""
+        return FieldLayout(raw.name, FieldKind.ANY_POINTER, slot, discriminant, any_kind=any_kind)
     if kind == "list":
         element = raw.slot.type.list.elementType
         if element.which() == "interface":
@@ -223,3 +229,13 @@ def _settle_caps() -> None:
                 for f in layout.fields.values()
             ):
                 layout.may_hold_fds = changed = True
+
+
+def described(struct_name: str, name: str) -> str:
+    """How an error names field ``name`` of struct ``struct_name`` (a display name): a call's
+    param or result by its method, any other struct's field by the struct."""
+    struct_name = struct_name.rpartition(":")[2]
+    base, _, role = struct_name.partition("$")
+    return {"Params": f"param {name!r} of {base}", "Results": f"result {name!r} of {base}"}.get(
+        role, f"field {name!r} of {struct_name}"
+    )

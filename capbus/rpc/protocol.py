@@ -19,12 +19,13 @@ import capnp
 from .._wire import PAYLOAD_MAX
 from ..memfd import sealed_copy
 from . import capwire, header, segments
+from .anypointer import WrongKind
 from .capwire import CapWireError, Segment, traversal_budget
 from .envelope import rpc
 from .errors import BY_KIND, Failed, RpcError
 from .flat import flat_codec
 from .interface import Method
-from .layout import FieldKind, FieldLayout, StructLayout, layout_of
+from .layout import FieldKind, FieldLayout, StructLayout, described, layout_of
 from .structs import CapTableBuilder, CapTableReader, StructBuilder, StructReader
 
 ENVELOPE = layout_of(rpc.Envelope.schema)
@@ -170,7 +171,10 @@ def _first_segment_words(values: Mapping[str, Any]) -> int | None:
 
 def fill(view: StructBuilder, layout: StructLayout, values: Mapping[str, Any]) -> None:
     """Sets ``values`` (field name -> value) on a struct view: capabilities as capability
-    values, structs and groups as mappings, lists of structs as sequences of mappings."""
+    values, structs and groups as mappings (or structs received: re-sent by their fields,
+    capabilities too), lists of structs as sequences of those."""
+    if not isinstance(values, Mapping):
+        values = _fields_of(values)
     for name, value in values.items():
         f = layout.fields.get(name)
         if f is None and name in layout.python_names:  # (spelled as in Python: naming.py)
@@ -178,7 +182,7 @@ def fill(view: StructBuilder, layout: StructLayout, values: Mapping[str, Any]) -
             f = layout.fields[name]
         if f is None:
             raise TypeError(f"{layout.name} has no field {name!r}")
-        if f.kind in (FieldKind.STRUCT, FieldKind.GROUP) and isinstance(value, Mapping):
+        if f.kind in (FieldKind.STRUCT, FieldKind.GROUP) and _is_struct(value):
             assert f.nested is not None
             fill(view.init(name), f.nested, value)
         elif f.kind is FieldKind.STRUCT_LIST and not hasattr(value, "schema"):
@@ -190,8 +194,26 @@ def fill(view: StructBuilder, layout: StructLayout, values: Mapping[str, Any]) -
         else:
             try:
                 setattr(view, name, value)
+            except WrongKind:
+                raise
             except (capnp.KjException, OverflowError, ValueError, TypeError) as error:
                 raise _bad_value(view, layout, name, value, error) from None
+
+
+def _is_struct(value: Any) -> bool:
+    """A struct's value as fill takes it: a mapping, or a struct received (a view, or a
+    generated class's instance over one)."""
+    return isinstance(value, Mapping | StructReader) or isinstance(
+        getattr(value, "_view", None), StructReader
+    )
+
+
+def _fields_of(value: Any) -> Mapping[str, Any]:
+    """The fields of a struct value (see _is_struct)."""
+    view = getattr(value, "_view", value)
+    if not isinstance(view, StructReader):
+        raise TypeError(f"a struct takes a mapping of its fields or a struct, not {type(value).__name__}")
+    return view.to_dict()
 
 
 _INT_RANGES = {
@@ -225,11 +247,7 @@ def _bad_value(
 ) -> Exception:
     """What a caller gets for a value pycapnp refused: which field of what, and why (an
     integer's range), rather than pycapnp's own error."""
-    struct_name = layout.name.rpartition(":")[2]
-    base, _, role = struct_name.partition("$")
-    where = {"Params": f"param {name!r} of {base}", "Results": f"result {name!r} of {base}"}.get(
-        role, f"field {name!r} of {struct_name}"
-    )
+    where = described(layout.name, name)
     try:
         kind = view.pycapnp.schema.fields[name].proto.slot.type.which()
     except (AttributeError, KeyError, capnp.KjException):

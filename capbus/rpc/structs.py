@@ -18,6 +18,8 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+import capnp
+
 from . import capwire
 from .capwire import CapWireError, Location, Path, Segment
 from .layout import FieldKind, FieldLayout, StructLayout, layout_of
@@ -123,7 +125,14 @@ class StructBuilder:
                 self._builder.init(name).index = self._patches.table.fd_index(value)
             return
         kind = None if f is None else f.kind
-        if kind is FieldKind.ANY_POINTER and _is_capability(value):
+        if kind is FieldKind.ANY_POINTER:
+            assert f is not None
+            if not _is_capability(value):
+                if value is not None:
+                    from . import anypointer  # (it builds on these views)
+
+                    anypointer.write(self, f, value)
+                return
             kind = FieldKind.CAPABILITY  # (an AnyPointer, Capability or generic field)
         if f is None or kind not in (FieldKind.CAPABILITY, FieldKind.CAPABILITY_LIST):
             setattr(self._builder, name, value)
@@ -162,8 +171,32 @@ class StructBuilder:
         f = self._field(name)
         if f is None or f.kind is not FieldKind.ANY_POINTER:
             raise TypeError(f"{name} is not an AnyPointer field")
+        if f.discriminant is not None and self._builder.which() != name:
+            # (pycapnp gets no union member that is not set: set it to an empty struct first)
+            self._builder._set(name, capnp.lib.capnp._StructModule(schema, "").new_message())
         builder = getattr(self._builder, name).as_struct(schema)
         return StructBuilder(builder, layout_of(schema), self._patches, (*self._path, ("p", f.slot)))
+
+    def init_any_list(self, name: str, schema: Any, size: int) -> Any:
+        """The AnyPointer field ``name`` initialized as a list (``schema``: pycapnp's list
+        schema) of ``size`` elements: pycapnp's list builder."""
+        if self._field(name) is not None and self._layout.fields[name].discriminant is not None:
+            self._builder._set(name, "")  # (pycapnp gets no union member that is not set)
+        return getattr(self._builder, name).init_as_list(schema, size)
+
+    def set_raw(self, name: str, value: Any) -> None:
+        """Sets field ``name`` through pycapnp as it is (a value without capabilities)."""
+        self._builder._set(name, value)
+
+    @property
+    def layout_name(self) -> str:
+        """The struct's display name (its schema's)."""
+        return self._layout.name
+
+    @property
+    def path(self) -> Path:
+        """Where this struct is, from its message's root."""
+        return self._path
 
     def finish(self, message: Any | None = None) -> tuple[list[Segment], list[object]]:
         """Serializes the message this view belongs to (``message``: its root builder, when
@@ -409,8 +442,13 @@ class StructReader:
         if f.kind is FieldKind.ANY_POINTER:
             # An AnyPointer or Capability field (or a generic's parameter) may hold a
             # capability: a client then, of the interface a field names later (Engine.typed).
-            held, capability = self._table.any_capability((*self._path, ("p", f.slot)))
-            return capability if held else self._raw(name)
+            path: Path = (*self._path, ("p", f.slot))
+            held, capability = self._table.any_capability(path)
+            if held or f.any_kind == "capability" or not self._reader._has(name):
+                return capability
+            from . import anypointer  # (it builds on these views)
+
+            return anypointer.read(self._raw(name), self._table, path, name, f.any_kind)
         if f.kind in _DATA_KINDS:
             if f.enum:
                 return str(self._raw(name))

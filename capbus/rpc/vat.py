@@ -24,7 +24,7 @@ import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import trio
 
@@ -32,7 +32,7 @@ from .. import _wire
 from .. import errors as bus
 from ..peer import Handle, Message, Peer
 from .callers import CallerCalls, QueueBounds, UserCalls
-from .client import Client, Promise
+from .client import Client, DynamicClient, Promise
 from .engine import (
     UID_SHARE,
     CallArrived,
@@ -272,14 +272,14 @@ class Vat:
                 charge.reserved = max(charge.reserved - 1, 0)
         return node
 
-    def client(self, handle: Handle | int, interface: Any) -> Client:
+    def client(self, handle: Handle | int, interface: Any) -> DynamicClient:
         """A client for a handle this peer holds (from a seed or a transfer); the client
         takes over one reference. ``interface``: ``Foo`` from :func:`capbus.load`, its
         ``Client`` class, or an :class:`Interface`."""
         handle_id = handle.id if isinstance(handle, Handle) else handle
         if handle_id in self.engine.exports:
             raise ValueError("that handle is one of this vat's own exports")
-        return self.engine.import_(handle_id, 1, _interface(interface))
+        return cast(DynamicClient, self.engine.import_(handle_id, 1, _interface(interface)))
 
     def typed_client(self, handle: Handle | int, cls: type[ClientT]) -> ClientT:
         """:meth:`client` for a generated client class, typed as that class."""
@@ -287,10 +287,10 @@ class Vat:
         assert isinstance(client, cls)
         return client
 
-    def local(self, server: Server) -> Client:
+    def local(self, server: Server) -> DynamicClient:
         """A client for an object of this vat: calls run it with remote-call semantics, and
         passing it in a call passes the object's node. One per server (identity holds)."""
-        return self.engine.local(server)
+        return cast(DynamicClient, self.engine.local(server))
 
     async def drop(self, client: Client) -> None:
         """Releases a client's handle now."""

@@ -29,3 +29,14 @@ def mypy_strict(tmp_path: Path, name: str, source: str) -> subprocess.CompletedP
     (tmp_path / name).write_text(source)
     command = [sys.executable, "-m", "mypy", "--strict", "--cache-dir", str(tmp_path / "cache"), name]
     return subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+
+
+def mypy_verdicts(tmp_path: Path, user: str, wrong: str, errors: int) -> str:
+    """mypy --strict passes ``user`` and finds exactly ``errors`` errors in ``wrong`` (both
+    sources beside the generated modules): returns what it said of ``wrong``."""
+    checked = mypy_strict(tmp_path, "user.py", user)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    refused = mypy_strict(tmp_path, "wrong.py", wrong)
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    assert refused.stdout.count("error:") == errors, refused.stdout
+    return refused.stdout
