@@ -511,19 +511,23 @@ class _Generator:
             return f'cast("{self.read_type(t, parsed)}", str({value}))'
         return f'cast("{self.read_type(t, parsed)}", {value})'
 
+    def _bases(self, node: Any) -> list[str]:
+        """The classes of the interfaces ``node`` extends (a generic one with the brand it
+        extends: ``Shelf(V) extends(Box(V))`` makes Shelf[V] a Box[V]); "" for one without
+        a class here."""
+        return [
+            self._branded(found, base.id, base.brand) if (found := self.names.get(base.id)) else ""
+            for base in node.interface.superclasses
+        ]
+
     def _interface_class(self, interface: Any) -> None:
         node = interface.node
         name = self.names[node.id]
-        parents = []
-        for parent in interface.superclasses:
-            found = self.names.get(parent.node.id)
-            if found and parent.node.id in self.type_params:  # (a generic base: its brand unread here)
-                found += "[" + ", ".join(["Any"] * len(self.type_params[parent.node.id])) + "]"
-            parents.append(found)
-        bases = ", ".join(p for p in parents if p) or "_stubs.TypedClient"
         generic = node.id if node.id in self.type_params else 0
         if generic:
             self.active.append((generic, False))
+        parents = self._bases(node)
+        bases = ", ".join(p for p in parents if p) or "_stubs.TypedClient"
         self.emit("@_stubs.register")
         self.emit(f"class {name}({bases}{self._generic_base(generic)}):")
         self.emit(_doc(f"Client of ``{node.displayName}``; subclass ``{name}.Server`` to implement it."), 1)
@@ -551,7 +555,7 @@ class _Generator:
         server_bases = (
             ", ".join(
                 f"{p.partition('[')[0]}.Server{p.partition('[')[1]}{p.partition('[')[2]}"
-                for p in parents
+                for p in self._bases(node)  # (with the inner TypeVars, as a nested class)
                 if p
             )
             or "_stubs.TypedServer"

@@ -446,9 +446,12 @@ class StructReader:
             held, capability = self._table.any_capability(path)
             if held or f.any_kind == "capability" or not self._reader._has(name):
                 return capability
+            raw = self._raw(name)
+            if type(raw).__name__ != "_DynamicObjectReader":
+                return raw  # (a generic's parameter its brand binds to Text, Data or a List)
             from . import anypointer  # (it builds on these views)
 
-            return anypointer.read(self._raw(name), self._table, path, name, f.any_kind)
+            return anypointer.read(raw, self._table, path, name, f.any_kind)
         if f.kind in _DATA_KINDS:
             if f.enum:
                 return str(self._raw(name))
