@@ -6,8 +6,18 @@ from __future__ import annotations
 import importlib.util
 import subprocess
 import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from types import ModuleType
+from typing import Any
+
+import trio
+
+import capbus
+from capbus.rpc.vat import Vat, open_vat
+
+TIMEOUT = 10
 
 
 def compile_and_import(schema: Path, tmp_path: Path) -> tuple[ModuleType, str]:
@@ -40,3 +50,22 @@ def mypy_verdicts(tmp_path: Path, user: str, wrong: str, errors: int) -> str:
     assert refused.returncode == 1, refused.stdout + refused.stderr
     assert refused.stdout.count("error:") == errors, refused.stdout
     return refused.stdout
+
+
+@asynccontextmanager
+async def serving(
+    kernel: capbus.Kernel, server: Any, interface: Any, typed: bool
+) -> AsyncIterator[tuple[Any, Vat]]:
+    """``server`` served by one peer's vat, and (a client of it, the client's vat) in another
+    peer's: a typed client (``vat.typed_client``) for a generated module's interface, else
+    ``vat.client``; within TIMEOUT seconds."""
+    server_peer, client_peer = await kernel.connect(), await kernel.connect()
+    try:
+        async with open_vat(server_peer) as server_vat, open_vat(client_peer) as client_vat:
+            handle = await server_peer.transfer(await server_vat.export(server), client_peer)
+            client = (client_vat.typed_client if typed else client_vat.client)(handle, interface)
+            with trio.fail_after(TIMEOUT):
+                yield client, client_vat
+    finally:
+        await server_peer.aclose()
+        await client_peer.aclose()

@@ -12,19 +12,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import trio
 
 import capbus
 from capbus.rpc import anypointer
 from capbus.rpc.anypointer import AnyList, AnyPointer, AnyStruct, list_value, struct_value
 from capbus.rpc.errors import Failed
-from capbus.rpc.vat import open_vat
 
-from .generated import compile_and_import, mypy_verdicts
+from .generated import compile_and_import, mypy_verdicts, serving
 
 HERE = Path(__file__).parent
 schema: Any = capbus.load(HERE / "anypointer.capnp")
-TIMEOUT = 10
 
 
 def _servers(module: Any) -> tuple[Any, Any]:
@@ -71,17 +68,9 @@ def _servers(module: Any) -> tuple[Any, Any]:
 async def _store(kernel: capbus.Kernel, module: Any, typed: bool) -> AsyncIterator[tuple[Any, Any, Any]]:
     """(a client of a Store, the Store server, the Ping server class)."""
     Store, Ping = _servers(module)
-    server_peer, client_peer = await kernel.connect(), await kernel.connect()
     store = Store()
-    try:
-        async with open_vat(server_peer) as server_vat, open_vat(client_peer) as client_vat:
-            handle = await server_peer.transfer(await server_vat.export(store), client_peer)
-            client = (client_vat.typed_client if typed else client_vat.client)(handle, module.Store)
-            with trio.fail_after(TIMEOUT):
-                yield client, store, Ping
-    finally:
-        await server_peer.aclose()
-        await client_peer.aclose()
+    async with serving(kernel, store, module.Store, typed) as (client, _):
+        yield client, store, Ping
 
 
 async def _exercise(kernel: capbus.Kernel, module: Any, typed: bool, value_of: Callable[..., Any]) -> None:

@@ -10,17 +10,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import trio
 
 import capbus
-from capbus.rpc.vat import open_vat
 
-from .generated import compile_and_import, mypy_verdicts
+from .generated import compile_and_import, mypy_verdicts, serving
 
 HERE = Path(__file__).parent
 schema: Any = capbus.load(HERE / "coverage.capnp")
 types: Any = capbus.load(HERE / "coverage_types.capnp")
-TIMEOUT = 10
 
 
 def _servers(module: Any) -> Any:
@@ -88,43 +85,35 @@ def _servers(module: Any) -> Any:
     return Cov, Ping
 
 
-async def _exercise(kernel: capbus.Kernel, module: Any, client_of: Any) -> None:
+async def _exercise(kernel: capbus.Kernel, module: Any, typed: bool) -> None:
     Cov, Ping = _servers(module)
-    server_peer, client_peer = await kernel.connect(), await kernel.connect()
     server = Cov()
-    try:
-        async with open_vat(server_peer) as server_vat, open_vat(client_peer) as client_vat:
-            handle = await server_peer.transfer(await server_vat.export(server), client_peer)
-            cov = client_of(client_vat, handle, module.Cov)
-            with trio.fail_after(TIMEOUT):
-                moved = (await cov.move(p={"x": 1, "y": 2, "color": "blue"})).p
-                assert (moved.x, moved.y, moved.color) == (2, 2, "blue")  # an imported struct
-                assert (await cov.paint(c="red")).c == "green"  # an imported enum, as a str
-                assert server.seen == ["blue", "red"] and all(type(v) is str for v in server.seen)
-                local = (await cov.local(l={"c": "blue", "p": {"x": 3, "y": 4}})).l
-                assert local.to_dict() == {"c": "blue", "p": {"x": 6, "y": 4, "color": "green"}}
-                mine = Ping(7)
-                echoed = (await cov.anyCap(cap=mine)).cap  # a Capability field
-                assert echoed.server is mine  # the object came home: this vat's own
-                assert (await echoed.ping()).n == 7
-                ptr = (await cov.anyPtr(ptr=client_vat.local(Ping(8)))).ptr  # an AnyPointer
-                assert (await ptr.ping()).n == 8
-                box = (await cov.boxed()).box  # Box(Ping): its V is a Ping
-                value = (await box.get()).value
-                assert (await value.ping()).n == 41
-                both = (await cov.both()).ab  # extends A and B
-                await both.a()
-                await both.b()
-                await both.ab()
-                assert server.two.heard == ["a", "b", "ab"]
-                assert (await cov.call(ping=Ping(3))).n == 3  # (a server for a Ping param)
-    finally:
-        await server_peer.aclose()
-        await client_peer.aclose()
+    async with serving(kernel, server, module.Cov, typed) as (cov, client_vat):
+        moved = (await cov.move(p={"x": 1, "y": 2, "color": "blue"})).p
+        assert (moved.x, moved.y, moved.color) == (2, 2, "blue")  # an imported struct
+        assert (await cov.paint(c="red")).c == "green"  # an imported enum, as a str
+        assert server.seen == ["blue", "red"] and all(type(v) is str for v in server.seen)
+        local = (await cov.local(l={"c": "blue", "p": {"x": 3, "y": 4}})).l
+        assert local.to_dict() == {"c": "blue", "p": {"x": 6, "y": 4, "color": "green"}}
+        mine = Ping(7)
+        echoed = (await cov.anyCap(cap=mine)).cap  # a Capability field
+        assert echoed.server is mine  # the object came home: this vat's own
+        assert (await echoed.ping()).n == 7
+        ptr = (await cov.anyPtr(ptr=client_vat.local(Ping(8)))).ptr  # an AnyPointer
+        assert (await ptr.ping()).n == 8
+        box = (await cov.boxed()).box  # Box(Ping): its V is a Ping
+        value = (await box.get()).value
+        assert (await value.ping()).n == 41
+        both = (await cov.both()).ab  # extends A and B
+        await both.a()
+        await both.b()
+        await both.ab()
+        assert server.two.heard == ["a", "b", "ab"]
+        assert (await cov.call(ping=Ping(3))).n == 3  # (a server for a Ping param)
 
 
 async def test_the_constructs_work_across_vats_with_capbus_load(kernel: capbus.Kernel) -> None:
-    await _exercise(kernel, schema, lambda vat, handle, interface: vat.client(handle, interface))
+    await _exercise(kernel, schema, False)
 
 
 async def test_the_constructs_work_with_generated_modules_that_mypy_checks(
@@ -134,7 +123,7 @@ async def test_the_constructs_work_with_generated_modules_that_mypy_checks(
     compile_and_import(HERE / "coverage_types.capnp", tmp_path)
     module, source = compile_and_import(HERE / "coverage.capnp", tmp_path)
     assert "_coverage_types_capnp.Point" in source and "limit: Final[int] = 99" in source
-    await _exercise(kernel, module, lambda vat, handle, interface: vat.typed_client(handle, interface))
+    await _exercise(kernel, module, True)
     # A server of another interface where a Box is due, returned or passed: mypy says so.
     refused = mypy_verdicts(tmp_path, USER, WRONG, 5)
     # (a typed client has its interface's methods only, not a dynamic client's any name)

@@ -6,20 +6,16 @@ to an interface (read as its client) and one to Text (read as a str)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-import trio
 
 import capbus
-from capbus.rpc.vat import open_vat
 
-from .generated import compile_and_import, mypy_verdicts
+from .generated import compile_and_import, mypy_verdicts, serving
 
 HERE = Path(__file__).parent
-TIMEOUT = 10
 
 
 def _maker(module: Any) -> Any:
@@ -50,29 +46,21 @@ def _maker(module: Any) -> Any:
     return Maker(), Ping
 
 
-async def _exercise(kernel: capbus.Kernel, module: Any, client_of: Callable[..., Any]) -> None:
+async def _exercise(kernel: capbus.Kernel, module: Any, typed: bool) -> None:
     maker_server, Ping = _maker(module)
-    server_peer, client_peer = await kernel.connect(), await kernel.connect()
-    try:
-        async with open_vat(server_peer) as server_vat, open_vat(client_peer) as client_vat:
-            handle = await server_peer.transfer(await server_vat.export(maker_server), client_peer)
-            maker = client_of(client_vat, handle, module.Maker)
-            with trio.fail_after(TIMEOUT):
-                shelf = (await maker.shelf()).shelf
-                assert (await (await shelf.get()).value.ping()).n == 1  # (inherited from Box)
-                await shelf.put(value=Ping(7))
-                assert (await (await shelf.get()).value.ping()).n == 7
-                pair = (await maker.pair()).pair
-                assert (await pair.first.ping()).n == 3
-                assert pair.second == "two"
-    finally:
-        await server_peer.aclose()
-        await client_peer.aclose()
+    async with serving(kernel, maker_server, module.Maker, typed) as (maker, _):
+        shelf = (await maker.shelf()).shelf
+        assert (await (await shelf.get()).value.ping()).n == 1  # (inherited from Box)
+        await shelf.put(value=Ping(7))
+        assert (await (await shelf.get()).value.ping()).n == 7
+        pair = (await maker.pair()).pair
+        assert (await pair.first.ping()).n == 3
+        assert pair.second == "two"
 
 
 async def test_generics_with_capbus_load(kernel: capbus.Kernel) -> None:
     module = capbus.load(HERE / "generics.capnp")
-    await _exercise(kernel, module, lambda vat, handle, interface: vat.client(handle, interface))
+    await _exercise(kernel, module, False)
 
 
 async def test_generics_with_a_generated_module(
@@ -81,7 +69,7 @@ async def test_generics_with_a_generated_module(
     module, source = compile_and_import(HERE / "generics.capnp", tmp_path)
     assert "class Shelf(Box[_Shelf_V], Generic[_Shelf_V]):" in source
     assert "class Server(Box.Server[_Shelf_V_], Generic[_Shelf_V_]):" in source
-    await _exercise(kernel, module, lambda vat, handle, interface: vat.typed_client(handle, interface))
+    await _exercise(kernel, module, True)
     monkeypatch.syspath_prepend(str(tmp_path))
     refused = mypy_verdicts(tmp_path, USER, WRONG, 3)
     assert 'expression has type "int", variable has type "str"' in refused

@@ -6,20 +6,16 @@ out."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-import trio
 
 import capbus
-from capbus.rpc.vat import open_vat
 
-from .generated import compile_and_import, mypy_verdicts
+from .generated import compile_and_import, mypy_verdicts, serving
 
 HERE = Path(__file__).parent
-TIMEOUT = 10
 
 
 def _server(module: Any) -> Any:
@@ -36,52 +32,42 @@ def _server(module: Any) -> Any:
     return Config()
 
 
-async def _exercise(kernel: capbus.Kernel, module: Any, client_of: Callable[..., Any]) -> None:
-    server_peer, client_peer = await kernel.connect(), await kernel.connect()
-    try:
-        async with open_vat(server_peer) as server_vat, open_vat(client_peer) as client_vat:
-            handle = await server_peer.transfer(await server_vat.export(_server(module)), client_peer)
-            config = client_of(client_vat, handle, module.Config)
-            with trio.fail_after(TIMEOUT):
-                # Every field left out: the schema's defaults.
-                s = (await config.defaults()).settings
-                assert (s.name, s.retries, s.level, s.ratio, list(s.tags)) == (
-                    "unnamed",
-                    3,
-                    "high",
-                    0.5,
-                    ["a", "b"],
-                )
-                assert (s.limits.soft, s.limits.hard, s.inner.depth, bytes(s.blob)) == (
-                    100,
-                    200,
-                    2,
-                    b"\xca\xfe",
-                )
-                assert s.target.which() == "host" and s.target.host == "localhost"
-                # A group and a named union written as nested mappings; a param left out
-                # reads as its default on the server.
-                put = await config.put(
-                    settings={"limits": {"hard": 7}, "target": {"port": 8080}, "name": "n"}
-                )
-                assert put.count == 5
-                got = put.settings
-                assert (got.name, got.limits.soft, got.limits.hard) == ("n", 100, 7)
-                assert got.target.which() == "port" and got.target.port == 8080
-                assert got.to_dict()["limits"] == {"soft": 100, "hard": 7}
-                assert got.to_dict()["target"] == {"port": 8080}
-                assert (await config.put(count=0)).count == 0
-                # A group in the results, and a result left out: its default.
-                where = await config.where()
-                assert (where.at.x, where.at.y, where.level) == (4, -1, "low")
-    finally:
-        await server_peer.aclose()
-        await client_peer.aclose()
+async def _exercise(kernel: capbus.Kernel, module: Any, typed: bool) -> None:
+    async with serving(kernel, _server(module), module.Config, typed) as (config, _):
+        # Every field left out: the schema's defaults.
+        s = (await config.defaults()).settings
+        assert (s.name, s.retries, s.level, s.ratio, list(s.tags)) == (
+            "unnamed",
+            3,
+            "high",
+            0.5,
+            ["a", "b"],
+        )
+        assert (s.limits.soft, s.limits.hard, s.inner.depth, bytes(s.blob)) == (
+            100,
+            200,
+            2,
+            b"\xca\xfe",
+        )
+        assert s.target.which() == "host" and s.target.host == "localhost"
+        # A group and a named union written as nested mappings; a param left out
+        # reads as its default on the server.
+        put = await config.put(settings={"limits": {"hard": 7}, "target": {"port": 8080}, "name": "n"})
+        assert put.count == 5
+        got = put.settings
+        assert (got.name, got.limits.soft, got.limits.hard) == ("n", 100, 7)
+        assert got.target.which() == "port" and got.target.port == 8080
+        assert got.to_dict()["limits"] == {"soft": 100, "hard": 7}
+        assert got.to_dict()["target"] == {"port": 8080}
+        assert (await config.put(count=0)).count == 0
+        # A group in the results, and a result left out: its default.
+        where = await config.where()
+        assert (where.at.x, where.at.y, where.level) == (4, -1, "low")
 
 
 async def test_groups_and_defaults_with_capbus_load(kernel: capbus.Kernel) -> None:
     module = capbus.load(HERE / "groups.capnp")
-    await _exercise(kernel, module, lambda vat, handle, interface: vat.client(handle, interface))
+    await _exercise(kernel, module, False)
 
 
 async def test_groups_and_defaults_with_a_generated_module(
@@ -89,7 +75,7 @@ async def test_groups_and_defaults_with_a_generated_module(
 ) -> None:
     module, source = compile_and_import(HERE / "groups.capnp", tmp_path)
     assert "class Settings_limits(_stubs.Struct):" in source
-    await _exercise(kernel, module, lambda vat, handle, interface: vat.typed_client(handle, interface))
+    await _exercise(kernel, module, True)
     monkeypatch.syspath_prepend(str(tmp_path))
     refused = mypy_verdicts(tmp_path, USER, WRONG, 3)
     assert '"Settings_limits" has no attribute "medium"' in refused
