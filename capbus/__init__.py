@@ -37,9 +37,9 @@ from .peer import (
     MonitorRecord,
     Peer,
     PeerInfo,
-    connect,
     decode_monitor_record,
 )
+from .peer import connect as connect_peer
 
 if TYPE_CHECKING:
     from .bootstrapping import Bootstrap, bootstrap
@@ -48,6 +48,7 @@ if TYPE_CHECKING:
     from .rpc.interface import load
     from .rpc.schemacheck import SchemaError
     from .sandbox import Sandbox, SandboxError
+    from .serving import ServeError, Service, connect, serve
     from .spawning import Child, ChildError, spawn
 
 _LAZY = {
@@ -65,6 +66,10 @@ _LAZY = {
     "bootstrap": "bootstrapping",
     "Bootstrap": "bootstrapping",
     "Sandbox": "sandbox",
+    "serve": "serving",
+    "connect": "serving",
+    "Service": "serving",
+    "ServeError": "serving",
     "SandboxError": "sandbox",
 }
 
@@ -82,6 +87,10 @@ def __getattr__(name: str) -> object:
 
 
 __all__ = [
+    "connect_peer",
+    "serve",
+    "Service",
+    "ServeError",
     "struct_value",
     "list_value",
     "AlreadyDestroyed",

@@ -1,4 +1,6 @@
-"""The ``capbus`` command: ``capbus kernel --listen PATH`` runs a kernel daemon."""
+"""The ``capbus`` command: ``capbus kernel --listen PATH`` runs a kernel daemon, ``capbus
+serve ADDRESS module:factory`` serves an object at an address, ``capbus compile`` generates
+typed modules, ``capbus bench`` measures."""
 
 from __future__ import annotations
 
@@ -8,9 +10,12 @@ import resource
 import signal
 import sys
 import threading
+from typing import TYPE_CHECKING
 
-from .errors import CapbusError
 from .kernel import Kernel, Limits
+
+if TYPE_CHECKING:
+    from .rpc.server import Server
 
 
 def _raise_fd_limit() -> None:
@@ -28,7 +33,7 @@ def _run_kernel(args: argparse.Namespace) -> int:
         kernel = Kernel(limits)
         kernel.log_to(sys.stderr.fileno())
         kernel.listen(args.listen, int(args.mode, 8))
-    except CapbusError as error:
+    except OSError as error:  # (a CapbusError, or the path in use: socketfile.PathInUse)
         print(f"capbus kernel: {error.strerror}", file=sys.stderr)
         return 1
     stop = threading.Event()
@@ -57,6 +62,17 @@ def main(argv: list[str] | None = None) -> int:
     kernel.add_argument(
         "--mode", default="600", help="file mode of the socket, in octal: who may connect (default 600)"
     )
+    serve = commands.add_parser("serve", help="serve an object at an address (unix:PATH)")
+    serve.add_argument("address", help="where: unix:PATH")
+    serve.add_argument(
+        "factory", metavar="module:factory", help="what: a server object, or a callable that makes one"
+    )
+    serve.add_argument(
+        "--kernel", metavar="PATH", help="a kernel daemon's socket (default: a kernel of its own)"
+    )
+    serve.add_argument(
+        "--mode", default="600", help="file mode of a unix: socket, in octal: who may connect (default 600)"
+    )
     compile_ = commands.add_parser("compile", help="generate typed Python modules from .capnp schemas")
     compile_.add_argument("schemas", nargs="+", metavar="schema", help="a .capnp file")
     compile_.add_argument(
@@ -81,7 +97,58 @@ def main(argv: list[str] | None = None) -> int:
         return _run_kernel(args)
     if args.command == "compile":
         return _compile(args.schemas, args.output, args.import_path)
+    if args.command == "serve":
+        return _serve(args.address, args.factory, args.kernel, int(args.mode, 8))
     return 2
+
+
+def _serve(address: str, factory: str, kernel: str | None, mode: int) -> int:
+    """``capbus serve``: one line on stdout once serving (what, where), until SIGINT or
+    SIGTERM; what is wrong on stderr, and exit status 1."""
+    import trio
+
+    from .serving import ServeError, serve
+
+    try:
+        made = _made(factory)
+    except Exception as error:  # noqa: BLE001 - the user's module: whatever it raises, said
+        print(f"capbus serve: {factory}: {type(error).__name__}: {error}", file=sys.stderr)
+        return 1
+
+    async def run() -> None:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with serve(made, address, kernel=kernel, mode=mode) as service:
+                print(f"capbus serve: {factory} at {service.address}", flush=True)
+                async for _ in signals:
+                    return
+
+    try:
+        trio.run(run)
+    except (ServeError, ValueError, OSError) as error:
+        print(f"capbus serve: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _made(factory: str) -> Server:
+    """The server object ``module:factory`` names: the attribute itself if it is a server,
+    else what calling it returns (the current directory importable, as ``python -m`` has it)."""
+    import importlib
+
+    module_name, colon, attribute = factory.partition(":")
+    if not colon or not module_name or not attribute:
+        raise ValueError("name it as module:factory (e.g. calculator_server:CalculatorServer)")
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    found: object = importlib.import_module(module_name)
+    for part in attribute.split("."):
+        found = getattr(found, part)
+    from .rpc.server import Server
+
+    made = found if isinstance(found, Server) else found() if callable(found) else found
+    if not isinstance(made, Server):
+        raise TypeError(f"{factory} made {type(made).__name__}, not a server object (a Foo.Server subclass)")
+    return made
 
 
 def _compile(schemas: list[str], output: str | None, imports: list[str]) -> int:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import socket
-import stat
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -21,6 +20,7 @@ import trio
 from ._kernel import ffi, lib
 from .errors import CapbusError, error_from_errno
 from .peer import Peer
+from .socketfile import SocketPath
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,44 +90,33 @@ class Kernel:
         self._thread: threading.Thread | None = None
         self._result: int | None = None
         self.path: str | None = None
-        self._socket_file: tuple[int, str, int, int] | None = None
+        self._socket_path: SocketPath | None = None
 
     def listen(self, path: str | os.PathLike[str], mode: int = 0o600) -> None:
         """Also accepts peers on a unix socket path; its file ``mode`` is the access control.
 
+        The path is claimed first (capbus/socketfile.py): a socket a killed kernel left there
+        is replaced, a path another live kernel or service serves is refused (PathInUse).
         At :meth:`aclose` the socket file is removed, but never through the path again: in a
         directory another user can write, the path (or a directory on it) may by then lead
-        elsewhere. The directory is held open from before the bind, and the name in it is
-        removed only if it still is the very socket made here."""
+        elsewhere."""
         self.path = os.fspath(path)
-        directory, name = os.path.split(self.path)
-        dir_fd = os.open(directory or ".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        claim = SocketPath(self.path)
+        claim.claim()
         try:
             _check(
                 lib.capbus_kernel_listen(self._kernel, self.path.encode(), mode), f"listening on {self.path}"
             )
-            made = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+            claim.adopt()
         except BaseException:
-            os.close(dir_fd)
+            claim.release()
             raise
-        if stat.S_ISSOCK(made.st_mode):
-            self._socket_file = (dir_fd, name, made.st_dev, made.st_ino)
-        else:  # already swapped between bind and here: not ours to remove
-            os.close(dir_fd)
+        self._socket_path = claim
 
     def _remove_socket_file(self) -> None:
-        if self._socket_file is None:
-            return
-        dir_fd, name, dev, ino = self._socket_file
-        self._socket_file = None
-        try:
-            now = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-            if (now.st_dev, now.st_ino) == (dev, ino) and stat.S_ISSOCK(now.st_mode):
-                os.unlink(name, dir_fd=dir_fd)
-        except OSError:
-            pass  # gone already, or not ours any more
-        finally:
-            os.close(dir_fd)
+        if self._socket_path is not None:
+            self._socket_path.release()
+            self._socket_path = None
 
     def log_to(self, fd: int) -> None:
         """Where the kernel writes a line when something needs its operator's attention

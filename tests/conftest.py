@@ -41,7 +41,7 @@ async def calculator_server(kernel: capbus.Kernel) -> AsyncIterator[tuple[capbus
     holding its calculator."""
     generate_file(CALCULATOR / "calculator.capnp", CALCULATOR / "calculator_capnp.py")
     env = {**os.environ, "PYTHONPATH": str(CALCULATOR)}
-    command = lambda fd: [sys.executable, str(CALCULATOR / "server.py"), str(fd)]  # noqa: E731
+    command = lambda fd: [sys.executable, str(CALCULATOR / "server.py"), "--fd", str(fd)]  # noqa: E731
     async with server_process(kernel, command, env=env) as served:
         yield served
 

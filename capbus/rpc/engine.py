@@ -343,6 +343,8 @@ class Engine:
         # walk of every caller's (run in the receive loop, once per destroyed handle).
         self._answers_of: dict[int, set[tuple[int, int]]] = {}
         self.exports: dict[int, Server] = {}
+        self.kept: set[int] = set()
+        """Exports never retired, whoever lets go (Vat.export(keep=True))."""
         self._export_nodes: dict[tuple[int, Caller], int] = {}  # (id(server), holder) -> node
         self._export_keys: dict[int, tuple[int, Caller]] = {}  # node -> its key above
         self._export_busy: dict[int, int] = {}  # node -> sends in progress that carry it
@@ -430,7 +432,7 @@ class Engine:
         stays). A send since may have handed it out after the kernel counted its holders;
         that holder's release (or that send's failure) asks again."""
         server = self.exports.get(node)
-        if holders or self._export_busy.get(node) or server is None:
+        if holders or self._export_busy.get(node) or server is None or node in self.kept:
             return None
         if self._export_sends.get(node, 0) != sends:
             return None

@@ -193,6 +193,20 @@ def _names_by_id(module: Any) -> Callable[[int], str]:
     return name_of
 
 
+def known_interface(interface_id: int) -> Interface | None:
+    """An interface with id ``interface_id`` that this process knows (a generated module's,
+    or one ``capbus.load`` loaded), or None. (Of a generic, one brand of it.)"""
+    from .stubs import registered
+
+    cls = registered(interface_id)
+    if cls is not None:
+        return cls.interface
+    for interface in list(_interfaces.values()):
+        if interface.id == interface_id:
+            return interface
+    return None
+
+
 def load(path: str | os.PathLike[str], imports: list[str] | None = None) -> SchemaModule:
     """Loads a ``.capnp`` file for use without generated stubs: ``mod.Foo.Client`` and
     ``mod.Foo.Server`` for each interface, the other types as pycapnp gives them. Raises

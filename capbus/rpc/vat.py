@@ -249,9 +249,14 @@ class Vat:
 
     # -- capabilities -------------------------------------------------------------------------
 
-    async def export(self, server: Server) -> Handle:
-        """The node of ``server`` (made on first use), e.g. to hand to another peer."""
-        return Handle(self.peer, await self._export(server))
+    async def export(self, server: Server, *, keep: bool = False) -> Handle:
+        """The node of ``server`` (made on first use), e.g. to hand to another peer. The node
+        and the object go when the last peer holding it lets go; with ``keep``, not while
+        this vat runs (a service's bootstrap object, handed to programs that come and go)."""
+        node = await self._export(server)
+        if keep:
+            self.engine.kept.add(node)
+        return Handle(self.peer, node)
 
     async def _export(self, server: Server, charge: _Charge | None = None) -> int:
         """The node of ``server`` for the caller a return hands it to (``charge``), made if

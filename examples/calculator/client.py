@@ -1,4 +1,5 @@
-"""The calculator client: the steps of Cap'n Proto's sample client, against run.py's server."""
+"""The calculator client: the steps of Cap'n Proto's sample client, against the calculator
+served at the address it is given (``client.py unix:PATH``)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ import calculator_capnp as calc
 import trio
 
 import capbus
-from capbus.rpc.vat import open_vat
 
 Calculator = calc.Calculator
 
@@ -21,11 +21,8 @@ class Power(calc.Calculator.Function.Server):
         return float(params[0] ** params[1])
 
 
-async def main(fd: int) -> None:
-    async with capbus.Peer.from_socket(fd) as peer, open_vat(peer) as vat:
-        (handle,) = (await peer.take_seed()).handles
-        calculator = vat.typed_client(handle, Calculator)
-
+async def main(address: str) -> None:
+    async with capbus.connect(address, Calculator) as calculator:
         # 1. A literal: the result is a Value capability, read with a second call.
         value = (await calculator.evaluate(expression={"literal": 123})).value
         print("123 =", (await value.read()).value)
@@ -72,4 +69,6 @@ async def main(fd: int) -> None:
 
 
 if __name__ == "__main__":
-    trio.run(main, int(sys.argv[1]))
+    if len(sys.argv) != 2:
+        sys.exit("usage: client.py unix:PATH   (where server.py serves)")
+    trio.run(main, sys.argv[1])

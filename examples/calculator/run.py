@@ -1,5 +1,9 @@
-"""Runs the calculator example: an embedded kernel, the server and the client each in their
-own process, each holding one peer and only the capabilities it was handed.
+"""Runs the calculator example as two programs that meet at an address: the server serves a
+calculator at ``unix:PATH`` (with a kernel of its own), the client connects there and holds
+that one capability and nothing else. The same as, in two shells:
+
+    .venv/bin/python examples/calculator/server.py unix:/tmp/calculator
+    .venv/bin/python examples/calculator/client.py unix:/tmp/calculator
 
     python examples/calculator/run.py      (after `python3 dev.py demo` set up .venv)
 """
@@ -7,12 +11,13 @@ own process, each holding one peer and only the capabilities it was handed.
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import trio
 
-import capbus
 from capbus.compiler import generate_file
 
 HERE = Path(__file__).resolve().parent
@@ -22,36 +27,30 @@ async def main() -> int:
     # Typed stubs for the schema (deterministic, so regenerating is harmless).
     generate_file(HERE / "calculator.capnp", HERE / "calculator_capnp.py")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
-    async with capbus.open_kernel() as kernel, await kernel.connect() as launcher:
-        inbox = await launcher.create_node()
-        # The server's peer starts with one capability: where to hand in its calculator.
-        server_socket = await launcher.create_peer(handles=[inbox])
+    with tempfile.TemporaryDirectory() as directory:
+        address = f"unix:{directory}/calculator"
         async with trio.open_nursery() as nursery:
             server = await nursery.start(
                 lambda task_status: trio.run_process(
-                    [sys.executable, str(HERE / "server.py"), str(server_socket.fileno())],
-                    pass_fds=[server_socket.fileno()],
+                    [sys.executable, str(HERE / "server.py"), address],
+                    stdout=subprocess.PIPE,
                     env=env,
                     check=False,
                     task_status=task_status,
                 )
             )
-            server_socket.close()
-            with trio.fail_after(30):
-                message = await launcher.recv()
-                if message.kind is not capbus.MessageKind.DATA:  # the server died before
-                    raise RuntimeError("the calculator server exited without handing in its calculator")
-                calculator = message.handles[0]
-            # The client's peer starts with the calculator, and nothing else.
-            client_socket = await launcher.create_peer(handles=[calculator])
+            with trio.fail_after(30):  # its first line says it serves
+                said = b""
+                while not said.endswith(b"\n"):
+                    chunk = await server.stdout.receive_some()
+                    if not chunk:
+                        raise RuntimeError("the calculator server exited before serving")
+                    said += chunk
+            print(said.decode().strip(), flush=True)
             with trio.fail_after(60):
                 result = await trio.run_process(
-                    [sys.executable, str(HERE / "client.py"), str(client_socket.fileno())],
-                    pass_fds=[client_socket.fileno()],
-                    env=env,
-                    check=False,
+                    [sys.executable, str(HERE / "client.py"), address], env=env, check=False
                 )
-            client_socket.close()
             server.terminate()
     return result.returncode
 

@@ -1,8 +1,11 @@
-"""The calculator server: run by run.py in its own process, on a peer it is handed."""
+"""The calculator server: ``server.py unix:PATH`` serves a calculator there (a kernel of its
+own in this process); clients reach it with ``client.py unix:PATH`` from anywhere on this
+machine that may open PATH."""
 
 from __future__ import annotations
 
 import operator
+import signal
 import sys
 from collections.abc import Callable, Sequence
 
@@ -77,7 +80,17 @@ class CalculatorServer(Calculator.Server):
         return Operator(op)
 
 
-async def main(fd: int) -> None:
+async def serve_at(address: str) -> None:
+    """Serves a calculator at ``address`` (``unix:PATH``) until SIGINT or SIGTERM."""
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with capbus.serve(CalculatorServer(), address) as service:
+            print(f"serving a calculator at {service.address}", flush=True)
+            async for _ in signals:
+                return  # (leaving the block closes the socket and removes its file)
+
+
+async def serve_on_peer(fd: int) -> None:
+    """Serves on a peer a launcher handed over (its seed: where to hand the calculator)."""
     async with capbus.Peer.from_socket(fd) as peer, open_vat(peer) as vat:
         (launcher,) = (await peer.take_seed()).handles
         node = await vat.export(CalculatorServer())
@@ -88,8 +101,15 @@ async def main(fd: int) -> None:
             pass
 
 
+USAGE = "usage: server.py unix:PATH   (or server.py --fd N: on a peer a launcher hands over)"
+
 if __name__ == "__main__":
-    try:
-        trio.run(main, int(sys.argv[1]))
-    except* capbus.Disconnected:
-        pass  # the launcher stopped the kernel: we are done
+    if len(sys.argv) == 3 and sys.argv[1] == "--fd":
+        try:
+            trio.run(serve_on_peer, int(sys.argv[2]))
+        except* capbus.Disconnected:
+            pass  # the launcher stopped the kernel: we are done
+    elif len(sys.argv) == 2:
+        trio.run(serve_at, sys.argv[1])
+    else:
+        sys.exit(USAGE)

@@ -183,7 +183,7 @@ static void *bind_with_mode(void *arg)
 	return NULL;
 }
 
-int capbus_kernel_listen(struct cb_kernel *kernel, const char *path, unsigned int mode)
+int capbus_bind_unix(int fd, const char *path, unsigned int mode)
 {
 	struct sockaddr_un address = { .sun_family = AF_UNIX };
 	if (strlen(path) >= sizeof(address.sun_path))
@@ -191,9 +191,6 @@ int capbus_kernel_listen(struct cb_kernel *kernel, const char *path, unsigned in
 	if (mode & ~0777u)
 		return -EINVAL;
 	strcpy(address.sun_path, path);
-	int fd = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
-	if (fd < 0)
-		return -errno;
 	/* The socket's file mode is the access control, as /dev/bus1's is. Linux creates the
 	 * socket file with the socket inode's mode (0777) less the umask, so the file has exactly
 	 * `mode` from the instant it exists. Never chmod by path after bind: in a directory
@@ -202,12 +199,22 @@ int capbus_kernel_listen(struct cb_kernel *kernel, const char *path, unsigned in
 	struct bind_request request = { .fd = fd, .mode = (mode_t)mode, .address = &address };
 	pthread_t thread;
 	int r = pthread_create(&thread, NULL, bind_with_mode, &request);
-	if (r != 0) {
-		close(fd);
+	if (r != 0)
 		return -r;
-	}
 	pthread_join(thread, NULL);
-	r = request.result;
+	return request.result;
+}
+
+int capbus_kernel_listen(struct cb_kernel *kernel, const char *path, unsigned int mode)
+{
+	if (strlen(path) >= sizeof(((struct sockaddr_un *)0)->sun_path))
+		return -ENAMETOOLONG;
+	if (mode & ~0777u)
+		return -EINVAL;
+	int fd = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+	if (fd < 0)
+		return -errno;
+	int r = capbus_bind_unix(fd, path, mode);
 	if (r == 0 && listen(fd, SOMAXCONN) < 0)
 		r = -errno;
 	if (r < 0) {

@@ -138,7 +138,7 @@ async def assert_serves(path: Path, process: trio.Process) -> None:
     """The daemon is alive and answers a newcomer."""
     try:
         with trio.fail_after(TIMEOUT):
-            peer = await capbus.connect(path)
+            peer = await capbus.connect_peer(path)
             try:
                 await peer.info()
             finally:
@@ -162,7 +162,7 @@ import os, select, socket, struct, sys, trio, capbus
 from capbus import _wire
 
 async def main(path, cycles):
-    sender = await capbus.connect(path)
+    sender = await capbus.connect_peer(path)
     key = await sender._peer_key()
     null = [os.open("/dev/null", os.O_RDONLY) for _ in range(64)]
     parked = []
@@ -199,7 +199,7 @@ _ONE_FD_TO_SELF = """
 import os, sys, trio, capbus
 
 async def main(path):
-    peer = await capbus.connect(path)
+    peer = await capbus.connect_peer(path)
     inbox = await peer.create_node()
     await peer.send(inbox, b"fd", fds=[os.open("/dev/null", os.O_RDONLY)])
     with trio.move_on_after(float(sys.argv[2])):
@@ -290,7 +290,7 @@ async def test_a_send_from_a_uid_without_peers_does_not_free_that_uid_in_use(
     with shared_directory() as where:
         async with daemon(where, env=freed_memory_shows) as (path, kernel):
             # A connection of uid 0, used by a process of uid 1002, which has no peer.
-            parent = await capbus.connect(path)
+            parent = await capbus.connect_peer(path)
             sock = parent.detach()
             with sock, trio.fail_after(TIMEOUT):
                 child = await run_as(
@@ -334,7 +334,7 @@ async def test_a_peer_freed_by_a_retry_is_not_used_by_the_same_wakeup(
     with shared_directory() as where:
         # As root with 4096 fds: room in flight for every stalled peer's first 256 fds.
         async with daemon(where, user=None, fd_limit=4096, env=freed_memory_shows) as (path, kernel):
-            sender = await capbus.connect(path)
+            sender = await capbus.connect_peer(path)
             key = await sender._peer_key()
             null = [os.open("/dev/null", os.O_RDONLY) for _ in range(FDS)]
             stalled = []
@@ -858,7 +858,7 @@ import socket, struct, sys, trio, capbus
 from capbus import _wire
 
 async def main(path, count, rounds):
-    sender = await capbus.connect(path)
+    sender = await capbus.connect_peer(path)
     key = await sender._peer_key()
     socks, ids = [], []
     for _ in range(int(count)):

@@ -37,7 +37,7 @@ _NEWCOMER = """
 async def main(path):
     try:
         with trio.fail_after(20):
-            peer = await capbus.connect(path)
+            peer = await capbus.connect_peer(path)
             await peer.info()
             await peer.aclose()
         print("served", flush=True)
@@ -182,7 +182,7 @@ _USER = """
 from capbus import _wire
 
 async def main(path, channel):
-    peer = await capbus.connect(path)
+    peer = await capbus.connect_peer(path)
     await peer.info()
     kept = []
     while True:
@@ -260,7 +260,7 @@ _LINGERER = """
 from capbus import _wire
 
 async def main(path, count):
-    sender = await capbus.connect(path)
+    sender = await capbus.connect_peer(path)
     key = await sender._peer_key()
     null = os.open("/dev/null", os.O_RDONLY)
     socks = []
@@ -369,7 +369,7 @@ _FILLER = """
 from capbus import _wire
 
 async def main(path, channel, count):
-    sender = await capbus.connect(path)
+    sender = await capbus.connect_peer(path)
     key = await sender._peer_key()
     null = [os.open("/dev/null", os.O_RDONLY) for _ in range(64)]
     accepted = 0
@@ -429,7 +429,7 @@ sys.stdin.readline()
 # more than a delivery takes, on any machine) or "stalled".
 _FDS_TO_SELF = """
 async def main(path):
-    peer = await capbus.connect(path)
+    peer = await capbus.connect_peer(path)
     inbox = await peer.create_node()
     await peer.send(inbox, b"fds", fds=[os.open("/dev/null", os.O_RDONLY) for _ in range(64)])
     with trio.move_on_after(10):

@@ -41,7 +41,7 @@ _ATTACKER = """
 import os, sys, trio, capbus
 
 async def main(path):
-    sender, parked = await capbus.connect(path), [await capbus.connect(path) for _ in range(2)]
+    sender, parked = await capbus.connect_peer(path), [await capbus.connect_peer(path) for _ in range(2)]
     targets = [await peer.transfer(await peer.create_node(), sender) for peer in parked]
     null = [os.open("/dev/null", os.O_RDONLY) for _ in range(64)]
     accepted = refused = 0
@@ -74,7 +74,7 @@ _INNOCENT = """
 import os, stat, sys, trio, capbus
 
 async def main(path, count):
-    sender, receiver = await capbus.connect(path), await capbus.connect(path)
+    sender, receiver = await capbus.connect_peer(path), await capbus.connect_peer(path)
     target = await receiver.transfer(await receiver.create_node(), sender)
     null = [os.open("/dev/null", os.O_RDONLY) for _ in range(64)]
 
@@ -128,8 +128,8 @@ async def test_multicast_of_fds_to_many_readers_reaches_every_one() -> None:
     receivers_count = 200
     with shared_directory() as where:
         async with daemon(where) as (path, _kernel):
-            sender = await capbus.connect(path)
-            receivers = [await capbus.connect(path) for _ in range(receivers_count)]
+            sender = await capbus.connect_peer(path)
+            receivers = [await capbus.connect_peer(path) for _ in range(receivers_count)]
             targets = [await r.transfer(await r.create_node(), sender) for r in receivers]
             null = [os.open("/dev/null", os.O_RDONLY) for _ in range(FDS)]
             try:
@@ -321,7 +321,7 @@ async def test_out_of_fds_the_listener_refuses_and_the_loop_sleeps() -> None:
             assert int(wakeups) < 100, f"the kernel loop woke {wakeups} times in 0.5 s: it spins"
             assert "out of file descriptors (EMFILE)" in log
             with trio.fail_after(TIMEOUT):
-                peer = await capbus.connect(path)
+                peer = await capbus.connect_peer(path)
                 assert (await peer.info()).uid == os.geteuid()
                 await peer.aclose()
                 await process.stdin.send_all(b"in\n")

@@ -317,7 +317,7 @@ async def test_daemon_socket_mode_is_the_access_control(tmp_path: os.PathLike[st
             line = await process.stdout.receive_some(200)
         assert b"listening" in line
         assert os.stat(path).st_mode & 0o777 == 0o600
-        async with await capbus.connect(path) as a, await capbus.connect(path) as b:
+        async with await capbus.connect_peer(path) as a, await capbus.connect_peer(path) as b:
             node = await a.create_node()
             await b.send(await a.transfer(node, b), b"over the daemon")
             with trio.fail_after(5):

@@ -67,7 +67,7 @@ async def test_a_wrong_return_says_what_it_should_be(kernel: capbus.Kernel) -> N
 async def test_connecting_to_a_missing_socket_names_it(tmp_path: Path) -> None:
     missing = tmp_path / "no-kernel.sock"
     with pytest.raises(FileNotFoundError) as raised:
-        await capbus.connect(missing)
+        await capbus.connect_peer(missing)
     assert raised.value.filename == str(missing)
     assert str(missing) in str(raised.value) and "capbus kernel --listen" in str(raised.value)
 

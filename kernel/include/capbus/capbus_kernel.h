@@ -58,6 +58,9 @@ void capbus_kernel_default_limits(struct capbus_limits *limits);
 int capbus_kernel_new(const struct capbus_limits *limits, struct cb_kernel **out);
 /* Listens on a unix socket path with the given file mode (the access control). */
 int capbus_kernel_listen(struct cb_kernel *kernel, const char *path, unsigned int mode);
+/* Binds unix socket `fd` to `path`, the file made with exactly `mode` from the start (the
+ * process's umask is not touched). 0 or -errno. */
+int capbus_bind_unix(int fd, const char *path, unsigned int mode);
 /* Makes a peer of one end of a SOCK_SEQPACKET socketpair; takes ownership of `fd`.
  * `uid`, `gid`, `pid` say whom to charge, for the peer's life; pass -1 to read them with
  * SO_PEERCRED, and then the peer is charged to whichever uid writes to it (a connection
