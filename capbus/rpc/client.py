@@ -276,3 +276,24 @@ class _PipelinedStruct:
 
 def client_class(interface: Interface) -> type[Client]:
     return type(f"{interface.name}Client", (Client,), {"interface": interface})
+
+
+class ClientClasses:
+    """The class of clients of each interface a vat meets: the generated one if a stub
+    module registered it, else a dynamic one (made once per interface)."""
+
+    def __init__(self) -> None:
+        self._classes: dict[int, type[Client]] = {}
+
+    def client_class(self, interface: Interface) -> type[Client]:
+        cls = self._classes.get(id(interface))
+        if cls is None:
+            from .stubs import registered
+
+            generated = registered(interface.id)
+            if generated is not None and generated.interface is not interface:
+                # A brand of a generic interface (Box(Ping)): the generated class, with the
+                # brand's methods (whose layouts know what the parameters are bound to).
+                generated = type(generated.__name__, (generated,), {"interface": interface})
+            cls = self._classes[id(interface)] = generated or client_class(interface)
+        return cls

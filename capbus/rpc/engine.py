@@ -36,7 +36,7 @@ from typing import Any, TypeAlias
 from .. import errors as bus
 from ..memfd import MAPPING_HOLDS_FD
 from ..peer import Message, MessageKind
-from .client import Client, client_class
+from .client import Client, ClientClasses, client_class
 from .errors import Disconnected, Failed, Overloaded, RpcError, from_kernel
 from .fds import FileDescriptor
 from .interface import Interface, Method, interface_of
@@ -359,7 +359,7 @@ class Engine:
         self._import_refs: dict[int, int] = {}
         self.broken: set[int] = set()
         self._releases: dict[int, int] = {}
-        self._clients: dict[int, type[Client]] = {}
+        self._clients = ClientClasses()
         """By id(interface): a generic interface has one Interface per brand."""
         self._locals: weakref.WeakValueDictionary[int, Client] = weakref.WeakValueDictionary()
         self.generic = client_class(Interface(0, "Capability", None))
@@ -444,19 +444,8 @@ class Engine:
     # -- imports and local clients ------------------------------------------------------------
 
     def client_class(self, interface: Interface) -> type[Client]:
-        """The class of clients for ``interface``: the generated one if a stub module
-        registered it, else a dynamic one."""
-        cls = self._clients.get(id(interface))
-        if cls is None:
-            from .stubs import registered
-
-            generated = registered(interface.id)
-            if generated is not None and generated.interface is not interface:
-                # A brand of a generic interface (Box(Ping)): the generated class, with the
-                # brand's methods (whose layouts know what the parameters are bound to).
-                generated = type(generated.__name__, (generated,), {"interface": interface})
-            cls = self._clients[id(interface)] = generated or client_class(interface)
-        return cls
+        """The class of clients for ``interface`` (client.ClientClasses)."""
+        return self._clients.client_class(interface)
 
     def import_(self, handle: int, references: int, interface: Interface | None) -> Client:
         client = self.imports.get(handle)

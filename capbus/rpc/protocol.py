@@ -19,7 +19,7 @@ import capnp
 from .._wire import PAYLOAD_MAX
 from ..memfd import sealed_copy
 from . import capwire, header, segments
-from .anypointer import WrongKind
+from .anypointer import StructValue, WrongKind
 from .capwire import CapWireError, Segment, traversal_budget
 from .envelope import rpc
 from .errors import BY_KIND, Failed, RpcError
@@ -184,6 +184,10 @@ def fill(view: StructBuilder, layout: StructLayout, values: Mapping[str, Any]) -
             raise TypeError(f"{layout.name} has no field {name!r}")
         if f.kind in (FieldKind.STRUCT, FieldKind.GROUP) and _is_struct(value):
             assert f.nested is not None
+            if isinstance(value, StructValue) and value.schema.node.id != f.nested.node_id:
+                taken = f.nested.name.rpartition(":")[2]
+                given = str(value.schema.node.displayName).rpartition(":")[2]
+                raise TypeError(f"{described(layout.name, name)}: takes a {taken}, not a {given}")
             fill(view.init(name), f.nested, value)
         elif f.kind is FieldKind.STRUCT_LIST and not hasattr(value, "schema"):
             assert f.nested is not None
@@ -203,13 +207,14 @@ def fill(view: StructBuilder, layout: StructLayout, values: Mapping[str, Any]) -
 def _is_struct(value: Any) -> bool:
     """A struct's value as fill takes it: a mapping, or a struct received (a view, or a
     generated class's instance over one)."""
-    return isinstance(value, Mapping | StructReader) or isinstance(
-        getattr(value, "_view", None), StructReader
-    )
+    view = getattr(value, "_view", value)
+    return isinstance(value, Mapping | StructValue) or isinstance(view, StructReader)
 
 
 def _fields_of(value: Any) -> Mapping[str, Any]:
     """The fields of a struct value (see _is_struct)."""
+    if isinstance(value, StructValue):
+        return value.fields
     view = getattr(value, "_view", value)
     if not isinstance(view, StructReader):
         raise TypeError(f"a struct takes a mapping of its fields or a struct, not {type(value).__name__}")

@@ -127,14 +127,26 @@ class StructBuilder:
         kind = None if f is None else f.kind
         if kind is FieldKind.ANY_POINTER:
             assert f is not None
-            if not _is_capability(value):
-                if value is not None:
-                    from . import anypointer  # (it builds on these views)
+            if value is None:
+                if f.discriminant is not None:  # (a null member of a union: still the one set)
+                    self._patches.discriminants.append(
+                        (self._path, self._layout.discriminant_offset, f.discriminant)
+                    )
+                return
+            if not is_capability(value) or f.any_kind in ("struct", "list"):
+                from . import anypointer  # (it builds on these views)
 
-                    anypointer.write(self, f, value)
+                anypointer.write(self, f, value)
                 return
             kind = FieldKind.CAPABILITY  # (an AnyPointer, Capability or generic field)
         if f is None or kind not in (FieldKind.CAPABILITY, FieldKind.CAPABILITY_LIST):
+            if type(value).__name__ in _PYCAPNP_READERS:
+                # A reader (of a received message, maybe): never copied by pycapnp, whose copy
+                # of a pointer of the wrong kind throws past Python (an abort); read here.
+                from .anypointer import plain_reader
+                from .layout import described
+
+                value = plain_reader(value, described(self._layout.name, name))
             setattr(self._builder, name, value)
             return
         slot_path: Path = (*self._path, ("p", f.slot))
@@ -209,7 +221,10 @@ class StructBuilder:
         return segments, self._patches.table.values
 
 
-def _is_capability(value: object) -> bool:
+_PYCAPNP_READERS = frozenset(("_DynamicListReader", "_DynamicStructReader"))
+
+
+def is_capability(value: object) -> bool:
     """Whether ``value`` is a capability value (a client, or a server to export)."""
     from .client import Client
     from .server import Server
@@ -277,6 +292,7 @@ class CapTableReader:
         self.values = values
         self.resolve = resolve
         self.fds = fds
+        self._holds: bool | None = None
         """The message's file descriptors (FileDescriptor objects), by index."""
         """Called with each capability value a field yields and that field's layout (the
         RPC layer uses it to give a client the field's interface)."""
@@ -311,6 +327,16 @@ class CapTableReader:
         pycapnp; what must not be done with such a message is a pycapnp copy (``as_builder``,
         ``copy``, pickling), which the views never do."""
         return cls(segments, {}, values, resolve, fds, direct=True)
+
+    def holds_capabilities(self) -> bool:
+        """Whether the message holds a capability pointer anywhere (or may: a pointer that
+        does not check out counts as one)."""
+        if self._holds is None:
+            try:
+                self._holds = bool(capwire.scan_caps(self.segments))
+            except CapWireError:
+                self._holds = True
+        return self._holds
 
     def fd(self, index: int) -> object:
         if index >= len(self.fds):
@@ -380,6 +406,11 @@ class StructReader:
     def which(self) -> str:
         return str(self._reader.which())
 
+    def holds_capabilities(self) -> bool:
+        """Whether the message this struct is in holds capabilities (then passing the struct
+        on re-sends it by its fields; else it is copied as it is)."""
+        return self._table.holds_capabilities()
+
     def capability_at(self, transform: Sequence[int]) -> object | None:
         """The capability that pointer-field steps ``transform`` lead to from this struct
         (as a pipelined call names it); None if that pointer is null."""
@@ -444,8 +475,14 @@ class StructReader:
             # capability: a client then, of the interface a field names later (Engine.typed).
             path: Path = (*self._path, ("p", f.slot))
             held, capability = self._table.any_capability(path)
-            if held or f.any_kind == "capability" or not self._reader._has(name):
+            if held:
+                if f.any_kind in ("struct", "list"):
+                    raise CapWireError(f"{name}: an Any{f.any_kind.title()} field holds a capability")
                 return capability
+            if not self._reader._has(name):
+                return None
+            if f.any_kind == "capability":
+                raise CapWireError(f"{name}: a Capability field holds something other than a capability")
             raw = self._raw(name)
             if type(raw).__name__ != "_DynamicObjectReader":
                 return raw  # (a generic's parameter its brand binds to Text, Data or a List)

@@ -136,6 +136,7 @@ async def test_any_pointers_with_a_generated_module(
 
 USER = """
 from __future__ import annotations
+from collections.abc import Sequence
 from capbus.rpc.anypointer import list_value
 import anypointer_capnp as m
 
@@ -146,7 +147,7 @@ async def use(store: m.Store) -> int:
     point: m.Point = value.as_struct(m.Point)
     items = (await store.anyList(value=list_value(m.Point, [{"x": 1}]))).value
     assert items is not None
-    listed: list[m.Point] = items.as_list(m.Point)
+    listed: Sequence[m.Point] = items.as_list(m.Point)
     return point.x + listed[0].y
 """
 
