@@ -32,7 +32,7 @@ def _run_kernel(args: argparse.Namespace) -> int:
     try:
         kernel = Kernel(limits)
         kernel.log_to(sys.stderr.fileno())
-        kernel.listen(args.listen, int(args.mode, 8))
+        kernel.listen(args.listen, args.mode)
     except OSError as error:  # (a CapbusError, or the path in use: socketfile.PathInUse)
         print(f"capbus kernel: {error.strerror}", file=sys.stderr)
         return 1
@@ -93,13 +93,30 @@ def main(argv: list[str] | None = None) -> int:
 
         return bench(argv[1:])
     args = parser.parse_args(argv)
+    if args.command in ("kernel", "serve"):
+        try:
+            args.mode = _file_mode(args.mode)
+        except ValueError as error:
+            print(f"capbus {args.command}: {error}", file=sys.stderr)
+            return 1
     if args.command == "kernel":
         return _run_kernel(args)
     if args.command == "compile":
         return _compile(args.schemas, args.output, args.import_path)
     if args.command == "serve":
-        return _serve(args.address, args.factory, args.kernel, int(args.mode, 8))
+        return _serve(args.address, args.factory, args.kernel, args.mode)
     return 2
+
+
+def _file_mode(text: str) -> int:
+    """``--mode``: a socket file's permission bits, in octal (600, 0660)."""
+    try:
+        mode = int(text, 8)
+    except ValueError:
+        raise ValueError(f"--mode {text}: not an octal file mode (such as 600 or 660)") from None
+    if not 0 <= mode <= 0o777:
+        raise ValueError(f"--mode {text}: a socket's file mode is at most 777 (read and write bits)")
+    return mode
 
 
 def _serve(address: str, factory: str, kernel: str | None, mode: int) -> int:

@@ -8,6 +8,7 @@ Python code for the interpreter.
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import threading
@@ -20,7 +21,7 @@ import trio
 from ._kernel import ffi, lib
 from .errors import CapbusError, error_from_errno
 from .peer import Peer
-from .socketfile import SocketPath
+from .socketfile import PathInUse, SocketPath
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,18 +101,23 @@ class Kernel:
         At :meth:`aclose` the socket file is removed, but never through the path again: in a
         directory another user can write, the path (or a directory on it) may by then lead
         elsewhere."""
-        self.path = os.fspath(path)
-        claim = SocketPath(self.path)
-        claim.claim()
-        try:
-            _check(
-                lib.capbus_kernel_listen(self._kernel, self.path.encode(), mode), f"listening on {self.path}"
+        where = os.fspath(path)
+        if self._socket_path is not None:
+            raise CapbusError(
+                f"listening on {where}: this kernel listens on {self.path} already", code=errno.EBUSY
             )
+        claim = SocketPath(where)
+        try:
+            claim.claim()
+        except PathInUse as error:
+            raise CapbusError(error.strerror, code=error.errno or errno.EADDRINUSE) from None
+        try:
+            _check(lib.capbus_kernel_listen(self._kernel, where.encode(), mode), f"listening on {where}")
             claim.adopt()
         except BaseException:
             claim.release()
             raise
-        self._socket_path = claim
+        self.path, self._socket_path = where, claim
 
     def _remove_socket_file(self) -> None:
         if self._socket_path is not None:
@@ -135,9 +141,19 @@ class Kernel:
         """A new peer's connection, for another process (pass it with ``pass_fds``). The peer
         is charged to this process's user until a send says otherwise (each message carries
         its real sender's credentials)."""
+        return self._adopted(-1, -1, -1)
+
+    def socket_charged_to(self, uid: int, gid: int, pid: int) -> socket.socket:
+        """A new peer's connection, as :meth:`socket_for_child`, charged to ``uid`` (and
+        ``gid``, ``pid``) for its life: a service hands it to a program of that user (its
+        credentials as the kernel attests them, SO_PEERCRED), whose use of it then counts
+        against that user's quotas, not the service's."""
+        return self._adopted(uid, gid, pid)
+
+    def _adopted(self, uid: int, gid: int, pid: int) -> socket.socket:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
-            _check(lib.capbus_kernel_adopt(self._kernel, ours.fileno(), -1, -1, -1), "adopting a peer")
+            _check(lib.capbus_kernel_adopt(self._kernel, ours.fileno(), uid, gid, pid), "adopting a peer")
         except CapbusError:
             ours.detach()  # adopt closed it
             theirs.close()

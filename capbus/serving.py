@@ -11,12 +11,13 @@ nothing else. The service's kernel is its own (embedded, the default), one it ru
 kernel daemon (``kernel="PATH"``); either makes the peer (``Peer.create_peer``).
 
 On the listening socket a service writes one message per connection: ``capbus 1`` with the
-peer's connection attached, or ``capbus error: WHY`` without; then it closes. Nothing else
-is read or written there, so there is nothing there to attack but the accept itself.
+peer's connection attached, or ``capbus error: WHY`` without; the program writes back
+``taken`` once it has the peer's seed, and both close. Nothing else is read there.
 
-Accounting: the kernel charges each such peer to the service's user (the user whose
-process asked for it), so ``Limits.peers_per_user`` and the per-user quotas of the
-service's kernel bound what the programs connecting to it may take together.
+Accounting: on a kernel of the service's process, each peer is charged to the connecting
+program's user (SO_PEERCRED), so one user's programs cannot use up the service's quotas;
+a kernel daemon charges it to the service's user, and MAX_PENDING_PER_USER bounds how many
+peers one user's programs may pin there by never taking them.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import array
 import errno
 import os
 import socket
+import struct
 from collections.abc import AsyncIterator, Generator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
@@ -34,7 +36,7 @@ import trio
 
 from .addresses import Address, TcpAddress, UnixAddress, parse
 from .errors import CapbusError
-from .peer import Peer, _parse_fds
+from .peer import Message, Peer, _parse_fds
 from .peer import connect as connect_peer
 from .socketfile import PathInUse, SocketPath
 
@@ -51,11 +53,16 @@ SEED = b"capbus.serve "
 GREETING = b"capbus 1"
 """What a service writes, with the peer's connection attached, to each program that connects."""
 REFUSAL = b"capbus error: "
+TAKEN = b"taken"
+"""What a connecting program writes back once it has taken its peer."""
 HANDSHAKE_SECONDS = 10.0
 """How long a service gives one connection's handshake (making its peer, writing it), and a
 connecting program the service's answer."""
-MAX_HANDSHAKES = 64
-"""Connections a service answers at once; more wait in the listen backlog."""
+MAX_PENDING_PER_USER = 32
+"""Programs of one user a service hands a peer at once (until each has taken its peer, or
+gone): past that, that user's connections are refused as busy (a connecting program tries
+again within its timeout), and other users' are not."""
+BUSY = "busy: "
 
 
 class ServeError(Exception):
@@ -101,35 +108,60 @@ async def serve(
     from .kernel import Kernel, open_kernel
     from .rpc.vat import open_vat
 
-    async with AsyncExitStack() as stack:
-        listener = _listen(where.path, mode)  # (first: a path in use is said before anything starts)
-        stack.callback(listener.release)
-        stack.callback(listener.socket.close)
-        own: Kernel | None = None
-        if kernel is None:
-            own = await stack.enter_async_context(open_kernel())
-            peer = await own.connect()
-        elif isinstance(kernel, Kernel):
-            own, peer = kernel, await kernel.connect()
-        else:
-            peer = await connect_peer(kernel)
-        await stack.enter_async_context(peer)
-        vat = await stack.enter_async_context(open_vat(peer, **vat_options))
-        node = await vat.export(obj, keep=True)  # (programs come and go; it stays)
-        interface_id = obj.interface.id if getattr(obj, "interface", None) is not None else 0
-        service = Service(where, vat, peer, own, seed=SEED + str(interface_id).encode())
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_accept, listener.socket, service, node)
+    listener = _listen(where.path, mode)  # (first: a path in use is said before anything starts)
+    try:
+        async with AsyncExitStack() as stack:
+            own: Kernel | None = None
+            if kernel is None:
+                own = await stack.enter_async_context(open_kernel())
+                peer = await own.connect()
+            elif isinstance(kernel, Kernel):
+                own, peer = kernel, await kernel.connect()
+            else:
+                peer = await connect_peer(kernel)
+            await stack.enter_async_context(peer)
+            vat = await stack.enter_async_context(open_vat(peer, **vat_options))
+            node = await vat.export(obj, keep=True)  # (programs come and go; it stays)
+            interface_id = obj.interface.id if getattr(obj, "interface", None) is not None else 0
+            service = Service(where, vat, peer, own, seed=SEED + str(interface_id).encode())
             try:
-                yield service
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(_accept, listener.socket, service, node)
+                    try:
+                        yield service
+                    finally:
+                        nursery.cancel_scope.cancel()
             finally:
-                nursery.cancel_scope.cancel()
+                listener.close()  # (before the vat and kernel: no one waits on a service going)
+    except BaseExceptionGroup as group:
+        # What the block raised (or what stopped the service) comes out as itself, not
+        # wrapped by the nurseries the service runs in.
+        single = _single(group)
+        if single is None:
+            raise
+        raise single from None
+    finally:
+        listener.close()
+        listener.release()
+
+
+def _single(group: BaseExceptionGroup[Any]) -> BaseException | None:
+    """The one exception a group (of groups) holds, or None if it holds several."""
+    found: BaseException = group
+    while isinstance(found, BaseExceptionGroup):
+        if len(found.exceptions) != 1:
+            return None
+        found = found.exceptions[0]
+    return found
 
 
 @dataclass
 class _Listener:
     socket: trio.socket.SocketType
     path: SocketPath
+
+    def close(self) -> None:
+        self.socket.close()
 
     def release(self) -> None:
         self.path.release()
@@ -161,7 +193,7 @@ def _listen(path: str, mode: int) -> _Listener:
 
 
 async def _accept(listener: trio.socket.SocketType, service: Service, node: Any) -> None:
-    limit = trio.CapacityLimiter(MAX_HANDSHAKES)
+    pending: dict[int, int] = {}
     async with trio.open_nursery() as nursery:
         while True:
             try:
@@ -171,30 +203,83 @@ async def _accept(listener: trio.socket.SocketType, service: Service, node: Any)
                     await trio.sleep(0.1)  # (out of fds: let handshakes in flight end first)
                     continue
                 raise
-            await limit.acquire_on_behalf_of(connection)
-            nursery.start_soon(_hand_over, connection, service, node, limit)
+            uid = _uid_of(connection)
+            if pending.get(uid, 0) >= MAX_PENDING_PER_USER:
+                # (each program being handed a peer holds one charged to this service's
+                # user until it takes it or goes: one user cannot pin more than these)
+                unfinished = f"{BUSY}user {uid} has {MAX_PENDING_PER_USER} connections unfinished"
+                nursery.start_soon(_refuse, connection, unfinished)
+                continue
+            pending[uid] = pending.get(uid, 0) + 1
+            nursery.start_soon(_hand_over, connection, service, node, pending, uid)
+
+
+def _uid_of(connection: trio.socket.SocketType) -> int:
+    """The connecting program's uid, as the kernel attests it (SO_PEERCRED)."""
+    credentials = connection.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return int(struct.unpack("3i", credentials)[1])
+
+
+async def _refuse(connection: trio.socket.SocketType, reason: str) -> None:
+    with connection, trio.move_on_after(HANDSHAKE_SECONDS):
+        await _send_quietly(connection, REFUSAL + reason.encode())
 
 
 async def _hand_over(
-    connection: trio.socket.SocketType, service: Service, node: Any, limit: trio.CapacityLimiter
+    connection: trio.socket.SocketType, service: Service, node: Any, pending: dict[int, int], uid: int
 ) -> None:
-    """Makes the connecting program's peer, its seed holding ``node``, and writes it."""
+    """Makes the connecting program's peer, its seed holding ``node``, writes it, and waits
+    until the program has taken it (it says so, or closes): until then the peer counts
+    against what the program's user may hold unfinished (MAX_PENDING_PER_USER)."""
     try:
-        with connection, trio.move_on_after(HANDSHAKE_SECONDS):
-            try:
-                made = await service.peer.create_peer(service.seed, handles=[node])
-            except CapbusError as error:
-                await _send_quietly(connection, REFUSAL + str(error).encode()[:512])
-                return
-            with made:
-                fds = array.array("i", [made.fileno()])
-                try:
-                    await connection.sendmsg([GREETING], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
-                except OSError:
-                    return  # (the program left before its peer came: the peer ends with `made`)
-            service.connections += 1
+        with connection:
+            await _hand_over_now(connection, service, node)
     finally:
-        limit.release_on_behalf_of(connection)
+        pending[uid] -= 1
+        if not pending[uid]:
+            del pending[uid]
+
+
+async def _hand_over_now(connection: trio.socket.SocketType, service: Service, node: Any) -> None:
+    with trio.move_on_after(HANDSHAKE_SECONDS) as making:
+        try:
+            made = await _peer_for(connection, service, node)
+        except CapbusError as error:
+            await _send_quietly(connection, REFUSAL + str(error).encode()[:512])
+            return
+    if making.cancelled_caught:
+        return
+    with made:
+        fds = array.array("i", [made.fileno()])
+        try:
+            with trio.move_on_after(HANDSHAKE_SECONDS):
+                await connection.sendmsg([GREETING], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+        except OSError:
+            return  # (the program left before its peer came: the peer ends with `made`)
+    service.connections += 1
+    try:
+        await connection.recv(len(TAKEN))  # (its word that it took the peer, or its end)
+    except OSError:
+        pass
+
+
+async def _peer_for(connection: trio.socket.SocketType, service: Service, node: Any) -> socket.socket:
+    """The connection of a new peer for the program at the other end of ``connection``,
+    its seed holding ``node``. On a kernel of this process, the peer is charged to that
+    program's user (SO_PEERCRED); on a kernel daemon, which makes it at the service's
+    request, to the service's (MAX_PENDING_PER_USER bounds what one user pins then)."""
+    if service.kernel is None:
+        return await service.peer.create_peer(service.seed, handles=[node])
+    credentials = connection.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, gid = struct.unpack("3i", credentials)
+    made = Peer(service.kernel.socket_charged_to(uid, gid, pid))
+    try:
+        handle = await service.peer.transfer(node, made)
+        await made.set_seed(service.seed, handles=[handle])
+    except BaseException:
+        await made.aclose()
+        raise
+    return made.detach()
 
 
 async def _send_quietly(connection: trio.socket.SocketType, data: bytes) -> None:
@@ -248,14 +333,20 @@ class Connection(Generic[ClientT]):
 
         stack = AsyncExitStack()
         try:
-            peer = await stack.enter_async_context(await _peer_at(self.address, self._timeout))
-            vat = await stack.enter_async_context(open_vat(peer, **self._vat_options))
-            seed = await peer.take_seed()
-            if len(seed.handles) != 1:
+            try:
+                with trio.fail_after(self._timeout):
+                    peer, stream = await _peer_at(self.address)
+                    stack.push_async_callback(peer.aclose)
+                    seed = await _seed_of(self.address, peer)
+            except trio.TooSlowError:
                 raise ServeError(
-                    f"{self.address}: the service handed over {len(seed.handles)} handles, not 1"
-                )
-            client = vat.client(seed.handles[0], _interface_for(self.address, self._interface, seed.payload))
+                    f"{self.address}: the service did not answer in {self._timeout:g} s"
+                ) from None
+            with stream:
+                await _send_quietly(stream, TAKEN)  # (the service may stop counting it as unfinished)
+            interface = _interface_for(self.address, self._interface, seed.payload)
+            vat = await stack.enter_async_context(open_vat(peer, **self._vat_options))
+            client = vat.client(seed.handles[0], interface)
         except BaseException:
             await stack.aclose()
             raise
@@ -276,7 +367,10 @@ def _interface_for(address: Address, wanted: Any, seed: bytes) -> Any:
     from .rpc.interface import Interface, known_interface
     from .rpc.vat import _interface
 
-    served_id = int(seed[len(SEED) :]) if seed.startswith(SEED) and seed[len(SEED) :].isdigit() else 0
+    said = seed[len(SEED) :]
+    if not seed.startswith(SEED) or not said.isdigit() or len(said) > 20:  # (an id is a UInt64)
+        raise ServeError(f"{address}: not a capbus service (its peer's seed says {seed[:40]!r})")
+    served_id = int(said)
     served = known_interface(served_id) if served_id else None
     if wanted is None:
         return served if served is not None else Interface(served_id, "Capability", None)
@@ -286,38 +380,90 @@ def _interface_for(address: Address, wanted: Any, seed: bytes) -> Any:
     return wanted
 
 
-async def _peer_at(address: UnixAddress, timeout: float) -> Peer:
-    """The peer a service at ``address`` hands over (see the module docstring)."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+async def _seed_of(address: Address, peer: Peer) -> Message:
+    """The seed of a handed-over peer: one handle, the served object."""
     try:
+        seed = await peer.take_seed()
+    except CapbusError as error:  # (NoSeed, Disconnected: not a peer a service made)
+        raise ServeError(
+            f"{address}: the service handed over a peer without its seed ({error.strerror})"
+        ) from None
+    if len(seed.handles) != 1:
+        raise ServeError(f"{address}: the service handed over {len(seed.handles)} handles, not 1")
+    return seed
+
+
+async def _peer_at(address: UnixAddress) -> tuple[Peer, trio.socket.SocketType]:
+    """The peer a service at ``address`` hands over (see the module docstring), and the
+    connection it came on (to say it was taken). Bounded by the caller's timeout; a
+    service too busy for this user (BUSY) is asked again until then."""
+    while True:
+        stream = await _connected(address)
         try:
-            # (a blocking connect on a thread, as capbus.connect_peer does: a non-blocking
-            # one to a full backlog looks connected and is not)
-            await trio.to_thread.run_sync(sock.connect, address.path)
-        except OSError as error:
-            hint = {
-                errno.ENOENT: "nothing is served there (start the service first)",
-                errno.ECONNREFUSED: "nothing accepts there (a service that is gone left the file)",
-                errno.EACCES: "this user may not connect (the socket's file mode says who may)",
-            }.get(error.errno or 0, error.strerror or "")
-            raise ServeError(f"cannot connect to {address}: {hint}") from None
-        stream = trio.socket.from_stdlib_socket(sock)
-        with trio.fail_after(timeout):
-            data, ancillary, _, _ = await stream.recvmsg(1024, socket.CMSG_SPACE(4 * 4))
-        fds = _parse_fds(ancillary)
-        if data != GREETING or len(fds) != 1:
+            try:
+                data, ancillary, _, _ = await stream.recvmsg(
+                    1024, socket.CMSG_SPACE(4 * 4), socket.MSG_CMSG_CLOEXEC
+                )
+            except OSError as error:
+                raise ServeError(f"{address}: the service went before answering ({error.strerror})") from None
+            fds = _parse_fds(ancillary)
+            if data == GREETING and len(fds) == 1:
+                return _peer_of(address, fds[0]), stream
             for fd in fds:
                 os.close(fd)
-            if data.startswith(REFUSAL):
-                reason = data[len(REFUSAL) :].decode(errors="replace")
-                raise ServeError(f"{address}: the service refused: {reason}")
-            raise ServeError(f"{address}: not a capbus service (it said {data[:40]!r})")
-        try:
-            return Peer(socket.socket(fileno=fds[0]))
+            if not data.startswith(REFUSAL):
+                if not data:
+                    raise ServeError(f"{address}: the service went before answering")
+                raise ServeError(f"{address}: not a capbus service (it said {data[:40]!r})")
+            reason = data[len(REFUSAL) :].decode(errors="replace")
+            if not reason.startswith(BUSY):
+                raise ServeError(f"{address}: the service refused: {reason!r}")
         except BaseException:
-            os.close(fds[0])
+            stream.close()
             raise
-    except trio.TooSlowError:
-        raise ServeError(f"{address}: the service did not answer in {timeout:g} s") from None
-    finally:
+        stream.close()
+        await trio.sleep(0.05)  # (busy: its other programs of this user take their peers)
+
+
+def _peer_of(address: Address, fd: int) -> Peer:
+    """The handed-over connection as a Peer; ServeError (and the fd closed, once) if it is
+    not a capbus peer's connection."""
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError:
+        os.close(fd)
+        raise ServeError(f"{address}: the service handed over something that is not a socket") from None
+    try:
+        return Peer(sock)
+    except ValueError:
         sock.close()
+        raise ServeError(f"{address}: the service handed over a socket that is not a capbus peer's") from None
+    except BaseException:
+        sock.close()
+        raise
+
+
+async def _connected(address: UnixAddress) -> trio.socket.SocketType:
+    """A stream connection to ``address``. A connect that finds the backlog full (EAGAIN:
+    a non-blocking connect to a unix socket then leaves the socket unconnected) is tried
+    again, within the caller's timeout."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
+    try:
+        while True:
+            try:
+                sock.connect(address.path)
+                return trio.socket.from_stdlib_socket(sock)
+            except BlockingIOError:
+                await trio.sleep(0.01)
+            except OSError as error:
+                hints = {
+                    errno.ENOENT: "nothing is served there (start the service first)",
+                    errno.ECONNREFUSED: "nothing accepts there (a service that is gone left the file)",
+                    errno.EACCES: "this user may not connect (the socket's file mode says who may)",
+                    errno.EPROTOTYPE: "a kernel daemon listens there, not a service (capbus.connect_peer)",
+                }
+                hint = hints.get(error.errno or 0, str(error))
+                raise ServeError(f"cannot connect to {address}: {hint}") from None
+    except BaseException:
+        sock.close()
+        raise

@@ -7,7 +7,9 @@ long as it serves; the kernel drops the lock when the process dies, however it d
 takes the lock may replace a socket left at the path (no live owner can be behind it), and
 whoever cannot is told the path is in use. (The lock file is removed at a clean close; a
 process that took the lock on a file being removed notices, since the path no longer leads
-to the file it locked, and tries again.)
+to the file it locked, and tries again.) Only a regular file is taken as the lock file, and
+only one that holds :data:`LOCK_MARK` (one made here) is ever removed: a file of that name
+someone else made (a project's ``flake.lock`` beside a ``flake`` socket) stays.
 
 Only a socket is ever replaced: a regular file or anything else at the path is an error, and
 so is a socket that still accepts connections (a server that takes no lock).
@@ -23,6 +25,8 @@ import stat
 from typing import Final
 
 _ATTEMPTS: Final = 8
+LOCK_MARK: Final = b"capbus socket lock\n"
+"""What a lock file made here holds: only such a file is removed at the end."""
 
 
 class PathInUse(OSError):
@@ -46,7 +50,7 @@ class SocketPath:
         """Takes the path: the lock, then a stale socket out of the way. PathInUse if a live
         owner has it, or the path holds something that is not a stale socket."""
         for _ in range(_ATTEMPTS):
-            fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+            fd = self._open_lock()
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -63,14 +67,32 @@ class SocketPath:
                 os.close(fd)
                 continue
             self._lock_fd = fd
+            if os.pread(fd, len(LOCK_MARK) + 1, 0) == b"":
+                os.pwrite(fd, LOCK_MARK, 0)  # (made here, or left empty: ours to remove at the end)
             break
         else:
             raise PathInUse(errno.EADDRINUSE, f"{self.path}: could not take {self._lock_path}")
         try:
             self._clear_stale()
         except BaseException:
+            self._remove_lock_file()
             self._unlock()
             raise
+
+    def _open_lock(self) -> int:
+        """The lock file, opened (made if missing); only a regular file is taken, and never
+        through a symlink."""
+        try:
+            fd = os.open(
+                self._lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK, 0o600
+            )
+        except OSError as error:
+            reason = "a symlink: not followed" if error.errno == errno.ELOOP else error.strerror
+            raise PathInUse(error.errno or errno.EACCES, f"{self._lock_path}: {reason}") from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise PathInUse(errno.EEXIST, f"{self._lock_path} exists and is not a lock file")
+        return fd
 
     def _clear_stale(self) -> None:
         try:
@@ -114,15 +136,23 @@ class SocketPath:
                 pass  # gone already, or not ours any more
             finally:
                 os.close(dir_fd)
-        if self._lock_fd is not None:
-            try:
-                held = os.fstat(self._lock_fd)
-                now = os.stat(self._lock_path, follow_symlinks=False)
-                if (held.st_dev, held.st_ino) == (now.st_dev, now.st_ino):
-                    os.unlink(self._lock_path)
-            except OSError:
-                pass
-            self._unlock()
+        self._remove_lock_file()
+        self._unlock()
+
+    def _remove_lock_file(self) -> None:
+        """Removes the lock file if it is one of ours (LOCK_MARK: a file of the same name
+        someone else made, such as a project's ``flake.lock``, stays) and the path still
+        leads to it."""
+        if self._lock_fd is None:
+            return
+        try:
+            held = os.fstat(self._lock_fd)
+            now = os.stat(self._lock_path, follow_symlinks=False)
+            ours = os.pread(self._lock_fd, len(LOCK_MARK) + 1, 0) == LOCK_MARK
+            if ours and (held.st_dev, held.st_ino) == (now.st_dev, now.st_ino):
+                os.unlink(self._lock_path)
+        except OSError:
+            pass
 
     def _unlock(self) -> None:
         if self._lock_fd is not None:

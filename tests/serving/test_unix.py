@@ -13,8 +13,6 @@ import stat
 import subprocess
 import sys
 import tempfile
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -24,33 +22,11 @@ import capbus
 from capbus.addresses import TcpAddress, UnixAddress, parse
 
 from .echo_service import Echo, Ping, schema
+from .processes import started
 
 HERE = Path(__file__).parent
 TIMEOUT = 30
 SERVE = [sys.executable, "-m", "capbus", "serve"]
-
-
-@asynccontextmanager
-async def started(argv: Sequence[str]) -> AsyncIterator[tuple[trio.Process, str]]:
-    """A program started in this directory, once its first line (what it says when it
-    serves or listens) is out; killed at the end if it still runs."""
-    async with trio.open_nursery() as nursery:
-        process: trio.Process = await nursery.start(
-            lambda task_status: trio.run_process(
-                list(argv), stdout=subprocess.PIPE, cwd=HERE, check=False, task_status=task_status
-            )
-        )
-        said = b""
-        with trio.fail_after(TIMEOUT):
-            assert process.stdout is not None
-            while not said.endswith(b"\n"):
-                chunk = await process.stdout.receive_some()
-                assert chunk, f"{argv} exited before its first line (status {await process.wait()})"
-                said += chunk
-        try:
-            yield process, said.decode().strip()
-        finally:
-            process.kill()
 
 
 async def _calls_work(address: str) -> int:
