@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import array
 import errno
+import functools
+import logging
 import os
 import socket
 import struct
@@ -47,6 +49,7 @@ if TYPE_CHECKING:
     from .rpc.vat import Vat
 
 ClientT = TypeVar("ClientT", bound="Client")
+log = logging.getLogger("capbus.serving")
 
 SEED = b"capbus.serve "
 """A served peer's seed payload starts so; the served interface's id (decimal) follows."""
@@ -75,13 +78,15 @@ class Service:
     """A running :func:`serve`: where, and what it runs on."""
 
     address: Address
-    vat: Vat
-    """The vat serving the object (to export more objects, or read its statistics)."""
-    peer: Peer
+    """Where it serves (for ``tcp:HOST:0``, with the port the system chose)."""
+    vat: Vat | None
+    """The vat serving the object over the bus (to export more objects, or read its
+    statistics); None for ``tcp:`` (each connection has a vat of its own)."""
+    peer: Peer | None
     kernel: Kernel | None
-    """The kernel in this process the service runs on (None on a kernel daemon)."""
+    """The kernel in this process the service runs on (None on a kernel daemon, or tcp:)."""
     connections: int = 0
-    """Programs handed a peer so far."""
+    """Programs handed a peer (unix:) or connected (tcp:) so far."""
     seed: bytes = b""
     """The payload of each program's seed: ``capbus.serve`` and the served interface's id,
     so that a client that names no interface still gets its class."""
@@ -104,7 +109,9 @@ async def serve(
     :func:`~capbus.rpc.vat.open_vat` (its limits)."""
     where = parse(address)
     if isinstance(where, TcpAddress):
-        raise ServeError(f"{where}: serving over TCP is not built yet (unix:PATH serves over the bus)")
+        async with _serve_tcp(obj, where, **vat_options) as service:
+            yield service
+        return
     from .kernel import Kernel, open_kernel
     from .rpc.vat import open_vat
 
@@ -143,6 +150,44 @@ async def serve(
     finally:
         listener.close()
         listener.release()
+
+
+@asynccontextmanager
+async def _serve_tcp(obj: Server, where: TcpAddress, **options: Any) -> AsyncIterator[Service]:
+    """Serves ``obj`` to every connection at ``where``, each with its own rpc.capnp vat
+    (capbus/rpc/streamvat.py): the standard protocol, for any Cap'n Proto peer."""
+    from .rpc.streamvat import serve_stream
+
+    if where.tls:
+        raise ServeError(f"{where}: TLS is not built yet (tcp:HOST:PORT serves without it)")
+    service = Service(where, None, None, None)
+
+    async def handle(stream: trio.SocketStream) -> None:
+        service.connections += 1
+        try:
+            await serve_stream(stream, obj, **options)
+        except Exception as error:  # noqa: BLE001 - one connection's end never stops the rest
+            log.info("a connection to %s ended: %s", where, error)
+
+    try:
+        async with trio.open_nursery() as nursery:
+            try:
+                listeners = await nursery.start(
+                    functools.partial(trio.serve_tcp, handle, where.port, host=where.host)
+                )
+            except OSError as error:
+                raise ServeError(f"cannot serve at {where}: {error.strerror or error}") from None
+            port = listeners[0].socket.getsockname()[1]
+            service.address = TcpAddress(where.host, port)
+            try:
+                yield service
+            finally:
+                nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        single = _single(group)
+        if single is None:
+            raise
+        raise single from None
 
 
 def _single(group: BaseExceptionGroup[Any]) -> BaseException | None:
@@ -268,6 +313,7 @@ async def _peer_for(connection: trio.socket.SocketType, service: Service, node: 
     its seed holding ``node``. On a kernel of this process, the peer is charged to that
     program's user (SO_PEERCRED); on a kernel daemon, which makes it at the service's
     request, to the service's (MAX_PENDING_PER_USER bounds what one user pins then)."""
+    assert service.peer is not None
     if service.kernel is None:
         return await service.peer.create_peer(service.seed, handles=[node])
     credentials = connection.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
@@ -328,7 +374,7 @@ class Connection(Generic[ClientT]):
         if self._stack is not None:
             raise RuntimeError("this connection is open already")
         if isinstance(self.address, TcpAddress):
-            raise ServeError(f"{self.address}: reaching a service over TCP is not built yet")
+            return await self._connect_tcp(self.address)
         from .rpc.vat import open_vat
 
         stack = AsyncExitStack()
@@ -347,6 +393,32 @@ class Connection(Generic[ClientT]):
             interface = _interface_for(self.address, self._interface, seed.payload)
             vat = await stack.enter_async_context(open_vat(peer, **self._vat_options))
             client = vat.client(seed.handles[0], interface)
+        except BaseException:
+            await stack.aclose()
+            raise
+        self._stack = stack
+        return client  # type: ignore[return-value]
+
+    async def _connect_tcp(self, address: TcpAddress) -> ClientT:
+        from .rpc.streamvat import open_stream_vat
+
+        if address.tls:
+            raise ServeError(f"{address}: TLS is not built yet")
+        stack = AsyncExitStack()
+        try:
+            try:
+                with trio.fail_after(self._timeout):
+                    stream = await trio.open_tcp_stream(address.host, address.port)
+            except trio.TooSlowError:
+                raise ServeError(f"{address}: no connection in {self._timeout:g} s") from None
+            except OSError as error:
+                raise ServeError(f"cannot connect to {address}: {error.strerror or error}") from None
+            vat = await stack.enter_async_context(open_stream_vat(stream, **self._vat_options))
+            try:
+                with trio.fail_after(self._timeout):
+                    client = await vat.bootstrap(self._interface)
+            except trio.TooSlowError:
+                raise ServeError(f"{address}: the service did not answer in {self._timeout:g} s") from None
         except BaseException:
             await stack.aclose()
             raise

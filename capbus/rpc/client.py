@@ -18,8 +18,24 @@ from .interface import Interface, Method, interface_of
 from .layout import FieldKind, StructLayout
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+    from typing import Protocol
+
     from .server import Server
-    from .vat import Vat
+    from .structs import StructReader
+
+    class Vat(Protocol):
+        """What clients and promises use of the vat that holds them: a bus vat
+        (capbus.rpc.vat.Vat) or a connection's (capbus.rpc.streamvat.StreamVat)."""
+
+        engine: Any
+
+        async def call(self, client: Client, method: Method, params: Mapping[str, Any]) -> StructReader: ...
+        async def send_call(self, client: Client, method: Method, params: Mapping[str, Any]) -> Promise: ...
+        async def call_oneway(self, client: Client, method: Method, params: Mapping[str, Any]) -> None: ...
+        async def stream(self, client: Client, method: Method, params: Mapping[str, Any]) -> None: ...
+        async def drop(self, client: Client) -> None: ...
+        def _promise_gone(self, target: Client, question_id: int) -> None: ...
 
 
 class BoundMethod:

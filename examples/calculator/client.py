@@ -70,5 +70,5 @@ async def main(address: str) -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) != 2:
-        sys.exit("usage: client.py unix:PATH   (where server.py serves)")
+        sys.exit("usage: client.py unix:PATH | tcp:HOST:PORT   (where server.py serves)")
     trio.run(main, sys.argv[1])

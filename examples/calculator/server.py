@@ -1,6 +1,8 @@
 """The calculator server: ``server.py unix:PATH`` serves a calculator there (a kernel of its
 own in this process); clients reach it with ``client.py unix:PATH`` from anywhere on this
-machine that may open PATH."""
+machine that may open PATH. ``server.py tcp:HOST:PORT`` serves the same calculator over
+Cap'n Proto's standard RPC protocol, to ``client.py tcp:HOST:PORT`` or any Cap'n Proto
+client (pycapnp's, C++'s...)."""
 
 from __future__ import annotations
 
@@ -81,7 +83,8 @@ class CalculatorServer(Calculator.Server):
 
 
 async def serve_at(address: str) -> None:
-    """Serves a calculator at ``address`` (``unix:PATH``) until SIGINT or SIGTERM."""
+    """Serves a calculator at ``address`` (``unix:PATH``, ``tcp:HOST:PORT``) until SIGINT or
+    SIGTERM."""
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with capbus.serve(CalculatorServer(), address) as service:
             print(f"serving a calculator at {service.address}", flush=True)
@@ -101,7 +104,7 @@ async def serve_on_peer(fd: int) -> None:
             pass
 
 
-USAGE = "usage: server.py unix:PATH   (or server.py --fd N: on a peer a launcher hands over)"
+USAGE = "usage: server.py unix:PATH | tcp:HOST:PORT   (or server.py --fd N: on a peer a launcher hands over)"
 
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--fd":

@@ -1,0 +1,833 @@
+"""One ``rpc.capnp`` connection over a byte stream (TCP, TLS, a unix stream), run with trio.
+
+The other side is any Cap'n Proto implementation (C++, Rust, Go, pycapnp) or another capbus
+program. The same clients, generated stubs and ``Foo.Server`` classes as on the bus work
+here: a :class:`StreamVat` offers what they use of a vat (``call``, ``send_call``, ...).
+
+The four tables of rpc.capnp, as this side keeps them:
+- questions: our calls (and bootstraps) awaiting their Return; an id is free again once
+  the Return came and our Finish went;
+- answers: the peer's calls, while they run and (for pipelining) until its Finish;
+- exports: our objects the peer holds, with how many times we sent each (its Releases
+  count them down; at zero the object is dropped);
+- imports: the peer's objects we hold, one client each, released (by the count we were
+  sent them) when the client goes.
+
+What this side never does: export promises (its results are final when sent, so it never
+sends Resolve, and the peer never has to embargo anything of ours), three-party handoff
+(level 1). A pipelined call whose capability turns out to be the caller's own is made
+back on the caller (its results relayed). Capabilities that belong to another vat (a bus
+client, another connection) are exported as forwarders: calls to them are made there, and
+the forwarder goes when the peer releases it.
+
+Bounds: a message over ``max_message_bytes`` or of too many segments aborts the
+connection (before it is buffered); at most ``max_calls`` of the peer's calls run at once
+(then this side stops reading: the peer's writes block); a peer that does not read what
+this side writes for ``send_timeout`` seconds is disconnected.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import capnp
+import trio
+
+from .capwire import Segment
+from .client import Client, ClientClasses, Promise
+from .engine import Returned
+from .errors import Disconnected, Failed, RpcError, Unimplemented
+from .interface import Interface, Method
+from .layout import FieldLayout
+from .protocol import as_kwargs, malformed
+from .server import Server, handler_failed
+from .structs import StructReader
+from .twoparty import (
+    CALL_CONTENT,
+    DEFAULT_MAX_MESSAGE_BYTES,
+    NONE,
+    RETURN_CONTENT,
+    Descriptor,
+    FrameError,
+    FrameReader,
+    content,
+    decode,
+    encode_abort,
+    encode_bootstrap,
+    encode_bootstrap_return,
+    encode_call,
+    encode_canceled,
+    encode_exception,
+    encode_finish,
+    encode_release,
+    encode_results,
+    encode_unimplemented,
+    frame,
+    read_descriptor,
+    read_exception,
+    read_transform,
+)
+
+log = logging.getLogger("capbus.rpc.streamvat")
+
+MAX_CALLS = 256
+SEND_TIMEOUT = 60.0
+_RECEIVE_BYTES = 1 << 16
+
+
+class ProtocolError(Exception):
+    """The peer broke the protocol: the connection is aborted with this reason."""
+
+
+@dataclass(eq=False)
+class _Question:
+    done: tuple[trio.Event, list[Returned]]
+    method: Method | None
+    """None for a Bootstrap."""
+    params: list[Descriptor] = field(default_factory=list)
+    returned: bool = False
+    finished: bool = False
+    finish_sent: bool = False
+
+
+@dataclass(eq=False)
+class _Answer:
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    done: trio.Event = field(default_factory=trio.Event)
+    lookup: Callable[[tuple[int, ...]], object] | None = None
+    """Once returned with results: the capability at a transform of them (pipelining)."""
+    error: RpcError | None = None
+    results: list[Descriptor] = field(default_factory=list)
+    returned: bool = False
+    finished: bool = False
+
+
+@dataclass(eq=False)
+class _Export:
+    server: Server
+    references: int = 0
+
+
+class Forwarder(Server):
+    """An export standing for a capability of another vat (a bus client, another
+    connection): each call is made there, and its results passed back."""
+
+    def __init__(self, target: Client) -> None:
+        self.target = target
+        self.interface = target.interface
+
+    async def _dispatch(self, method: Method, params: dict[str, Any]) -> Mapping[str, Any]:
+        results = await self.target.vat.call(self.target, method, params)
+        return results.to_dict()
+
+
+class _Promised(Server):
+    """A capability in the results of one of the peer's calls that has not returned yet
+    (a CapDescriptor receiverAnswer): calls to it wait for those results, then go to the
+    capability there."""
+
+    def __init__(self, vat: StreamVat, answer: _Answer, transform: tuple[int, ...]) -> None:
+        self.interface = vat._generic
+        self._answer, self._transform = answer, transform
+
+    async def resolved(self) -> Client:
+        await self._answer.done.wait()
+        if self._answer.error is not None:
+            raise self._answer.error
+        assert self._answer.lookup is not None
+        target = self._answer.lookup(self._transform)
+        if not isinstance(target, Client):
+            raise Failed(f"the promised capability (pointer fields {list(self._transform)}) is null")
+        return target
+
+    async def _dispatch(self, method: Method, params: dict[str, Any]) -> Mapping[str, Any]:
+        target = await self.resolved()
+        if target.server is not None:
+            return await target.server._dispatch(method, params)
+        return (await target.vat.call(target, method, params)).to_dict()
+
+
+class StreamVat:
+    """The RPC endpoint of one connection (see the module docstring): made by
+    :func:`open_stream_vat`."""
+
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        nursery: trio.Nursery,
+        bootstrap: Server | None,
+        *,
+        max_message_bytes: int,
+        max_calls: int,
+        send_timeout: float,
+    ) -> None:
+        self._stream, self._nursery, self._bootstrap = stream, nursery, bootstrap
+        self.engine = ClientClasses()  # (what clients and promises ask a vat for)
+        self.max_message_bytes, self.send_timeout = max_message_bytes, send_timeout
+        self._reader = FrameReader(max_message_bytes)
+        self._send_lock = trio.Lock()
+        self._calls = trio.Semaphore(max_calls)
+        self._turn: trio.Event | None = None
+        self.questions: dict[int, _Question] = {}
+        self._free_questions: list[int] = []
+        self.answers: dict[int, _Answer] = {}
+        self.exports: dict[int, _Export] = {}
+        self._export_of: dict[int, int] = {}
+        self._free_exports: list[int] = []
+        self.imports: weakref.WeakValueDictionary[int, Client] = weakref.WeakValueDictionary()
+        self._import_references: dict[int, int] = {}
+        self._locals: weakref.WeakValueDictionary[int, Client] = weakref.WeakValueDictionary()
+        self._pending: list[tuple[list[Segment], Callable[[], None] | None]] = []
+        self._pending_ready = trio.Event()
+        self.closed: RpcError | None = None
+        self._generic = Interface(0, "Capability", None)
+
+    # -- what clients and promises use -------------------------------------------------------
+
+    def local(self, server: Server) -> Client:
+        client = self._locals.get(id(server))
+        if client is None:
+            client = self.engine.client_class(server.interface)(self, 0, server)
+            self._locals[id(server)] = client
+        return client
+
+    async def bootstrap(self, interface: Any = None) -> Client:
+        """The peer's bootstrap capability, as a client of ``interface`` (an Interface, a
+        generated client class or a capbus.load type; None: of no known interface)."""
+        question_id, question = self._question(None)
+        await self._send(encode_bootstrap(question_id))
+        returned = await self._await(question_id, question)
+        value: object = returned.results
+        if not isinstance(value, Client):
+            raise Failed("the peer's bootstrap capability is null")
+        if interface is not None:
+            from .vat import _interface
+
+            value.__class__ = self.engine.client_class(_interface(interface))
+        return value
+
+    async def call(self, client: Client, method: Method, params: Mapping[str, Any]) -> StructReader:
+        if client.server is not None:
+            return await self._call_local(client.server, method, params)
+        asked = await self._question_for(client, method, params)
+        if isinstance(asked, Client):
+            return await self.call(asked, method, params)
+        question_id, question, segments = asked
+        await self._send(segments)
+        returned = await self._await(question_id, question)
+        assert isinstance(returned.results, StructReader)
+        return returned.results
+
+    async def send_call(self, client: Client, method: Method, params: Mapping[str, Any]) -> Promise:
+        if client.server is not None:
+            results = await self._call_local(client.server, method, params)
+            return Promise.resolved(self, client, method, results)
+        asked = await self._question_for(client, method, params)
+        if isinstance(asked, Client):
+            return await self.send_call(asked, method, params)
+        question_id, question, segments = asked
+        promise = Promise(self, client, method, question_id, question.done)
+        try:
+            await self._send(segments)
+        except BaseException:
+            promise._finalizer.detach()
+            raise
+        return promise
+
+    async def _question_for(
+        self, client: Client, method: Method, params: Mapping[str, Any]
+    ) -> Client | tuple[int, _Question, list[Segment]]:
+        """A new question calling ``method`` on ``client``, and its Call; or, for a client
+        pipelined on a question that has returned, the capability it names."""
+        target = self._target(client)
+        if target is None:
+            assert client.pipeline is not None
+            return await self._resolved(*client.pipeline)
+        question_id, question = self._question(method)
+        try:
+            segments, question.params = encode_call(question_id, target, method, params, self._describe)
+            self._check_size(segments)
+        except BaseException:
+            self._free_question(question_id)
+            raise
+        return question_id, question, segments
+
+    async def call_oneway(self, client: Client, method: Method, params: Mapping[str, Any]) -> None:
+        """rpc.capnp has no one-way call: a call whose results are not awaited (its Finish
+        goes when they come)."""
+        promise = await self.send_call(client, method, params)
+        self._nursery.start_soon(self._settle, promise)
+
+    async def stream(self, client: Client, method: Method, params: Mapping[str, Any]) -> None:
+        await self.call(client, method, params)
+
+    async def drop(self, client: Client) -> None:
+        references = self._import_references.pop(client.handle, 0) if client.server is None else 0
+        if references and self.imports.get(client.handle) is client:
+            del self.imports[client.handle]
+            await self._send(encode_release(client.handle, references))
+
+    def _promise_gone(self, target: Client, question_id: int) -> None:
+        question = self.questions.get(question_id)
+        if question is not None:
+            self._finish(question_id, question)
+
+    @staticmethod
+    async def _settle(promise: Promise) -> None:
+        try:
+            await promise
+        except RpcError:
+            pass
+
+    # -- questions -------------------------------------------------------------------------------
+
+    def _question(self, method: Method | None) -> tuple[int, _Question]:
+        if self.closed is not None:
+            raise self.closed
+        question_id = self._free_questions.pop() if self._free_questions else len(self.questions)
+        while question_id in self.questions:
+            question_id += 1
+        question = _Question((trio.Event(), []), method)
+        self.questions[question_id] = question
+        return question_id, question
+
+    def _finish(self, question_id: int, question: _Question) -> None:
+        """Sends Finish for a question (once): its id is free again once the Finish is out
+        and the Return is in, so that the peer never sees the id reused before."""
+        if question.finished:
+            return
+        question.finished = True
+
+        def sent() -> None:
+            question.finish_sent = True
+            if question.returned:
+                self._free_question(question_id)
+
+        self._post(encode_finish(question_id), sent)
+
+    def _free_question(self, question_id: int) -> None:
+        if self.questions.pop(question_id, None) is not None:
+            self._free_questions.append(question_id)
+
+    async def _await(self, question_id: int, question: _Question) -> Returned:
+        try:
+            await question.done[0].wait()
+        except BaseException:
+            if not question.returned:
+                self._finish(question_id, question)  # (the callee cancels the call)
+            raise
+        returned = question.done[1][0]
+        if returned.error is not None:
+            raise returned.error
+        return returned
+
+    def _target(self, client: Client) -> Descriptor | None:
+        """How a call to ``client`` names its target here (None: a pipelined client whose
+        question has returned, or that is not this connection's)."""
+        if client.pipeline is None:
+            if client.vat is not self:
+                raise Failed(f"{client!r} belongs to another vat")
+            return Descriptor("receiverHosted", client.handle)
+        promise, transform = client.pipeline
+        question = self.questions.get(promise.question_id)
+        if promise.vat is self and question is not None and not question.returned:
+            return Descriptor("receiverAnswer", promise.question_id, transform)
+        return None
+
+    @staticmethod
+    async def _resolved(promise: Promise, transform: tuple[int, ...]) -> Client:
+        results = await promise
+        target = results.capability_at(transform)
+        if not isinstance(target, Client):
+            raise Failed(f"the pipelined capability (pointer fields {list(transform)}) is null")
+        return target
+
+    async def _call_local(self, server: Server, method: Method, params: Mapping[str, Any]) -> StructReader:
+        """A call of an object of this side: run, its results read back as a caller
+        would read them (capabilities as clients)."""
+        results = await server._dispatch(method, dict(params))
+        segments, _, values = encode_results(0, method, results, lambda value: NONE)
+        clients = [self._as_client(value) for value in values]
+        return content(
+            segments,
+            decode(segments, self._words()).__getattr__("return").results.content,
+            RETURN_CONTENT,
+            method.results,
+            clients,
+            self._typed,
+        )
+
+    def _as_client(self, value: object) -> object:
+        return self.local(value) if isinstance(value, Server) else value
+
+    def _check_size(self, segments: Sequence[Segment]) -> None:
+        size = sum(len(s) for s in segments)
+        if size > self.max_message_bytes:
+            raise Failed(
+                f"the call is {size} bytes: over this connection's limit of {self.max_message_bytes}"
+            )
+
+    def _words(self) -> int:
+        return self.max_message_bytes // 8 * 4
+
+    # -- capabilities out --------------------------------------------------------------------
+
+    def _describe(self, value: object) -> Descriptor:
+        """How capability ``value`` (a server, or a client) travels to the peer."""
+        if isinstance(value, Client):
+            if value.server is not None:
+                return self._export(value.server)
+            if value.vat is self:
+                target = self._target(value)
+                if target is not None:
+                    return target
+                raise Failed("a pipelined capability whose call has returned: read it from the results first")
+            return self._export(Forwarder(value))
+        if isinstance(value, Server):
+            return self._export(value)
+        raise TypeError(f"not a capability: {value!r}")
+
+    def _export(self, server: Server) -> Descriptor:
+        export_id = self._export_of.get(id(server))
+        if export_id is None:
+            export_id = self._free_exports.pop() if self._free_exports else len(self.exports)
+            while export_id in self.exports:
+                export_id += 1
+            self.exports[export_id] = _Export(server)
+            self._export_of[id(server)] = export_id
+        self.exports[export_id].references += 1
+        return Descriptor("senderHosted", export_id)
+
+    def _release_export(self, export_id: int, count: int) -> None:
+        export = self.exports.get(export_id)
+        if export is None or count > export.references:
+            held = 0 if export is None else export.references
+            raise ProtocolError(f"Release of export {export_id} by {count}: it holds {held}")
+        export.references -= count
+        if not export.references:
+            del self.exports[export_id]
+            self._export_of.pop(id(export.server), None)
+            self._free_exports.append(export_id)
+
+    def _released(self, descriptors: Sequence[Descriptor]) -> None:
+        for descriptor in descriptors:
+            if descriptor.kind == "senderHosted":
+                self._release_export(descriptor.id, 1)
+
+    # -- capabilities in ---------------------------------------------------------------------
+
+    def _received(self, reader: Any) -> tuple[list[Descriptor], list[object]]:
+        """A received payload's capTable: the descriptors, and the capability of each."""
+        descriptors = [read_descriptor(d) for d in reader.capTable]
+        return descriptors, [self._capability(d) for d in descriptors]
+
+    def _capability(self, descriptor: Descriptor) -> object:
+        if descriptor.kind in ("senderHosted", "senderPromise"):
+            return self._import(descriptor.id)
+        if descriptor.kind == "receiverHosted":
+            export = self.exports.get(descriptor.id)
+            if export is None:
+                raise ProtocolError(f"a capability of export {descriptor.id}, which is not one")
+            return self.local(export.server)
+        if descriptor.kind == "receiverAnswer":
+            answer = self.answers.get(descriptor.id)
+            if answer is None:
+                raise ProtocolError(f"a capability in answer {descriptor.id}, which is not one")
+            if answer.lookup is None:  # (not returned yet: a promise of it)
+                return self.local(_Promised(self, answer, descriptor.transform))
+            return answer.lookup(descriptor.transform)
+        return None
+
+    def _import(self, import_id: int) -> Client:
+        client = self.imports.get(import_id)
+        if client is None:
+            client = self.engine.client_class(self._generic)(self, import_id)
+            self.imports[import_id] = client
+            weakref.finalize(client, self._import_gone, import_id)
+        self._import_references[import_id] = self._import_references.get(import_id, 0) + 1
+        return client
+
+    def _import_gone(self, import_id: int) -> None:
+        if import_id in self.imports:
+            return  # (a newer client of the same import)
+        references = self._import_references.pop(import_id, 0)
+        if references and self.closed is None:
+            self._post(encode_release(import_id, references))
+
+    def _typed(self, value: object, field: FieldLayout) -> object:
+        """A client read from a field gets that field's interface."""
+        if (
+            isinstance(value, Client)
+            and value.interface.schema is None
+            and field.interface_schema is not None
+        ):
+            from .interface import interface_of
+
+            value.__class__ = self.engine.client_class(interface_of(field.interface_schema))
+        return value
+
+    # -- sending ---------------------------------------------------------------------------------
+
+    def _post(self, segments: list[Segment], sent: Callable[[], None] | None = None) -> None:
+        """Sends later, from where no await is possible (a finalizer); ``sent`` is called
+        once it is out."""
+        self._pending.append((segments, sent))
+        self._pending_ready.set()
+
+    async def _send(self, segments: Sequence[Segment]) -> None:
+        if self.closed is not None:
+            raise self.closed
+        data = frame(segments)
+        async with self._send_lock:
+            with trio.move_on_after(self.send_timeout) as waited:
+                await self._stream.send_all(data)
+        if waited.cancelled_caught:
+            self._close(Disconnected(f"the peer read nothing for {self.send_timeout:g} s"))
+            raise self.closed  # type: ignore[misc]
+
+    async def _send_pending(self) -> None:
+        while True:
+            await self._pending_ready.wait()
+            self._pending_ready = trio.Event()
+            pending, self._pending = self._pending, []
+            for segments, sent in pending:
+                try:
+                    await self._send(segments)
+                except (RpcError, trio.BrokenResourceError, trio.ClosedResourceError):
+                    return
+                if sent is not None:
+                    sent()
+
+    # -- receiving -------------------------------------------------------------------------------
+
+    async def _receive_loop(self) -> None:
+        try:
+            while True:
+                try:
+                    data = await self._stream.receive_some(_RECEIVE_BYTES)
+                except (trio.BrokenResourceError, trio.ClosedResourceError) as error:
+                    self._close(Disconnected(f"the connection broke: {error}"))
+                    return
+                if not data:
+                    self._close(Disconnected("the peer closed the connection"))
+                    return
+                for segments in self._reader.feed(data):
+                    await self._receive(segments)
+        except (FrameError, ProtocolError) as error:
+            await self._abort(str(error))
+        except (capnp.KjException, ValueError) as error:
+            await self._abort(str(malformed(error)))
+
+    async def _abort(self, reason: str) -> None:
+        log.warning("aborting a connection: %s", reason)
+        with trio.move_on_after(1):
+            try:
+                await self._send(encode_abort(reason))
+            except (RpcError, trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+        self._close(Disconnected(f"aborted: {reason}"))
+
+    def _close(self, error: RpcError) -> None:
+        if self.closed is not None:
+            return
+        self.closed = error
+        for question in self.questions.values():
+            if not question.returned:
+                question.returned = True
+                question.done[1].append(Returned(0, error=error))
+                question.done[0].set()
+        for answer in self.answers.values():
+            answer.scope.cancel()
+        self._nursery.cancel_scope.cancel()
+
+    async def _receive(self, segments: list[Segment]) -> None:
+        message = decode(segments, self._words())
+        kind = message.which()
+        if kind == "call":
+            await self._on_call(segments, message.call)
+        elif kind == "return":
+            self._on_return(segments, message.__getattr__("return"))
+        elif kind == "finish":
+            self._on_finish(message.finish)
+        elif kind == "release":
+            self._release_export(int(message.release.id), int(message.release.referenceCount))
+        elif kind == "bootstrap":
+            await self._on_bootstrap(int(message.bootstrap.questionId))
+        elif kind == "abort":
+            self._close(Disconnected(f"the peer aborted: {message.abort.reason}"))
+        elif kind == "resolve":
+            self._on_resolve(message.resolve)
+        elif kind == "disembargo":
+            await self._on_disembargo(message)
+        elif kind == "unimplemented":
+            self._on_unimplemented(message.unimplemented)
+        else:
+            await self._send(encode_unimplemented(message))
+
+    async def _on_bootstrap(self, question_id: int) -> None:
+        if question_id in self.answers:
+            raise ProtocolError(f"question {question_id} asked twice")
+        answer = self.answers[question_id] = _Answer()
+        if self._bootstrap is None:
+            answer.error = Failed("nothing is served here")
+            await self._send(encode_exception(question_id, answer.error))
+        else:
+            descriptor = self._export(self._bootstrap)
+            answer.results = [descriptor]
+            bootstrap = self.local(self._bootstrap)
+            answer.lookup = lambda transform: bootstrap if not transform else None
+            await self._send(encode_bootstrap_return(question_id, descriptor))
+        answer.returned = True
+        answer.done.set()
+
+    async def _on_call(self, segments: list[Segment], call: Any) -> None:
+        question_id = int(call.questionId)
+        if question_id in self.answers:
+            raise ProtocolError(f"question {question_id} asked twice")
+        if call.sendResultsTo.which() != "caller":
+            raise ProtocolError("results sent elsewhere (three-party handoff is not supported)")
+        target = call.target
+        if target.which() == "importedCap":
+            export = self.exports.get(int(target.importedCap))
+            if export is None:
+                raise ProtocolError(f"a call to export {target.importedCap}, which is not one")
+            where: Any = self.local(export.server)
+        else:
+            promised = target.promisedAnswer
+            base = self.answers.get(int(promised.questionId))
+            if base is None:
+                raise ProtocolError(f"a call pipelined on question {promised.questionId}, which is not one")
+            where = (base, read_transform(promised))
+        descriptors, caps = self._received(call.params)
+        answer = self.answers[question_id] = _Answer()
+        key = (int(call.interfaceId), int(call.methodId))
+        await self._calls.acquire()  # (at most max_calls run: then stop reading)
+        before, self._turn = self._turn, trio.Event()
+        self._nursery.start_soon(
+            self._serve, question_id, answer, where, key, segments, caps, before, self._turn
+        )
+
+    async def _serve(
+        self,
+        question_id: int,
+        answer: _Answer,
+        where: Any,
+        key: tuple[int, int],
+        segments: list[Segment],
+        caps: list[object],
+        before: trio.Event | None,
+        mine: trio.Event,
+    ) -> None:
+        """Runs one of the peer's calls and sends its Return. Handlers start in the order
+        the calls came (E-order): each waits for the one before to have started."""
+        try:
+            with answer.scope:
+                try:
+                    if before is not None:
+                        await before.wait()
+                    if isinstance(where, tuple):  # pipelined: the capability once the results exist
+                        base, transform = where
+                        mine.set()
+                        await base.done.wait()
+                        if base.error is not None:
+                            raise base.error
+                        assert base.lookup is not None
+                        where = base.lookup(transform)
+                        if not isinstance(where, Client):
+                            raise Failed(
+                                f"the pipelined capability (pointer fields {list(transform)}) is null"
+                            )
+                    if isinstance(where.server, _Promised):
+                        mine.set()
+                        where = await where.server.resolved()
+                    method = where.interface.by_key.get(key) if where.server is not None else None
+                    if where.server is not None and method is None:
+                        raise Unimplemented(
+                            f"{where.interface.name} has no method {key[1]} of interface {key[0]:#x}"
+                        )
+                    if method is None:
+                        method = _method_of(where, key)
+                    try:
+                        reader = decode(segments, self._words()).call.params.content
+                        params = as_kwargs(
+                            content(segments, reader, CALL_CONTENT, method.params, caps, self._typed),
+                            method.params_layout,
+                        )
+                    except (capnp.KjException, ValueError) as error:
+                        raise malformed(error) from error
+                    mine.set()
+                    if where.server is not None:
+                        results = await where.server._dispatch(method, params)
+                    else:  # (the caller's own capability, or another vat's: the call is made there)
+                        results = (await where.vat.call(where, method, params)).to_dict()
+                    encoded, answer.results, values = encode_results(
+                        question_id, method, results, self._describe
+                    )
+                    answer.lookup = self._lookup(encoded, method, values)
+                except RpcError as error:
+                    answer.error = error
+                    encoded = encode_exception(question_id, error)
+                except Exception as error:  # noqa: BLE001 - the caller gets it as Failed
+                    answer.error = handler_failed(getattr(where, "server", None), None, error)
+                    encoded = encode_exception(question_id, answer.error)
+                finally:
+                    mine.set()
+            if answer.scope.cancelled_caught:
+                answer.error = Failed("canceled by its caller")
+                encoded = encode_canceled(question_id)
+            answer.returned = True
+            answer.done.set()
+            if self.closed is None:
+                await self._send(encoded)
+            if answer.finished:
+                self.answers.pop(question_id, None)
+        except (RpcError, trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            self._calls.release()
+
+    def _lookup(
+        self, segments: list[Segment], method: Method, values: list[object]
+    ) -> Callable[[tuple[int, ...]], object]:
+        clients = [self._as_client(v) for v in values]
+
+        def lookup(transform: tuple[int, ...]) -> object:
+            reader = decode(segments, self._words()).__getattr__("return").results.content
+            results = content(segments, reader, RETURN_CONTENT, method.results, clients, self._typed)
+            return results.capability_at(transform)
+
+        return lookup
+
+    def _on_return(self, segments: list[Segment], returned: Any) -> None:
+        question_id = int(returned.answerId)
+        question = self.questions.get(question_id)
+        if question is None or question.returned:
+            raise ProtocolError(f"a Return for question {question_id}, which is not awaiting one")
+        question.returned = True
+        if returned.releaseParamCaps:
+            self._released(question.params)
+        kind = returned.which()
+        if kind == "results":
+            _, caps = self._received(returned.results)
+            if question.method is None:  # a Bootstrap's: the content is the capability
+                from . import capwire
+
+                index = capwire.read_cap(segments, RETURN_CONTENT)
+                value: Any = caps[index] if index is not None and index < len(caps) else None
+                answer = Returned(question_id, results=value)
+            else:
+                reader = returned.results.content
+                view = content(segments, reader, RETURN_CONTENT, question.method.results, caps, self._typed)
+                answer = Returned(question_id, results=view)
+        elif kind == "exception":
+            answer = Returned(question_id, error=read_exception(returned.exception))
+        elif kind == "canceled":
+            answer = Returned(question_id, error=Failed("the call was canceled"))
+        else:
+            answer = Returned(question_id, error=Unimplemented(f"a Return of kind {kind}"))
+        question.done[1].append(answer)
+        question.done[0].set()
+        if question.finish_sent:
+            self._free_question(question_id)
+        else:
+            self._finish(question_id, question)
+
+    def _on_finish(self, finish: Any) -> None:
+        question_id = int(finish.questionId)
+        answer = self.answers.get(question_id)
+        if answer is None or answer.finished:
+            raise ProtocolError(f"a Finish for question {question_id}, which is not one")
+        answer.finished = True
+        if finish.releaseResultCaps:
+            self._released(answer.results)
+            answer.results = []
+        if answer.returned:
+            del self.answers[question_id]
+        else:
+            answer.scope.cancel()
+
+    def _on_resolve(self, resolve: Any) -> None:
+        """This side holds on to the promise it was sent and keeps calling through it (the
+        peer forwards); a capability it is resolved to is released at once."""
+        if resolve.which() == "cap":
+            descriptor = read_descriptor(resolve.cap)
+            if descriptor.kind in ("senderHosted", "senderPromise"):
+                self._post(encode_release(descriptor.id, 1))
+
+    async def _on_disembargo(self, message: Any) -> None:
+        context = message.disembargo.context
+        if context.which() != "senderLoopback":
+            raise ProtocolError(f"a Disembargo of kind {context.which()} (this side sends no senderLoopback)")
+        # Calls to the target this side was sent earlier went out before this answer:
+        # answering now keeps their order.
+        from .twoparty import _new
+
+        reply, _ = _new()
+        disembargo = reply.init("disembargo")
+        disembargo.target = message.disembargo.target
+        disembargo.init("context").receiverLoopback = context.senderLoopback
+        await self._send(list(reply.to_segments()))
+
+    def _on_unimplemented(self, echoed: Any) -> None:
+        if echoed.which() == "call":
+            question = self.questions.get(int(echoed.call.questionId))
+            if question is not None and not question.returned:
+                question.returned = True
+                question.done[1].append(Returned(0, error=Unimplemented("the peer does not take this call")))
+                question.done[0].set()
+                self._free_question(int(echoed.call.questionId))
+        else:
+            log.warning("the peer does not implement a %s message", echoed.which())
+
+    async def _run(self) -> None:
+        self._nursery.start_soon(self._send_pending)
+        await self._receive_loop()
+
+
+def _method_of(client: Client, key: tuple[int, int]) -> Method:
+    method = client.interface.by_key.get(key)
+    if method is None:
+        raise Unimplemented(f"method {key[1]} of interface {key[0]:#x} is not known here")
+    return method
+
+
+@asynccontextmanager
+async def open_stream_vat(
+    stream: trio.abc.Stream,
+    bootstrap: Server | None = None,
+    *,
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    max_calls: int = MAX_CALLS,
+    send_timeout: float = SEND_TIMEOUT,
+) -> AsyncIterator[StreamVat]:
+    """Runs rpc.capnp over ``stream`` for the duration of the block (serving ``bootstrap``
+    to the peer, if given); closes the stream at the end."""
+    async with trio.open_nursery() as nursery:
+        vat = StreamVat(
+            stream,
+            nursery,
+            bootstrap,
+            max_message_bytes=max_message_bytes,
+            max_calls=max_calls,
+            send_timeout=send_timeout,
+        )
+        nursery.start_soon(vat._run)
+        try:
+            yield vat
+        finally:
+            vat._close(Disconnected("the connection was closed"))
+            nursery.cancel_scope.cancel()
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
+
+
+async def serve_stream(stream: trio.abc.Stream, bootstrap: Server, **options: Any) -> None:
+    """Serves ``bootstrap`` on one connection until the peer goes."""
+    async with open_stream_vat(stream, bootstrap, **options) as vat:
+        while vat.closed is None:
+            await trio.sleep_forever()

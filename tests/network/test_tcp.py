@@ -1,0 +1,167 @@
+"""Cap'n Proto's own RPC protocol over TCP (capbus/rpc/twoparty.py, streamvat.py), capbus to
+capbus over real loopback sockets: bootstrap, calls, capabilities both ways (a callback
+into the caller, an object coming home as itself), pipelining, exceptions, cancellation."""
+
+from __future__ import annotations
+
+import functools
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+import capbus
+from capbus.addresses import TcpAddress
+from capbus.compiler import generate_file
+from capbus.rpc.errors import Failed
+from capbus.rpc.streamvat import StreamVat, open_stream_vat
+
+HERE = Path(__file__).parent
+CALCULATOR = HERE.parents[1] / "examples" / "calculator"
+calc: Any = capbus.load(HERE.parents[1] / "examples" / "calculator" / "calculator.capnp")
+echo: Any = capbus.load(HERE.parents[1] / "tests" / "serving" / "echo.capnp")
+TIMEOUT = 10
+
+
+class Ping(echo.Ping.Server):  # type: ignore[misc,name-defined]
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def ping(self) -> int:
+        return self.n
+
+
+class Echo(echo.Echo.Server):  # type: ignore[misc,name-defined]
+    def __init__(self) -> None:
+        self.started = trio.Event()
+        self.cancelled = False
+
+    def echo(self, text: str) -> str:
+        if text == "fail":
+            raise ValueError("as asked")
+        return text
+
+    async def pid(self) -> int:
+        self.started.set()
+        try:
+            await trio.sleep_forever()
+        except trio.Cancelled:
+            self.cancelled = True
+            raise
+        return 0
+
+    async def call(self, ping: Any) -> int:
+        return int((await ping.ping()).n)
+
+
+@asynccontextmanager
+async def connected(bootstrap: Any) -> AsyncIterator[StreamVat]:
+    """A vat serving ``bootstrap`` on a loopback TCP port, and a vat connected to it."""
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(
+            functools.partial(trio.serve_tcp, _server(bootstrap), 0, host="127.0.0.1")
+        )
+        port = listeners[0].socket.getsockname()[1]
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        async with open_stream_vat(stream) as vat:
+            with trio.fail_after(TIMEOUT):
+                yield vat
+        nursery.cancel_scope.cancel()
+
+
+def _server(bootstrap: Any) -> Any:
+    async def handle(stream: trio.SocketStream) -> None:
+        async with open_stream_vat(stream, bootstrap) as vat:
+            while vat.closed is None:
+                await trio.sleep(0.01)
+
+    return handle
+
+
+async def test_calls_and_capabilities_both_ways() -> None:
+    server = Echo()
+    async with connected(server) as vat:
+        remote = await vat.bootstrap(echo.Echo)
+        assert (await remote.echo(text="hello")).text == "hello"
+        assert (await remote.call(ping=Ping(7))).n == 7  # (a callback into this side)
+        with pytest.raises(Failed, match="ValueError: as asked"):
+            await remote.echo(text="fail")
+        assert (await remote.echo(text="after")).text == "after"
+
+
+async def test_a_cancelled_call_cancels_the_handler() -> None:
+    server = Echo()
+    async with connected(server) as vat:
+        remote = await vat.bootstrap(echo.Echo)
+        with trio.move_on_after(0.2):
+            await remote.pid()
+        with trio.fail_after(TIMEOUT):
+            while not server.cancelled:
+                await trio.sleep(0.01)
+        assert (await remote.echo(text="still")).text == "still"
+
+
+# -- with pycapnp, both ways -------------------------------------------------------------------
+
+
+async def test_pycapnps_client_calls_a_capbus_calculator(monkeypatch: pytest.MonkeyPatch) -> None:
+    """pycapnp's own client (asyncio, its C++ RPC) against the calculator example's server
+    over TCP: pipelining, a capability of the server's coming home, a function defined by
+    the client, a callback into the client, an exception."""
+    monkeypatch.syspath_prepend(str(CALCULATOR))
+    generate_file(CALCULATOR / "calculator.capnp", CALCULATOR / "calculator_capnp.py")
+    from server import CalculatorServer  # (examples/calculator/server.py)
+
+    async with capbus.serve(CalculatorServer(), "tcp:127.0.0.1:0") as service:
+        assert isinstance(service.address, TcpAddress)
+        with trio.fail_after(60):
+            done = await trio.run_process(
+                [
+                    sys.executable,
+                    str(HERE / "pycapnp_calculator_client.py"),
+                    "127.0.0.1",
+                    str(service.address.port),
+                ],
+                capture_stdout=True,
+                capture_stderr=True,
+                check=False,
+            )
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    assert done.stdout.decode().splitlines() == [
+        "pipelined 123.0",
+        "home 50.0",
+        "defined 1234.0",
+        "callback 1024.0",
+        "exception an operator takes two parameters",
+    ]
+
+
+async def test_a_capbus_client_calls_pycapnps_server() -> None:
+    async with trio.open_nursery() as nursery:
+        server: trio.Process = await nursery.start(
+            lambda task_status: trio.run_process(
+                [sys.executable, str(HERE / "pycapnp_echo_server.py")],
+                stdout=subprocess.PIPE,
+                check=False,
+                task_status=task_status,
+            )
+        )
+        try:
+            with trio.fail_after(30):
+                assert server.stdout is not None
+                port = int((await server.stdout.receive_some()).decode().strip())
+                async with capbus.connect(f"tcp:127.0.0.1:{port}", echo.Echo) as remote:
+                    assert (await remote.echo(text="hello")).text == "hello"
+                    assert (await remote.pid()).pid == server.pid
+                    assert (await remote.call(ping=Ping(21))).n == 42  # (it calls back into us)
+                    with pytest.raises(Failed, match="as asked"):
+                        await remote.echo(text="fail")
+                    promise = await remote.echo.send(text="pipelined")
+                    assert (await promise).text == "pipelined"
+        finally:
+            server.kill()
