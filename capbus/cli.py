@@ -62,8 +62,10 @@ def main(argv: list[str] | None = None) -> int:
     kernel.add_argument(
         "--mode", default="600", help="file mode of the socket, in octal: who may connect (default 600)"
     )
-    serve = commands.add_parser("serve", help="serve an object at an address (unix:PATH)")
-    serve.add_argument("address", help="where: unix:PATH")
+    serve = commands.add_parser(
+        "serve", help="serve an object at an address (unix:PATH, tcp:HOST:PORT, tls:HOST:PORT)"
+    )
+    serve.add_argument("address", help="where: unix:PATH, tcp:HOST:PORT or tls:HOST:PORT")
     serve.add_argument(
         "factory", metavar="module:factory", help="what: a server object, or a callable that makes one"
     )
@@ -73,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument(
         "--mode", default="600", help="file mode of a unix: socket, in octal: who may connect (default 600)"
     )
+    serve.add_argument("--cert", metavar="FILE", help="tls: the service's certificate chain (PEM)")
+    serve.add_argument("--key", metavar="FILE", help="tls: its private key (PEM; default: in --cert)")
     compile_ = commands.add_parser("compile", help="generate typed Python modules from .capnp schemas")
     compile_.add_argument("schemas", nargs="+", metavar="schema", help="a .capnp file")
     compile_.add_argument(
@@ -104,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "compile":
         return _compile(args.schemas, args.output, args.import_path)
     if args.command == "serve":
-        return _serve(args.address, args.factory, args.kernel, args.mode)
+        return _serve(args.address, args.factory, args.kernel, args.mode, args.cert, args.key)
     return 2
 
 
@@ -119,7 +123,9 @@ def _file_mode(text: str) -> int:
     return mode
 
 
-def _serve(address: str, factory: str, kernel: str | None, mode: int) -> int:
+def _serve(
+    address: str, factory: str, kernel: str | None, mode: int, cert: str | None, key: str | None
+) -> int:
     """``capbus serve``: one line on stdout once serving (what, where), until SIGINT or
     SIGTERM; what is wrong on stderr, and exit status 1."""
     import trio
@@ -132,9 +138,22 @@ def _serve(address: str, factory: str, kernel: str | None, mode: int) -> int:
         print(f"capbus serve: {factory}: {type(error).__name__}: {error}", file=sys.stderr)
         return 1
 
+    tls = None
+    if cert is not None:
+        import ssl
+
+        try:
+            tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            tls.load_cert_chain(cert, key)
+        except (OSError, ssl.SSLError) as error:
+            print(
+                f"capbus serve: --cert {cert}: {getattr(error, 'strerror', None) or error}", file=sys.stderr
+            )
+            return 1
+
     async def run() -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            async with serve(made, address, kernel=kernel, mode=mode) as service:
+            async with serve(made, address, kernel=kernel, mode=mode, tls=tls) as service:
                 print(f"capbus serve: {factory} at {service.address}", flush=True)
                 async for _ in signals:
                     return

@@ -28,6 +28,7 @@ import functools
 import logging
 import os
 import socket
+import ssl
 import struct
 from collections.abc import AsyncIterator, Generator
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -94,22 +95,28 @@ class Service:
 
 @asynccontextmanager
 async def serve(
-    obj: Server,
+    obj: Server | Client,
     address: str | Address,
     *,
     kernel: Kernel | str | os.PathLike[str] | None = None,
     mode: int = 0o600,
+    tls: ssl.SSLContext | None = None,
     **vat_options: Any,
 ) -> AsyncIterator[Service]:
     """Serves ``obj`` as the bootstrap capability at ``address`` for the duration of the
-    block. ``unix:PATH``: a socket at PATH with file ``mode`` (who may connect); a socket
-    left there by a killed service is replaced, a path a live one serves is refused.
+    block: a server object, or a client of another vat (a gateway: a bus object served over
+    TCP, a TCP service's object served over the bus). ``unix:PATH``: a socket at PATH with
+    file ``mode`` (who may connect); a socket left there by a killed service is replaced,
+    a path a live one serves is refused. ``tcp:HOST:PORT``: Cap'n Proto's RPC protocol;
+    ``tls:HOST:PORT``: the same over TLS, with ``tls`` a server context holding the
+    certificate and key (``ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)`` and
+    ``load_cert_chain``).
     ``kernel``: a :class:`~capbus.Kernel` to use, a kernel daemon's socket path, or None for
     a kernel embedded in this process for the service's lifetime. ``vat_options`` go to
     :func:`~capbus.rpc.vat.open_vat` (its limits)."""
     where = parse(address)
     if isinstance(where, TcpAddress):
-        async with _serve_tcp(obj, where, **vat_options) as service:
+        async with _serve_tcp(obj, where, tls, **vat_options) as service:
             yield service
         return
     from .kernel import Kernel, open_kernel
@@ -128,7 +135,7 @@ async def serve(
                 peer = await connect_peer(kernel)
             await stack.enter_async_context(peer)
             vat = await stack.enter_async_context(open_vat(peer, **vat_options))
-            node = await vat.export(obj, keep=True)  # (programs come and go; it stays)
+            node = await vat.export(_server_of(obj), keep=True)  # (programs come and go; it stays)
             interface_id = obj.interface.id if getattr(obj, "interface", None) is not None else 0
             service = Service(where, vat, peer, own, seed=SEED + str(interface_id).encode())
             try:
@@ -153,19 +160,29 @@ async def serve(
 
 
 @asynccontextmanager
-async def _serve_tcp(obj: Server, where: TcpAddress, **options: Any) -> AsyncIterator[Service]:
+async def _serve_tcp(
+    obj: Server | Client, where: TcpAddress, tls: ssl.SSLContext | None, **options: Any
+) -> AsyncIterator[Service]:
     """Serves ``obj`` to every connection at ``where``, each with its own rpc.capnp vat
-    (capbus/rpc/streamvat.py): the standard protocol, for any Cap'n Proto peer."""
+    (capbus/rpc/streamvat.py): the standard protocol, for any Cap'n Proto peer; over TLS
+    (the standard library's, through trio.SSLStream) for ``tls:``."""
     from .rpc.streamvat import serve_stream
 
-    if where.tls:
-        raise ServeError(f"{where}: TLS is not built yet (tcp:HOST:PORT serves without it)")
+    if where.tls and tls is None:
+        raise ServeError(f"{where}: serving TLS takes a server context with its certificate (tls=...)")
+    if tls is not None and not where.tls:
+        raise ServeError(f"{where}: a TLS context given for a tcp: address (tls:HOST:PORT serves TLS)")
     service = Service(where, None, None, None)
 
     async def handle(stream: trio.SocketStream) -> None:
         service.connections += 1
+        served: trio.abc.Stream = stream
         try:
-            await serve_stream(stream, obj, **options)
+            if tls is not None:
+                served = trio.SSLStream(stream, tls, server_side=True)
+                with trio.fail_after(HANDSHAKE_SECONDS):
+                    await served.do_handshake()
+            await serve_stream(served, obj, **options)
         except Exception as error:  # noqa: BLE001 - one connection's end never stops the rest
             log.info("a connection to %s ended: %s", where, error)
 
@@ -178,7 +195,7 @@ async def _serve_tcp(obj: Server, where: TcpAddress, **options: Any) -> AsyncIte
             except OSError as error:
                 raise ServeError(f"cannot serve at {where}: {error.strerror or error}") from None
             port = listeners[0].socket.getsockname()[1]
-            service.address = TcpAddress(where.host, port)
+            service.address = TcpAddress(where.host, port, tls=where.tls)
             try:
                 yield service
             finally:
@@ -188,6 +205,27 @@ async def _serve_tcp(obj: Server, where: TcpAddress, **options: Any) -> AsyncIte
         if single is None:
             raise
         raise single from None
+
+
+def _why(error: BaseException) -> str:
+    """What a failed TCP or TLS connect says (trio wraps a TLS failure in BrokenResourceError)."""
+    cause = error.__cause__ if isinstance(error, trio.BrokenResourceError) else error
+    if isinstance(cause, ssl.SSLCertVerificationError):
+        return f"TLS: the service's certificate is not trusted ({cause.verify_message})"
+    if isinstance(cause, ssl.SSLError):
+        return f"TLS: {cause.reason or cause}"
+    return str(getattr(cause, "strerror", None) or cause or error)
+
+
+def _server_of(obj: Server | Client) -> Server:
+    """What a bus service exports for ``obj``: the object, or for a client (of another
+    vat: a TCP connection's, another peer's) a Forwarder to it."""
+    from .rpc.client import Client
+    from .rpc.server import Forwarder
+
+    if isinstance(obj, Client):
+        return obj.server if obj.server is not None else Forwarder(obj)
+    return obj
 
 
 def _single(group: BaseExceptionGroup[Any]) -> BaseException | None:
@@ -337,31 +375,55 @@ async def _send_quietly(connection: trio.socket.SocketType, data: bytes) -> None
 
 @overload
 def connect(
-    address: str | Address, interface: type[ClientT], *, timeout: float = ..., **vat_options: Any
+    address: str | Address,
+    interface: type[ClientT],
+    *,
+    timeout: float = ...,
+    tls: ssl.SSLContext | None = ...,
+    **vat_options: Any,
 ) -> Connection[ClientT]: ...
 @overload
 def connect(
-    address: str | Address, interface: Any = None, *, timeout: float = ..., **vat_options: Any
+    address: str | Address,
+    interface: Any = None,
+    *,
+    timeout: float = ...,
+    tls: ssl.SSLContext | None = ...,
+    **vat_options: Any,
 ) -> Connection[DynamicClient]: ...
 def connect(
-    address: str | Address, interface: Any = None, *, timeout: float = HANDSHAKE_SECONDS, **vat_options: Any
+    address: str | Address,
+    interface: Any = None,
+    *,
+    timeout: float = HANDSHAKE_SECONDS,
+    tls: ssl.SSLContext | None = None,
+    **vat_options: Any,
 ) -> Connection[Any]:
     """A client of the bootstrap object served at ``address``, for the duration of an
     ``async with`` block: ``async with capbus.connect("unix:/run/calc", calc_capnp.Calculator)
     as calculator:``. ``interface``: a generated client class (the client is typed as it),
     ``Foo`` from ``capbus.load``, or None (an untyped client). ``timeout``: seconds to
     wait for the service to hand over the capability (ServeError after). ``vat_options`` go
-    to :func:`~capbus.rpc.vat.open_vat`. (A new peer on a kernel daemon, without RPC, is
-    :func:`capbus.connect_peer`.)"""
-    return Connection(parse(address), interface, vat_options, timeout)
+    to :func:`~capbus.rpc.vat.open_vat` (or, for tcp:, to the connection's vat). ``tls``:
+    for ``tls:HOST:PORT``, the context that verifies the service's certificate (default: the
+    system's trusted authorities, ``ssl.create_default_context()``). (A new peer on a kernel
+    daemon, without RPC, is :func:`capbus.connect_peer`.)"""
+    return Connection(parse(address), interface, vat_options, timeout, tls)
 
 
 class Connection(Generic[ClientT]):
     """What :func:`connect` returns: ``async with`` it for the client."""
 
-    def __init__(self, address: Address, interface: Any, vat_options: dict[str, Any], timeout: float) -> None:
+    def __init__(
+        self,
+        address: Address,
+        interface: Any,
+        vat_options: dict[str, Any],
+        timeout: float,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
         self.address, self._interface, self._vat_options = address, interface, vat_options
-        self._timeout = timeout
+        self._timeout, self._tls = timeout, tls
         self._stack: AsyncExitStack | None = None
 
     def __await__(self) -> Generator[Any, None, Any]:
@@ -402,17 +464,21 @@ class Connection(Generic[ClientT]):
     async def _connect_tcp(self, address: TcpAddress) -> ClientT:
         from .rpc.streamvat import open_stream_vat
 
-        if address.tls:
-            raise ServeError(f"{address}: TLS is not built yet")
+        if self._tls is not None and not address.tls:
+            raise ServeError(f"{address}: a TLS context given for a tcp: address (tls:HOST:PORT is TLS)")
         stack = AsyncExitStack()
         try:
             try:
                 with trio.fail_after(self._timeout):
-                    stream = await trio.open_tcp_stream(address.host, address.port)
+                    stream: trio.abc.Stream = await trio.open_tcp_stream(address.host, address.port)
+                    if address.tls:
+                        context = self._tls or ssl.create_default_context()
+                        stream = trio.SSLStream(stream, context, server_hostname=address.host)
+                        await stream.do_handshake()
             except trio.TooSlowError:
                 raise ServeError(f"{address}: no connection in {self._timeout:g} s") from None
-            except OSError as error:
-                raise ServeError(f"cannot connect to {address}: {error.strerror or error}") from None
+            except (OSError, trio.BrokenResourceError) as error:
+                raise ServeError(f"cannot connect to {address}: {_why(error)}") from None
             vat = await stack.enter_async_context(open_stream_vat(stream, **self._vat_options))
             try:
                 with trio.fail_after(self._timeout):

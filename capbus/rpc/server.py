@@ -23,6 +23,9 @@ from .errors import Failed, Unimplemented
 from .interface import Interface, Method
 from .naming import python_name
 
+if typing.TYPE_CHECKING:
+    from .client import Client
+
 log = logging.getLogger("capbus.rpc.server")
 """Where a handler's unexpected exception is logged, with its traceback (its caller gets it
 as Failed, with only its type and message)."""
@@ -145,6 +148,23 @@ class Server:
         if inspect.isawaitable(result):
             result = await result
         return self._results(method, result)
+
+
+class Forwarder(Server):
+    """An object standing for a capability of another vat (a TCP connection's import passed
+    on over the bus, a bus client passed over TCP): each call is made there, its results
+    passed back. Kept while its holders hold it; going, it lets the capability go."""
+
+    def __init__(self, target: Client) -> None:
+        self.target = target
+        self.interface = target.interface
+
+    async def _dispatch(self, method: Method, params: dict[str, Any]) -> Mapping[str, Any]:
+        results = await self.target.vat.call(self.target, method, params)
+        return results.to_dict()
+
+    def __repr__(self) -> str:
+        return f"<forwarder to {self.target!r}>"
 
 
 def handler_failed(server: object, method: Method | None, error: Exception) -> Failed:

@@ -45,7 +45,7 @@ from .errors import Disconnected, Failed, RpcError, Unimplemented
 from .interface import Interface, Method
 from .layout import FieldLayout
 from .protocol import as_kwargs, malformed
-from .server import Server, handler_failed
+from .server import Forwarder, Server, handler_failed
 from .structs import StructReader
 from .twoparty import (
     CALL_CONTENT,
@@ -113,19 +113,6 @@ class _Export:
     references: int = 0
 
 
-class Forwarder(Server):
-    """An export standing for a capability of another vat (a bus client, another
-    connection): each call is made there, and its results passed back."""
-
-    def __init__(self, target: Client) -> None:
-        self.target = target
-        self.interface = target.interface
-
-    async def _dispatch(self, method: Method, params: dict[str, Any]) -> Mapping[str, Any]:
-        results = await self.target.vat.call(self.target, method, params)
-        return results.to_dict()
-
-
 class _Promised(Server):
     """A capability in the results of one of the peer's calls that has not returned yet
     (a CapDescriptor receiverAnswer): calls to it wait for those results, then go to the
@@ -160,7 +147,7 @@ class StreamVat:
         self,
         stream: trio.abc.Stream,
         nursery: trio.Nursery,
-        bootstrap: Server | None,
+        bootstrap: Server | Client | None,
         *,
         max_message_bytes: int,
         max_calls: int,
@@ -182,6 +169,8 @@ class StreamVat:
         self.imports: weakref.WeakValueDictionary[int, Client] = weakref.WeakValueDictionary()
         self._import_references: dict[int, int] = {}
         self._locals: weakref.WeakValueDictionary[int, Client] = weakref.WeakValueDictionary()
+        self._forwarders: weakref.WeakValueDictionary[int, Forwarder] = weakref.WeakValueDictionary()
+        """Client of another vat (by id) -> the Forwarder exported for it."""
         self._pending: list[tuple[list[Segment], Callable[[], None] | None]] = []
         self._pending_ready = trio.Event()
         self.closed: RpcError | None = None
@@ -380,14 +369,19 @@ class StreamVat:
     def _describe(self, value: object) -> Descriptor:
         """How capability ``value`` (a server, or a client) travels to the peer."""
         if isinstance(value, Client):
+            if isinstance(value.server, Forwarder) and value.server.target.vat is self:
+                value = value.server.target  # (one of ours, back from a trip over the bus)
             if value.server is not None:
                 return self._export(value.server)
             if value.vat is self:
                 target = self._target(value)
                 if target is not None:
                     return target
-                raise Failed("a pipelined capability whose call has returned: read it from the results first")
-            return self._export(Forwarder(value))
+                return self._describe(_answered(value))
+            forwarder = self._forwarders.get(id(value))
+            if forwarder is None or forwarder.target is not value:
+                forwarder = self._forwarders[id(value)] = Forwarder(value)
+            return self._export(forwarder)
         if isinstance(value, Server):
             return self._export(value)
         raise TypeError(f"not a capability: {value!r}")
@@ -577,9 +571,9 @@ class StreamVat:
             answer.error = Failed("nothing is served here")
             await self._send(encode_exception(question_id, answer.error))
         else:
-            descriptor = self._export(self._bootstrap)
+            descriptor = self._describe(self._bootstrap)
             answer.results = [descriptor]
-            bootstrap = self.local(self._bootstrap)
+            bootstrap = self._as_client(self._bootstrap)
             answer.lookup = lambda transform: bootstrap if not transform else None
             await self._send(encode_bootstrap_return(question_id, descriptor))
         answer.returned = True
@@ -789,6 +783,20 @@ class StreamVat:
         await self._receive_loop()
 
 
+def _answered(client: Client) -> object:
+    """The capability a pipelined client names, its question having returned."""
+    assert client.pipeline is not None
+    promise, transform = client.pipeline
+    done = promise._done
+    returned = done[1][0] if done is not None and done[1] else None
+    if returned is None or returned.results is None:
+        raise Failed(f"{client!r}: its call failed, so it names no capability")
+    target = returned.results.capability_at(transform)
+    if target is None:
+        raise Failed(f"the pipelined capability (pointer fields {list(transform)}) is null")
+    return target
+
+
 def _method_of(client: Client, key: tuple[int, int]) -> Method:
     method = client.interface.by_key.get(key)
     if method is None:
@@ -799,14 +807,15 @@ def _method_of(client: Client, key: tuple[int, int]) -> Method:
 @asynccontextmanager
 async def open_stream_vat(
     stream: trio.abc.Stream,
-    bootstrap: Server | None = None,
+    bootstrap: Server | Client | None = None,
     *,
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     max_calls: int = MAX_CALLS,
     send_timeout: float = SEND_TIMEOUT,
 ) -> AsyncIterator[StreamVat]:
     """Runs rpc.capnp over ``stream`` for the duration of the block (serving ``bootstrap``
-    to the peer, if given); closes the stream at the end."""
+    to the peer, if given: a server object, or a client of another vat, which the peer then
+    reaches through this one); closes the stream at the end."""
     async with trio.open_nursery() as nursery:
         vat = StreamVat(
             stream,
@@ -826,7 +835,7 @@ async def open_stream_vat(
                 await stream.aclose()
 
 
-async def serve_stream(stream: trio.abc.Stream, bootstrap: Server, **options: Any) -> None:
+async def serve_stream(stream: trio.abc.Stream, bootstrap: Server | Client, **options: Any) -> None:
     """Serves ``bootstrap`` on one connection until the peer goes."""
     async with open_stream_vat(stream, bootstrap, **options) as vat:
         while vat.closed is None:

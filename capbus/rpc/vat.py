@@ -64,7 +64,7 @@ from .protocol import (
     malformed,
     params_of,
 )
-from .server import Server, handler_failed, log
+from .server import Forwarder, Server, handler_failed, log
 from .structs import StructReader
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -221,6 +221,8 @@ class Vat:
         self._took_in = False  # a call was queued for a task (ends a batch: _deliver_ready)
         self._unstarted = 0  # calls queued for tasks of their own that have not run yet
         self._spare_nodes: list[int] = []
+        self._forwarders: weakref.WeakValueDictionary[int, Forwarder] = weakref.WeakValueDictionary()
+        """Client of another kind of vat (by id) -> the Forwarder exported for it (_forwarded)."""
         """Retired nodes, for objects exported next (_export)."""
         """The reading caller's scope and the event of the return it waits for."""
 
@@ -306,6 +308,7 @@ class Vat:
         self, caps: list[object], destination: int = 0, charge: _Charge | None = None
     ) -> list[int]:
         holder = None if charge is None else charge.caller
+        caps = [self._forwarded(value) for value in caps]
         handles = self._handles_now(caps, destination, holder)
         if handles is None:
             made = []
@@ -335,12 +338,11 @@ class Vat:
         round trip)."""
         handles = []
         for value in caps:
+            value = self._forwarded(value)
             if value is REPLY:  # the reply node of this callee (see Engine.reply_for)
                 handles.append(self.engine.reply_for(destination) or self.engine.reply_node)
                 continue
             if isinstance(value, Client):
-                if value.vat is not self:
-                    raise ValueError(f"{value!r} belongs to another vat")
                 if value.pipeline is not None:
                     raise ValueError(f"{value!r} cannot be passed before its results arrive: await them")
                 if value.server is None:
@@ -356,6 +358,26 @@ class Vat:
                 return None
             handles.append(node)
         return handles
+
+    def _forwarded(self, value: object) -> object:
+        """``value``, or for a client of another kind of vat (a TCP connection's) the
+        Forwarder that stands for it here (one per client, while it is held: the same
+        client passed twice is the same object). Clients of another bus vat are refused:
+        they have handles of their own peer."""
+        if (
+            isinstance(value, Client)
+            and isinstance(value.server, Forwarder)
+            and value.server.target.vat is self
+        ):
+            return value.server.target  # (one of ours, back from a trip over TCP)
+        if not isinstance(value, Client) or value.vat is self:
+            return value
+        if isinstance(value.vat, Vat):
+            raise ValueError(f"{value!r} belongs to another vat")
+        forwarder = self._forwarders.get(id(value))
+        if forwarder is None or forwarder.target is not value:
+            forwarder = self._forwarders[id(value)] = Forwarder(value)
+        return forwarder
 
     # -- calls out ----------------------------------------------------------------------------
 

@@ -20,6 +20,7 @@ from capbus.addresses import TcpAddress
 from capbus.compiler import generate_file
 from capbus.rpc.errors import Failed
 from capbus.rpc.streamvat import StreamVat, open_stream_vat
+from capbus.rpc.vat import open_vat
 
 HERE = Path(__file__).parent
 CALCULATOR = HERE.parents[1] / "examples" / "calculator"
@@ -165,3 +166,57 @@ async def test_a_capbus_client_calls_pycapnps_server() -> None:
                     assert (await promise).text == "pipelined"
         finally:
             server.kill()
+
+
+# -- across the gateway: bus <-> TCP ---------------------------------------------------------
+
+
+async def test_pycapnps_client_reaches_a_calculator_on_the_bus_through_a_gateway(
+    calculator_server: tuple[capbus.Peer, capbus.Handle], kernel: capbus.Kernel
+) -> None:
+    """The calculator runs in a process of its own on the bus (tests/conftest.py); this
+    process holds a capability to it and serves that capability over TCP. pycapnp's client
+    then reaches it through here: every call is forwarded onto the bus, each capability in
+    results (a Value, a Function) becomes an export on TCP, and the client's own function
+    (a callback) and a Value coming home cross both ways."""
+    peer, handle = calculator_server
+    async with open_vat(peer) as vat:
+        on_the_bus = vat.client(handle, calc.Calculator)
+        async with capbus.serve(on_the_bus, "tcp:127.0.0.1:0") as service:
+            assert isinstance(service.address, TcpAddress)
+            with trio.fail_after(60):
+                client = HERE / "pycapnp_calculator_client.py"
+                done = await trio.run_process(
+                    [sys.executable, str(client), "127.0.0.1", str(service.address.port)],
+                    capture_stdout=True,
+                    capture_stderr=True,
+                    check=False,
+                )
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    assert done.stdout.decode().splitlines() == [
+        "pipelined 123.0",
+        "home 50.0",
+        "defined 1234.0",
+        "callback 1024.0",
+        "exception an operator takes two parameters",
+    ]
+
+
+async def test_a_tcp_capability_passed_on_over_the_bus(kernel: capbus.Kernel) -> None:
+    """A capability from a TCP client (its Ping) passed by the TCP service to an object on
+    the bus, which calls it: the call goes back over the bus and TCP to the client."""
+    bus_server, bus_client = await kernel.connect(), await kernel.connect()
+    try:
+        async with open_vat(bus_server) as far_vat, open_vat(bus_client) as near_vat:
+            handle = await bus_server.transfer(await far_vat.export(Echo()), bus_client)
+            far = near_vat.client(handle, echo.Echo)  # (an Echo on the bus, in another vat)
+            async with capbus.serve(far, "tcp:127.0.0.1:0") as service:
+                assert isinstance(service.address, TcpAddress)
+                address = f"tcp:127.0.0.1:{service.address.port}"
+                async with capbus.connect(address, echo.Echo) as remote:
+                    with trio.fail_after(TIMEOUT):
+                        assert (await remote.call(ping=Ping(5))).n == 5
+                        assert (await remote.echo(text="across")).text == "across"
+    finally:
+        await bus_server.aclose()
+        await bus_client.aclose()
