@@ -119,27 +119,31 @@ async def test_pycapnps_client_calls_a_capbus_calculator(monkeypatch: pytest.Mon
     from server import CalculatorServer  # (examples/calculator/server.py)
 
     async with capbus.serve(CalculatorServer(), "tcp:127.0.0.1:0") as service:
-        assert isinstance(service.address, TcpAddress)
-        with trio.fail_after(60):
-            done = await trio.run_process(
-                [
-                    sys.executable,
-                    str(HERE / "pycapnp_calculator_client.py"),
-                    "127.0.0.1",
-                    str(service.address.port),
-                ],
-                capture_stdout=True,
-                capture_stderr=True,
-                check=False,
-            )
+        await _pycapnps_calculator_client(service)
+
+
+PYCAPNPS_CLIENT_SAYS = [
+    "pipelined 123.0",
+    "home 50.0",
+    "defined 1234.0",
+    "callback 1024.0",
+    "exception an operator takes two parameters",
+]
+
+
+async def _pycapnps_calculator_client(service: capbus.Service) -> None:
+    """Runs pycapnp_calculator_client.py against ``service``; checks what it says."""
+    assert isinstance(service.address, TcpAddress)
+    with trio.fail_after(60):
+        client = HERE / "pycapnp_calculator_client.py"
+        done = await trio.run_process(
+            [sys.executable, str(client), "127.0.0.1", str(service.address.port)],
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
     assert done.returncode == 0, done.stderr.decode()[-3000:]
-    assert done.stdout.decode().splitlines() == [
-        "pipelined 123.0",
-        "home 50.0",
-        "defined 1234.0",
-        "callback 1024.0",
-        "exception an operator takes two parameters",
-    ]
+    assert done.stdout.decode().splitlines() == PYCAPNPS_CLIENT_SAYS
 
 
 async def test_a_capbus_client_calls_pycapnps_server() -> None:
@@ -183,23 +187,7 @@ async def test_pycapnps_client_reaches_a_calculator_on_the_bus_through_a_gateway
     async with open_vat(peer) as vat:
         on_the_bus = vat.client(handle, calc.Calculator)
         async with capbus.serve(on_the_bus, "tcp:127.0.0.1:0") as service:
-            assert isinstance(service.address, TcpAddress)
-            with trio.fail_after(60):
-                client = HERE / "pycapnp_calculator_client.py"
-                done = await trio.run_process(
-                    [sys.executable, str(client), "127.0.0.1", str(service.address.port)],
-                    capture_stdout=True,
-                    capture_stderr=True,
-                    check=False,
-                )
-    assert done.returncode == 0, done.stderr.decode()[-3000:]
-    assert done.stdout.decode().splitlines() == [
-        "pipelined 123.0",
-        "home 50.0",
-        "defined 1234.0",
-        "callback 1024.0",
-        "exception an operator takes two parameters",
-    ]
+            await _pycapnps_calculator_client(service)
 
 
 async def test_a_tcp_capability_passed_on_over_the_bus(kernel: capbus.Kernel) -> None:
