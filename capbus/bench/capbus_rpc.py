@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import os
+import tempfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -13,7 +14,7 @@ from typing import Any
 import trio
 
 from ..memfd import sealed_payload
-from .processes import Offer, Spawn, Tally, stamp_trio, subscribers_process, subscribers_wanted
+from .processes import Offer, Spawn, Tally, free_tcp_port, stamp_trio, subscribers_process, subscribers_wanted
 from .workloads import (
     DATA_SIZES,
     PAYLOAD,
@@ -46,8 +47,11 @@ async def sitting(spawn_server: Spawn, plan: dict[str, int]) -> AsyncIterator[Of
 
     async with capbus.open_kernel() as kernel, await kernel.connect() as launcher:
         inbox = await launcher.create_node()
+        # (the network workloads: the server also serves over TCP and at a unix: address)
+        directory = tempfile.TemporaryDirectory(prefix="capbus-bench-")
+        net = {"tcp_port": free_tcp_port(), "unix": os.path.join(directory.name, "bench")}
         with await launcher.create_peer(handles=[inbox]) as server_socket:
-            await spawn_server({"fd": server_socket.fileno()}, [server_socket.fileno()])
+            await spawn_server({"fd": server_socket.fileno(), **net}, [server_socket.fileno()])
         with trio.fail_after(60):
             (handle,) = (await launcher.recv()).handles
         # The multicast workloads' subscribers: a peer each, in one process; each sends its
@@ -77,11 +81,12 @@ async def sitting(spawn_server: Spawn, plan: dict[str, int]) -> AsyncIterator[Of
                         nursery.start_soon(hand_out)
                     with await launcher.create_peer(handles=seed) as client_socket:
                         fd = client_socket.fileno()
-                        yield {"fd": fd, "pipe": pipe}, [fd] if pipe is None else [fd, pipe]
+                        yield {"fd": fd, "pipe": pipe, **net}, [fd] if pipe is None else [fd, pipe]
                     nursery.cancel_scope.cancel()
         finally:
             for sock in sockets:
                 sock.close()
+            directory.cleanup()
 
 
 def serve(config: dict[str, Any]) -> None:
@@ -121,8 +126,12 @@ def serve(config: dict[str, Any]) -> None:
             ):
                 (launcher,) = (await peer.take_seed()).handles
                 await peer.send(launcher, b"bench", handles=[await vat.export(Bench())])
-                print("ready", flush=True)
-                await trio.sleep_forever()
+                async with (
+                    capbus.serve(Bench(), f"tcp:127.0.0.1:{config['tcp_port']}"),
+                    capbus.serve(Bench(), f"unix:{config['unix']}"),
+                ):
+                    print("ready", flush=True)
+                    await trio.sleep_forever()
         except capbus.Disconnected:
             pass
 
@@ -203,22 +212,38 @@ def measure(config: dict[str, Any]) -> dict[str, Any]:
                     data = sealed_payload(size, lambda view: view.__setitem__(slice(None), bytes(size)))
                     return data_rate(size, await round_trips(lambda: bench.data(data=data), n))
 
-                return await run_plan(
-                    config["plan"],
-                    {
-                        "echo32": lambda n: round_trips(lambda: bench.echo(PAYLOAD), n),
-                        "oneway": lambda n: oneway_rate(bench.ping.oneway, received, n),
-                        "inflight64": lambda n: in_flight_trio(bench.ping, n),
-                        # A new object each call: exported, passed, released and collected.
-                        "cap": lambda n: round_trips(lambda: bench.take(cap=Local()), n),
-                        "ping": lambda n: round_trips(bench.ping, n),
-                        **{name: functools.partial(carry, size) for name, size in DATA_SIZES.items()},
-                        "data64Msealed": carry_sealed,
-                        "stream1G": lambda n: stream_rate(lambda chunk: bench.sink(data=chunk), received, n),
-                    },
-                    publish,
-                    functools.partial(stamp_trio, config["pipe"]),
-                )
+                async def connect_once() -> None:
+                    async with capbus.connect(f"unix:{config['unix']}", schema.Bench) as reached:
+                        await reached.echo(PAYLOAD)
+
+                async def plan(tcp: Any) -> dict[str, Any]:
+                    return await run_plan(
+                        config["plan"],
+                        {
+                            "tcp_echo32": lambda n: round_trips(lambda: tcp.echo(PAYLOAD), n),
+                            "tcp_inflight64": lambda n: in_flight_trio(tcp.ping, n),
+                            "connect": lambda n: round_trips(connect_once, n),
+                            "echo32": lambda n: round_trips(lambda: bench.echo(PAYLOAD), n),
+                            "oneway": lambda n: oneway_rate(bench.ping.oneway, received, n),
+                            "inflight64": lambda n: in_flight_trio(bench.ping, n),
+                            # A new object each call: exported, passed, released and collected.
+                            "cap": lambda n: round_trips(lambda: bench.take(cap=Local()), n),
+                            "ping": lambda n: round_trips(bench.ping, n),
+                            **{name: functools.partial(carry, size) for name, size in DATA_SIZES.items()},
+                            "data64Msealed": carry_sealed,
+                            "stream1G": lambda n: stream_rate(
+                                lambda chunk: bench.sink(data=chunk), received, n
+                            ),
+                        },
+                        publish,
+                        functools.partial(stamp_trio, config["pipe"]),
+                    )
+
+                tcp_address = f"tcp:127.0.0.1:{config['tcp_port']}"
+                async with capbus.connect(tcp_address, schema.Bench) as tcp:
+                    for _ in range(200):
+                        await tcp.echo(PAYLOAD)
+                    return await plan(tcp)
 
     result: dict[str, Any] = trio.run(main)
     return result

@@ -22,6 +22,7 @@ import trio
 from .processes import Offer, Spawn, Tally, stamp_asyncio, subscribers_process
 from .workloads import (
     DATA_SIZES,
+    NETWORK,
     PAYLOAD,
     SUBSCRIBERS,
     data_rate,
@@ -40,6 +41,7 @@ UNSUPPORTED = {
     "stream1G": "D-Bus has no streaming calls",
     "cap": "D-Bus has no capabilities",
     "ping": "D-Bus has no capabilities",
+    **dict.fromkeys(NETWORK, "D-Bus is not Cap'n Proto's RPC protocol"),
 }
 NAME = "org.capbus.Bench"
 PATH = "/org/capbus/Bench"

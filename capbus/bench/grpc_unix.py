@@ -12,7 +12,16 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from .processes import Offer, Spawn
-from .workloads import DATA_SIZES, MULTICASTS, PAYLOAD, data_rate, in_flight_asyncio, round_trips, run_plan
+from .workloads import (
+    DATA_SIZES,
+    MULTICASTS,
+    NETWORK,
+    PAYLOAD,
+    data_rate,
+    in_flight_asyncio,
+    round_trips,
+    run_plan,
+)
 
 LABEL = "gRPC (unix socket)"
 PACKAGES = {"grpc": "grpcio"}
@@ -24,6 +33,7 @@ UNSUPPORTED = {
     "cap": "gRPC has no capabilities",
     "ping": "gRPC has no capabilities",
     **dict.fromkeys(MULTICASTS, "gRPC has no multicast"),
+    **dict.fromkeys(NETWORK, "gRPC is not Cap'n Proto's RPC protocol"),
 }
 _LARGEST = 128 << 20
 _OPTIONS = [("grpc.max_send_message_length", _LARGEST), ("grpc.max_receive_message_length", _LARGEST)]

@@ -133,3 +133,13 @@ def _read(fd: int, n: int) -> bytes:
     if not data:
         raise EOFError("the subscribers process is gone")
     return data
+
+
+def free_tcp_port() -> int:
+    """A loopback TCP port free now, for a server process to listen on (the sitting tells
+    both processes; a port taken in between fails that sitting, which is reported)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])

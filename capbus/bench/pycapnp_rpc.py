@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from .processes import Offer, Spawn
+from .processes import Offer, Spawn, free_tcp_port
 from .workloads import DATA_SIZES, MULTICASTS, PAYLOAD, data_rate, in_flight_asyncio, round_trips, run_plan
 
 LABEL = "pycapnp RPC"
@@ -38,9 +38,9 @@ def _schema() -> Any:
 @asynccontextmanager
 async def sitting(spawn_server: Spawn, plan: dict[str, int]) -> AsyncIterator[Offer]:
     with tempfile.TemporaryDirectory(prefix="capbus-bench-") as directory:
-        path = os.path.join(directory, "pycapnp")
-        await spawn_server({"path": path}, [])
-        yield {"path": path}, []
+        config = {"path": os.path.join(directory, "pycapnp"), "tcp_port": free_tcp_port()}
+        await spawn_server(config, [])
+        yield config, []
 
 
 def serve(config: dict[str, Any]) -> None:
@@ -74,9 +74,10 @@ def serve(config: dict[str, Any]) -> None:
             await capnp.TwoPartyServer(stream, bootstrap=Bench()).on_disconnect()
 
         server = await capnp.AsyncIoStream.create_unix_server(connection, config["path"])
+        tcp = await capnp.AsyncIoStream.create_server(connection, "127.0.0.1", config["tcp_port"])
         print("ready", flush=True)
-        async with server:
-            await server.serve_forever()
+        async with server, tcp:
+            await asyncio.gather(server.serve_forever(), tcp.serve_forever())
 
     asyncio.run(capnp.run(main()))
 
@@ -103,11 +104,24 @@ def measure(config: dict[str, Any]) -> dict[str, Any]:
             data = bytes(size)
             return data_rate(size, await round_trips(lambda: bench.data(data), n))
 
+        tcp_stream = await capnp.AsyncIoStream.create_connection(host="127.0.0.1", port=config["tcp_port"])
+        tcp = capnp.TwoPartyClient(tcp_stream).bootstrap().cast_as(schema.Bench)
+        for _ in range(200):
+            await tcp.echo(PAYLOAD)
+
+        async def connect_once() -> None:
+            stream = await capnp.AsyncIoStream.create_unix_connection(config["path"])
+            reached = capnp.TwoPartyClient(stream).bootstrap().cast_as(schema.Bench)
+            await reached.echo(PAYLOAD)
+
         out.update(
             await run_plan(
                 config["plan"],
                 {
                     "echo32": lambda n: round_trips(lambda: bench.echo(PAYLOAD), n),
+                    "tcp_echo32": lambda n: round_trips(lambda: tcp.echo(PAYLOAD), n),
+                    "tcp_inflight64": lambda n: in_flight_asyncio(tcp.ping, n),
+                    "connect": lambda n: round_trips(connect_once, n),
                     "inflight64": lambda n: in_flight_asyncio(bench.ping, n),
                     "cap": lambda n: round_trips(lambda: bench.take(Local()), n),
                     "ping": lambda n: round_trips(bench.ping, n),

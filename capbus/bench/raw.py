@@ -13,7 +13,7 @@ from typing import Any
 import trio
 
 from .processes import Offer, Spawn, Tally, stamp_trio, subscribers_process, subscribers_wanted
-from .workloads import DATA_SIZES, IN_FLIGHT, PAYLOAD, data_rate, oneway_rate, round_trips, run_plan
+from .workloads import DATA_SIZES, IN_FLIGHT, NETWORK, PAYLOAD, data_rate, oneway_rate, round_trips, run_plan
 
 LABEL = "raw trio socketpair"
 PACKAGES: dict[str, str] = {}
@@ -23,6 +23,7 @@ UNSUPPORTED = {
     "stream1G": "not measured: a SOCK_SEQPACKET pair takes no 1 MiB datagram",
     "cap": "no capabilities",
     "ping": "no capabilities",
+    **dict.fromkeys(NETWORK, "a socketpair has no address nor RPC protocol"),
 }
 _HEAD = struct.Struct("<IB")  # length of the body, kind
 _CALL, _ONEWAY, _COUNT = 1, 2, 3

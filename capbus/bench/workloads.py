@@ -54,6 +54,18 @@ WORKLOADS: dict[str, Workload] = {
         ),
     )
 }
+# Over the network and at an address (issue 12): Cap'n Proto's RPC protocol over TCP
+# loopback, capbus's and pycapnp's; and a program reaching a service at a unix: address.
+WORKLOADS.update(
+    (w.name, w)
+    for w in (
+        Workload("tcp_echo32", "32 B call round trip over TCP loopback (rpc.capnp)", "us", 1_000, 5_000),
+        Workload("tcp_inflight64", "two-way calls over TCP loopback, 64 in flight", "/s", 4_000, 16_000),
+        Workload("connect", "connecting to a unix: address, to its first call returned", "us", 30, 100),
+    )
+)
+NETWORK = ("tcp_echo32", "tcp_inflight64", "connect")
+"""What only the Cap'n Proto contenders measure."""
 MULTICASTS = tuple(name for name in WORKLOADS if name.startswith("multicast"))
 DATA_SIZES = {"data1M": 1 << 20, "data64M": (64 << 20) - 1024}
 """64 MiB less 1 KiB: Cap'n Proto's (and D-Bus's) 64 MiB message limit holds the envelope too."""
@@ -118,6 +130,20 @@ GOALS = (
         0.5,
         "data64M",
         "zeromq",
+    ),
+    Goal(
+        "32 B echo over TCP <= 1.0x pycapnp's",
+        "tcp_echo32",
+        1.0,
+        "tcp_echo32",
+        "pycapnp_rpc",
+    ),
+    Goal(
+        "two-way calls over TCP, 64 in flight >= 1.0x pycapnp's",
+        "tcp_inflight64",
+        1.0,
+        "tcp_inflight64",
+        "pycapnp_rpc",
     ),
     Goal(
         "a multicast delivery to each of 256 subscribers costs <= 0.2x a one-way call",

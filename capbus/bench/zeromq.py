@@ -15,6 +15,7 @@ from .processes import Offer, Spawn, Tally, stamp_asyncio, subscribers_process
 from .workloads import (
     DATA_SIZES,
     IN_FLIGHT,
+    NETWORK,
     PAYLOAD,
     SUBSCRIBERS,
     data_rate,
@@ -32,6 +33,7 @@ UNSUPPORTED = {
     "stream1G": "not measured: ZeroMQ has no flow-controlled calls",
     "cap": "ZeroMQ has no capabilities",
     "ping": "ZeroMQ has no capabilities",
+    **dict.fromkeys(NETWORK, "ZeroMQ is not Cap'n Proto's RPC protocol"),
 }
 _CALL, _ONEWAY, _COUNT, _DATA = b"c", b"o", b"n", b"d"
 

@@ -474,9 +474,11 @@ class StreamVat:
         self._pending_ready.set()
 
     async def _send(self, segments: Sequence[Segment]) -> None:
+        await self._send_bytes(frame(segments))
+
+    async def _send_bytes(self, data: bytes) -> None:
         if self.closed is not None:
             raise self.closed
-        data = frame(segments)
         async with self._send_lock:
             with trio.move_on_after(self.send_timeout) as waited:
                 await self._stream.send_all(data)
@@ -489,11 +491,11 @@ class StreamVat:
             await self._pending_ready.wait()
             self._pending_ready = trio.Event()
             pending, self._pending = self._pending, []
-            for segments, sent in pending:
-                try:
-                    await self._send(segments)
-                except (RpcError, trio.BrokenResourceError, trio.ClosedResourceError):
-                    return
+            try:  # (all that waits, in one write)
+                await self._send_bytes(b"".join(frame(segments) for segments, _ in pending))
+            except (RpcError, trio.BrokenResourceError, trio.ClosedResourceError):
+                return
+            for _, sent in pending:
                 if sent is not None:
                     sent()
 
@@ -603,7 +605,7 @@ class StreamVat:
         await self._calls.acquire()  # (at most max_calls run: then stop reading)
         before, self._turn = self._turn, trio.Event()
         self._nursery.start_soon(
-            self._serve, question_id, answer, where, key, segments, caps, before, self._turn
+            self._serve, question_id, answer, where, key, (segments, call.params), caps, before, self._turn
         )
 
     async def _serve(
@@ -612,7 +614,7 @@ class StreamVat:
         answer: _Answer,
         where: Any,
         key: tuple[int, int],
-        segments: list[Segment],
+        received: tuple[list[Segment], Any],
         caps: list[object],
         before: trio.Event | None,
         mine: trio.Event,
@@ -647,7 +649,8 @@ class StreamVat:
                     if method is None:
                         method = _method_of(where, key)
                     try:
-                        reader = decode(segments, self._words()).call.params.content
+                        segments, payload = received
+                        reader = payload.content
                         params = as_kwargs(
                             content(segments, reader, CALL_CONTENT, method.params, caps, self._typed),
                             method.params_layout,

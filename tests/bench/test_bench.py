@@ -113,3 +113,27 @@ def test_a_contender_that_cannot_be_installed_is_reported_missing() -> None:
     reference = runner.Contender("capbus_rpc", __import__("capbus.bench.capbus_rpc").bench.capbus_rpc)
     report = runner.report([reference, contender], ["echo32"], 1, 1.0)
     assert "- missing: nothing: pip package capbus-no-such-package not installed" in report
+
+
+def test_the_network_rows_measure_capbus_against_pycapnp(tmp_path: Path) -> None:
+    """Cap'n Proto's RPC protocol over TCP loopback, capbus's against pycapnp's (the same
+    protocol), and connecting to a unix: address: measured for both, n/a for the others."""
+    figures = tmp_path / "figures.json"
+    workloads = ("tcp_echo32", "tcp_inflight64", "connect")
+    done = subprocess.run(
+        [sys.executable, "-m", "capbus", "bench", "--quick", "--rounds", "1", "--only", "pycapnp_rpc"]
+        + [arg for name in workloads for arg in ("--workload", name)]
+        + ["--only", "raw", "--no-install", "--json", str(figures)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    results = json.loads(figures.read_text())
+    for contender in ("capbus_rpc", "pycapnp_rpc"):
+        runs = results[contender]["results"]
+        assert set(runs) == set(workloads), (contender, done.stdout)
+        assert 0 < runs["tcp_echo32"][0]["median_us"] <= runs["tcp_echo32"][0]["p99_us"]
+        assert runs["tcp_inflight64"][0]["rate"] > 0 and runs["connect"][0]["median_us"] > 0
+    assert "n/a: raw trio socketpair, 32 B call round trip over TCP loopback" in done.stdout
+    assert "32 B echo over TCP <= 1.0x pycapnp's" in done.stdout  # (the goal, met or not)
