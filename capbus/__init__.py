@@ -27,23 +27,13 @@ from .errors import (
     QuotaExceeded,
     UnknownCommand,
 )
-from .peer import (
-    Credentials,
-    Handle,
-    HandleLike,
-    HandleState,
-    Message,
-    MessageKind,
-    MonitorRecord,
-    Peer,
-    PeerInfo,
-    decode_monitor_record,
-)
-from .peer import connect as connect_peer
 
 if TYPE_CHECKING:
     from .bootstrapping import Bootstrap, bootstrap
     from .kernel import Kernel, KernelStatistics, Limits, open_kernel
+    from .messages import Credentials, Handle, HandleLike, Message, MessageKind
+    from .peer import HandleState, MonitorRecord, Peer, PeerInfo, decode_monitor_record
+    from .peer import connect as connect_peer
     from .rpc.anypointer import list_value, struct_value
     from .rpc.interface import load
     from .rpc.schemacheck import SchemaError
@@ -52,6 +42,11 @@ if TYPE_CHECKING:
     from .spawning import Child, ChildError, spawn
 
 _LAZY = {
+    # (the peer API too: the sans-IO parts, such as capbus.rpc.engine, import capbus
+    # without trio or sockets)
+    **dict.fromkeys(("Credentials", "Handle", "HandleLike", "Message", "MessageKind"), "messages"),
+    **dict.fromkeys(("HandleState", "MonitorRecord", "Peer", "PeerInfo", "decode_monitor_record"), "peer"),
+    "connect_peer": "peer",
     "Kernel": "kernel",
     "KernelStatistics": "kernel",
     "Limits": "kernel",
@@ -83,7 +78,11 @@ def __getattr__(name: str) -> object:
         raise AttributeError(f"module 'capbus' has no attribute {name!r}")
     import importlib
 
-    return getattr(importlib.import_module(f".{module}", __name__), name)
+    found = getattr(
+        importlib.import_module(f".{module}", __name__), "connect" if name == "connect_peer" else name
+    )
+    globals()[name] = found  # (looked up once)
+    return found
 
 
 __all__ = [

@@ -11,8 +11,6 @@ import weakref
 from collections.abc import Generator
 from typing import TYPE_CHECKING, Any
 
-import trio
-
 from .errors import Failed
 from .interface import Interface, Method, interface_of
 from .layout import FieldKind, StructLayout
@@ -193,7 +191,7 @@ class Promise:
     async def _wait(self) -> Any:
         try:
             return await self._wait_for_results()
-        except trio.Cancelled:
+        except BaseException:  # (cancelled, or given up some other way: the call goes too)
             self.cancel()
             raise
 

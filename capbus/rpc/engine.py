@@ -35,7 +35,7 @@ from typing import Any, TypeAlias
 
 from .. import errors as bus
 from ..memfd import MAPPING_HOLDS_FD
-from ..peer import Message, MessageKind
+from ..messages import Message, MessageKind
 from .client import Client, ClientClasses, client_class
 from .errors import Disconnected, Failed, Overloaded, RpcError, from_kernel
 from .fds import FileDescriptor
