@@ -62,6 +62,7 @@ from .twoparty import (
     encode_bootstrap_return,
     encode_call,
     encode_canceled,
+    encode_disembargo_loopback,
     encode_exception,
     encode_finish,
     encode_release,
@@ -105,6 +106,30 @@ class _Answer:
     results: list[Descriptor] = field(default_factory=list)
     returned: bool = False
     finished: bool = False
+    forwarded: _Count = field(default_factory=lambda: _Count())
+    """Calls pipelined on it still on their way to where they go (a Disembargo waits)."""
+
+
+class _Count:
+    """How many of something are under way; wait until none is."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._drained = trio.Event()
+        self._drained.set()
+
+    def add(self) -> None:
+        if not self.count:
+            self._drained = trio.Event()
+        self.count += 1
+
+    def done(self) -> None:
+        self.count -= 1
+        if not self.count:
+            self._drained.set()
+
+    async def wait_drained(self) -> None:
+        await self._drained.wait()
 
 
 @dataclass(eq=False)
@@ -621,6 +646,7 @@ class StreamVat:
     ) -> None:
         """Runs one of the peer's calls and sends its Return. Handlers start in the order
         the calls came (E-order): each waits for the one before to have started."""
+        forwarding: _Answer | None = None
         try:
             with answer.scope:
                 try:
@@ -629,6 +655,8 @@ class StreamVat:
                     if isinstance(where, tuple):  # pipelined: the capability once the results exist
                         base, transform = where
                         mine.set()
+                        base.forwarded.add()
+                        forwarding = base
                         await base.done.wait()
                         if base.error is not None:
                             raise base.error
@@ -659,9 +687,19 @@ class StreamVat:
                         raise malformed(error) from error
                     mine.set()
                     if where.server is not None:
+                        if forwarding is not None:
+                            forwarding.forwarded.done()
+                            forwarding = None
                         results = await where.server._dispatch(method, params)
                     else:  # (the caller's own capability, or another vat's: the call is made there)
-                        results = (await where.vat.call(where, method, params)).to_dict()
+                        call = where.vat.send_call(where, method, params)
+                        if forwarding is not None:  # (sent on before a Disembargo echo goes)
+                            promise = await call
+                            forwarding.forwarded.done()
+                            forwarding = None
+                            results = (await promise).to_dict()
+                        else:
+                            results = (await (await call)).to_dict()
                     encoded, answer.results, values = encode_results(
                         question_id, method, results, self._describe
                     )
@@ -686,6 +724,8 @@ class StreamVat:
         except (RpcError, trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         finally:
+            if forwarding is not None:
+                forwarding.forwarded.done()
             self._calls.release()
 
     def _lookup(
@@ -760,15 +800,34 @@ class StreamVat:
         context = message.disembargo.context
         if context.which() != "senderLoopback":
             raise ProtocolError(f"a Disembargo of kind {context.which()} (this side sends no senderLoopback)")
-        # Calls to the target this side was sent earlier went out before this answer:
-        # answering now keeps their order.
-        from .twoparty import _new
+        target = message.disembargo.target
+        if target.which() == "promisedAnswer":
+            answer = self.answers.get(int(target.promisedAnswer.questionId))
+            if answer is None:
+                raise ProtocolError("a Disembargo for an answer that is not one")
+            transform = read_transform(target.promisedAnswer)
+        else:
+            export = self.exports.get(int(target.importedCap))
+            if export is None or not isinstance(export.server, _Promised):
+                raise ProtocolError("a Disembargo for a capability that is no promise of this side")
+            answer, transform = export.server._answer, export.server._transform
+        # Echoed once the promise has resolved and the calls pipelined on it (waiting for it
+        # here) have gone on to the sender: then, in this connection's order, the echo.
+        self._nursery.start_soon(self._echo_disembargo, answer, transform, int(context.senderLoopback))
 
-        reply, _ = _new()
-        disembargo = reply.init("disembargo")
-        disembargo.target = message.disembargo.target
-        disembargo.init("context").receiverLoopback = context.senderLoopback
-        await self._send(list(reply.to_segments()))
+    async def _echo_disembargo(self, answer: _Answer, transform: tuple[int, ...], embargo_id: int) -> None:
+        await answer.done.wait()
+        await answer.forwarded.wait_drained()
+        resolved = answer.lookup(transform) if answer.lookup is not None else None
+        if not isinstance(resolved, Client) or resolved.vat is not self or resolved.server is not None:
+            await self._abort("a Disembargo for a promise that does not resolve back to its sender")
+            return
+        try:
+            await self._send(
+                encode_disembargo_loopback(Descriptor("receiverHosted", resolved.handle), embargo_id)
+            )
+        except (RpcError, trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
 
     def _on_unimplemented(self, echoed: Any) -> None:
         if echoed.which() == "call":
@@ -801,7 +860,15 @@ def _answered(client: Client) -> object:
 
 
 def _method_of(client: Client, key: tuple[int, int]) -> Method:
+    """The method a call names, for a call this side passes on: from the capability's
+    interface, or (a capability of no known interface, a ``Capability`` param) any interface
+    with that id this process knows."""
+    from .interface import known_interface
+
     method = client.interface.by_key.get(key)
+    if method is None:
+        interface = known_interface(key[0])
+        method = None if interface is None else interface.by_key.get(key)
     if method is None:
         raise Unimplemented(f"method {key[1]} of interface {key[0]:#x} is not known here")
     return method

@@ -314,8 +314,9 @@ def encode_unimplemented(received: Any) -> list[Segment]:
 
 
 def encode_disembargo_loopback(target: Descriptor, embargo_id: int) -> list[Segment]:
-    """The Disembargo answering a senderLoopback: ``receiverLoopback`` with its id, the
-    target as the sender names its capability (an export of its own: an import of ours)."""
+    """The Disembargo echoing a senderLoopback: ``receiverLoopback`` with its id, and as the
+    target the capability the promise resolved to (an export of the sender's: an import
+    here, ``target.id``)."""
     message, _ = _new()
     disembargo = message.init("disembargo")
     raw_target = disembargo.init("target")

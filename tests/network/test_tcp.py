@@ -208,3 +208,38 @@ async def test_a_tcp_capability_passed_on_over_the_bus(kernel: capbus.Kernel) ->
     finally:
         await bus_server.aclose()
         await bus_client.aclose()
+
+
+async def test_pycapnps_embargo_on_a_capability_that_comes_home(monkeypatch: pytest.MonkeyPatch) -> None:
+    """pycapnp's client pipelines a call on a capability of its own that the service returns:
+    the call goes through the service and back (forwarded), C++ embargoes its promise
+    (Disembargo senderLoopback) and this side echoes it once the call went on: the client's
+    own object gets both calls, in order."""
+    coverage: Any = capbus.load(HERE.parent / "rpc" / "coverage.capnp")
+
+    class Cov(coverage.Cov.Server):  # type: ignore[misc,name-defined]
+        def anyCap(self, cap: Any) -> Any:
+            return cap
+
+    echoed: list[int] = []  # (the embargoes this side echoed: C++ asked for one)
+    echo = StreamVat._echo_disembargo
+
+    async def counted(vat: StreamVat, answer: Any, transform: Any, embargo_id: int) -> None:
+        echoed.append(embargo_id)
+        await echo(vat, answer, transform, embargo_id)
+
+    monkeypatch.setattr(StreamVat, "_echo_disembargo", counted)
+
+    async with capbus.serve(Cov(), "tcp:127.0.0.1:0") as service:
+        assert isinstance(service.address, TcpAddress)
+        with trio.fail_after(60):
+            client = HERE / "pycapnp_loopback_client.py"
+            done = await trio.run_process(
+                [sys.executable, str(client), "127.0.0.1", str(service.address.port)],
+                capture_stdout=True,
+                capture_stderr=True,
+                check=False,
+            )
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    assert done.stdout.decode().splitlines() == ["pipelined 1", "direct 2", "pinged 2"]
+    assert len(echoed) == 1
