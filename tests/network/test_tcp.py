@@ -133,17 +133,21 @@ PYCAPNPS_CLIENT_SAYS = [
 
 async def _pycapnps_calculator_client(service: capbus.Service) -> None:
     """Runs pycapnp_calculator_client.py against ``service``; checks what it says."""
+    assert await _pycapnps("pycapnp_calculator_client.py", service) == PYCAPNPS_CLIENT_SAYS
+
+
+async def _pycapnps(script: str, service: capbus.Service) -> list[str]:
+    """What pycapnp client ``script`` (in this directory) says against ``service``."""
     assert isinstance(service.address, TcpAddress)
     with trio.fail_after(60):
-        client = HERE / "pycapnp_calculator_client.py"
         done = await trio.run_process(
-            [sys.executable, str(client), "127.0.0.1", str(service.address.port)],
+            [sys.executable, str(HERE / script), "127.0.0.1", str(service.address.port)],
             capture_stdout=True,
             capture_stderr=True,
             check=False,
         )
     assert done.returncode == 0, done.stderr.decode()[-3000:]
-    assert done.stdout.decode().splitlines() == PYCAPNPS_CLIENT_SAYS
+    return done.stdout.decode().splitlines()
 
 
 async def test_a_capbus_client_calls_pycapnps_server() -> None:
@@ -231,15 +235,6 @@ async def test_pycapnps_embargo_on_a_capability_that_comes_home(monkeypatch: pyt
     monkeypatch.setattr(StreamVat, "_echo_disembargo", counted)
 
     async with capbus.serve(Cov(), "tcp:127.0.0.1:0") as service:
-        assert isinstance(service.address, TcpAddress)
-        with trio.fail_after(60):
-            client = HERE / "pycapnp_loopback_client.py"
-            done = await trio.run_process(
-                [sys.executable, str(client), "127.0.0.1", str(service.address.port)],
-                capture_stdout=True,
-                capture_stderr=True,
-                check=False,
-            )
-    assert done.returncode == 0, done.stderr.decode()[-3000:]
-    assert done.stdout.decode().splitlines() == ["pipelined 1", "direct 2", "pinged 2"]
+        said = await _pycapnps("pycapnp_loopback_client.py", service)
+    assert said == ["pipelined 1", "direct 2", "pinged 2"]
     assert len(echoed) == 1
