@@ -491,10 +491,12 @@ class Connection(Generic[ClientT]):
         self._stack = stack
         return client  # type: ignore[return-value]
 
-    async def __aexit__(self, *exc_info: object) -> None:
+    async def __aexit__(self, *exc_info: Any) -> None:
         stack, self._stack = self._stack, None
         if stack is not None:
-            await stack.aclose()
+            # (what the block raised goes through the connection's nurseries, as it would
+            # out of a nested ``async with``)
+            await stack.__aexit__(*exc_info)
 
 
 def _interface_for(address: Address, wanted: Any, seed: bytes) -> Any:

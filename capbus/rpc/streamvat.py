@@ -41,7 +41,7 @@ import trio
 from .capwire import Segment
 from .client import Client, ClientClasses, Promise
 from .engine import Returned
-from .errors import Disconnected, Failed, RpcError, Unimplemented
+from .errors import Disconnected, Failed, Overloaded, RpcError, Unimplemented
 from .interface import Interface, Method
 from .layout import FieldLayout
 from .protocol import as_kwargs, malformed
@@ -67,6 +67,7 @@ from .twoparty import (
     encode_finish,
     encode_release,
     encode_results,
+    encode_results_elsewhere,
     encode_unimplemented,
     frame,
     read_descriptor,
@@ -77,6 +78,12 @@ from .twoparty import (
 log = logging.getLogger("capbus.rpc.streamvat")
 
 MAX_CALLS = 256
+MAX_ANSWERS = 8192
+"""The peer's questions this side keeps at once (running, or returned and not finished):
+past that the connection is aborted (each answer holds its results for pipelining)."""
+MAX_PENDING = 4096
+MAX_CAPABILITIES = 4096
+"""Capabilities one message may carry (its capTable): past that it is refused whole."""
 SEND_TIMEOUT = 60.0
 _RECEIVE_BYTES = 1 << 16
 
@@ -106,6 +113,9 @@ class _Answer:
     results: list[Descriptor] = field(default_factory=list)
     returned: bool = False
     finished: bool = False
+    kept_here: bool = False
+    """The caller asked for the results to stay here (sendResultsTo.yourself): its Return
+    says resultsSentElsewhere, and calls pipelined on it get them."""
     forwarded: _Count = field(default_factory=lambda: _Count())
     """Calls pipelined on it still on their way to where they go (a Disembargo waits)."""
 
@@ -184,6 +194,7 @@ class StreamVat:
         self._reader = FrameReader(max_message_bytes)
         self._send_lock = trio.Lock()
         self._calls = trio.Semaphore(max_calls)
+        self.max_calls = max_calls
         self._turn: trio.Event | None = None
         self.questions: dict[int, _Question] = {}
         self._free_questions: list[int] = []
@@ -199,6 +210,10 @@ class StreamVat:
         self._pending: list[tuple[list[Segment], Callable[[], None] | None]] = []
         self._pending_ready = trio.Event()
         self.closed: RpcError | None = None
+        self._closed_event = trio.Event()
+        self._scopes: set[trio.CancelScope] = set()
+        """Those of this vat's own tasks: cancelled when the connection ends (never the
+        code that uses the vat, which gets Disconnected from its calls instead)."""
         self._generic = Interface(0, "Capability", None)
 
     # -- what clients and promises use -------------------------------------------------------
@@ -275,7 +290,7 @@ class StreamVat:
         """rpc.capnp has no one-way call: a call whose results are not awaited (its Finish
         goes when they come)."""
         promise = await self.send_call(client, method, params)
-        self._nursery.start_soon(self._settle, promise)
+        self._start(self._settle, promise)
 
     async def stream(self, client: Client, method: Method, params: Mapping[str, Any]) -> None:
         await self.call(client, method, params)
@@ -442,7 +457,10 @@ class StreamVat:
 
     def _received(self, reader: Any) -> tuple[list[Descriptor], list[object]]:
         """A received payload's capTable: the descriptors, and the capability of each."""
-        descriptors = [read_descriptor(d) for d in reader.capTable]
+        table = reader.capTable
+        if len(table) > MAX_CAPABILITIES:
+            raise ProtocolError(f"a message of {len(table)} capabilities (at most {MAX_CAPABILITIES})")
+        descriptors = [read_descriptor(d) for d in table]
         return descriptors, [self._capability(d) for d in descriptors]
 
     def _capability(self, descriptor: Descriptor) -> object:
@@ -494,7 +512,11 @@ class StreamVat:
 
     def _post(self, segments: list[Segment], sent: Callable[[], None] | None = None) -> None:
         """Sends later, from where no await is possible (a finalizer); ``sent`` is called
-        once it is out."""
+        once it is out. A peer that lets MAX_PENDING of these pile up reads nothing: it is
+        disconnected (its messages would otherwise queue here without bound)."""
+        if len(self._pending) >= MAX_PENDING:
+            self._close(Disconnected(f"the peer read nothing of {MAX_PENDING} messages due to it"))
+            return
         self._pending.append((segments, sent))
         self._pending_ready.set()
 
@@ -539,6 +561,7 @@ class StreamVat:
                     return
                 for segments in self._reader.feed(data):
                     await self._receive(segments)
+                    await trio.lowlevel.checkpoint()  # (other connections run between messages)
         except (FrameError, ProtocolError) as error:
             await self._abort(str(error))
         except (capnp.KjException, ValueError) as error:
@@ -557,18 +580,46 @@ class StreamVat:
         if self.closed is not None:
             return
         self.closed = error
+        # Handlers of the peer's calls first: cancelled where they wait (on a call back to
+        # the peer, say), before those calls fail with ``error`` for anyone else waiting.
+        for answer in self.answers.values():
+            answer.scope.cancel()
+        for scope in list(self._scopes):
+            scope.cancel()
         for question in self.questions.values():
             if not question.returned:
                 question.returned = True
                 question.done[1].append(Returned(0, error=error))
                 question.done[0].set()
-        for answer in self.answers.values():
-            answer.scope.cancel()
-        self._nursery.cancel_scope.cancel()
+        self._closed_event.set()
+
+    async def wait_closed(self) -> None:
+        """Returns once the connection has ended (``closed`` says why)."""
+        await self._closed_event.wait()
+
+    def _start(self, function: Callable[..., Any], *args: Any) -> None:
+        """Runs ``function(*args)`` as one of this vat's own tasks (see ``_scopes``)."""
+
+        async def guarded() -> None:
+            if self.closed is not None:
+                return
+            scope = trio.CancelScope()
+            self._scopes.add(scope)
+            try:
+                with scope:
+                    await function(*args)
+            finally:
+                self._scopes.discard(scope)
+
+        self._nursery.start_soon(guarded)
 
     async def _receive(self, segments: list[Segment]) -> None:
         message = decode(segments, self._words())
-        kind = message.which()
+        try:
+            kind = message.which()
+        except capnp.KjException:  # (a kind rpc.capnp has added since: not ours to take)
+            await self._send(encode_unimplemented(message))
+            return
         if kind == "call":
             await self._on_call(segments, message.call)
         elif kind == "return":
@@ -590,10 +641,16 @@ class StreamVat:
         else:
             await self._send(encode_unimplemented(message))
 
-    async def _on_bootstrap(self, question_id: int) -> None:
+    def _new_answer(self, question_id: int) -> _Answer:
         if question_id in self.answers:
             raise ProtocolError(f"question {question_id} asked twice")
+        if len(self.answers) >= MAX_ANSWERS:
+            raise ProtocolError(f"more than {MAX_ANSWERS} questions unfinished (the peer sends no Finish)")
         answer = self.answers[question_id] = _Answer()
+        return answer
+
+    async def _on_bootstrap(self, question_id: int) -> None:
+        answer = self._new_answer(question_id)
         if self._bootstrap is None:
             answer.error = Failed("nothing is served here")
             await self._send(encode_exception(question_id, answer.error))
@@ -610,8 +667,9 @@ class StreamVat:
         question_id = int(call.questionId)
         if question_id in self.answers:
             raise ProtocolError(f"question {question_id} asked twice")
-        if call.sendResultsTo.which() != "caller":
-            raise ProtocolError("results sent elsewhere (three-party handoff is not supported)")
+        results_to = call.sendResultsTo.which()
+        if results_to not in ("caller", "yourself"):
+            raise ProtocolError(f"results sent to {results_to} (three-party handoff is not supported)")
         target = call.target
         if target.which() == "importedCap":
             export = self.exports.get(int(target.importedCap))
@@ -625,11 +683,21 @@ class StreamVat:
                 raise ProtocolError(f"a call pipelined on question {promised.questionId}, which is not one")
             where = (base, read_transform(promised))
         descriptors, caps = self._received(call.params)
-        answer = self.answers[question_id] = _Answer()
+        answer = self._new_answer(question_id)
+        answer.kept_here = results_to == "yourself"
         key = (int(call.interfaceId), int(call.methodId))
-        await self._calls.acquire()  # (at most max_calls run: then stop reading)
+        try:
+            self._calls.acquire_nowait()
+        except trio.WouldBlock:
+            # (refused at once, never waited for: this side keeps reading, so it sees the
+            # peer go; the peer that never reads these is stopped by the send timeout)
+            answer.error = Overloaded(f"more than {self.max_calls} calls of this connection at once")
+            answer.returned = True
+            answer.done.set()
+            await self._send(encode_exception(question_id, answer.error))
+            return
         before, self._turn = self._turn, trio.Event()
-        self._nursery.start_soon(
+        self._start(
             self._serve, question_id, answer, where, key, (segments, call.params), caps, before, self._turn
         )
 
@@ -717,6 +785,8 @@ class StreamVat:
                 encoded = encode_canceled(question_id)
             answer.returned = True
             answer.done.set()
+            if answer.kept_here and answer.error is None:
+                encoded = encode_results_elsewhere(question_id)
             if self.closed is None:
                 await self._send(encoded)
             if answer.finished:
@@ -804,16 +874,20 @@ class StreamVat:
         if target.which() == "promisedAnswer":
             answer = self.answers.get(int(target.promisedAnswer.questionId))
             if answer is None:
-                raise ProtocolError("a Disembargo for an answer that is not one")
+                raise ProtocolError(
+                    f"a Disembargo for answer {target.promisedAnswer.questionId}, which is not one"
+                )
             transform = read_transform(target.promisedAnswer)
         else:
             export = self.exports.get(int(target.importedCap))
             if export is None or not isinstance(export.server, _Promised):
-                raise ProtocolError("a Disembargo for a capability that is no promise of this side")
+                raise ProtocolError(
+                    f"a Disembargo for export {target.importedCap}, which is no promise of this side"
+                )
             answer, transform = export.server._answer, export.server._transform
         # Echoed once the promise has resolved and the calls pipelined on it (waiting for it
         # here) have gone on to the sender: then, in this connection's order, the echo.
-        self._nursery.start_soon(self._echo_disembargo, answer, transform, int(context.senderLoopback))
+        self._start(self._echo_disembargo, answer, transform, int(context.senderLoopback))
 
     async def _echo_disembargo(self, answer: _Answer, transform: tuple[int, ...], embargo_id: int) -> None:
         await answer.done.wait()
@@ -841,7 +915,7 @@ class StreamVat:
             log.warning("the peer does not implement a %s message", echoed.which())
 
     async def _run(self) -> None:
-        self._nursery.start_soon(self._send_pending)
+        self._start(self._send_pending)
         await self._receive_loop()
 
 
@@ -895,12 +969,11 @@ async def open_stream_vat(
             max_calls=max_calls,
             send_timeout=send_timeout,
         )
-        nursery.start_soon(vat._run)
+        vat._start(vat._run)
         try:
             yield vat
         finally:
             vat._close(Disconnected("the connection was closed"))
-            nursery.cancel_scope.cancel()
             with trio.CancelScope(shield=True):
                 await stream.aclose()
 
@@ -908,5 +981,4 @@ async def open_stream_vat(
 async def serve_stream(stream: trio.abc.Stream, bootstrap: Server | Client, **options: Any) -> None:
     """Serves ``bootstrap`` on one connection until the peer goes."""
     async with open_stream_vat(stream, bootstrap, **options) as vat:
-        while vat.closed is None:
-            await trio.sleep_forever()
+        await vat.wait_closed()

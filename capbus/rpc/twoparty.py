@@ -254,6 +254,16 @@ def encode_bootstrap_return(answer_id: int, descriptor: Descriptor) -> list[Segm
     return capwire.patch_caps(segments, [(RETURN_CONTENT, 0)])
 
 
+def encode_results_elsewhere(answer_id: int) -> list[Segment]:
+    """The Return of a call whose caller asked for the results to stay here."""
+    message, _ = _new()
+    returned = message.init("return")
+    returned.answerId = answer_id
+    returned.releaseParamCaps = False
+    returned.resultsSentElsewhere = None
+    return list(message.to_segments())
+
+
 def encode_exception(answer_id: int, error: RpcError) -> list[Segment]:
     message, _ = _new()
     returned = message.init("return")
