@@ -242,10 +242,7 @@ def encode_results(
 
 def encode_bootstrap_return(answer_id: int, descriptor: Descriptor) -> list[Segment]:
     """The Return of a Bootstrap: a payload whose content is the capability itself."""
-    message, _ = _new()
-    returned = message.init("return")
-    returned.answerId = answer_id
-    returned.releaseParamCaps = False
+    message, returned = _return(answer_id)
     payload = returned.init("results")  # (its content null here: the capability pointer goes there)
     _write_descriptor(payload.init("capTable", 1)[0], descriptor)
     segments = list(message.to_segments())
@@ -254,30 +251,31 @@ def encode_bootstrap_return(answer_id: int, descriptor: Descriptor) -> list[Segm
     return capwire.patch_caps(segments, [(RETURN_CONTENT, 0)])
 
 
-def encode_results_elsewhere(answer_id: int) -> list[Segment]:
-    """The Return of a call whose caller asked for the results to stay here."""
+def _return(answer_id: int) -> tuple[Any, Any]:
+    """A new message holding a Return for ``answer_id`` (params' capabilities released one
+    by one, as their clients go): the message and its Return, to fill."""
     message, _ = _new()
     returned = message.init("return")
     returned.answerId = answer_id
     returned.releaseParamCaps = False
+    return message, returned
+
+
+def encode_results_elsewhere(answer_id: int) -> list[Segment]:
+    """The Return of a call whose caller asked for the results to stay here."""
+    message, returned = _return(answer_id)
     returned.resultsSentElsewhere = None
     return list(message.to_segments())
 
 
 def encode_exception(answer_id: int, error: RpcError) -> list[Segment]:
-    message, _ = _new()
-    returned = message.init("return")
-    returned.answerId = answer_id
-    returned.releaseParamCaps = False
+    message, returned = _return(answer_id)
     _write_exception(returned.init("exception"), error)
     return list(message.to_segments())
 
 
 def encode_canceled(answer_id: int) -> list[Segment]:
-    message, _ = _new()
-    returned = message.init("return")
-    returned.answerId = answer_id
-    returned.releaseParamCaps = False
+    message, returned = _return(answer_id)
     returned.canceled = None
     return list(message.to_segments())
 
