@@ -296,9 +296,13 @@ class StreamVat:
         await self.call(client, method, params)
 
     async def drop(self, client: Client) -> None:
-        references = self._import_references.pop(client.handle, 0) if client.server is None else 0
-        if references and self.imports.get(client.handle) is client:
-            del self.imports[client.handle]
+        if client.server is not None or client.pipeline is not None:
+            return  # (an object of this side, or a promised one: no import of its own)
+        if self.imports.get(client.handle) is not client:
+            return  # (released already)
+        del self.imports[client.handle]
+        references = self._import_references.pop(client.handle, 0)
+        if references and self.closed is None:
             await self._send(encode_release(client.handle, references))
 
     def _promise_gone(self, target: Client, question_id: int) -> None:

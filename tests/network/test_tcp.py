@@ -238,3 +238,32 @@ async def test_pycapnps_embargo_on_a_capability_that_comes_home(monkeypatch: pyt
         said = await _pycapnps("pycapnp_loopback_client.py", service)
     assert said == ["pipelined 1", "direct 2", "pinged 2"]
     assert len(echoed) == 1
+
+
+async def test_a_client_let_go_is_released_once_and_its_export_goes() -> None:
+    """aclose() of a capability received over TCP releases it on the other side (its export
+    gone there), once, however often it is called."""
+    server = Echo()
+    async with trio.open_nursery() as nursery:
+        vats: list[StreamVat] = []
+
+        async def handle(stream: trio.SocketStream) -> None:
+            async with open_stream_vat(stream, server) as vat:
+                vats.append(vat)
+                await vat.wait_closed()
+
+        listen = functools.partial(trio.serve_tcp, handle, 0, host="127.0.0.1")
+        listeners = await nursery.start(listen)
+        stream = await trio.open_tcp_stream("127.0.0.1", listeners[0].socket.getsockname()[1])
+        async with open_stream_vat(stream) as vat:
+            with trio.fail_after(TIMEOUT):
+                remote = await vat.bootstrap(echo.Echo)
+                promise = await remote.echo.send(text="x")
+                assert (await promise).text == "x"
+                assert len(vats[0].exports) == 1  # (the bootstrap object, held by us)
+                await remote.aclose()
+                await remote.aclose()  # (once only)
+                while vats[0].exports:
+                    await trio.sleep(0.01)
+                assert vat.imports.get(remote.handle) is None
+        nursery.cancel_scope.cancel()
