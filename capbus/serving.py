@@ -119,6 +119,8 @@ async def serve(
         async with _serve_tcp(obj, where, tls, **vat_options) as service:
             yield service
         return
+    if tls is not None:
+        raise ServeError(f"{where}: a TLS context given for a unix: address (tls:HOST:PORT serves TLS)")
     from .kernel import Kernel, open_kernel
     from .rpc.vat import open_vat
 

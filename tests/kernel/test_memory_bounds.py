@@ -88,14 +88,17 @@ async def test_many_peers_of_one_uid_pin_at_most_its_backlog() -> None:
         assert grown <= limits.user_backlog + 6 * 64 * 1024, f"{grown} bytes pinned by one uid"
         # A newcomer of the same uid is not read either ...
         late = await kernel.connect()
-        assert kernel.statistics().peers_gated == gated + 1
+        # (more hogs may be gated meanwhile too, as the kernel's thread gets to them: the
+        # counts grow, and only this uid's peers are ever counted)
+        with trio.fail_after(TIMEOUT):
+            await wait_for_statistics(kernel, lambda s: s.peers_gated > gated)
         # ... while another uid's is.
         other_end, ours = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         assert lib.capbus_kernel_adopt(kernel._kernel, ours.detach(), OTHER_UID, OTHER_UID, 0) == 0
         async with capbus.Peer.from_socket(other_end) as other:
             with trio.fail_after(TIMEOUT):
                 assert (await other.info()).uid == OTHER_UID
-        assert kernel.statistics().peers_gated == gated + 1
+        assert kernel.statistics().peers_gated <= len(hogs) + 1  # (the other uid's is not)
         # The hogs go away: the uid is under its bound again, and the late peer is served (the
         # kernel looks at gated peers again on its retry timer).
         for hog in hogs:

@@ -64,6 +64,9 @@ async def test_tls_takes_a_context_where_it_needs_one() -> None:
     with pytest.raises(capbus.ServeError, match="a TLS context given for a tcp: address"):
         async with capbus.serve(Echo(), "tcp:127.0.0.1:0", tls=service_context):
             pass
+    with pytest.raises(capbus.ServeError, match="a TLS context given for a unix: address"):
+        async with capbus.serve(Echo(), "unix:/nonexistent/echo", tls=service_context):
+            pass
 
 
 async def test_capbus_serve_serves_tls_from_a_certificate_file(tmp_path: Path) -> None:
