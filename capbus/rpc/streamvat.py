@@ -278,11 +278,15 @@ class StreamVat:
             assert client.pipeline is not None
             return await self._resolved(*client.pipeline)
         question_id, question = self._question(method)
+        described: list[Descriptor] = []
         try:
-            segments, question.params = encode_call(question_id, target, method, params, self._describe)
+            segments, question.params = encode_call(
+                question_id, target, method, params, lambda value: self._described(value, described)
+            )
             self._check_size(segments)
         except BaseException:
             self._free_question(question_id)
+            self._released(described)  # (never sent: the peer holds none of them)
             raise
         return question_id, question, segments
 
@@ -409,6 +413,13 @@ class StreamVat:
         return self.max_message_bytes // 8 * 4
 
     # -- capabilities out --------------------------------------------------------------------
+
+    def _described(self, value: object, made: list[Descriptor]) -> Descriptor:
+        """:meth:`_describe`, noting each descriptor in ``made`` (to take back the export
+        references of a message that is not sent after all)."""
+        descriptor = self._describe(value)
+        made.append(descriptor)
+        return descriptor
 
     def _describe(self, value: object) -> Descriptor:
         """How capability ``value`` (a server, or a client) travels to the peer."""
@@ -772,9 +783,14 @@ class StreamVat:
                             results = (await promise).to_dict()
                         else:
                             results = (await (await call)).to_dict()
-                    encoded, answer.results, values = encode_results(
-                        question_id, method, results, self._describe
-                    )
+                    described: list[Descriptor] = []
+                    try:
+                        encoded, answer.results, values = encode_results(
+                            question_id, method, results, lambda value: self._described(value, described)
+                        )
+                    except BaseException:
+                        self._released(described)  # (the results are not sent: an exception is)
+                        raise
                     answer.lookup = self._lookup(encoded, method, values)
                 except RpcError as error:
                     answer.error = error

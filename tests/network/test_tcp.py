@@ -267,3 +267,22 @@ async def test_a_client_let_go_is_released_once_and_its_export_goes() -> None:
                     await trio.sleep(0.01)
                 assert vat.imports.get(remote.handle) is None
         nursery.cancel_scope.cancel()
+
+
+async def test_a_call_not_sent_leaves_no_export_behind() -> None:
+    """A call refused on the calling side (over the connection's size limit) after its
+    capabilities were exported: their export references are taken back, nothing is held
+    for a peer that never got them."""
+    stored: Any = capbus.load(HERE.parent / "rpc" / "anypointer.capnp")
+    async with trio.open_nursery() as nursery:
+        listen = functools.partial(trio.serve_tcp, _server(Echo()), 0, host="127.0.0.1")
+        listeners = await nursery.start(listen)
+        stream = await trio.open_tcp_stream("127.0.0.1", listeners[0].socket.getsockname()[1])
+        async with open_stream_vat(stream, max_message_bytes=4096) as vat:
+            with trio.fail_after(TIMEOUT):
+                remote = await vat.bootstrap(stored.Store)
+                with pytest.raises(Failed, match="over this connection's limit of 4096"):
+                    await remote.tag(name="x" * 10_000, ping=Ping(1))
+                assert vat.exports == {}
+                assert all(q.returned for q in vat.questions.values())  # (the bootstrap's, at most)
+        nursery.cancel_scope.cancel()
