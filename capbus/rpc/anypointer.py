@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
 import capnp
 
 from .capwire import Path
+from .errors import kj_reason
 from .layout import FieldLayout, described, layout_of
 
 if TYPE_CHECKING:
@@ -112,10 +113,6 @@ class WrongKind(TypeError):
     """A value an AnyPointer-kind field cannot hold (a list for an AnyStruct, say)."""
 
 
-def _reason(error: Exception) -> str:
-    return str(error).split("; stack:", 1)[0].split("\nstack:", 1)[0].strip().rpartition(" failed: ")[2]
-
-
 class _Received:
     """A received pointer of a type its reader names. What each ``as_*`` read is kept: a
     message's reads are charged to one traversal budget, and a value read again (a server
@@ -150,7 +147,7 @@ class _Received:
             try:
                 reader = self._reader.as_struct(schema)
             except capnp.KjException as error:
-                raise ValueError(f"{self._name} is not a struct: {_reason(error)}") from None
+                raise ValueError(f"{self._name} is not a struct: {kj_reason(error)}") from None
             view = StructReader(reader, layout_of(schema), self._table, self._path)
             return type_(view) if _is_generated(type_) else view
 
@@ -164,7 +161,7 @@ class _Received:
                 reader = self._reader.as_list(schema)
             except capnp.KjException as error:
                 raise ValueError(
-                    f"{self._name} is not a list of {type_name(element)}: {_reason(error)}"
+                    f"{self._name} is not a list of {type_name(element)}: {kj_reason(error)}"
                 ) from None
             return ListView(reader, element, self._table, self._path)
 
@@ -213,7 +210,7 @@ class ListView(Sequence[Any]):
             value = self._reader[index]
         except capnp.KjException as error:
             raise ValueError(
-                f"element {index} of a list of {type_name(self._element)}: {_reason(error)}"
+                f"element {index} of a list of {type_name(self._element)}: {kj_reason(error)}"
             ) from None
         if self._layout is None:
             return value
@@ -287,7 +284,7 @@ class AnyPointer(AnyStruct, AnyList):
             try:
                 return str(self._reader.as_text())
             except capnp.KjException as error:
-                raise ValueError(f"{self._name} is not Text: {_reason(error)}") from None
+                raise ValueError(f"{self._name} is not Text: {kj_reason(error)}") from None
             except UnicodeDecodeError as error:
                 raise ValueError(
                     f"{self._name} is not Text: not UTF-8 ({error.reason} at {error.start})"
@@ -300,7 +297,7 @@ class AnyPointer(AnyStruct, AnyList):
             try:
                 return bytes(self._reader.as_list(capnp._ListSchema(capnp.types.UInt8)))
             except capnp.KjException as error:
-                raise ValueError(f"{self._name} is not Data: {_reason(error)}") from None
+                raise ValueError(f"{self._name} is not Data: {kj_reason(error)}") from None
 
         return self._kept("data", read)  # type: ignore[no-any-return]
 
@@ -384,7 +381,7 @@ def plain_reader(value: Any, where: str) -> Any:
             return value.to_dict()
         return [plain_reader(v, where) if type(v).__name__.startswith("_Dynamic") else v for v in value]
     except capnp.KjException as error:
-        raise WrongKind(f"{where}: this value cannot be sent on: {_reason(error)}") from None
+        raise WrongKind(f"{where}: this value cannot be sent on: {kj_reason(error)}") from None
 
 
 def _element_of(items: Sequence[Any], where: str) -> str:
@@ -436,7 +433,7 @@ def _copy(builder: StructBuilder, name: str, reader: Any, where: str) -> None:
         builder.set_raw(name, reader)
     except capnp.KjException as error:
         raise WrongKind(
-            f"{where}: this value cannot be passed on as it is ({_reason(error)});"
+            f"{where}: this value cannot be passed on as it is ({kj_reason(error)});"
             " read it with as_struct or as_list first"
         ) from None
 

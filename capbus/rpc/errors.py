@@ -58,3 +58,13 @@ def from_kernel(error: Exception) -> RpcError:
     if isinstance(error, bus.NodeDestroyed | bus.NoSuchHandle | bus.Disconnected):
         return Disconnected(f"the object is gone: {reason}")
     return Failed(f"the kernel refused the call: {reason}")
+
+
+def kj_message(error: Exception) -> str:
+    """A pycapnp (libcapnp) exception's message without the C++ stack dump after it."""
+    return str(error).split("; stack:", 1)[0].split("\nstack:", 1)[0].strip()
+
+
+def kj_reason(error: Exception) -> str:
+    """Just why libcapnp refused (its message past the ``file:line: failed:`` prefix)."""
+    return kj_message(error).rpartition(" failed: ")[2]

@@ -22,7 +22,7 @@ from . import capwire, header, segments
 from .anypointer import StructValue, WrongKind
 from .capwire import CapWireError, Segment, traversal_budget
 from .envelope import rpc
-from .errors import BY_KIND, Failed, RpcError
+from .errors import BY_KIND, Failed, RpcError, kj_message, kj_reason
 from .flat import flat_codec
 from .interface import Method
 from .layout import FieldKind, FieldLayout, StructLayout, described, layout_of
@@ -267,7 +267,7 @@ def _bad_value(
     if kind in _INT_RANGES:
         low, high = _INT_RANGES[kind]
         return ValueError(f"{where}: {value} is out of range for a {type_name} ({low}..{high})")
-    reason = str(error).split("; stack:", 1)[0].split("\nstack:", 1)[0].strip().rpartition(" failed: ")[2]
+    reason = kj_reason(error)
     return ValueError(f"{where}: {value!r} does not fit {type_name}: {reason}")
 
 
@@ -602,7 +602,7 @@ def exception_of(returned: StructReader) -> RpcError:
 def malformed(error: Exception) -> Failed:
     """A clean Failed for what pycapnp or capwire found wrong in a received message (pycapnp's
     messages carry a C++ stack dump after the first line)."""
-    reason = str(error).split("; stack:", 1)[0].split("\nstack:", 1)[0].strip()
+    reason = kj_message(error)
     return Failed(f"malformed message: {type(error).__name__}: {reason}")
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import inspect
 import logging
 import typing
+import weakref
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar, cast
 
@@ -165,6 +166,20 @@ class Forwarder(Server):
 
     def __repr__(self) -> str:
         return f"<forwarder to {self.target!r}>"
+
+
+class Forwarders:
+    """One Forwarder per client of another vat, while it is held (exported): the same
+    client passed twice is the same object on this side."""
+
+    def __init__(self) -> None:
+        self._by_client: weakref.WeakValueDictionary[int, Forwarder] = weakref.WeakValueDictionary()
+
+    def of(self, client: Client) -> Forwarder:
+        forwarder = self._by_client.get(id(client))
+        if forwarder is None or forwarder.target is not client:
+            forwarder = self._by_client[id(client)] = Forwarder(client)
+        return forwarder
 
 
 def handler_failed(server: object, method: Method | None, error: Exception) -> Failed:

@@ -45,7 +45,7 @@ from .errors import Disconnected, Failed, Overloaded, RpcError, Unimplemented
 from .interface import Interface, Method
 from .layout import FieldLayout
 from .protocol import as_kwargs, malformed
-from .server import Forwarder, Server, handler_failed
+from .server import Forwarder, Forwarders, Server, handler_failed
 from .structs import StructReader
 from .twoparty import (
     CALL_CONTENT,
@@ -205,8 +205,8 @@ class StreamVat:
         self.imports: weakref.WeakValueDictionary[int, Client] = weakref.WeakValueDictionary()
         self._import_references: dict[int, int] = {}
         self._locals: weakref.WeakValueDictionary[int, Client] = weakref.WeakValueDictionary()
-        self._forwarders: weakref.WeakValueDictionary[int, Forwarder] = weakref.WeakValueDictionary()
-        """Client of another vat (by id) -> the Forwarder exported for it."""
+        self._forwarders = Forwarders()
+        """The Forwarder exported for each client of another vat."""
         self._pending: list[tuple[list[Segment], Callable[[], None] | None]] = []
         self._pending_ready = trio.Event()
         self.closed: RpcError | None = None
@@ -433,9 +433,7 @@ class StreamVat:
                 if target is not None:
                     return target
                 return self._describe(_answered(value))
-            forwarder = self._forwarders.get(id(value))
-            if forwarder is None or forwarder.target is not value:
-                forwarder = self._forwarders[id(value)] = Forwarder(value)
+            forwarder = self._forwarders.of(value)
             return self._export(forwarder)
         if isinstance(value, Server):
             return self._export(value)

@@ -64,7 +64,7 @@ from .protocol import (
     malformed,
     params_of,
 )
-from .server import Forwarder, Server, handler_failed, log
+from .server import Forwarder, Forwarders, Server, handler_failed, log
 from .structs import StructReader
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -221,9 +221,9 @@ class Vat:
         self._took_in = False  # a call was queued for a task (ends a batch: _deliver_ready)
         self._unstarted = 0  # calls queued for tasks of their own that have not run yet
         self._spare_nodes: list[int] = []
-        self._forwarders: weakref.WeakValueDictionary[int, Forwarder] = weakref.WeakValueDictionary()
-        """Client of another kind of vat (by id) -> the Forwarder exported for it (_forwarded)."""
         """Retired nodes, for objects exported next (_export)."""
+        self._forwarders = Forwarders()
+        """The Forwarder exported for each client of another kind of vat (_forwarded)."""
         """The reading caller's scope and the event of the return it waits for."""
 
     def statistics(self) -> VatStatistics:
@@ -374,9 +374,7 @@ class Vat:
             return value
         if isinstance(value.vat, Vat):
             raise ValueError(f"{value!r} belongs to another vat")
-        forwarder = self._forwarders.get(id(value))
-        if forwarder is None or forwarder.target is not value:
-            forwarder = self._forwarders[id(value)] = Forwarder(value)
+        forwarder = self._forwarders.of(value)
         return forwarder
 
     # -- calls out ----------------------------------------------------------------------------
