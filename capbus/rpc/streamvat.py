@@ -28,7 +28,10 @@ this side writes for ``send_timeout`` seconds is disconnected.
 
 from __future__ import annotations
 
+import inspect
 import logging
+import os
+import socket
 import weakref
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -38,6 +41,7 @@ from typing import Any
 import capnp
 import trio
 
+from . import twopartyflat
 from .capwire import Segment
 from .client import Client, ClientClasses, Promise
 from .engine import Returned
@@ -64,7 +68,6 @@ from .twoparty import (
     encode_canceled,
     encode_disembargo_loopback,
     encode_exception,
-    encode_finish,
     encode_release,
     encode_results,
     encode_results_elsewhere,
@@ -116,6 +119,9 @@ class _Answer:
     kept_here: bool = False
     """The caller asked for the results to stay here (sendResultsTo.yourself): its Return
     says resultsSentElsewhere, and calls pipelined on it get them."""
+    no_pipelining: bool = False
+    """The caller promised no call pipelined on it (Call.noPromisePipelining): flat results
+    go with noFinishNeeded, the answer forgotten as they go."""
     forwarded: _Count = field(default_factory=lambda: _Count())
     """Calls pipelined on it still on their way to where they go (a Disembargo waits)."""
 
@@ -192,7 +198,13 @@ class StreamVat:
         self.engine = ClientClasses()  # (what clients and promises ask a vat for)
         self.max_message_bytes, self.send_timeout = max_message_bytes, send_timeout
         self._reader = FrameReader(max_message_bytes)
-        self._send_lock = trio.Lock()
+        self._send_lock = trio.Semaphore(1)
+        """Held while a message is being written (a Semaphore, not a Lock: the rest of a
+        message :meth:`_send_now` began is written by another task)."""
+        self._raw: socket.socket | None = None
+        """For a plain socket stream: the socket, to write without a task (_send_now)."""
+        if isinstance(stream, trio.SocketStream):
+            self._raw = socket.socket(fileno=os.dup(stream.socket.fileno()))
         self._calls = trio.Semaphore(max_calls)
         self.max_calls = max_calls
         self._turn: trio.Event | None = None
@@ -205,9 +217,11 @@ class StreamVat:
         self.imports: weakref.WeakValueDictionary[int, Client] = weakref.WeakValueDictionary()
         self._import_references: dict[int, int] = {}
         self._locals: weakref.WeakValueDictionary[int, Client] = weakref.WeakValueDictionary()
+        self._no_finish_needed: set[int] = set()
+        """Answers returned with noFinishNeeded (:meth:`_finish_ignored`)."""
         self._forwarders = Forwarders()
         """The Forwarder exported for each client of another vat."""
-        self._pending: list[tuple[list[Segment], Callable[[], None] | None]] = []
+        self._pending: list[tuple[bytes, Callable[[], None] | None]] = []
         self._pending_ready = trio.Event()
         self.closed: RpcError | None = None
         self._closed_event = trio.Event()
@@ -243,11 +257,11 @@ class StreamVat:
     async def call(self, client: Client, method: Method, params: Mapping[str, Any]) -> StructReader:
         if client.server is not None:
             return await self._call_local(client.server, method, params)
-        asked = await self._question_for(client, method, params)
+        asked = await self._question_for(client, method, params, no_pipelining=True)
         if isinstance(asked, Client):
             return await self.call(asked, method, params)
-        question_id, question, segments = asked
-        await self._send(segments)
+        question_id, question, framed = asked
+        await self._send_bytes(framed, checkpoint=False)
         returned = await self._await(question_id, question)
         assert isinstance(returned.results, StructReader)
         return returned.results
@@ -259,20 +273,20 @@ class StreamVat:
         asked = await self._question_for(client, method, params)
         if isinstance(asked, Client):
             return await self.send_call(asked, method, params)
-        question_id, question, segments = asked
+        question_id, question, framed = asked
         promise = Promise(self, client, method, question_id, question.done)
         try:
-            await self._send(segments)
+            await self._send_bytes(framed)
         except BaseException:
             promise._finalizer.detach()
             raise
         return promise
 
     async def _question_for(
-        self, client: Client, method: Method, params: Mapping[str, Any]
-    ) -> Client | tuple[int, _Question, list[Segment]]:
-        """A new question calling ``method`` on ``client``, and its Call; or, for a client
-        pipelined on a question that has returned, the capability it names."""
+        self, client: Client, method: Method, params: Mapping[str, Any], *, no_pipelining: bool = False
+    ) -> Client | tuple[int, _Question, bytes]:
+        """A new question calling ``method`` on ``client``, and its Call (framed); or, for a
+        client pipelined on a question that has returned, the capability it names."""
         target = self._target(client)
         if target is None:
             assert client.pipeline is not None
@@ -280,15 +294,22 @@ class StreamVat:
         question_id, question = self._question(method)
         described: list[Descriptor] = []
         try:
-            segments, question.params = encode_call(
-                question_id, target, method, params, lambda value: self._described(value, described)
-            )
-            self._check_size(segments)
+            framed = None
+            if target.kind == "receiverHosted":
+                framed = twopartyflat.encode_call(
+                    question_id, target.id, method, params, no_pipelining=no_pipelining
+                )
+            if framed is None:
+                segments, question.params = encode_call(
+                    question_id, target, method, params, lambda value: self._described(value, described)
+                )
+                framed = frame(segments)
+            self._check_size(framed)
         except BaseException:
             self._free_question(question_id)
             self._released(described)  # (never sent: the peer holds none of them)
             raise
-        return question_id, question, segments
+        return question_id, question, framed
 
     async def call_oneway(self, client: Client, method: Method, params: Mapping[str, Any]) -> None:
         """rpc.capnp has no one-way call: a call whose results are not awaited (its Finish
@@ -345,7 +366,7 @@ class StreamVat:
             if question.returned:
                 self._free_question(question_id)
 
-        self._post(encode_finish(question_id), sent)
+        self._post(twopartyflat.encode_finish(question_id), sent)
 
     def _free_question(self, question_id: int) -> None:
         if self.questions.pop(question_id, None) is not None:
@@ -402,8 +423,8 @@ class StreamVat:
     def _as_client(self, value: object) -> object:
         return self.local(value) if isinstance(value, Server) else value
 
-    def _check_size(self, segments: Sequence[Segment]) -> None:
-        size = sum(len(s) for s in segments)
+    def _check_size(self, framed: bytes) -> None:
+        size = len(framed) - 8  # (at least one segment's table entry: a message is never less)
         if size > self.max_message_bytes:
             raise Failed(
                 f"the call is {size} bytes: over this connection's limit of {self.max_message_bytes}"
@@ -507,7 +528,7 @@ class StreamVat:
             return  # (a newer client of the same import)
         references = self._import_references.pop(import_id, 0)
         if references and self.closed is None:
-            self._post(encode_release(import_id, references))
+            self._post(frame(encode_release(import_id, references)))
 
     def _typed(self, value: object, field: FieldLayout) -> object:
         """A client read from a field gets that field's interface."""
@@ -523,22 +544,60 @@ class StreamVat:
 
     # -- sending ---------------------------------------------------------------------------------
 
-    def _post(self, segments: list[Segment], sent: Callable[[], None] | None = None) -> None:
+    def _post(self, framed: bytes, sent: Callable[[], None] | None = None) -> None:
         """Sends later, from where no await is possible (a finalizer); ``sent`` is called
         once it is out. A peer that lets MAX_PENDING of these pile up reads nothing: it is
         disconnected (its messages would otherwise queue here without bound)."""
         if len(self._pending) >= MAX_PENDING:
             self._close(Disconnected(f"the peer read nothing of {MAX_PENDING} messages due to it"))
             return
-        self._pending.append((segments, sent))
+        self._pending.append((framed, sent))
         self._pending_ready.set()
 
     async def _send(self, segments: Sequence[Segment]) -> None:
         await self._send_bytes(frame(segments))
 
-    async def _send_bytes(self, data: bytes) -> None:
+    def _send_now(self, data: bytes) -> bool:
+        """Writes ``data`` without waiting, if nothing else is being written: what the
+        socket does not take at once is written by a task, before anything after it.
+        False if it could not start (a stream other than a plain socket, or one busy)."""
+        raw = self._raw
+        if raw is None or self.closed is not None or not self._send_lock.value:
+            return False
+        try:
+            sent = raw.send(data, socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
+        except BlockingIOError:
+            sent = 0
+        except OSError as error:
+            self._close(Disconnected(f"the connection broke: {error}"))
+            return True
+        if sent < len(data):
+            self._send_lock.acquire_nowait()
+            self._start(self._send_rest, memoryview(data)[sent:])
+        return True
+
+    async def _send_rest(self, rest: memoryview) -> None:
+        try:
+            with trio.move_on_after(self.send_timeout) as waited:
+                await self._stream.send_all(rest)
+            if waited.cancelled_caught:
+                self._close(Disconnected(f"the peer read nothing for {self.send_timeout:g} s"))
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as error:
+            self._close(Disconnected(f"the connection broke: {error}"))
+        finally:
+            self._send_lock.release()
+
+    async def _send_bytes(self, data: bytes, *, checkpoint: bool = True) -> None:
+        """Writes one or more framed messages (``checkpoint``: False where the caller's next
+        step waits anyway, for its Return)."""
         if self.closed is not None:
             raise self.closed
+        if self._send_now(data):
+            if self.closed is not None:
+                raise self.closed
+            if checkpoint:
+                await trio.lowlevel.checkpoint()
+            return
         async with self._send_lock:
             with trio.move_on_after(self.send_timeout) as waited:
                 await self._stream.send_all(data)
@@ -552,7 +611,7 @@ class StreamVat:
             self._pending_ready = trio.Event()
             pending, self._pending = self._pending, []
             try:  # (all that waits, in one write)
-                await self._send_bytes(b"".join(frame(segments) for segments, _ in pending))
+                await self._send_bytes(b"".join(framed for framed, _ in pending))
             except (RpcError, trio.BrokenResourceError, trio.ClosedResourceError):
                 return
             for _, sent in pending:
@@ -627,6 +686,18 @@ class StreamVat:
         self._nursery.start_soon(guarded)
 
     async def _receive(self, segments: list[Segment]) -> None:
+        hot = twopartyflat.read(segments)
+        if isinstance(hot, twopartyflat.HotCall):
+            await self._on_hot_call(segments, hot)
+            return
+        if isinstance(hot, twopartyflat.HotReturn):
+            question = self.questions.get(hot.answer_id)
+            if question is not None and question.method is not None:  # (a Bootstrap's: below)
+                self._on_return(segments, hot)
+                return
+        elif isinstance(hot, twopartyflat.HotFinish):
+            self._on_finish(hot.question_id, hot.release_result_caps)
+            return
         message = decode(segments, self._words())
         try:
             kind = message.which()
@@ -638,7 +709,7 @@ class StreamVat:
         elif kind == "return":
             self._on_return(segments, message.__getattr__("return"))
         elif kind == "finish":
-            self._on_finish(message.finish)
+            self._on_finish(int(message.finish.questionId), bool(message.finish.releaseResultCaps))
         elif kind == "release":
             self._release_export(int(message.release.id), int(message.release.referenceCount))
         elif kind == "bootstrap":
@@ -657,6 +728,7 @@ class StreamVat:
     def _new_answer(self, question_id: int) -> _Answer:
         if question_id in self.answers:
             raise ProtocolError(f"question {question_id} asked twice")
+        self._no_finish_needed.discard(question_id)
         if len(self.answers) >= MAX_ANSWERS:
             raise ProtocolError(f"more than {MAX_ANSWERS} questions unfinished (the peer sends no Finish)")
         answer = self.answers[question_id] = _Answer()
@@ -684,21 +756,73 @@ class StreamVat:
         if results_to not in ("caller", "yourself"):
             raise ProtocolError(f"results sent to {results_to} (three-party handoff is not supported)")
         target = call.target
+        where: Any
         if target.which() == "importedCap":
-            export = self.exports.get(int(target.importedCap))
-            if export is None:
-                raise ProtocolError(f"a call to export {target.importedCap}, which is not one")
-            where: Any = self.local(export.server)
+            where = self._exported(int(target.importedCap))
         else:
             promised = target.promisedAnswer
             base = self.answers.get(int(promised.questionId))
             if base is None:
                 raise ProtocolError(f"a call pipelined on question {promised.questionId}, which is not one")
             where = (base, read_transform(promised))
-        descriptors, caps = self._received(call.params)
-        answer = self._new_answer(question_id)
-        answer.kept_here = results_to == "yourself"
+        _, caps = self._received(call.params)
+        payload = call.params
+
+        def params(schema: Any) -> StructReader:
+            return content(segments, payload.content, CALL_CONTENT, schema, caps, self._typed)
+
         key = (int(call.interfaceId), int(call.methodId))
+        await self._take_call(
+            question_id,
+            where,
+            key,
+            params,
+            kept_here=results_to == "yourself",
+            no_pipelining=bool(call.noPromisePipelining),
+        )
+
+    async def _on_hot_call(self, segments: list[Segment], call: twopartyflat.HotCall) -> None:
+        """A Call of the plain shape twopartyflat.py reads: no capabilities, to an export."""
+        if call.question_id in self.answers:
+            raise ProtocolError(f"question {call.question_id} asked twice")
+        where = self._exported(call.import_id)
+
+        def general(schema: Any) -> Callable[[], StructReader]:
+            def read() -> StructReader:
+                payload = decode(segments, self._words()).call.params
+                return content(segments, payload.content, CALL_CONTENT, schema, [], self._typed)
+
+            return read
+
+        def params(schema: Any) -> StructReader:
+            return call.params.read(schema, general(schema))
+
+        key = (call.interface_id, call.method_id)
+        await self._take_call(
+            call.question_id, where, key, params, kept_here=False, no_pipelining=call.no_pipelining
+        )
+
+    def _exported(self, export_id: int) -> Client:
+        export = self.exports.get(export_id)
+        if export is None:
+            raise ProtocolError(f"a call to export {export_id}, which is not one")
+        return self.local(export.server)
+
+    async def _take_call(
+        self,
+        question_id: int,
+        where: Any,
+        key: tuple[int, int],
+        params: Callable[[Any], StructReader],
+        *,
+        kept_here: bool,
+        no_pipelining: bool,
+    ) -> None:
+        """Starts serving one of the peer's calls (``where``: the capability called, or the
+        answer and transform it is pipelined on; ``params`` reads them as a struct of the
+        schema given), or refuses it at once past ``max_calls``."""
+        answer = self._new_answer(question_id)
+        answer.kept_here, answer.no_pipelining = kept_here, no_pipelining and not kept_here
         try:
             self._calls.acquire_nowait()
         except trio.WouldBlock:
@@ -709,10 +833,12 @@ class StreamVat:
             answer.done.set()
             await self._send(encode_exception(question_id, answer.error))
             return
+        if self._turn is not None and self._turn.is_set():
+            self._turn = None  # (every call before has started)
+        if self._serve_inline(question_id, answer, where, key, params):
+            return
         before, self._turn = self._turn, trio.Event()
-        self._start(
-            self._serve, question_id, answer, where, key, (segments, call.params), caps, before, self._turn
-        )
+        self._start(self._serve, question_id, answer, where, key, params, before, self._turn)
 
     async def _serve(
         self,
@@ -720,14 +846,14 @@ class StreamVat:
         answer: _Answer,
         where: Any,
         key: tuple[int, int],
-        received: tuple[list[Segment], Any],
-        caps: list[object],
+        params_of: Callable[[Any], StructReader],
         before: trio.Event | None,
         mine: trio.Event,
     ) -> None:
         """Runs one of the peer's calls and sends its Return. Handlers start in the order
         the calls came (E-order): each waits for the one before to have started."""
         forwarding: _Answer | None = None
+        encoded: bytes | None = None
         try:
             with answer.scope:
                 try:
@@ -758,12 +884,7 @@ class StreamVat:
                     if method is None:
                         method = _method_of(where, key)
                     try:
-                        segments, payload = received
-                        reader = payload.content
-                        params = as_kwargs(
-                            content(segments, reader, CALL_CONTENT, method.params, caps, self._typed),
-                            method.params_layout,
-                        )
+                        params = as_kwargs(params_of(method.params), method.params_layout)
                     except (capnp.KjException, ValueError) as error:
                         raise malformed(error) from error
                     mine.set()
@@ -781,40 +902,136 @@ class StreamVat:
                             results = (await promise).to_dict()
                         else:
                             results = (await (await call)).to_dict()
-                    described: list[Descriptor] = []
-                    try:
-                        encoded, answer.results, values = encode_results(
-                            question_id, method, results, lambda value: self._described(value, described)
-                        )
-                    except BaseException:
-                        self._released(described)  # (the results are not sent: an exception is)
-                        raise
-                    answer.lookup = self._lookup(encoded, method, values)
+                    encoded = self._results(question_id, answer, method, results)
                 except RpcError as error:
-                    answer.error = error
-                    encoded = encode_exception(question_id, error)
+                    encoded = self._failed(question_id, answer, error)
                 except Exception as error:  # noqa: BLE001 - the caller gets it as Failed
-                    answer.error = handler_failed(getattr(where, "server", None), None, error)
-                    encoded = encode_exception(question_id, answer.error)
+                    failed = handler_failed(getattr(where, "server", None), None, error)
+                    encoded = self._failed(question_id, answer, failed)
                 finally:
                     mine.set()
-            if answer.scope.cancelled_caught:
-                answer.error = Failed("canceled by its caller")
-                encoded = encode_canceled(question_id)
-            answer.returned = True
-            answer.done.set()
-            if answer.kept_here and answer.error is None:
-                encoded = encode_results_elsewhere(question_id)
-            if self.closed is None:
-                await self._send(encoded)
-            if answer.finished:
-                self.answers.pop(question_id, None)
+            await self._send_return(question_id, answer, encoded)
         except (RpcError, trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         finally:
             if forwarding is not None:
                 forwarding.forwarded.done()
             self._calls.release()
+
+    def _results(
+        self, question_id: int, answer: _Answer, method: Method, results: Mapping[str, Any]
+    ) -> bytes:
+        """The framed Return of a call's results (flat when they are: twopartyflat.py), the
+        answer made ready for calls pipelined on them."""
+        no_finish_needed = answer.no_pipelining
+        flat = twopartyflat.encode_results(question_id, method, results, no_finish_needed=no_finish_needed)
+        if flat is not None:
+            answer.lookup = _no_capabilities
+            if answer.no_pipelining and not answer.finished:
+                answer.finished = True  # (forgotten once sent: no Finish comes)
+                self._finish_ignored(question_id)
+            return flat
+        described: list[Descriptor] = []
+        try:
+            segments, answer.results, values = encode_results(
+                question_id, method, results, lambda value: self._described(value, described)
+            )
+        except BaseException:
+            self._released(described)  # (the results are not sent: an exception is)
+            raise
+        answer.lookup = self._lookup(segments, method, values)
+        return frame(segments)
+
+    @staticmethod
+    def _failed(question_id: int, answer: _Answer, error: RpcError) -> bytes:
+        """The framed Return of a call that failed with ``error``."""
+        answer.error = error
+        return frame(encode_exception(question_id, error))
+
+    async def _send_return(self, question_id: int, answer: _Answer, encoded: bytes | None) -> None:
+        """Sends an answer's Return (canceled, if its caller's Finish cancelled the handler)."""
+        if answer.scope.cancelled_caught or encoded is None:
+            answer.error = Failed("canceled by its caller")
+            encoded = frame(encode_canceled(question_id))
+        encoded = self._settle_answer(question_id, answer, encoded)
+        if self.closed is None:
+            await self._send_bytes(encoded)
+
+    def _settle_answer(self, question_id: int, answer: _Answer, encoded: bytes) -> bytes:
+        """Marks an answer returned (what waits on it goes on) and gives the Return to send."""
+        answer.returned = True
+        answer.done.set()
+        if answer.kept_here and answer.error is None:
+            encoded = frame(encode_results_elsewhere(question_id))
+        if answer.finished:  # (before the send: the caller may ask with its id again at once)
+            self.answers.pop(question_id, None)
+        return encoded
+
+    def _serve_inline(
+        self,
+        question_id: int,
+        answer: _Answer,
+        where: Any,
+        key: tuple[int, int],
+        params_of: Callable[[Any], StructReader],
+    ) -> bool:
+        """Runs a call to a plain-function handler (server.py) right here in the receive
+        loop and writes its Return at once if the socket takes it: no task, no scheduler
+        round. Only for an object of this side called directly, when no earlier call waits
+        to start (E-order); returns whether the call was taken (its call slot, taken by the
+        caller, is given back when its Return is made)."""
+        if not isinstance(where, Client) or where.server is None or self._turn is not None:
+            return False
+        server = where.server
+        method = where.interface.by_key.get(key)
+        handler = None if method is None else server._inline_handler(method)
+        if method is None or handler is None:
+            return False
+        try:
+            try:
+                params = as_kwargs(params_of(method.params), method.params_layout)
+            except (capnp.KjException, ValueError) as error:
+                raise malformed(error) from error
+            result = handler(**server._arguments(method, params))
+            if result is not None and inspect.isawaitable(result):  # (a def handing one back)
+                self._start(self._serve_awaitable, question_id, answer, server, method, result)
+                return True
+            encoded = self._results(question_id, answer, method, server._results(method, result))
+        except RpcError as error:
+            encoded = self._failed(question_id, answer, error)
+        except Exception as error:  # noqa: BLE001 - the caller gets it as Failed
+            encoded = self._failed(question_id, answer, handler_failed(server, method, error))
+        self._calls.release()
+        encoded = self._settle_answer(question_id, answer, encoded)
+        if self.closed is None and not self._send_now(encoded):
+            self._start(self._send_quietly, encoded)
+        return True
+
+    async def _serve_awaitable(
+        self, question_id: int, answer: _Answer, server: Server, method: Method, pending: Any
+    ) -> None:
+        """The rest of an inline call whose plain-function handler handed back an awaitable."""
+        encoded: bytes | None = None
+        try:
+            with answer.scope:
+                try:
+                    result = await pending
+                    encoded = self._results(question_id, answer, method, server._results(method, result))
+                except RpcError as error:
+                    encoded = self._failed(question_id, answer, error)
+                except Exception as error:  # noqa: BLE001 - the caller gets it as Failed
+                    encoded = self._failed(question_id, answer, handler_failed(server, method, error))
+            await self._send_return(question_id, answer, encoded)
+        except (RpcError, trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            self._calls.release()
+
+    async def _send_quietly(self, encoded: bytes) -> None:
+        try:
+            await self._send_bytes(encoded)
+        except (RpcError, trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
 
     def _lookup(
         self, segments: list[Segment], method: Method, values: list[object]
@@ -829,13 +1046,39 @@ class StreamVat:
         return lookup
 
     def _on_return(self, segments: list[Segment], returned: Any) -> None:
-        question_id = int(returned.answerId)
+        """A Return, as pycapnp reads it or (``twopartyflat.HotReturn``) as read plain."""
+        hot = returned if isinstance(returned, twopartyflat.HotReturn) else None
+        question_id = hot.answer_id if hot is not None else int(returned.answerId)
         question = self.questions.get(question_id)
         if question is None or question.returned:
             raise ProtocolError(f"a Return for question {question_id}, which is not awaiting one")
         question.returned = True
-        if returned.releaseParamCaps:
+        if hot.release_param_caps if hot is not None else returned.releaseParamCaps:
             self._released(question.params)
+        if hot is not None:
+            assert question.method is not None  # (a Bootstrap's Return is read by pycapnp)
+            schema = question.method.results
+
+            def general() -> StructReader:
+                payload = decode(segments, self._words()).__getattr__("return").results
+                return content(segments, payload.content, RETURN_CONTENT, schema, [], self._typed)
+
+            answer = Returned(question_id, results=hot.results.read(schema, general))
+        else:
+            answer = self._returned(segments, question_id, question, returned)
+        question.done[1].append(answer)
+        question.done[0].set()
+        no_finish_needed = hot.no_finish_needed if hot is not None else returned.noFinishNeeded
+        if no_finish_needed and not question.finished:
+            question.finished = question.finish_sent = True  # (the callee forgot it already)
+        if question.finish_sent:
+            self._free_question(question_id)
+        else:
+            self._finish(question_id, question)
+
+    def _returned(
+        self, segments: list[Segment], question_id: int, question: _Question, returned: Any
+    ) -> Returned:
         kind = returned.which()
         if kind == "results":
             _, caps = self._received(returned.results)
@@ -844,31 +1087,33 @@ class StreamVat:
 
                 index = capwire.read_cap(segments, RETURN_CONTENT)
                 value: Any = caps[index] if index is not None and index < len(caps) else None
-                answer = Returned(question_id, results=value)
-            else:
-                reader = returned.results.content
-                view = content(segments, reader, RETURN_CONTENT, question.method.results, caps, self._typed)
-                answer = Returned(question_id, results=view)
-        elif kind == "exception":
-            answer = Returned(question_id, error=read_exception(returned.exception))
-        elif kind == "canceled":
-            answer = Returned(question_id, error=Failed("the call was canceled"))
-        else:
-            answer = Returned(question_id, error=Unimplemented(f"a Return of kind {kind}"))
-        question.done[1].append(answer)
-        question.done[0].set()
-        if question.finish_sent:
-            self._free_question(question_id)
-        else:
-            self._finish(question_id, question)
+                return Returned(question_id, results=value)
+            reader = returned.results.content
+            view = content(segments, reader, RETURN_CONTENT, question.method.results, caps, self._typed)
+            return Returned(question_id, results=view)
+        if kind == "exception":
+            return Returned(question_id, error=read_exception(returned.exception))
+        if kind == "canceled":
+            return Returned(question_id, error=Failed("the call was canceled"))
+        return Returned(question_id, error=Unimplemented(f"a Return of kind {kind}"))
 
-    def _on_finish(self, finish: Any) -> None:
-        question_id = int(finish.questionId)
+    def _finish_ignored(self, question_id: int) -> None:
+        """Notes an answer returned with noFinishNeeded: a Finish the caller may still send
+        for it is ignored (rpc.capnp), until the id is asked again. Bounded as the answers
+        are (past that, such a late Finish aborts as any unknown one does)."""
+        if len(self._no_finish_needed) >= MAX_ANSWERS:
+            self._no_finish_needed.pop()
+        self._no_finish_needed.add(question_id)
+
+    def _on_finish(self, question_id: int, release_result_caps: bool) -> None:
         answer = self.answers.get(question_id)
+        if question_id in self._no_finish_needed and (answer is None or answer.finished):
+            self._no_finish_needed.discard(question_id)
+            return
         if answer is None or answer.finished:
             raise ProtocolError(f"a Finish for question {question_id}, which is not one")
         answer.finished = True
-        if finish.releaseResultCaps:
+        if release_result_caps:
             self._released(answer.results)
             answer.results = []
         if answer.returned:
@@ -882,7 +1127,7 @@ class StreamVat:
         if resolve.which() == "cap":
             descriptor = read_descriptor(resolve.cap)
             if descriptor.kind in ("senderHosted", "senderPromise"):
-                self._post(encode_release(descriptor.id, 1))
+                self._post(frame(encode_release(descriptor.id, 1)))
 
     async def _on_disembargo(self, message: Any) -> None:
         context = message.disembargo.context
@@ -935,6 +1180,11 @@ class StreamVat:
     async def _run(self) -> None:
         self._start(self._send_pending)
         await self._receive_loop()
+
+
+def _no_capabilities(transform: tuple[int, ...]) -> object:
+    """What a pipelined call finds in flat results (twopartyflat.py): no capability."""
+    return None
 
 
 def _answered(client: Client) -> object:
@@ -992,6 +1242,8 @@ async def open_stream_vat(
             yield vat
         finally:
             vat._close(Disconnected("the connection was closed"))
+            if vat._raw is not None:
+                vat._raw.close()
             with trio.CancelScope(shield=True):
                 await stream.aclose()
 
