@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import Failed
 from .interface import Interface, Method, interface_of
-from .layout import FieldKind, StructLayout
+from .layout import FieldKind, FieldLayout, StructLayout
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -311,3 +311,24 @@ class ClientClasses:
                 generated = type(generated.__name__, (generated,), {"interface": interface})
             cls = self._classes[id(interface)] = generated or client_class(interface)
         return cls
+
+    def typed(self, value: object, field: FieldLayout) -> object:
+        """Gives a client read from a field that field's interface (a capability arrives
+        as a client of no known interface until a field of a struct names one)."""
+        if (
+            isinstance(value, Client)
+            and value.interface.schema is None
+            and field.interface_schema is not None
+        ):
+            value.__class__ = self.client_class(interface_of(field.interface_schema))
+        return value
+
+    def local_client(
+        self, vat: Any, server: Server, made: weakref.WeakValueDictionary[int, Client]
+    ) -> Client:
+        """The client of ``vat`` for its own object ``server``: one while it is held (kept in
+        ``made``, by the object's id), so that the same object passed twice is one client."""
+        client = made.get(id(server))
+        if client is None:
+            client = made[id(server)] = self.client_class(server.interface)(vat, 0, server)
+        return client

@@ -39,7 +39,7 @@ from ..messages import Message, MessageKind
 from .client import Client, ClientClasses, client_class
 from .errors import Disconnected, Failed, Overloaded, RpcError, from_kernel
 from .fds import FileDescriptor
-from .interface import Interface, Method, interface_of
+from .interface import Interface, Method
 from .layout import FieldLayout
 from .protocol import (
     REPLY,
@@ -466,11 +466,7 @@ class Engine:
         return client
 
     def local(self, server: Server) -> Client:
-        client = self._locals.get(id(server))
-        if client is None:
-            client = self.client_class(server.interface)(self.vat, 0, server)
-            self._locals[id(server)] = client
-        return client
+        return self._clients.local_client(self.vat, server, self._locals)
 
     def drop(self, client: Client) -> None:
         if self.imports.get(client.handle) is client:
@@ -509,14 +505,8 @@ class Engine:
         return pending
 
     def typed(self, value: object, field: FieldLayout) -> object:
-        """Gives a client read from a field that field's interface."""
-        if (
-            isinstance(value, Client)
-            and value.interface.schema is None
-            and field.interface_schema is not None
-        ):
-            value.__class__ = self.client_class(interface_of(field.interface_schema))
-        return value
+        """Gives a client read from a field that field's interface (ClientClasses.typed)."""
+        return self._clients.typed(value, field)
 
     def loopback(self, caps: list[object]) -> list[object]:
         """A local message's capability values as a receiver would see them."""

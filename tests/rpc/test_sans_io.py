@@ -1,5 +1,6 @@
-"""The protocol cores are sans-IO (docs/design.md 3): the bus engine (capbus/rpc/engine.py)
-and the rpc.capnp codec (capbus/rpc/twoparty.py) import no trio, no peer and no vat, so the
+"""The protocol cores are sans-IO (docs/design.md 3): the bus engine (capbus/rpc/engine.py),
+the rpc.capnp codecs (capbus/rpc/twoparty.py, twopartyflat.py) and the rpc.capnp
+connection engine (capbus/rpc/streamengine.py) import no trio, no peer and no vat, so the
 same logic can be driven by another transport (and tested without sockets)."""
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ def _python(code: str) -> str:
 def test_the_engine_and_the_twoparty_codec_import_no_io() -> None:
     imported = _python(
         "import sys\n"
-        "import capbus.rpc.engine, capbus.rpc.twoparty\n"
+        "import capbus.rpc.engine, capbus.rpc.twoparty, capbus.rpc.twopartyflat, capbus.rpc.streamengine\n"
         "io = ('trio', 'capbus.peer', 'capbus.rpc.vat', 'capbus.rpc.streamvat')\n"
         "print(sorted(m for m in io if m in sys.modules))\n"
     )
