@@ -70,7 +70,14 @@ from .twoparty import (
 log = logging.getLogger("capbus.rpc.streamvat")
 
 MAX_CALLS = 256
-MAX_PENDING = 4096
+OUTBOX_HIGH = 1 << 19
+"""Bytes queued to write past which a sender waits until the peer has read some (and the
+receive loop reads no more: the peer's writes wait too)."""
+CORKED_BYTES = 1 << 16
+"""Bytes queued while corked past which they are written anyway."""
+OUTBOX_LIMIT = 256 << 20
+"""Bytes queued past which (the peer reads nothing) the connection is dropped: what is
+queued without a sender that could wait (Finish and Release from collected objects)."""
 SEND_TIMEOUT = 60.0
 _RECEIVE_BYTES = 1 << 16
 
@@ -162,19 +169,21 @@ class StreamVat:
         )
         self.max_message_bytes, self.send_timeout = max_message_bytes, send_timeout
         self._reader = FrameReader(max_message_bytes)
-        self._send_lock = trio.Semaphore(1)
-        """Held while a message is being written (a Semaphore, not a Lock: the rest of a
-        message :meth:`_send_now` began is written by another task)."""
+        self._outbox: list[bytes] = []
+        """What is queued to write, in order (see "sending")."""
+        self._queued = 0
+        self._writing = False
+        self._corked = 0
+        self._writer_wake = trio.Event()
+        self._room = trio.Event()
         self._raw: socket.socket | None = None
-        """For a plain socket stream: the socket, to write without a task (_send_now)."""
+        """For a plain socket stream: the socket, to write without a task (_write)."""
         if isinstance(stream, trio.SocketStream):
             self._raw = socket.socket(fileno=os.dup(stream.socket.fileno()))
         self._calls = trio.Semaphore(max_calls)
         self.max_calls = max_calls
         self._turn: trio.Event | None = None
         """Set once the last call served in a task has started (E-order: the next waits)."""
-        self._pending: list[tuple[bytes, Callable[[], None] | None]] = []
-        self._pending_ready = trio.Event()
         self.closed: RpcError | None = None
         self._closed_event = trio.Event()
         self._scopes: set[trio.CancelScope] = set()
@@ -214,7 +223,7 @@ class StreamVat:
         if isinstance(asked, Client):
             return await self.call(asked, method, params)
         question_id, question, framed = asked
-        await self._send_bytes(framed, checkpoint=False)
+        await self._send_call(framed)
         returned = await self._await(question_id, question)
         assert isinstance(returned.results, StructReader)
         return returned.results
@@ -310,80 +319,126 @@ class StreamVat:
         return self.engine.read_back(method, results)
 
     # -- sending ---------------------------------------------------------------------------------
+    #
+    # Every message goes into one queue, in order, and out of it in order: written at once
+    # when nothing is queued before it and the socket takes it (a plain socket, without a
+    # task), else by the writer task. While the receive loop handles what one read brought,
+    # or a Call gathers others (_send_call), nothing is written: it all goes out in one
+    # write at the end.
 
     def _post(self, framed: bytes, sent: Callable[[], None] | None = None) -> None:
-        """Sends later, from where no await is possible (a finalizer); ``sent`` is called
-        once it is out. A peer that lets MAX_PENDING of these pile up reads nothing: it is
-        disconnected (its messages would otherwise queue here without bound)."""
-        if len(self._pending) >= MAX_PENDING:
-            self._close(Disconnected(f"the peer read nothing of {MAX_PENDING} messages due to it"))
+        """Sends from where no await is possible (a finalizer, the engine); ``sent`` is
+        called once it is queued (in order: nothing queued later goes before it). Never
+        written from here, only queued: a finalizer may run in the middle of a write. A
+        peer that reads nothing while OUTBOX_LIMIT bytes pile up is disconnected."""
+        self._outbox.append(framed)
+        self._queued += len(framed)
+        if sent is not None:
+            sent()
+        if self._queued > OUTBOX_LIMIT:
+            self._close(Disconnected(f"the peer read nothing of {self._queued} bytes due to it"))
             return
-        self._pending.append((framed, sent))
-        self._pending_ready.set()
+        self._wake_writer()
 
-    async def _send(self, segments: Sequence[Segment]) -> None:
-        await self._send_bytes(frame(segments))
-
-    def _send_now(self, data: bytes) -> bool:
-        """Writes ``data`` without waiting, if nothing else is being written: what the
-        socket does not take at once is written by a task, before anything after it.
-        False if it could not start (a stream other than a plain socket, or one busy)."""
-        raw = self._raw
-        if raw is None or self.closed is not None or not self._send_lock.value:
-            return False
+    def _write(self, data: bytes) -> None:
+        """Queues ``data`` and writes what it can at once (see above); nothing on a closed
+        connection (``closed`` says why)."""
+        if self.closed is not None:
+            return
+        if self._corked or self._outbox or self._writing or self._raw is None:
+            self._outbox.append(data)
+            self._queued += len(data)
+            if not self._corked or self._queued > CORKED_BYTES:
+                self._wake_writer()
+            return
         try:
-            sent = raw.send(data, socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
+            sent = self._raw.send(data, socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
         except BlockingIOError:
             sent = 0
         except OSError as error:
             self._close(Disconnected(f"the connection broke: {error}"))
-            return True
+            return
         if sent < len(data):
-            self._send_lock.acquire_nowait()
-            self._start(self._send_rest, memoryview(data)[sent:])
-        return True
+            self._outbox.append(memoryview(data)[sent:].tobytes())
+            self._queued += len(data) - sent
+            self._wake_writer()
 
-    async def _send_rest(self, rest: memoryview) -> None:
-        try:
-            with trio.move_on_after(self.send_timeout) as waited:
-                await self._stream.send_all(rest)
+    def _uncork(self) -> None:
+        """Ends a stretch of queueing without writing: what was queued goes now."""
+        self._corked -= 1
+        if self._corked or not self._outbox or self._writing or self.closed is not None:
+            if self._outbox and not self._corked:
+                self._wake_writer()
+            return
+        pending, self._outbox = self._outbox, []
+        self._queued = 0
+        self._write(b"".join(pending))
+
+    def _wake_writer(self) -> None:
+        self._writer_wake.set()
+
+    async def _writer(self) -> None:
+        """Writes what is queued and could not be written at once."""
+        while True:
+            while not self._outbox or (self._corked and self._queued <= CORKED_BYTES):
+                self._room.set()
+                await self._writer_wake.wait()
+                self._writer_wake = trio.Event()
+            pending, self._outbox = self._outbox, []
+            self._queued -= sum(len(p) for p in pending)
+            self._writing = True
+            try:
+                with trio.move_on_after(self.send_timeout) as waited:
+                    await self._stream.send_all(b"".join(pending))
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as error:
+                self._close(Disconnected(f"the connection broke: {error}"))
+                return
+            finally:
+                self._writing = False
             if waited.cancelled_caught:
                 self._close(Disconnected(f"the peer read nothing for {self.send_timeout:g} s"))
-        except (trio.BrokenResourceError, trio.ClosedResourceError) as error:
-            self._close(Disconnected(f"the connection broke: {error}"))
-        finally:
-            self._send_lock.release()
+                return
+            if self._queued < OUTBOX_HIGH:
+                self._room.set()
+
+    async def _send(self, segments: Sequence[Segment]) -> None:
+        await self._send_bytes(frame(segments))
 
     async def _send_bytes(self, data: bytes, *, checkpoint: bool = True) -> None:
-        """Writes one or more framed messages (``checkpoint``: False where the caller's next
-        step waits anyway, for its Return)."""
+        """Writes one or more framed messages: queued in order, and waits while more than
+        OUTBOX_HIGH bytes are (``checkpoint``: False where the caller's next step waits
+        anyway, for its Return)."""
         if self.closed is not None:
             raise self.closed
-        if self._send_now(data):
-            if self.closed is not None:
-                raise self.closed
-            if checkpoint:
-                await trio.lowlevel.checkpoint()
-            return
-        async with self._send_lock:
-            with trio.move_on_after(self.send_timeout) as waited:
-                await self._stream.send_all(data)
-        if waited.cancelled_caught:
-            self._close(Disconnected(f"the peer read nothing for {self.send_timeout:g} s"))
-            raise self.closed  # type: ignore[misc]
+        self._write(data)
+        if self._queued > OUTBOX_HIGH:
+            await self._wait_for_room()
+        elif checkpoint:
+            await trio.lowlevel.checkpoint()
+        if self.closed is not None:
+            raise self.closed
 
-    async def _send_pending(self) -> None:
-        while True:
-            await self._pending_ready.wait()
-            self._pending_ready = trio.Event()
-            pending, self._pending = self._pending, []
-            try:  # (all that waits, in one write)
-                await self._send_bytes(b"".join(framed for framed, _ in pending))
-            except (RpcError, trio.BrokenResourceError, trio.ClosedResourceError):
-                return
-            for _, sent in pending:
-                if sent is not None:
-                    sent()
+    async def _wait_for_room(self) -> None:
+        """Waits until fewer than OUTBOX_HIGH bytes are queued (or the connection ended)."""
+        if self._room.is_set():
+            self._room = trio.Event()
+        await self._room.wait()
+
+    async def _send_call(self, framed: bytes) -> None:
+        """Writes a Call whose caller then waits for its Return. With other calls under way
+        (tasks each making one), the first such Call gathers the rest: it lets every task
+        that is ready run, then all they sent meanwhile goes in one write (one system call
+        instead of one a task)."""
+        if self._corked or self._raw is None or len(self.engine.questions) <= 1:
+            await self._send_bytes(framed, checkpoint=False)
+            return
+        self._write(framed)  # (queued: a write may be under way)
+        self._corked += 1
+        try:
+            with trio.CancelScope(shield=True):  # (what is gathered is others' too)
+                await trio.lowlevel.checkpoint()
+        finally:
+            self._uncork()
 
     # -- receiving -------------------------------------------------------------------------------
 
@@ -398,10 +453,19 @@ class StreamVat:
                 if not data:
                     self._close(Disconnected("the peer closed the connection"))
                     return
-                for segments in self._reader.feed(data):
-                    for event in self.engine.receive(segments):
-                        await self._handle(event)
-                    await trio.lowlevel.checkpoint()  # (other connections run between messages)
+                # What one read brought is handled in one pass, its answers written in one
+                # write; then other tasks and connections run.
+                self._corked += 1
+                try:
+                    for segments in self._reader.feed(data):
+                        for event in self.engine.receive(segments):
+                            await self._handle(event)
+                finally:
+                    self._uncork()
+                if self._queued > OUTBOX_HIGH:  # (the peer reads too little: read no more)
+                    await self._wait_for_room()
+                else:
+                    await trio.lowlevel.checkpoint()
         except (FrameError, ProtocolError) as error:
             await self._abort(str(error))
         except (capnp.KjException, ValueError) as error:
@@ -450,6 +514,7 @@ class StreamVat:
         for question in self.engine.fail_questions(error):
             question.done[1].append(Returned(0, error=error))
             question.done[0].set()
+        self._room.set()  # (senders waiting for the peer to read: it never will)
         self._closed_event.set()
 
     async def wait_closed(self) -> None:
@@ -606,8 +671,8 @@ class StreamVat:
         self._calls.release()
         encoded = self.engine.settle(question_id, answer, encoded)
         _serving(answer).done.set()
-        if self.closed is None and not self._send_now(encoded):
-            self._start(self._send_quietly, encoded)
+        if self.closed is None:
+            self._write(encoded)
         return True
 
     async def _serve_awaitable(
@@ -631,12 +696,6 @@ class StreamVat:
         finally:
             self._calls.release()
 
-    async def _send_quietly(self, encoded: bytes) -> None:
-        try:
-            await self._send_bytes(encoded)
-        except (RpcError, trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
-
     async def _echo_disembargo(self, answer: Answer, transform: tuple[int, ...], embargo_id: int) -> None:
         await _serving(answer).done.wait()
         await _serving(answer).forwarded.wait_drained()
@@ -652,7 +711,7 @@ class StreamVat:
             pass
 
     async def _run(self) -> None:
-        self._start(self._send_pending)
+        self._start(self._writer)
         await self._receive_loop()
 
 

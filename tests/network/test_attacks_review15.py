@@ -244,7 +244,7 @@ async def test_resolves_from_a_peer_that_never_reads_are_not_queued_without_boun
             for _ in range(100):  # (until this side closes the connection, if it does)
                 await peer.stream.send_all(batch)
         vat = vats[-1]
-        queued, closed = len(vat._pending), vat.closed
+        queued, closed = len(vat._outbox), vat.closed
         await peer.stream.aclose()
         await _served_still(_port(service))
     assert closed is not None or queued <= 20_000, f"{queued} messages queued for a peer that reads none"

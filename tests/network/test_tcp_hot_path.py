@@ -17,6 +17,7 @@ import pytest
 import trio
 
 import capbus
+from capbus.rpc import streamvat
 from capbus.rpc.streamvat import StreamVat, open_stream_vat
 from capbus.rpc.twoparty import FrameReader, decode, rpc
 
@@ -237,3 +238,58 @@ async def test_plain_and_async_handlers_start_in_the_order_the_calls_came(order_
                 if n % 3 == 2:
                     assert results.n == n * 2
             assert list((await remote.seen()).order) == list(range(120))
+
+
+async def test_calls_gathered_into_one_write_each_get_their_own_results() -> None:
+    """Calls made at once by many tasks go out gathered (streamvat._send_call): each still
+    gets its own results, and a caller cancelled while it gathers the others' calls does
+    not take them with it."""
+    async with served(Echo()) as (port, _):
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        async with open_stream_vat(stream) as vat:
+            remote = await vat.bootstrap(echo.Echo)
+            got: dict[int, str] = {}
+
+            async def caller(n: int) -> None:
+                for round_ in range(20):
+                    got[n] = (await remote.echo(text=f"{n}.{round_}")).text
+
+            async with trio.open_nursery() as nursery:
+                for n in range(64):
+                    nursery.start_soon(caller, n)
+                with trio.CancelScope() as cancelled:  # (one caller, cancelled as it sends)
+                    cancelled.cancel()
+                    await remote.echo(text="never waited for")
+            assert got == {n: f"{n}.19" for n in range(64)}
+            assert (await remote.echo(text="after")).text == "after"
+
+
+async def test_a_peer_that_reads_nothing_stops_being_read_not_buffered() -> None:
+    """A peer that sends calls with large results and reads nothing: this side queues at
+    most about OUTBOX_HIGH bytes for it and then stops reading (the peer's own writes
+    wait), and serves other connections meanwhile."""
+    big = "x" * 60_000
+    async with served(Echo()) as (port, vats):
+        peer = RawPeer(await trio.open_tcp_stream("127.0.0.1", port))
+        export = await peer.bootstrap()
+        message = rpc.Message.new_message()
+        call = message.init("call")
+        call.interfaceId = raw_echo.Echo.schema.node.id
+        call.target.importedCap = export
+        call.sendResultsTo.caller = None
+        call.noPromisePipelining = True
+        call.init("params").content.as_struct(raw_echo.Echo.schema.methods["echo"].param_type).text = big
+        with trio.move_on_after(2):  # (until this side stops reading: the writes block)
+            for question_id in range(1, 2000):
+                call.questionId = question_id
+                await peer.stream.send_all(message.to_bytes())
+                message.clear_write_flag()
+        vat = vats[0]
+        # (past OUTBOX_HIGH, at most the results of what one read brought: a couple of calls)
+        assert vat._queued <= streamvat.OUTBOX_HIGH + 4 * len(big), vat._queued
+        assert vat.closed is None
+        other = await trio.open_tcp_stream("127.0.0.1", port)
+        async with open_stream_vat(other) as other_vat:
+            remote = await other_vat.bootstrap(echo.Echo)
+            assert (await remote.echo(text="served")).text == "served"
+        await peer.stream.aclose()
