@@ -33,7 +33,7 @@ if TYPE_CHECKING:
         async def call_oneway(self, client: Client, method: Method, params: Mapping[str, Any]) -> None: ...
         async def stream(self, client: Client, method: Method, params: Mapping[str, Any]) -> None: ...
         async def drop(self, client: Client) -> None: ...
-        def _promise_gone(self, target: Client, question_id: int) -> None: ...
+        def _promise_gone(self, target: Client, question_id: int, done: Any = None) -> None: ...
 
 
 class BoundMethod:
@@ -169,7 +169,8 @@ class Promise:
         to the capability itself (``_successor``), or that failed (``_done`` then says why)."""
         self._successor: Promise | None = None
         self._canceled = False
-        self._finalizer = weakref.finalize(self, vat._promise_gone, client, question_id)
+        # (``done`` tells this question from a later one given the same id)
+        self._finalizer = weakref.finalize(self, vat._promise_gone, client, question_id, done)
         if done is None:
             self._finalizer.detach()  # (a local call's: nothing to tell anyone)
 

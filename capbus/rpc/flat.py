@@ -389,17 +389,21 @@ class FlatReader(StructReader):
     _texts: frozenset[str] = frozenset()  # (the subclass's Text fields)
 
     @classmethod
-    def _of(cls, segments: Sequence[Segment], general: Callable[[], StructReader]) -> StructReader:
-        """A reader of the struct the root pointer of ``segments`` (a message) points to: a
-        FlatReader if that is a plain struct pointer into the first segment (or null: every
-        field its default), else ``general()``, which also raises what is wrong with it, as
-        any reading would. Values in other segments are read through double-far pointers
-        only (segments.py), as the vat's tree check has seen them."""
+    def _of(
+        cls, segments: Sequence[Segment], general: Callable[[], StructReader], at: int = 0
+    ) -> StructReader:
+        """A reader of the struct the root pointer of ``segments`` (a message) points to
+        (``at``: the byte of the first segment that pointer is at, for a struct inside a
+        message): a FlatReader if that is a plain struct pointer forward into the first
+        segment (or null: every field its default), else ``general()``, which also raises
+        what is wrong with it, as any reading would. Values in other segments are read
+        through double-far pointers only (segments.py), as the vat's tree check has seen
+        them; every offset counts from the segment's start, as Cap'n Proto's do."""
         segment = memoryview(segments[0])
-        word = _WORD_STRUCT.unpack_from(segment, 0)[0] if len(segment) >= _WORD else 0
+        word = _WORD_STRUCT.unpack_from(segment, at)[0] if len(segment) >= at + _WORD else 0
         offset = (word >> 2) & 0x3FFFFFFF
         data_words, pointer_words = (word >> 32) & 0xFFFF, word >> 48
-        start = _WORD + offset * _WORD
+        start = at + _WORD + offset * _WORD
         end = start + (data_words + pointer_words) * _WORD
         if word and (word & 3 or offset & 0x20000000 or end > len(segment)):
             return general()

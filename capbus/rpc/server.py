@@ -95,7 +95,10 @@ class Server:
 
     def _inline_handler(self, method: Method) -> Callable[..., Any] | None:
         """``method``'s handler if it is a plain function, else None (one lookup, for the
-        receive loop's fast path)."""
+        receive loop's fast path). None too for an object that dispatches calls its own way
+        (a Forwarder: an attribute named like a method is not its handler)."""
+        if type(self)._dispatch is not Server._dispatch:
+            return None
         handler = getattr(self, method.python_name, None)
         if handler is None:
             return None

@@ -217,7 +217,8 @@ class StreamEngine(ClientClasses):
         self.questions: dict[int, Question] = {}
         self._free_questions: list[int] = []
         self.answers: dict[int, Answer] = {}
-        self._no_finish_needed: set[int] = set()
+        self._no_finish_needed: dict[int, None] = {}
+        self._forgot_some = False
         """Answers returned with noFinishNeeded (:meth:`finish_ignored`)."""
         self.exports: dict[int, Export] = {}
         self._export_of: dict[int, int] = {}
@@ -276,16 +277,20 @@ class StreamEngine(ClientClasses):
                     question_id, target, method, params, lambda value: self._described(value, described)
                 )
                 framed = frame(segments)
-            size = len(framed) - 8  # (at least one segment's table entry)
-            if size > self.max_message_bytes:
-                raise Failed(
-                    f"the call is {size} bytes: over this connection's limit of {self.max_message_bytes}"
-                )
+            self._check_size("call", framed)
         except BaseException:
             self.free_question(question_id)
             self.released(described)  # (never sent: the peer holds none of them)
             raise
         return question_id, question, framed
+
+    def _check_size(self, what: str, framed: bytes) -> None:
+        """Refuses a message the peer would refuse (and abort the connection for)."""
+        size = len(framed) - 8  # (at least one segment's table entry)
+        if size > self.max_message_bytes:
+            raise Failed(
+                f"the {what} is {size} bytes: over this connection's limit of {self.max_message_bytes}"
+            )
 
     def finish(self, question_id: int, question: Question) -> None:
         """Sends Finish for a question (once): its id is free again once the Finish is out
@@ -439,6 +444,7 @@ class StreamEngine(ClientClasses):
         no_finish_needed = answer.no_pipelining
         flat = twopartyflat.encode_results(question_id, method, results, no_finish_needed=no_finish_needed)
         if flat is not None:
+            self._check_size("results", flat)
             answer.lookup = _no_capabilities
             if answer.no_pipelining and not answer.finished:
                 answer.finished = True  # (forgotten once sent: no Finish comes)
@@ -449,11 +455,13 @@ class StreamEngine(ClientClasses):
             segments, answer.results, values = encode_results(
                 question_id, method, results, lambda value: self._described(value, described)
             )
+            framed = frame(segments)
+            self._check_size("results", framed)
         except BaseException:
             self.released(described)  # (the results are not sent: an exception is)
             raise
         answer.lookup = self._lookup(segments, method, values)
-        return frame(segments)
+        return framed
 
     @staticmethod
     def failed(question_id: int, answer: Answer, error: RpcError) -> bytes:
@@ -494,15 +502,18 @@ class StreamEngine(ClientClasses):
     def _finish_ignored(self, question_id: int) -> None:
         """Notes an answer returned with noFinishNeeded: a Finish the caller may still send
         for it is ignored (rpc.capnp), until the id is asked again. Bounded as the answers
-        are (past that, such a late Finish aborts as any unknown one does)."""
+        are, oldest first; once any was let go, a Finish for a question this side does not
+        know is ignored too (it may be one of those: rpc.capnp says ignore it)."""
+        self._no_finish_needed.pop(question_id, None)
         if len(self._no_finish_needed) >= MAX_ANSWERS:
-            self._no_finish_needed.pop()
-        self._no_finish_needed.add(question_id)
+            del self._no_finish_needed[next(iter(self._no_finish_needed))]  # (the oldest)
+            self._forgot_some = True
+        self._no_finish_needed[question_id] = None
 
     def _new_answer(self, question_id: int) -> Answer:
         if question_id in self.answers:
             raise ProtocolError(f"question {question_id} asked twice")
-        self._no_finish_needed.discard(question_id)
+        self._no_finish_needed.pop(question_id, None)
         if len(self.answers) >= MAX_ANSWERS:
             raise ProtocolError(f"more than {MAX_ANSWERS} questions unfinished (the peer sends no Finish)")
         answer = self.answers[question_id] = Answer(self._answer_state())
@@ -665,9 +676,12 @@ class StreamEngine(ClientClasses):
 
     def _on_finish(self, question_id: int, release_result_caps: bool) -> list[Event]:
         answer = self.answers.get(question_id)
-        if question_id in self._no_finish_needed and (answer is None or answer.finished):
-            self._no_finish_needed.discard(question_id)
-            return []
+        if answer is None or answer.finished:
+            if question_id in self._no_finish_needed:
+                del self._no_finish_needed[question_id]
+                return []
+            if answer is None and self._forgot_some:
+                return []
         if answer is None or answer.finished:
             raise ProtocolError(f"a Finish for question {question_id}, which is not one")
         answer.finished = True

@@ -105,16 +105,48 @@ class _Count:
 
 
 class _Serving:
-    """What this driver keeps of one of the peer's questions (Answer.driver)."""
+    """What this driver keeps of one of the peer's questions (Answer.driver). Made as it is
+    needed: most calls are served at once, and nothing ever waits on or cancels them."""
 
-    __slots__ = ("scope", "done", "forwarded")
+    __slots__ = ("_scope", "_done", "_returned", "_forwarded")
 
     def __init__(self) -> None:
-        self.scope = trio.CancelScope()
-        self.done = trio.Event()
-        """Set once the answer has returned (pipelined calls and Disembargoes wait)."""
-        self.forwarded = _Count()
+        self._scope: trio.CancelScope | None = None
+        self._done: trio.Event | None = None
+        self._returned = False
+        self._forwarded: _Count | None = None
+
+    @property
+    def scope(self) -> trio.CancelScope:
+        """The handler's cancel scope (a Finish, or the connection's end, cancels it)."""
+        if self._scope is None:
+            self._scope = trio.CancelScope()
+        return self._scope
+
+    def cancel(self) -> None:
+        self.scope.cancel()
+
+    def returned(self) -> None:
+        """The answer has returned: what waits on it goes on."""
+        self._returned = True
+        if self._done is not None:
+            self._done.set()
+
+    async def wait_returned(self) -> None:
+        """Waits until the answer has returned (pipelined calls and Disembargoes wait)."""
+        if self._returned:
+            await trio.lowlevel.checkpoint()
+            return
+        if self._done is None:
+            self._done = trio.Event()
+        await self._done.wait()
+
+    @property
+    def forwarded(self) -> _Count:
         """Calls pipelined on it still on their way to where they go (a Disembargo waits)."""
+        if self._forwarded is None:
+            self._forwarded = _Count()
+        return self._forwarded
 
 
 def _serving(answer: Answer) -> _Serving:
@@ -128,7 +160,7 @@ class _Promised(PromisedServer):
 
     async def resolved(self) -> Client:
         answer = self.answer
-        await _serving(answer).done.wait()
+        await _serving(answer).wait_returned()
         if answer.error is not None:
             raise answer.error
         assert answer.lookup is not None
@@ -176,6 +208,8 @@ class StreamVat:
         self._corked = 0
         self._writer_wake = trio.Event()
         self._room = trio.Event()
+        self._written = trio.Event()
+        """Set when the writer finds nothing queued (:meth:`_wait_written`)."""
         self._raw: socket.socket | None = None
         """For a plain socket stream: the socket, to write without a task (_write)."""
         if isinstance(stream, trio.SocketStream):
@@ -183,6 +217,8 @@ class StreamVat:
         self._calls = trio.Semaphore(max_calls)
         self.max_calls = max_calls
         self._turn: trio.Event | None = None
+        self._started_task = False
+        """A call was handed to a task since the receive loop's last checkpoint."""
         """Set once the last call served in a task has started (E-order: the next waits)."""
         self.closed: RpcError | None = None
         self._closed_event = trio.Event()
@@ -272,9 +308,9 @@ class StreamVat:
         if release is not None and self.closed is None:
             await self._send_bytes(release)
 
-    def _promise_gone(self, target: Client, question_id: int) -> None:
+    def _promise_gone(self, target: Client, question_id: int, done: Any = None) -> None:
         question = self.engine.questions.get(question_id)
-        if question is not None:
+        if question is not None and question.done is done:  # (not a later question's id)
             self.engine.finish(question_id, question)
 
     @staticmethod
@@ -382,6 +418,8 @@ class StreamVat:
         while True:
             while not self._outbox or (self._corked and self._queued <= CORKED_BYTES):
                 self._room.set()
+                if not self._outbox:
+                    self._written.set()
                 await self._writer_wake.wait()
                 self._writer_wake = trio.Event()
             pending, self._outbox = self._outbox, []
@@ -417,6 +455,14 @@ class StreamVat:
             await trio.lowlevel.checkpoint()
         if self.closed is not None:
             raise self.closed
+
+    async def _wait_written(self) -> None:
+        """Waits until everything queued has been written."""
+        while (self._outbox or self._writing) and self.closed is None:
+            if self._written.is_set():
+                self._written = trio.Event()
+            self._wake_writer()
+            await self._written.wait()
 
     async def _wait_for_room(self) -> None:
         """Waits until fewer than OUTBOX_HIGH bytes are queued (or the connection ended)."""
@@ -460,6 +506,9 @@ class StreamVat:
                     for segments in self._reader.feed(data):
                         for event in self.engine.receive(segments):
                             await self._handle(event)
+                        if self._started_task:  # (let it start, and earlier ones finish:
+                            self._started_task = False  # a burst of calls for tasks is
+                            await trio.lowlevel.checkpoint()  # not refused past max_calls)
                 finally:
                     self._uncork()
                 if self._queued > OUTBOX_HIGH:  # (the peer reads too little: read no more)
@@ -481,9 +530,9 @@ class StreamVat:
         elif isinstance(event, Send):
             await self._send_bytes(event.framed)
             if event.answered is not None:
-                _serving(event.answered).done.set()
+                _serving(event.answered).returned()
         elif isinstance(event, FinishArrived):
-            _serving(event.answer).scope.cancel()
+            _serving(event.answer).cancel()
         elif isinstance(event, DisembargoAsked):
             # Echoed once the promise has resolved and the calls pipelined on it (waiting
             # for it here) have gone on to the sender: then, in this connection's order.
@@ -493,9 +542,10 @@ class StreamVat:
 
     async def _abort(self, reason: str) -> None:
         log.warning("aborting a connection: %s", reason)
-        with trio.move_on_after(1):
+        with trio.move_on_after(1):  # (the Abort, and what was queued before it, written)
             try:
                 await self._send(encode_abort(reason))
+                await self._wait_written()
             except (RpcError, trio.BrokenResourceError, trio.ClosedResourceError):
                 pass
         self._close(Disconnected(f"aborted: {reason}"))
@@ -508,13 +558,14 @@ class StreamVat:
         # Handlers of the peer's calls first: cancelled where they wait (on a call back to
         # the peer, say), before those calls fail with ``error`` for anyone else waiting.
         for answer in self.engine.answers.values():
-            _serving(answer).scope.cancel()
+            _serving(answer).cancel()
         for scope in list(self._scopes):
             scope.cancel()
         for question in self.engine.fail_questions(error):
             question.done[1].append(Returned(0, error=error))
             question.done[0].set()
         self._room.set()  # (senders waiting for the peer to read: it never will)
+        self._written.set()
         self._closed_event.set()
 
     async def wait_closed(self) -> None:
@@ -549,7 +600,7 @@ class StreamVat:
             # peer go; the peer that never reads these is stopped by the send timeout)
             answer.error = Overloaded(f"more than {self.max_calls} calls of this connection at once")
             answer.returned = True
-            _serving(answer).done.set()
+            _serving(answer).returned()
             await self._send(encode_exception(question_id, answer.error))
             return
         if self._turn is not None and self._turn.is_set():
@@ -558,6 +609,7 @@ class StreamVat:
             return
         before, self._turn = self._turn, trio.Event()
         self._start(self._serve, arrived, before, self._turn)
+        self._started_task = True
 
     async def _serve(self, arrived: CallArrived, before: trio.Event | None, mine: trio.Event) -> None:
         """Runs one of the peer's calls and sends its Return. Handlers start in the order
@@ -576,7 +628,7 @@ class StreamVat:
                         mine.set()
                         forwarding = _serving(base).forwarded
                         forwarding.add()
-                        await _serving(base).done.wait()
+                        await _serving(base).wait_returned()
                         if base.error is not None:
                             raise base.error
                         assert base.lookup is not None
@@ -636,7 +688,7 @@ class StreamVat:
             answer.error = Failed("canceled by its caller")
             encoded = frame(encode_canceled(question_id))
         encoded = self.engine.settle(question_id, answer, encoded)
-        _serving(answer).done.set()
+        _serving(answer).returned()
         if self.closed is None:
             await self._send_bytes(encoded)
 
@@ -670,7 +722,7 @@ class StreamVat:
             encoded = self.engine.failed(question_id, answer, handler_failed(server, method, error))
         self._calls.release()
         encoded = self.engine.settle(question_id, answer, encoded)
-        _serving(answer).done.set()
+        _serving(answer).returned()
         if self.closed is None:
             self._write(encoded)
         return True
@@ -697,7 +749,7 @@ class StreamVat:
             self._calls.release()
 
     async def _echo_disembargo(self, answer: Answer, transform: tuple[int, ...], embargo_id: int) -> None:
-        await _serving(answer).done.wait()
+        await _serving(answer).wait_returned()
         await _serving(answer).forwarded.wait_drained()
         resolved = answer.lookup(transform) if answer.lookup is not None else None
         if not isinstance(resolved, Client) or resolved.vat is not self or resolved.server is not None:

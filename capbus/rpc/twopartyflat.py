@@ -200,7 +200,7 @@ class FlatContent:
         codec = flat_codec(schema)
         if codec is None or codec.reader_class is None:
             return general()
-        return codec.reader_class._of([self.segment[self.at :]], general)
+        return codec.reader_class._of([self.segment], general, self.at)
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,6 +227,42 @@ class HotFinish:
     release_result_caps: bool
 
 
+_CALL_HEAD = struct.pack("<QQQ", _ROOT_TO_MESSAGE, _MESSAGE_CALL, _TO_CALL)
+_CALL_POINTERS = struct.pack("<QQQ", _CALL_TO_TARGET, _CALL_TO_PAYLOAD, 0)
+_RETURN_HEAD = struct.pack("<QQQ", _ROOT_TO_MESSAGE, _MESSAGE_RETURN, _TO_RETURN)
+_THREE_WORDS = struct.Struct("<QQQ")
+_FOUR_WORDS = struct.Struct("<QQQQ")
+
+
+def _as_written(segment: memoryview) -> HotCall | HotReturn | None:
+    """A Call or Return laid out word for word as :func:`encode_call` and
+    :func:`encode_results` write them (and libcapnp builds them): read at fixed offsets,
+    no pointer followed. None for any other layout (:func:`read` then walks it)."""
+    head = segment[:24]
+    if head == _CALL_HEAD:
+        if len(segment) < 13 * _WORD or segment[48:72] != _CALL_POINTERS:
+            return None
+        first, interface_id, hints = _THREE_WORDS.unpack_from(segment, 24)
+        target, promised, _, table = _FOUR_WORDS.unpack_from(segment, 72)
+        if first >> 48 or (target >> 32) & 0xFFFF or promised or table:
+            return None
+        no_pipelining = bool(hints & _NO_PROMISE_PIPELINING)
+        method_id, import_id = (first >> 32) & 0xFFFF, target & 0xFFFFFFFF
+        params = FlatContent(segment, 11 * _WORD)
+        return HotCall(first & 0xFFFFFFFF, interface_id, method_id, import_id, no_pipelining, params)
+    if head == _RETURN_HEAD:
+        if len(segment) < 8 * _WORD:
+            return None
+        first, _, to_payload = _THREE_WORDS.unpack_from(segment, 24)
+        if first >> 48 or to_payload != _RETURN_TO_PAYLOAD or _WORDS.unpack_from(segment, 56)[0]:
+            return None
+        release = not (first >> 32) & 1
+        return HotReturn(
+            first & 0xFFFFFFFF, release, bool(first & _NO_FINISH_NEEDED), FlatContent(segment, 48)
+        )
+    return None
+
+
 def read(segments: Sequence[Segment]) -> HotCall | HotReturn | HotFinish | None:
     """The message if it is one of the plain shapes read here (module docstring), else None."""
     if len(segments) != 1:
@@ -234,6 +270,9 @@ def read(segments: Sequence[Segment]) -> HotCall | HotReturn | HotFinish | None:
     segment = memoryview(segments[0])
     if len(segment) < 2 * _WORD:
         return None
+    written = _as_written(segment)
+    if written is not None:
+        return written
     try:
         start, size, pointers, count = _struct_at(segment, 0)
         if not count:

@@ -617,7 +617,7 @@ class Vat:
         if promise is not None:
             promise._fail(_answered(question_id, error))
 
-    def _promise_gone(self, target: Client, question_id: int) -> None:
+    def _promise_gone(self, target: Client, question_id: int, done: Any = None) -> None:
         """A promise was collected: the callee may drop the results it kept for it."""
         self._waiting.pop(question_id, None)
         resend = self._resends.pop(question_id, None)

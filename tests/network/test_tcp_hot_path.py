@@ -7,6 +7,7 @@ speaking rpc.capnp by hand and from capbus clients."""
 from __future__ import annotations
 
 import functools
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -293,3 +294,35 @@ async def test_a_peer_that_reads_nothing_stops_being_read_not_buffered() -> None
             remote = await other_vat.bootstrap(echo.Echo)
             assert (await remote.echo(text="served")).text == "served"
         await peer.stream.aclose()
+
+
+async def test_an_abort_goes_out_after_what_was_queued_before_it() -> None:
+    """A peer that breaks the protocol while a large Return to it is still being written
+    gets that Return whole and then the Abort saying why (the connection is closed only
+    once they are written, or a second has passed)."""
+    big = "y" * (16 << 20)
+    async with served(Echo()) as (port, _):
+        sock = trio.socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # (the Return waits on it)
+        await sock.connect(("127.0.0.1", port))
+        peer = RawPeer(trio.SocketStream(sock))
+        export = await peer.bootstrap()
+        message = rpc.Message.new_message()
+        call = message.init("call")
+        call.questionId = 1
+        call.interfaceId = raw_echo.Echo.schema.node.id
+        call.target.importedCap = export
+        call.sendResultsTo.caller = None
+        call.noPromisePipelining = True
+        call.init("params").content.as_struct(raw_echo.Echo.schema.methods["echo"].param_type).text = big
+        await peer.stream.send_all(message.to_bytes())
+        first = await peer.stream.receive_some(1 << 16)  # (its Return is being written)
+        assert not peer.reader.feed(first)
+        garbage = b"\xff\xff\xff\xff" + bytes(60)  # (a segment table of 2**32 entries)
+        await peer.stream.send_all(garbage)
+        returned = await peer.next()
+        assert returned is not None and returned.which() == "return"
+        results_type = raw_echo.Echo.schema.methods["echo"].result_type
+        assert returned.__getattr__("return").results.content.as_struct(results_type).text == big
+        aborted = await peer.next()
+        assert aborted is not None and aborted.which() == "abort", aborted
