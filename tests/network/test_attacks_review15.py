@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-import socket
 import struct
 import subprocess
 import sys
@@ -25,10 +24,11 @@ import pytest
 import trio
 
 import capbus
-from capbus.addresses import TcpAddress
 from capbus.rpc import capwire, streamvat
 from capbus.rpc.errors import RpcError
-from capbus.rpc.twoparty import CALL_CONTENT, RETURN_CONTENT, FrameReader, decode, frame, rpc
+from capbus.rpc.twoparty import CALL_CONTENT, RETURN_CONTENT, frame, rpc
+
+from .hostile_peer import Peer, bootstrap, kind_of_next, port_of, served_still
 
 HERE = Path(__file__).parent
 ECHO_CAPNP = HERE.parents[0] / "serving" / "echo.capnp"
@@ -45,12 +45,6 @@ TIMEOUT = 20
 
 def _message() -> Any:
     return rpc.Message.new_message()
-
-
-def bootstrap(question_id: int) -> bytes:
-    message = _message()
-    message.init("bootstrap").questionId = question_id
-    return bytes(message.to_bytes())
 
 
 def _call(question_id: int, method: str, export: int = 0) -> Any:
@@ -97,81 +91,6 @@ def resolve(promise_id: int, export: int) -> bytes:
     return bytes(message.to_bytes())
 
 
-class Peer:
-    """A raw TCP connection speaking framed rpc.capnp by hand."""
-
-    def __init__(self, stream: trio.SocketStream) -> None:
-        self.stream = stream
-        self.reader = FrameReader()
-        self.received: list[Any] = []
-        self.eof = False
-
-    @classmethod
-    async def connect(cls, port: int, receive_buffer: int | None = None) -> Peer:
-        sock = trio.socket.socket()
-        if receive_buffer is not None:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
-        await sock.connect(("127.0.0.1", port))
-        return cls(trio.SocketStream(sock))
-
-    async def next(self) -> Any:
-        """The next message received (None at the end of the stream)."""
-        while not self.received:
-            if self.eof:
-                return None
-            try:
-                data = await self.stream.receive_some(1 << 16)
-            except trio.BrokenResourceError:
-                data = b""
-            if not data:
-                self.eof = True
-                continue
-            self.received += [decode(segments, 1 << 24) for segments in self.reader.feed(data)]
-        return self.received.pop(0)
-
-    async def drain(self, counts: dict[str, int]) -> None:
-        """Reads everything, counting messages by kind (and "eof")."""
-        while (message := await self.next()) is not None:
-            kind = str(message.which())
-            counts[kind] = counts.get(kind, 0) + 1
-        counts["eof"] = 1
-
-
-async def _kind(peer: Peer) -> str:
-    """The kind of the next message ("eof" at the end; an abort with its reason)."""
-    message = await peer.next()
-    if message is None:
-        return "eof"
-    kind = str(message.which())
-    return f"abort: {message.abort.reason}" if kind == "abort" else kind
-
-
-@pytest.fixture
-def vats(monkeypatch: pytest.MonkeyPatch) -> list[streamvat.StreamVat]:
-    """Every StreamVat made in the test (the service's, one a connection), to read its tables."""
-    made: list[streamvat.StreamVat] = []
-    original = streamvat.StreamVat.__init__
-
-    def init(self: streamvat.StreamVat, *args: Any, **kwargs: Any) -> None:
-        original(self, *args, **kwargs)
-        made.append(self)
-
-    monkeypatch.setattr(streamvat.StreamVat, "__init__", init)
-    return made
-
-
-def _port(service: capbus.Service) -> int:
-    assert isinstance(service.address, TcpAddress)
-    return service.address.port
-
-
-async def _served_still(port: int) -> None:
-    """Another connection is served (a capbus client's call answered)."""
-    with trio.fail_after(TIMEOUT):
-        async with capbus.connect(f"tcp:127.0.0.1:{port}", schema.Echo) as remote:
-            assert (await remote.echo(text="other")).text == "other"
-
-
 # -- HIGH ---------------------------------------------------------------------------------------
 
 
@@ -207,7 +126,7 @@ async def test_a_peer_gone_while_its_calls_fill_max_calls_is_noticed(vats: list[
     its handlers are cancelled."""
     server = StuckEcho()
     async with capbus.serve(server, "tcp:127.0.0.1:0", max_calls=4) as service:
-        peer = await Peer.connect(_port(service))
+        peer = await Peer.connect(port_of(service))
         await peer.stream.send_all(bootstrap(0) + b"".join(call_with_ping(q, 0) for q in range(1, 7)))
         with trio.fail_after(TIMEOUT):
             while server.started < 4:
@@ -238,7 +157,7 @@ async def test_resolves_from_a_peer_that_never_reads_are_not_queued_without_boun
     Should: what this side queues for a peer is bounded (the receive loop waits for the
     queue to drain, i.e. stops reading; or the connection is aborted)."""
     async with capbus.serve(Echo(), "tcp:127.0.0.1:0") as service:
-        peer = await Peer.connect(_port(service), receive_buffer=4096)
+        peer = await Peer.connect(port_of(service), receive_buffer=4096)
         batch = resolve(1, 2) * 2000
         with trio.move_on_after(5), contextlib.suppress(trio.BrokenResourceError):
             for _ in range(100):  # (until this side closes the connection, if it does)
@@ -246,7 +165,7 @@ async def test_resolves_from_a_peer_that_never_reads_are_not_queued_without_boun
         vat = vats[-1]
         queued, closed = len(vat._outbox), vat.closed
         await peer.stream.aclose()
-        await _served_still(_port(service))
+        await served_still(port_of(service))
     assert closed is not None or queued <= 20_000, f"{queued} messages queued for a peer that reads none"
 
 
@@ -266,7 +185,7 @@ async def test_bootstraps_never_finished_do_not_grow_the_answers_without_bound(
     up to 16 384."""
     count = 20_000
     async with capbus.serve(Echo(), "tcp:127.0.0.1:0") as service:
-        peer = await Peer.connect(_port(service))
+        peer = await Peer.connect(port_of(service))
         counts: dict[str, int] = {}
         async with trio.open_nursery() as nursery:
             nursery.start_soon(peer.drain, counts)
@@ -359,12 +278,12 @@ async def test_a_message_of_an_unknown_kind_is_answered_unimplemented() -> None:
     Should: as rpc.capnp says (and as for the kinds it knows but does not take), the message
     is echoed back as ``unimplemented`` and the connection goes on."""
     async with capbus.serve(Echo(), "tcp:127.0.0.1:0") as service:
-        peer = await Peer.connect(_port(service))
+        peer = await Peer.connect(port_of(service))
         root = struct.pack("<iHH", 0, 1, 1)  # (a struct pointer: 1 data word, 1 pointer)
         unknown = root + struct.pack("<Q", 99) + struct.pack("<Q", 0)
         with trio.fail_after(TIMEOUT):
             await peer.stream.send_all(frame([unknown]) + bootstrap(0))
-            kinds = [await _kind(peer), await _kind(peer)]
+            kinds = [await kind_of_next(peer), await kind_of_next(peer)]
         await peer.stream.aclose()
     assert kinds == ["unimplemented", "return"]
 
@@ -381,12 +300,12 @@ async def test_a_call_with_results_sent_to_yourself_does_not_abort_the_connectio
     echoed as ``unimplemented``, which rpc.capnp says the caller takes as a failed
     question) and the connection goes on."""
     async with capbus.serve(Echo(), "tcp:127.0.0.1:0") as service:
-        peer = await Peer.connect(_port(service))
+        peer = await Peer.connect(port_of(service))
         tail = _call(1, "echo")
         tail.call.sendResultsTo.yourself = None
         with trio.fail_after(TIMEOUT):
             await peer.stream.send_all(bootstrap(0) + bytes(tail.to_bytes()) + echo_call(2, "after"))
-            kinds = [await _kind(peer) for _ in range(3)]
+            kinds = [await kind_of_next(peer) for _ in range(3)]
         await peer.stream.aclose()
     assert not any(k.startswith("abort") or k == "eof" for k in kinds), kinds
 
@@ -405,14 +324,14 @@ async def test_a_disembargo_naming_nothing_of_this_sides_is_refused() -> None:
     Should: as C++ does, a senderLoopback whose target is not one of this side's exports
     (resolved to point back at the sender) is a protocol error: Abort, naming it."""
     async with capbus.serve(Echo(), "tcp:127.0.0.1:0") as service:
-        peer = await Peer.connect(_port(service))
+        peer = await Peer.connect(port_of(service))
         message = _message()
         disembargo = message.init("disembargo")
         disembargo.target.importedCap = 77
         disembargo.context.senderLoopback = 5
         with trio.fail_after(TIMEOUT):
             await peer.stream.send_all(bootstrap(0) + bytes(message.to_bytes()))
-            kinds = [await _kind(peer), await _kind(peer)]
+            kinds = [await kind_of_next(peer), await kind_of_next(peer)]
         await peer.stream.aclose()
     assert kinds[0] == "return"
     assert kinds[1].startswith("abort") and "77" in kinds[1], kinds

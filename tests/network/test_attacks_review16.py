@@ -25,10 +25,11 @@ import trio
 import trio.testing
 
 import capbus
-from capbus.addresses import TcpAddress
 from capbus.rpc import capwire, streamengine, streamvat, twopartyflat
 from capbus.rpc.errors import RpcError
 from capbus.rpc.twoparty import RETURN_CONTENT, FrameReader, decode, encode_canceled, frame, rpc
+
+from .hostile_peer import Peer, bootstrap, kind_of_next, port_of, served_still
 
 HERE = Path(__file__).parent
 ECHO_CAPNP = HERE.parents[0] / "serving" / "echo.capnp"
@@ -61,12 +62,6 @@ def hog_schema(tmp_path_factory: pytest.TempPathFactory) -> Any:
 # -- a hostile peer's tools ---------------------------------------------------------------------
 
 
-def bootstrap(question_id: int) -> bytes:
-    message = rpc.Message.new_message()
-    message.init("bootstrap").questionId = question_id
-    return bytes(message.to_bytes())
-
-
 def finish(question_id: int) -> bytes:
     message = rpc.Message.new_message()
     message.init("finish").questionId = question_id
@@ -81,78 +76,10 @@ def hot_echo(question_id: int, text: str, *, export: int = 0, no_pipelining: boo
     return framed
 
 
-class Peer:
-    """A raw TCP connection speaking framed rpc.capnp by hand."""
-
-    def __init__(self, stream: trio.SocketStream) -> None:
-        self.stream = stream
-        self.reader = FrameReader(1 << 26)
-        self.received: list[Any] = []
-        self.eof = False
-
-    @classmethod
-    async def connect(cls, port: int, receive_buffer: int | None = None) -> Peer:
-        sock = trio.socket.socket()
-        if receive_buffer is not None:
-            sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_RCVBUF, receive_buffer)
-        await sock.connect(("127.0.0.1", port))
-        return cls(trio.SocketStream(sock))
-
-    async def next(self) -> Any:
-        """The next message received (None at the end of the stream)."""
-        while not self.received:
-            if self.eof:
-                return None
-            try:
-                data = await self.stream.receive_some(1 << 16)
-            except trio.BrokenResourceError:
-                data = b""
-            if not data:
-                self.eof = True
-                continue
-            self.received += [decode(segments, 1 << 26) for segments in self.reader.feed(data)]
-        return self.received.pop(0)
-
-
-async def _kind(peer: Peer) -> str:
-    """The kind of the next message ("eof" at the end; an abort with its reason)."""
-    message = await peer.next()
-    if message is None:
-        return "eof"
-    kind = str(message.which())
-    return f"abort: {message.abort.reason}" if kind == "abort" else kind
-
-
 def _echoed(message: Any) -> str:
     returned = message.__getattr__("return")
     assert returned.which() == "results", returned
     return str(returned.results.content.as_struct(raw_echo.Echo.schema.methods["echo"].result_type).text)
-
-
-@pytest.fixture
-def vats(monkeypatch: pytest.MonkeyPatch) -> list[streamvat.StreamVat]:
-    """Every StreamVat made in the test (the service's, one a connection), to read its tables."""
-    made: list[streamvat.StreamVat] = []
-    original = streamvat.StreamVat.__init__
-
-    def init(self: streamvat.StreamVat, *args: Any, **kwargs: Any) -> None:
-        original(self, *args, **kwargs)
-        made.append(self)
-
-    monkeypatch.setattr(streamvat.StreamVat, "__init__", init)
-    return made
-
-
-def _port(service: capbus.Service) -> int:
-    assert isinstance(service.address, TcpAddress)
-    return service.address.port
-
-
-async def _served_still(port: int) -> None:
-    """Another connection is served (a capbus client's call answered)."""
-    with trio.fail_after(TIMEOUT):
-        async with capbus.connect(f"tcp:127.0.0.1:{port}", schema.Echo) as remote:
-            assert (await remote.echo(text="other")).text == "other"
 
 
 # -- HIGH ---------------------------------------------------------------------------------------
@@ -180,7 +107,7 @@ async def test_returns_of_inline_calls_to_a_peer_that_never_reads_are_bounded(
     its Return at once holds its call slot until it is out, so the receive loop stops at
     max_calls as for task-served calls; or the connection is closed)."""
     async with capbus.serve(Echo(), "tcp:127.0.0.1:0", max_calls=16) as service:
-        peer = await Peer.connect(_port(service), receive_buffer=4096)
+        peer = await Peer.connect(port_of(service), receive_buffer=4096)
         text = "x" * 4096
         with trio.move_on_after(10), contextlib.suppress(trio.BrokenResourceError):
             await peer.stream.send_all(bootstrap(0) + finish(0))
@@ -192,7 +119,7 @@ async def test_returns_of_inline_calls_to_a_peer_that_never_reads_are_bounded(
         vat = vats[-1]
         waiting, closed = len(vat._scopes), vat.closed
         await peer.stream.aclose()
-        await _served_still(_port(service))
+        await served_still(port_of(service))
     assert closed is not None or waiting <= 64, f"{waiting} tasks hold Returns for a peer that reads none"
 
 
@@ -237,10 +164,10 @@ async def test_a_double_far_pointer_in_a_hot_call_is_read_where_cap_n_proto_says
     call, standard = _double_far_echo()
     assert standard == "GOOD"
     async with capbus.serve(Echo(), "tcp:127.0.0.1:0") as service:
-        peer = await Peer.connect(_port(service))
+        peer = await Peer.connect(port_of(service))
         with trio.fail_after(TIMEOUT):
             await peer.stream.send_all(bootstrap(0) + finish(0) + call)
-            assert (await _kind(peer)) == "return"  # (the bootstrap's)
+            assert (await kind_of_next(peer)) == "return"  # (the bootstrap's)
             message = await peer.next()
         await peer.stream.aclose()
     returned = message.__getattr__("return")
@@ -273,7 +200,7 @@ async def test_a_plain_handlers_return_over_the_size_limit_is_not_sent(hog_schem
     async with capbus.serve(Hog(), "tcp:127.0.0.1:0", max_message_bytes=limit) as service:
         with trio.fail_after(TIMEOUT):
             async with capbus.connect(
-                f"tcp:127.0.0.1:{_port(service)}", hog_schema.Hog, max_message_bytes=limit
+                f"tcp:127.0.0.1:{port_of(service)}", hog_schema.Hog, max_message_bytes=limit
             ) as remote:
                 try:
                     await remote.big(n=2 * limit)
@@ -309,10 +236,10 @@ async def test_a_gateway_forwards_a_method_named_like_a_forwarder_attribute(hog_
 
     async with capbus.serve(Hog(), "tcp:127.0.0.1:0") as origin:
         with trio.fail_after(TIMEOUT):
-            async with capbus.connect(f"tcp:127.0.0.1:{_port(origin)}", hog_schema.Hog) as remote:
+            async with capbus.connect(f"tcp:127.0.0.1:{port_of(origin)}", hog_schema.Hog) as remote:
                 assert (await remote.target()).n == 7  # (directly: fine)
                 async with capbus.serve(remote, "tcp:127.0.0.1:0") as gateway:
-                    async with capbus.connect(f"tcp:127.0.0.1:{_port(gateway)}", hog_schema.Hog) as through:
+                    async with capbus.connect(f"tcp:127.0.0.1:{port_of(gateway)}", hog_schema.Hog) as through:
                         try:
                             answer: object = (await through.target()).n
                         except RpcError as error:
@@ -501,7 +428,7 @@ async def test_a_late_finish_for_an_answer_returned_without_need_of_one_is_alway
     ids first, not an arbitrary one): the connection goes on."""
     count = streamengine.MAX_ANSWERS + 8
     async with capbus.serve(Echo(), "tcp:127.0.0.1:0") as service:
-        peer = await Peer.connect(_port(service))
+        peer = await Peer.connect(port_of(service))
         counts: dict[str, int] = {}
 
         async def drain() -> None:
@@ -537,7 +464,7 @@ async def test_held_a_peer_gone_mid_partial_write_closes_its_connection_only(
     calls, then closes its socket. Its connection closes, no task of its vat is left (the
     send lock released with it), and another connection is served meanwhile and after."""
     async with capbus.serve(Echo(), "tcp:127.0.0.1:0") as service:
-        peer = await Peer.connect(_port(service), receive_buffer=4096)
+        peer = await Peer.connect(port_of(service), receive_buffer=4096)
         with trio.fail_after(TIMEOUT):
             await peer.stream.send_all(bootstrap(0) + finish(0) + hot_echo(1, "y" * (8 << 20)))
             await peer.stream.send_all(b"".join(hot_echo(q, "z") for q in range(2, 50)))
@@ -546,12 +473,12 @@ async def test_held_a_peer_gone_mid_partial_write_closes_its_connection_only(
             vat = vats[-1]
             while not vat._writing:  # (the big Return being written)
                 await trio.sleep(0.01)
-            await _served_still(_port(service))
+            await served_still(port_of(service))
             await peer.stream.aclose()
             await vat.wait_closed()
             while vat._scopes:
                 await trio.sleep(0.01)
-        await _served_still(_port(service))
+        await served_still(port_of(service))
 
 
 def _patched_echo(text_pointer: int, tail: bytes = b"") -> bytes:
@@ -582,10 +509,10 @@ async def test_held_hostile_text_pointers_in_a_hot_call_read_as_cap_n_proto_says
         _patched_echo(2 | (14 << 3)),  # (a single far pointer to word 14)
     ]
     async with capbus.serve(Echo(), "tcp:127.0.0.1:0") as service:
-        peer = await Peer.connect(_port(service))
+        peer = await Peer.connect(port_of(service))
         with trio.fail_after(TIMEOUT):
             await peer.stream.send_all(bootstrap(0) + finish(0))
-            assert (await _kind(peer)) == "return"
+            assert (await kind_of_next(peer)) == "return"
             for call in calls:
                 await peer.stream.send_all(call)
                 message = await peer.next()
@@ -616,7 +543,7 @@ async def test_held_never_finished_answers_leave_nothing_behind(vats: list[strea
     MAX_ANSWERS."""
     count = 20_000
     async with capbus.serve(Echo(), "tcp:127.0.0.1:0") as service:
-        peer = await Peer.connect(_port(service))
+        peer = await Peer.connect(port_of(service))
         returns = 0
 
         async def drain() -> None:
@@ -657,7 +584,7 @@ async def test_held_plain_handlers_that_raise_or_hand_back_a_stuck_awaitable(
 
     async with capbus.serve(Hog(), "tcp:127.0.0.1:0", max_calls=2) as service:
         with trio.fail_after(TIMEOUT):
-            async with capbus.connect(f"tcp:127.0.0.1:{_port(service)}", hog_schema.Hog) as remote:
+            async with capbus.connect(f"tcp:127.0.0.1:{port_of(service)}", hog_schema.Hog) as remote:
                 with trio.move_on_after(0.2):
                     await remote.stuck()
                 for _ in range(3):
@@ -706,7 +633,7 @@ async def test_held_plain_and_async_handlers_interleaved_start_in_arrival_order(
         assert framed is not None
         calls += framed
     async with capbus.serve(Hog(), "tcp:127.0.0.1:0") as service:
-        peer = await Peer.connect(_port(service))
+        peer = await Peer.connect(port_of(service))
         with trio.fail_after(TIMEOUT):
             await peer.stream.send_all(bootstrap(0) + finish(0) + calls)
             kinds = [str((await peer.next()).__getattr__("return").which()) for _ in range(count + 1)]
@@ -721,7 +648,7 @@ async def test_held_a_call_pipelined_on_a_forgotten_answer_aborts_only_that_conn
     the question (rpc.capnp allows any error for such a call), and other connections are
     served."""
     async with capbus.serve(Echo(), "tcp:127.0.0.1:0") as service:
-        peer = await Peer.connect(_port(service))
+        peer = await Peer.connect(port_of(service))
         message = rpc.Message.new_message()
         call = message.init("call")
         call.questionId = 2
@@ -734,8 +661,8 @@ async def test_held_a_call_pipelined_on_a_forgotten_answer_aborts_only_that_conn
             await peer.stream.send_all(
                 bootstrap(0) + finish(0) + hot_echo(1, "a") + bytes(message.to_bytes())
             )
-            kinds = [await _kind(peer) for _ in range(3)]
+            kinds = [await kind_of_next(peer) for _ in range(3)]
         await peer.stream.aclose()
-        await _served_still(_port(service))
+        await served_still(port_of(service))
     assert kinds[:2] == ["return", "return"]
     assert kinds[2].startswith("abort") and "question 1" in kinds[2], kinds
