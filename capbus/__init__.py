@@ -25,6 +25,7 @@ from .errors import (
     NotSealed,
     NotSupported,
     QuotaExceeded,
+    ReceiveReplaced,
     UnknownCommand,
 )
 
@@ -125,6 +126,7 @@ __all__ = [
     "Peer",
     "PeerInfo",
     "QuotaExceeded",
+    "ReceiveReplaced",
     "Sandbox",
     "SandboxError",
     "SchemaError",

@@ -25,6 +25,7 @@ QUERY: Final = struct.Struct("<16sIIIIIIII")
 HANDLE_STATE: Final = struct.Struct("<IIII")
 RELEASE: Final = struct.Struct("<QII")
 SEED: Final = struct.Struct("<II")
+RECV: Final = struct.Struct("<iI")
 SEND_RESULT: Final = struct.Struct("<II")
 MONITOR_RECORD: Final = struct.Struct("<HHIQIIIIQ")
 U64: Final = struct.Struct("<Q")
@@ -61,6 +62,9 @@ CMD_DISCONNECT: Final[int] = lib.CAPBUS_CMD_DISCONNECT
 CMD_HANDLE_QUERY: Final[int] = lib.CAPBUS_CMD_HANDLE_QUERY
 CMD_PEER_SET_FLAGS: Final[int] = lib.CAPBUS_CMD_PEER_SET_FLAGS
 PEER_FLAG_WANT_METADATA: Final[int] = lib.CAPBUS_PEER_FLAG_WANT_METADATA
+PEER_FLAG_HOLD: Final[int] = lib.CAPBUS_PEER_FLAG_HOLD
+CMD_RECV: Final[int] = lib.CAPBUS_CMD_RECV
+RECV_FLAG_PRIORITY: Final[int] = lib.CAPBUS_RECV_FLAG_PRIORITY
 FRAME_REPLY: Final[int] = lib.CAPBUS_FRAME_REPLY
 FRAME_MESSAGE: Final[int] = lib.CAPBUS_FRAME_MESSAGE
 

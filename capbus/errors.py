@@ -131,6 +131,13 @@ class KernelOutOfFds(CapbusError):
     default_errno = _errno.EMFILE
 
 
+class ReceiveReplaced(CapbusError):
+    """A waiting receive of a peer that holds its messages was replaced by a newer one (or
+    holding was turned off): it took nothing. ECANCELED."""
+
+    default_errno = _errno.ECANCELED
+
+
 _BY_ERRNO: dict[int, type[CapbusError]] = {
     cls.default_errno: cls
     for cls in (
@@ -152,6 +159,7 @@ _BY_ERRNO: dict[int, type[CapbusError]] = {
         BadFileDescriptor,
         NotSealed,
         KernelOutOfFds,
+        ReceiveReplaced,
     )
 }
 

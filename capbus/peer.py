@@ -29,7 +29,14 @@ from typing import Final, overload
 import trio
 
 from . import _wire
-from .errors import CapbusError, Disconnected, InvalidArgument, MessageTooLarge, error_from_errno
+from .errors import (
+    CapbusError,
+    Disconnected,
+    InvalidArgument,
+    MessageTooLarge,
+    ReceiveReplaced,
+    error_from_errno,
+)
 from .memfd import _head, _map, _sealed_memfd, _sparse, on_shmem
 from .messages import Credentials as Credentials  # (re-exported: the peer API's)
 from .messages import Handle as Handle
@@ -177,6 +184,8 @@ class Peer:
         self._reading = False
         self._progress: trio.Event | None = None  # exists while a task waits for the reader
         self._write_lock = trio.Lock()
+        self._flags = 0  # (CAPBUS_PEER_FLAG_*, as last set)
+        self._recv_lock = trio.Lock()  # (one RECV at a time: each would replace the other)
         self._closed = False
         self._broken: CapbusError | None = None
         self._key: bytes | None = None
@@ -543,8 +552,25 @@ class Peer:
         """Asks the kernel to attach each sender's credentials (:attr:`Message.sender`) to the
         data messages this peer receives from now on. Off by default: metadata is the
         receiver's to ask for (docs/design.md 2.1 rules 9 and 14)."""
-        flags = _wire.PEER_FLAG_WANT_METADATA if enabled else 0
+        await self._set_flag(_wire.PEER_FLAG_WANT_METADATA, enabled)
+
+    async def hold_messages(self, enabled: bool = True) -> None:
+        """Keeps the messages and notifications sent to this peer queued in the kernel (charged
+        as ever, so a peer that receives slowly pushes back on its senders) until it receives
+        them: each :meth:`recv` then takes one from there, and ``recv(priority=P)`` lets the
+        kernel choose the most urgent one at or above P (kdbus's priority receive). Messages
+        already written to this peer before stay first. Disabled again, what is held is
+        written in order. See docs/peer-api.md "Priority"."""
+        await self._set_flag(_wire.PEER_FLAG_HOLD, enabled)
+
+    @property
+    def holds_messages(self) -> bool:
+        return bool(self._flags & _wire.PEER_FLAG_HOLD)
+
+    async def _set_flag(self, flag: int, enabled: bool) -> None:
+        flags = self._flags | flag if enabled else self._flags & ~flag
         await self._call(_wire.CMD_PEER_SET_FLAGS, _wire.U64.pack(flags))
+        self._flags = flags
 
     async def info(self) -> PeerInfo:
         """What the kernel knows about this peer, and its limits."""
@@ -775,14 +801,23 @@ class Peer:
             return None
         return results
 
-    async def recv(self, *, priority: bool = False) -> Message:
+    async def recv(self, *, priority: int | None = None) -> Message:
         """The next message or notification, in the global order.
 
-        With ``priority``, the most urgent message already delivered to this peer is returned
-        first instead (ties keep their order); see docs/peer-api.md "Priority".
+        With ``priority`` (on a peer that :meth:`hold_messages`), the most urgent message at
+        or above that priority instead, as the kernel chooses among all it holds for this
+        peer (ties: the oldest; notifications count as priority 0); waits for one if there
+        is none. See docs/peer-api.md "Priority".
         """
-        if priority:
-            await self._drain_available()
+        if priority is not None and (isinstance(priority, bool) or not isinstance(priority, int)):
+            raise TypeError(f"priority is an int (at least this urgent), not {priority!r}")
+        if self._flags & _wire.PEER_FLAG_HOLD:
+            return await self._take(priority)
+        if priority is not None:
+            raise InvalidArgument(
+                "recv(priority=...) chooses among the messages the kernel holds: call "
+                "hold_messages() on this peer first"
+            )
         inbox = self._inbox
         waited = False
         while True:
@@ -793,12 +828,39 @@ class Peer:
             else:
                 await trio.lowlevel.checkpoint()
                 waited = True  # (and look again: another task may have taken the message)
-        if priority:
-            best = max(range(len(inbox)), key=lambda i: (inbox[i].priority, -i))
-            message = inbox[best]
-            del inbox[best]
-            return message
         return inbox.popleft()
+
+    async def _take(self, priority: int | None) -> Message:
+        """recv on a peer that holds its messages: one CAPBUS_CMD_RECV at a time; the kernel
+        writes the message it takes before its reply. A message written for a receive that
+        was cancelled is in the inbox: returned first, as are any written before holding."""
+        async with self._recv_lock:
+            while True:
+                held = self._from_inbox(priority)
+                if held is not None:
+                    await trio.lowlevel.checkpoint()
+                    return held
+                flags = 0 if priority is None else _wire.RECV_FLAG_PRIORITY
+                body = _wire.RECV.pack(0 if priority is None else priority, flags)
+                try:
+                    await self._call(_wire.CMD_RECV, body)
+                except ReceiveReplaced:
+                    continue  # (replaced: by a receive of this peer's from another process)
+                # (none in the inbox after the reply: the note it took was withdrawn, its
+                # handle released first; ask again)
+
+    def _from_inbox(self, priority: int | None) -> Message | None:
+        inbox = self._inbox
+        if not inbox:
+            return None
+        if priority is None:
+            return inbox.popleft()
+        best = max(range(len(inbox)), key=lambda i: (inbox[i].priority, -i))
+        if inbox[best].priority < priority:
+            return None
+        message = inbox[best]
+        del inbox[best]
+        return message
 
     def recv_nowait(self) -> Message:
         """The next message if one has arrived, else raises :class:`trio.WouldBlock`.
@@ -817,16 +879,6 @@ class Peer:
                 self._broken = Disconnected(f"connection to the kernel failed: {error}")
             self._check_usable()
         return self._inbox.popleft()
-
-    async def _drain_available(self) -> None:
-        if self._reading:
-            return
-        while True:
-            self._check_usable()
-            try:
-                self._read_frame()
-            except BlockingIOError:
-                return
 
     # -- bootstrap ---------------------------------------------------------------------------
 
@@ -890,7 +942,8 @@ _COMMAND_NAMES = {
     _wire.CMD_SEED_TAKE: "take_seed",
     _wire.CMD_SEED_SET: "set_seed",
     _wire.CMD_HANDLE_QUERY: "handle_state",
-    _wire.CMD_PEER_SET_FLAGS: "want_metadata",
+    _wire.CMD_PEER_SET_FLAGS: "set_flags",
+    _wire.CMD_RECV: "recv",
 }
 
 

@@ -215,12 +215,49 @@ static void cmd_peer_set_flags(struct cb_peer *peer, uint64_t cookie, const uint
 		error = EINVAL;
 	} else {
 		memcpy(&flags, body, sizeof(flags));
-		if (flags & ~(uint64_t)CAPBUS_PEER_FLAG_WANT_METADATA)
+		if (flags & ~(uint64_t)(CAPBUS_PEER_FLAG_WANT_METADATA | CAPBUS_PEER_FLAG_HOLD))
 			error = EINVAL;
-		else
-			peer->want_metadata = flags & CAPBUS_PEER_FLAG_WANT_METADATA;
+	}
+	if (!error) {
+		peer->want_metadata = flags & CAPBUS_PEER_FLAG_WANT_METADATA;
+		bool hold = flags & CAPBUS_PEER_FLAG_HOLD;
+		if (peer->hold && !hold) {
+			if (peer->recv_waiting) {
+				peer->recv_waiting = false;
+				cb_queue_reply(peer, peer->recv_cookie, CAPBUS_CMD_RECV, ECANCELED, NULL, 0);
+			}
+			cb_peer_dirty(peer); /* what was held goes now, in order */
+		}
+		peer->hold = hold;
 	}
 	cb_queue_reply(peer, cookie, CAPBUS_CMD_PEER_SET_FLAGS, error, NULL, 0);
+}
+
+static void cmd_recv(struct cb_peer *peer, uint64_t cookie, const uint8_t *body, size_t body_size)
+{
+	struct capbus_cmd_recv cmd;
+	if (body_size != sizeof(cmd) || !peer->hold) {
+		cb_queue_reply(peer, cookie, CAPBUS_CMD_RECV, EINVAL, NULL, 0);
+		return;
+	}
+	memcpy(&cmd, body, sizeof(cmd));
+	if (cmd.flags & ~(uint32_t)CAPBUS_RECV_FLAG_PRIORITY) {
+		cb_queue_reply(peer, cookie, CAPBUS_CMD_RECV, EINVAL, NULL, 0);
+		return;
+	}
+	if (peer->recv_waiting) { /* replaced: its asker gave up on it (a cancelled receive) */
+		peer->recv_waiting = false;
+		cb_queue_reply(peer, peer->recv_cookie, CAPBUS_CMD_RECV, ECANCELED, NULL, 0);
+	}
+	bool by_priority = cmd.flags & CAPBUS_RECV_FLAG_PRIORITY;
+	if (cb_queue_take(peer, by_priority, cmd.priority)) {
+		cb_queue_reply(peer, cookie, CAPBUS_CMD_RECV, 0, NULL, 0);
+		return;
+	}
+	peer->recv_waiting = true;
+	peer->recv_by_priority = by_priority;
+	peer->recv_priority = cmd.priority;
+	peer->recv_cookie = cookie;
 }
 
 static void cmd_peer_query(struct cb_peer *peer, uint64_t cookie, size_t body_size)
@@ -460,6 +497,9 @@ void cb_command_dispatch(struct cb_peer *peer, const uint8_t *data, size_t size,
 		break;
 	case CAPBUS_CMD_PEER_SET_FLAGS:
 		cmd_peer_set_flags(peer, frame->cookie, body, body_size);
+		break;
+	case CAPBUS_CMD_RECV:
+		cmd_recv(peer, frame->cookie, body, body_size);
 		break;
 	case CAPBUS_CMD_DISCONNECT:
 		cb_queue_reply(peer, frame->cookie, CAPBUS_CMD_DISCONNECT, body_size ? EINVAL : 0, NULL, 0);

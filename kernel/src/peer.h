@@ -57,6 +57,11 @@ struct cb_peer {
 	uint32_t violations;
 	uint32_t epoll_events;      /* what the kernel currently polls this peer's fd for */
 	bool want_metadata;         /* CAPBUS_PEER_FLAG_WANT_METADATA */
+	bool hold;                  /* CAPBUS_PEER_FLAG_HOLD: messages written as RECV takes them */
+	bool recv_waiting;          /* a RECV waits for a message (hold only): ... */
+	bool recv_by_priority;      /* ... its CAPBUS_RECV_FLAG_PRIORITY, */
+	int32_t recv_priority;      /* ... its least priority, */
+	uint64_t recv_cookie;       /* ... and its cookie */
 	bool charged_as_adopted;    /* the embedder chose whom to charge (capbus_kernel_adopt with
 				     * a uid): not moved to whoever writes (cb_peer_charge_to) */
 	bool monitor;               /* receives copies of all traffic (monitor.c) */

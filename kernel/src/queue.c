@@ -16,6 +16,7 @@
 
 void cb_queue_init(struct cb_queue *queue)
 {
+	cb_list_init(&queue->taken);
 	cb_list_init(&queue->replies);
 	cb_list_init(&queue->entries);
 	queue->n_entries = 0;
@@ -157,15 +158,19 @@ void cb_queue_push(struct cb_peer *peer, struct cb_qentry *entry)
 		}
 		(entry->backlog_of ? entry->backlog_of : peer->user)->backlog_bytes += cost;
 	}
+	if (!entry->is_reply && peer->recv_waiting)
+		cb_queue_answer_recv(peer);
 	cb_peer_dirty(peer);
 }
 
-/* The next entries to write, replies first, at most `max`. */
-static int collect(struct cb_queue *queue, struct cb_qentry **out, int max)
+/* The next entries to write, at most `max`: what RECVs took, replies, then (unless the peer
+ * holds its messages) the messages and notifications in order. */
+static int collect(struct cb_queue *queue, struct cb_qentry **out, int max, bool hold)
 {
 	int n = 0;
-	struct cb_link *lists[] = { &queue->replies, &queue->entries };
-	for (size_t l = 0; l < 2 && n < max; l++)
+	struct cb_link *lists[] = { &queue->taken, &queue->replies, &queue->entries };
+	size_t n_lists = hold ? 2 : 3;
+	for (size_t l = 0; l < n_lists && n < max; l++)
 		for (struct cb_link *link = lists[l]->next; link != lists[l] && n < max; link = link->next)
 			out[n++] = cb_container_of(link, struct cb_qentry, link);
 	return n;
@@ -209,7 +214,7 @@ int cb_queue_flush(struct cb_peer *peer)
 
 	cb_queue_reclaim_fds(peer);
 	for (;;) {
-		int n = collect(queue, batch, CB_TX_BATCH);
+		int n = collect(queue, batch, CB_TX_BATCH, peer->hold);
 		bool stalled = false;
 		uint32_t pending = 0;
 		for (int i = 0; i < n; i++) {
@@ -274,8 +279,8 @@ int cb_queue_flush(struct cb_peer *peer)
 void cb_queue_drop(struct cb_peer *peer)
 {
 	struct cb_queue *queue = &peer->queue;
-	struct cb_link *lists[] = { &queue->replies, &queue->entries };
-	for (size_t i = 0; i < 2; i++) {
+	struct cb_link *lists[] = { &queue->taken, &queue->replies, &queue->entries };
+	for (size_t i = 0; i < 3; i++) {
 		while (!cb_list_empty(lists[i])) {
 			struct cb_qentry *entry = cb_list_first(lists[i], struct cb_qentry, link);
 			cb_list_del(&entry->link);
@@ -340,7 +345,7 @@ void cb_queue_withdraw(struct cb_peer *peer, struct cb_qentry *note)
 	note->note_of = NULL;
 	/* The last note of its transaction: the one before it must not announce it any more. */
 	if (!(message_header(note)->flags & CAPBUS_MSG_FLAG_CONTINUE)) {
-		if (note->link.prev == &queue->entries) {
+		if (note->link.prev == &queue->entries || note->link.prev == &queue->taken) {
 			if (queue->continued_seq == note->seq)
 				return; /* announced by a frame already written: delivered, stale */
 		} else {
@@ -352,6 +357,45 @@ void cb_queue_withdraw(struct cb_peer *peer, struct cb_qentry *note)
 	cb_list_del(&note->link);
 	queue->n_entries--;
 	entry_release(peer, note);
+}
+
+bool cb_queue_take(struct cb_peer *peer, bool by_priority, int32_t min_priority)
+{
+	struct cb_queue *queue = &peer->queue;
+	struct cb_qentry *best = NULL;
+	for (struct cb_link *link = queue->entries.next; link != &queue->entries; link = link->next) {
+		struct cb_qentry *entry = cb_container_of(link, struct cb_qentry, link);
+		if (!by_priority) {
+			best = entry;
+			break;
+		}
+		int32_t priority = message_header(entry)->priority;
+		if (priority >= min_priority && (!best || priority > message_header(best)->priority))
+			best = entry;
+	}
+	if (!best)
+		return false;
+	/* Taken alone: a frame after it of the same transaction is not promised any more. */
+	struct capbus_message *header = message_header(best);
+	if (header->flags & CAPBUS_MSG_FLAG_CONTINUE) {
+		header->flags &= (uint16_t)~CAPBUS_MSG_FLAG_CONTINUE;
+	} else if (best->link.prev != &queue->entries) {
+		struct cb_qentry *prev = cb_container_of(best->link.prev, struct cb_qentry, link);
+		if (prev->seq == best->seq)
+			message_header(prev)->flags &= (uint16_t)~CAPBUS_MSG_FLAG_CONTINUE;
+	}
+	cb_list_del(&best->link);
+	cb_list_add_tail(&queue->taken, &best->link);
+	cb_peer_dirty(peer);
+	return true;
+}
+
+void cb_queue_answer_recv(struct cb_peer *peer)
+{
+	if (!peer->recv_waiting || !cb_queue_take(peer, peer->recv_by_priority, peer->recv_priority))
+		return;
+	peer->recv_waiting = false;
+	cb_queue_reply(peer, peer->recv_cookie, CAPBUS_CMD_RECV, 0, NULL, 0);
 }
 
 static void queue_reply(struct cb_peer *peer, struct cb_user *backlog_of, uint64_t cookie, uint16_t command,

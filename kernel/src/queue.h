@@ -64,6 +64,7 @@ struct cb_qentry {
 };
 
 struct cb_queue {
+	struct cb_link taken;   /* held entries a RECV took: written first, before its reply */
 	struct cb_link replies;
 	struct cb_link entries;
 	size_t n_entries;
@@ -112,6 +113,12 @@ void cb_queue_notify_prepaid(struct cb_peer *peer, struct cb_qentry *note, uint1
  * their notes are queued and pile up notes paid for by nothing. Kept (its handle let go)
  * only when it is the frame a CONTINUE already written promised: one per peer at most. */
 void cb_queue_withdraw(struct cb_peer *peer, struct cb_qentry *note);
+/* On a peer that holds its messages (CAPBUS_PEER_FLAG_HOLD): takes the message a RECV asks
+ * for (the oldest, or by_priority the most urgent at least min_priority) to be written next;
+ * false if none is queued. */
+bool cb_queue_take(struct cb_peer *peer, bool by_priority, int32_t min_priority);
+/* Answers a waiting RECV if a message it takes has come (called as entries are queued). */
+void cb_queue_answer_recv(struct cb_peer *peer);
 /* Queues the reply to a command. */
 void cb_queue_reply(struct cb_peer *peer, uint64_t cookie, uint16_t command, int error,
 		    const void *body, uint32_t body_size);

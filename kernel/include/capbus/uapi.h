@@ -69,6 +69,7 @@ enum capbus_frame_type {
 	CAPBUS_CMD_DISCONNECT       = 0x0a, /* body: none                     reply: none, then the kernel hangs up */
 	CAPBUS_CMD_HANDLE_QUERY     = 0x0c, /* body: u64 id                   reply: capbus_reply_handle */
 	CAPBUS_CMD_PEER_SET_FLAGS   = 0x0d, /* body: u64 CAPBUS_PEER_FLAG_*   reply: none */
+	CAPBUS_CMD_RECV             = 0x0e, /* body: capbus_cmd_recv          reply: none, after the message it takes */
 
 	/* kernel -> peer */
 	CAPBUS_FRAME_REPLY          = 0x80, /* body: capbus_reply, then the command's reply body */
@@ -155,6 +156,22 @@ struct capbus_reply_query {
 /* Data messages to this peer carry the sender's credentials (uid, gid, pid, process_id,
  * peer); without it they carry ~0, ~0, 0, 0, 0. Sender metadata is the receiver's to ask for. */
 #define CAPBUS_PEER_FLAG_WANT_METADATA 0x1
+/* Messages and notifications to this peer stay queued in the kernel (charged as ever) and
+ * are written one at a time, as CAPBUS_CMD_RECV takes them: the kernel chooses which (by
+ * priority, kdbus's KDBUS_RECV_USE_PRIORITY). Cleared, what is held is written in order. */
+#define CAPBUS_PEER_FLAG_HOLD          0x2
+
+/* CAPBUS_CMD_RECV, on a peer that holds its messages: writes the oldest queued message or
+ * notification (the global order), or with CAPBUS_RECV_FLAG_PRIORITY the most urgent one
+ * whose priority is at least `priority` (ties: the oldest; notifications count as 0), and
+ * then the reply. With none queued, the reply waits until one comes; a new RECV replaces a
+ * waiting one (answered ECANCELED), as does clearing the HOLD flag. A message taken alone
+ * never says CONTINUE. EINVAL on a peer that does not hold. */
+struct capbus_cmd_recv {
+	int32_t priority;
+	uint32_t flags;         /* CAPBUS_RECV_FLAG_* */
+};
+#define CAPBUS_RECV_FLAG_PRIORITY 0x1
 
 struct capbus_reply_handle {
 	uint32_t n_user;        /* references this peer holds on the handle */
