@@ -319,7 +319,12 @@ class StreamEngine(ClientClasses):
             return Descriptor("receiverHosted", client.handle)
         promise, transform = client.pipeline
         question = self.questions.get(promise.question_id)
-        if promise.vat is self.vat and question is not None and not question.returned:
+        if (
+            promise.vat is self.vat
+            and question is not None
+            and question.done is promise._done  # (not a later question given its id)
+            and not question.returned
+        ):
             return Descriptor("receiverAnswer", promise.question_id, transform)
         return None
 

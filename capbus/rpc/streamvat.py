@@ -71,13 +71,16 @@ log = logging.getLogger("capbus.rpc.streamvat")
 
 MAX_CALLS = 256
 OUTBOX_HIGH = 1 << 19
-"""Bytes queued to write past which a sender waits until the peer has read some (and the
-receive loop reads no more: the peer's writes wait too)."""
+"""Bytes queued to write past which a sender waits until the peer has read some."""
+OUTBOX_READING_LIMIT = 64 << 20
+"""Bytes queued or being written past which the receive loop reads no more (the peer's
+writes wait too): what a peer that reads nothing can make this side hold. Far above what
+two vats calling each other hard have under way (each keeps reading: no deadlock)."""
+MAX_POSTED = 4096
+"""Messages posted (Finish, Release) and not yet written past which the peer is taken to
+read nothing and is disconnected."""
 CORKED_BYTES = 1 << 16
 """Bytes queued while corked past which they are written anyway."""
-OUTBOX_LIMIT = 256 << 20
-"""Bytes queued past which (the peer reads nothing) the connection is dropped: what is
-queued without a sender that could wait (Finish and Release from collected objects)."""
 SEND_TIMEOUT = 60.0
 _RECEIVE_BYTES = 1 << 16
 
@@ -200,10 +203,15 @@ class StreamVat:
             answer_state=_Serving,
         )
         self.max_message_bytes, self.send_timeout = max_message_bytes, send_timeout
+        self._reading_limit = max(OUTBOX_READING_LIMIT, 2 * max_message_bytes)
         self._reader = FrameReader(max_message_bytes)
         self._outbox: list[bytes] = []
         """What is queued to write, in order (see "sending")."""
+        self._posted: list[bytes] = []
+        """What was posted since the last write began (see "sending")."""
+        self._posts_queued = 0  # (posted messages not yet taken by a write)
         self._queued = 0
+        self._in_flight = 0  # (bytes the writer is writing)
         self._writing = False
         self._corked = 0
         self._writer_wake = trio.Event()
@@ -259,7 +267,12 @@ class StreamVat:
         if isinstance(asked, Client):
             return await self.call(asked, method, params)
         question_id, question, framed = asked
-        await self._send_call(framed)
+        try:
+            await self._send_call(framed)
+        except BaseException:
+            if not question.returned:  # (sent, or about to be: the callee lets it go)
+                self.engine.finish(question_id, question)
+            raise
         returned = await self._await(question_id, question)
         assert isinstance(returned.results, StructReader)
         return returned.results
@@ -272,12 +285,13 @@ class StreamVat:
         if isinstance(asked, Client):
             return await self.send_call(asked, method, params)
         question_id, question, framed = asked
+        if self.closed is not None:
+            self.engine.free_question(question_id)
+            raise self.closed
         promise = Promise(self, client, method, question_id, question.done)
-        try:
-            await self._send_bytes(framed)
-        except BaseException:
-            promise._finalizer.detach()
-            raise
+        # Queued now, without a wait: from here on the promise is what lets the call go (its
+        # Finish goes when it is collected, even if this caller is cancelled right here).
+        await self._send_bytes(framed)
         return promise
 
     async def _question_for(
@@ -360,27 +374,42 @@ class StreamVat:
     # when nothing is queued before it and the socket takes it (a plain socket, without a
     # task), else by the writer task. While the receive loop handles what one read brought,
     # or a Call gathers others (_send_call), nothing is written: it all goes out in one
-    # write at the end.
+    # write at the end. Messages posted from where nothing can wait (finalizers: a Finish
+    # for a collected promise, a Release) wait apart until the next write begins: a
+    # finalizer may run in the middle of one, and must not land inside it.
+    #
+    # Flow control: a sender waits while more than OUTBOX_HIGH bytes are queued (the peer
+    # reads too little); the receive loop never does below OUTBOX_READING_LIMIT, so two
+    # vats calling each other hard never both stop reading (each would wait for the other).
 
     def _post(self, framed: bytes, sent: Callable[[], None] | None = None) -> None:
         """Sends from where no await is possible (a finalizer, the engine); ``sent`` is
-        called once it is queued (in order: nothing queued later goes before it). Never
-        written from here, only queued: a finalizer may run in the middle of a write. A
-        peer that reads nothing while OUTBOX_LIMIT bytes pile up is disconnected."""
-        self._outbox.append(framed)
-        self._queued += len(framed)
+        called once it is queued: before anything queued after this returns. A peer that
+        reads nothing while MAX_POSTED of these pile up is disconnected."""
+        if self.closed is not None:
+            return
+        self._posted.append(framed)
         if sent is not None:
             sent()
-        if self._queued > OUTBOX_LIMIT:
-            self._close(Disconnected(f"the peer read nothing of {self._queued} bytes due to it"))
+        if len(self._posted) + self._posts_queued > MAX_POSTED:
+            self._close(Disconnected(f"the peer read nothing of {MAX_POSTED} messages due to it"))
             return
         self._wake_writer()
+
+    def _take_posted(self) -> None:
+        """Moves what was posted into the queue (before a write: after all queued so far)."""
+        if self._posted:
+            posted, self._posted = self._posted, []
+            self._outbox.extend(posted)
+            self._queued += sum(len(p) for p in posted)
+            self._posts_queued += len(posted)
 
     def _write(self, data: bytes) -> None:
         """Queues ``data`` and writes what it can at once (see above); nothing on a closed
         connection (``closed`` says why)."""
         if self.closed is not None:
             return
+        self._take_posted()
         if self._corked or self._outbox or self._writing or self._raw is None:
             self._outbox.append(data)
             self._queued += len(data)
@@ -395,19 +424,21 @@ class StreamVat:
             self._close(Disconnected(f"the connection broke: {error}"))
             return
         if sent < len(data):
-            self._outbox.append(memoryview(data)[sent:].tobytes())
-            self._queued += len(data) - sent
+            rest = memoryview(data)[sent:].tobytes()  # (a finalizer run here posts apart)
+            self._outbox.insert(0, rest)  # (first: ahead of anything queued meanwhile)
+            self._queued += len(rest)
             self._wake_writer()
 
     def _uncork(self) -> None:
         """Ends a stretch of queueing without writing: what was queued goes now."""
         self._corked -= 1
+        self._take_posted()
         if self._corked or not self._outbox or self._writing or self.closed is not None:
             if self._outbox and not self._corked:
                 self._wake_writer()
             return
         pending, self._outbox = self._outbox, []
-        self._queued = 0
+        self._queued = self._posts_queued = 0
         self._write(b"".join(pending))
 
     def _wake_writer(self) -> None:
@@ -416,14 +447,18 @@ class StreamVat:
     async def _writer(self) -> None:
         """Writes what is queued and could not be written at once."""
         while True:
+            self._take_posted()
             while not self._outbox or (self._corked and self._queued <= CORKED_BYTES):
                 self._room.set()
                 if not self._outbox:
                     self._written.set()
                 await self._writer_wake.wait()
                 self._writer_wake = trio.Event()
+                self._take_posted()
             pending, self._outbox = self._outbox, []
-            self._queued -= sum(len(p) for p in pending)
+            self._in_flight = sum(len(p) for p in pending)
+            self._queued -= self._in_flight
+            self._posts_queued = 0
             self._writing = True
             try:
                 with trio.move_on_after(self.send_timeout) as waited:
@@ -433,6 +468,7 @@ class StreamVat:
                 return
             finally:
                 self._writing = False
+                self._in_flight = 0
             if waited.cancelled_caught:
                 self._close(Disconnected(f"the peer read nothing for {self.send_timeout:g} s"))
                 return
@@ -511,7 +547,7 @@ class StreamVat:
                             await trio.lowlevel.checkpoint()  # not refused past max_calls)
                 finally:
                     self._uncork()
-                if self._queued > OUTBOX_HIGH:  # (the peer reads too little: read no more)
+                if self._queued + self._in_flight > self._reading_limit:  # (it reads nothing)
                     await self._wait_for_room()
                 else:
                     await trio.lowlevel.checkpoint()
@@ -674,23 +710,30 @@ class StreamVat:
                     encoded = self.engine.failed(question_id, answer, failed)
                 finally:
                     mine.set()
-            await self._send_return(question_id, answer, encoded)
-        except (RpcError, trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
+            encoded = self._return_of(question_id, answer, encoded)
         finally:
             if forwarding is not None:
                 forwarding.done()
-            self._calls.release()
+            self._calls.release()  # (the handler is done: its slot is free before the write)
+        await self._send_quietly(encoded)
 
-    async def _send_return(self, question_id: int, answer: Answer, encoded: bytes | None) -> None:
-        """Sends an answer's Return (canceled, if its caller's Finish cancelled the handler)."""
+    def _return_of(self, question_id: int, answer: Answer, encoded: bytes | None) -> bytes:
+        """The Return to send for an answer whose handler is done (canceled, if its
+        caller's Finish cancelled it); what waits on the answer goes on."""
         if _serving(answer).scope.cancelled_caught or encoded is None:
             answer.error = Failed("canceled by its caller")
             encoded = frame(encode_canceled(question_id))
         encoded = self.engine.settle(question_id, answer, encoded)
         _serving(answer).returned()
+        return encoded
+
+    async def _send_quietly(self, encoded: bytes) -> None:
+        """Writes a Return (nothing if the connection is gone: its caller is too)."""
         if self.closed is None:
-            await self._send_bytes(encoded)
+            try:
+                await self._send_bytes(encoded)
+            except (RpcError, trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
 
     def _serve_inline(self, arrived: CallArrived) -> bool:
         """Runs a call to a plain-function handler (server.py) right here in the receive
@@ -742,11 +785,10 @@ class StreamVat:
                     encoded = engine.failed(question_id, answer, error)
                 except Exception as error:  # noqa: BLE001 - the caller gets it as Failed
                     encoded = engine.failed(question_id, answer, handler_failed(server, method, error))
-            await self._send_return(question_id, answer, encoded)
-        except (RpcError, trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
+            encoded = self._return_of(question_id, answer, encoded)
         finally:
             self._calls.release()
+        await self._send_quietly(encoded)
 
     async def _echo_disembargo(self, answer: Answer, transform: tuple[int, ...], embargo_id: int) -> None:
         await _serving(answer).wait_returned()

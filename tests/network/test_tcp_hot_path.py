@@ -18,7 +18,6 @@ import pytest
 import trio
 
 import capbus
-from capbus.rpc import streamvat
 from capbus.rpc.streamvat import StreamVat, open_stream_vat
 from capbus.rpc.twoparty import FrameReader, decode, rpc
 
@@ -266,9 +265,9 @@ async def test_calls_gathered_into_one_write_each_get_their_own_results() -> Non
 
 
 async def test_a_peer_that_reads_nothing_stops_being_read_not_buffered() -> None:
-    """A peer that sends calls with large results and reads nothing: this side queues at
-    most about OUTBOX_HIGH bytes for it and then stops reading (the peer's own writes
-    wait), and serves other connections meanwhile."""
+    """A peer that sends calls with large results and reads nothing: this side holds at
+    most about OUTBOX_READING_LIMIT bytes for it and then stops reading (the peer's own
+    writes wait), and serves other connections meanwhile."""
     big = "x" * 60_000
     async with served(Echo()) as (port, vats):
         peer = RawPeer(await trio.open_tcp_stream("127.0.0.1", port))
@@ -280,14 +279,15 @@ async def test_a_peer_that_reads_nothing_stops_being_read_not_buffered() -> None
         call.sendResultsTo.caller = None
         call.noPromisePipelining = True
         call.init("params").content.as_struct(raw_echo.Echo.schema.methods["echo"].param_type).text = big
-        with trio.move_on_after(2):  # (until this side stops reading: the writes block)
-            for question_id in range(1, 2000):
+        with trio.move_on_after(5):  # (until this side stops reading: the writes block)
+            for question_id in range(1, 3000):
                 call.questionId = question_id
                 await peer.stream.send_all(message.to_bytes())
                 message.clear_write_flag()
         vat = vats[0]
-        # (past OUTBOX_HIGH, at most the results of what one read brought: a couple of calls)
-        assert vat._queued <= streamvat.OUTBOX_HIGH + 4 * len(big), vat._queued
+        # (past the reading limit, at most the results of what one read brought: a couple)
+        held = vat._queued + vat._in_flight
+        assert held <= vat._reading_limit + 4 * len(big), held
         assert vat.closed is None
         other = await trio.open_tcp_stream("127.0.0.1", port)
         async with open_stream_vat(other) as other_vat:

@@ -16,6 +16,8 @@ import trustme
 import capbus
 from capbus.addresses import TcpAddress
 
+from .certificates import tls_contexts
+
 HERE = Path(__file__).parent
 echo: Any = capbus.load(HERE.parent / "serving" / "echo.capnp")
 TIMEOUT = 10
@@ -26,19 +28,8 @@ class Echo(echo.Echo.Server):  # type: ignore[misc,name-defined]
         return text
 
 
-def _contexts() -> tuple[ssl.SSLContext, ssl.SSLContext]:
-    """(the service's context, with a certificate for 127.0.0.1; a client context trusting
-    the authority that signed it)."""
-    authority = trustme.CA()
-    service = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    authority.issue_cert("127.0.0.1").configure_cert(service)
-    client = ssl.create_default_context()
-    authority.configure_trust(client)
-    return service, client
-
-
 async def test_a_client_trusting_the_authority_calls_over_tls() -> None:
-    service_context, client_context = _contexts()
+    service_context, client_context = tls_contexts()
     async with capbus.serve(Echo(), "tls:127.0.0.1:0", tls=service_context) as service:
         assert isinstance(service.address, TcpAddress) and service.address.tls
         with trio.fail_after(TIMEOUT):
@@ -60,7 +51,7 @@ async def test_tls_takes_a_context_where_it_needs_one() -> None:
     with pytest.raises(capbus.ServeError, match="takes a server context"):
         async with capbus.serve(Echo(), "tls:127.0.0.1:0"):
             pass
-    service_context, _ = _contexts()
+    service_context, _ = tls_contexts()
     with pytest.raises(capbus.ServeError, match="a TLS context given for a tcp: address"):
         async with capbus.serve(Echo(), "tcp:127.0.0.1:0", tls=service_context):
             pass
