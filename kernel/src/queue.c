@@ -19,6 +19,7 @@ void cb_queue_init(struct cb_queue *queue)
 	cb_list_init(&queue->taken);
 	cb_list_init(&queue->replies);
 	cb_list_init(&queue->entries);
+	cb_list_init(&queue->ranked);
 	queue->n_entries = 0;
 	queue->backlog_bytes = 0;
 	queue->foreign_backlog = 0;
@@ -32,6 +33,7 @@ struct cb_qentry *cb_qentry_new(uint32_t header_size)
 	if (!entry)
 		return NULL;
 	cb_list_init(&entry->link);
+	cb_list_init(&entry->ranked_link);
 	entry->message = NULL;
 	entry->charged_to = NULL;
 	entry->charged_for = 0;
@@ -50,6 +52,8 @@ struct cb_qentry *cb_qentry_new(uint32_t header_size)
 
 void cb_qentry_free(struct cb_qentry *entry)
 {
+	if (cb_link_linked(&entry->ranked_link))
+		cb_list_del(&entry->ranked_link);
 	if (entry->message)
 		cb_message_unref(entry->message);
 	if (entry->passed_fd >= 0)
@@ -145,6 +149,8 @@ void cb_queue_push(struct cb_peer *peer, struct cb_qentry *entry)
 	} else {
 		cb_list_add_tail(&peer->queue.entries, &entry->link);
 		peer->queue.n_entries++;
+		if (message_header(entry)->priority != 0)
+			cb_list_add_tail(&peer->queue.ranked, &entry->ranked_link);
 	}
 	/* What no sender was charged for is charged to the receiver's backlog, in real bytes. */
 	if (!entry->charged_to && !entry->message && !entry->prepaid) {
@@ -359,22 +365,39 @@ void cb_queue_withdraw(struct cb_peer *peer, struct cb_qentry *note)
 	entry_release(peer, note);
 }
 
+/* The oldest queued entry of priority 0 (most often the first), or NULL. */
+static struct cb_qentry *oldest_plain(struct cb_queue *queue)
+{
+	for (struct cb_link *link = queue->entries.next; link != &queue->entries; link = link->next) {
+		struct cb_qentry *entry = cb_container_of(link, struct cb_qentry, link);
+		if (message_header(entry)->priority == 0)
+			return entry;
+	}
+	return NULL;
+}
+
 bool cb_queue_take(struct cb_peer *peer, bool by_priority, int32_t min_priority)
 {
 	struct cb_queue *queue = &peer->queue;
-	struct cb_qentry *best = NULL;
-	for (struct cb_link *link = queue->entries.next; link != &queue->entries; link = link->next) {
-		struct cb_qentry *entry = cb_container_of(link, struct cb_qentry, link);
-		if (!by_priority) {
-			best = entry;
-			break;
+	struct cb_qentry *best = cb_list_first(&queue->entries, struct cb_qentry, link);
+	if (by_priority) {
+		best = NULL;
+		for (struct cb_link *link = queue->ranked.next; link != &queue->ranked; link = link->next) {
+			struct cb_qentry *entry = cb_container_of(link, struct cb_qentry, ranked_link);
+			int32_t priority = message_header(entry)->priority;
+			if (priority >= min_priority && (!best || priority > message_header(best)->priority))
+				best = entry;
 		}
-		int32_t priority = message_header(entry)->priority;
-		if (priority >= min_priority && (!best || priority > message_header(best)->priority))
-			best = entry;
+		if (min_priority <= 0 && (!best || message_header(best)->priority < 0)) {
+			struct cb_qentry *plain = oldest_plain(queue); /* 0 beats any negative one */
+			if (plain)
+				best = plain;
+		}
 	}
 	if (!best)
 		return false;
+	if (cb_link_linked(&best->ranked_link))
+		cb_list_del(&best->ranked_link);
 	/* Taken alone: a frame after it of the same transaction is not promised any more. */
 	struct capbus_message *header = message_header(best);
 	if (header->flags & CAPBUS_MSG_FLAG_CONTINUE) {

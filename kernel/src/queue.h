@@ -44,6 +44,7 @@ struct cb_user;
 
 struct cb_qentry {
 	struct cb_link link;
+	struct cb_link ranked_link;  /* queue->ranked while queued with a priority other than 0 */
 	struct cb_message *message;  /* payload and fds, or NULL */
 	struct cb_user *charged_to;  /* sending user charged on the receiver, or NULL */
 	uint32_t charged_for;        /* the receiving uid it was charged for (quota.h) */
@@ -67,6 +68,9 @@ struct cb_queue {
 	struct cb_link taken;   /* held entries a RECV took: written first, before its reply */
 	struct cb_link replies;
 	struct cb_link entries;
+	struct cb_link ranked;  /* the entries of a priority other than 0, in queue order: a
+				 * receive by priority looks at these (and at the oldest of priority
+				 * 0), not at the whole queue, which is mostly of priority 0 */
 	size_t n_entries;
 	size_t backlog_bytes;   /* memory of queued replies and notifications: what the kernel
 				 * itself queues, charged to no sender (real bytes, headers and

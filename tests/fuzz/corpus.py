@@ -116,11 +116,12 @@ class Scenario:
         fds: tuple[int, int] = (PIPE, 0),
         send_flags: int = 0,
         flags: int = 0,
+        priority: int = 0,
         receivers: Sequence[tuple[int, Sequence[str]]] = (),
     ) -> None:
         """A SEND; ``receivers`` are (slot, attached node names) that it installs handles in."""
         n_fds = fds[1] if fds[1] <= _wire.FDS_MAX else _wire.FDS_MAX
-        body = _wire.SEND.pack(len(destinations), len(handles), n_fds, len(payload), 0, send_flags)
+        body = _wire.SEND.pack(len(destinations), len(handles), n_fds, len(payload), priority, send_flags)
         body += struct.pack(f"<{len(destinations) + len(handles)}Q", *destinations, *handles) + payload
         self.command(slot, _wire.CMD_SEND, body, fds=fds, flags=flags)
         for receiver, nodes in receivers:
@@ -209,6 +210,30 @@ def multicast() -> Scenario:
     s.drain(0)
     s.drain(1)
     s.drain(2)
+    return s
+
+
+def held_receives() -> Scenario:
+    """A peer that holds its messages: RECV by priority and in order, one waiting for a
+    message that comes, one replaced by another, holding turned off with one waiting."""
+    s = Scenario()
+    s.create_node(0, "n0")
+    d0 = s.transfer(0, "n0", 1)
+    s.command(0, _wire.CMD_RECV, _wire.RECV.pack(0, 0))  # EINVAL: not holding
+    s.command(0, _wire.CMD_PEER_SET_FLAGS, _wire.U64.pack(_wire.PEER_FLAG_HOLD))
+    s.send(1, [d0], b"plain")
+    s.send(1, [d0], b"urgent", priority=7)
+    s.command(0, _wire.CMD_RECV, _wire.RECV.pack(5, _wire.RECV_FLAG_PRIORITY))
+    s.command(0, _wire.CMD_RECV, _wire.RECV.pack(9, _wire.RECV_FLAG_PRIORITY))  # waits
+    s.command(0, _wire.CMD_RECV, _wire.RECV.pack(0, 0))  # replaces it; takes "plain"
+    s.command(0, _wire.CMD_RECV, _wire.RECV.pack(-3, _wire.RECV_FLAG_PRIORITY))  # waits
+    s.send(1, [d0], b"late", priority=-1)  # answers it
+    s.command(0, _wire.CMD_RECV, _wire.RECV.pack(0, 0x80))  # EINVAL: unknown flag
+    s.command(0, _wire.CMD_RECV, _wire.RECV.pack(0, 0))  # waits
+    s.command(0, _wire.CMD_PEER_SET_FLAGS, _wire.U64.pack(0))  # ECANCELED for it
+    s.send(1, [d0], b"pushed")
+    s.drain(0)
+    s.drain(1)
     return s
 
 
@@ -311,6 +336,7 @@ SCENARIOS = {
         node_lifecycle,
         transfer_and_send,
         multicast,
+        held_receives,
         fds,
         peers_and_seeds,
         garbage,

@@ -81,6 +81,12 @@ struct slot {
 	/* Replies still due, in order: cookie and command of each dispatched frame. */
 	struct expected { uint64_t cookie; uint32_t command; bool may_be_silent; } *due;
 	size_t n_due, due_cap, due_head;
+	/* RECVs not answered yet: a RECV's reply may come after later commands' (it waits
+	 * for a message, or a newer RECV replaces it: ECANCELED then). */
+	uint64_t *recvs;
+	size_t n_recvs, recvs_cap;
+	uint64_t next_cookie;  /* each command's cookie, unique (as a real peer's): which reply
+				* answers which command is then never ambiguous */
 	/* Peers it created whose sockets are still to arrive in its PEER_CREATE replies. */
 	struct child { uint8_t key[16]; } *children;
 	size_t n_children, children_cap, children_head;
@@ -224,6 +230,11 @@ static int make_fd(enum fd_kind kind, uint32_t index, const struct slot *sender)
 
 static void expect_reply(struct slot *slot, uint64_t cookie, uint32_t command, bool may_be_silent)
 {
+	if (command == CAPBUS_CMD_RECV) {
+		slot->recvs = grow(slot->recvs, &slot->recvs_cap, slot->n_recvs + 1, sizeof(*slot->recvs));
+		slot->recvs[slot->n_recvs++] = cookie;
+		return;
+	}
 	slot->due = grow(slot->due, &slot->due_cap, slot->n_due + 1, sizeof(*slot->due));
 	slot->due[slot->n_due++] = (struct expected){ cookie, command, may_be_silent };
 }
@@ -247,6 +258,15 @@ static void check_frame(struct slot *slot, const uint8_t *data, size_t length, i
 		bool passes_peer = reply.command == CAPBUS_CMD_PEER_CREATE && reply.error == 0;
 		if (n_fds != (passes_peer ? 1u : 0u))
 			fail("reply to command %#x (error %d) carried %zu fds", reply.command, reply.error, n_fds);
+		if (reply.command == CAPBUS_CMD_RECV) {
+			for (size_t i = 0; i < slot->n_recvs; i++) {
+				if (slot->recvs[i] == frame.cookie) {
+					slot->recvs[i] = slot->recvs[--slot->n_recvs];
+					goto matched;
+				}
+			}
+			fail("a RECV reply (cookie %llu) to no RECV", (unsigned long long)frame.cookie);
+		}
 		/* Exactly one reply per command, in order; only a fully delivered QUIET send has none. */
 		while (slot->due_head < slot->n_due) {
 			struct expected *due = &slot->due[slot->due_head++];
@@ -380,6 +400,8 @@ static void dispatch(struct slot *slot, uint8_t op_action, uint8_t flags, uint8_
 		}
 		if (op_action == ACT_DISPATCH_KEY && size >= 40)
 			memcpy(data + 24, slots[(fdspec & 7) % n_slots].key, 16);
+		uint64_t cookie = ++slot->next_cookie;
+		memcpy(data + offsetof(struct capbus_frame, cookie), &cookie, sizeof(cookie));
 		memcpy(&header, data, sizeof(header));
 	}
 
@@ -474,6 +496,7 @@ static void tear_down(int fds_before)
 		if (slots[i].fd >= 0)
 			close(slots[i].fd);
 		free(slots[i].due);
+		free(slots[i].recvs);
 		free(slots[i].children);
 	}
 	/* Everyone hangs up: EOF dooms each peer, the loop settles. */

@@ -229,3 +229,26 @@ async def test_the_kernel_refuses_a_receive_of_a_peer_that_does_not_hold(connect
         await peer._call(_wire.CMD_RECV, _wire.RECV.pack(0, 0x80))  # (an unknown flag)
     with pytest.raises(capbus.InvalidArgument):
         await peer._call(_wire.CMD_RECV, b"\0" * 4)  # (a short body)
+
+
+async def test_negative_priorities_come_after_plain_ones(connect: Connect) -> None:
+    """Below 0 is less urgent than a plain message: the kernel's index of messages of a
+    priority other than 0 and the oldest plain one together give the same choice as looking
+    at every message."""
+    async with receiving(connect) as (receiver, node):
+        await send_from_another_process(receiver, node, "1:-3:n3_", "1:0:z", "1:-1:n1_", "1:2:two", "1:0:y")
+        with trio.fail_after(TIMEOUT):
+            taken = [await receiver.recv(priority=-5) for _ in range(6)]
+        released = capbus.MessageKind.NODE_RELEASED  # (the sender's going: priority 0, after y)
+        kinds = [m.kind for m in taken]
+        # (the kernel may see the sender go before n1 is taken, or after: 0 beats -1 or not yet)
+        assert kinds.count(released) == 1 and kinds.index(released) in (3, 4), kinds
+        payloads = [bytes(m.payload) for m in taken if m.kind != released]
+        assert payloads == [b"two0", b"z0", b"y0", b"n1_0", b"n3_0"]
+        sender = await connect()
+        target = await receiver.transfer(node, sender)
+        await sender.send(target, b"m", priority=-3)
+        await sender.send(target, b"k", priority=-1)
+        with trio.fail_after(TIMEOUT):
+            assert (await receiver.recv(priority=-2)).payload == b"k"
+            assert (await receiver.recv()).payload == b"m"
