@@ -15,8 +15,9 @@ back on the caller (its results relayed).
 
 Bounds: a message over ``max_message_bytes`` or of too many segments aborts the
 connection (before it is buffered); at most ``max_calls`` of the peer's calls run at once
-(past that each is answered Overloaded at once: this side keeps reading); a peer that does
-not read what this side writes for ``send_timeout`` seconds is disconnected.
+(past that each is answered Overloaded at once: this side keeps reading); writes are
+flow-controlled (see "sending": OUTBOX_HIGH, OUTBOX_READING_LIMIT, MAX_POSTED); a peer that
+does not read what this side writes for ``send_timeout`` seconds is disconnected.
 """
 
 from __future__ import annotations
