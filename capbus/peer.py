@@ -568,9 +568,14 @@ class Peer:
         return bool(self._flags & _wire.PEER_FLAG_HOLD)
 
     async def _set_flag(self, flag: int, enabled: bool) -> None:
-        flags = self._flags | flag if enabled else self._flags & ~flag
-        await self._call(_wire.CMD_PEER_SET_FLAGS, _wire.U64.pack(flags))
-        self._flags = flags
+        # Taken as set when written: the kernel carries out a peer's commands in order, so a
+        # receive of another task that goes after this one already finds it so.
+        before, self._flags = self._flags, self._flags | flag if enabled else self._flags & ~flag
+        try:
+            await self._call(_wire.CMD_PEER_SET_FLAGS, _wire.U64.pack(self._flags))
+        except CapbusError:  # (refused: as before; a cancelled call was most likely written)
+            self._flags = before
+            raise
 
     async def info(self) -> PeerInfo:
         """What the kernel knows about this peer, and its limits."""
@@ -821,6 +826,8 @@ class Peer:
         inbox = self._inbox
         waited = False
         while True:
+            if self._flags & _wire.PEER_FLAG_HOLD and not inbox:  # (held since it began)
+                return await self._take(None)
             if not inbox:
                 waited = await self._advance() or waited
             elif waited:
@@ -833,34 +840,43 @@ class Peer:
     async def _take(self, priority: int | None) -> Message:
         """recv on a peer that holds its messages: one CAPBUS_CMD_RECV at a time; the kernel
         writes the message it takes before its reply. A message written for a receive that
-        was cancelled is in the inbox: returned first, as are any written before holding."""
+        was cancelled is in the inbox: returned first, as are any written before holding.
+        Nothing is taken out of the inbox before the last checkpoint: a receive cancelled
+        at any point leaves every message there."""
         async with self._recv_lock:
             while True:
-                held = self._from_inbox(priority)
-                if held is not None:
+                if self._best_in_inbox(priority) is not None:
                     await trio.lowlevel.checkpoint()
-                    return held
+                    best = self._best_in_inbox(priority)  # (another task may have taken it)
+                    if best is not None:
+                        message = self._inbox[best]
+                        del self._inbox[best]
+                        return message
+                    continue
+                if not self._flags & _wire.PEER_FLAG_HOLD:  # (holding stopped meanwhile)
+                    if priority is not None:
+                        raise InvalidArgument("this peer stopped holding its messages: no priority receive")
+                    return await self.recv()
                 flags = 0 if priority is None else _wire.RECV_FLAG_PRIORITY
                 body = _wire.RECV.pack(0 if priority is None else priority, flags)
                 try:
                     await self._call(_wire.CMD_RECV, body)
                 except ReceiveReplaced:
-                    continue  # (replaced: by a receive of this peer's from another process)
+                    continue  # (replaced by another process's receive on this peer, or holding
+                    # was turned off: looked at again)
                 # (none in the inbox after the reply: the note it took was withdrawn, its
                 # handle released first; ask again)
 
-    def _from_inbox(self, priority: int | None) -> Message | None:
+    def _best_in_inbox(self, priority: int | None) -> int | None:
+        """Where in the inbox the message a receive takes is (the oldest, or the most
+        urgent at or above ``priority``), or None."""
         inbox = self._inbox
         if not inbox:
             return None
         if priority is None:
-            return inbox.popleft()
+            return 0
         best = max(range(len(inbox)), key=lambda i: (inbox[i].priority, -i))
-        if inbox[best].priority < priority:
-            return None
-        message = inbox[best]
-        del inbox[best]
-        return message
+        return best if inbox[best].priority >= priority else None
 
     def recv_nowait(self) -> Message:
         """The next message if one has arrived, else raises :class:`trio.WouldBlock`.

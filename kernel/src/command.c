@@ -221,14 +221,21 @@ static void cmd_peer_set_flags(struct cb_peer *peer, uint64_t cookie, const uint
 	if (!error) {
 		peer->want_metadata = flags & CAPBUS_PEER_FLAG_WANT_METADATA;
 		bool hold = flags & CAPBUS_PEER_FLAG_HOLD;
-		if (peer->hold && !hold) {
+		if (hold != peer->hold) {
+			if (!hold)
+				cb_queue_hold(peer, false);
+			peer->hold = hold;
+			if (hold)
+				cb_queue_hold(peer, true);
+		}
+		if (!hold) {
 			if (peer->recv_waiting) {
 				peer->recv_waiting = false;
 				cb_queue_reply(peer, peer->recv_cookie, CAPBUS_CMD_RECV, ECANCELED, NULL, 0);
 			}
 			cb_peer_dirty(peer); /* what was held goes now, in order */
 		}
-		peer->hold = hold;
+		cb_peer_update_events(peer);
 	}
 	cb_queue_reply(peer, cookie, CAPBUS_CMD_PEER_SET_FLAGS, error, NULL, 0);
 }
@@ -463,6 +470,13 @@ void cb_command_dispatch(struct cb_peer *peer, const uint8_t *data, size_t size,
 			refuse(peer, creds->uid, frame->cookie, frame->type, -r);
 			return;
 		}
+	}
+	if (cb_peer_draining_only(peer) && frame->type != CAPBUS_CMD_RECV && frame->type != CAPBUS_CMD_PEER_SET_FLAGS &&
+	    frame->type != CAPBUS_CMD_PEER_QUERY && frame->type != CAPBUS_CMD_DISCONNECT) {
+		/* It holds more notifications than it may: it takes them first (RECV) */
+		close_fds(fds, n_fds);
+		cb_queue_reply(peer, frame->cookie, frame->type, EDQUOT, NULL, 0);
+		return;
 	}
 	switch (frame->type) {
 	case CAPBUS_CMD_NODE_CREATE:

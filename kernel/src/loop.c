@@ -485,7 +485,8 @@ static void read_peer(struct cb_peer *peer, uint32_t events)
 		/* Near the reply backlog bound, one frame at a time, so that it is not overshot by
 		 * a batch's worth of replies. */
 		unsigned int batch = peer->kernel->rx_batch;
-		if (!hangup && peer->queue.backlog_bytes + CB_RX_BATCH * 4096u > CAPBUS_REPLY_BACKLOG_MAX)
+		if (!hangup && peer->queue.backlog_bytes - peer->queue.held_backlog + CB_RX_BATCH * 4096u >
+				       CAPBUS_REPLY_BACKLOG_MAX)
 			batch = 1;
 		int n = recvmmsg(peer->fd, io->rx, batch, MSG_DONTWAIT | MSG_CMSG_CLOEXEC, NULL);
 		if (n < 0) {

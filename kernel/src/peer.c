@@ -133,6 +133,8 @@ int cb_peer_charge_to(struct cb_peer *peer, uint32_t uid, uint32_t gid, uint32_t
 		to->n_peers++;
 		from->backlog_bytes -= backlog;
 		to->backlog_bytes += backlog;
+		from->held_backlog -= peer->queue.held_backlog;
+		to->held_backlog += peer->queue.held_backlog;
 		peer->user = to;
 	}
 	peer->uid = uid;
@@ -158,10 +160,19 @@ void cb_peer_doom(struct cb_peer *peer)
 	cb_peer_update_events(peer);
 }
 
+/* A holding peer's held notifications are drained by its RECVs, not by its reads: they do
+ * not stop its commands being read (it could never RECV again), but past the same bounds
+ * they stop all its commands but those that drain (cb_peer_draining_only). */
 bool cb_peer_over_backlog(const struct cb_peer *peer)
 {
-	return peer->queue.backlog_bytes > CAPBUS_REPLY_BACKLOG_MAX ||
-	       peer->user->backlog_bytes > peer->kernel->limits.user_backlog;
+	return peer->queue.backlog_bytes - peer->queue.held_backlog > CAPBUS_REPLY_BACKLOG_MAX ||
+	       peer->user->backlog_bytes - peer->user->held_backlog > peer->kernel->limits.user_backlog;
+}
+
+bool cb_peer_draining_only(const struct cb_peer *peer)
+{
+	return peer->queue.held_backlog > CAPBUS_REPLY_BACKLOG_MAX ||
+	       peer->user->held_backlog > peer->kernel->limits.user_backlog;
 }
 
 void cb_peer_update_events(struct cb_peer *peer)
@@ -171,7 +182,7 @@ void cb_peer_update_events(struct cb_peer *peer)
 		return;
 	/* Gated by its uid's backlog, which other peers' reading lowers: nothing on this peer
 	 * would wake it, so the loop's retry timer looks at it again (loop.c). */
-	bool gated = peer->user->backlog_bytes > peer->kernel->limits.user_backlog;
+	bool gated = peer->user->backlog_bytes - peer->user->held_backlog > peer->kernel->limits.user_backlog;
 	if (gated != peer->gated) {
 		peer->gated = gated;
 		if (gated) {
@@ -185,7 +196,10 @@ void cb_peer_update_events(struct cb_peer *peer)
 	if (!peer->doomed && !peer->read_closed && !cb_peer_over_backlog(peer))
 		events |= EPOLLIN | EPOLLRDHUP;
 	/* A stalled peer is writable but must not be written: the loop's retry brings it back. */
-	if (!peer->stalled && (!cb_list_empty(&peer->queue.entries) || !cb_list_empty(&peer->queue.replies)))
+	struct cb_queue *queue = &peer->queue;
+	bool to_write = !cb_list_empty(&queue->taken) || !cb_list_empty(&queue->replies) ||
+			(!peer->hold && !cb_list_empty(&queue->entries)); /* (held ones wait for RECVs) */
+	if (!peer->stalled && to_write)
 		events |= EPOLLOUT;
 	if (events == peer->epoll_events)
 		return;

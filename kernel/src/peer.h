@@ -100,6 +100,9 @@ int cb_peer_charge_to(struct cb_peer *peer, uint32_t uid, uint32_t gid, uint32_t
 void cb_peer_dirty(struct cb_peer *peer);
 /* Is what the kernel queued for it, or for its uid, past the backlog bound (queue.h)? */
 bool cb_peer_over_backlog(const struct cb_peer *peer);
+/* Its (or its uid's) held notifications are past the backlog bounds: of its commands only
+ * those that drain them are carried out (RECV, PEER_SET_FLAGS, PEER_QUERY, DISCONNECT). */
+bool cb_peer_draining_only(const struct cb_peer *peer);
 /* Re-arms epoll for what the peer currently needs. */
 void cb_peer_update_events(struct cb_peer *peer);
 struct cb_peer *cb_peer_by_key(struct cb_kernel *kernel, const uint8_t key[16]);

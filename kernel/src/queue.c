@@ -22,6 +22,7 @@ void cb_queue_init(struct cb_queue *queue)
 	cb_list_init(&queue->ranked);
 	queue->n_entries = 0;
 	queue->backlog_bytes = 0;
+	queue->held_backlog = 0;
 	queue->foreign_backlog = 0;
 	queue->continued_seq = 0;
 }
@@ -43,6 +44,7 @@ struct cb_qentry *cb_qentry_new(uint32_t header_size)
 	entry->passed_for = NULL;
 	entry->is_reply = false;
 	entry->in_backlog = false;
+	entry->held_counted = false;
 	entry->prepaid = false;
 	entry->note_of = NULL;
 	entry->backlog_of = NULL;
@@ -61,9 +63,42 @@ void cb_qentry_free(struct cb_qentry *entry)
 	free(entry);
 }
 
+/* Counts a queued message or notification's backlog as held (the peer holds them). */
+static void hold_count(struct cb_peer *peer, struct cb_qentry *entry)
+{
+	if (!peer->hold || !entry->in_backlog || entry->held_counted || entry->backlog_of)
+		return;
+	size_t cost = cb_qentry_cost(entry);
+	entry->held_counted = true;
+	peer->queue.held_backlog += cost;
+	peer->user->held_backlog += cost;
+}
+
+static void hold_uncount(struct cb_peer *peer, struct cb_qentry *entry)
+{
+	if (!entry->held_counted)
+		return;
+	size_t cost = cb_qentry_cost(entry);
+	entry->held_counted = false;
+	peer->queue.held_backlog -= cost;
+	peer->user->held_backlog -= cost;
+}
+
+void cb_queue_hold(struct cb_peer *peer, bool hold)
+{
+	for (struct cb_link *link = peer->queue.entries.next; link != &peer->queue.entries; link = link->next) {
+		struct cb_qentry *entry = cb_container_of(link, struct cb_qentry, link);
+		if (hold)
+			hold_count(peer, entry);
+		else
+			hold_uncount(peer, entry);
+	}
+}
+
 /* Takes the entry out of the backlog it counts in, if any. */
 static void leave_backlog(struct cb_peer *peer, struct cb_qentry *entry)
 {
+	hold_uncount(peer, entry);
 	if (!entry->in_backlog)
 		return;
 	size_t cost = cb_qentry_cost(entry);
@@ -163,6 +198,8 @@ void cb_queue_push(struct cb_peer *peer, struct cb_qentry *entry)
 			peer->queue.foreign_backlog += cost;
 		}
 		(entry->backlog_of ? entry->backlog_of : peer->user)->backlog_bytes += cost;
+		if (!entry->is_reply)
+			hold_count(peer, entry);
 	}
 	if (!entry->is_reply && peer->recv_waiting)
 		cb_queue_answer_recv(peer);
@@ -380,7 +417,10 @@ bool cb_queue_take(struct cb_peer *peer, bool by_priority, int32_t min_priority)
 {
 	struct cb_queue *queue = &peer->queue;
 	struct cb_qentry *best = cb_list_first(&queue->entries, struct cb_qentry, link);
-	if (by_priority) {
+	/* A frame already written said CONTINUE: the rest of its transaction comes next, as it
+	 * promised, whatever the priority asked for. */
+	bool continues = best && queue->continued_seq && best->seq == queue->continued_seq;
+	if (by_priority && !continues) {
 		best = NULL;
 		for (struct cb_link *link = queue->ranked.next; link != &queue->ranked; link = link->next) {
 			struct cb_qentry *entry = cb_container_of(link, struct cb_qentry, ranked_link);
@@ -398,6 +438,7 @@ bool cb_queue_take(struct cb_peer *peer, bool by_priority, int32_t min_priority)
 		return false;
 	if (cb_link_linked(&best->ranked_link))
 		cb_list_del(&best->ranked_link);
+	hold_uncount(peer, best); /* to be written now: its backlog is the reads' again */
 	/* Taken alone: a frame after it of the same transaction is not promised any more. */
 	struct capbus_message *header = message_header(best);
 	if (header->flags & CAPBUS_MSG_FLAG_CONTINUE) {

@@ -54,6 +54,7 @@ struct cb_qentry {
 	struct cb_user *passed_for;  /* the uid passed_fd is held for (quota.h), or NULL */
 	bool is_reply;
 	bool in_backlog;             /* counted in backlog_bytes */
+	bool held_counted;           /* ... and in held_backlog (queue.h: cb_queue_hold) */
 	bool prepaid;                /* a handle's NODE_DESTROY, paid with the handle: in no backlog */
 	struct cb_handle *note_of;   /* that handle while both live: it withdraws its note when it is
 				      * freed first (cb_queue_withdraw), so that a queued note never
@@ -76,6 +77,8 @@ struct cb_queue {
 				 * itself queues, charged to no sender (real bytes, headers and
 				 * bookkeeping included); past CAPBUS_REPLY_BACKLOG_MAX the peer's
 				 * commands are not read until it reads */
+	size_t held_backlog;    /* the part of it in `entries` of a peer that holds them: its
+				 * RECVs drain it, not its reads (cb_peer_over_backlog) */
 	size_t foreign_backlog; /* the part of it charged to another uid than the peer's
 				 * (backlog_of): stays there when the connection moves */
 	uint64_t continued_seq; /* the seq of the last message or notification written if it
@@ -121,6 +124,9 @@ void cb_queue_withdraw(struct cb_peer *peer, struct cb_qentry *note);
  * for (the oldest, or by_priority the most urgent at least min_priority) to be written next;
  * false if none is queued. */
 bool cb_queue_take(struct cb_peer *peer, bool by_priority, int32_t min_priority);
+/* Counts (hold) or stops counting the backlog of queued entries as held: when the peer
+ * starts or stops holding its messages. */
+void cb_queue_hold(struct cb_peer *peer, bool hold);
 /* Answers a waiting RECV if a message it takes has come (called as entries are queued). */
 void cb_queue_answer_recv(struct cb_peer *peer);
 /* Queues the reply to a command. */

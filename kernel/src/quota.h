@@ -93,6 +93,8 @@ struct cb_user {
 	uint32_t n_handles;      /* handles made for its peers (nodes they own included), held
 				  * wherever their connections moved since (handle.h, charged_to) */
 	uint64_t backlog_bytes;  /* replies and notifications queued to its peers (queue.h) */
+	uint64_t held_backlog;   /* the part of it held by peers that hold their messages
+				  * (CAPBUS_PEER_FLAG_HOLD): waiting for their RECVs, not their reads */
 	uint64_t refused_bytes;  /* the part of it that is refusals of its writes queued on
 				  * connections charged to other uids (cb_queue_refuse): past
 				  * user_backlog, its writes there are refused without a reply */
