@@ -12,6 +12,8 @@ import errno
 import os
 import socket
 import struct
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import trio
 import trio.testing
@@ -66,6 +68,22 @@ async def settled(kernel: capbus.Kernel) -> capbus.KernelStatistics:
 
 
 # -- findings ------------------------------------------------------------------------------------
+
+
+@asynccontextmanager
+async def receiver_and_sender(
+    *, hold: bool = False
+) -> AsyncIterator[tuple[capbus.Kernel, capbus.Peer, capbus.Peer, capbus.Handle, capbus.Handle]]:
+    """An embedded kernel, a receiving peer (holding its messages if ``hold``) with a node,
+    and a sender holding a handle to it."""
+    async with capbus.open_kernel() as kernel:
+        peer = await kernel.connect()
+        sender = await kernel.connect()
+        node = await peer.create_node()
+        handle = await peer.transfer(node, sender)
+        if hold:
+            await peer.hold_messages()
+        yield kernel, peer, sender, node, handle
 
 
 async def test_held_release_notes_wedge_a_holding_peer_for_ever() -> None:
@@ -179,12 +197,7 @@ async def test_a_cancelled_recv_on_a_holding_peer_loses_the_message_it_took() ->
     Should: checkpoint before taking from the inbox (as the plain recv path does), so a
     cancelled recv leaves the message for the next."""
     with trio.fail_after(TIMEOUT):
-        async with capbus.open_kernel() as kernel:
-            peer = await kernel.connect()
-            sender = await kernel.connect()
-            node = await peer.create_node()
-            handle = await peer.transfer(node, sender)
-            await peer.hold_messages()
+        async with receiver_and_sender(hold=True) as (kernel, peer, sender, node, handle):
             await sender.send(handle, b"precious")
             await peer._call(_wire.CMD_RECV, _wire.RECV.pack(0, 0))  # (a RECV whose caller went)
             assert len(peer._inbox) == 1
@@ -221,12 +234,7 @@ async def test_a_recv_waiting_when_holding_stops_raises_invalid_argument() -> No
     Should: on ECANCELED, _take looks at whether the peer still holds and, if not, receives
     the plain way (the flushed messages come in order)."""
     with trio.fail_after(TIMEOUT):
-        async with capbus.open_kernel() as kernel:
-            peer = await kernel.connect()
-            sender = await kernel.connect()
-            node = await peer.create_node()
-            handle = await peer.transfer(node, sender)
-            await peer.hold_messages()
+        async with receiver_and_sender(hold=True) as (kernel, peer, sender, node, handle):
             result: list[object] = []
 
             async def receiver() -> None:
@@ -253,11 +261,7 @@ async def test_a_recv_waiting_when_holding_starts_never_gets_a_message() -> None
     Should: a recv that waits notices that the peer now holds (e.g. B's change wakes
     waiting receivers) and takes with RECV."""
     with trio.fail_after(TIMEOUT):
-        async with capbus.open_kernel() as kernel:
-            peer = await kernel.connect()
-            sender = await kernel.connect()
-            node = await peer.create_node()
-            handle = await peer.transfer(node, sender)
+        async with receiver_and_sender() as (kernel, peer, sender, node, handle):
             result: list[bytes] = []
 
             async def receiver() -> None:
@@ -382,12 +386,7 @@ async def test_held_toggling_hold_with_a_waiting_recv_loses_nothing() -> None:
     with raw RECVs waiting in between, messages sent meanwhile: every message arrives once,
     in order, and a waiting RECV is answered ECANCELED when HOLD is cleared."""
     with trio.fail_after(TIMEOUT):
-        async with capbus.open_kernel() as kernel:
-            peer = await kernel.connect()
-            sender = await kernel.connect()
-            node = await peer.create_node()
-            handle = await peer.transfer(node, sender)
-            await peer.hold_messages()
+        async with receiver_and_sender(hold=True) as (kernel, peer, sender, node, handle):
             with trio.move_on_after(0.01):
                 await peer.recv(priority=1)  # cancelled: its RECV still waits in the kernel
             for i in range(200):
@@ -407,12 +406,7 @@ async def test_held_two_tasks_receiving_on_one_holding_peer_each_get_distinct_me
     """Held. Two tasks recv() concurrently on one holding Peer (one RECV at a time, a lock),
     with priorities mixed: no message is lost or delivered twice, nothing is left over."""
     with trio.fail_after(TIMEOUT):
-        async with capbus.open_kernel() as kernel:
-            peer = await kernel.connect()
-            sender = await kernel.connect()
-            node = await peer.create_node()
-            handle = await peer.transfer(node, sender)
-            await peer.hold_messages()
+        async with receiver_and_sender(hold=True) as (kernel, peer, sender, node, handle):
             got: list[bytes] = []
 
             async def take(priority: int | None) -> None:
