@@ -252,3 +252,32 @@ async def test_negative_priorities_come_after_plain_ones(connect: Connect) -> No
         with trio.fail_after(TIMEOUT):
             assert (await receiver.recv(priority=-2)).payload == b"k"
             assert (await receiver.recv()).payload == b"m"
+
+
+async def test_a_holder_past_its_backlog_may_only_drain(connect: Connect) -> None:
+    """Held notifications past the reply backlog bound (some 5,000 NODE_RELEASE notes, none
+    charged to a sender): the holder's commands are still read, but only those that drain
+    are carried out -- making a node is refused (QuotaExceeded) until it has taken enough,
+    a receive and a query work throughout."""
+    holder = await connect()
+    other = await connect()
+    await holder.hold_messages()
+    given = []
+    with trio.fail_after(TIMEOUT):
+        for _ in range(8000):
+            given.append(await holder.transfer(await holder.create_node(), other))
+        for handle in given:
+            await other.release(handle)
+        with pytest.raises(capbus.QuotaExceeded):
+            await holder.create_node()
+        await holder.info()  # (answered)
+        taken = 0
+        while True:
+            assert (await holder.recv()).kind == capbus.MessageKind.NODE_RELEASED
+            taken += 1
+            try:
+                await holder.create_node()
+                break
+            except capbus.QuotaExceeded:
+                continue
+    assert 0 < taken < 8000
