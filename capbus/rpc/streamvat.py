@@ -226,9 +226,9 @@ class StreamVat:
         self._calls = trio.Semaphore(max_calls)
         self.max_calls = max_calls
         self._turn: trio.Event | None = None
+        """Set once the last call served in a task has started (E-order: the next waits)."""
         self._started_task = False
         """A call was handed to a task since the receive loop's last checkpoint."""
-        """Set once the last call served in a task has started (E-order: the next waits)."""
         self.closed: RpcError | None = None
         self._closed_event = trio.Event()
         self._scopes: set[trio.CancelScope] = set()
@@ -564,8 +564,8 @@ class StreamVat:
             done = event.question.done
             done[1].append(event.returned)
             done[0].set()
-        elif isinstance(event, Send):
-            await self._send_bytes(event.framed)
+        elif isinstance(event, Send):  # (queued, never waited for here: see "sending")
+            self._write(event.framed)
             if event.answered is not None:
                 _serving(event.answered).returned()
         elif isinstance(event, FinishArrived):
@@ -638,7 +638,7 @@ class StreamVat:
             answer.error = Overloaded(f"more than {self.max_calls} calls of this connection at once")
             answer.returned = True
             _serving(answer).returned()
-            await self._send(encode_exception(question_id, answer.error))
+            self._write(frame(encode_exception(question_id, answer.error)))
             return
         if self._turn is not None and self._turn.is_set():
             self._turn = None  # (every call before has started)
