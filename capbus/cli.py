@@ -87,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     compile_.add_argument(
         "-I", "--import-path", action="append", default=[], help="a directory to import from"
     )
+    monitor = commands.add_parser("monitor", help="watch a kernel daemon's traffic, one line per event")
+    monitor.add_argument("--kernel", required=True, metavar="PATH", help="the daemon's socket")
+    monitor.add_argument("--json", action="store_true", help="one JSON object per line, for scripts")
     commands.add_parser(
         "bench", help="capbus against a raw socketpair, pycapnp, D-Bus, gRPC and ZeroMQ", add_help=False
     )
@@ -107,6 +110,10 @@ def main(argv: list[str] | None = None) -> int:
         return _run_kernel(args)
     if args.command == "compile":
         return _compile(args.schemas, args.output, args.import_path)
+    if args.command == "monitor":
+        from .monitoring import run
+
+        return run(args.kernel, args.json)
     if args.command == "serve":
         return _serve(args.address, args.factory, args.kernel, args.mode, args.cert, args.key)
     return 2

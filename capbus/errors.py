@@ -63,6 +63,13 @@ class NotOwner(CapbusError):
     default_errno = _errno.EREMOTE
 
 
+class NotPermitted(CapbusError):
+    """The kernel does not trust this peer for it (making a monitor node: root, the kernel's
+    own uid, or a peer its embedder granted the monitor). EPERM."""
+
+    default_errno = _errno.EPERM
+
+
 class AlreadyDestroyed(CapbusError):
     """The node was already destroyed. ESTALE."""
 
@@ -148,6 +155,7 @@ _BY_ERRNO: dict[int, type[CapbusError]] = {
         Disconnected,
         InvalidArgument,
         NotOwner,
+        NotPermitted,
         AlreadyDestroyed,
         HandleBusy,
         DuplicateId,

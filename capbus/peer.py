@@ -577,6 +577,21 @@ class Peer:
             self._flags = before
             raise
 
+    async def create_monitor(self) -> Handle:
+        """A new monitor node owned by this peer: whoever holds a handle to it may watch all
+        traffic (:meth:`attach_monitor`), and destroying it stops every one of them. Only
+        for a peer the kernel trusts for it (root, the kernel's own uid, or one its embedder
+        granted the monitor); others get :class:`~capbus.errors.NotPermitted`. See
+        docs/peer-api.md "Monitoring"."""
+        reply = await self._call(_wire.CMD_MONITOR_CREATE)
+        return Handle(self, _wire.U64.unpack_from(reply.body)[0])
+
+    async def attach_monitor(self, monitor: HandleLike) -> None:
+        """Makes this peer receive a MONITOR record (:class:`MessageKind.MONITOR`) of every
+        send and destroy on the bus, through a handle to a live monitor node, until that
+        node is destroyed or this peer goes."""
+        await self._call(_wire.CMD_MONITOR_ATTACH, _wire.U64.pack(self._id(monitor)))
+
     async def info(self) -> PeerInfo:
         """What the kernel knows about this peer, and its limits."""
         reply = await self._call(_wire.CMD_PEER_QUERY)
@@ -960,6 +975,8 @@ _COMMAND_NAMES = {
     _wire.CMD_HANDLE_QUERY: "handle_state",
     _wire.CMD_PEER_SET_FLAGS: "set_flags",
     _wire.CMD_RECV: "recv",
+    _wire.CMD_MONITOR_CREATE: "create_monitor",
+    _wire.CMD_MONITOR_ATTACH: "attach_monitor",
 }
 
 

@@ -85,27 +85,35 @@ static void cmd_handle_release(struct cb_peer *peer, uint64_t cookie, const uint
 	cb_queue_reply(peer, cookie, CAPBUS_CMD_HANDLE_RELEASE, error, NULL, 0);
 }
 
+/* The handle a command's body (one u64 id) names, or NULL with *error set (EINVAL for the
+ * size, ENXIO for no such handle). */
+static struct cb_handle *body_handle(struct cb_peer *peer, const uint8_t *body, size_t body_size, int *error)
+{
+	uint64_t id;
+	if (body_size != sizeof(id)) {
+		*error = EINVAL;
+		return NULL;
+	}
+	memcpy(&id, body, sizeof(id));
+	struct cb_handle *handle = cb_handle_lookup(peer, id);
+	if (!handle)
+		*error = ENXIO;
+	return handle;
+}
+
 static void cmd_handle_query(struct cb_peer *peer, uint64_t cookie, const uint8_t *body, size_t body_size)
 {
 	struct capbus_reply_handle reply = { 0 };
 	int error = 0;
-	uint64_t id;
-	if (body_size != sizeof(id)) {
-		error = EINVAL;
-	} else {
-		memcpy(&id, body, sizeof(id));
-		struct cb_handle *handle = cb_handle_lookup(peer, id);
-		if (!handle) {
-			error = ENXIO;
-		} else {
-			reply.n_user = handle->n_user;
-			if (handle->node->anchor == handle) {
-				reply.flags |= CAPBUS_HANDLE_STATE_OWNER;
-				reply.n_holders = handle->node->n_holders;
-			}
-			if (handle->node->destroyed)
-				reply.flags |= CAPBUS_HANDLE_STATE_DESTROYED;
+	struct cb_handle *handle = body_handle(peer, body, body_size, &error);
+	if (handle) {
+		reply.n_user = handle->n_user;
+		if (handle->node->anchor == handle) {
+			reply.flags |= CAPBUS_HANDLE_STATE_OWNER;
+			reply.n_holders = handle->node->n_holders;
 		}
+		if (handle->node->destroyed)
+			reply.flags |= CAPBUS_HANDLE_STATE_DESTROYED;
 	}
 	cb_queue_reply(peer, cookie, CAPBUS_CMD_HANDLE_QUERY, error, error ? NULL : &reply, error ? 0 : sizeof(reply));
 }
@@ -238,6 +246,51 @@ static void cmd_peer_set_flags(struct cb_peer *peer, uint64_t cookie, const uint
 		cb_peer_update_events(peer);
 	}
 	cb_queue_reply(peer, cookie, CAPBUS_CMD_PEER_SET_FLAGS, error, NULL, 0);
+}
+
+/* Trusted to make monitor nodes: root, the kernel process's own uid, or granted by the
+ * embedder. */
+static bool monitor_trusted(const struct cb_peer *peer)
+{
+	return peer->uid == 0 || peer->uid == (uint32_t)geteuid() || peer->monitor_trusted;
+}
+
+static void cmd_monitor_create(struct cb_peer *peer, uint64_t cookie, size_t body_size)
+{
+	int error = 0;
+	uint64_t id = 0;
+	if (body_size != 0) {
+		error = EINVAL;
+	} else if (!monitor_trusted(peer)) {
+		error = EPERM;
+	} else {
+		struct cb_handle *anchor = cb_node_create(peer, &error);
+		if (anchor) {
+			anchor->node->monitor = true;
+			id = anchor->id;
+		}
+	}
+	cb_queue_reply(peer, cookie, CAPBUS_CMD_MONITOR_CREATE, error, error ? NULL : &id, error ? 0 : sizeof(id));
+}
+
+static void cmd_monitor_attach(struct cb_peer *peer, uint64_t cookie, const uint8_t *body, size_t body_size)
+{
+	int error = 0;
+	struct cb_handle *handle = body_handle(peer, body, body_size, &error);
+	if (handle) {
+		if (!handle->node->monitor)
+			error = EINVAL;
+		else if (handle->node->destroyed)
+			error = ESTALE;
+		else if (peer->monitor)
+			error = EALREADY;
+	}
+	if (handle && !error) {
+		peer->monitor = true;
+		peer->monitor_via = handle->node->serial;
+		peer->kernel->n_monitors++;
+	}
+	cb_queue_reply(peer, cookie, CAPBUS_CMD_MONITOR_ATTACH, error, NULL, 0);
 }
 
 static void cmd_recv(struct cb_peer *peer, uint64_t cookie, const uint8_t *body, size_t body_size)
@@ -514,6 +567,12 @@ void cb_command_dispatch(struct cb_peer *peer, const uint8_t *data, size_t size,
 		break;
 	case CAPBUS_CMD_RECV:
 		cmd_recv(peer, frame->cookie, body, body_size);
+		break;
+	case CAPBUS_CMD_MONITOR_CREATE:
+		cmd_monitor_create(peer, frame->cookie, body_size);
+		break;
+	case CAPBUS_CMD_MONITOR_ATTACH:
+		cmd_monitor_attach(peer, frame->cookie, body, body_size);
 		break;
 	case CAPBUS_CMD_DISCONNECT:
 		cb_queue_reply(peer, frame->cookie, CAPBUS_CMD_DISCONNECT, body_size ? EINVAL : 0, NULL, 0);

@@ -214,6 +214,8 @@ void cb_nodes_destroy(struct cb_handle **anchors, uint32_t n, int release)
 		struct cb_link *link;
 		for (link = node->holders.next; link != &node->holders; link = link->next)
 			notify_destroyed(cb_container_of(link, struct cb_handle, holder_link), seq);
+		if (node->monitor)
+			cb_monitor_revoke(kernel, node); /* its owner revokes what it handed out */
 	}
 	cb_monitor_observe(kernel, CAPBUS_MSG_NODE_DESTROY, seq, anchors[0]->peer->uid, anchors[0]->peer->pid,
 			   n, 0, 0, NULL);

@@ -86,6 +86,9 @@ void cb_kernel_settle(struct cb_kernel *kernel);
 /* Copies an event to every monitor (monitor.c). */
 void cb_monitor_observe(struct cb_kernel *kernel, uint16_t event, uint64_t seq, uint32_t uid, uint32_t pid,
 			uint32_t n_destinations, uint32_t n_handles, uint32_t n_fds, const struct cb_message *message);
+struct cb_node;
+/* Stops every peer attached as a monitor through `node`, destroyed (monitor.c). */
+void cb_monitor_revoke(struct cb_kernel *kernel, const struct cb_node *node);
 /* Handles one frame read from `peer` (command.c). */
 void cb_command_dispatch(struct cb_peer *peer, const uint8_t *frame, size_t size, int *fds, uint32_t n_fds,
 			 const void *creds, bool fds_truncated);

@@ -277,9 +277,12 @@ int capbus_kernel_grant_monitor(struct cb_kernel *kernel, const uint8_t *peer_ke
 	struct cb_peer *peer = cb_peer_by_key(kernel, peer_key);
 	if (!peer)
 		r = -ESRCH;
-	else if (!peer->monitor) {
-		peer->monitor = true;
-		kernel->n_monitors++;
+	else {
+		peer->monitor_trusted = true;
+		if (!peer->monitor) {
+			peer->monitor = true;
+			kernel->n_monitors++;
+		}
 	}
 	pthread_mutex_unlock(&kernel->lock);
 	return r;

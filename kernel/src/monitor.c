@@ -13,10 +13,24 @@
 #include "capbus/uapi.h"
 #include "kernel.h"
 #include "message.h"
+#include "node.h"
 #include "peer.h"
 #include "queue.h"
 
 #define MONITOR_PAYLOAD_MAX 4096u
+
+void cb_monitor_revoke(struct cb_kernel *kernel, const struct cb_node *node)
+{
+	struct cb_link *link;
+	for (link = kernel->peers.next; link != &kernel->peers; link = link->next) {
+		struct cb_peer *peer = cb_container_of(link, struct cb_peer, kernel_link);
+		if (peer->monitor && peer->monitor_via == node->serial) {
+			peer->monitor = false;
+			peer->monitor_via = 0;
+			kernel->n_monitors--;
+		}
+	}
+}
 
 void cb_monitor_observe(struct cb_kernel *kernel, uint16_t event, uint64_t seq, uint32_t uid, uint32_t pid,
 			uint32_t n_destinations, uint32_t n_handles, uint32_t n_fds, const struct cb_message *message)

@@ -30,6 +30,7 @@ struct cb_node {
 	uint64_t send_mark;       /* the send (kernel->send_serial) that counted it among its
 				   * attached nodes: one handle per node, however often attached */
 	bool destroyed;
+	bool monitor;             /* a monitor node: holders may attach as monitors (uapi.h) */
 };
 
 #endif

@@ -65,6 +65,9 @@ struct cb_peer {
 	bool charged_as_adopted;    /* the embedder chose whom to charge (capbus_kernel_adopt with
 				     * a uid): not moved to whoever writes (cb_peer_charge_to) */
 	bool monitor;               /* receives copies of all traffic (monitor.c) */
+	uint64_t monitor_via;       /* the serial of the monitor node it attached through (its
+				     * destruction stops it), or 0 (granted by the embedder) */
+	bool monitor_trusted;       /* the embedder granted it the monitor: may make monitor nodes */
 	uint64_t monitor_dropped;   /* monitor records lost to a full queue */
 	bool doomed;                /* disconnect at the next safe point */
 	bool read_closed;           /* it shut down its writing side: it still reads (half-close) */

@@ -23,7 +23,7 @@ DISPATCH, DISPATCH_KEY, DRAIN, HANGUP, CLOSE, MONITOR = 0, 3, 4, 5, 6, 7
 FLAG_RAW_SIZE, FLAG_FOREIGN, FLAG_CTRUNC, FLAG_OVERSIZED, FLAG_NO_SETTLE = 0x01, 0x02, 0x04, 0x08, 0x10
 PIPE, MEMFD_SEALED, MEMFD_LOOSE, MEMFD_HUGE, UNIX_SOCKET, OWN_CONNECTION, EVENTFD, MIXED = range(8)
 COUNT_FDS_MAX, COUNT_TOO_MANY = 30, 31
-INITIAL_SLOTS = 3
+INITIAL_SLOTS = 4
 SLOTS_MAX = 8
 
 
@@ -99,6 +99,11 @@ class Scenario:
     def create_node(self, slot: int, node: str) -> int:
         self.owner[node] = slot
         self.command(slot, _wire.CMD_NODE_CREATE)
+        return self._install(slot, node)
+
+    def create_monitor(self, slot: int, node: str) -> int:
+        self.owner[node] = slot
+        self.command(slot, _wire.CMD_MONITOR_CREATE)
         return self._install(slot, node)
 
     def transfer(self, slot: int, node: str, to: int) -> int:
@@ -237,6 +242,30 @@ def held_receives() -> Scenario:
     return s
 
 
+def monitor_capability() -> Scenario:
+    """A monitor node made, handed on, attached through, traffic seen, destroyed (revoked);
+    attaching through a plain node, a destroyed one, twice."""
+    s = Scenario()
+    s.create_monitor(3, "mon")  # (slot 3: of the kernel's own uid, trusted)
+    s.create_node(0, "plain")
+    s.create_node(1, "n1")
+    d1 = s.transfer(1, "n1", 2)
+    watch = s.transfer(3, "mon", 2)
+    s.command(2, _wire.CMD_MONITOR_ATTACH, _wire.U64.pack(watch))
+    s.command(2, _wire.CMD_MONITOR_ATTACH, _wire.U64.pack(watch))  # EALREADY
+    s.command(0, _wire.CMD_MONITOR_ATTACH, _wire.U64.pack(s.id(0, "plain")))  # EINVAL
+    s.send(2, [d1], b"seen")
+    s.command(0, _wire.CMD_MONITOR_CREATE)  # EPERM: uid 1000 is not trusted
+    s.command(3, _wire.CMD_NODES_DESTROY, destroy_body([s.id(3, "mon")]))  # revoked
+    s.send(2, [d1], b"unseen")
+    s.command(1, _wire.CMD_MONITOR_ATTACH, _wire.U64.pack(0x7777))  # ENXIO
+    s.drain(0)
+    s.drain(1)
+    s.drain(2)
+    s.drain(3)
+    return s
+
+
 def fds() -> Scenario:
     s = Scenario()
     s.create_node(0, "inbox")
@@ -337,6 +366,7 @@ SCENARIOS = {
         transfer_and_send,
         multicast,
         held_receives,
+        monitor_capability,
         fds,
         peers_and_seeds,
         garbage,

@@ -83,5 +83,7 @@ def test_seeds_and_mutations_keep_the_dispatcher_sound(tmp_path: Path) -> None:
         _wire.CMD_HANDLE_QUERY,
         _wire.CMD_PEER_SET_FLAGS,
         _wire.CMD_RECV,
+        _wire.CMD_MONITOR_CREATE,
+        _wire.CMD_MONITOR_ATTACH,
     ):
         assert (command, 0) in reached, f"no input reached a successful command {command}"

@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import sys
 import textwrap
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from pathlib import Path
 
 import pytest
 import trio
@@ -18,10 +17,9 @@ import trio.testing
 
 import capbus
 
-from .other_uid import daemon
+from .conftest import Connect
 
 TIMEOUT = 60
-Connect = Callable[[], Awaitable[capbus.Peer]]
 
 SENDER = textwrap.dedent(
     """
@@ -38,32 +36,6 @@ SENDER = textwrap.dedent(
     trio.run(main)
     """
 )
-
-
-@pytest.fixture(params=["embedded", "daemon"])
-async def connect(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Connect]:
-    """A way to connect new peers: to a kernel in this process, or to a kernel daemon."""
-    made: list[capbus.Peer] = []
-    if request.param == "embedded":
-        async with capbus.open_kernel() as kernel:
-
-            async def embedded() -> capbus.Peer:
-                made.append(await kernel.connect())
-                return made[-1]
-
-            yield embedded
-            for peer in made:
-                await peer.aclose()
-    else:
-        async with daemon(tmp_path, user=None) as (path, _):
-
-            async def connected() -> capbus.Peer:
-                made.append(await capbus.connect_peer(path))
-                return made[-1]
-
-            yield connected
-            for peer in made:
-                await peer.aclose()
 
 
 @asynccontextmanager

@@ -70,6 +70,8 @@ enum capbus_frame_type {
 	CAPBUS_CMD_HANDLE_QUERY     = 0x0c, /* body: u64 id                   reply: capbus_reply_handle */
 	CAPBUS_CMD_PEER_SET_FLAGS   = 0x0d, /* body: u64 CAPBUS_PEER_FLAG_*   reply: none */
 	CAPBUS_CMD_RECV             = 0x0e, /* body: capbus_cmd_recv          reply: none, after the message it takes */
+	CAPBUS_CMD_MONITOR_CREATE   = 0x0f, /* body: none                     reply: u64 id of a new monitor node */
+	CAPBUS_CMD_MONITOR_ATTACH   = 0x10, /* body: u64 id of a handle to a monitor node  reply: none */
 
 	/* kernel -> peer */
 	CAPBUS_FRAME_REPLY          = 0x80, /* body: capbus_reply, then the command's reply body */
@@ -172,6 +174,15 @@ struct capbus_cmd_recv {
 	uint32_t flags;         /* CAPBUS_RECV_FLAG_* */
 };
 #define CAPBUS_RECV_FLAG_PRIORITY 0x1
+
+/* Monitoring is a capability (kdbus's monitor, on bus1's model): a monitor node, made with
+ * CAPBUS_CMD_MONITOR_CREATE only by a peer the kernel trusts for it (of uid 0, or of the
+ * kernel process's own uid; or one its embedder granted the monitor), is a node like any
+ * other: its owner passes handles to it to whom it wants. CAPBUS_CMD_MONITOR_ATTACH with a
+ * handle to a live monitor node makes the calling peer receive CAPBUS_MSG_MONITOR records
+ * of all traffic; destroying the node stops every peer attached through it (revocation).
+ * Errors: EPERM (MONITOR_CREATE, untrusted), ENXIO (no such handle), EINVAL (not a monitor
+ * node, size), ESTALE (destroyed), EALREADY (this peer monitors already). */
 
 struct capbus_reply_handle {
 	uint32_t n_user;        /* references this peer holds on the handle */
