@@ -279,6 +279,7 @@ int capbus_kernel_grant_monitor(struct cb_kernel *kernel, const uint8_t *peer_ke
 		r = -ESRCH;
 	else {
 		peer->monitor_trusted = true;
+		peer->monitor_via = 0; /* the embedder's grant: no node's destruction revokes it */
 		if (!peer->monitor) {
 			peer->monitor = true;
 			kernel->n_monitors++;
@@ -302,7 +303,8 @@ void capbus_kernel_stats(struct cb_kernel *kernel, struct capbus_stats *out)
 	for (link = kernel->peers.next; link != &kernel->peers; link = link->next) {
 		struct cb_peer *peer = cb_container_of(link, struct cb_peer, kernel_link);
 		memory += cb_map_bytes(&peer->handles_by_id) + cb_map_bytes(&peer->handles_by_node);
-		memory += peer->queue.n_entries * sizeof(struct cb_qentry) + peer->queue.backlog_bytes;
+		memory += peer->queue.n_entries * sizeof(struct cb_qentry) + peer->queue.backlog_bytes +
+			  peer->monitor_bytes;
 	}
 	memory += cb_map_bytes(&kernel->peers_by_key) + cb_map_bytes(&kernel->users);
 	memory += kernel->stats.sockets_lingering * sizeof(struct cb_linger) + kernel->stats.seed_bytes;

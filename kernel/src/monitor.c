@@ -18,6 +18,11 @@
 #include "queue.h"
 
 #define MONITOR_PAYLOAD_MAX 4096u
+/* What one monitor's unread records may take: charged to nobody (a record is no sender's
+ * message, and charging the monitor's uid would let anyone's traffic fill that uid's
+ * backlog and gate its other peers), so bounded here; past it, records are dropped and
+ * counted (`dropped`). */
+#define CB_MONITOR_BYTES_MAX (1u << 20)
 
 void cb_monitor_revoke(struct cb_kernel *kernel, const struct cb_node *node)
 {
@@ -45,17 +50,22 @@ void cb_monitor_observe(struct cb_kernel *kernel, uint16_t event, uint64_t seq, 
 		struct cb_peer *monitor = cb_container_of(link, struct cb_peer, kernel_link);
 		if (!monitor->monitor || monitor->fd < 0)
 			continue;
-		if (monitor->queue.n_entries >= kernel->limits.peer_messages) {
-			monitor->monitor_dropped++;
-			continue;
-		}
 		uint32_t payload_size = sizeof(struct capbus_monitor_record) + copied;
 		uint32_t size = sizeof(struct capbus_frame) + sizeof(struct capbus_message) + payload_size;
-		struct cb_qentry *entry = cb_qentry_new(size);
+		struct cb_qentry *entry = NULL;
+		if (monitor->queue.n_entries < kernel->limits.peer_messages)
+			entry = cb_qentry_new(size);
+		if (entry && monitor->monitor_bytes + cb_qentry_cost(entry) > CB_MONITOR_BYTES_MAX) {
+			cb_qentry_free(entry);
+			entry = NULL;
+		}
 		if (!entry) {
 			monitor->monitor_dropped++;
 			continue;
 		}
+		entry->prepaid = true; /* in no backlog: bounded by CB_MONITOR_BYTES_MAX instead */
+		entry->monitor_record = true;
+		monitor->monitor_bytes += cb_qentry_cost(entry);
 		struct capbus_frame *frame = (struct capbus_frame *)entry->header;
 		struct capbus_message *header = (struct capbus_message *)(frame + 1);
 		struct capbus_monitor_record *record = (struct capbus_monitor_record *)(header + 1);

@@ -69,6 +69,7 @@ struct cb_peer {
 				     * destruction stops it), or 0 (granted by the embedder) */
 	bool monitor_trusted;       /* the embedder granted it the monitor: may make monitor nodes */
 	uint64_t monitor_dropped;   /* monitor records lost to a full queue */
+	size_t monitor_bytes;       /* heap its queued monitor records take (CB_MONITOR_BYTES_MAX) */
 	bool doomed;                /* disconnect at the next safe point */
 	bool read_closed;           /* it shut down its writing side: it still reads (half-close) */
 	bool stalled;               /* its next frame waits for fd room (in kernel->stalled) */

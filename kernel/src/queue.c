@@ -45,6 +45,7 @@ struct cb_qentry *cb_qentry_new(uint32_t header_size)
 	entry->is_reply = false;
 	entry->in_backlog = false;
 	entry->held_counted = false;
+	entry->monitor_record = false;
 	entry->prepaid = false;
 	entry->note_of = NULL;
 	entry->backlog_of = NULL;
@@ -117,6 +118,8 @@ static void leave_backlog(struct cb_peer *peer, struct cb_qentry *entry)
 
 static void entry_release(struct cb_peer *peer, struct cb_qentry *entry)
 {
+	if (entry->monitor_record)
+		peer->monitor_bytes -= cb_qentry_cost(entry);
 	if (entry->note_of)
 		entry->note_of->destroy_note = NULL; /* written or dropped: its handle has none now */
 	if (entry->charged_to)

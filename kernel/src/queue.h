@@ -55,6 +55,7 @@ struct cb_qentry {
 	bool is_reply;
 	bool in_backlog;             /* counted in backlog_bytes */
 	bool held_counted;           /* ... and in held_backlog (queue.h: cb_queue_hold) */
+	bool monitor_record;         /* a MONITOR record: counted in its peer's monitor_bytes */
 	bool prepaid;                /* a handle's NODE_DESTROY, paid with the handle: in no backlog */
 	struct cb_handle *note_of;   /* that handle while both live: it withdraws its note when it is
 				      * freed first (cb_queue_withdraw), so that a queued note never
