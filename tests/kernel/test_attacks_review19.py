@@ -157,28 +157,35 @@ async def test_attack_monitors_of_one_uid_queue_past_its_user_backlog() -> None:
     assert grown < 8 * backlog, f"{grown} bytes held for monitors of one uid (user_backlog {backlog})"
 
 
+MAKE_A_MONITOR = """
+async def main():
+    peer = capbus.Peer.from_socket(int(sys.argv[1]))
+    try:
+        await peer.create_monitor()
+        print("made", flush=True)
+    except capbus.NotPermitted as error:
+        print("refused", error.errno, flush=True)
+trio.run(main)
+"""
+
+
+async def create_monitor_as_nobody(fd: int) -> str:
+    """What a process of uid nobody that writes MONITOR_CREATE on connection ``fd`` says."""
+    process = await run_as(NOBODY, MAKE_A_MONITOR, str(fd), pass_fds=(fd,))
+    with trio.fail_after(TIMEOUT):
+        line = await read_line(process)
+        await process.wait()
+    return line
+
+
 async def test_held_a_socket_for_child_of_a_root_embedder_handed_to_nobody_is_not_trusted() -> None:
     """Held: a root embedder hands Kernel.socket_for_child() (charged to root until a send
     says otherwise) to a process of uid nobody: its MONITOR_CREATE is refused (EPERM)."""
     needs_root()
     async with capbus.open_kernel() as kernel:
         child = kernel.socket_for_child()
-        script = """
-        async def main():
-            peer = capbus.Peer.from_socket(int(sys.argv[1]))
-            try:
-                await peer.create_monitor()
-                print("made", flush=True)
-            except capbus.NotPermitted as error:
-                print("refused", error.errno, flush=True)
-        trio.run(main)
-        """
-        fd = child.fileno()
-        process = await run_as(NOBODY, script, str(fd), pass_fds=(fd,))
+        line = await create_monitor_as_nobody(child.fileno())
         child.close()
-        with trio.fail_after(TIMEOUT):
-            line = await read_line(process)
-            await process.wait()
         assert line.split() == ["refused", "1"], line
 
 
@@ -190,21 +197,7 @@ async def test_held_a_root_connection_handed_to_nobody_may_not_make_a_monitor() 
     with shared_directory() as where:
         async with daemon(where, user=None) as (path, _):
             handed = await capbus.connect_peer(path)
-            script = """
-            async def main():
-                peer = capbus.Peer.from_socket(int(sys.argv[1]))
-                try:
-                    await peer.create_monitor()
-                    print("made", flush=True)
-                except capbus.NotPermitted as error:
-                    print("refused", error.errno, flush=True)
-            trio.run(main)
-            """
-            fd = handed.fileno()
-            process = await run_as(NOBODY, script, str(fd), pass_fds=(fd,))
-            with trio.fail_after(TIMEOUT):
-                line = await read_line(process)
-                await process.wait()
+            line = await create_monitor_as_nobody(handed.fileno())
             assert line.split() == ["refused", "1"], line
             with trio.move_on_after(5):
                 await handed.aclose()
