@@ -897,7 +897,9 @@ class Peer:
         """The next message if one has arrived, else raises :class:`trio.WouldBlock`.
         While another task waits for the socket (a ``recv`` or a command waiting), only
         messages already read are returned: reading the socket under that task would leave
-        it waiting for what was read (a command's reply, say)."""
+        it waiting for what was read (a command's reply, say). On a peer that holds its
+        messages, only those already written to it (taking one from the kernel is a command:
+        :meth:`recv`)."""
         self._check_usable()
         while not self._inbox:
             if self._reading:
