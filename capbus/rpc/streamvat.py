@@ -542,7 +542,7 @@ class StreamVat:
                 try:
                     for segments in self._reader.feed(data):
                         for event in self.engine.receive(segments):
-                            await self._handle(event)
+                            self._handle(event)
                         if self._started_task:  # (let it start, and earlier ones finish:
                             self._started_task = False  # a burst of calls for tasks is
                             await trio.lowlevel.checkpoint()  # not refused past max_calls)
@@ -557,9 +557,10 @@ class StreamVat:
         except (capnp.KjException, ValueError) as error:
             await self._abort(str(malformed(error)))
 
-    async def _handle(self, event: Event) -> None:
+    def _handle(self, event: Event) -> None:
+        """Does what one of the engine's events says (never waits: see "sending")."""
         if isinstance(event, CallArrived):
-            await self._take_call(event)
+            self._take_call(event)
         elif isinstance(event, ReturnArrived):
             done = event.question.done
             done[1].append(event.returned)
@@ -627,7 +628,7 @@ class StreamVat:
 
     # -- serving the peer's calls ----------------------------------------------------------------
 
-    async def _take_call(self, arrived: CallArrived) -> None:
+    def _take_call(self, arrived: CallArrived) -> None:
         """Starts serving one of the peer's calls, or refuses it at once past ``max_calls``."""
         question_id, answer = arrived.question_id, arrived.answer
         try:

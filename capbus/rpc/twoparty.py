@@ -2,12 +2,14 @@
 without IO.
 
 This is the protocol C++, Rust, Go and pycapnp speak over a byte stream; capbus speaks it
-over TCP (capbus/rpc/streamvat.py drives it with trio). Here: the standard stream framing
+over TCP (capbus/rpc/streamengine.py keeps a connection's tables; streamvat.py drives it
+with trio). Here: the standard stream framing
 with limits (:class:`FrameReader`, :func:`frame`), and each message as built and read:
 calls and returns whose payloads hold capabilities (a Payload's ``capTable`` of
 CapDescriptors; the pointers in its content index it, as in a capbus envelope), through
 the same struct views as the bus (structs.py). Nothing here keeps tables or decides
-anything: :mod:`capbus.rpc.streamvat` does.
+anything: :mod:`capbus.rpc.streamengine` does. The hot Call, Return and Finish are also
+written and read without pycapnp (twopartyflat.py); these are the general way.
 
 Written on the spec (https://capnproto.org/encoding.html "Serialization over a stream",
 and rpc.capnp itself, shipped with pycapnp) rather than through pycapnp's RPC, which
