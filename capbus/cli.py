@@ -1,6 +1,7 @@
 """The ``capbus`` command: ``capbus kernel --listen PATH`` runs a kernel daemon, ``capbus
 serve ADDRESS module:factory`` serves an object at an address, ``capbus compile`` generates
-typed modules, ``capbus bench`` measures."""
+typed modules, ``capbus monitor``, ``status`` and ``graph`` watch a kernel, ``capbus bench``
+measures."""
 
 from __future__ import annotations
 
@@ -90,6 +91,21 @@ def main(argv: list[str] | None = None) -> int:
     monitor = commands.add_parser("monitor", help="watch a kernel daemon's traffic, one line per event")
     monitor.add_argument("--kernel", required=True, metavar="PATH", help="the daemon's socket")
     monitor.add_argument("--json", action="store_true", help="one JSON object per line, for scripts")
+    status_command = commands.add_parser(
+        "status", help="a kernel's peers, nodes, handles, queues and quotas, now"
+    )
+    status_command.add_argument("--kernel", required=True, metavar="PATH", help="the kernel's socket")
+    status_command.add_argument("--json", action="store_true", help="one JSON document, for scripts")
+    graph_command = commands.add_parser(
+        "graph", help="draw a kernel's capability graph: who holds handles to whose nodes"
+    )
+    graph_command.add_argument("--kernel", required=True, metavar="PATH", help="the kernel's socket")
+    graph_command.add_argument(
+        "-o", "--output", required=True, metavar="FILE", help="where: a .svg, .png or .dot file"
+    )
+    graph_command.add_argument(
+        "--format", choices=("svg", "png", "dot"), help="the format (default: by the extension)"
+    )
     commands.add_parser(
         "bench", help="capbus against a raw socketpair, pycapnp, D-Bus, gRPC and ZeroMQ", add_help=False
     )
@@ -114,6 +130,14 @@ def main(argv: list[str] | None = None) -> int:
         from .monitoring import run
 
         return run(args.kernel, args.json)
+    if args.command == "status":
+        from .introspection import run as status
+
+        return status(args.kernel, args.json)
+    if args.command == "graph":
+        from .graph import run as draw
+
+        return draw(args.kernel, args.output, args.format)
     if args.command == "serve":
         return _serve(args.address, args.factory, args.kernel, args.mode, args.cert, args.key)
     return 2

@@ -21,6 +21,7 @@ import trio
 from ._kernel import ffi, lib
 from .errors import CapbusError, error_from_errno
 from .peer import Peer
+from .snapshot import Snapshot
 from .socketfile import PathInUse, SocketPath
 
 
@@ -171,6 +172,14 @@ class Kernel:
         send and destroy (docs/design.md 2.1 rule 16). Only the kernel's owner can do this."""
         key = await peer._peer_key()
         _check(lib.capbus_kernel_grant_monitor(self._kernel, key), "granting the monitor")
+
+    async def snapshot(self) -> Snapshot:
+        """The whole object model at one instant (:meth:`Peer.snapshot`), as seen from
+        outside: the peer this asks through, and its monitor node, are left out."""
+        async with await self.connect() as peer:
+            await self.grant_monitor(peer)
+            monitor = await peer.create_monitor()
+            return (await peer.snapshot(monitor)).others()
 
     def statistics(self) -> KernelStatistics:
         stats = ffi.new("struct capbus_stats *")

@@ -9,7 +9,6 @@ import os
 import sys
 from typing import TextIO
 
-from .errors import CapbusError, NotPermitted
 from .messages import MessageKind
 from .peer import MonitorRecord, connect, decode_monitor_record
 
@@ -69,20 +68,13 @@ async def watch(path: str | os.PathLike[str], *, as_json: bool = False, out: Tex
 
 def run(path: str, as_json: bool) -> int:
     """``capbus monitor``: exit status 1 with the reason when not allowed or not reachable."""
-    import trio
+    from .introspection import run_tool
+
+    async def watched() -> bool:
+        await watch(path, as_json=as_json)
+        return True
 
     try:
-        trio.run(lambda: watch(path, as_json=as_json))
+        return 0 if run_tool("monitor", path, watched) else 1
     except KeyboardInterrupt:
         return 0
-    except NotPermitted:
-        print(
-            f"capbus monitor: the kernel at {path} does not trust this user to monitor "
-            "(root or the daemon's own uid may)",
-            file=sys.stderr,
-        )
-        return 1
-    except (CapbusError, OSError) as error:
-        print(f"capbus monitor: {path}: {error}", file=sys.stderr)
-        return 1
-    return 0

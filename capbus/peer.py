@@ -43,6 +43,7 @@ from .messages import Handle as Handle
 from .messages import HandleLike as HandleLike
 from .messages import Message as Message
 from .messages import MessageKind as MessageKind
+from .snapshot import Snapshot, read_memfd
 
 _ANC_SPACE = socket.CMSG_SPACE(4 * _wire.FDS_MAX)
 # Plain ints: arithmetic on the socket module's IntFlag members costs microseconds per frame.
@@ -591,6 +592,20 @@ class Peer:
         send and destroy on the bus, through a handle to a live monitor node, until that
         node is destroyed or this peer goes."""
         await self._call(_wire.CMD_MONITOR_ATTACH, _wire.U64.pack(self._id(monitor)))
+
+    async def snapshot(self, monitor: HandleLike) -> Snapshot:
+        """The kernel's whole object model at one instant of the global order (peers, nodes,
+        handles, queues, quotas, traffic): what ``capbus status`` prints and ``capbus graph``
+        draws. It takes the monitor's trust: ``monitor`` is a handle to a live monitor node
+        (:meth:`create_monitor`, or one handed over by its owner). See docs/peer-api.md
+        "Introspection"."""
+        reply = await self._call(_wire.CMD_SNAPSHOT, _wire.U64.pack(self._id(monitor)))
+        fds = list(reply.fds)
+        if len(fds) != 1:
+            for fd in fds:
+                os.close(fd)
+            raise _wire.ProtocolError("a snapshot reply without its memfd")
+        return read_memfd(fds[0])
 
     async def info(self) -> PeerInfo:
         """What the kernel knows about this peer, and its limits."""

@@ -14,6 +14,8 @@
 #include "message.h"
 #include "node.h"
 #include "peer.h"
+#include "queue.h"
+#include "snapshot.h"
 
 static void close_fds(int *fds, uint32_t n_fds)
 {
@@ -99,6 +101,38 @@ static struct cb_handle *body_handle(struct cb_peer *peer, const uint8_t *body, 
 	if (!handle)
 		*error = ENXIO;
 	return handle;
+}
+
+/* A handle to a live monitor node: the caller's proof that it is trusted to watch. NULL
+ * with *error set otherwise (as MONITOR_ATTACH's errors). */
+static struct cb_handle *monitor_handle(struct cb_peer *peer, const uint8_t *body, size_t body_size, int *error)
+{
+	struct cb_handle *handle = body_handle(peer, body, body_size, error);
+	if (handle && !handle->node->monitor)
+		*error = EINVAL;
+	else if (handle && handle->node->destroyed)
+		*error = ESTALE;
+	return *error ? NULL : handle;
+}
+
+/* Queues a reply that passes `fd` (held for `user`: cb_fds_hold'ed by the caller), which
+ * then closes it once written. false on ENOMEM, with nothing queued and `fd` still the
+ * caller's. */
+static bool reply_with_fd(struct cb_peer *peer, uint64_t cookie, uint16_t command, int fd, struct cb_user *user)
+{
+	uint32_t size = sizeof(struct capbus_frame) + sizeof(struct capbus_reply);
+	struct cb_qentry *entry = cb_qentry_new(size);
+	if (!entry)
+		return false;
+	struct capbus_frame *frame = (struct capbus_frame *)entry->header;
+	*frame = (struct capbus_frame){ .size = size, .type = CAPBUS_FRAME_REPLY, .cookie = cookie };
+	*(struct capbus_reply *)(frame + 1) = (struct capbus_reply){ .command = command };
+	entry->is_reply = true;
+	entry->passed_fd = fd;
+	entry->passed_for = user;
+	user->n_charges++;
+	cb_queue_push(peer, entry);
+	return true;
 }
 
 static void cmd_handle_query(struct cb_peer *peer, uint64_t cookie, const uint8_t *body, size_t body_size)
@@ -276,21 +310,38 @@ static void cmd_monitor_create(struct cb_peer *peer, uint64_t cookie, size_t bod
 static void cmd_monitor_attach(struct cb_peer *peer, uint64_t cookie, const uint8_t *body, size_t body_size)
 {
 	int error = 0;
-	struct cb_handle *handle = body_handle(peer, body, body_size, &error);
-	if (handle) {
-		if (!handle->node->monitor)
-			error = EINVAL;
-		else if (handle->node->destroyed)
-			error = ESTALE;
-		else if (peer->monitor)
-			error = EALREADY;
-	}
+	struct cb_handle *handle = monitor_handle(peer, body, body_size, &error);
+	if (handle && peer->monitor)
+		error = EALREADY;
 	if (handle && !error) {
 		peer->monitor = true;
 		peer->monitor_via = handle->node->serial;
 		peer->kernel->n_monitors++;
 	}
 	cb_queue_reply(peer, cookie, CAPBUS_CMD_MONITOR_ATTACH, error, NULL, 0);
+}
+
+static void cmd_snapshot(struct cb_peer *peer, uint64_t cookie, const uint8_t *body, size_t body_size)
+{
+	struct cb_kernel *kernel = peer->kernel;
+	struct cb_user *user = peer->user;
+	int error = 0;
+	if (!monitor_handle(peer, body, body_size, &error)) {
+		cb_queue_reply(peer, cookie, CAPBUS_CMD_SNAPSHOT, error, NULL, 0);
+		return;
+	}
+	/* The memfd is one more fd the kernel holds until it is written. */
+	if (cb_fds_hold(kernel, user, 1) < 0) {
+		cb_queue_reply(peer, cookie, CAPBUS_CMD_SNAPSHOT, EDQUOT, NULL, 0);
+		return;
+	}
+	int fd = cb_snapshot_write(kernel, peer, &error);
+	if (fd < 0 || !reply_with_fd(peer, cookie, CAPBUS_CMD_SNAPSHOT, fd, user)) {
+		if (fd >= 0)
+			close(fd);
+		cb_fds_unhold(kernel, user, 1);
+		cb_queue_reply(peer, cookie, CAPBUS_CMD_SNAPSHOT, fd < 0 ? error : ENOMEM, NULL, 0);
+	}
 }
 
 static void cmd_recv(struct cb_peer *peer, uint64_t cookie, const uint8_t *body, size_t body_size)
@@ -409,23 +460,12 @@ static void cmd_peer_create(struct cb_peer *peer, const struct cb_creds *creds, 
 		cb_queue_reply(peer, cookie, CAPBUS_CMD_PEER_CREATE, error, NULL, 0);
 		return;
 	}
-	uint32_t size = sizeof(struct capbus_frame) + sizeof(struct capbus_reply);
-	struct cb_qentry *entry = cb_qentry_new(size);
-	if (!entry) {
+	if (!reply_with_fd(peer, cookie, CAPBUS_CMD_PEER_CREATE, pair[1], user)) {
 		cb_fds_unhold(kernel, user, 1);
 		cb_peer_disconnect(child);
 		close(pair[1]);
 		cb_queue_reply(peer, cookie, CAPBUS_CMD_PEER_CREATE, ENOMEM, NULL, 0);
-		return;
 	}
-	struct capbus_frame *frame = (struct capbus_frame *)entry->header;
-	*frame = (struct capbus_frame){ .size = size, .type = CAPBUS_FRAME_REPLY, .cookie = cookie };
-	*(struct capbus_reply *)(frame + 1) = (struct capbus_reply){ .command = CAPBUS_CMD_PEER_CREATE };
-	entry->is_reply = true;
-	entry->passed_fd = pair[1];
-	entry->passed_for = user;
-	user->n_charges++;
-	cb_queue_push(peer, entry);
 }
 
 static void cmd_seed_set(struct cb_peer *peer, uint64_t cookie, const uint8_t *body, size_t body_size)
@@ -573,6 +613,9 @@ void cb_command_dispatch(struct cb_peer *peer, const uint8_t *data, size_t size,
 		break;
 	case CAPBUS_CMD_MONITOR_ATTACH:
 		cmd_monitor_attach(peer, frame->cookie, body, body_size);
+		break;
+	case CAPBUS_CMD_SNAPSHOT:
+		cmd_snapshot(peer, frame->cookie, body, body_size);
 		break;
 	case CAPBUS_CMD_DISCONNECT:
 		cb_queue_reply(peer, frame->cookie, CAPBUS_CMD_DISCONNECT, body_size ? EINVAL : 0, NULL, 0);

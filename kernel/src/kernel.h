@@ -81,6 +81,8 @@ struct cb_kernel {
 static inline uint64_t cb_kernel_tick(struct cb_kernel *kernel) { return ++kernel->seq; }
 /* Writes one line to the operator's log, if there is one. */
 void cb_kernel_log(struct cb_kernel *kernel, const char *format, ...) __attribute__((format(printf, 2, 3)));
+/* capbus_kernel_stats, for the loop thread (which holds the kernel already). */
+void cb_kernel_stats(struct cb_kernel *kernel, struct capbus_stats *out);
 /* Flushes dirty peers and disconnects doomed ones. */
 void cb_kernel_settle(struct cb_kernel *kernel);
 /* Copies an event to every monitor (monitor.c). */

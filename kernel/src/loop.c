@@ -292,6 +292,12 @@ int capbus_kernel_grant_monitor(struct cb_kernel *kernel, const uint8_t *peer_ke
 void capbus_kernel_stats(struct cb_kernel *kernel, struct capbus_stats *out)
 {
 	pthread_mutex_lock(&kernel->lock);
+	cb_kernel_stats(kernel, out);
+	pthread_mutex_unlock(&kernel->lock);
+}
+
+void cb_kernel_stats(struct cb_kernel *kernel, struct capbus_stats *out)
+{
 	*out = kernel->stats;
 	out->seq = kernel->seq;
 	uint64_t memory = kernel->stats.peers * sizeof(struct cb_peer) +
@@ -309,7 +315,6 @@ void capbus_kernel_stats(struct cb_kernel *kernel, struct capbus_stats *out)
 	memory += cb_map_bytes(&kernel->peers_by_key) + cb_map_bytes(&kernel->users);
 	memory += kernel->stats.sockets_lingering * sizeof(struct cb_linger) + kernel->stats.seed_bytes;
 	out->memory_bytes = memory;
-	pthread_mutex_unlock(&kernel->lock);
 }
 
 /* After a flush: whether the peer's next frame waits for fd room, and whether the flush

@@ -387,6 +387,8 @@ void cb_send(struct cb_peer *sender, uint64_t cookie, const void *body, size_t b
 			cb_queue_push(receiver, entry);
 		}
 		kernel->stats.messages_sent += result->n_delivered;
+		sender->sent_messages++;
+		sender->sent_bytes += memfd ? memfd_size : cmd->payload_size;
 		cb_monitor_observe(kernel, CAPBUS_MSG_DATA, seq, creds->uid, creds->pid, result->n_delivered,
 				   cmd->n_handles, n_fds, message);
 	}

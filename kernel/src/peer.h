@@ -70,6 +70,10 @@ struct cb_peer {
 	bool monitor_trusted;       /* the embedder granted it the monitor: may make monitor nodes */
 	uint64_t monitor_dropped;   /* monitor records lost to a full queue */
 	size_t monitor_bytes;       /* heap its queued monitor records take (CB_MONITOR_BYTES_MAX) */
+	uint64_t sent_messages;     /* sends it committed (a multicast counts once) ... */
+	uint64_t sent_bytes;        /* ... their payload bytes (a memfd's size) */
+	uint64_t received_messages; /* data messages written to it ... */
+	uint64_t received_bytes;    /* ... their payload bytes */
 	bool doomed;                /* disconnect at the next safe point */
 	bool read_closed;           /* it shut down its writing side: it still reads (half-close) */
 	bool stalled;               /* its next frame waits for fd room (in kernel->stalled) */

@@ -308,8 +308,11 @@ int cb_queue_flush(struct cb_peer *peer)
 				bool continues = message_header(entry)->flags & CAPBUS_MSG_FLAG_CONTINUE;
 				queue->continued_seq = continues ? entry->seq : 0;
 				queue->n_entries--;
-				if (entry->message)
+				if (entry->message) {
 					kernel->stats.messages_written++;
+					peer->received_messages++;
+					peer->received_bytes += message_header(entry)->payload_size;
+				}
 			}
 			entry_release(peer, entry);
 		}

@@ -243,8 +243,8 @@ def held_receives() -> Scenario:
 
 
 def monitor_capability() -> Scenario:
-    """A monitor node made, handed on, attached through, traffic seen, destroyed (revoked);
-    attaching through a plain node, a destroyed one, twice."""
+    """A monitor node made, handed on, attached through, traffic seen, snapshots taken,
+    destroyed (revoked); attaching and snapshots through a plain node, a destroyed one."""
     s = Scenario()
     s.create_monitor(3, "mon")  # (slot 3: of the kernel's own uid, trusted)
     s.create_node(0, "plain")
@@ -255,8 +255,13 @@ def monitor_capability() -> Scenario:
     s.command(2, _wire.CMD_MONITOR_ATTACH, _wire.U64.pack(watch))  # EALREADY
     s.command(0, _wire.CMD_MONITOR_ATTACH, _wire.U64.pack(s.id(0, "plain")))  # EINVAL
     s.send(2, [d1], b"seen")
+    s.command(2, _wire.CMD_SNAPSHOT, _wire.U64.pack(watch))  # a memfd of the whole model
+    s.command(3, _wire.CMD_SNAPSHOT, _wire.U64.pack(s.id(3, "mon")))
+    s.command(0, _wire.CMD_SNAPSHOT, _wire.U64.pack(s.id(0, "plain")))  # EINVAL
+    s.command(0, _wire.CMD_SNAPSHOT, b"\0" * 4)  # EINVAL: size
     s.command(0, _wire.CMD_MONITOR_CREATE)  # EPERM: uid 1000 is not trusted
     s.command(3, _wire.CMD_NODES_DESTROY, destroy_body([s.id(3, "mon")]))  # revoked
+    s.command(2, _wire.CMD_SNAPSHOT, _wire.U64.pack(watch))  # ESTALE
     s.send(2, [d1], b"unseen")
     s.command(1, _wire.CMD_MONITOR_ATTACH, _wire.U64.pack(0x7777))  # ENXIO
     s.drain(0)

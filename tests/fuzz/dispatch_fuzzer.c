@@ -33,6 +33,7 @@
 #include <sys/mman.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "capbus/uapi.h"
@@ -240,6 +241,23 @@ static void expect_reply(struct slot *slot, uint64_t cookie, uint32_t command, b
 }
 
 /* Checks one frame the kernel wrote to `slot` against the wire contract. */
+/* A snapshot's memfd: sealed, and exactly as long as its header says. */
+static void check_snapshot(int fd)
+{
+	struct capbus_snapshot head;
+	struct stat st;
+	int seals = fcntl(fd, F_GET_SEALS);
+	if (seals < 0 || !(seals & F_SEAL_WRITE) || !(seals & F_SEAL_SHRINK) || !(seals & F_SEAL_SEAL))
+		fail("a snapshot memfd not sealed (%#x)", seals);
+	if (fstat(fd, &st) < 0 || pread(fd, &head, sizeof(head), 0) != (ssize_t)sizeof(head))
+		fail("a snapshot shorter than its header");
+	uint64_t size = sizeof(head) + (uint64_t)head.n_peers * head.peer_size + (uint64_t)head.n_nodes * head.node_size +
+			(uint64_t)head.n_handles * head.handle_size + (uint64_t)head.n_users * head.user_size;
+	if (head.magic != CAPBUS_SNAPSHOT_MAGIC || head.version != CAPBUS_SNAPSHOT_VERSION ||
+	    (uint64_t)st.st_size != size || head.n_peers == 0 || head.n_users == 0)
+		fail("a snapshot of %lld bytes whose header says %llu", (long long)st.st_size, (unsigned long long)size);
+}
+
 static void check_frame(struct slot *slot, const uint8_t *data, size_t length, int *fds, size_t n_fds)
 {
 	struct capbus_frame frame;
@@ -256,8 +274,11 @@ static void check_frame(struct slot *slot, const uint8_t *data, size_t length, i
 		if (reply.error < 0 || (reply.error && length != sizeof(frame) + sizeof(reply)))
 			fail("reply error %d with a %zu-byte frame", reply.error, length);
 		bool passes_peer = reply.command == CAPBUS_CMD_PEER_CREATE && reply.error == 0;
-		if (n_fds != (passes_peer ? 1u : 0u))
+		bool passes_snapshot = reply.command == CAPBUS_CMD_SNAPSHOT && reply.error == 0;
+		if (n_fds != (passes_peer || passes_snapshot ? 1u : 0u))
 			fail("reply to command %#x (error %d) carried %zu fds", reply.command, reply.error, n_fds);
+		if (passes_snapshot)
+			check_snapshot(fds[0]);
 		if (reply.command == CAPBUS_CMD_RECV) {
 			for (size_t i = 0; i < slot->n_recvs; i++) {
 				if (slot->recvs[i] == frame.cookie) {

@@ -143,7 +143,7 @@ async def test_capbus_monitor_as_an_untrusted_user_says_why() -> None:
                 status = await process.wait()
                 assert process.stderr is not None
                 said = (await process.stderr.receive_some(4096)).decode()
-    assert status != 0 and "does not trust this user to monitor" in said, said
+    assert status != 0 and "does not trust this user to watch" in said, said
 
 
 def test_a_record_for_people_says_what_happened() -> None:

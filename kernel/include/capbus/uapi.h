@@ -72,6 +72,8 @@ enum capbus_frame_type {
 	CAPBUS_CMD_RECV             = 0x0e, /* body: capbus_cmd_recv          reply: none, after the message it takes */
 	CAPBUS_CMD_MONITOR_CREATE   = 0x0f, /* body: none                     reply: u64 id of a new monitor node */
 	CAPBUS_CMD_MONITOR_ATTACH   = 0x10, /* body: u64 id of a handle to a monitor node  reply: none */
+	CAPBUS_CMD_SNAPSHOT         = 0x11, /* body: u64 id of a handle to a monitor node  reply: none, a
+					     * sealed memfd holding a capbus_snapshot as SCM_RIGHTS */
 
 	/* kernel -> peer */
 	CAPBUS_FRAME_REPLY          = 0x80, /* body: capbus_reply, then the command's reply body */
@@ -183,6 +185,95 @@ struct capbus_cmd_recv {
  * of all traffic; destroying the node stops every peer attached through it (revocation).
  * Errors: EPERM (MONITOR_CREATE, untrusted), ENXIO (no such handle), EINVAL (not a monitor
  * node, size), ESTALE (destroyed), EALREADY (this peer monitors already). */
+
+/* CAPBUS_CMD_SNAPSHOT: the whole object model at one instant of the global order (`seq`),
+ * for `capbus status` and `capbus graph`. It takes the monitor's trust: the caller names a
+ * handle it holds to a live monitor node (its owner's own handle counts). The reply carries
+ * a sealed memfd: a struct capbus_snapshot, then n_peers records of peer_size bytes, n_nodes
+ * of node_size, n_handles of handle_size and n_users of user_size. The sizes let a reader
+ * skip fields a later kernel appends to a record. Peers are named by their serial (the
+ * `peer` of a message's metadata), nodes by a kernel-wide serial, handles by the id their
+ * holder knows them by. Errors as MONITOR_ATTACH's, and EDQUOT when the uid may hold no more
+ * fds. */
+#define CAPBUS_SNAPSHOT_MAGIC   0x4e534243u /* "CBSN" */
+#define CAPBUS_SNAPSHOT_VERSION 1u
+
+struct capbus_snapshot {
+	uint32_t magic;
+	uint32_t version;
+	uint32_t peer_size, node_size, handle_size, user_size;
+	uint32_t n_peers, n_nodes, n_handles, n_users;
+	uint64_t you;               /* the serial of the peer that asked */
+	uint64_t seq;               /* transactions committed so far */
+	uint64_t messages_sent;     /* data messages queued for delivery (per destination) */
+	uint64_t messages_written;  /* data messages written to their receivers */
+	uint64_t violations;        /* frames rejected as malformed */
+	uint64_t peers_doomed;      /* peers disconnected for misbehaving */
+	uint64_t memory_bytes;      /* kernel heap in use */
+	uint64_t fds_held, fds_held_max;
+	uint64_t fds_in_flight, fds_in_flight_max;
+	uint64_t connections_refused;
+	/* The limits (capbus_kernel.h's struct capbus_limits), so that use reads against them. */
+	uint64_t peer_bytes, peer_messages, peer_handles, peer_fds;
+	uint64_t handles_held, nodes_owned;
+	uint64_t user_bytes, peers_per_user, user_handles, user_backlog;
+};
+
+struct capbus_snapshot_peer {
+	uint64_t serial;
+	uint32_t uid, gid, pid;     /* whom it belongs to (its connection's credentials) */
+	uint32_t flags;             /* CAPBUS_SNAPSHOT_PEER_* */
+	uint32_t nodes;             /* live nodes it owns */
+	uint32_t handles;           /* handles it holds (its own nodes' included) */
+	uint32_t queued;            /* messages and notifications queued for it, not yet written */
+	uint32_t queued_messages;   /* of them, messages charged to senders: the quota in use ... */
+	uint64_t queued_bytes;      /* ... their payload bytes, */
+	uint32_t queued_handles;    /* ... handles */
+	uint32_t queued_fds;        /* ... and fds */
+	uint64_t backlog_bytes;     /* replies and notifications queued for it (no sender's) */
+	uint64_t sent_messages;     /* sends it committed (a multicast counts once) ... */
+	uint64_t sent_bytes;        /* ... and their payload bytes */
+	uint64_t received_messages; /* data messages written to it ... */
+	uint64_t received_bytes;    /* ... and their payload bytes */
+	uint32_t charged_uid;       /* the uid its connection is charged to now */
+	uint32_t reserved;
+};
+#define CAPBUS_SNAPSHOT_PEER_HOLD          0x01 /* holds its messages (CAPBUS_PEER_FLAG_HOLD) */
+#define CAPBUS_SNAPSHOT_PEER_WANT_METADATA 0x02
+#define CAPBUS_SNAPSHOT_PEER_MONITOR       0x04 /* attached as a monitor */
+#define CAPBUS_SNAPSHOT_PEER_GATED         0x08 /* not read: its uid's backlog is full */
+#define CAPBUS_SNAPSHOT_PEER_STALLED       0x10 /* its next message waits for fd room */
+#define CAPBUS_SNAPSHOT_PEER_HALF_CLOSED   0x20 /* stopped writing, still reads */
+#define CAPBUS_SNAPSHOT_PEER_RECV_WAITING  0x40 /* a RECV waits for a message */
+
+struct capbus_snapshot_node {
+	uint64_t serial;
+	uint64_t owner;             /* its owner's serial; 0 once the owner let it go */
+	uint32_t flags;             /* CAPBUS_SNAPSHOT_NODE_* */
+	uint32_t holders;           /* peers other than the owner holding a handle to it */
+};
+#define CAPBUS_SNAPSHOT_NODE_DESTROYED 0x1
+#define CAPBUS_SNAPSHOT_NODE_MONITOR   0x2
+
+struct capbus_snapshot_handle {
+	uint64_t peer;              /* the holder's serial */
+	uint64_t node;              /* the node's serial */
+	uint64_t id;                /* the holder's id for it */
+	uint32_t references;        /* user references the holder has on it */
+	uint32_t flags;             /* CAPBUS_SNAPSHOT_HANDLE_* */
+};
+#define CAPBUS_SNAPSHOT_HANDLE_OWNER 0x1 /* the owner's own handle (the anchor) */
+
+struct capbus_snapshot_user {
+	uint32_t uid;
+	uint32_t peers;             /* connections charged to it (peers_per_user) */
+	uint64_t queued_bytes;      /* what it has queued anywhere (user_bytes) */
+	uint64_t backlog_bytes;     /* replies and notifications queued to its peers (user_backlog) */
+	uint32_t handles;           /* handles its peers hold (user_handles) */
+	uint32_t fds_held;          /* kernel fds charged to it */
+	uint32_t fds_in_flight;     /* fds in its peers' sockets, perhaps unread */
+	uint32_t reserved;
+};
 
 struct capbus_reply_handle {
 	uint32_t n_user;        /* references this peer holds on the handle */
