@@ -27,10 +27,13 @@ from .errors import (
     NotSupported,
     QuotaExceeded,
     ReceiveReplaced,
+    ShutDown,
+    Undelivered,
     UnknownCommand,
 )
 
 if TYPE_CHECKING:
+    from .activation import activatable
     from .bootstrapping import Bootstrap, bootstrap
     from .kernel import Kernel, KernelStatistics, Limits, open_kernel
     from .messages import Credentials, Handle, HandleLike, Message, MessageKind
@@ -58,6 +61,7 @@ _LAZY = {
     "list_value": "rpc.anypointer",
     "SchemaError": "rpc.schemacheck",
     "spawn": "spawning",
+    "activatable": "activation",
     "Child": "spawning",
     "ChildError": "spawning",
     "bootstrap": "bootstrapping",
@@ -129,6 +133,8 @@ __all__ = [
     "PeerInfo",
     "QuotaExceeded",
     "ReceiveReplaced",
+    "ShutDown",
+    "Undelivered",
     "Sandbox",
     "SandboxError",
     "SchemaError",
@@ -139,4 +145,5 @@ __all__ = [
     "load",
     "open_kernel",
     "spawn",
+    "activatable",
 ]

@@ -28,6 +28,7 @@ SEED: Final = struct.Struct("<II")
 RECV: Final = struct.Struct("<iI")
 SEND_RESULT: Final = struct.Struct("<II")
 MONITOR_RECORD: Final = struct.Struct("<HHIQIIIIQ")
+UNDELIVERED: Final = struct.Struct("<QQ")
 U64: Final = struct.Struct("<Q")
 MESSAGE_FRAME_HEAD: Final = struct.Struct("<" + FRAME.format[1:] + MESSAGE.format[1:])
 """A message frame's two headers, read in one unpack (the receive path's common case)."""
@@ -45,6 +46,7 @@ for _fmt, _name in (
     (SEED, "struct capbus_cmd_peer_create"),
     (SEND_RESULT, "struct capbus_reply_send"),
     (MONITOR_RECORD, "struct capbus_monitor_record"),
+    (UNDELIVERED, "struct capbus_undelivered"),
 ):
     if _fmt.size != ffi.sizeof(_name):  # pragma: no cover - a header change without this file
         raise ImportError(f"capbus wire layout of {_name} differs from uapi.h")
@@ -67,6 +69,7 @@ CMD_RECV: Final[int] = lib.CAPBUS_CMD_RECV
 CMD_MONITOR_CREATE: Final[int] = lib.CAPBUS_CMD_MONITOR_CREATE
 CMD_MONITOR_ATTACH: Final[int] = lib.CAPBUS_CMD_MONITOR_ATTACH
 CMD_SNAPSHOT: Final[int] = lib.CAPBUS_CMD_SNAPSHOT
+CMD_SHUTDOWN: Final[int] = lib.CAPBUS_CMD_SHUTDOWN
 RECV_FLAG_PRIORITY: Final[int] = lib.CAPBUS_RECV_FLAG_PRIORITY
 FRAME_REPLY: Final[int] = lib.CAPBUS_FRAME_REPLY
 FRAME_MESSAGE: Final[int] = lib.CAPBUS_FRAME_MESSAGE
@@ -75,10 +78,14 @@ MSG_DATA: Final[int] = lib.CAPBUS_MSG_DATA
 MSG_NODE_DESTROY: Final[int] = lib.CAPBUS_MSG_NODE_DESTROY
 MSG_NODE_RELEASE: Final[int] = lib.CAPBUS_MSG_NODE_RELEASE
 MSG_MONITOR: Final[int] = lib.CAPBUS_MSG_MONITOR
+MSG_DRAINED: Final[int] = lib.CAPBUS_MSG_DRAINED
+MSG_UNDELIVERED: Final[int] = lib.CAPBUS_MSG_UNDELIVERED
 MSG_FLAG_CONTINUE: Final[int] = lib.CAPBUS_MSG_FLAG_CONTINUE
 MSG_FLAG_MEMFD: Final[int] = lib.CAPBUS_MSG_FLAG_MEMFD
+MSG_FLAG_DRAINING: Final[int] = lib.CAPBUS_MSG_FLAG_DRAINING
 SEND_FLAG_MEMFD: Final[int] = lib.CAPBUS_SEND_FLAG_MEMFD
 SEND_FLAG_QUIET: Final[int] = lib.CAPBUS_SEND_FLAG_QUIET
+SEND_FLAG_TRACK: Final[int] = lib.CAPBUS_SEND_FLAG_TRACK
 ONEWAY_COOKIE: Final = 1 << 63
 """Cookies of one-way sends carry this bit: a reply to one means the send failed."""
 MEMFD_MAX: Final[int] = lib.CAPBUS_MEMFD_MAX

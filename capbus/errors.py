@@ -57,6 +57,16 @@ class InvalidArgument(CapbusError):
     default_errno = _errno.EINVAL
 
 
+class ShutDown(Disconnected):
+    """This peer shut down (:meth:`Peer.begin_shutdown`) and has received everything that
+    was queued for it: nothing more will come."""
+
+
+class Undelivered(Disconnected):
+    """The receiver disconnected before the message was written to it (an UNDELIVERED
+    notice's ``error``): it never saw it, so sending it again elsewhere is safe."""
+
+
 class NotOwner(CapbusError):
     """Only a node's owner may do this (destroy). EREMOTE."""
 

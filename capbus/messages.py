@@ -29,6 +29,13 @@ class MessageKind(enum.Enum):
     """The last handle any other peer held to our node ``destination`` is gone."""
     MONITOR = _wire.MSG_MONITOR
     """A copy of some traffic, for a peer granted the monitor capability."""
+    DRAINED = _wire.MSG_DRAINED
+    """After :meth:`Peer.begin_shutdown`: every message queued for this peer came before this
+    one. :meth:`Peer.recv` raises :class:`~capbus.errors.ShutDown` for it."""
+    UNDELIVERED = _wire.MSG_UNDELIVERED
+    """A one-way send given a ``tag`` did not reach ``destination`` (our handle to its node):
+    its receiver disconnected before the message was written to it. ``tag`` names the send,
+    ``seq`` is the lost message's place in the global order."""
     SEND_FAILED = 0x100
     """A :meth:`Peer.send_oneway` did not reach ``destination`` (``error`` says why). Not from
     the kernel's queue: made by this peer from the kernel's answer, in the order it came."""
@@ -124,9 +131,9 @@ class Message:
     continues: bool = False
     """True when the next message belongs to the same transaction (same multicast or destroy)."""
     error: CapbusError | None = None
-    """For SEND_FAILED: why the one-way send did not reach ``destination``."""
+    """For SEND_FAILED and UNDELIVERED: why the one-way send did not reach ``destination``."""
     tag: int | None = None
-    """For SEND_FAILED: the ``tag`` the one-way send was given, if any."""
+    """For SEND_FAILED and UNDELIVERED: the ``tag`` the one-way send was given, if any."""
     whole_size: int | None = None
     """None when ``payload_view`` is the whole payload. Else the payload's size, and
     ``payload_view`` holds only its start (:data:`PAYLOAD_HEAD_BYTES`): a memfd payload
@@ -135,6 +142,10 @@ class Message:
     would make this process allocate). Enough to tell its sender why it was not read."""
     unread: str = ""
     """With ``whole_size``: why the payload was not read whole."""
+    draining: bool = False
+    """For NODE_DESTROYED: its owner shut down gracefully (:meth:`Peer.begin_shutdown`), so
+    what was sent to the node before still gets read, and perhaps answered. A second
+    NODE_DESTROYED, without it, says when that owner is gone."""
 
     @property
     def payload(self) -> bytes:

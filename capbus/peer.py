@@ -35,6 +35,8 @@ from .errors import (
     InvalidArgument,
     MessageTooLarge,
     ReceiveReplaced,
+    ShutDown,
+    Undelivered,
     error_from_errno,
 )
 from .memfd import _head, _map, _sealed_memfd, _sparse, on_shmem
@@ -62,6 +64,8 @@ its start, where a message's header is, so that its sender can be told why."""
 
 
 _KINDS = {kind.value: kind for kind in MessageKind}
+_DRAINED = MessageKind.DRAINED
+_UNDELIVERED = MessageKind.UNDELIVERED
 _FRAME_MESSAGE_SIZE: Final = _wire.MESSAGE_FRAME_HEAD.size
 _FRAME_MESSAGE_UNPACK: Final = _wire.MESSAGE_FRAME_HEAD.unpack_from
 _MEMFD: Final = _wire.MSG_FLAG_MEMFD
@@ -188,6 +192,7 @@ class Peer:
         self._flags = 0  # (CAPBUS_PEER_FLAG_*, as last set)
         self._recv_lock = trio.Lock()  # (one RECV at a time: each would replace the other)
         self._closed = False
+        self._drained = False  # (shut down, and the DRAINED mark received)
         self._broken: CapbusError | None = None
         self._key: bytes | None = None
         # Messages mostly come from a few senders: share their Credentials objects.
@@ -251,7 +256,8 @@ class Peer:
             # The common case (an inline payload, no fds) without the general decode.
             header = _FRAME_MESSAGE_UNPACK(rx)
             if header[0] == size and header[1] == _wire.FRAME_MESSAGE and not header[5] & _MEMFD:
-                self._inbox.append(self._inline_message(rx, size, header))
+                inline = self._inline_message(rx, size, header)
+                self._inbox.append(inline if inline.kind is not _UNDELIVERED else self._undelivered(inline))
                 return
         # The buffer is reused for the next frame, so what is kept is copied out once.
         event = _wire.decode(bytes(rx[:size]), fds)
@@ -268,7 +274,7 @@ class Peer:
                 code = error.errno if isinstance(error, OSError) and error.errno else errno.ENOMEM
                 self._unsolicited(error_from_errno(code, reason))
                 return
-            self._inbox.append(message)
+            self._inbox.append(message if message.kind is not _UNDELIVERED else self._undelivered(message))
             return
         assert type(event) is _wire.Reply
         cookie = event.cookie
@@ -282,6 +288,31 @@ class Peer:
             self._unsolicited(error_from_errno(event.error, "unparseable frame"))
         else:
             self._replies[cookie] = event
+
+    def _undelivered(self, notice: Message) -> Message:
+        """An UNDELIVERED notice as its sender's terms: the tag of the send, the lost
+        message's seq, and why."""
+        cookie, seq = _wire.UNDELIVERED.unpack_from(notice.payload_view)
+        return Message(
+            _UNDELIVERED,
+            notice.destination,
+            memoryview(b""),
+            seq=seq,
+            error=Undelivered("its receiver disconnected before it was written to it"),
+            tag=cookie & _TAG_MASK if cookie & _TAGGED else None,
+        )
+
+    def _arrived(self, message: Message) -> Message:
+        """What a receive returns: ``message``, unless it is the DRAINED mark that ends a
+        shutdown."""
+        if message.kind is _DRAINED:
+            self._drained = True
+            raise self._shut_down()
+        return message
+
+    @staticmethod
+    def _shut_down() -> ShutDown:
+        return ShutDown("this peer shut down and has received all that was queued for it")
 
     def _sender(self, key: tuple[int, int, int, int, int]) -> Credentials:
         """The Credentials of (uid, gid, pid, process id, sending peer), one object per
@@ -315,6 +346,7 @@ class Peer:
             seq,
             sender,
             bool(flags & _wire.MSG_FLAG_CONTINUE),
+            draining=bool(flags & _wire.MSG_FLAG_DRAINING),
         )
 
     def _unsolicited(self, error: CapbusError) -> None:
@@ -399,6 +431,7 @@ class Peer:
             bool(event.flags & _wire.MSG_FLAG_CONTINUE),
             whole_size=whole_size,
             unread=unread,
+            draining=bool(event.flags & _wire.MSG_FLAG_DRAINING),
         )
 
     async def _advance(self) -> bool:
@@ -737,13 +770,15 @@ class Peer:
         self._check_usable()
         if isinstance(payload, memoryview) and payload.format != "B":
             payload = payload.cast("B")
+        flags = _wire.SEND_FLAG_QUIET
         if tag is None:
             cookie = self._new_cookie() | _wire.ONEWAY_COOKIE
         elif 0 <= tag <= _TAG_MASK:
             cookie = _wire.ONEWAY_COOKIE | _TAGGED | tag
+            flags |= _wire.SEND_FLAG_TRACK
         else:
             raise InvalidArgument(f"a tag must be an int from 0 to {_TAG_MASK}")
-        frame = _wire.send_frame(cookie, (destination,), handle_ids, 0, payload, 0, _wire.SEND_FLAG_QUIET)
+        frame = _wire.send_frame(cookie, (destination,), handle_ids, 0, payload, 0, flags)
         return self._write_nowait(frame, ())
 
     def _send_frame(
@@ -783,6 +818,7 @@ class Peer:
             if not 0 <= tag <= _TAG_MASK:
                 raise InvalidArgument(f"a tag must be an int from 0 to {_TAG_MASK}")
             cookie = _wire.ONEWAY_COOKIE | _TAGGED | tag
+            flags |= _wire.SEND_FLAG_TRACK  # (told by an UNDELIVERED notice if it is lost)
         else:
             cookie = self._new_cookie() | (_wire.ONEWAY_COOKIE if oneway else 0)
         memfd = -1
@@ -846,8 +882,10 @@ class Peer:
         """
         if priority is not None and (isinstance(priority, bool) or not isinstance(priority, int)):
             raise TypeError(f"priority is an int (at least this urgent), not {priority!r}")
+        if self._drained:
+            raise self._shut_down()
         if self._flags & _wire.PEER_FLAG_HOLD:
-            return await self._take(priority)
+            return self._arrived(await self._take(priority))
         if priority is not None:
             raise InvalidArgument(
                 "recv(priority=...) chooses among the messages the kernel holds: call "
@@ -857,7 +895,7 @@ class Peer:
         waited = False
         while True:
             if self._flags & _wire.PEER_FLAG_HOLD and not inbox:  # (held since it began)
-                return await self._take(None)
+                return self._arrived(await self._take(None))
             if not inbox:
                 waited = await self._advance() or waited
             elif waited:
@@ -865,7 +903,7 @@ class Peer:
             else:
                 await trio.lowlevel.checkpoint()
                 waited = True  # (and look again: another task may have taken the message)
-        return inbox.popleft()
+        return self._arrived(inbox.popleft())
 
     async def _take(self, priority: int | None) -> Message:
         """recv on a peer that holds its messages: one CAPBUS_CMD_RECV at a time; the kernel
@@ -916,6 +954,8 @@ class Peer:
         messages, only those already written to it (taking one from the kernel is a command:
         :meth:`recv`)."""
         self._check_usable()
+        if self._drained:
+            raise self._shut_down()
         while not self._inbox:
             if self._reading:
                 raise trio.WouldBlock
@@ -926,7 +966,33 @@ class Peer:
             except OSError as error:  # (as recv: the connection is broken, said once)
                 self._broken = Disconnected(f"connection to the kernel failed: {error}")
             self._check_usable()
-        return self._inbox.popleft()
+        return self._arrived(self._inbox.popleft())
+
+    # -- graceful disconnect -------------------------------------------------------------------
+
+    async def begin_shutdown(self) -> None:
+        """Stops anyone reaching this peer, keeping what they already sent: the kernel
+        destroys every node it owns in one transaction (their holders are told, in order;
+        later sends to them fail) and it may create no more. :meth:`recv` then returns what
+        was queued for it, and after the last of it raises :class:`~capbus.errors.ShutDown`.
+        Sending still works (to answer what is read). For a peer whose receive loop runs in
+        another task; else :meth:`shutdown` does it all. See docs/peer-api.md "Graceful
+        disconnect"."""
+        await self._call(_wire.CMD_SHUTDOWN)
+
+    async def shutdown(self) -> list[Message]:
+        """A graceful disconnect: :meth:`begin_shutdown`, then receives everything that was
+        queued for this peer, then closes it. Returns what it received, in order (messages
+        and notifications), so that nothing accepted for this peer is lost unread."""
+        await self.begin_shutdown()
+        remaining: list[Message] = []
+        while True:
+            try:
+                remaining.append(await self.recv())
+            except ShutDown:
+                break
+        await self.aclose()
+        return remaining
 
     # -- bootstrap ---------------------------------------------------------------------------
 

@@ -586,6 +586,12 @@ class Engine:
         if message.kind is MessageKind.DATA:
             return self._data(message)
         if message.kind is MessageKind.NODE_DESTROYED:
+            if message.draining:
+                # Its owner shut down gracefully: new calls to it fail, but the calls and
+                # answers already queued on either side are still read and answered. The
+                # owner's going says the rest (a second NODE_DESTROYED, not draining).
+                self.broken.add(message.destination.id)
+                return []
             return self._node_destroyed(message.destination.id)
         if message.kind is MessageKind.NODE_RELEASED and message.destination.id in self.exports:
             return [MayRetire(message.destination.id)]

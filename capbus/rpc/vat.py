@@ -211,6 +211,12 @@ class Vat:
         self._resends: dict[int, _Resend] = {}  # question -> its promise's pipelined call
         self._resending: dict[int, trio.CancelScope] = {}  # question -> its _resend task
         self._serving: dict[tuple[int, int], trio.CancelScope] = {}
+        self._open_work = 0
+        """Calls served and returns being sent in tasks of their own: what a graceful
+        shutdown waits for."""
+        self._work_done: trio.Event | None = None
+        self._drained = trio.Event()
+        """Set once the peer, shut down, has received all that was queued for it."""
         self._release_wanted = trio.Event()
         self._caller_reading = False
         """A caller reads the peer's messages (see _await_return); the receive loop waits."""
@@ -828,6 +834,9 @@ class Vat:
                         # the kernel references that client owns) alive until the next one.
                         self._deliver(await self.peer.recv())
                         self._deliver_ready()
+                except bus.ShutDown:
+                    self._drained.set()  # (shutdown: all that was queued has been handled)
+                    return
                 finally:
                     self._loop_receiving = None
 
@@ -887,6 +896,39 @@ class Vat:
                 self._loop_parked = None
                 parked.set()
         await done.wait()
+
+    def _start_work(self, function: Callable[..., Awaitable[object]], *args: object) -> None:
+        """Starts serving a call, or sending a return, in a task of its own, counted until
+        it is done (shutdown waits for it)."""
+        self._open_work += 1
+        self._nursery.start_soon(self._counted, function, *args)
+
+    async def _counted(self, function: Callable[..., Awaitable[object]], *args: object) -> None:
+        try:
+            await function(*args)
+        finally:
+            self._open_work -= 1
+            if not self._open_work and self._work_done is not None:
+                self._work_done.set()
+
+    async def shutdown(self, grace: float = 10.0) -> None:
+        """Closes this vat gracefully: nobody can call its objects any more (its peer's
+        nodes are destroyed: callers see them go), every call already queued for it is
+        served and answered, and calls being served may finish, all within ``grace``
+        seconds; then the vat stops (as its block's end would) and its peer disconnects.
+        Calls this vat made that are still waiting fail. See docs/rpc-reference.md."""
+        with trio.move_on_after(grace):
+            try:
+                await self.peer.begin_shutdown()
+            except bus.CapbusError:
+                pass  # (the peer is broken or shut down already: nothing more will come)
+            else:
+                await self._drained.wait()
+            while self._open_work:
+                self._work_done = trio.Event()
+                await self._work_done.wait()
+        self._nursery.cancel_scope.cancel()
+        await self.peer.aclose()
 
     def _deliver(self, message: Message) -> None:
         for event in self.engine.receive(message):
@@ -962,7 +1004,7 @@ class Vat:
         if streaming:
             self._queue_stream_call(arrived, scope)
         else:
-            self._nursery.start_soon(self._serve, arrived, scope, calls.ticket(), started)
+            self._start_work(self._serve, arrived, scope, calls.ticket(), started)
             self._unstarted += 1  # (after: a refused start_soon leaves nothing to count)
 
     def _caller_calls(self, caller: Caller) -> CallerCalls:
@@ -1046,7 +1088,7 @@ class Vat:
         if not self._send_now(reply.handle, encoded):
             # (arrived goes along: the files its message brought, which the results may
             # name, stay open until the return is written)
-            self._nursery.start_soon(self._send_return, reply, question_id, encoded, charge, arrived)
+            self._start_work(self._send_return, reply, question_id, encoded, charge, arrived)
         return True
 
     def _refuse_overloaded(self, arrived: CallArrived, overloaded: str) -> None:
@@ -1059,7 +1101,7 @@ class Vat:
         error = Overloaded(f"{overloaded}; try again later")
         encoded = encode_exception(question_id, error)
         self._settled(self.engine.completed((reply.handle, question_id), encoded, arrived.answer))
-        self._nursery.start_soon(self._send_return, reply, question_id, encoded, _Charge(arrived.caller))
+        self._start_work(self._send_return, reply, question_id, encoded, _Charge(arrived.caller))
 
     def _send_now(self, destination: int, encoded: Encoded) -> bool:
         """Sends a one-way message if that needs no wait (its objects all have nodes, the
@@ -1218,7 +1260,7 @@ class Vat:
         queue = self._stream_queues.get(key)
         if queue is None:
             self._stream_queues[key] = queue = collections.deque()
-            self._nursery.start_soon(self._run_stream, key)
+            self._start_work(self._run_stream, key)
         queue.append((arrived, scope))
 
     async def _run_stream(self, key: tuple[int, int]) -> None:

@@ -344,6 +344,36 @@ static void cmd_snapshot(struct cb_peer *peer, uint64_t cookie, const uint8_t *b
 	}
 }
 
+static void cmd_shutdown(struct cb_peer *peer, uint64_t cookie, size_t body_size)
+{
+	int error = 0;
+	struct cb_qentry *drained = NULL;
+	if (body_size != 0)
+		error = EINVAL;
+	else if (peer->closing)
+		error = EALREADY;
+	else if (!(drained = cb_queue_note_new()))
+		error = ENOMEM;
+	if (!error) {
+		peer->closing = true; /* (first: its holders' notes say DRAINING) */
+		if (cb_peer_destroy_nodes(peer) < 0) {
+			peer->closing = false;
+			error = ENOMEM;
+		}
+	}
+	if (error) {
+		if (drained)
+			cb_qentry_free(drained);
+		cb_queue_reply(peer, cookie, CAPBUS_CMD_SHUTDOWN, error, NULL, 0);
+		return;
+	}
+	/* No node of its own is left and it may make none: nothing can be queued for it from
+	 * here on, so DRAINED, queued now, comes after the last message it will get. */
+	cb_queue_notify_prepaid(peer, drained, CAPBUS_MSG_DRAINED, 0, CAPBUS_HANDLE_INVALID,
+				cb_kernel_tick(peer->kernel));
+	cb_queue_reply(peer, cookie, CAPBUS_CMD_SHUTDOWN, 0, NULL, 0);
+}
+
 static void cmd_recv(struct cb_peer *peer, uint64_t cookie, const uint8_t *body, size_t body_size)
 {
 	struct capbus_cmd_recv cmd;
@@ -616,6 +646,9 @@ void cb_command_dispatch(struct cb_peer *peer, const uint8_t *data, size_t size,
 		break;
 	case CAPBUS_CMD_SNAPSHOT:
 		cmd_snapshot(peer, frame->cookie, body, body_size);
+		break;
+	case CAPBUS_CMD_SHUTDOWN:
+		cmd_shutdown(peer, frame->cookie, body_size);
 		break;
 	case CAPBUS_CMD_DISCONNECT:
 		cb_queue_reply(peer, frame->cookie, CAPBUS_CMD_DISCONNECT, body_size ? EINVAL : 0, NULL, 0);

@@ -75,6 +75,10 @@ struct cb_handle *cb_node_create(struct cb_peer *peer, int *error)
 {
 	struct cb_kernel *kernel = peer->kernel;
 
+	if (peer->closing) { /* shut down (CAPBUS_CMD_SHUTDOWN): no new way to reach it */
+		*error = ESHUTDOWN;
+		return NULL;
+	}
 	if (peer->n_owned >= kernel->limits.nodes_owned ||
 	    peer->handles_by_id.count >= kernel->limits.handles_held ||
 	    peer->user->n_handles >= kernel->limits.user_handles) {
@@ -147,7 +151,7 @@ static void handle_free(struct cb_handle *handle)
 		cb_map_remove(&peer->handles_by_node, node->serial);
 		cb_list_del(&handle->holder_link);
 		if (--node->n_holders == 0 && !node->destroyed && node->anchor)
-			cb_queue_notify(node->owner, CAPBUS_MSG_NODE_RELEASE, node->anchor->id, cb_kernel_tick(kernel));
+			cb_queue_notify(node->owner, CAPBUS_MSG_NODE_RELEASE, 0, node->anchor->id, cb_kernel_tick(kernel));
 	}
 	struct cb_user *charged = handle->charged_to;
 	kernel->stats.handles--;
@@ -192,11 +196,11 @@ void cb_handle_release_all(struct cb_handle *handle)
 }
 
 /* A node is destroyed once: each holder's note is queued at most once. */
-static void notify_destroyed(struct cb_handle *holder, uint64_t seq)
+static void notify_destroyed(struct cb_handle *holder, uint16_t flags, uint64_t seq)
 {
 	struct cb_qentry *note = holder->destroy_note;
 	note->note_of = holder; /* cleared, with holder->destroy_note, once it is written or dropped */
-	cb_queue_notify_prepaid(holder->peer, note, CAPBUS_MSG_NODE_DESTROY, holder->id, seq);
+	cb_queue_notify_prepaid(holder->peer, note, CAPBUS_MSG_NODE_DESTROY, flags, holder->id, seq);
 }
 
 void cb_nodes_destroy(struct cb_handle **anchors, uint32_t n, int release)
@@ -205,15 +209,17 @@ void cb_nodes_destroy(struct cb_handle **anchors, uint32_t n, int release)
 		return;
 	struct cb_kernel *kernel = anchors[0]->peer->kernel;
 	uint64_t seq = cb_kernel_tick(kernel);
+	/* A peer's shutdown: its holders know that what they queued before will still be read. */
+	uint16_t flags = anchors[0]->peer->closing ? CAPBUS_MSG_FLAG_DRAINING : 0;
 
 	for (uint32_t i = 0; i < n; i++) {
 		struct cb_node *node = anchors[i]->node;
 		node->destroyed = true;
 		node->owner->n_owned--;
-		cb_queue_notify(node->owner, CAPBUS_MSG_NODE_DESTROY, anchors[i]->id, seq);
+		cb_queue_notify(node->owner, CAPBUS_MSG_NODE_DESTROY, flags, anchors[i]->id, seq);
 		struct cb_link *link;
 		for (link = node->holders.next; link != &node->holders; link = link->next)
-			notify_destroyed(cb_container_of(link, struct cb_handle, holder_link), seq);
+			notify_destroyed(cb_container_of(link, struct cb_handle, holder_link), flags, seq);
 		if (node->monitor)
 			cb_monitor_revoke(kernel, node); /* its owner revokes what it handed out */
 	}

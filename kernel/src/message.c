@@ -166,7 +166,7 @@ static uint32_t *send_handles(struct cb_kernel *kernel, struct cb_user *user)
  * on success *entry is a queue entry charged to the receiver. */
 static int prepare(struct cb_peer *sender, struct cb_user *user, struct cb_message *message, uint64_t id,
 		   struct cb_node **distinct, uint32_t n_distinct, const struct cb_amount *amount,
-		   struct cb_qentry **entry)
+		   const uint64_t *tracked_cookie, struct cb_qentry **entry)
 {
 	struct cb_kernel *kernel = sender->kernel;
 	struct cb_handle *handle = cb_handle_lookup(sender, id);
@@ -197,7 +197,8 @@ static int prepare(struct cb_peer *sender, struct cb_user *user, struct cb_messa
 	if (cb_handle_reserve(receiver, new_handles) < 0)
 		return ENOMEM;
 
-	*entry = cb_qentry_new(sizeof(struct capbus_frame) + sizeof(struct capbus_message) + amount->handles * 8);
+	uint32_t header_size = sizeof(struct capbus_frame) + sizeof(struct capbus_message) + amount->handles * 8;
+	*entry = tracked_cookie ? cb_qentry_new_tracked(header_size, sender, *tracked_cookie) : cb_qentry_new(header_size);
 	if (!*entry)
 		return ENOMEM;
 	struct cb_amount charge = *amount;
@@ -238,7 +239,7 @@ void cb_send(struct cb_peer *sender, uint64_t cookie, const void *body, size_t b
 		error = EINVAL;
 		goto fail;
 	}
-	if ((cmd->flags & ~(uint32_t)(CAPBUS_SEND_FLAG_MEMFD | CAPBUS_SEND_FLAG_QUIET)) || cmd->n_destinations == 0 ||
+	if ((cmd->flags & ~(uint32_t)(CAPBUS_SEND_FLAG_MEMFD | CAPBUS_SEND_FLAG_QUIET | CAPBUS_SEND_FLAG_TRACK)) || cmd->n_destinations == 0 ||
 	    cmd->n_destinations > CAPBUS_DESTINATIONS_MAX) {
 		error = EINVAL;
 		goto fail;
@@ -343,7 +344,7 @@ void cb_send(struct cb_peer *sender, uint64_t cookie, const void *body, size_t b
 	}
 	for (uint32_t i = 0; i < n; i++) {
 		errors[i] = prepare(sender, user, message, destinations[i], distinct, n_distinct, &amount,
-				    &entries[i]);
+				    cmd->flags & CAPBUS_SEND_FLAG_TRACK ? &cookie : NULL, &entries[i]);
 		if (!errors[i])
 			result->n_delivered++;
 	}

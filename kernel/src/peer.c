@@ -75,6 +75,7 @@ struct cb_peer *cb_peer_new(struct cb_kernel *kernel, int fd, uint32_t uid, uint
 	cb_queue_init(&peer->queue);
 	cb_quota_init(&peer->quota);
 	cb_list_init(&peer->dirty_link);
+	cb_list_init(&peer->tracked);
 	cb_list_init(&peer->doomed_link);
 	cb_retry_item_init(&peer->stalled_retry);
 	cb_retry_item_init(&peer->holder_retry);
@@ -270,6 +271,50 @@ static struct cb_handle **collect_handles(struct cb_peer *peer, size_t *n)
 	return handles;
 }
 
+/* Destroys the live nodes among `handles` (all of one peer) in one transaction. false on
+ * ENOMEM, with nothing done. */
+static bool destroy_live(struct cb_handle **handles, size_t n)
+{
+	size_t n_live = 0;
+	struct cb_handle **live = malloc((n + 1) * sizeof(*live));
+	if (!live)
+		return false;
+	for (size_t i = 0; i < n; i++)
+		if (handles[i]->node->anchor == handles[i] && !handles[i]->node->destroyed)
+			live[n_live++] = handles[i];
+	cb_nodes_destroy(live, (uint32_t)n_live, 0);
+	free(live);
+	return true;
+}
+
+/* A peer that shut down goes: the holders of its nodes (destroyed with DRAINING) are told
+ * again, without it, that nothing more will come from them. */
+static void tell_holders_gone(struct cb_peer *peer, struct cb_handle **handles, size_t n)
+{
+	uint64_t seq = 0;
+	for (size_t i = 0; i < n; i++) {
+		struct cb_node *node = handles[i]->node;
+		if (node->anchor != handles[i] || !node->destroyed || !node->n_holders)
+			continue;
+		if (seq == 0)
+			seq = cb_kernel_tick(peer->kernel);
+		struct cb_link *link;
+		for (link = node->holders.next; link != &node->holders; link = link->next) {
+			struct cb_handle *holder = cb_container_of(link, struct cb_handle, holder_link);
+			cb_queue_notify(holder->peer, CAPBUS_MSG_NODE_DESTROY, 0, holder->id, seq);
+		}
+	}
+}
+
+int cb_peer_destroy_nodes(struct cb_peer *peer)
+{
+	size_t n = 0;
+	struct cb_handle **handles = collect_handles(peer, &n);
+	bool done = handles && destroy_live(handles, n);
+	free(handles);
+	return done ? 0 : -ENOMEM;
+}
+
 void cb_peer_disconnect(struct cb_peer *peer)
 {
 	struct cb_kernel *kernel = peer->kernel;
@@ -284,6 +329,7 @@ void cb_peer_disconnect(struct cb_peer *peer)
 	cb_linger_close(kernel, peer->fd, peer->user, peer->fds_in_socket);
 	peer->fds_in_socket = 0;
 	peer->fd = -1; /* from here nothing is queued to this peer */
+	cb_queue_untrack(peer);
 	cb_map_remove(&kernel->peers_by_key, key_hash(peer->key));
 	cb_list_del(&peer->dirty_link);
 	cb_list_del(&peer->doomed_link);
@@ -307,17 +353,13 @@ void cb_peer_disconnect(struct cb_peer *peer)
 
 	struct cb_handle **handles = collect_handles(peer, &n);
 	if (handles) {
-		/* Every live node goes in one transaction, as one destroy command would. */
-		size_t n_live = 0;
-		struct cb_handle **live = malloc((n + 1) * sizeof(*live));
-		for (size_t i = 0; live && i < n; i++)
-			if (handles[i]->node->anchor == handles[i] && !handles[i]->node->destroyed)
-				live[n_live++] = handles[i];
-		if (live)
-			cb_nodes_destroy(live, (uint32_t)n_live, 0);
-		free(live);
+		/* Every live node goes in one transaction, as one destroy command would (one at a
+		 * time if there is no memory for that). */
+		if (peer->closing)
+			tell_holders_gone(peer, handles, n);
+		bool destroyed = destroy_live(handles, n);
 		for (size_t i = 0; i < n; i++)
-			if (!live && handles[i]->node->anchor == handles[i] && !handles[i]->node->destroyed)
+			if (!destroyed && handles[i]->node->anchor == handles[i] && !handles[i]->node->destroyed)
 				cb_nodes_destroy(&handles[i], 1, 0);
 		for (size_t i = 0; i < n; i++)
 			cb_handle_release_all(handles[i]);

@@ -74,6 +74,8 @@ struct cb_peer {
 	uint64_t sent_bytes;        /* ... their payload bytes (a memfd's size) */
 	uint64_t received_messages; /* data messages written to it ... */
 	uint64_t received_bytes;    /* ... their payload bytes */
+	struct cb_link tracked;     /* its tracked messages still queued (struct cb_qentry.tracker_link) */
+	bool closing;               /* CAPBUS_CMD_SHUTDOWN: its nodes are destroyed; it may make no more */
 	bool doomed;                /* disconnect at the next safe point */
 	bool read_closed;           /* it shut down its writing side: it still reads (half-close) */
 	bool stalled;               /* its next frame waits for fd room (in kernel->stalled) */
@@ -92,6 +94,9 @@ struct cb_peer {
 /* Takes ownership of `fd` (closed on failure). Returns the peer or NULL with *error set. */
 struct cb_peer *cb_peer_new(struct cb_kernel *kernel, int fd, uint32_t uid, uint32_t gid, uint32_t pid, int *error);
 void cb_peer_disconnect(struct cb_peer *peer);
+/* Destroys every live node `peer` owns, in one transaction (CAPBUS_CMD_SHUTDOWN, and
+ * disconnect): 0, or -ENOMEM with nothing done. */
+int cb_peer_destroy_nodes(struct cb_peer *peer);
 /* Marks the peer to be disconnected once the current command is done. */
 void cb_peer_doom(struct cb_peer *peer);
 /* Charges the connection, from now on, to the uid that writes to it (cb_command_dispatch):

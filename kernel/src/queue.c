@@ -12,7 +12,10 @@
 #include "handle.h"
 #include "kernel.h"
 #include "message.h"
+#include "node.h"
 #include "peer.h"
+
+#define NOTE_SIZE ((uint32_t)(sizeof(struct capbus_frame) + sizeof(struct capbus_message)))
 
 void cb_queue_init(struct cb_queue *queue)
 {
@@ -49,7 +52,32 @@ struct cb_qentry *cb_qentry_new(uint32_t header_size)
 	entry->prepaid = false;
 	entry->note_of = NULL;
 	entry->backlog_of = NULL;
+	entry->tracked = false;
 	entry->header_size = header_size;
+	return entry;
+}
+
+static size_t header_room(uint32_t header_size)
+{
+	return (header_size + 7) / 8 * 8;
+}
+
+struct cb_tracking *cb_qentry_tracking(struct cb_qentry *entry)
+{
+	return (struct cb_tracking *)((uint8_t *)entry->header + header_room(entry->header_size));
+}
+
+struct cb_qentry *cb_qentry_new_tracked(uint32_t header_size, struct cb_peer *sender, uint64_t cookie)
+{
+	struct cb_qentry *entry = cb_qentry_new((uint32_t)(header_room(header_size) + sizeof(struct cb_tracking)));
+	if (!entry)
+		return NULL;
+	entry->header_size = header_size;
+	entry->tracked = true;
+	struct cb_tracking *tracking = cb_qentry_tracking(entry);
+	tracking->sender = sender;
+	tracking->cookie = cookie;
+	cb_list_add_tail(&sender->tracked, &tracking->link);
 	return entry;
 }
 
@@ -57,6 +85,8 @@ void cb_qentry_free(struct cb_qentry *entry)
 {
 	if (cb_link_linked(&entry->ranked_link))
 		cb_list_del(&entry->ranked_link);
+	if (entry->tracked && cb_qentry_tracking(entry)->sender)
+		cb_list_del(&cb_qentry_tracking(entry)->link);
 	if (entry->message)
 		cb_message_unref(entry->message);
 	if (entry->passed_fd >= 0)
@@ -134,7 +164,7 @@ static void entry_release(struct cb_peer *peer, struct cb_qentry *entry)
 
 size_t cb_qentry_cost(const struct cb_qentry *entry)
 {
-	return sizeof(*entry) + (entry->header_size + 7) / 8 * 8 + 16;
+	return sizeof(*entry) + header_room(entry->header_size) + (entry->tracked ? sizeof(struct cb_tracking) : 0) + 16;
 }
 
 static uint32_t entry_fds(const struct cb_qentry *entry)
@@ -325,22 +355,71 @@ int cb_queue_flush(struct cb_peer *peer)
 	}
 }
 
+void cb_queue_untrack(struct cb_peer *sender)
+{
+	while (!cb_list_empty(&sender->tracked)) {
+		struct cb_tracking *tracking = cb_list_first(&sender->tracked, struct cb_tracking, link);
+		cb_list_del(&tracking->link);
+		tracking->sender = NULL;
+	}
+}
+
+#define UNDELIVERED_SIZE ((uint32_t)(NOTE_SIZE + sizeof(struct capbus_undelivered)))
+
+/* Tells the sender of `entry`, a tracked message about to be dropped with its receiver
+ * `peer` (whose handles are still there), that it was not delivered. */
+static void tell_undelivered(struct cb_peer *peer, struct cb_qentry *entry, uint64_t *seq)
+{
+	struct cb_peer *sender = cb_qentry_tracking(entry)->sender;
+	if (!sender || sender->fd < 0)
+		return;
+	struct cb_qentry *note = cb_qentry_new(UNDELIVERED_SIZE);
+	if (!note) {
+		cb_peer_doom(sender); /* as any notification: a peer that cannot be told goes */
+		return;
+	}
+	uint64_t destination = CAPBUS_HANDLE_INVALID;
+	struct cb_handle *anchor = cb_handle_lookup(peer, message_header(entry)->destination);
+	if (anchor) {
+		struct cb_handle *held = cb_map_get(&sender->handles_by_node, anchor->node->serial);
+		if (held)
+			destination = held->id;
+	}
+	if (*seq == 0)
+		*seq = cb_kernel_tick(peer->kernel); /* one transaction: every notice of this drop */
+	struct capbus_frame *frame = (struct capbus_frame *)note->header;
+	*frame = (struct capbus_frame){ .size = UNDELIVERED_SIZE, .type = CAPBUS_FRAME_MESSAGE };
+	*message_header(note) = (struct capbus_message){
+		.kind = CAPBUS_MSG_UNDELIVERED,
+		.destination = destination,
+		.seq = *seq,
+		.uid = UINT32_MAX,
+		.gid = UINT32_MAX,
+		.payload_size = sizeof(struct capbus_undelivered),
+	};
+	struct capbus_undelivered what = { .cookie = cb_qentry_tracking(entry)->cookie, .seq = entry->seq };
+	memcpy(message_header(note) + 1, &what, sizeof(what));
+	note->seq = *seq;
+	cb_queue_push(sender, note);
+}
+
 void cb_queue_drop(struct cb_peer *peer)
 {
 	struct cb_queue *queue = &peer->queue;
 	struct cb_link *lists[] = { &queue->taken, &queue->replies, &queue->entries };
+	uint64_t seq = 0;
 	for (size_t i = 0; i < 3; i++) {
 		while (!cb_list_empty(lists[i])) {
 			struct cb_qentry *entry = cb_list_first(lists[i], struct cb_qentry, link);
 			cb_list_del(&entry->link);
 			leave_backlog(peer, entry);
+			if (entry->tracked && entry->message)
+				tell_undelivered(peer, entry, &seq);
 			entry_release(peer, entry);
 		}
 	}
 	queue->n_entries = 0;
 }
-
-#define NOTE_SIZE ((uint32_t)(sizeof(struct capbus_frame) + sizeof(struct capbus_message)))
 
 struct cb_qentry *cb_queue_note_new(void)
 {
@@ -352,12 +431,14 @@ size_t cb_queue_note_cost(void)
 	return sizeof(struct cb_qentry) + (NOTE_SIZE + 7) / 8 * 8 + 16;
 }
 
-static void notify(struct cb_peer *peer, struct cb_qentry *entry, uint16_t kind, uint64_t destination, uint64_t seq)
+static void notify(struct cb_peer *peer, struct cb_qentry *entry, uint16_t kind, uint16_t flags, uint64_t destination,
+		   uint64_t seq)
 {
 	struct capbus_frame *frame = (struct capbus_frame *)entry->header;
 	*frame = (struct capbus_frame){ .size = NOTE_SIZE, .type = CAPBUS_FRAME_MESSAGE };
 	*message_header(entry) = (struct capbus_message){
 		.kind = kind,
+		.flags = flags,
 		.destination = destination,
 		.seq = seq,
 		.uid = UINT32_MAX,
@@ -367,7 +448,7 @@ static void notify(struct cb_peer *peer, struct cb_qentry *entry, uint16_t kind,
 	cb_queue_push(peer, entry);
 }
 
-int cb_queue_notify(struct cb_peer *peer, uint16_t kind, uint64_t destination, uint64_t seq)
+int cb_queue_notify(struct cb_peer *peer, uint16_t kind, uint16_t flags, uint64_t destination, uint64_t seq)
 {
 	if (peer->fd < 0)
 		return 0;
@@ -377,15 +458,15 @@ int cb_queue_notify(struct cb_peer *peer, uint16_t kind, uint64_t destination, u
 		cb_peer_doom(peer);
 		return -ENOMEM;
 	}
-	notify(peer, entry, kind, destination, seq);
+	notify(peer, entry, kind, flags, destination, seq);
 	return 0;
 }
 
-void cb_queue_notify_prepaid(struct cb_peer *peer, struct cb_qentry *note, uint16_t kind, uint64_t destination,
-			     uint64_t seq)
+void cb_queue_notify_prepaid(struct cb_peer *peer, struct cb_qentry *note, uint16_t kind, uint16_t flags,
+			     uint64_t destination, uint64_t seq)
 {
 	note->prepaid = true;
-	notify(peer, note, kind, destination, seq); /* freed there if the peer is going away */
+	notify(peer, note, kind, flags, destination, seq); /* freed there if the peer is going away */
 }
 
 void cb_queue_withdraw(struct cb_peer *peer, struct cb_qentry *note)

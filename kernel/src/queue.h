@@ -57,6 +57,7 @@ struct cb_qentry {
 	bool held_counted;           /* ... and in held_backlog (queue.h: cb_queue_hold) */
 	bool monitor_record;         /* a MONITOR record: counted in its peer's monitor_bytes */
 	bool prepaid;                /* a handle's NODE_DESTROY, paid with the handle: in no backlog */
+	bool tracked;                /* a struct cb_tracking follows the header (cb_qentry_tracking) */
 	struct cb_handle *note_of;   /* that handle while both live: it withdraws its note when it is
 				      * freed first (cb_queue_withdraw), so that a queued note never
 				      * outlives what paid for it; or NULL */
@@ -86,9 +87,20 @@ struct cb_queue {
 				 * said CONTINUE (the reader waits for one more of it), else 0 */
 };
 
+/* A tracked message's sender (CAPBUS_SEND_FLAG_TRACK), told if the message is dropped
+ * undelivered. Kept after the header of tracked entries only: other entries pay nothing. */
+struct cb_tracking {
+	struct cb_link link;    /* in sender->tracked while sender is set */
+	struct cb_peer *sender; /* NULL once that sender is gone (cb_queue_untrack) */
+	uint64_t cookie;        /* the cookie of the send */
+};
+
 void cb_queue_init(struct cb_queue *queue);
 /* Allocates an entry with `header_size` bytes of header. */
 struct cb_qentry *cb_qentry_new(uint32_t header_size);
+/* ... and room for a struct cb_tracking after it, linked to `sender`'s tracked list. */
+struct cb_qentry *cb_qentry_new_tracked(uint32_t header_size, struct cb_peer *sender, uint64_t cookie);
+struct cb_tracking *cb_qentry_tracking(struct cb_qentry *entry);
 void cb_qentry_free(struct cb_qentry *entry);
 /* The heap an entry takes: the entry, its header words, and the allocator's own. */
 size_t cb_qentry_cost(const struct cb_qentry *entry);
@@ -100,11 +112,16 @@ void cb_queue_push(struct cb_peer *peer, struct cb_qentry *entry);
 int cb_queue_flush(struct cb_peer *peer);
 /* Counts the fds in the peer's socket as landed if it is empty. */
 void cb_queue_reclaim_fds(struct cb_peer *peer);
-/* Drops everything queued (disconnect), returning charges and closing fds. */
+/* Drops everything queued (disconnect), returning charges and closing fds. Each tracked
+ * message not written yet becomes a CAPBUS_MSG_UNDELIVERED notice to its sender (one
+ * transaction for all of them); a sender that cannot be told for want of memory is
+ * disconnected, as for any notification. */
 void cb_queue_drop(struct cb_peer *peer);
+/* The messages `sender` tracks (still queued at their receivers) forget it: it is going. */
+void cb_queue_untrack(struct cb_peer *sender);
 
 /* Queues a notification of `kind` about the receiver's id `destination`. */
-int cb_queue_notify(struct cb_peer *peer, uint16_t kind, uint64_t destination, uint64_t seq);
+int cb_queue_notify(struct cb_peer *peer, uint16_t kind, uint16_t flags, uint64_t destination, uint64_t seq);
 /* A notification allocated ahead, with the handle it is about (bus1's prepaid NODE_DESTROY):
  * NULL on ENOMEM. Freed with cb_qentry_free unless queued by cb_queue_notify_prepaid. */
 struct cb_qentry *cb_queue_note_new(void);
@@ -113,8 +130,8 @@ size_t cb_queue_note_cost(void);
 /* Queues `note` (cb_queue_note_new, now the queue's) as a notification like
  * cb_queue_notify's, which needs no memory and counts in no backlog: its handle paid for it
  * (user_handles), so a uid that destroys nodes others hold cannot fill their backlog. */
-void cb_queue_notify_prepaid(struct cb_peer *peer, struct cb_qentry *note, uint16_t kind, uint64_t destination,
-			     uint64_t seq);
+void cb_queue_notify_prepaid(struct cb_peer *peer, struct cb_qentry *note, uint16_t kind, uint16_t flags,
+			     uint64_t destination, uint64_t seq);
 /* Takes a queued prepaid note (note_of) out of the queue and frees it: its handle is being
  * freed before the note was written, and a holder that releases its handle before reading
  * its NODE_DESTROY never sees it (bus1). Otherwise a holder could release handles as fast as

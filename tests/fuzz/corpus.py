@@ -271,6 +271,36 @@ def monitor_capability() -> Scenario:
     return s
 
 
+def shutdown_and_undelivered() -> Scenario:
+    """A graceful disconnect with messages queued (some tracked) and a multicast to it; a
+    second SHUTDOWN; nodes refused after it; a holding receiver disconnected with tracked
+    messages unwritten (UNDELIVERED to their senders); a sender gone first."""
+    s = Scenario()
+    s.create_node(0, "inbox")
+    s.create_node(2, "other")
+    d1 = s.transfer(0, "inbox", 1)
+    o1 = s.transfer(2, "other", 1)
+    s.send(1, [d1], b"queued", send_flags=_wire.SEND_FLAG_QUIET | _wire.SEND_FLAG_TRACK)
+    s.send(1, [d1, o1], b"both", send_flags=_wire.SEND_FLAG_TRACK)
+    s.command(0, _wire.CMD_SHUTDOWN)
+    s.command(0, _wire.CMD_SHUTDOWN)  # EALREADY
+    s.command(0, _wire.CMD_SHUTDOWN, b"\0" * 8)  # EINVAL: size
+    s.command(0, _wire.CMD_NODE_CREATE)  # ESHUTDOWN
+    s.send(1, [d1], b"too late")  # EHOSTUNREACH: destroyed
+    s.send(0, [s.id(0, "inbox")], b"to itself, destroyed")
+    s.drain(0)
+    s.command(2, _wire.CMD_PEER_SET_FLAGS, _wire.U64.pack(_wire.PEER_FLAG_HOLD))
+    s.send(1, [o1], b"held", send_flags=_wire.SEND_FLAG_QUIET | _wire.SEND_FLAG_TRACK)
+    s.send(1, [o1], b"held too", send_flags=_wire.SEND_FLAG_TRACK, priority=3)
+    s.send(1, [o1], b"untracked")
+    s.command(0, _wire.CMD_DISCONNECT)
+    s.command(2, _wire.CMD_DISCONNECT)  # (two tracked ones unwritten: told to slot 1)
+    s.drain(1)
+    s.send(3, [0x7777], b"nowhere", send_flags=_wire.SEND_FLAG_TRACK | 0x40)  # EINVAL: flag
+    s.drain(3)
+    return s
+
+
 def fds() -> Scenario:
     s = Scenario()
     s.create_node(0, "inbox")
@@ -372,6 +402,7 @@ SCENARIOS = {
         multicast,
         held_receives,
         monitor_capability,
+        shutdown_and_undelivered,
         fds,
         peers_and_seeds,
         garbage,

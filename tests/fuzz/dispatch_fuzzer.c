@@ -322,10 +322,16 @@ matched:
 		if (expected != length || message.n_fds != n_fds || (memfd_payload && !n_fds))
 			fail("message kind %u: %zu bytes and %zu fds, its header says %llu and %u", message.kind,
 			     length, n_fds, (unsigned long long)expected, message.n_fds);
-		if (message.kind < CAPBUS_MSG_DATA || message.kind > CAPBUS_MSG_MONITOR)
+		if (message.kind < CAPBUS_MSG_DATA || message.kind > CAPBUS_MSG_UNDELIVERED)
 			fail("message of kind %u", message.kind);
-		if (message.flags & ~(uint16_t)(CAPBUS_MSG_FLAG_CONTINUE | CAPBUS_MSG_FLAG_MEMFD))
+		if (message.flags & ~(uint16_t)(CAPBUS_MSG_FLAG_CONTINUE | CAPBUS_MSG_FLAG_MEMFD | CAPBUS_MSG_FLAG_DRAINING))
 			fail("message flags %#x", message.flags);
+		if (message.flags & CAPBUS_MSG_FLAG_DRAINING && message.kind != CAPBUS_MSG_NODE_DESTROY)
+			fail("DRAINING on a message of kind %u", message.kind);
+		if (message.kind == CAPBUS_MSG_UNDELIVERED && message.payload_size != sizeof(struct capbus_undelivered))
+			fail("an UNDELIVERED notice of %u bytes", message.payload_size);
+		if (message.kind == CAPBUS_MSG_DRAINED && (message.payload_size || message.n_handles))
+			fail("a DRAINED mark with a payload");
 	} else {
 		fail("frame type %#x", frame.type);
 	}

@@ -86,5 +86,6 @@ def test_seeds_and_mutations_keep_the_dispatcher_sound(tmp_path: Path) -> None:
         _wire.CMD_MONITOR_CREATE,
         _wire.CMD_MONITOR_ATTACH,
         _wire.CMD_SNAPSHOT,
+        _wire.CMD_SHUTDOWN,
     ):
         assert (command, 0) in reached, f"no input reached a successful command {command}"

@@ -673,7 +673,7 @@ async def test_unknown_commands_and_flags_are_refused_without_effect(
     with trio.fail_after(TIMEOUT):
         # Unknown commands are well-formed frames: ENOTTY every time, never a violation, so
         # many more than VIOLATIONS_MAX of them do not get the peer cut off.
-        unknown = [0x00, 0x0B, 0x12, 0x7F, _wire.FRAME_REPLY, _wire.FRAME_MESSAGE, 0xFFFF]
+        unknown = [0x00, 0x0B, 0x13, 0x7F, _wire.FRAME_REPLY, _wire.FRAME_MESSAGE, 0xFFFF]
         for round_ in range(2 * VIOLATIONS_MAX // len(unknown) + 1):
             for kind in unknown:
                 reply = await raw.call(kind, bytes(8 * round_))
@@ -737,7 +737,10 @@ async def test_inconsistent_sends_are_einval_and_deliver_nothing(
         (
             "unknown send flag",
             lambda c: send_datagram(
-                c, [to_sink], payload=payload, send_flags=(_wire.SEND_FLAG_MEMFD | _wire.SEND_FLAG_QUIET) << 1
+                c,
+                [to_sink],
+                payload=payload,
+                send_flags=(_wire.SEND_FLAG_MEMFD | _wire.SEND_FLAG_QUIET | _wire.SEND_FLAG_TRACK) << 1,
             ),
             0,
         ),

@@ -5,11 +5,13 @@ through it. On an embedded kernel and on a daemon; an untrusted uid is refused."
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import textwrap
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -99,10 +101,23 @@ async def test_an_untrusted_uid_may_not_make_a_monitor_node(tmp_path: Path) -> N
             assert line.split() == ["refused", "1"], line
 
 
-async def test_capbus_monitor_prints_each_event_live(tmp_path: Path) -> None:
-    """``capbus monitor --kernel PATH --json`` (a real process) against a daemon: a line
-    once it watches, then one per send and destroy, as they happen."""
-    async with daemon(tmp_path, user=None) as (path, _):
+@contextlib.asynccontextmanager
+async def kernel_at(kind: str, where: Path) -> AsyncIterator[Path]:
+    """A kernel daemon's socket, or an embedded kernel of this process that listens."""
+    if kind == "daemon":
+        async with daemon(where, user=None) as (path, _):
+            yield path
+    else:
+        async with capbus.open_kernel(listen=where / "embedded.bus"):
+            yield where / "embedded.bus"
+
+
+@pytest.mark.parametrize("kind", ["daemon", "embedded"])
+async def test_capbus_monitor_prints_each_event_live(kind: str, tmp_path: Path) -> None:
+    """``capbus monitor --kernel PATH --json`` (a real process) against a daemon and an
+    embedded kernel that listens: a line once it watches, then one per send and destroy,
+    as they happen."""
+    async with kernel_at(kind, tmp_path) as path:
         command = [sys.executable, "-m", "capbus", "monitor", "--kernel", str(path), "--json"]
         process = await trio.lowlevel.open_process(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         try:

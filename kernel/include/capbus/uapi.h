@@ -74,6 +74,7 @@ enum capbus_frame_type {
 	CAPBUS_CMD_MONITOR_ATTACH   = 0x10, /* body: u64 id of a handle to a monitor node  reply: none */
 	CAPBUS_CMD_SNAPSHOT         = 0x11, /* body: u64 id of a handle to a monitor node  reply: none, a
 					     * sealed memfd holding a capbus_snapshot as SCM_RIGHTS */
+	CAPBUS_CMD_SHUTDOWN         = 0x12, /* body: none                     reply: none (graceful disconnect, below) */
 
 	/* kernel -> peer */
 	CAPBUS_FRAME_REPLY          = 0x80, /* body: capbus_reply, then the command's reply body */
@@ -135,6 +136,11 @@ struct capbus_cmd_send {
  * (or is refused as a whole) is answered as usual, and the reply then also lists the
  * destination ids after the errors, since the sender keeps no record of one-way sends. */
 #define CAPBUS_SEND_FLAG_QUIET  0x2
+/* Tracked: if a destination's receiver disconnects before this message is written to it, the
+ * sender gets a CAPBUS_MSG_UNDELIVERED notice naming the destination (its own handle id) and
+ * this send's cookie (struct capbus_undelivered). Without it, such a message is dropped with
+ * the receiver as ever; the sender learns of the disconnect from NODE_DESTROY only. */
+#define CAPBUS_SEND_FLAG_TRACK  0x4
 #define CAPBUS_MEMFD_MAX        (1ull << 30) /* bytes of one memfd payload */
 
 /* Per-destination results of a send: all-or-nothing for each destination. */
@@ -297,10 +303,33 @@ enum capbus_message_kind {
 	CAPBUS_MSG_NODE_DESTROY  = 2, /* the node behind `destination` was destroyed */
 	CAPBUS_MSG_NODE_RELEASE  = 3, /* the last handle of another peer to our node is gone */
 	CAPBUS_MSG_MONITOR       = 4, /* a copy of some traffic, for a monitor */
+	CAPBUS_MSG_DRAINED       = 5, /* after CAPBUS_CMD_SHUTDOWN: every message queued for this peer
+				       * came before this; none comes after (notifications may) */
+	CAPBUS_MSG_UNDELIVERED   = 6, /* a tracked message (CAPBUS_SEND_FLAG_TRACK) was dropped: its
+				       * receiver disconnected before it was written; `destination`
+				       * is our handle to its node (~0 if released), the payload a
+				       * struct capbus_undelivered */
+};
+
+/* CAPBUS_CMD_SHUTDOWN, a graceful disconnect (kdbus's "disconnect only when empty", without
+ * polling): in one transaction the kernel destroys every live node the peer owns (holders
+ * are told, in order; from then on no message can be queued for it) and the peer may create
+ * no more nodes (ESHUTDOWN); then it queues a CAPBUS_MSG_DRAINED notification behind
+ * everything already queued. The peer reads (or RECVs) up to it, so nothing accepted for it is
+ * lost, and then disconnects. It may still send meanwhile (answers to what it reads). A
+ * second SHUTDOWN is EALREADY. */
+
+struct capbus_undelivered {
+	uint64_t cookie;        /* the cookie of the send */
+	uint64_t seq;           /* the message's place in the global order */
 };
 
 #define CAPBUS_MSG_FLAG_CONTINUE  0x1 /* the next message belongs to the same transaction */
 #define CAPBUS_MSG_FLAG_MEMFD     0x2 /* the payload (payload_size bytes) is the first fd, a sealed memfd */
+/* On NODE_DESTROY: the owner shut down (CAPBUS_CMD_SHUTDOWN): what was queued for the node
+ * before this will still be read, and may be answered. When that owner disconnects, its
+ * holders get a second NODE_DESTROY, without this flag: nothing more will come from it. */
+#define CAPBUS_MSG_FLAG_DRAINING  0x4
 
 struct capbus_message {
 	uint16_t kind;          /* enum capbus_message_kind */
