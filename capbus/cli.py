@@ -96,6 +96,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     status_command.add_argument("--kernel", required=True, metavar="PATH", help="the kernel's socket")
     status_command.add_argument("--json", action="store_true", help="one JSON document, for scripts")
+    status_command.add_argument(
+        "--timeout",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="give up on a kernel that does not answer",
+    )
     graph_command = commands.add_parser(
         "graph", help="draw a kernel's capability graph: who holds handles to whose nodes"
     )
@@ -105,6 +112,20 @@ def main(argv: list[str] | None = None) -> int:
     )
     graph_command.add_argument(
         "--format", choices=("svg", "png", "dot"), help="the format (default: by the extension)"
+    )
+    graph_command.add_argument(
+        "--timeout",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="give up on a kernel that does not answer",
+    )
+    graph_command.add_argument(
+        "--max-nodes",
+        type=int,
+        default=400,
+        metavar="N",
+        help="past N nodes, draw each peer's nodes as one box (default 400)",
     )
     commands.add_parser(
         "bench", help="capbus against a raw socketpair, pycapnp, D-Bus, gRPC and ZeroMQ", add_help=False
@@ -133,11 +154,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "status":
         from .introspection import run as status
 
-        return status(args.kernel, args.json)
+        return status(args.kernel, args.json, timeout=args.timeout)
     if args.command == "graph":
         from .graph import run as draw
 
-        return draw(args.kernel, args.output, args.format)
+        return draw(args.kernel, args.output, args.format, timeout=args.timeout, max_nodes=args.max_nodes)
     if args.command == "serve":
         return _serve(args.address, args.factory, args.kernel, args.mode, args.cert, args.key)
     return 2

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
-from .introspection import process_name, run_tool, size, take_snapshot
+from .introspection import DEFAULT_TIMEOUT, printable, process_name, run_tool, size, take_snapshot
 from .snapshot import NodeStatus, PeerFlags, PeerStatus, Snapshot
 
 if TYPE_CHECKING:
@@ -25,10 +25,21 @@ if TYPE_CHECKING:
 
 FORMATS = ("svg", "png", "dot")
 _FONT = "Helvetica"
+MAX_NODES = 400
+"""Past this many nodes, each peer's nodes are drawn as one box, and its handles to another
+peer's nodes as one arrow with a count: Graphviz's layout grows much faster than the graph
+(thousands of nodes take minutes), and any uid may make thousands."""
+MAX_PEERS = 300
+"""Past this many peers there is no picture to read: the tool says so (capbus status lists
+them)."""
 
 
 class GraphUnavailable(RuntimeError):
     """pygraphviz is not installed."""
+
+
+class GraphTooLarge(ValueError):
+    """More peers than a picture can show."""
 
 
 def _pygraphviz() -> object:
@@ -75,15 +86,33 @@ def node_label(node: NodeStatus) -> str:
     return label
 
 
-def build(snapshot: Snapshot, title: str = "") -> pygraphviz.AGraph:
+def summary_id(serial: int) -> str:
+    """A peer's nodes drawn as one box (past MAX_NODES); 0: the nodes let go by their owners."""
+    return f"nodes_of_peer{serial}"
+
+
+def build(snapshot: Snapshot, title: str = "", max_nodes: int = MAX_NODES) -> pygraphviz.AGraph:
     """The capability graph of ``snapshot``: a cluster per peer (``cluster_id``) holding an
     anchor (``peer_id``) and its nodes (``node_id``), and an edge from a holder's anchor to
-    each node of another peer it holds, labelled with the holder's handle id."""
+    each node of another peer it holds, labelled with the holder's handle id. Past
+    ``max_nodes`` nodes, summarised: a peer's nodes are one box (``summary_id``) and the
+    handles a peer holds to them one edge, labelled with their count. Raises GraphTooLarge
+    past MAX_PEERS peers."""
+    if len(snapshot.peers) > MAX_PEERS:
+        raise GraphTooLarge(
+            f"{len(snapshot.peers)} peers are more than a picture shows (capbus status lists them)"
+        )
     pgv = _pygraphviz()
     graph = pgv.AGraph(directed=True, strict=False, compound=True, rankdir="LR")  # type: ignore[attr-defined]
+    summarised = len(snapshot.nodes) > max_nodes
+    if summarised:
+        title = f"{title} ({len(snapshot.nodes)} nodes: each peer's drawn as one)".strip()
     graph.graph_attr.update(fontname=_FONT, fontsize="11", label=title, labelloc="t", nodesep="0.3")
     graph.node_attr.update(fontname=_FONT, fontsize="10")
     graph.edge_attr.update(fontname=_FONT, fontsize="9", color="#3465a4", fontcolor="#3465a4")
+    if summarised:
+        _summarise(graph, snapshot)
+        return graph
     for peer in sorted(snapshot.peers.values(), key=lambda p: p.serial):
         members = [peer_id(peer.serial)] + [node_id(n.serial) for n in snapshot.owned_by(peer.serial)]
         box = graph.add_subgraph(
@@ -108,6 +137,36 @@ def build(snapshot: Snapshot, title: str = "") -> pygraphviz.AGraph:
     return graph
 
 
+def _summarise(graph: pygraphviz.AGraph, snapshot: Snapshot) -> None:
+    owned: dict[int, int] = {}
+    for node in snapshot.nodes.values():
+        owner = node.owner if node.owner in snapshot.peers else 0
+        owned[owner] = owned.get(owner, 0) + 1
+    for peer in sorted(snapshot.peers.values(), key=lambda p: p.serial):
+        members = [peer_id(peer.serial)] + ([summary_id(peer.serial)] if peer.serial in owned else [])
+        box = graph.add_subgraph(
+            members,
+            name=cluster_id(peer.serial),
+            style="rounded,filled",
+            fillcolor="#eeeeec",
+            color="#555753",
+        )
+        box.add_node(peer_id(peer.serial), label=peer_label(peer), shape="plaintext")
+        if peer.serial in owned:
+            box.add_node(summary_id(peer.serial), label=f"{owned[peer.serial]} nodes", shape="box3d")
+    if 0 in owned:
+        graph.add_node(summary_id(0), label=f"{owned[0]} nodes let go", shape="box3d", style="dashed")
+    held: dict[tuple[int, int], int] = {}
+    for holder, held_node, _ in snapshot.edges():
+        owner = snapshot.nodes[held_node].owner if held_node in snapshot.nodes else 0
+        key = (holder, owner if owner in snapshot.peers else 0)
+        if holder in snapshot.peers:
+            held[key] = held.get(key, 0) + 1
+    for (holder, owner), count in sorted(held.items()):
+        label = f"{count} handle" + ("s" if count > 1 else "")
+        graph.add_edge(peer_id(holder), summary_id(owner), ltail=cluster_id(holder), label=label)
+
+
 def _add_node(graph: pygraphviz.AGraph, node: NodeStatus) -> None:
     style = "filled,dashed" if node.destroyed else "filled"
     fill = "#fce94f" if node.monitor else "#ffffff"
@@ -124,10 +183,16 @@ def output_format(output: str | os.PathLike[str], chosen: str | None = None) -> 
     return chosen
 
 
-def draw(snapshot: Snapshot, output: str | os.PathLike[str], fmt: str | None = None, title: str = "") -> None:
+def draw(
+    snapshot: Snapshot,
+    output: str | os.PathLike[str],
+    fmt: str | None = None,
+    title: str = "",
+    max_nodes: int = MAX_NODES,
+) -> None:
     """Writes the capability graph of ``snapshot`` to ``output`` (svg, png or dot)."""
     fmt = output_format(output, fmt)
-    graph = build(snapshot, title)
+    graph = build(snapshot, title, max_nodes)
     if fmt == "dot":
         graph.write(os.fspath(output))
     else:
@@ -155,7 +220,14 @@ def _fontconfig_quieted() -> Iterator[None]:
                     sys.stderr.write(line)
 
 
-def run(path: str, output: str, fmt: str | None, err: TextIO = sys.stderr) -> int:
+def run(
+    path: str,
+    output: str,
+    fmt: str | None,
+    err: TextIO = sys.stderr,
+    timeout: float = DEFAULT_TIMEOUT,
+    max_nodes: int = MAX_NODES,
+) -> int:
     """``capbus graph``: exit status 1 with the reason when it cannot."""
     try:
         fmt = output_format(output, fmt)
@@ -163,11 +235,15 @@ def run(path: str, output: str, fmt: str | None, err: TextIO = sys.stderr) -> in
     except (ValueError, GraphUnavailable) as error:
         print(f"capbus graph: {error}", file=err)
         return 1
-    snapshot = run_tool("graph", path, lambda: take_snapshot(path), err)
+    snapshot = run_tool("graph", path, lambda: take_snapshot(path), err, timeout)
     if snapshot is None:
         return 1
+    title = f"capbus kernel {printable(path)}, seq {snapshot.seq}"
     try:
-        draw(snapshot, output, fmt, title=f"capbus kernel {path}, seq {snapshot.seq}")
+        draw(snapshot, output, fmt, title=title, max_nodes=max_nodes)
+    except GraphTooLarge as error:
+        print(f"capbus graph: {error}", file=err)
+        return 1
     except OSError as error:
         print(f"capbus graph: {output}: {error.strerror or error}", file=err)
         return 1

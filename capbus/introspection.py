@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import sys
 from collections.abc import Awaitable, Callable
@@ -35,12 +36,20 @@ async def take_snapshot(path: str | os.PathLike[str]) -> Snapshot:
 
 def process_name(pid: int) -> str:
     """The command name of ``pid`` as this process sees it ("" if it cannot): for people
-    only, since the kernel's pid namespace may not be ours and pids are reused."""
+    only, since the kernel's pid namespace may not be ours and pids are reused. Any process
+    may name itself anything (its /proc/self/comm): what is not printable is shown as "?",
+    so that a name cannot write to the operator's terminal, nor break an SVG."""
     try:
         with open(f"/proc/{pid}/comm", encoding="utf-8", errors="replace") as comm:
-            return comm.read().strip()
+            name = comm.read().strip()
     except OSError:
         return ""
+    return printable(name)
+
+
+def printable(text: str) -> str:
+    """``text`` with what is not printable (escapes, newlines) shown as "?"."""
+    return "".join(c if c.isprintable() else "?" for c in text)
 
 
 def size(n: int) -> str:
@@ -92,8 +101,8 @@ def status_text(snapshot: Snapshot, where: str) -> str:
     limits = snapshot.limits
     handles = len(snapshot.handles)
     lines = [
-        f"kernel {where}: seq {snapshot.seq}, {len(snapshot.peers)} peers, {len(snapshot.nodes)} nodes, "
-        f"{handles} handles, {size(snapshot.memory_bytes)} of kernel memory",
+        f"kernel {printable(where)}: seq {snapshot.seq}, {len(snapshot.peers)} peers, "
+        f"{len(snapshot.nodes)} nodes, {handles} handles, {size(snapshot.memory_bytes)} of kernel memory",
         f"messages: {snapshot.messages_sent} queued, {snapshot.messages_written} written; "
         f"{snapshot.violations} malformed frames, {snapshot.peers_doomed} peers cut off, "
         f"{snapshot.connections_refused} connections refused",
@@ -162,13 +171,29 @@ def status_fields(snapshot: Snapshot) -> dict[str, object]:
     return fields
 
 
-def run_tool(name: str, path: str, action: Callable[[], Awaitable[T]], err: TextIO = sys.stderr) -> T | None:
-    """Runs a tool's trio ``action`` against the kernel at ``path``; says what went wrong on
-    ``err`` (None then): not trusted, not reachable, or gone."""
+DEFAULT_TIMEOUT = 10.0
+
+
+def run_tool(
+    name: str,
+    path: str,
+    action: Callable[[], Awaitable[T]],
+    err: TextIO = sys.stderr,
+    timeout: float | None = DEFAULT_TIMEOUT,
+) -> T | None:
+    """Runs a tool's trio ``action`` against the kernel at ``path`` within ``timeout``
+    seconds (None: no bound); says what went wrong on ``err`` (None then): not trusted, not
+    reachable, gone, or not answering."""
     import trio
 
+    async def bounded() -> T:
+        with trio.fail_after(math.inf if timeout is None else timeout):
+            return await action()
+
     try:
-        return trio.run(action)
+        return trio.run(bounded)
+    except trio.TooSlowError:
+        print(f"capbus {name}: the kernel at {path} did not answer within {timeout:g} s", file=err)
     except NotPermitted:
         print(
             f"capbus {name}: the kernel at {path} does not trust this user to watch it "
@@ -180,9 +205,9 @@ def run_tool(name: str, path: str, action: Callable[[], Awaitable[T]], err: Text
     return None
 
 
-def run(path: str, as_json: bool, out: TextIO = sys.stdout) -> int:
+def run(path: str, as_json: bool, out: TextIO = sys.stdout, timeout: float = DEFAULT_TIMEOUT) -> int:
     """``capbus status``: exit status 1 with the reason when not allowed or not reachable."""
-    snapshot = run_tool("status", path, lambda: take_snapshot(path))
+    snapshot = run_tool("status", path, lambda: take_snapshot(path), timeout=timeout)
     if snapshot is None:
         return 1
     if as_json:

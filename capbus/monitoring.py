@@ -75,6 +75,6 @@ def run(path: str, as_json: bool) -> int:
         return True
 
     try:
-        return 0 if run_tool("monitor", path, watched) else 1
+        return 0 if run_tool("monitor", path, watched, timeout=None) else 1
     except KeyboardInterrupt:
         return 0

@@ -1066,11 +1066,30 @@ _COMMAND_NAMES = {
 async def connect(path: str | os.PathLike[str]) -> Peer:
     """Connects to a kernel daemon (``capbus kernel --listen PATH``) as a new peer."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    # A blocking connect on a thread: a non-blocking connect to a unix socket whose backlog
+    # is full fails with EAGAIN and leaves the socket unconnected but writable, which an
+    # event loop takes for success (the first write then fails ENOTCONN). Cancellable: the
+    # thread is then left to finish, and closes the socket itself (not closed under it).
+    state = {"abandoned": False, "done": False}
+    lock = threading.Lock()
+
+    def connect_or_close() -> None:
+        try:
+            sock.connect(os.fspath(path))
+        finally:
+            with lock:
+                state["done"] = True
+                if state["abandoned"]:
+                    sock.close()
+
     try:
-        # A blocking connect on a thread: a non-blocking connect to a unix socket whose
-        # backlog is full fails with EAGAIN and leaves the socket unconnected but writable,
-        # which an event loop takes for success (the first write then fails ENOTCONN).
-        await trio.to_thread.run_sync(sock.connect, os.fspath(path))
+        await trio.to_thread.run_sync(connect_or_close, abandon_on_cancel=True)
+    except trio.Cancelled:
+        with lock:
+            state["abandoned"] = True
+            if state["done"]:
+                sock.close()
+        raise
     except OSError as error:
         sock.close()
         # (socket errors name no path: say which, and what it usually means)

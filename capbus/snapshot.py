@@ -10,6 +10,7 @@ are computed here, where a test can assert them.
 
 from __future__ import annotations
 
+import fcntl
 import mmap
 import os
 import struct
@@ -244,6 +245,15 @@ def decode(data: bytes | mmap.mmap) -> Snapshot:
         connections_refused=refused,
         limits=SnapshotLimits(*fields[22:32]),
     )
+    whole = (
+        _HEADER.size
+        + n_peers * peer_size
+        + n_nodes * node_size
+        + n_handles * handle_size
+        + n_users * user_size
+    )
+    if whole != len(data):
+        raise SnapshotError(f"a snapshot of {len(data)} bytes whose header says {whole}")
     offset = _HEADER.size
     for record in _records(data, offset, n_peers, peer_size, _PEER):
         peer = PeerStatus(*record[:4], PeerFlags(record[4]), *record[5:18])  # type: ignore[call-arg]
@@ -262,12 +272,27 @@ def decode(data: bytes | mmap.mmap) -> Snapshot:
     return snapshot
 
 
+MAX_BYTES: Final = 1 << 30
+"""The largest snapshot read (a kernel at its default limits writes far less)."""
+_SEALED = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_WRITE
+
+
 def read_memfd(fd: int) -> Snapshot:
-    """Reads the snapshot in the sealed memfd ``fd`` (closes it)."""
+    """Reads the snapshot in the sealed memfd ``fd`` (closes it). Only a memfd sealed against
+    shrinking and writing is mapped (what the kernel sends): whoever sent another could
+    change it under the reader, or shrink it (SIGBUS)."""
     try:
+        try:
+            seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+        except OSError:
+            seals = 0
+        if seals & _SEALED != _SEALED:
+            raise SnapshotError("not a sealed memfd: not a snapshot of a capbus kernel")
         size = os.fstat(fd).st_size
         if size == 0:
             raise SnapshotError("empty snapshot")
+        if size > MAX_BYTES:
+            raise SnapshotError(f"a snapshot of {size} bytes (more than {MAX_BYTES} read)")
         with mmap.mmap(fd, size, prot=mmap.PROT_READ) as view:
             return decode(view)
     finally:

@@ -130,6 +130,7 @@ static bool reply_with_fd(struct cb_peer *peer, uint64_t cookie, uint16_t comman
 	entry->is_reply = true;
 	entry->passed_fd = fd;
 	entry->passed_for = user;
+	entry->snapshot = command == CAPBUS_CMD_SNAPSHOT;
 	user->n_charges++;
 	cb_queue_push(peer, entry);
 	return true;
@@ -330,18 +331,37 @@ static void cmd_snapshot(struct cb_peer *peer, uint64_t cookie, const uint8_t *b
 		cb_queue_reply(peer, cookie, CAPBUS_CMD_SNAPSHOT, error, NULL, 0);
 		return;
 	}
+	/* One walk of the whole kernel per peer per wakeup: the rest of a pipeline is refused,
+	 * so that the peers after it wait for one walk, not for a turn's worth (snapshot.c). */
+	if (peer->snapshot_wakeup == kernel->stats.wakeups + 1) {
+		cb_queue_reply(peer, cookie, CAPBUS_CMD_SNAPSHOT, EBUSY, NULL, 0);
+		return;
+	}
+	/* What its uid's unread snapshots take is bounded by user_backlog (past one): those
+	 * this peer has read (its socket is empty now) no longer count. */
+	cb_queue_reclaim_fds(peer);
+	uint64_t taken = user->snapshot_bytes;
+	size_t room = taken == 0 ? SIZE_MAX
+		      : taken < kernel->limits.user_backlog ? (size_t)(kernel->limits.user_backlog - taken)
+							    : 0;
 	/* The memfd is one more fd the kernel holds until it is written. */
-	if (cb_fds_hold(kernel, user, 1) < 0) {
+	if (room == 0 || cb_fds_hold(kernel, user, 1) < 0) {
 		cb_queue_reply(peer, cookie, CAPBUS_CMD_SNAPSHOT, EDQUOT, NULL, 0);
 		return;
 	}
-	int fd = cb_snapshot_write(kernel, peer, &error);
+	peer->snapshot_wakeup = kernel->stats.wakeups + 1;
+	size_t size = 0;
+	int fd = cb_snapshot_write(kernel, peer, room, &size, &error);
 	if (fd < 0 || !reply_with_fd(peer, cookie, CAPBUS_CMD_SNAPSHOT, fd, user)) {
 		if (fd >= 0)
 			close(fd);
 		cb_fds_unhold(kernel, user, 1);
 		cb_queue_reply(peer, cookie, CAPBUS_CMD_SNAPSHOT, fd < 0 ? error : ENOMEM, NULL, 0);
+		return;
 	}
+	peer->snapshot_bytes += size;
+	peer->snapshots_queued++;
+	user->snapshot_bytes += size;
 }
 
 static void cmd_shutdown(struct cb_peer *peer, uint64_t cookie, size_t body_size)

@@ -136,6 +136,8 @@ int cb_peer_charge_to(struct cb_peer *peer, uint32_t uid, uint32_t gid, uint32_t
 		to->backlog_bytes += backlog;
 		from->held_backlog -= peer->queue.held_backlog;
 		to->held_backlog += peer->queue.held_backlog;
+		from->snapshot_bytes -= peer->snapshot_bytes;
+		to->snapshot_bytes += peer->snapshot_bytes;
 		peer->user = to;
 	}
 	peer->uid = uid;
@@ -344,6 +346,8 @@ void cb_peer_disconnect(struct cb_peer *peer)
 	if (peer->read_closed)
 		kernel->stats.peers_half_closed--;
 	cb_queue_drop(peer);
+	peer->user->snapshot_bytes -= peer->snapshot_bytes; /* (its unread socket goes with it) */
+	peer->snapshot_bytes = 0;
 	cb_seed_free(peer, peer->seed);
 	peer->seed = NULL;
 	if (peer->monitor) {

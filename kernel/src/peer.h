@@ -74,7 +74,11 @@ struct cb_peer {
 	uint64_t sent_bytes;        /* ... their payload bytes (a memfd's size) */
 	uint64_t received_messages; /* data messages written to it ... */
 	uint64_t received_bytes;    /* ... their payload bytes */
-	struct cb_link tracked;     /* its tracked messages still queued (struct cb_qentry.tracker_link) */
+	struct cb_link tracked;     /* its tracked messages still queued (struct cb_tracking.link) */
+	uint64_t snapshot_bytes;    /* its snapshots (CAPBUS_CMD_SNAPSHOT) queued or unread in its
+				     * socket: counted in its uid's snapshot_bytes until seen read */
+	uint32_t snapshots_queued;  /* of them, those not written to its socket yet */
+	uint64_t snapshot_wakeup;   /* the loop wakeup it last asked for one in (+1; 0: never) */
 	bool closing;               /* CAPBUS_CMD_SHUTDOWN: its nodes are destroyed; it may make no more */
 	bool doomed;                /* disconnect at the next safe point */
 	bool read_closed;           /* it shut down its writing side: it still reads (half-close) */

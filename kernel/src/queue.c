@@ -53,6 +53,7 @@ struct cb_qentry *cb_qentry_new(uint32_t header_size)
 	entry->note_of = NULL;
 	entry->backlog_of = NULL;
 	entry->tracked = false;
+	entry->snapshot = false;
 	entry->header_size = header_size;
 	return entry;
 }
@@ -185,6 +186,10 @@ void cb_queue_reclaim_fds(struct cb_peer *peer)
 	cb_fds_land(peer->kernel, peer->user, peer->fds_in_socket);
 	peer->fds_in_socket = 0;
 	cb_retry_cancel(&peer->kernel->fd_holders, &peer->holder_retry);
+	if (peer->snapshots_queued == 0) { /* every snapshot it asked for is read */
+		peer->user->snapshot_bytes -= peer->snapshot_bytes;
+		peer->snapshot_bytes = 0;
+	}
 }
 
 /* May `n` more fds go into the peer's socket now? */
@@ -333,6 +338,8 @@ int cb_queue_flush(struct cb_peer *peer)
 			}
 			cb_list_del(&entry->link);
 			kernel->frames_written++;
+			if (entry->snapshot)
+				peer->snapshots_queued--;
 			leave_backlog(peer, entry);
 			if (!entry->is_reply) {
 				bool continues = message_header(entry)->flags & CAPBUS_MSG_FLAG_CONTINUE;

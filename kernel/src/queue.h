@@ -58,6 +58,8 @@ struct cb_qentry {
 	bool monitor_record;         /* a MONITOR record: counted in its peer's monitor_bytes */
 	bool prepaid;                /* a handle's NODE_DESTROY, paid with the handle: in no backlog */
 	bool tracked;                /* a struct cb_tracking follows the header (cb_qentry_tracking) */
+	bool snapshot;               /* a SNAPSHOT reply (passed_fd its memfd): counted in its
+				      * peer's snapshots_queued until written */
 	struct cb_handle *note_of;   /* that handle while both live: it withdraws its note when it is
 				      * freed first (cb_queue_withdraw), so that a queued note never
 				      * outlives what paid for it; or NULL */

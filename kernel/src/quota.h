@@ -95,6 +95,8 @@ struct cb_user {
 	uint64_t backlog_bytes;  /* replies and notifications queued to its peers (queue.h) */
 	uint64_t held_backlog;   /* the part of it held by peers that hold their messages
 				  * (CAPBUS_PEER_FLAG_HOLD): waiting for their RECVs, not their reads */
+	uint64_t snapshot_bytes; /* snapshots its peers asked for, not yet seen read: the memfds
+				  * the kernel made for them (bounded by user_backlog, snapshot.c) */
 	uint64_t refused_bytes;  /* the part of it that is refusals of its writes queued on
 				  * connections charged to other uids (cb_queue_refuse): past
 				  * user_backlog, its writes there are refused without a reply */

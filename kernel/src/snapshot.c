@@ -5,8 +5,11 @@
  * missed because it moved during the walk, and `seq` says which instant.
  *
  * Cost: linear in peers, nodes, handles and uids, paid by the kernel thread while everyone
- * waits. Only a peer trusted as a monitor may ask (command.c), and each snapshot in flight
- * is one held fd of its uid's (quota.h), so nobody else can make the kernel do this.
+ * waits. Only a peer holding a monitor node's handle may ask (command.c), at most once per
+ * loop wakeup (a pipeline of them is refused EBUSY past the first: the others waiting to
+ * be read wait for one walk, not for dozens), and what a uid's snapshots take until they
+ * are read (their memfds) is bounded by its user_backlog, past one snapshot (EDQUOT): an
+ * asker that does not read pins no more than a peer that does not read its replies.
  *
  * A memfd rather than a reply body: a kernel's snapshot outgrows any frame (32 bytes a
  * handle), and a sealed memfd is read by mmap with no copy through the socket.
@@ -176,7 +179,8 @@ static void fill(struct cb_kernel *kernel, const struct capbus_snapshot *head, u
 			fill_user(map->slots[i], users++);
 }
 
-int cb_snapshot_write(struct cb_kernel *kernel, const struct cb_peer *asker, int *error)
+int cb_snapshot_write(struct cb_kernel *kernel, const struct cb_peer *asker, size_t max_size, size_t *written,
+		      int *error)
 {
 	struct capbus_snapshot head = { 0 };
 	count(kernel, &head);
@@ -185,6 +189,11 @@ int cb_snapshot_write(struct cb_kernel *kernel, const struct cb_peer *asker, int
 		      head.n_nodes * sizeof(struct capbus_snapshot_node) +
 		      head.n_handles * sizeof(struct capbus_snapshot_handle) +
 		      head.n_users * sizeof(struct capbus_snapshot_user);
+	if (size > max_size) {
+		*error = EDQUOT;
+		return -1;
+	}
+	*written = size;
 
 	int fd = memfd_create("capbus-snapshot", MFD_CLOEXEC | MFD_ALLOW_SEALING);
 	if (fd < 0) {

@@ -15,7 +15,7 @@ import pytest
 import trio
 
 import capbus
-from capbus.graph import build, cluster_id, node_id, peer_id
+from capbus.graph import build, cluster_id, node_id, peer_id, summary_id
 from capbus.introspection import status_text
 
 from .other_uid import NOBODY, daemon, needs_root, run_as, shared_directory
@@ -206,3 +206,30 @@ async def test_an_untrusted_user_is_told_why(tool: str) -> None:
                 assert process.stderr is not None
                 said = (await process.stderr.receive_some(4096)).decode()
     assert status == 1 and f"capbus {tool}: the kernel at {path} does not trust this user" in said, said
+
+
+async def test_past_max_nodes_each_peer_s_nodes_are_one_box_and_handles_one_arrow() -> None:
+    async with capbus.open_kernel() as kernel:
+        peers = await small_bus(kernel.connect)
+        service, client, _ = peers
+        for _ in range(3):
+            await service.transfer(await service.create_node(), client)
+        with trio.fail_after(TIMEOUT):
+            snapshot = await kernel.snapshot()
+        graph = build(snapshot, max_nodes=3)
+        for peer in peers:
+            await peer.aclose()
+    assert "each peer's drawn as one" in graph.graph_attr["label"]
+    (service_serial,) = [s for s in snapshot.peers if len(snapshot.owned_by(s)) == 4]
+    arrows = {(edge[0], edge[1]): edge.attr["label"] for edge in graph.edges()}
+    into_service = {
+        holder: label for (holder, target), label in arrows.items() if target == summary_id(service_serial)
+    }
+    assert sorted(into_service.values()) == [
+        "1 handle",
+        "4 handles",
+    ]  # (the other client's one; the client's four)
+    assert graph.get_node(summary_id(service_serial)).attr["label"] == "4 nodes"
+    assert not [
+        name for name in graph.nodes() if name.removeprefix("node").isdigit()
+    ]  # (no node drawn alone)
