@@ -298,6 +298,44 @@ class PeerPair:
 # -- the C relay --------------------------------------------------------------------------------
 
 
+async def oneway_rate(
+    sender: capbus.Peer,
+    receiver: capbus.Peer,
+    target: capbus.HandleLike,
+    seconds: float,
+    *,
+    tagged: bool = False,
+) -> float:
+    """One-way 32-byte messages per second from ``sender`` to ``receiver`` (its node behind
+    ``target``) over ``seconds``, after a 0.2 s warm-up; tagged sends if asked (tracked)."""
+    received = 0
+    async with trio.open_nursery() as nursery:
+
+        async def send() -> None:
+            tag = 0
+            while True:
+                tag += 1
+                try:
+                    await sender.send_oneway(target, b"x" * 32, tag=tag if tagged else None)
+                except capbus.QuotaExceeded:
+                    await trio.sleep(0)  # (the receiver's queue is full: let it read)
+
+        async def receive() -> None:
+            nonlocal received
+            while True:
+                await receiver.recv()
+                received += 1
+
+        nursery.start_soon(receive)
+        nursery.start_soon(send)
+        await trio.sleep(0.2)  # (warm up)
+        start, received = time.perf_counter(), 0
+        await trio.sleep(seconds)
+        rate = received / (time.perf_counter() - start)
+        nursery.cancel_scope.cancel()
+    return rate
+
+
 def build_relay() -> Path:
     """Compiles bench/relay.c into bench/build/relay (again only when the source changed)."""
     source = BENCH_DIR / "relay.c"

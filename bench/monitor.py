@@ -16,9 +16,9 @@ import argparse
 import statistics
 import subprocess
 import sys
-import time
 
 import trio
+from _common import oneway_rate  # (bench/ is the script's directory)
 
 import capbus
 
@@ -41,7 +41,6 @@ async def one_round(seconds: float, monitored: bool) -> float:
         sender, receiver = await kernel.connect(), await kernel.connect()
         node = await receiver.create_node()
         target = await receiver.transfer(node, sender)
-        received = 0
         watcher = None
         if monitored:  # (a process of its own: it prints once it watches)
             sock = await sender.create_peer()
@@ -53,28 +52,7 @@ async def one_round(seconds: float, monitored: bool) -> float:
             sock.close()
             assert watcher.stdout is not None
             assert await watcher.stdout.receive_some(64) == b"watching\n"
-        async with trio.open_nursery() as nursery:
-
-            async def send() -> None:
-                while True:
-                    try:
-                        await sender.send_oneway(target, b"x" * 32)
-                    except capbus.QuotaExceeded:
-                        await trio.sleep(0)  # (the receiver's queue is full: let it read)
-
-            async def receive() -> None:
-                nonlocal received
-                while True:
-                    await receiver.recv()
-                    received += 1
-
-            nursery.start_soon(receive)
-            nursery.start_soon(send)
-            await trio.sleep(0.2)  # (warm up)
-            start, received = time.perf_counter(), 0
-            await trio.sleep(seconds)
-            rate = received / (time.perf_counter() - start)
-            nursery.cancel_scope.cancel()
+        rate = await oneway_rate(sender, receiver, target, seconds)
         if watcher is not None:
             watcher.terminate()
             await watcher.wait()

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import trio
+from _common import oneway_rate  # (bench/ is the script's directory)
 
 import capbus
 
@@ -21,31 +21,7 @@ async def one_round(seconds: float, tagged: bool) -> float:
     async with capbus.open_kernel() as kernel:
         sender, receiver = await kernel.connect(), await kernel.connect()
         target = await receiver.transfer(await receiver.create_node(), sender)
-        received = 0
-        async with trio.open_nursery() as nursery:
-
-            async def send() -> None:
-                tag = 0
-                while True:
-                    tag += 1
-                    try:
-                        await sender.send_oneway(target, b"x" * 32, tag=tag if tagged else None)
-                    except capbus.QuotaExceeded:
-                        await trio.sleep(0)  # (the receiver's queue is full: let it read)
-
-            async def receive() -> None:
-                nonlocal received
-                while True:
-                    await receiver.recv()
-                    received += 1
-
-            nursery.start_soon(receive)
-            nursery.start_soon(send)
-            await trio.sleep(0.2)  # (warm up)
-            start, received = time.perf_counter(), 0
-            await trio.sleep(seconds)
-            rate = received / (time.perf_counter() - start)
-            nursery.cancel_scope.cancel()
+        rate = await oneway_rate(sender, receiver, target, seconds, tagged=tagged)
     return rate
 
 
