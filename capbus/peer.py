@@ -191,6 +191,7 @@ class Peer:
         self._write_lock = trio.Lock()
         self._flags = 0  # (CAPBUS_PEER_FLAG_*, as last set)
         self._recv_lock = trio.Lock()  # (one RECV at a time: each would replace the other)
+        self._snapshot_lock = trio.Lock()
         self._closed = False
         self._drained = False  # (shut down, and the DRAINED mark received)
         self._broken: CapbusError | None = None
@@ -632,7 +633,10 @@ class Peer:
         draws. It takes the monitor's trust: ``monitor`` is a handle to a live monitor node
         (:meth:`create_monitor`, or one handed over by its owner). See docs/peer-api.md
         "Introspection"."""
-        reply = await self._call(_wire.CMD_SNAPSHOT, _wire.U64.pack(self._id(monitor)))
+        # One at a time: the kernel refuses (EBUSY) a second one in the same turn of its loop,
+        # which tasks of one peer asking at once would be.
+        async with self._snapshot_lock:
+            reply = await self._call(_wire.CMD_SNAPSHOT, _wire.U64.pack(self._id(monitor)))
         fds = list(reply.fds)
         if len(fds) != 1:
             for fd in fds:

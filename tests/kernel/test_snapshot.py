@@ -4,7 +4,9 @@ monitor node. On an embedded kernel and on a daemon; the picture is asserted, no
 
 from __future__ import annotations
 
+import errno
 import fcntl
+import os
 
 import pytest
 import trio
@@ -158,8 +160,6 @@ async def test_the_snapshot_is_a_sealed_memfd_and_costs_no_lasting_fd() -> None:
                     with open(fd, "rb", closefd=False) as file:
                         assert decode(file.read()).you
                 finally:
-                    import os
-
                     os.close(fd)
         assert kernel.statistics().fds_held == baseline
         await peer.aclose()
@@ -197,3 +197,45 @@ async def test_a_large_bus_is_counted_whole(connect: Connect) -> None:
     held = [h for h in snapshot.handles if not h.owner and h.peer != snapshot.you]
     assert len(held) == sum(n.holders for n in ours)
     assert len(held) == 200 * 5 - 50  # (five holders each, less the owner among the first five)
+
+
+async def test_tasks_of_one_peer_asking_at_once_all_get_their_snapshot(connect: Connect) -> None:
+    watcher = await connect()
+    monitor = await watcher.create_monitor()
+    taken: list[int] = []
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            for _ in range(8):
+
+                async def take() -> None:
+                    taken.append((await watcher.snapshot(monitor)).seq)
+
+                nursery.start_soon(take)
+    assert len(taken) == 8  # (none refused EBUSY: one peer's asks go one at a time)
+
+
+async def test_a_pipeline_of_snapshots_gets_one_and_busy_for_the_rest() -> None:
+    async with capbus.open_kernel() as kernel:
+        watcher = await kernel.connect()
+        await kernel.grant_monitor(watcher)
+        monitor = await watcher.create_monitor()
+        with trio.fail_after(TIMEOUT):
+            replies = []
+            async with trio.open_nursery() as nursery:
+                for _ in range(5):
+
+                    async def raw_ask() -> None:
+                        try:
+                            reply = await watcher._call(
+                                capbus.peer._wire.CMD_SNAPSHOT, capbus.peer._wire.U64.pack(monitor.id)
+                            )
+                        except capbus.CapbusError as error:
+                            replies.append(error.errno)
+                        else:
+                            for fd in reply.fds:
+                                os.close(fd)
+                            replies.append(0)
+
+                    nursery.start_soon(raw_ask)
+        assert replies.count(0) >= 1 and set(replies) <= {0, errno.EBUSY}
+        await watcher.aclose()
