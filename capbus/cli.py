@@ -175,6 +175,10 @@ def _file_mode(text: str) -> int:
     return mode
 
 
+SHUTDOWN_GRACE = 10.0
+"""Seconds a stopping ``capbus serve`` gives the calls it was asked before it exits."""
+
+
 def _serve(
     address: str, factory: str, kernel: str | None, mode: int, cert: str | None, key: str | None
 ) -> int:
@@ -208,6 +212,9 @@ def _serve(
             async with serve(made, address, kernel=kernel, mode=mode, tls=tls) as service:
                 print(f"capbus serve: {factory} at {service.address}", flush=True)
                 async for _ in signals:
+                    if service.vat is not None:  # (unix:) graceful: what was asked is answered
+                        print("capbus serve: stopping: answering the calls already made", flush=True)
+                        await service.vat.shutdown(grace=SHUTDOWN_GRACE)
                     return
 
     try:

@@ -194,6 +194,7 @@ class Peer:
         self._snapshot_lock = trio.Lock()
         self._closed = False
         self._drained = False  # (shut down, and the DRAINED mark received)
+        self._keeps = False  # (shut down keeping nodes: DRAINED is a message, not the end)
         self._broken: CapbusError | None = None
         self._key: bytes | None = None
         # Messages mostly come from a few senders: share their Credentials objects.
@@ -306,7 +307,7 @@ class Peer:
     def _arrived(self, message: Message) -> Message:
         """What a receive returns: ``message``, unless it is the DRAINED mark that ends a
         shutdown."""
-        if message.kind is _DRAINED:
+        if message.kind is _DRAINED and not self._keeps:
             self._drained = True
             raise self._shut_down()
         return message
@@ -974,15 +975,27 @@ class Peer:
 
     # -- graceful disconnect -------------------------------------------------------------------
 
-    async def begin_shutdown(self) -> None:
+    async def begin_shutdown(self, *, keep: Iterable[HandleLike] = ()) -> None:
         """Stops anyone reaching this peer, keeping what they already sent: the kernel
         destroys every node it owns in one transaction (their holders are told, in order;
         later sends to them fail) and it may create no more. :meth:`recv` then returns what
         was queued for it, and after the last of it raises :class:`~capbus.errors.ShutDown`.
         Sending still works (to answer what is read). For a peer whose receive loop runs in
         another task; else :meth:`shutdown` does it all. See docs/peer-api.md "Graceful
-        disconnect"."""
-        await self._call(_wire.CMD_SHUTDOWN)
+        disconnect".
+
+        ``keep``: nodes of its own that stay until it disconnects (where answers to its own
+        calls arrive, say). Then :meth:`recv` goes on after what was queued: it returns a
+        :attr:`MessageKind.DRAINED` message to say that nothing more comes to any other
+        node, and later messages to those kept."""
+        kept = [self._id(h) for h in keep]
+        # Said before the command: its DRAINED may be read (by another task) before its reply.
+        before, self._keeps = self._keeps, bool(kept)
+        try:
+            await self._call(_wire.CMD_SHUTDOWN, struct.pack(f"<{len(kept)}Q", *kept))
+        except BaseException:
+            self._keeps = before
+            raise
 
     async def shutdown(self) -> list[Message]:
         """A graceful disconnect: :meth:`begin_shutdown`, then receives everything that was

@@ -30,7 +30,7 @@ import trio
 
 from .. import _wire
 from .. import errors as bus
-from ..peer import Handle, Message, Peer
+from ..peer import Handle, Message, MessageKind, Peer
 from .callers import CallerCalls, QueueBounds, UserCalls
 from .client import Client, DynamicClient, Promise
 from .engine import (
@@ -217,6 +217,7 @@ class Vat:
         self._work_done: trio.Event | None = None
         self._drained = trio.Event()
         """Set once the peer, shut down, has received all that was queued for it."""
+        self._shut_down = False  # (its block's end then disconnects its peer)
         self._release_wanted = trio.Event()
         self._caller_reading = False
         """A caller reads the peer's messages (see _await_return); the receive loop waits."""
@@ -834,8 +835,8 @@ class Vat:
                         # the kernel references that client owns) alive until the next one.
                         self._deliver(await self.peer.recv())
                         self._deliver_ready()
-                except bus.ShutDown:
-                    self._drained.set()  # (shutdown: all that was queued has been handled)
+                except bus.ShutDown:  # (shut down keeping no node: DRAINED ended it)
+                    self._drained.set()
                     return
                 finally:
                     self._loop_receiving = None
@@ -914,12 +915,17 @@ class Vat:
     async def shutdown(self, grace: float = 10.0) -> None:
         """Closes this vat gracefully: nobody can call its objects any more (its peer's
         nodes are destroyed: callers see them go), every call already queued for it is
-        served and answered, and calls being served may finish, all within ``grace``
-        seconds; then the vat stops (as its block's end would) and its peer disconnects.
-        Calls this vat made that are still waiting fail. See docs/rpc-reference.md."""
+        served and answered, and calls being served may finish (and get answers to the calls
+        they make), all within ``grace`` seconds. Returns then; the end of the vat's block
+        stops what still runs and disconnects its peer. See docs/rpc-reference.md."""
+        self._shut_down = True
         with trio.move_on_after(grace):
             try:
-                await self.peer.begin_shutdown()
+                # Its reply nodes stay: the calls its handlers make still get their answers.
+                try:
+                    await self.peer.begin_shutdown(keep=sorted(self.engine.reply_nodes))
+                except (bus.AlreadyDestroyed, bus.NoSuchHandle):
+                    await self.peer.begin_shutdown()  # (one went meanwhile: keep none)
             except bus.CapbusError:
                 pass  # (the peer is broken or shut down already: nothing more will come)
             else:
@@ -927,10 +933,11 @@ class Vat:
             while self._open_work:
                 self._work_done = trio.Event()
                 await self._work_done.wait()
-        self._nursery.cancel_scope.cancel()
-        await self.peer.aclose()
 
     def _deliver(self, message: Message) -> None:
+        if message.kind is MessageKind.DRAINED:
+            self._drained.set()  # (shutdown: every call queued for it has come)
+            return
         for event in self.engine.receive(message):
             self._handle(event)
 
@@ -1395,34 +1402,43 @@ async def open_vat(
     if peer.max_mapped_bytes is None or peer.max_mapped_bytes > max_message_bytes:
         peer.max_mapped_bytes = max_message_bytes  # what the engine would refuse, not mapped
     await peer.want_metadata()  # callers are told apart by their kernel-attested sender
-    async with trio.open_nursery() as nursery:
-        vat: Vat | None = None
+    made: Vat | None = None
+    try:
+        async with trio.open_nursery() as nursery:
+            vat: Vat | None = None
 
-        def wake() -> None:
-            if vat is not None:
-                vat._wake_releaser()
+            def wake() -> None:
+                if vat is not None:
+                    vat._wake_releaser()
 
-        engine = Engine(
-            reply_node,
-            max_message_bytes=max_message_bytes,
-            on_release=wake,
-            max_waiting=max_queued_calls,
-            max_waiting_bytes=max_queued_bytes_per_caller,
-            max_waiting_capabilities=max_queued_capabilities_per_caller,
-            uid_share=uid_share,
-        )
-        engine.max_mapped_bytes = lambda: peer.max_mapped_bytes
-        limits = {
-            "max_concurrent_calls": max_concurrent_calls,
-            "max_queued_calls": max_queued_calls,
-            "max_exports_per_caller": max_exports_per_caller,
-            "max_calls_per_caller": max_calls_per_caller,
-            "max_queued_capabilities_per_caller": max_queued_capabilities_per_caller,
-        }
-        vat = Vat(peer, nursery, engine, **limits, max_queued_bytes_per_caller=max_queued_bytes_per_caller)
-        vat.max_send_bytes = max_message_bytes if max_send_bytes is None else max_send_bytes
-        await vat._start()
-        try:
-            yield vat
-        finally:
-            nursery.cancel_scope.cancel()
+            engine = Engine(
+                reply_node,
+                max_message_bytes=max_message_bytes,
+                on_release=wake,
+                max_waiting=max_queued_calls,
+                max_waiting_bytes=max_queued_bytes_per_caller,
+                max_waiting_capabilities=max_queued_capabilities_per_caller,
+                uid_share=uid_share,
+            )
+            engine.max_mapped_bytes = lambda: peer.max_mapped_bytes
+            limits = {
+                "max_concurrent_calls": max_concurrent_calls,
+                "max_queued_calls": max_queued_calls,
+                "max_exports_per_caller": max_exports_per_caller,
+                "max_calls_per_caller": max_calls_per_caller,
+                "max_queued_capabilities_per_caller": max_queued_capabilities_per_caller,
+            }
+            vat = Vat(
+                peer, nursery, engine, **limits, max_queued_bytes_per_caller=max_queued_bytes_per_caller
+            )
+            vat.max_send_bytes = max_message_bytes if max_send_bytes is None else max_send_bytes
+            await vat._start()
+            made = vat
+            try:
+                yield vat
+            finally:
+                nursery.cancel_scope.cancel()
+    finally:
+        if made is not None and made._shut_down:
+            with trio.CancelScope(shield=True):  # (shut down: its peer goes with it)
+                await peer.aclose()

@@ -364,31 +364,76 @@ static void cmd_snapshot(struct cb_peer *peer, uint64_t cookie, const uint8_t *b
 	user->snapshot_bytes += size;
 }
 
-static void cmd_shutdown(struct cb_peer *peer, uint64_t cookie, size_t body_size)
+/* The nodes a SHUTDOWN keeps (u64 ids of live nodes the peer owns), marked kept; or 0 with
+ * *error set and none marked. */
+static uint32_t mark_kept(struct cb_peer *peer, const uint8_t *body, size_t body_size, int *error)
+{
+	uint32_t n = (uint32_t)(body_size / 8);
+	if (body_size % 8 || n > CAPBUS_HANDLES_MAX) {
+		*error = EINVAL;
+		return 0;
+	}
+	for (uint32_t i = 0; i < n && !*error; i++) {
+		uint64_t id;
+		memcpy(&id, body + 8ull * i, sizeof(id));
+		struct cb_handle *handle = cb_handle_lookup(peer, id);
+		if (!handle)
+			*error = ENXIO;
+		else if (handle->node->anchor != handle)
+			*error = EREMOTE;
+		else if (handle->node->destroyed)
+			*error = ESTALE;
+		else
+			handle->node->kept = true;
+	}
+	for (uint32_t i = 0; *error && i < n; i++) { /* (undone: an id after them was refused) */
+		uint64_t id;
+		memcpy(&id, body + 8ull * i, sizeof(id));
+		struct cb_handle *handle = cb_handle_lookup(peer, id);
+		if (handle)
+			handle->node->kept = false;
+	}
+	return *error ? 0 : n;
+}
+
+static void unmark_kept(struct cb_peer *peer, const uint8_t *body, uint32_t n)
+{
+	for (uint32_t i = 0; i < n; i++) {
+		uint64_t id;
+		memcpy(&id, body + 8ull * i, sizeof(id));
+		cb_handle_lookup(peer, id)->node->kept = false;
+	}
+}
+
+static void cmd_shutdown(struct cb_peer *peer, uint64_t cookie, const uint8_t *body, size_t body_size)
 {
 	int error = 0;
 	struct cb_qentry *drained = NULL;
-	if (body_size != 0)
-		error = EINVAL;
-	else if (peer->closing)
+	uint32_t n_kept = 0;
+	if (peer->closing)
 		error = EALREADY;
-	else if (!(drained = cb_queue_note_new()))
+	else
+		n_kept = mark_kept(peer, body, body_size, &error);
+	if (!error && !(drained = cb_queue_note_new()))
 		error = ENOMEM;
 	if (!error) {
-		peer->closing = true; /* (first: its holders' notes say DRAINING) */
+		peer->closing = peer->draining = true; /* (first: its holders' notes say DRAINING) */
 		if (cb_peer_destroy_nodes(peer) < 0) {
 			peer->closing = false;
 			error = ENOMEM;
 		}
+		peer->draining = false;
 	}
+	unmark_kept(peer, body, error ? 0 : n_kept);
 	if (error) {
 		if (drained)
 			cb_qentry_free(drained);
 		cb_queue_reply(peer, cookie, CAPBUS_CMD_SHUTDOWN, error, NULL, 0);
 		return;
 	}
-	/* No node of its own is left and it may make none: nothing can be queued for it from
-	 * here on, so DRAINED, queued now, comes after the last message it will get. */
+	/* No node of its own is left but those it kept, and it may make none: nothing can be
+	 * queued for it from here on but to those, so DRAINED, queued now, comes after the last
+	 * message it will get on any other. */
 	cb_queue_notify_prepaid(peer, drained, CAPBUS_MSG_DRAINED, 0, CAPBUS_HANDLE_INVALID,
 				cb_kernel_tick(peer->kernel));
 	cb_queue_reply(peer, cookie, CAPBUS_CMD_SHUTDOWN, 0, NULL, 0);
@@ -668,7 +713,7 @@ void cb_command_dispatch(struct cb_peer *peer, const uint8_t *data, size_t size,
 		cmd_snapshot(peer, frame->cookie, body, body_size);
 		break;
 	case CAPBUS_CMD_SHUTDOWN:
-		cmd_shutdown(peer, frame->cookie, body_size);
+		cmd_shutdown(peer, frame->cookie, body, body_size);
 		break;
 	case CAPBUS_CMD_DISCONNECT:
 		cb_queue_reply(peer, frame->cookie, CAPBUS_CMD_DISCONNECT, body_size ? EINVAL : 0, NULL, 0);

@@ -210,7 +210,7 @@ void cb_nodes_destroy(struct cb_handle **anchors, uint32_t n, int release)
 	struct cb_kernel *kernel = anchors[0]->peer->kernel;
 	uint64_t seq = cb_kernel_tick(kernel);
 	/* A peer's shutdown: its holders know that what they queued before will still be read. */
-	uint16_t flags = anchors[0]->peer->closing ? CAPBUS_MSG_FLAG_DRAINING : 0;
+	uint16_t flags = anchors[0]->peer->draining ? CAPBUS_MSG_FLAG_DRAINING : 0;
 
 	for (uint32_t i = 0; i < n; i++) {
 		struct cb_node *node = anchors[i]->node;

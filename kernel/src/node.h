@@ -31,6 +31,7 @@ struct cb_node {
 				   * attached nodes: one handle per node, however often attached */
 	bool destroyed;
 	bool monitor;             /* a monitor node: holders may attach as monitors (uapi.h) */
+	bool kept;                /* spared by the CAPBUS_CMD_SHUTDOWN being carried out */
 };
 
 #endif

@@ -282,7 +282,7 @@ static bool destroy_live(struct cb_handle **handles, size_t n)
 	if (!live)
 		return false;
 	for (size_t i = 0; i < n; i++)
-		if (handles[i]->node->anchor == handles[i] && !handles[i]->node->destroyed)
+		if (handles[i]->node->anchor == handles[i] && !handles[i]->node->destroyed && !handles[i]->node->kept)
 			live[n_live++] = handles[i];
 	cb_nodes_destroy(live, (uint32_t)n_live, 0);
 	free(live);

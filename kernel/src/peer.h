@@ -79,7 +79,10 @@ struct cb_peer {
 				     * socket: counted in its uid's snapshot_bytes until seen read */
 	uint32_t snapshots_queued;  /* of them, those not written to its socket yet */
 	uint64_t snapshot_wakeup;   /* the loop wakeup it last asked for one in (+1; 0: never) */
-	bool closing;               /* CAPBUS_CMD_SHUTDOWN: its nodes are destroyed; it may make no more */
+	bool closing;               /* CAPBUS_CMD_SHUTDOWN: its nodes are destroyed (but those it
+				     * kept); it may make no more */
+	bool draining;              /* its SHUTDOWN's destroy is being carried out: holders' notes
+				     * say DRAINING */
 	bool doomed;                /* disconnect at the next safe point */
 	bool read_closed;           /* it shut down its writing side: it still reads (half-close) */
 	bool stalled;               /* its next frame waits for fd room (in kernel->stalled) */
@@ -98,8 +101,8 @@ struct cb_peer {
 /* Takes ownership of `fd` (closed on failure). Returns the peer or NULL with *error set. */
 struct cb_peer *cb_peer_new(struct cb_kernel *kernel, int fd, uint32_t uid, uint32_t gid, uint32_t pid, int *error);
 void cb_peer_disconnect(struct cb_peer *peer);
-/* Destroys every live node `peer` owns, in one transaction (CAPBUS_CMD_SHUTDOWN, and
- * disconnect): 0, or -ENOMEM with nothing done. */
+/* Destroys every live node `peer` owns but those marked kept, in one transaction
+ * (CAPBUS_CMD_SHUTDOWN): 0, or -ENOMEM with nothing done. */
 int cb_peer_destroy_nodes(struct cb_peer *peer);
 /* Marks the peer to be disconnected once the current command is done. */
 void cb_peer_doom(struct cb_peer *peer);

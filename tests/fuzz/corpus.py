@@ -284,7 +284,11 @@ def shutdown_and_undelivered() -> Scenario:
     s.send(1, [d1, o1], b"both", send_flags=_wire.SEND_FLAG_TRACK)
     s.command(0, _wire.CMD_SHUTDOWN)
     s.command(0, _wire.CMD_SHUTDOWN)  # EALREADY
-    s.command(0, _wire.CMD_SHUTDOWN, b"\0" * 8)  # EINVAL: size
+    s.command(0, _wire.CMD_SHUTDOWN, b"\0" * 8)  # EALREADY (before looking at the body)
+    s.command(2, _wire.CMD_SHUTDOWN, b"\0" * 3)  # EINVAL: size
+    s.command(2, _wire.CMD_SHUTDOWN, _wire.U64.pack(0x7777))  # ENXIO
+    s.command(1, _wire.CMD_SHUTDOWN, _wire.U64.pack(d1))  # EREMOTE: not its own
+    s.command(2, _wire.CMD_SHUTDOWN, _wire.U64.pack(s.id(2, "other")))  # keeps "other"
     s.command(0, _wire.CMD_NODE_CREATE)  # ESHUTDOWN
     s.send(1, [d1], b"too late")  # EHOSTUNREACH: destroyed
     s.send(0, [s.id(0, "inbox")], b"to itself, destroyed")

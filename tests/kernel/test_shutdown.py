@@ -203,3 +203,58 @@ async def test_a_receiver_killed_with_sigkill_tells_its_senders(connect: Connect
     finally:
         child.kill()
         child.wait()
+
+
+async def test_kept_nodes_still_receive_after_drained(connect: Connect) -> None:
+    peer, other = await connect(), await connect()
+    service = await peer.create_node()
+    answers = await peer.create_node()
+    to_service = await peer.transfer(service, other)
+    to_answers = await peer.transfer(answers, other)
+    with trio.fail_after(TIMEOUT):
+        await other.send(to_service, b"a call")
+        await other.info()
+        await peer.begin_shutdown(keep=[answers])
+        with pytest.raises(capbus.NodeDestroyed):
+            await other.send(to_service, b"too late")
+        await other.send(to_answers, b"an answer")  # (a kept node: still reached)
+        kinds = []
+        while True:
+            message = await peer.recv()
+            kinds.append((message.kind, bytes(message.payload)))
+            if message.payload == b"an answer":
+                break
+    assert kinds == [
+        (DATA, b"a call"),
+        (capbus.MessageKind.NODE_DESTROYED, b""),  # (its own service node)
+        (capbus.MessageKind.DRAINED, b""),  # (as a message: it kept a node)
+        (DATA, b"an answer"),
+    ]
+    with trio.fail_after(TIMEOUT):
+        note = await other.recv()
+        assert note.kind is capbus.MessageKind.NODE_DESTROYED and note.draining
+        assert note.destination.id == to_service.id
+        await peer.aclose()
+        final = [await other.recv(), await other.recv()]
+    # (the kept node is destroyed as usual; the service node's holders hear the owner went)
+    assert {(m.destination.id, m.draining) for m in final} == {(to_answers.id, False), (to_service.id, False)}
+
+
+async def test_what_a_shutdown_may_keep_is_checked_and_nothing_done_if_wrong(connect: Connect) -> None:
+    peer, other = await connect(), await connect()
+    own = await peer.create_node()
+    foreign = await other.create_node()
+    held = await other.transfer(foreign, peer)
+    gone = await peer.create_node()
+    await peer.destroy(gone)
+    with trio.fail_after(TIMEOUT):
+        with pytest.raises(capbus.NoSuchHandle):
+            await peer.begin_shutdown(keep=[own, 0x7777])
+        with pytest.raises(capbus.NotOwner):
+            await peer.begin_shutdown(keep=[held])
+        with pytest.raises(capbus.AlreadyDestroyed):
+            await peer.begin_shutdown(keep=[gone])
+        assert (await peer.handle_state(own)).destroyed is False  # (nothing done)
+        await peer.create_node()  # (not closing either)
+        await peer.begin_shutdown(keep=[own])
+        assert (await peer.handle_state(own)).destroyed is False

@@ -234,3 +234,51 @@ def test_capbus_serve_says_what_is_wrong(tmp_path: Path) -> None:
         result = subprocess.run([*SERVE, *argv], cwd=HERE, capture_output=True, text=True, timeout=TIMEOUT)
         assert result.returncode == 1, result
         assert said in result.stderr, result.stderr
+
+
+class GatedPing(Ping):
+    """Our object the service calls back: its answer waits for the test."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__(n)
+        self.called = trio.Event()
+        self.gate = trio.Event()
+
+    async def ping(self) -> int:  # type: ignore[override]
+        self.called.set()
+        await self.gate.wait()
+        return self.n
+
+
+async def test_a_stopped_service_answers_the_calls_it_was_asked_first(tmp_path: Path) -> None:
+    """SIGTERM stops a ``unix:`` service gracefully: its object goes (no new calls), a call
+    in flight (here waiting on a call back into the client) is still answered, then it exits."""
+    kernel_path, address = tmp_path / "kernel", f"unix:{tmp_path}/echo"
+    # (on a kernel daemon: the client's connection outlives the service; a service's own
+    # kernel would take it along when the service exits)
+    kernel = started([sys.executable, "-m", "capbus", "kernel", "--listen", str(kernel_path)])
+    async with (
+        kernel,
+        started([*SERVE, address, "echo_service:Echo", "--kernel", str(kernel_path)]) as (
+            service,
+            _,
+        ),
+    ):
+        async with capbus.connect(address, schema.Echo) as echo:
+            ping = GatedPing(7)
+            answered: list[int] = []
+            with trio.fail_after(TIMEOUT):
+                async with trio.open_nursery() as nursery:
+
+                    async def asking() -> None:
+                        answered.append((await echo.call(ping=ping)).n)
+
+                    nursery.start_soon(asking)
+                    await ping.called.wait()  # (the service's handler waits on us)
+                    service.send_signal(signal.SIGTERM)
+                    assert service.stdout is not None
+                    said = await service.stdout.receive_some()
+                    assert b"stopping: answering the calls already made" in said
+                    ping.gate.set()
+                assert answered == [7]
+                assert await service.wait() == 0

@@ -74,7 +74,7 @@ enum capbus_frame_type {
 	CAPBUS_CMD_MONITOR_ATTACH   = 0x10, /* body: u64 id of a handle to a monitor node  reply: none */
 	CAPBUS_CMD_SNAPSHOT         = 0x11, /* body: u64 id of a handle to a monitor node  reply: none, a
 					     * sealed memfd holding a capbus_snapshot as SCM_RIGHTS */
-	CAPBUS_CMD_SHUTDOWN         = 0x12, /* body: none                     reply: none (graceful disconnect, below) */
+	CAPBUS_CMD_SHUTDOWN         = 0x12, /* body: u64 ids of nodes to keep, or none  reply: none (graceful disconnect, below) */
 
 	/* kernel -> peer */
 	CAPBUS_FRAME_REPLY          = 0x80, /* body: capbus_reply, then the command's reply body */
@@ -317,7 +317,13 @@ enum capbus_message_kind {
  * no more nodes (ESHUTDOWN); then it queues a CAPBUS_MSG_DRAINED notification behind
  * everything already queued. The peer reads (or RECVs) up to it, so nothing accepted for it is
  * lost, and then disconnects. It may still send meanwhile (answers to what it reads). A
- * second SHUTDOWN is EALREADY. */
+ * second SHUTDOWN is EALREADY.
+ *
+ * The body may name nodes the peer owns to keep (u64 ids, at most CAPBUS_HANDLES_MAX): they
+ * live on until it disconnects (then destroyed as usual, not DRAINING), so that answers to
+ * the calls it made itself still reach it; DRAINED then says that nothing more comes to any
+ * other node. Errors: ENXIO (no such handle), EREMOTE (not its own node), ESTALE
+ * (destroyed), EINVAL (size), nothing done. */
 
 struct capbus_undelivered {
 	uint64_t cookie;        /* the cookie of the send */
