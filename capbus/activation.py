@@ -13,7 +13,9 @@ for the child to offer its object under ``offer``; calls that arrive meanwhile w
 and every call is passed on in the order it arrived. The child may exit when it is idle
 (on its own, or ``idle_exit`` seconds after its last call ended, when the parent stops it);
 the next call starts it again. A child that fails to start fails the calls that waited for
-it, with the reason (its exit and the last line of its stderr); the next call tries again.
+it, with the reason (its exit and the last line of its stderr; or that it did not offer
+within ``start_timeout``); the next call tries again. A child that is going (it shut down:
+its object's node is destroyed) gets no more calls: the next call starts another.
 
 A call in flight when the child dies fails with Disconnected (it may have run); a call the
 child never received (an UNDELIVERED notice: its connection went first) is not retried
@@ -61,6 +63,7 @@ class Activator(Server):
         offer: str,
         spawn_options: Mapping[str, Any],
         idle_exit: float | None,
+        start_timeout: float = 20.0,
     ) -> None:
         self.interface = _interface(interface)
         self._wanted = interface
@@ -69,6 +72,7 @@ class Activator(Server):
         self._offer = offer
         self._spawn_options = dict(spawn_options)
         self._idle_exit = math.inf if idle_exit is None else idle_exit
+        self._start_timeout = start_timeout
         self._nursery: trio.Nursery | None = None
         self._start: _Start | None = None
         self._calls = 0  # calls being passed on or answered now
@@ -131,7 +135,12 @@ class Activator(Server):
                 self._nursery.start_soon(self._run_child, start)
             await start.ready.wait()
             if start.target is not None and self._start is start:
-                return start.target
+                if start.target.handle not in self._vat.engine.broken:
+                    return start.target
+                # (it is going: shut down, or gone; this call was not sent to it, so it
+                # goes to the next one, and the old one is left to finish)
+                self._start = None
+                continue
             if start.error is not None:
                 raise Failed(f"the service could not start: {start.error}")
             # (it ran and went before this call got to it: start another)
@@ -141,7 +150,10 @@ class Activator(Server):
     async def _run_child(self, start: _Start) -> None:
         try:
             async with spawn(self._vat, self._target_spec, **self._spawn_options) as child:
-                start.target = await child.capability(self._offer, self._wanted)
+                with trio.move_on_after(self._start_timeout) as waiting:
+                    start.target = await child.capability(self._offer, self._wanted)
+                if waiting.cancelled_caught:  # (hung, or hostile: killed as the block ends)
+                    raise ChildError(f"it did not offer {self._offer!r} within {self._start_timeout:g} s")
                 self.starts += 1
                 self.pid = start.pid = child.pid
                 start.ready.set()
@@ -194,6 +206,7 @@ async def activatable(
     capabilities: Mapping[str, object] | None = None,
     sandbox: Sandbox | None = None,
     idle_exit: float | None = None,
+    start_timeout: float = 20.0,
     code: tuple[str | os.PathLike[str], ...] = (),
     env: Mapping[str, str] | None = None,
 ) -> AsyncIterator[Any]:
@@ -201,10 +214,11 @@ async def activatable(
     the child spawned on the first call (see the module docstring). ``target``,
     ``capabilities``, ``sandbox``, ``code`` and ``env`` are :func:`capbus.spawn`'s.
     ``idle_exit``: seconds without calls after which the child is stopped (None: it runs
-    until it exits by itself or the block ends). Leaving the block stops the child; the
+    until it exits by itself or the block ends). ``start_timeout``: seconds a child has to
+    offer its object, else it is killed and the waiting calls fail. Leaving the block stops the child; the
     capability then fails calls. The :class:`Activator` is the client's ``server``."""
     options: dict[str, Any] = {"capabilities": capabilities, "sandbox": sandbox, "code": code, "env": env}
-    activator = Activator(vat, target, interface, offer, options, idle_exit)
+    activator = Activator(vat, target, interface, offer, options, idle_exit, start_timeout)
     async with trio.open_nursery() as nursery:
         activator._nursery = nursery
         try:

@@ -978,9 +978,10 @@ class Peer:
     async def begin_shutdown(self, *, keep: Iterable[HandleLike] = ()) -> None:
         """Stops anyone reaching this peer, keeping what they already sent: the kernel
         destroys every node it owns in one transaction (their holders are told, in order;
-        later sends to them fail) and it may create no more. :meth:`recv` then returns what
-        was queued for it, and after the last of it raises :class:`~capbus.errors.ShutDown`.
-        Sending still works (to answer what is read). For a peer whose receive loop runs in
+        later sends to them fail). :meth:`recv` then returns what was queued for it, and
+        after the last of it raises :class:`~capbus.errors.ShutDown`. Sending still works
+        (to answer what is read), and making nodes (an answer's new object), though what
+        comes to those after the end is not received. For a peer whose receive loop runs in
         another task; else :meth:`shutdown` does it all. See docs/peer-api.md "Graceful
         disconnect".
 

@@ -218,6 +218,7 @@ class Vat:
         self._drained = trio.Event()
         """Set once the peer, shut down, has received all that was queued for it."""
         self._shut_down = False  # (its block's end then disconnects its peer)
+        self._running = True  # (False once its block ended: _stopped)
         self._release_wanted = trio.Event()
         self._caller_reading = False
         """A caller reads the peer's messages (see _await_return); the receive loop waits."""
@@ -494,7 +495,7 @@ class Vat:
             await self._send(target.handle, call, oneway=True, tag=question_id, checkpoint=False)
             await self._await_return(done[0])  # the checkpoint
         except BaseException:
-            if self.engine.forget(question_id):
+            if self.engine.forget(question_id) and self._running:
                 self._nursery.start_soon(self._finish, target, question_id)
             raise
         finally:
@@ -918,6 +919,11 @@ class Vat:
         served and answered, and calls being served may finish (and get answers to the calls
         they make), all within ``grace`` seconds. Returns then; the end of the vat's block
         stops what still runs and disconnects its peer. See docs/rpc-reference.md."""
+        if self._shut_down:  # (a second: it waits as the first does)
+            with trio.move_on_after(grace):
+                await self._drained.wait()
+                await self._work_finished()
+            return
         self._shut_down = True
         with trio.move_on_after(grace):
             try:
@@ -930,9 +936,25 @@ class Vat:
                 pass  # (the peer is broken or shut down already: nothing more will come)
             else:
                 await self._drained.wait()
-            while self._open_work:
+            await self._work_finished()
+
+    async def _work_finished(self) -> None:
+        while self._open_work:
+            if self._work_done is None or self._work_done.is_set():
                 self._work_done = trio.Event()
-                await self._work_done.wait()
+            await self._work_done.wait()
+
+    def _stopped(self) -> None:
+        """The vat's tasks are over (its block ended): its calls still waiting fail, rather
+        than wait for answers nothing will read."""
+        self._running = False
+        gone = Disconnected("the vat closed")
+        for question_id, (event, answer) in list(self._waiting.items()):
+            if not event.is_set():
+                answer.append(Returned(question_id, error=gone))
+                event.set()
+        if self._reader is not None:
+            self._reader[0].cancel()
 
     def _deliver(self, message: Message) -> None:
         if message.kind is MessageKind.DRAINED:
@@ -1439,6 +1461,8 @@ async def open_vat(
             finally:
                 nursery.cancel_scope.cancel()
     finally:
-        if made is not None and made._shut_down:
-            with trio.CancelScope(shield=True):  # (shut down: its peer goes with it)
-                await peer.aclose()
+        if made is not None:
+            made._stopped()
+            if made._shut_down:
+                with trio.CancelScope(shield=True):  # (shut down: its peer goes with it)
+                    await peer.aclose()

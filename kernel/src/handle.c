@@ -75,10 +75,6 @@ struct cb_handle *cb_node_create(struct cb_peer *peer, int *error)
 {
 	struct cb_kernel *kernel = peer->kernel;
 
-	if (peer->closing) { /* shut down (CAPBUS_CMD_SHUTDOWN): no new way to reach it */
-		*error = ESHUTDOWN;
-		return NULL;
-	}
 	if (peer->n_owned >= kernel->limits.nodes_owned ||
 	    peer->handles_by_id.count >= kernel->limits.handles_held ||
 	    peer->user->n_handles >= kernel->limits.user_handles) {
@@ -216,7 +212,8 @@ void cb_nodes_destroy(struct cb_handle **anchors, uint32_t n, int release)
 		struct cb_node *node = anchors[i]->node;
 		node->destroyed = true;
 		node->owner->n_owned--;
-		cb_queue_notify(node->owner, CAPBUS_MSG_NODE_DESTROY, flags, anchors[i]->id, seq);
+		if (!node->owner->draining) /* (a SHUTDOWN's owner asked for it: no note per node) */
+			cb_queue_notify(node->owner, CAPBUS_MSG_NODE_DESTROY, flags, anchors[i]->id, seq);
 		struct cb_link *link;
 		for (link = node->holders.next; link != &node->holders; link = link->next)
 			notify_destroyed(cb_container_of(link, struct cb_handle, holder_link), flags, seq);

@@ -47,7 +47,7 @@ uint64_t cb_handle_id_key(const void *handle);
 uint64_t cb_handle_node_key(const void *handle);
 struct cb_handle *cb_handle_lookup(struct cb_peer *peer, uint64_t id);
 /* Creates a node owned by `peer`; returns its anchor handle or NULL (errno-style *error:
- * EDQUOT, ENOMEM, ESHUTDOWN once the peer shut down). */
+ * EDQUOT, ENOMEM). */
 struct cb_handle *cb_node_create(struct cb_peer *peer, int *error);
 /* Makes room so that `n` installs into `peer` cannot fail. 0 or -ENOMEM. */
 int cb_handle_reserve(struct cb_peer *peer, uint32_t n);

@@ -2,11 +2,13 @@
 
 #include <stdbool.h>
 #include <stdlib.h>
+#include <string.h>
 #include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <linux/sockios.h>
 #include <unistd.h>
 
+#include "capbus/uapi.h"
 #include "kernel.h"
 #include "quota.h"
 
@@ -19,6 +21,36 @@ static bool drained(int fd)
 	return ioctl(fd, SIOCOUTQ, &unread) < 0 || unread == 0;
 }
 
+/* Throws away what the peer wrote that the kernel never read (it was cut off, or went),
+ * closing the fds on it: one of them may be the peer's own end, which would otherwise keep
+ * itself open from this socket's queue, and this socket lingering on it, for ever. */
+static void discard_unread(int fd)
+{
+	union {
+		struct cmsghdr align;
+		char buffer[CMSG_SPACE(sizeof(int) * CAPBUS_FDS_MAX)];
+	} control;
+	char byte;
+	for (int frames = 0; frames < 4096; frames++) {
+		struct iovec iov = { &byte, 1 };
+		struct msghdr msg = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = control.buffer,
+				      .msg_controllen = sizeof(control.buffer) };
+		ssize_t n = recvmsg(fd, &msg, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
+		if (n <= 0)
+			return;
+		for (struct cmsghdr *cmsg = CMSG_FIRSTHDR(&msg); cmsg; cmsg = CMSG_NXTHDR(&msg, cmsg)) {
+			if (cmsg->cmsg_level != SOL_SOCKET || cmsg->cmsg_type != SCM_RIGHTS)
+				continue;
+			size_t count = (cmsg->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+			for (size_t i = 0; i < count; i++) {
+				int received;
+				memcpy(&received, CMSG_DATA(cmsg) + i * sizeof(int), sizeof(int));
+				close(received);
+			}
+		}
+	}
+}
+
 static void release(struct cb_kernel *kernel, int fd, struct cb_user *user, uint32_t n_fds)
 {
 	close(fd);
@@ -29,6 +61,8 @@ static void release(struct cb_kernel *kernel, int fd, struct cb_user *user, uint
 void cb_linger_close(struct cb_kernel *kernel, int fd, struct cb_user *user, uint32_t n_fds)
 {
 	struct cb_linger *linger = NULL;
+	if (n_fds)
+		discard_unread(fd);
 	if (n_fds && !drained(fd))
 		linger = malloc(sizeof(*linger));
 	if (!linger) {
@@ -60,6 +94,7 @@ void cb_linger_retry_due(struct cb_kernel *kernel, unsigned int batch)
 	struct cb_retry_item *item;
 	for (unsigned int n = 0; n < batch && (item = cb_retry_take_due(&kernel->lingering, kernel->now_ms)); n++) {
 		struct cb_linger *linger = cb_container_of(item, struct cb_linger, retry);
+		discard_unread(linger->fd); /* (what it wrote after it was cut off) */
 		if (drained(linger->fd))
 			linger_free(kernel, linger);
 		else

@@ -11,7 +11,10 @@
  * still counted as a held fd, both charged to the peer's uid as before (quota.h). It waits
  * on a retry queue of its own (kernel->lingering, retry.h): looked at on its own timer, 1 ms
  * doubling to 128 ms while its fds stay unread, at most a batch per round, and closed once
- * SIOCOUTQ says the other end read everything or closed. So sockets an attacker never reads
+ * SIOCOUTQ says the other end read everything or closed. What the peer wrote that the kernel
+ * never read is thrown away, and the fds on it closed, when it starts to linger and at each
+ * look: one may be the peer's own end, which would otherwise be held by this very socket's
+ * queue, and never close. So sockets an attacker never reads
  * cost one look each per 128 ms, not a walk over all of them at every retry round.
  */
 #ifndef CB_LINGER_H

@@ -303,7 +303,14 @@ static void tell_holders_gone(struct cb_peer *peer, struct cb_handle **handles, 
 		struct cb_link *link;
 		for (link = node->holders.next; link != &node->holders; link = link->next) {
 			struct cb_handle *holder = cb_container_of(link, struct cb_handle, holder_link);
-			cb_queue_notify(holder->peer, CAPBUS_MSG_NODE_DESTROY, 0, holder->id, seq);
+			/* In no backlog, as the first note (prepaid): the going of a uid's peer must
+			 * not fill the backlog of the uids holding its nodes. Bounded by their handles. */
+			struct cb_qentry *note = cb_queue_note_new();
+			if (!note) {
+				cb_peer_doom(holder->peer); /* (as any notification it cannot be told) */
+				continue;
+			}
+			cb_queue_notify_prepaid(holder->peer, note, CAPBUS_MSG_NODE_DESTROY, 0, holder->id, seq);
 		}
 	}
 }

@@ -407,6 +407,17 @@ static void tell_undelivered(struct cb_peer *peer, struct cb_qentry *entry, uint
 	struct capbus_undelivered what = { .cookie = cb_qentry_tracking(entry)->cookie, .seq = entry->seq };
 	memcpy(message_header(note) + 1, &what, sizeof(what));
 	note->seq = *seq;
+	/* It takes over its message's charge (on the sender's user_bytes, as a message to its
+	 * own peer), not its backlog: a receiver choosing to go must not gate the sender's uid.
+	 * Only past that (its own queue full) is it counted in its backlog, as notes are. */
+	struct cb_amount amount = {
+		.bytes = sizeof(what), .messages = 1, .overhead = (uint32_t)cb_qentry_cost(note),
+	};
+	if (cb_quota_charge(peer->kernel, &sender->quota, sender->user, sender->uid, &amount) == 0) {
+		note->charged_to = sender->user;
+		note->charged_for = sender->uid;
+		note->charge = amount;
+	}
 	cb_queue_push(sender, note);
 }
 

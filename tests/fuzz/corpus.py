@@ -289,7 +289,7 @@ def shutdown_and_undelivered() -> Scenario:
     s.command(2, _wire.CMD_SHUTDOWN, _wire.U64.pack(0x7777))  # ENXIO
     s.command(1, _wire.CMD_SHUTDOWN, _wire.U64.pack(d1))  # EREMOTE: not its own
     s.command(2, _wire.CMD_SHUTDOWN, _wire.U64.pack(s.id(2, "other")))  # keeps "other"
-    s.command(0, _wire.CMD_NODE_CREATE)  # ESHUTDOWN
+    s.command(0, _wire.CMD_NODE_CREATE)  # (made after a shutdown: its own affair)
     s.send(1, [d1], b"too late")  # EHOSTUNREACH: destroyed
     s.send(0, [s.id(0, "inbox")], b"to itself, destroyed")
     s.drain(0)

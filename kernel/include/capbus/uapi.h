@@ -313,11 +313,12 @@ enum capbus_message_kind {
 
 /* CAPBUS_CMD_SHUTDOWN, a graceful disconnect (kdbus's "disconnect only when empty", without
  * polling): in one transaction the kernel destroys every live node the peer owns (holders
- * are told, in order; from then on no message can be queued for it) and the peer may create
- * no more nodes (ESHUTDOWN); then it queues a CAPBUS_MSG_DRAINED notification behind
- * everything already queued. The peer reads (or RECVs) up to it, so nothing accepted for it is
- * lost, and then disconnects. It may still send meanwhile (answers to what it reads). A
- * second SHUTDOWN is EALREADY.
+ * are told, in order, with DRAINING; the peer itself is sent no note per node: it asked);
+ * from then on nothing can be queued for those nodes; then it queues a CAPBUS_MSG_DRAINED
+ * notification behind everything already queued. The peer reads (or RECVs) up to it, so
+ * nothing accepted for it is lost, and then disconnects. It may still send meanwhile
+ * (answers to what it reads), and make nodes (an object its answer returns): what comes to
+ * those is its own affair, as for kept nodes. A second SHUTDOWN is EALREADY.
  *
  * The body may name nodes the peer owns to keep (u64 ids, at most CAPBUS_HANDLES_MAX): they
  * live on until it disconnects (then destroyed as usual, not DRAINING), so that answers to
