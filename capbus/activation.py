@@ -191,7 +191,8 @@ class Activator(Server):
                     await self._activity.wait()
                     continue
                 if not self._calls:  # idle: later calls start a new child (no checkpoint since)
-                    self._start = None
+                    if self._start is start:  # (unless one started already: it is going)
+                        self._start = None
                     watching.cancel_scope.cancel()
                     return
 
