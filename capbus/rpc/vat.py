@@ -902,8 +902,8 @@ class Vat:
     def _start_work(self, function: Callable[..., Awaitable[object]], *args: object) -> None:
         """Starts serving a call, or sending a return, in a task of its own, counted until
         it is done (shutdown waits for it)."""
-        self._open_work += 1
         self._nursery.start_soon(self._counted, function, *args)
+        self._open_work += 1  # (after: a refused start_soon leaves nothing to count)
 
     async def _counted(self, function: Callable[..., Awaitable[object]], *args: object) -> None:
         try:
