@@ -33,23 +33,32 @@ U64: Final = struct.Struct("<Q")
 MESSAGE_FRAME_HEAD: Final = struct.Struct("<" + FRAME.format[1:] + MESSAGE.format[1:])
 """A message frame's two headers, read in one unpack (the receive path's common case)."""
 
-for _fmt, _name in (
-    (FRAME, "struct capbus_frame"),
-    (REPLY, "struct capbus_reply"),
-    (MESSAGE, "struct capbus_message"),
-    (SEND, "struct capbus_cmd_send"),
-    (DESTROY, "struct capbus_cmd_destroy"),
-    (TRANSFER, "struct capbus_cmd_transfer"),
-    (QUERY, "struct capbus_reply_query"),
-    (HANDLE_STATE, "struct capbus_reply_handle"),
-    (RELEASE, "struct capbus_cmd_release"),
-    (SEED, "struct capbus_cmd_peer_create"),
-    (SEND_RESULT, "struct capbus_reply_send"),
-    (MONITOR_RECORD, "struct capbus_monitor_record"),
-    (UNDELIVERED, "struct capbus_undelivered"),
-):
-    if _fmt.size != ffi.sizeof(_name):  # pragma: no cover - a header change without this file
-        raise ImportError(f"capbus wire layout of {_name} differs from uapi.h")
+
+def check_layout(what: str, layouts: Sequence[tuple[struct.Struct, str]]) -> None:
+    """Refuses to load when a struct format here no longer matches uapi.h's C struct."""
+    for fmt, name in layouts:
+        if fmt.size != ffi.sizeof(name):  # pragma: no cover - a header change without this file
+            raise ImportError(f"capbus {what} layout of {name} differs from uapi.h")
+
+
+check_layout(
+    "wire",
+    (
+        (FRAME, "struct capbus_frame"),
+        (REPLY, "struct capbus_reply"),
+        (MESSAGE, "struct capbus_message"),
+        (SEND, "struct capbus_cmd_send"),
+        (DESTROY, "struct capbus_cmd_destroy"),
+        (TRANSFER, "struct capbus_cmd_transfer"),
+        (QUERY, "struct capbus_reply_query"),
+        (HANDLE_STATE, "struct capbus_reply_handle"),
+        (RELEASE, "struct capbus_cmd_release"),
+        (SEED, "struct capbus_cmd_peer_create"),
+        (SEND_RESULT, "struct capbus_reply_send"),
+        (MONITOR_RECORD, "struct capbus_monitor_record"),
+        (UNDELIVERED, "struct capbus_undelivered"),
+    ),
+)
 
 CMD_NODE_CREATE: Final[int] = lib.CAPBUS_CMD_NODE_CREATE
 CMD_HANDLE_RELEASE: Final[int] = lib.CAPBUS_CMD_HANDLE_RELEASE

@@ -114,16 +114,7 @@ def build(snapshot: Snapshot, title: str = "", max_nodes: int = MAX_NODES) -> py
         _summarise(graph, snapshot)
         return graph
     for peer in sorted(snapshot.peers.values(), key=lambda p: p.serial):
-        members = [peer_id(peer.serial)] + [node_id(n.serial) for n in snapshot.owned_by(peer.serial)]
-        box = graph.add_subgraph(
-            members,
-            name=cluster_id(peer.serial),
-            label="",
-            style="rounded,filled",
-            fillcolor="#eeeeec",
-            color="#555753",
-        )
-        box.add_node(peer_id(peer.serial), label=peer_label(peer), shape="plaintext")
+        box = _peer_box(graph, peer, [node_id(n.serial) for n in snapshot.owned_by(peer.serial)])
         for node in snapshot.owned_by(peer.serial):
             _add_node(box, node)
     for node in snapshot.nodes.values():
@@ -137,21 +128,27 @@ def build(snapshot: Snapshot, title: str = "", max_nodes: int = MAX_NODES) -> py
     return graph
 
 
+def _peer_box(graph: pygraphviz.AGraph, peer: PeerStatus, inside: list[str]) -> pygraphviz.AGraph:
+    """A peer's box (a cluster), with its anchor and room for ``inside``."""
+    box = graph.add_subgraph(
+        [peer_id(peer.serial), *inside],
+        name=cluster_id(peer.serial),
+        label="",
+        style="rounded,filled",
+        fillcolor="#eeeeec",
+        color="#555753",
+    )
+    box.add_node(peer_id(peer.serial), label=peer_label(peer), shape="plaintext")
+    return box
+
+
 def _summarise(graph: pygraphviz.AGraph, snapshot: Snapshot) -> None:
     owned: dict[int, int] = {}
     for node in snapshot.nodes.values():
         owner = node.owner if node.owner in snapshot.peers else 0
         owned[owner] = owned.get(owner, 0) + 1
     for peer in sorted(snapshot.peers.values(), key=lambda p: p.serial):
-        members = [peer_id(peer.serial)] + ([summary_id(peer.serial)] if peer.serial in owned else [])
-        box = graph.add_subgraph(
-            members,
-            name=cluster_id(peer.serial),
-            style="rounded,filled",
-            fillcolor="#eeeeec",
-            color="#555753",
-        )
-        box.add_node(peer_id(peer.serial), label=peer_label(peer), shape="plaintext")
+        box = _peer_box(graph, peer, [summary_id(peer.serial)] if peer.serial in owned else [])
         if peer.serial in owned:
             box.add_node(summary_id(peer.serial), label=f"{owned[peer.serial]} nodes", shape="box3d")
     if 0 in owned:

@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from enum import IntFlag
 from typing import Final
 
-from ._uapi import ffi, lib
+from ._uapi import lib
+from ._wire import check_layout
 
 MAGIC: Final[int] = lib.CAPBUS_SNAPSHOT_MAGIC
 VERSION: Final[int] = lib.CAPBUS_SNAPSHOT_VERSION
@@ -30,15 +31,16 @@ _NODE = struct.Struct("<QQII")
 _HANDLE = struct.Struct("<QQQII")
 _USER = struct.Struct("<IIQQIIII")
 
-for _fmt, _name in (
-    (_HEADER, "struct capbus_snapshot"),
-    (_PEER, "struct capbus_snapshot_peer"),
-    (_NODE, "struct capbus_snapshot_node"),
-    (_HANDLE, "struct capbus_snapshot_handle"),
-    (_USER, "struct capbus_snapshot_user"),
-):
-    if _fmt.size != ffi.sizeof(_name):  # pragma: no cover - a header change without this file
-        raise ImportError(f"capbus snapshot layout of {_name} differs from uapi.h")
+check_layout(
+    "snapshot",
+    (
+        (_HEADER, "struct capbus_snapshot"),
+        (_PEER, "struct capbus_snapshot_peer"),
+        (_NODE, "struct capbus_snapshot_node"),
+        (_HANDLE, "struct capbus_snapshot_handle"),
+        (_USER, "struct capbus_snapshot_user"),
+    ),
+)
 
 
 class SnapshotError(ValueError):
